@@ -1,0 +1,246 @@
+//! Chaperone's custom resources (`chaperone.dev/v1alpha1`) as Kubernetes types.
+//!
+//! The specs are the policy model of `chaperone-policy` (so the sidecar and CLI read
+//! the same types without kube); this crate wraps them into CRDs with status,
+//! printer columns, short names and categories, and generates their YAML.
+
+#![forbid(unsafe_code)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use chaperone_policy::model;
+
+/// The API group of every Chaperone resource.
+pub const GROUP: &str = "chaperone.dev";
+/// The served and stored version.
+pub const VERSION: &str = "v1alpha1";
+
+/// Spec of an [`AgentIdentity`]: who an agent is and which tool servers it reaches.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "chaperone.dev",
+    version = "v1alpha1",
+    kind = "AgentIdentity",
+    doc = "An AI agent known to Chaperone: the pods that are it, the tool servers it reaches, and how its sessions and assertions behave.",
+    plural = "agentidentities",
+    singular = "agentidentity",
+    shortname = "agentid",
+    shortname = "aid",
+    category = "chaperone",
+    namespaced,
+    status = "AgentIdentityStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Snapshot","type":"integer","jsonPath":".status.snapshotVersion"}"#,
+    printcolumn = r#"{"name":"Sidecars","type":"integer","jsonPath":".status.sidecarsConnected"}"#,
+    printcolumn = r#"{"name":"In-Sync","type":"integer","jsonPath":".status.sidecarsInSync"}"#,
+    printcolumn = r#"{"name":"Tools","type":"integer","jsonPath":".status.governedToolCount","description":"Discovered tools that some rule governs"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(transparent)]
+pub struct AgentIdentitySpecV1(pub model::AgentIdentitySpec);
+
+/// Spec of a [`ToolPolicy`]: rules on tool names, arguments, sessions, delegation.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "chaperone.dev",
+    version = "v1alpha1",
+    kind = "ToolPolicy",
+    doc = "Rules on what agents may do with tools: tool names and arguments, session history, delegation. Any matching deny wins, then any matching allow; otherwise the call is denied.",
+    plural = "toolpolicies",
+    singular = "toolpolicy",
+    shortname = "tpol",
+    category = "chaperone",
+    namespaced,
+    status = "ToolPolicyStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Rules","type":"integer","jsonPath":".status.ruleCount"}"#,
+    printcolumn = r#"{"name":"Agents","type":"integer","jsonPath":".status.targetAgentCount"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(transparent)]
+pub struct ToolPolicySpecV1(pub model::ToolPolicySpec);
+
+/// Spec of a [`DelegationGrant`]: what authority one agent may hand another.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "chaperone.dev",
+    version = "v1alpha1",
+    kind = "DelegationGrant",
+    doc = "Authority one agent (from) may hand to another (to): which tools, in which argument scope, how many further hops, until when.",
+    plural = "delegationgrants",
+    singular = "delegationgrant",
+    shortname = "dgrant",
+    category = "chaperone",
+    namespaced,
+    status = "DelegationGrantStatus",
+    printcolumn = r#"{"name":"From","type":"string","jsonPath":".spec.from.name"}"#,
+    printcolumn = r#"{"name":"To","type":"string","jsonPath":".spec.to.name"}"#,
+    printcolumn = r#"{"name":"Max-Depth","type":"integer","jsonPath":".spec.maxDepth"}"#,
+    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.expiresAt"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(transparent)]
+pub struct DelegationGrantSpecV1(pub model::DelegationGrantSpec);
+
+/// Observed state of an [`AgentIdentity`], written by the controller.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentIdentityStatus {
+    /// `Ready` (the snapshot compiled and is served) and problems, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` these conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Version of the snapshot currently served to this agent's sidecars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_version: Option<i64>,
+    /// Content hash (SHA-256, hex) of that snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_hash: Option<String>,
+    /// Sidecars currently connected to a controller for this agent.
+    #[serde(default)]
+    pub sidecars_connected: i32,
+    /// Connected sidecars that acknowledged the current snapshot.
+    #[serde(default)]
+    pub sidecars_in_sync: i32,
+    /// Pods whose sidecar runs an older snapshot or rejected the current one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub out_of_sync_pods: Vec<OutOfSyncPod>,
+    /// Tools the sidecars saw in `tools/list` results.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub discovered_tools: Vec<DiscoveredTool>,
+    /// How many discovered tools some rule governs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub governed_tool_count: Option<i32>,
+}
+
+/// A pod whose sidecar is not running the current snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutOfSyncPod {
+    /// Pod name.
+    pub name: String,
+    /// Snapshot version the sidecar last acknowledged, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_version: Option<i64>,
+    /// Why the sidecar rejected the current snapshot, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A tool a sidecar saw in an upstream `tools/list` result.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiscoveredTool {
+    /// Tool server name.
+    pub server: String,
+    /// Tool name.
+    pub name: String,
+    /// Whether some rule of this agent's policies is about this tool; an
+    /// ungoverned tool is denied by default and hidden from `tools/list`.
+    pub governed: bool,
+}
+
+/// Observed state of a [`ToolPolicy`], written by the controller.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolPolicyStatus {
+    /// `Ready`, or not ready with the failing rule's name and the error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` these conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Number of rules compiled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_count: Option<i32>,
+    /// Number of AgentIdentities this policy applies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_agent_count: Option<i32>,
+}
+
+/// Observed state of a [`DelegationGrant`], written by the controller.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DelegationGrantStatus {
+    /// `Ready`, `Expired` or `Invalid`, with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` these conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the grant expires (RFC 3339), resolved from `expiresAt` or `ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// The CustomResourceDefinitions of all Chaperone kinds, in a stable order.
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    vec![
+        AgentIdentity::crd(),
+        ToolPolicy::crd(),
+        DelegationGrant::crd(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crds_have_status_subresource_and_category() {
+        for crd in crds() {
+            let version = &crd.spec.versions[0];
+            assert!(
+                version.subresources.as_ref().unwrap().status.is_some(),
+                "{}",
+                crd.spec.names.kind
+            );
+            assert_eq!(
+                crd.spec.names.categories.as_deref(),
+                Some(&["chaperone".to_owned()][..])
+            );
+            assert_eq!(crd.spec.scope, "Namespaced");
+        }
+    }
+
+    #[test]
+    fn spec_schema_is_inlined_and_documented() {
+        let crd = AgentIdentity::crd();
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+        let text = schema.to_string();
+        assert!(
+            !text.contains("$ref"),
+            "CRD schemas must be inlined: {text}"
+        );
+        let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
+        assert!(
+            spec["properties"]["toolServers"]["description"]
+                .as_str()
+                .unwrap()
+                .contains("sidecar")
+        );
+    }
+
+    #[test]
+    fn spec_wrapper_serialises_transparently() {
+        let spec = AgentIdentitySpecV1(model::AgentIdentitySpec {
+            selector: model::AgentSelector {
+                service_account_name: "planner".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["selector"]["serviceAccountName"], "planner");
+    }
+}
