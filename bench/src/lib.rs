@@ -1,0 +1,2 @@
+//! Shared pieces of Chaperone's benchmarks.
+#![forbid(unsafe_code)]

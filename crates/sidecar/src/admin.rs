@@ -1,0 +1,87 @@
+//! The admin server (port 15090): `/metrics` (Prometheus text), `/ready` (200 only
+//! with a snapshot in force: the pod's readiness probe) and `/live`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+use crate::snapshot::SnapshotSource;
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+fn handle(
+    req: &Request<Incoming>,
+    source: &SnapshotSource,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        "/ready" => match source.current() {
+            Some(active) => respond(
+                StatusCode::OK,
+                "text/plain",
+                format!("ready: snapshot version {}\n", active.version()),
+            ),
+            None => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not ready: no policy snapshot yet\n".to_owned(),
+            ),
+        },
+        "/live" => respond(StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+    }
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` resolves.
+pub async fn serve(
+    source: Arc<SnapshotSource>,
+    metrics: Arc<Metrics>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            continue;
+        };
+        let source = Arc::clone(&source);
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = handle(&req, &source, &metrics);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,415 @@
+//! The seam between MCP and the policy engine: turns an MCP message and its
+//! session into a `chaperone_policy` decision request, applies the sidecar's own
+//! limits (session max calls, rate limits), records the step, writes the audit
+//! record and mints the assertion, and turns the outcome back into what the proxy
+//! does (forward, or answer with a JSON-RPC error). `tools/list`-style results are
+//! filtered here with the engine's `visible`, the same rules as calls.
+//!
+//! Resources and prompts are governed by the same rule model under names of their
+//! own: `resources/read` of `file:///x` is decided as tool `resource:file:///x`,
+//! `prompts/get` of `greet` as tool `prompt:greet` (deny unless a rule allows).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chaperone_policy::{DecisionRequest, Verdict};
+use serde_json::{Value, json};
+
+use crate::assertion::{AssertionSigner, Claims, random_id};
+use crate::audit::{AuditAgent, AuditLog, AuditRecord, AuditSession, rfc3339_millis};
+use crate::canonical::{args_digest, hex};
+use crate::inventory::{DiscoveredTool, ToolInventory};
+use crate::jsonrpc::{self, Id, Message};
+use crate::metrics::{DecisionLabels, Metrics};
+use crate::ratelimit::AgentRateLimits;
+use crate::refusal::AuditUnavailable;
+use crate::session::{SessionState, Step};
+use crate::snapshot::{ActivePolicy, Upstream};
+
+/// Prefix of the policy name of a resource.
+pub const RESOURCE_PREFIX: &str = "resource:";
+/// Prefix of the policy name of a prompt.
+pub const PROMPT_PREFIX: &str = "prompt:";
+
+/// What a message asks for, as the policy sees it.
+#[derive(Debug, PartialEq)]
+pub enum Governed<'a> {
+    /// A call to decide: `tools/call`, `resources/read|subscribe|unsubscribe`,
+    /// `prompts/get`.
+    Call {
+        /// The name the rules match (`tool`, `resource:<uri>`, `prompt:<name>`).
+        name: String,
+        /// The arguments rules read.
+        arguments: Option<&'a Value>,
+    },
+    /// A call whose params cannot be read: refused without forwarding.
+    Malformed(&'static str),
+    /// A list whose result is filtered.
+    List,
+    /// Passes through (initialize, ping, notifications, responses, …).
+    Pass,
+}
+
+/// Classifies a client-to-server message.
+pub fn classify(message: &Message) -> Governed<'_> {
+    let Some(method) = message.method() else {
+        return Governed::Pass;
+    };
+    let params = message.params();
+    let string = |key: &str| params.and_then(|p| p.get(key)).and_then(Value::as_str);
+    let arguments = params.and_then(|p| p.get("arguments"));
+    if let Some(args) = arguments
+        && !args.is_object()
+    {
+        return Governed::Malformed("params.arguments must be an object");
+    }
+    match method {
+        "tools/call" => match string("name") {
+            Some(name) => Governed::Call {
+                name: name.to_owned(),
+                arguments,
+            },
+            None => Governed::Malformed("params.name must be a string"),
+        },
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => match string("uri") {
+            Some(uri) => Governed::Call {
+                name: format!("{RESOURCE_PREFIX}{uri}"),
+                arguments: None,
+            },
+            None => Governed::Malformed("params.uri must be a string"),
+        },
+        "prompts/get" => match string("name") {
+            Some(name) => Governed::Call {
+                name: format!("{PROMPT_PREFIX}{name}"),
+                arguments,
+            },
+            None => Governed::Malformed("params.name must be a string"),
+        },
+        "tools/list" | "resources/list" | "resources/templates/list" | "prompts/list" => {
+            Governed::List
+        }
+        _ => Governed::Pass,
+    }
+}
+
+/// The outcome of one decided call.
+#[derive(Debug)]
+pub struct CallOutcome {
+    /// Whether the call goes to the tool server.
+    pub forward: bool,
+    /// The assertion to send with it.
+    pub assertion: Option<String>,
+    /// The JSON-RPC error to answer with when not forwarded.
+    pub error: Option<Value>,
+}
+
+/// Who this sidecar is, for audit records.
+#[derive(Debug, Clone, Default)]
+pub struct PodIdentity {
+    /// Pod name.
+    pub pod: String,
+}
+
+/// Decides calls and writes their audit records.
+pub struct Enforcer {
+    /// Signs assertions.
+    pub signer: AssertionSigner,
+    /// Writes audit records.
+    pub audit: AuditLog,
+    /// Agent-wide rate-limit counters.
+    pub agent_limits: AgentRateLimits,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The pod.
+    pub pod: PodIdentity,
+    /// Tools seen in lists.
+    pub inventory: ToolInventory,
+}
+
+impl std::fmt::Debug for Enforcer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enforcer").finish_non_exhaustive()
+    }
+}
+
+/// A call to decide.
+#[derive(Debug)]
+pub struct CallRequest<'a> {
+    /// The JSON-RPC method.
+    pub method: &'a str,
+    /// The request id (`None` for a notification).
+    pub id: Option<&'a Id>,
+    /// The policy name (see [`Governed::Call`]).
+    pub name: &'a str,
+    /// The arguments.
+    pub arguments: Option<&'a Value>,
+    /// The upstream's session id (empty if none).
+    pub mcp_session_id: &'a str,
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Enforcer {
+    /// Decides one call in `session` against `active`, records the step and the
+    /// audit record (before anything is answered or forwarded), and mints the
+    /// assertion of a forwarded call.
+    pub fn decide_call(
+        &self,
+        active: &ActivePolicy,
+        upstream: &Upstream,
+        session: &mut SessionState,
+        call: &CallRequest<'_>,
+    ) -> Result<CallOutcome, AuditUnavailable> {
+        let started = Instant::now();
+        let now_ms = unix_ms();
+        let engine = &active.engine;
+        let settings = &active.snapshot.content.session;
+        let empty = Value::Object(serde_json::Map::new());
+        let arguments = call.arguments.unwrap_or(&empty);
+        let decision = engine.decide(&DecisionRequest {
+            server: &upstream.name,
+            tool: call.name,
+            arguments,
+            session: &session.history,
+            delegation: None,
+            initiator: None,
+            now: now_ms.div_euclid(1000),
+        });
+        let mut allowed = decision.verdict == Verdict::Allow;
+        let mut rule = decision.rule.as_str().to_owned();
+        let mut reason = decision.reason.to_string();
+        let mut code = jsonrpc::POLICY_DENIED;
+        // The sidecar's own limits, checked only for calls the rules allow.
+        if allowed && session.history.calls() >= settings.max_calls {
+            allowed = false;
+            rule = "session.maxCalls".to_owned();
+            reason = format!(
+                "the session reached its limit of {} calls",
+                settings.max_calls
+            );
+            code = jsonrpc::LIMIT_EXCEEDED;
+        }
+        if allowed && let Some(limit) = &decision.rate_limit {
+            let period = Duration::from_secs(u64::from(limit.period_seconds));
+            let taken = match limit.per {
+                chaperone_policy::model::RateLimitScope::Session => session
+                    .bucket(&limit.id, limit.calls, period)
+                    .try_take(started),
+                chaperone_policy::model::RateLimitScope::Agent => {
+                    self.agent_limits
+                        .try_take(&limit.id, limit.calls, period, started)
+                }
+            };
+            if !taken {
+                allowed = false;
+                rule = limit.id.to_string();
+                reason = format!(
+                    "rate limit of {} calls per {} s exceeded",
+                    limit.calls, limit.period_seconds
+                );
+                code = jsonrpc::LIMIT_EXCEEDED;
+            }
+        }
+        let forward = allowed || decision.dry_run;
+        let label = match (allowed, forward) {
+            (true, _) => "allow",
+            (false, true) => "wouldDeny",
+            (false, false) => "deny",
+        };
+        let effects = engine.effects_of(&upstream.name, call.name);
+        if forward {
+            session.history.record(&upstream.name, call.name, effects);
+        }
+        session.push_step(Step {
+            tool: format!("{}/{}", upstream.name, call.name),
+            decision: label,
+            effects,
+            at_unix_ms: now_ms,
+        });
+        let digest = args_digest(call.arguments);
+        let correlation = random_id();
+        let prev = session.last_audit_hash.map(|h| hex(&h));
+        let agent = engine.agent();
+        let time = rfc3339_millis(now_ms);
+        let latency = started.elapsed();
+        let record = AuditRecord {
+            agent: AuditAgent {
+                name: &agent.name,
+                namespace: &agent.namespace,
+                pod: &self.pod.pod,
+            },
+            args: &digest,
+            chain: &[],
+            correlation: &correlation,
+            decision: label,
+            latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+            method: call.method,
+            prev: prev.as_deref(),
+            reason: &reason,
+            rule: &rule,
+            server: &upstream.name,
+            session: AuditSession {
+                chaperone: &session.chaperone_id,
+                mcp: call.mcp_session_id,
+            },
+            snapshot: active.version(),
+            time: &time,
+            tool: call.name,
+        };
+        match self.audit.write(&record) {
+            Ok(hash) => session.last_audit_hash = Some(hash),
+            Err(err) => {
+                tracing::error!(error = %err, "audit record not written; refusing the call");
+                return Err(AuditUnavailable);
+            }
+        }
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels { result: label })
+            .inc();
+        self.metrics
+            .decision_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if !forward {
+            let message =
+                format!("Chaperone denied this call: rule {rule:?} (correlation id {correlation})");
+            let data = json!({"rule": rule, "correlationId": correlation});
+            return Ok(CallOutcome {
+                forward: false,
+                assertion: None,
+                error: Some(jsonrpc::error_response(call.id, code, &message, Some(data))),
+            });
+        }
+        let iat = now_ms.div_euclid(1000);
+        let lifetime = i64::from(active.snapshot.content.assertion.lifetime_seconds);
+        let jti = random_id();
+        let assertion = self.signer.sign(&Claims {
+            iss: &active.issuer,
+            sub: &active.issuer,
+            act: None,
+            aud: &upstream.audience,
+            exp: iat + lifetime,
+            iat,
+            jti: &jti,
+            sid: &session.chaperone_id,
+            tool: call.name,
+            args: &digest,
+            snap: active.version(),
+        });
+        Ok(CallOutcome {
+            forward: true,
+            assertion: Some(assertion),
+            error: None,
+        })
+    }
+
+    /// Filters a list result (`tools`, `resources`, `resourceTemplates`,
+    /// `prompts`) in place with the engine's `visible`, recording listed tools
+    /// in the inventory. Entries without a readable name are dropped.
+    pub fn filter_list_result(&self, active: &ActivePolicy, server: &str, result: &mut Value) {
+        let Some(result) = result.as_object_mut() else {
+            return;
+        };
+        let engine = &active.engine;
+        if let Some(Value::Array(tools)) = result.get_mut("tools") {
+            let mut seen = Vec::with_capacity(tools.len());
+            tools.retain(|tool| match tool.get("name").and_then(Value::as_str) {
+                Some(name) => {
+                    let visible = engine.visible(server, name);
+                    seen.push(DiscoveredTool {
+                        server: server.to_owned(),
+                        name: name.to_owned(),
+                        governed: visible,
+                    });
+                    visible
+                }
+                None => false,
+            });
+            self.inventory.record(seen);
+        }
+        let mut filter = |key: &str, field: &str, prefix: &str| {
+            if let Some(Value::Array(items)) = result.get_mut(key) {
+                items.retain(|item| match item.get(field).and_then(Value::as_str) {
+                    Some(name) => engine.visible(server, &format!("{prefix}{name}")),
+                    None => false,
+                });
+            }
+        };
+        filter("resources", "uri", RESOURCE_PREFIX);
+        filter("resourceTemplates", "uriTemplate", RESOURCE_PREFIX);
+        filter("prompts", "name", PROMPT_PREFIX);
+    }
+
+    /// Filters `message` if it is a JSON-RPC response carrying a list result;
+    /// whether it changed shape (callers re-encode only then).
+    pub fn filter_response(
+        &self,
+        active: &ActivePolicy,
+        server: &str,
+        message: &mut Value,
+    ) -> bool {
+        let is_list = message
+            .get("result")
+            .and_then(Value::as_object)
+            .is_some_and(|r| {
+                LIST_KEYS
+                    .iter()
+                    .any(|k| r.get(*k).is_some_and(Value::is_array))
+            });
+        if !is_list || message.get("method").is_some() {
+            return false;
+        }
+        if let Some(result) = message.get_mut("result") {
+            self.filter_list_result(active, server, result);
+        }
+        true
+    }
+}
+
+/// The result members that hold lists the policy filters.
+pub const LIST_KEYS: [&str; 4] = ["tools", "resources", "resourceTemplates", "prompts"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jsonrpc::classify_message;
+
+    fn message(text: &str) -> Message {
+        classify_message(serde_json::from_str(text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn classifies_calls_lists_and_pass_through() {
+        let m = message(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"a":1}}}"#,
+        );
+        assert!(matches!(classify(&m), Governed::Call { name, .. } if name == "t"));
+        let m = message(
+            r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///a"}}"#,
+        );
+        assert!(
+            matches!(classify(&m), Governed::Call { name, .. } if name == "resource:file:///a")
+        );
+        let m = message(r#"{"jsonrpc":"2.0","id":1,"method":"prompts/get","params":{"name":"p"}}"#);
+        assert!(matches!(classify(&m), Governed::Call { name, .. } if name == "prompt:p"));
+        let m = message(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#);
+        assert_eq!(classify(&m), Governed::List);
+        let m = message(r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#);
+        assert_eq!(classify(&m), Governed::Pass);
+    }
+
+    #[test]
+    fn refuses_calls_it_cannot_read() {
+        let m = message(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":1}}"#);
+        assert!(matches!(classify(&m), Governed::Malformed(_)));
+        let m = message(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":[1]}}"#,
+        );
+        assert!(matches!(classify(&m), Governed::Malformed(_)));
+    }
+}

@@ -1,0 +1,189 @@
+//! Chaperone's gateway sidecar: what every injected agent pod runs.
+//!
+//! The agent talks MCP (Streamable HTTP) to `http://127.0.0.1:15001/<server>`;
+//! the sidecar parses each message strictly, decides governed calls with
+//! `chaperone_policy` against the latest snapshot, forwards allowed calls with a
+//! signed per-call assertion, filters list results by the same rules, and writes
+//! one hash-linked audit record per decision. It never depends on kube.
+//!
+//! Seams for the controller stream:
+//! - snapshots in: [`Sidecar::snapshots`] → [`SnapshotSource::update`] (ACK on
+//!   `Ok(version)`, NACK on `Err`);
+//! - key registration out: [`Sidecar::key_registration`];
+//! - tool inventory out: [`Sidecar::tool_inventory`] (a `watch` of the set);
+//! - audit batches out: [`Sidecar::take_audit_records`] (bounded queue, drops
+//!   counted in `chaperone_sidecar_audit_dropped_total`).
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod assertion;
+pub mod audit;
+pub mod authz;
+pub mod canonical;
+pub mod inventory;
+pub mod jsonrpc;
+pub mod metrics;
+pub mod proxy;
+pub mod ratelimit;
+pub mod refusal;
+pub mod session;
+pub mod settings;
+pub mod snapshot;
+pub mod sse;
+pub mod standalone;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+pub use assertion::KeyRegistration;
+pub use audit::AuditOutput;
+pub use inventory::DiscoveredTool;
+pub use settings::Settings;
+pub use snapshot::{SnapshotRejected, SnapshotSource};
+
+use crate::assertion::AssertionSigner;
+use crate::audit::AuditLog;
+use crate::authz::{Enforcer, PodIdentity};
+use crate::inventory::ToolInventory;
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::ratelimit::AgentRateLimits;
+
+/// The sidecar could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// No signing key.
+    #[error(transparent)]
+    Key(#[from] assertion::KeyGenerationError),
+}
+
+/// A running sidecar's shared state: build it, hand out its seams, serve it.
+#[derive(Debug, Clone)]
+pub struct Sidecar {
+    gateway: Arc<Gateway>,
+    audit_records: Arc<Mutex<Option<mpsc::Receiver<Arc<str>>>>>,
+}
+
+impl Sidecar {
+    /// A sidecar with no snapshot yet (it refuses everything until one arrives).
+    /// With `ship_audit`, audit records are also queued for
+    /// [`Sidecar::take_audit_records`].
+    pub fn new(
+        settings: Settings,
+        audit: AuditOutput,
+        ship_audit: bool,
+    ) -> Result<Self, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let (ship, records) = if ship_audit {
+            let (tx, rx) = mpsc::channel(settings.audit_queue);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let enforcer = Enforcer {
+            signer: AssertionSigner::generate()?,
+            audit: AuditLog::new(audit, ship, metrics.audit_dropped.clone()),
+            agent_limits: AgentRateLimits::default(),
+            metrics: Arc::clone(&metrics),
+            pod: PodIdentity {
+                pod: settings.pod_name.clone(),
+            },
+            inventory: ToolInventory::default(),
+        };
+        let source = Arc::new(SnapshotSource::new());
+        let gateway = Arc::new(Gateway::new(settings, source, enforcer, metrics));
+        Ok(Self {
+            gateway,
+            audit_records: Arc::new(Mutex::new(records)),
+        })
+    }
+
+    /// The snapshot source: call [`SnapshotSource::update`] with each snapshot.
+    pub fn snapshots(&self) -> &Arc<SnapshotSource> {
+        &self.gateway.source
+    }
+
+    /// The public key and key id to register with the controller.
+    pub fn key_registration(&self) -> &KeyRegistration {
+        self.gateway.enforcer.signer.registration()
+    }
+
+    /// The tools seen in `tools/list` results, deduplicated.
+    pub fn tool_inventory(&self) -> watch::Receiver<BTreeSet<DiscoveredTool>> {
+        self.gateway.enforcer.inventory.subscribe()
+    }
+
+    /// The receiving end of the audit shipping queue (once; `None` afterwards or
+    /// when shipping is off).
+    pub fn take_audit_records(&self) -> Option<mpsc::Receiver<Arc<str>>> {
+        self.audit_records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// The sidecar's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.gateway.metrics
+    }
+
+    /// Sessions held now.
+    pub fn session_count(&self) -> usize {
+        self.gateway.sessions.len()
+    }
+
+    /// Serves the MCP proxy on `listener` until `shutdown` resolves.
+    pub async fn serve_proxy(
+        &self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        proxy::serve(Arc::clone(&self.gateway), listener, shutdown).await;
+    }
+
+    /// Serves the admin endpoints on `listener` until `shutdown` resolves.
+    pub async fn serve_admin(
+        &self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        admin::serve(
+            Arc::clone(&self.gateway.source),
+            Arc::clone(&self.gateway.metrics),
+            listener,
+            shutdown,
+        )
+        .await;
+    }
+
+    /// Forgets idle sessions every `every`, and keeps the snapshot-version and
+    /// session gauges current; runs until dropped.
+    pub async fn maintain(&self, every: Duration) {
+        let mut versions = self.gateway.source.subscribe();
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                changed = versions.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let version = (*versions.borrow_and_update()).unwrap_or(0);
+                    self.gateway.metrics.snapshot_version.set(i64::try_from(version).unwrap_or(i64::MAX));
+                }
+                _ = tick.tick() => {
+                    if let Some(active) = self.gateway.source.current() {
+                        let idle = Duration::from_secs(u64::from(active.snapshot.content.session.idle_timeout_seconds));
+                        self.gateway.sessions.sweep(Instant::now(), idle);
+                    }
+                    self.gateway.metrics.sessions.set(self.gateway.sessions.len() as i64);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! `chaperone-sidecar`: the gateway sidecar binary. Settings come from the
+//! environment ([`chaperone_sidecar::settings`]); flags choose the snapshot source.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chaperone_sidecar::{AuditOutput, Settings, Sidecar, standalone};
+use clap::Parser;
+
+/// Chaperone's gateway sidecar: MCP-aware enforcement in front of tool servers.
+#[derive(Debug, Parser)]
+#[command(name = "chaperone-sidecar", version)]
+struct Args {
+    /// Standalone mode: compile the CR YAML files of this directory (no
+    /// controller, no cluster) and reload them when they change.
+    #[arg(long, env = "CHAPERONE_POLICY_DIR")]
+    policy_dir: Option<PathBuf>,
+
+    /// In standalone mode, the AgentIdentity to act as (needed when the
+    /// directory holds several).
+    #[arg(long, env = "CHAPERONE_AGENT")]
+    agent: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let settings = Settings::from_env()?;
+    let proxy = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding the proxy to {}", settings.listen))?;
+    let admin = tokio::net::TcpListener::bind(settings.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin server to {}", settings.admin_listen))?;
+    let sidecar = Sidecar::new(settings, AuditOutput::Stdout, false)?;
+    let key = sidecar.key_registration();
+    tracing::info!(kid = %key.kid, "assertion key generated");
+    match args.policy_dir {
+        Some(dir) => {
+            tokio::spawn(standalone::watch(
+                dir,
+                args.agent,
+                std::sync::Arc::clone(sidecar.snapshots()),
+                Duration::from_secs(1),
+            ));
+        }
+        None => {
+            tracing::warn!(
+                "no --policy-dir and no controller stream yet: refusing every call (not ready)"
+            );
+        }
+    }
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let maintain = sidecar.clone();
+    tokio::spawn(async move { maintain.maintain(Duration::from_secs(10)).await });
+    let admin_sidecar = sidecar.clone();
+    tokio::spawn(async move {
+        admin_sidecar
+            .serve_admin(admin, std::future::pending())
+            .await
+    });
+    sidecar.serve_proxy(proxy, shutdown).await;
+    Ok(())
+}

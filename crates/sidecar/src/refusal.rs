@@ -1,0 +1,158 @@
+//! Requests the sidecar refuses before (or instead of) forwarding them: one small
+//! error type each, and the one place that maps them to an HTTP status and a
+//! JSON-RPC error code.
+
+use http::StatusCode;
+use thiserror::Error;
+
+use crate::jsonrpc::{self, ParseError};
+
+/// No snapshot yet: everything is refused until the first one (fail closed).
+#[derive(Debug, Error)]
+#[error("the Chaperone sidecar has no policy snapshot yet; every call is refused until it does")]
+pub struct NoSnapshot;
+
+/// The first path segment names no tool server of this agent.
+#[derive(Debug, Error)]
+#[error("no tool server named {0:?} is configured for this agent")]
+pub struct UnknownServer(pub String);
+
+/// The `Mcp-Session-Id` was not issued through this sidecar, or has expired.
+#[derive(Debug, Error)]
+#[error("session not found: initialize a new session")]
+pub struct UnknownSession;
+
+/// An HTTP method MCP's Streamable HTTP transport does not use.
+#[derive(Debug, Error)]
+#[error("method not allowed: use POST, GET or DELETE")]
+pub struct MethodNotAllowed;
+
+/// The request body was unreadable (too large, not UTF-8, not strict JSON-RPC).
+#[derive(Debug, Error)]
+#[error(transparent)]
+pub struct Unparseable(#[from] pub ParseError);
+
+/// The tool server could not be reached.
+#[derive(Debug, Error)]
+#[error("tool server {0:?} is unavailable")]
+pub struct UpstreamUnavailable(pub String);
+
+/// The tool server's answer could not be read where the sidecar must read it
+/// (a `tools/list` page); it is not passed on.
+#[derive(Debug, Error)]
+#[error("tool server response refused: {0}")]
+pub struct UpstreamResponseRefused(pub String);
+
+/// The audit record could not be written; the call is refused.
+#[derive(Debug, Error)]
+#[error("the audit log is unavailable; the call is refused")]
+pub struct AuditUnavailable;
+
+/// Every refusal.
+#[derive(Debug, Error)]
+pub enum Refusal {
+    /// See [`NoSnapshot`].
+    #[error(transparent)]
+    NoSnapshot(#[from] NoSnapshot),
+    /// See [`UnknownServer`].
+    #[error(transparent)]
+    UnknownServer(#[from] UnknownServer),
+    /// See [`UnknownSession`].
+    #[error(transparent)]
+    UnknownSession(#[from] UnknownSession),
+    /// See [`MethodNotAllowed`].
+    #[error(transparent)]
+    MethodNotAllowed(#[from] MethodNotAllowed),
+    /// See [`Unparseable`].
+    #[error(transparent)]
+    Unparseable(#[from] Unparseable),
+    /// See [`UpstreamUnavailable`].
+    #[error(transparent)]
+    UpstreamUnavailable(#[from] UpstreamUnavailable),
+    /// See [`UpstreamResponseRefused`].
+    #[error(transparent)]
+    UpstreamResponseRefused(#[from] UpstreamResponseRefused),
+    /// See [`AuditUnavailable`].
+    #[error(transparent)]
+    AuditUnavailable(#[from] AuditUnavailable),
+}
+
+impl From<ParseError> for Refusal {
+    fn from(err: ParseError) -> Self {
+        Refusal::Unparseable(Unparseable(err))
+    }
+}
+
+impl Refusal {
+    /// The HTTP status of the refusal.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::NoSnapshot(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::UnknownServer(_) | Refusal::UnknownSession(_) => StatusCode::NOT_FOUND,
+            Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::Unparseable(Unparseable(ParseError::TooLarge { .. })) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Refusal::Unparseable(_) => StatusCode::BAD_REQUEST,
+            Refusal::UpstreamUnavailable(_) | Refusal::UpstreamResponseRefused(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Refusal::AuditUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The JSON-RPC error code of the refusal.
+    pub fn code(&self) -> i64 {
+        match self {
+            Refusal::NoSnapshot(_) => jsonrpc::NOT_READY,
+            Refusal::UnknownServer(_)
+            | Refusal::UnknownSession(_)
+            | Refusal::MethodNotAllowed(_) => jsonrpc::INVALID_REQUEST,
+            Refusal::Unparseable(Unparseable(err)) => err.code(),
+            Refusal::UpstreamUnavailable(_)
+            | Refusal::UpstreamResponseRefused(_)
+            | Refusal::AuditUnavailable(_) => jsonrpc::INTERNAL_ERROR,
+        }
+    }
+
+    /// A short label for the `refused` metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::NoSnapshot(_) => "no_snapshot",
+            Refusal::UnknownServer(_) => "unknown_server",
+            Refusal::UnknownSession(_) => "unknown_session",
+            Refusal::MethodNotAllowed(_) => "method_not_allowed",
+            Refusal::Unparseable(Unparseable(ParseError::TooLarge { .. })) => "too_large",
+            Refusal::Unparseable(Unparseable(ParseError::DuplicateKey { .. })) => "duplicate_key",
+            Refusal::Unparseable(_) => "unparseable",
+            Refusal::UpstreamUnavailable(_) => "upstream_unavailable",
+            Refusal::UpstreamResponseRefused(_) => "upstream_response_refused",
+            Refusal::AuditUnavailable(_) => "audit_unavailable",
+        }
+    }
+
+    /// The JSON-RPC error body of the refusal (id unknown: `null`).
+    pub fn body(&self) -> serde_json::Value {
+        jsonrpc::error_response(None, self.code(), &self.to_string(), None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_refusals_to_statuses_and_codes() {
+        let r = Refusal::from(NoSnapshot);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let r = Refusal::from(ParseError::TooLarge { limit: 1 });
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let r = Refusal::from(ParseError::DuplicateKey { key: "a".into() });
+        assert_eq!(
+            (r.status(), r.code()),
+            (StatusCode::BAD_REQUEST, jsonrpc::PARSE_ERROR)
+        );
+        let r = Refusal::from(ParseError::InvalidMessage("x"));
+        assert_eq!(r.code(), jsonrpc::INVALID_REQUEST);
+    }
+}

@@ -1,0 +1,170 @@
+//! Every setting of the sidecar, read from environment variables in one place.
+//! The injection webhook sets them; defaults suit the injected pod.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Address of the MCP proxy the agent talks to.
+pub const ENV_LISTEN: &str = "CHAPERONE_LISTEN";
+/// Address of the admin server (`/metrics`, `/ready`).
+pub const ENV_ADMIN_LISTEN: &str = "CHAPERONE_ADMIN_LISTEN";
+/// Largest accepted request body, bytes.
+pub const ENV_MAX_BODY_BYTES: &str = "CHAPERONE_MAX_BODY_BYTES";
+/// Largest buffered response (a `tools/list` page) or SSE event, bytes.
+pub const ENV_MAX_RESPONSE_BYTES: &str = "CHAPERONE_MAX_RESPONSE_BYTES";
+/// Most sessions held at once.
+pub const ENV_MAX_SESSIONS: &str = "CHAPERONE_MAX_SESSIONS";
+/// Capacity of the audit shipping queue, records.
+pub const ENV_AUDIT_QUEUE: &str = "CHAPERONE_AUDIT_QUEUE";
+/// The pod's name (downward API).
+pub const ENV_POD_NAME: &str = "CHAPERONE_POD_NAME";
+/// The pod's namespace (downward API).
+pub const ENV_POD_NAMESPACE: &str = "CHAPERONE_POD_NAMESPACE";
+/// Timeout for connecting to a tool server, milliseconds.
+pub const ENV_CONNECT_TIMEOUT_MS: &str = "CHAPERONE_CONNECT_TIMEOUT_MS";
+
+/// The sidecar's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// MCP proxy address; default `127.0.0.1:15001`.
+    pub listen: SocketAddr,
+    /// Admin address; default `0.0.0.0:15090` (the kubelet probes it).
+    pub admin_listen: SocketAddr,
+    /// Largest request body; default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Largest buffered response or SSE event; default 16 MiB.
+    pub max_response_bytes: usize,
+    /// Most sessions; default 100,000.
+    pub max_sessions: usize,
+    /// Audit shipping queue capacity; default 4,096.
+    pub audit_queue: usize,
+    /// Pod name; default empty.
+    pub pod_name: String,
+    /// Pod namespace; default empty.
+    pub pod_namespace: String,
+    /// Connect timeout to tool servers; default 5 s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 15001)),
+            admin_listen: SocketAddr::from(([0, 0, 0, 0], 15090)),
+            max_body_bytes: 1 << 20,
+            max_response_bytes: 16 << 20,
+            max_sessions: 100_000,
+            audit_queue: 4096,
+            pod_name: String::new(),
+            pod_namespace: String::new(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// An environment variable holds a value that cannot be used.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("environment variable {name}={value:?} is invalid: {expected}")]
+pub struct InvalidSetting {
+    /// The variable.
+    pub name: &'static str,
+    /// Its value.
+    pub value: String,
+    /// What was expected.
+    pub expected: &'static str,
+}
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, InvalidSetting> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `lookup` (tests pass a map).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, InvalidSetting> {
+        let mut settings = Settings::default();
+        if let Some(v) = lookup(ENV_LISTEN) {
+            settings.listen = parse(ENV_LISTEN, v, "a socket address such as 127.0.0.1:15001")?;
+        }
+        if let Some(v) = lookup(ENV_ADMIN_LISTEN) {
+            settings.admin_listen = parse(
+                ENV_ADMIN_LISTEN,
+                v,
+                "a socket address such as 0.0.0.0:15090",
+            )?;
+        }
+        if let Some(v) = lookup(ENV_MAX_BODY_BYTES) {
+            settings.max_body_bytes = positive(ENV_MAX_BODY_BYTES, v)?;
+        }
+        if let Some(v) = lookup(ENV_MAX_RESPONSE_BYTES) {
+            settings.max_response_bytes = positive(ENV_MAX_RESPONSE_BYTES, v)?;
+        }
+        if let Some(v) = lookup(ENV_MAX_SESSIONS) {
+            settings.max_sessions = positive(ENV_MAX_SESSIONS, v)?;
+        }
+        if let Some(v) = lookup(ENV_AUDIT_QUEUE) {
+            settings.audit_queue = positive(ENV_AUDIT_QUEUE, v)?;
+        }
+        if let Some(v) = lookup(ENV_CONNECT_TIMEOUT_MS) {
+            let ms: usize = positive(ENV_CONNECT_TIMEOUT_MS, v)?;
+            settings.connect_timeout = Duration::from_millis(ms as u64);
+        }
+        if let Some(v) = lookup(ENV_POD_NAME) {
+            settings.pod_name = v;
+        }
+        if let Some(v) = lookup(ENV_POD_NAMESPACE) {
+            settings.pod_namespace = v;
+        }
+        Ok(settings)
+    }
+}
+
+fn parse<T: std::str::FromStr>(
+    name: &'static str,
+    value: String,
+    expected: &'static str,
+) -> Result<T, InvalidSetting> {
+    value.trim().parse().map_err(|_| InvalidSetting {
+        name,
+        value,
+        expected,
+    })
+}
+
+fn positive(name: &'static str, value: String) -> Result<usize, InvalidSetting> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(InvalidSetting {
+            name,
+            value,
+            expected: "a positive integer",
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_without_environment() {
+        assert_eq!(Settings::from_lookup(|_| None), Ok(Settings::default()));
+        assert_eq!(Settings::default().max_body_bytes, 1_048_576);
+    }
+
+    #[test]
+    fn reads_and_validates_variables() {
+        let settings = Settings::from_lookup(|name| match name {
+            ENV_MAX_BODY_BYTES => Some("2048".to_owned()),
+            ENV_POD_NAME => Some("agent-0".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(settings.max_body_bytes, 2048);
+        assert_eq!(settings.pod_name, "agent-0");
+        let err = Settings::from_lookup(|name| (name == ENV_MAX_SESSIONS).then(|| "0".to_owned()));
+        assert!(err.is_err());
+    }
+}

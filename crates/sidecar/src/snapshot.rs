@@ -1,0 +1,172 @@
+//! The snapshot source: the policy in force, swapped atomically.
+//!
+//! Whatever delivers snapshots (the controller's stream, or the standalone
+//! `--policy-dir` loader) calls [`SnapshotSource::update`]; every request reads
+//! [`SnapshotSource::current`] when it is decided, so an update applies to the next
+//! call on every open connection and SSE stream. Until the first snapshot there is
+//! none: the sidecar answers 503 and is not ready (fail closed). A snapshot that
+//! does not convert is refused with a typed error (the stream's NACK) and the last
+//! good one stays in force.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use chaperone_policy::{Engine, InvalidSnapshot, Snapshot};
+use thiserror::Error;
+use tokio::sync::watch;
+
+/// An upstream tool server as the proxy uses it.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The server's name (first path segment).
+    pub name: String,
+    /// The MCP endpoint URL without a trailing `/`.
+    pub base_url: String,
+    /// `aud` of assertions sent to it.
+    pub audience: String,
+    /// `host[:port]`, sent as `Host`.
+    pub authority: http::uri::Authority,
+}
+
+/// The policy in force: the snapshot, its engine and its routes.
+#[derive(Debug)]
+pub struct ActivePolicy {
+    /// The snapshot as received.
+    pub snapshot: Snapshot,
+    /// The compiled evaluator.
+    pub engine: Engine,
+    /// Tool servers by name.
+    pub upstreams: HashMap<String, Upstream>,
+    /// `chaperone:agent:<namespace>/<name>`: the `iss` of assertions.
+    pub issuer: String,
+}
+
+impl ActivePolicy {
+    /// Version of the snapshot.
+    pub fn version(&self) -> u64 {
+        self.snapshot.version
+    }
+}
+
+/// A snapshot was refused; the previous one stays in force.
+#[derive(Debug, Error)]
+pub enum SnapshotRejected {
+    /// The engine could not be built from it.
+    #[error(transparent)]
+    Invalid(#[from] InvalidSnapshot),
+    /// Its version is not newer than the one in force.
+    #[error("snapshot version {offered} is not newer than version {current} in force")]
+    Stale {
+        /// The version offered.
+        offered: u64,
+        /// The version in force.
+        current: u64,
+    },
+    /// A tool server URL cannot be used.
+    #[error("tool server {server}: url {url:?} is not usable: {reason}")]
+    BadUpstream {
+        /// The server.
+        server: String,
+        /// Its URL.
+        url: String,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// Holds the current snapshot and tells subscribers about new versions.
+#[derive(Debug)]
+pub struct SnapshotSource {
+    current: ArcSwapOption<ActivePolicy>,
+    versions: watch::Sender<Option<u64>>,
+}
+
+impl Default for SnapshotSource {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SnapshotSource {
+    /// A source with no snapshot yet.
+    pub fn new() -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            versions: watch::Sender::new(None),
+        }
+    }
+
+    /// The policy in force, if any.
+    pub fn current(&self) -> Option<Arc<ActivePolicy>> {
+        self.current.load_full()
+    }
+
+    /// Whether a snapshot is in force.
+    pub fn is_ready(&self) -> bool {
+        self.current.load().is_some()
+    }
+
+    /// Versions put in force, for the stream's ACKs and for metrics.
+    pub fn subscribe(&self) -> watch::Receiver<Option<u64>> {
+        self.versions.subscribe()
+    }
+
+    /// Converts `snapshot` and puts it in force; refuses (NACK) a snapshot that
+    /// does not convert or is not newer than the one in force.
+    pub fn update(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejected> {
+        if let Some(current) = self.current.load().as_ref()
+            && snapshot.version <= current.version()
+        {
+            return Err(SnapshotRejected::Stale {
+                offered: snapshot.version,
+                current: current.version(),
+            });
+        }
+        let active = convert(snapshot)?;
+        let version = active.version();
+        self.current.store(Some(Arc::new(active)));
+        self.versions.send_replace(Some(version));
+        Ok(version)
+    }
+}
+
+fn convert(snapshot: Snapshot) -> Result<ActivePolicy, SnapshotRejected> {
+    let engine = Engine::new(&snapshot)?;
+    let mut upstreams = HashMap::new();
+    for server in &snapshot.content.tool_servers {
+        let bad = |reason| SnapshotRejected::BadUpstream {
+            server: server.name.clone(),
+            url: server.url.clone(),
+            reason,
+        };
+        let uri: http::Uri = server.url.parse().map_err(|_| bad("not a URL"))?;
+        if uri.scheme_str() != Some("http") {
+            // TLS to tool servers is not built in yet; refusing the snapshot is
+            // the fail-closed answer (the previous one stays in force).
+            return Err(bad("only http:// tool servers are supported"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
+        let base_url = server.url.trim_end_matches('/').to_owned();
+        upstreams.insert(
+            server.name.clone(),
+            Upstream {
+                name: server.name.clone(),
+                audience: server
+                    .audience
+                    .clone()
+                    .unwrap_or_else(|| server.url.clone()),
+                base_url,
+                authority,
+            },
+        );
+    }
+    let agent = &snapshot.content.agent;
+    let issuer = format!("chaperone:agent:{}/{}", agent.namespace, agent.name);
+    Ok(ActivePolicy {
+        snapshot,
+        engine,
+        upstreams,
+        issuer,
+    })
+}
