@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod crds;
+mod policy;
 
 /// Chaperone's command-line tool.
 #[derive(Parser)]
@@ -19,10 +20,13 @@ struct Cli {
 enum Command {
     /// Print the YAML of all Chaperone CustomResourceDefinitions.
     Crds(crds::CrdsArgs),
+    /// Test and explain policies offline against CR YAML files.
+    Policy(policy::PolicyArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Crds(args) => crds::run(&args),
+        Command::Policy(args) => policy::run(&args),
     }
 }

@@ -1,0 +1,562 @@
+//! `chaperonectl policy`: decide tool calls offline against CR YAML files.
+//!
+//! - `explain`: one call (agent, tool, JSON arguments, optional session history
+//!   and delegation chain) → the decision, the deciding rule, and why every other
+//!   rule did not match.
+//! - `test FILE`: a YAML list of calls with expected decisions, like `opa test`;
+//!   exits non-zero on a mismatch or on a policy that does not compile.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use chaperone_policy::model::{API_VERSION, Document};
+use chaperone_policy::{
+    CompileError, CompileOptions, DecisionRequest, DelegationChain, DelegationLink, Engine,
+    ObjectKey, ObjectKind, ObjectRef, ObjectSet, SessionHistory, Snapshot, Verdict, compile_all,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Arguments of `chaperonectl policy`.
+#[derive(clap::Args)]
+pub struct PolicyArgs {
+    #[command(subcommand)]
+    command: PolicyCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum PolicyCommand {
+    /// Decide one call and explain every rule.
+    Explain(ExplainArgs),
+    /// Check the decisions listed in a test file.
+    Test(TestArgs),
+}
+
+/// Arguments of `chaperonectl policy explain`.
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// CR YAML files (AgentIdentity, ToolPolicy, DelegationGrant; multi-document).
+    #[arg(short = 'f', long = "file", required = true)]
+    files: Vec<PathBuf>,
+    /// The calling agent, `namespace/name` (or `name` in `default`); may be
+    /// omitted when the files hold one AgentIdentity.
+    #[arg(long)]
+    agent: Option<String>,
+    /// The tool server; may be omitted with `--tool server/tool` or when the
+    /// agent has one tool server.
+    #[arg(long)]
+    server: Option<String>,
+    /// The tool's name (or `server/tool`).
+    #[arg(long)]
+    tool: String,
+    /// The call's arguments as JSON.
+    #[arg(long = "args", default_value = "{}")]
+    arguments: String,
+    /// Calls made earlier in the session, as JSON:
+    /// `[{"server": "orders", "tool": "get_order"}]`.
+    #[arg(long, default_value = "[]")]
+    session: String,
+    /// One delegation hop, origin first: `DELEGATOR:GRANT`, both as
+    /// `namespace/name`. Repeat for longer chains.
+    #[arg(long = "chain")]
+    chain: Vec<String>,
+    /// The task's initiator (a user).
+    #[arg(long)]
+    initiator: Option<String>,
+    /// The decision time, unix seconds (default: now).
+    #[arg(long)]
+    now: Option<i64>,
+}
+
+/// Arguments of `chaperonectl policy test`.
+#[derive(clap::Args)]
+struct TestArgs {
+    /// The test file: a YAML list of calls with expected decisions.
+    file: PathBuf,
+    /// CR YAML files; default: every other `.yaml`/`.yml` file of the test
+    /// file's directory that holds Chaperone resources.
+    #[arg(short = 'f', long = "file")]
+    files: Vec<PathBuf>,
+}
+
+/// Runs `chaperonectl policy`.
+pub fn run(args: &PolicyArgs) -> Result<()> {
+    match &args.command {
+        PolicyCommand::Explain(args) => explain(args),
+        PolicyCommand::Test(args) => test(args),
+    }
+}
+
+/// Objects read from files, remembering which file each came from.
+struct LoadedObjects {
+    set: ObjectSet,
+    sources: BTreeMap<ObjectRef, PathBuf>,
+}
+
+fn object_ref(kind: ObjectKind, meta: &chaperone_policy::model::ObjectMeta) -> ObjectRef {
+    ObjectRef {
+        kind,
+        key: ObjectKey::new(meta.namespace_or_default(), meta.name.clone()),
+    }
+}
+
+/// Reads the Chaperone documents of a YAML file; other kinds are skipped.
+fn read_documents(path: &Path) -> Result<Vec<Document>> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let values: Vec<Value> = serde_saphyr::from_multiple(&text)
+        .with_context(|| format!("{}: not valid YAML", path.display()))?;
+    let mut documents = Vec::new();
+    for (index, value) in values.into_iter().enumerate() {
+        let kind = value
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        if !matches!(
+            kind.as_str(),
+            "AgentIdentity" | "ToolPolicy" | "DelegationGrant"
+        ) {
+            continue;
+        }
+        let name = value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("<unnamed>")
+            .to_owned();
+        let api_version = value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        if api_version != API_VERSION {
+            bail!(
+                "{}: {kind} {name} (document {}): apiVersion {api_version:?} is not {API_VERSION}",
+                path.display(),
+                index + 1
+            );
+        }
+        let document: Document = serde_json::from_value(value).with_context(|| {
+            format!("{}: {kind} {name} (document {})", path.display(), index + 1)
+        })?;
+        documents.push(document);
+    }
+    Ok(documents)
+}
+
+fn load(files: &[PathBuf]) -> Result<LoadedObjects> {
+    let mut loaded = LoadedObjects {
+        set: ObjectSet::default(),
+        sources: BTreeMap::new(),
+    };
+    for path in files {
+        for document in read_documents(path)? {
+            let reference = match &document {
+                Document::AgentIdentity(o) => object_ref(ObjectKind::AgentIdentity, &o.metadata),
+                Document::ToolPolicy(o) => object_ref(ObjectKind::ToolPolicy, &o.metadata),
+                Document::DelegationGrant(o) => {
+                    object_ref(ObjectKind::DelegationGrant, &o.metadata)
+                }
+            };
+            if let Some(first) = loaded.sources.insert(reference.clone(), path.clone()) {
+                bail!(
+                    "{}: {reference} is already defined in {}",
+                    path.display(),
+                    first.display()
+                );
+            }
+            loaded.set.extend([document]);
+        }
+    }
+    if loaded.set.identities.is_empty() {
+        bail!("no AgentIdentity in {}", display_paths(files));
+    }
+    Ok(loaded)
+}
+
+fn display_paths(files: &[PathBuf]) -> String {
+    files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn describe_error(loaded: &LoadedObjects, error: &CompileError) -> String {
+    match loaded.sources.get(&error.object) {
+        Some(path) => format!("{}: {error}", path.display()),
+        None => error.to_string(),
+    }
+}
+
+/// Compiled engines by agent, and the compile errors (located).
+struct CompiledFiles {
+    engines: BTreeMap<ObjectKey, (Snapshot, Engine)>,
+    errors: Vec<String>,
+}
+
+fn compile_files(loaded: &LoadedObjects, now: i64) -> Result<CompiledFiles> {
+    let compiled = compile_all(&loaded.set.inventory(), &CompileOptions { version: 1, now });
+    let mut engines = BTreeMap::new();
+    for snapshot in compiled.snapshots {
+        let engine = Engine::new(&snapshot)
+            .map_err(|e| anyhow!("snapshot of {} is invalid: {e}", snapshot.content.agent))?;
+        engines.insert(snapshot.content.agent.clone(), (snapshot, engine));
+    }
+    let errors = compiled
+        .errors
+        .iter()
+        .map(|e| describe_error(loaded, e))
+        .collect();
+    Ok(CompiledFiles { engines, errors })
+}
+
+fn pick_agent<'a>(
+    compiled: &'a CompiledFiles,
+    agent: Option<&str>,
+) -> Result<(&'a Snapshot, &'a Engine)> {
+    let key = match agent {
+        Some(agent) => ObjectKey::parse(agent, "default"),
+        None if compiled.engines.len() == 1 => compiled
+            .engines
+            .keys()
+            .next()
+            .cloned()
+            .ok_or_else(|| anyhow!("no agent"))?,
+        None => bail!(
+            "the files define several agents ({}): name one with agent",
+            compiled
+                .engines
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    compiled
+        .engines
+        .get(&key)
+        .map(|(s, e)| (s, e))
+        .ok_or_else(|| anyhow!("no AgentIdentity {key} in the files"))
+}
+
+/// Splits `server/tool` or fills the server in from the agent's only server.
+fn resolve_server(
+    snapshot: &Snapshot,
+    server: Option<&str>,
+    tool: &str,
+) -> Result<(String, String)> {
+    if let Some(server) = server {
+        return Ok((server.to_owned(), tool.to_owned()));
+    }
+    if let Some((server, name)) = tool.split_once('/')
+        && snapshot
+            .content
+            .tool_servers
+            .iter()
+            .any(|s| s.name == server)
+    {
+        return Ok((server.to_owned(), name.to_owned()));
+    }
+    match snapshot.content.tool_servers.as_slice() {
+        [only] => Ok((only.name.clone(), tool.to_owned())),
+        _ => bail!("name the tool server (server) or give the tool as server/tool"),
+    }
+}
+
+/// One earlier call of the session.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionStep {
+    server: String,
+    tool: String,
+}
+
+/// One hop of a delegation chain.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChainHop {
+    delegator: String,
+    grant: String,
+}
+
+fn history(engine: &Engine, steps: &[SessionStep]) -> SessionHistory {
+    let mut history = SessionHistory::new();
+    for step in steps {
+        history.record(
+            &step.server,
+            &step.tool,
+            engine.effects_of(&step.server, &step.tool),
+        );
+    }
+    history
+}
+
+fn delegation_chain(hops: &[ChainHop]) -> DelegationChain {
+    DelegationChain {
+        links: hops
+            .iter()
+            .map(|hop| DelegationLink {
+                delegator: ObjectKey::parse(&hop.delegator, "default"),
+                grant: ObjectKey::parse(&hop.grant, "default"),
+            })
+            .collect(),
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn explain(args: &ExplainArgs) -> Result<()> {
+    let now = args.now.unwrap_or_else(unix_now);
+    let loaded = load(&args.files)?;
+    let compiled = compile_files(&loaded, now)?;
+    for error in &compiled.errors {
+        eprintln!("warning: left out: {error}");
+    }
+    let (snapshot, engine) = pick_agent(&compiled, args.agent.as_deref())?;
+    let (server, tool) = resolve_server(snapshot, args.server.as_deref(), &args.tool)?;
+    let arguments: Value =
+        serde_json::from_str(&args.arguments).context("--args is not valid JSON")?;
+    let steps: Vec<SessionStep> = serde_json::from_str(&args.session)
+        .context("--session is not a JSON list of {\"server\", \"tool\"}")?;
+    let hops = args
+        .chain
+        .iter()
+        .map(|hop| {
+            hop.split_once(':')
+                .map(|(delegator, grant)| ChainHop {
+                    delegator: delegator.to_owned(),
+                    grant: grant.to_owned(),
+                })
+                .ok_or_else(|| anyhow!("--chain {hop:?} is not DELEGATOR:GRANT"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let session = history(engine, &steps);
+    let chain = delegation_chain(&hops);
+    let request = DecisionRequest {
+        server: &server,
+        tool: &tool,
+        arguments: &arguments,
+        session: &session,
+        delegation: (!chain.links.is_empty()).then_some(&chain),
+        initiator: args.initiator.as_deref(),
+        now,
+    };
+    let explanation = engine.explain(&request);
+    let decision = &explanation.decision;
+    let verdict = if decision.would_deny() {
+        "deny (dry run: would-deny, forwarded)".to_owned()
+    } else {
+        decision.verdict.to_string()
+    };
+    println!("decision:   {verdict}");
+    println!("rule:       {}", decision.rule);
+    println!("reason:     {}", decision.reason);
+    println!(
+        "agent:      {} (snapshot {}, sha256 {})",
+        engine.agent(),
+        decision.snapshot_version,
+        &snapshot.hash[..12]
+    );
+    println!("call:       {server}/{tool} {arguments}");
+    let effects: Vec<&str> = explanation.effects.iter().map(|e| e.as_str()).collect();
+    println!("effects:    [{}]", effects.join(", "));
+    if let Some(limit) = &decision.rate_limit {
+        println!(
+            "rate limit: {} calls per {}s per {:?} ({})",
+            limit.calls, limit.period_seconds, limit.per, limit.id
+        );
+    }
+    println!("rules:");
+    let width = explanation
+        .rules
+        .iter()
+        .map(|r| r.rule.len())
+        .max()
+        .unwrap_or(0);
+    for rule in &explanation.rules {
+        let action = match rule.action {
+            chaperone_policy::model::RuleAction::Allow => "allow",
+            chaperone_policy::model::RuleAction::Deny => "deny ",
+        };
+        println!("  {action} {:width$}  {}", rule.rule, rule.outcome);
+    }
+    Ok(())
+}
+
+/// One test case of a `policy test` file.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PolicyTestCase {
+    /// What the case checks.
+    name: String,
+    /// `namespace/name` of the calling agent (optional with one agent).
+    #[serde(default)]
+    agent: Option<String>,
+    /// The tool server (optional: `tool: server/tool`, or the agent's only one).
+    #[serde(default)]
+    server: Option<String>,
+    /// The tool.
+    tool: String,
+    /// The call's arguments.
+    #[serde(default)]
+    arguments: Option<Value>,
+    /// Earlier calls of the session.
+    #[serde(default)]
+    session: Vec<SessionStep>,
+    /// The delegation chain, origin first.
+    #[serde(default)]
+    delegation: Vec<ChainHop>,
+    /// The task's initiator.
+    #[serde(default)]
+    initiator: Option<String>,
+    /// Decision time, unix seconds (default: now).
+    #[serde(default)]
+    now: Option<i64>,
+    /// `allow` or `deny`.
+    expect: Verdict,
+    /// The expected deciding rule (`policy/rule` or a fixed reason).
+    #[serde(default)]
+    rule: Option<String>,
+}
+
+fn cr_files_beside(test_file: &Path) -> Result<Vec<PathBuf>> {
+    let dir = match test_file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut files = Vec::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let is_yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        let same = fs::canonicalize(&path).ok() == fs::canonicalize(test_file).ok();
+        if is_yaml && !same && !read_documents(&path).unwrap_or_default().is_empty() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn test(args: &TestArgs) -> Result<()> {
+    let text = fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let cases: Vec<PolicyTestCase> = serde_saphyr::from_str(&text)
+        .with_context(|| format!("{}: not a YAML list of test cases", args.file.display()))?;
+    let files = if args.files.is_empty() {
+        cr_files_beside(&args.file)?
+    } else {
+        args.files.clone()
+    };
+    let now = unix_now();
+    let loaded = load(&files)?;
+    let compiled = compile_files(&loaded, now)?;
+    for error in &compiled.errors {
+        eprintln!("error: {error}");
+    }
+    let mut failures = 0usize;
+    let file = args.file.display();
+    for (index, case) in cases.iter().enumerate() {
+        let label = format!("{file}: test {:?} (#{})", case.name, index + 1);
+        match run_case(&compiled, case, now) {
+            Ok(None) => println!("PASS {}", case.name),
+            Ok(Some(mismatch)) => {
+                failures += 1;
+                println!("FAIL {}", case.name);
+                eprintln!("{label}: {mismatch}");
+            }
+            Err(error) => {
+                failures += 1;
+                println!("FAIL {}", case.name);
+                eprintln!("{label}: {error:#}");
+            }
+        }
+    }
+    println!("{} passed, {failures} failed", cases.len() - failures);
+    match (failures, compiled.errors.len()) {
+        (0, 0) => Ok(()),
+        (0, broken) => bail!("{broken} object error(s) in the policies under test"),
+        (failed, _) => bail!("{failed} of {} test(s) failed", cases.len()),
+    }
+}
+
+/// `Ok(None)` when the decision is as expected; `Ok(Some(why))` when not.
+fn run_case(compiled: &CompiledFiles, case: &PolicyTestCase, now: i64) -> Result<Option<String>> {
+    let (snapshot, engine) = pick_agent(compiled, case.agent.as_deref())?;
+    let (server, tool) = resolve_server(snapshot, case.server.as_deref(), &case.tool)?;
+    let empty = Value::Object(serde_json::Map::new());
+    let arguments = case.arguments.as_ref().unwrap_or(&empty);
+    let session = history(engine, &case.session);
+    let chain = delegation_chain(&case.delegation);
+    let request = DecisionRequest {
+        server: &server,
+        tool: &tool,
+        arguments,
+        session: &session,
+        delegation: (!chain.links.is_empty()).then_some(&chain),
+        initiator: case.initiator.as_deref(),
+        now: case.now.unwrap_or(now),
+    };
+    let decision = engine.decide(&request);
+    let rule_matches = case
+        .rule
+        .as_deref()
+        .is_none_or(|expected| expected == decision.rule.as_str());
+    if decision.verdict == case.expect && rule_matches {
+        return Ok(None);
+    }
+    let expected = match &case.rule {
+        Some(rule) => format!("{} by {rule}", case.expect),
+        None => case.expect.to_string(),
+    };
+    Ok(Some(format!(
+        "expected {expected}, got {} by {} ({})",
+        decision.verdict, decision.rule, decision.reason
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/basic")
+            .join(name)
+    }
+
+    #[test]
+    fn basic_example_tests_pass() {
+        let args = TestArgs {
+            file: example("policy-test.yaml"),
+            files: Vec::new(),
+        };
+        test(&args).expect("examples/basic/policy-test.yaml passes");
+    }
+
+    #[test]
+    fn wrong_expectation_fails() {
+        let dir = std::env::temp_dir().join(format!("chaperonectl-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("wrong.yaml");
+        fs::write(
+            &file,
+            "- {name: wrong, tool: orders/get_order, expect: deny}\n",
+        )
+        .unwrap();
+        let args = TestArgs {
+            file,
+            files: vec![example("agentidentity.yaml"), example("toolpolicy.yaml")],
+        };
+        let error = test(&args).unwrap_err();
+        assert_eq!(error.to_string(), "1 of 1 test(s) failed");
+        fs::remove_dir_all(&dir).ok();
+    }
+}
