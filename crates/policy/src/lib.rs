@@ -1,7 +1,52 @@
 //! Chaperone's policy core: the model users write, compiled into per-agent
 //! snapshots and evaluated per tool call. No kube, no I/O, no async: the
 //! controller, the sidecar and the CLI all call into this crate.
+//!
+//! - [`compile`] / [`compile_all`]: CRs in, one [`Snapshot`] per agent (plain,
+//!   deterministic, hashed data: what the controller sends) and per-object errors.
+//! - [`Engine::new`]: a snapshot turned into indexes and compiled matchers.
+//! - [`Engine::decide`]: a [`DecisionRequest`] in, a [`Decision`] out;
+//!   [`Engine::visible`] for `tools/list` filtering, by the same rules.
+//!
+//! Decision semantics (DESIGN.md): any matching deny denies; else any matching
+//! allow allows; else deny. Conditions that cannot be evaluated (missing or
+//! mistyped arguments, failing CEL) never make an allow rule match and always
+//! let a deny rule match.
 
 #![forbid(unsafe_code)]
 
+mod compile;
+mod conditions;
+mod decision;
+mod engine;
+mod expiry;
+mod expression;
+pub mod glob;
 pub mod model;
+mod session;
+mod snapshot;
+
+pub use compile::{
+    Compilation, CompileError, CompileErrorReason, CompileOptions, Inventory, InventoryCompilation,
+    ObjectKind, ObjectRef, ObjectSet, check_grant, check_policy, compile, compile_all,
+};
+pub use conditions::{ConditionError, REGEX_SIZE_LIMIT};
+pub use decision::{
+    AgentKey, DecidingRule, Decision, DecisionRequest, DelegationChain, DelegationLink, GrantKey,
+    ObjectKey, RateLimitRef, Reason, Verdict,
+};
+pub use engine::{
+    Engine, Explanation, InvalidSnapshot, RuleError, RuleExplanation, RuleOutcome, ToolMatchError,
+    decide, visible,
+};
+pub use expiry::{
+    ExpiryError, MAX_GRANT_TTL_SECONDS, grant_expires_at, parse_duration_seconds,
+    parse_rfc3339_seconds,
+};
+pub use expression::CEL_VARIABLES;
+pub use glob::{glob_matches, is_glob};
+pub use session::{EffectSet, SessionHistory};
+pub use snapshot::{
+    AgentAuthority, SNAPSHOT_FORMAT, Snapshot, SnapshotBytesError, SnapshotContent, SnapshotGrant,
+    SnapshotRateLimit, SnapshotRule,
+};

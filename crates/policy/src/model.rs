@@ -452,8 +452,11 @@ pub struct Conditions {
 }
 
 /// A matcher on one argument, addressed by JSON pointer (RFC 6901). Exactly one
-/// operator is set. A matcher on a missing argument never matches (only
-/// `exists: false` does).
+/// operator is set. A matcher on a missing argument, or on a value of the wrong
+/// type (a string for `lessThan`, a number for `prefix`), fails closed: it never
+/// lets an allow rule match and always lets a deny rule match. Only `exists`
+/// reads absence; add `exists: true` to a deny rule to scope it to calls that
+/// carry the argument.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 // `equals` and `in` hold any JSON value, which CEL cannot see; `oneOf` over

@@ -1,0 +1,3 @@
+//! Decision latency percentiles (written below).
+
+fn main() {}

@@ -1,0 +1,992 @@
+//! The evaluator: a [`Snapshot`] turned into indexes, compiled matchers, regexes
+//! and CEL programs, answering [`Engine::decide`] and [`Engine::visible`].
+//!
+//! Rules are indexed by (server, tool): for every known server and every tool name
+//! a rule or classification names exactly, the candidate deny and allow rules are
+//! precomputed (globs and effect matches resolved in), so a decision never looks
+//! at a rule about another tool. Names no rule spells out fall back to the short
+//! list of glob and effect rules of that server.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::conditions::{CompiledConditions, ConditionError, EvalContext, Initiator, Truth};
+use crate::decision::{
+    AgentKey, DecidingRule, Decision, DecisionRequest, DelegationChain, DelegationLink, GrantKey,
+    RateLimitRef, Reason, Verdict,
+};
+use crate::glob::Glob;
+use crate::model::{
+    Effect, EnforcementMode, MAX_DELEGATION_DEPTH, RuleAction, ToolClassification, ToolMatch,
+};
+use crate::session::EffectSet;
+use crate::snapshot::{AgentAuthority, SNAPSHOT_FORMAT, Snapshot, SnapshotGrant, SnapshotRule};
+
+/// Why a tool match is malformed.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum ToolMatchError {
+    /// Neither or both of `name` and `effect` are set.
+    #[error("tool match #{index} must set exactly one of name or effect")]
+    NameXorEffect {
+        /// Position in `tools`.
+        index: usize,
+    },
+    /// `server` or `name` is empty.
+    #[error("tool match #{index} has an empty server or name")]
+    Empty {
+        /// Position in `tools`.
+        index: usize,
+    },
+    /// `tools` is empty.
+    #[error("tools is empty: the rule or grant would match no tool")]
+    NoTools,
+}
+
+/// Why one rule or grant does not compile.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum RuleError {
+    /// A `when` condition is invalid.
+    #[error(transparent)]
+    Condition(Box<ConditionError>),
+    /// A tool match is invalid.
+    #[error(transparent)]
+    ToolMatch(#[from] ToolMatchError),
+}
+
+impl From<ConditionError> for RuleError {
+    fn from(error: ConditionError) -> Self {
+        RuleError::Condition(Box::new(error))
+    }
+}
+
+/// A snapshot a sidecar cannot use; it keeps its last good one (or denies all).
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum InvalidSnapshot {
+    /// Produced by an incompatible controller.
+    #[error("snapshot format {found} is not supported (this build reads format {supported})")]
+    UnsupportedFormat {
+        /// Format of the snapshot.
+        found: u32,
+        /// Format this build reads.
+        supported: u32,
+    },
+    /// The content does not hash to the snapshot's hash.
+    #[error("snapshot hash {claimed} does not match its content (hash {actual})")]
+    HashMismatch {
+        /// The hash the snapshot carries.
+        claimed: String,
+        /// The hash of its content.
+        actual: String,
+    },
+    /// A rule does not compile.
+    #[error("rule {rule} of agent {agent}: {error}")]
+    Rule {
+        /// Whose rule.
+        agent: AgentKey,
+        /// `policy/rule`.
+        rule: String,
+        /// What is wrong.
+        error: RuleError,
+    },
+    /// A grant does not compile.
+    #[error("grant {grant}: {error}")]
+    Grant {
+        /// The grant.
+        grant: GrantKey,
+        /// What is wrong.
+        error: RuleError,
+    },
+}
+
+/// A tool match, compiled.
+#[derive(Debug)]
+enum CompiledToolMatch {
+    Name { server: Glob, name: Glob },
+    Effect { server: Glob, effect: Effect },
+}
+
+impl CompiledToolMatch {
+    fn new(index: usize, tool: &ToolMatch) -> Result<Self, ToolMatchError> {
+        if tool.server.is_empty() || tool.name.as_deref() == Some("") {
+            return Err(ToolMatchError::Empty { index });
+        }
+        let server = Glob::new(&tool.server);
+        match (&tool.name, tool.effect) {
+            (Some(name), None) => Ok(CompiledToolMatch::Name {
+                server,
+                name: Glob::new(name),
+            }),
+            (None, Some(effect)) => Ok(CompiledToolMatch::Effect { server, effect }),
+            _ => Err(ToolMatchError::NameXorEffect { index }),
+        }
+    }
+
+    fn server(&self) -> &Glob {
+        match self {
+            CompiledToolMatch::Name { server, .. } | CompiledToolMatch::Effect { server, .. } => {
+                server
+            }
+        }
+    }
+
+    fn exact_name(&self) -> Option<&str> {
+        match self {
+            CompiledToolMatch::Name { name, .. } if name.is_exact() => Some(name.as_str()),
+            _ => None,
+        }
+    }
+
+    fn matches(&self, server: &str, tool: &str, effects: EffectSet) -> bool {
+        match self {
+            CompiledToolMatch::Name { server: s, name } => s.matches(server) && name.matches(tool),
+            CompiledToolMatch::Effect { server: s, effect } => {
+                s.matches(server) && effects.contains(*effect)
+            }
+        }
+    }
+}
+
+fn compile_tool_matches(tools: &[ToolMatch]) -> Result<Vec<CompiledToolMatch>, ToolMatchError> {
+    if tools.is_empty() {
+        return Err(ToolMatchError::NoTools);
+    }
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| CompiledToolMatch::new(i, t))
+        .collect()
+}
+
+/// A rule, compiled.
+#[derive(Debug)]
+struct CompiledRule {
+    id: Arc<str>,
+    action: RuleAction,
+    tools: Vec<CompiledToolMatch>,
+    conditions: CompiledConditions,
+    rate_limit: Option<RateLimitRef>,
+}
+
+impl CompiledRule {
+    fn new(rule: &SnapshotRule) -> Result<Self, RuleError> {
+        Ok(Self {
+            id: Arc::from(format!("{}/{}", rule.policy, rule.name)),
+            action: rule.action,
+            tools: compile_tool_matches(&rule.tools)?,
+            conditions: CompiledConditions::new(rule.when.as_ref())?,
+            rate_limit: rule.rate_limit.as_ref().map(|limit| RateLimitRef {
+                id: Arc::from(limit.id.as_str()),
+                calls: limit.calls,
+                period_seconds: limit.period_seconds,
+                per: limit.per,
+            }),
+        })
+    }
+
+    fn matches_tool(&self, server: &str, tool: &str, effects: EffectSet) -> bool {
+        self.tools.iter().any(|m| m.matches(server, tool, effects))
+    }
+}
+
+/// Checks that a rule compiles (used by the compiler to report per object).
+pub(crate) fn check_rule(rule: &SnapshotRule) -> Result<(), RuleError> {
+    CompiledRule::new(rule).map(|_| ())
+}
+
+/// Checks that a grant's tools and conditions compile.
+pub(crate) fn check_grant_scope(grant: &SnapshotGrant) -> Result<(), RuleError> {
+    CompiledGrant::new(grant).map(|_| ())
+}
+
+/// Tool classifications: which effects a (server, tool) has.
+#[derive(Debug, Default)]
+struct Classifier {
+    exact: HashMap<Box<str>, Vec<(Glob, EffectSet)>>,
+    globbed: Vec<(Glob, Glob, EffectSet)>,
+}
+
+impl Classifier {
+    fn new(classifications: &[ToolClassification]) -> Self {
+        let mut classifier = Classifier::default();
+        for c in classifications {
+            let effects = EffectSet::of(&c.effects);
+            let name = Glob::new(&c.name);
+            if name.is_exact() {
+                classifier
+                    .exact
+                    .entry(c.name.as_str().into())
+                    .or_default()
+                    .push((Glob::new(&c.server), effects));
+            } else {
+                classifier
+                    .globbed
+                    .push((Glob::new(&c.server), name, effects));
+            }
+        }
+        classifier
+    }
+
+    fn effects(&self, server: &str, tool: &str) -> EffectSet {
+        let mut effects = EffectSet::EMPTY;
+        if let Some(entries) = self.exact.get(tool) {
+            for (s, e) in entries {
+                if s.matches(server) {
+                    effects = effects.union(*e);
+                }
+            }
+        }
+        for (s, n, e) in &self.globbed {
+            if s.matches(server) && n.matches(tool) {
+                effects = effects.union(*e);
+            }
+        }
+        effects
+    }
+}
+
+/// Precomputed candidate rules of one (server, tool), deny rules and allow rules
+/// each in rule order.
+#[derive(Debug)]
+struct Candidates {
+    deny: Box<[u32]>,
+    allow: Box<[u32]>,
+    effects: EffectSet,
+}
+
+#[derive(Debug, Default)]
+struct ServerIndex {
+    tools: HashMap<Box<str>, Candidates>,
+    /// Rules with a name-glob or effect match for this server: the only ones that
+    /// can match a tool name no rule spells out.
+    fallback: Box<[u32]>,
+}
+
+#[derive(Debug, Default)]
+struct ToolIndex {
+    servers: HashMap<Box<str>, ServerIndex>,
+    /// Rules with any match that is not an exact (server, name): the only ones
+    /// that can match on a server no rule or tool server names.
+    inexact: Box<[u32]>,
+}
+
+/// One agent's rules, compiled and indexed.
+#[derive(Debug)]
+struct CompiledAuthority {
+    require_delegation: bool,
+    rules: Vec<CompiledRule>,
+    classifier: Classifier,
+    index: ToolIndex,
+}
+
+/// What an agent's own rules say about a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RulesOutcome {
+    Allowed(u32),
+    Denied(u32),
+    NoAllow,
+}
+
+/// Deciding a call, or listing a tool (arguments and session unknown).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Decide,
+    List,
+}
+
+impl Mode {
+    /// Whether a rule with conditions of this value applies. Deciding fails closed
+    /// (unknown denies, never allows); listing is optimistic about what the
+    /// arguments could be (unknown allows, never denies).
+    fn applies(self, action: RuleAction, truth: Truth) -> bool {
+        match (self, action) {
+            (Mode::Decide, RuleAction::Deny) | (Mode::List, RuleAction::Allow) => {
+                truth != Truth::False
+            }
+            (Mode::Decide, RuleAction::Allow) | (Mode::List, RuleAction::Deny) => {
+                truth == Truth::True
+            }
+        }
+    }
+}
+
+impl CompiledAuthority {
+    fn new(authority: &AgentAuthority, extra_servers: &[String]) -> Result<Self, InvalidSnapshot> {
+        let rules = authority
+            .rules
+            .iter()
+            .map(|rule| {
+                CompiledRule::new(rule).map_err(|error| InvalidSnapshot::Rule {
+                    agent: authority.agent.clone(),
+                    rule: format!("{}/{}", rule.policy, rule.name),
+                    error,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let classifier = Classifier::new(&authority.classifications);
+        let index = build_index(&rules, &classifier, authority, extra_servers);
+        Ok(Self {
+            require_delegation: authority.require_delegation,
+            rules,
+            classifier,
+            index,
+        })
+    }
+
+    fn effects(&self, server: &str, tool: &str) -> EffectSet {
+        match self
+            .index
+            .servers
+            .get(server)
+            .and_then(|s| s.tools.get(tool))
+        {
+            Some(candidates) => candidates.effects,
+            None => self.classifier.effects(server, tool),
+        }
+    }
+
+    fn evaluate(&self, ctx: &EvalContext<'_>, mode: Mode) -> RulesOutcome {
+        if let Some(candidates) = self
+            .index
+            .servers
+            .get(ctx.server)
+            .and_then(|s| s.tools.get(ctx.tool))
+        {
+            return self.evaluate_candidates(&candidates.deny, &candidates.allow, ctx, mode);
+        }
+        // Slow path: a name no rule spells out.
+        let effects = self.classifier.effects(ctx.server, ctx.tool);
+        let pool: &[u32] = match self.index.servers.get(ctx.server) {
+            Some(server) => &server.fallback,
+            None => &self.index.inexact,
+        };
+        let (mut deny, mut allow) = (Vec::new(), Vec::new());
+        for &i in pool {
+            let rule = &self.rules[i as usize];
+            if rule.matches_tool(ctx.server, ctx.tool, effects) {
+                match rule.action {
+                    RuleAction::Deny => deny.push(i),
+                    RuleAction::Allow => allow.push(i),
+                }
+            }
+        }
+        self.evaluate_candidates(&deny, &allow, ctx, mode)
+    }
+
+    fn evaluate_candidates(
+        &self,
+        deny: &[u32],
+        allow: &[u32],
+        ctx: &EvalContext<'_>,
+        mode: Mode,
+    ) -> RulesOutcome {
+        for &i in deny {
+            let truth = self.rules[i as usize].conditions.evaluate(ctx).truth;
+            if mode.applies(RuleAction::Deny, truth) {
+                return RulesOutcome::Denied(i);
+            }
+        }
+        for &i in allow {
+            let truth = self.rules[i as usize].conditions.evaluate(ctx).truth;
+            if mode.applies(RuleAction::Allow, truth) {
+                return RulesOutcome::Allowed(i);
+            }
+        }
+        RulesOutcome::NoAllow
+    }
+
+    fn deciding_rule(&self, outcome: RulesOutcome) -> DecidingRule {
+        match outcome {
+            RulesOutcome::Allowed(i) | RulesOutcome::Denied(i) => {
+                DecidingRule::Rule(Arc::clone(&self.rules[i as usize].id))
+            }
+            RulesOutcome::NoAllow => DecidingRule::NoRuleAllows,
+        }
+    }
+}
+
+fn build_index(
+    rules: &[CompiledRule],
+    classifier: &Classifier,
+    authority: &AgentAuthority,
+    extra_servers: &[String],
+) -> ToolIndex {
+    let mut servers: BTreeSet<&str> = authority.tool_servers.iter().map(String::as_str).collect();
+    servers.extend(extra_servers.iter().map(String::as_str));
+    for rule in rules {
+        for m in &rule.tools {
+            if m.server().is_exact() {
+                servers.insert(m.server().as_str());
+            }
+        }
+    }
+    for c in &authority.classifications {
+        if Glob::new(&c.server).is_exact() {
+            servers.insert(c.server.as_str());
+        }
+    }
+    let inexact: Box<[u32]> = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| {
+            r.tools
+                .iter()
+                .any(|m| !(m.server().is_exact() && m.exact_name().is_some()))
+        })
+        .map(|(i, _)| i as u32)
+        .collect();
+
+    let mut index = ToolIndex {
+        servers: HashMap::with_capacity(servers.len()),
+        inexact,
+    };
+    for server in servers {
+        let mut by_name: HashMap<&str, Vec<u32>> = HashMap::new();
+        let mut fallback = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            let mut in_fallback = false;
+            for m in &rule.tools {
+                if !m.server().matches(server) {
+                    continue;
+                }
+                match m.exact_name() {
+                    Some(name) => by_name.entry(name).or_default().push(i as u32),
+                    None => in_fallback = true,
+                }
+            }
+            if in_fallback {
+                fallback.push(i as u32);
+            }
+        }
+        for (name, entries) in &classifier.exact {
+            if entries.iter().any(|(s, _)| s.matches(server)) {
+                by_name.entry(name).or_default();
+            }
+        }
+        let mut tools = HashMap::with_capacity(by_name.len());
+        for (name, mut matched) in by_name {
+            let effects = classifier.effects(server, name);
+            matched.extend(
+                fallback
+                    .iter()
+                    .copied()
+                    .filter(|&i| rules[i as usize].matches_tool(server, name, effects)),
+            );
+            matched.sort_unstable();
+            matched.dedup();
+            let (deny, allow): (Vec<u32>, Vec<u32>) = matched
+                .into_iter()
+                .partition(|&i| rules[i as usize].action == RuleAction::Deny);
+            tools.insert(
+                Box::from(name),
+                Candidates {
+                    deny: deny.into(),
+                    allow: allow.into(),
+                    effects,
+                },
+            );
+        }
+        index.servers.insert(
+            Box::from(server),
+            ServerIndex {
+                tools,
+                fallback: fallback.into(),
+            },
+        );
+    }
+    index
+}
+
+/// A received grant, compiled.
+#[derive(Debug)]
+struct CompiledGrant {
+    from: AgentKey,
+    to: AgentKey,
+    tools: Vec<CompiledToolMatch>,
+    conditions: CompiledConditions,
+    max_depth: u32,
+    expires_at: i64,
+}
+
+impl CompiledGrant {
+    fn new(grant: &SnapshotGrant) -> Result<Self, RuleError> {
+        Ok(Self {
+            from: grant.from.clone(),
+            to: grant.to.clone(),
+            tools: compile_tool_matches(&grant.tools)?,
+            conditions: CompiledConditions::new(grant.when.as_ref())?,
+            max_depth: grant.max_depth,
+            expires_at: grant.expires_at,
+        })
+    }
+}
+
+/// A failed check: what decided and why.
+struct Denial {
+    rule: DecidingRule,
+    reason: Reason,
+}
+
+/// One question to [`Engine::judge`].
+struct Query<'a> {
+    server: &'a str,
+    tool: &'a str,
+    arguments: Option<&'a serde_json::Value>,
+    session: Option<&'a crate::session::SessionHistory>,
+    links: &'a [DelegationLink],
+    initiator: Option<&'a str>,
+    now: i64,
+    mode: Mode,
+}
+
+/// The compiled policy of one agent: decides its calls and filters its tool lists.
+/// Cheap to share (`Send + Sync`); build a new one per snapshot.
+#[derive(Debug)]
+pub struct Engine {
+    version: u64,
+    hash: String,
+    agent: AgentKey,
+    dry_run: bool,
+    own: CompiledAuthority,
+    delegators: HashMap<AgentKey, CompiledAuthority>,
+    grants: HashMap<GrantKey, CompiledGrant>,
+    has_expressions: bool,
+}
+
+impl Engine {
+    /// Compiles a snapshot: checks its format and hash, compiles every rule,
+    /// regex and CEL expression, and builds the indexes.
+    pub fn new(snapshot: &Snapshot) -> Result<Self, InvalidSnapshot> {
+        let content = &snapshot.content;
+        if content.format != SNAPSHOT_FORMAT {
+            return Err(InvalidSnapshot::UnsupportedFormat {
+                found: content.format,
+                supported: SNAPSHOT_FORMAT,
+            });
+        }
+        let actual = content.content_hash();
+        if actual != snapshot.hash {
+            return Err(InvalidSnapshot::HashMismatch {
+                claimed: snapshot.hash.clone(),
+                actual,
+            });
+        }
+        Self::from_parts(snapshot)
+    }
+
+    /// Like [`Engine::new`] without the hash check (the compiler's own output).
+    pub(crate) fn from_parts(snapshot: &Snapshot) -> Result<Self, InvalidSnapshot> {
+        let content = &snapshot.content;
+        let own_servers: Vec<String> = content
+            .tool_servers
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        let own = CompiledAuthority::new(&content.authority, &own_servers)?;
+        let delegators = content
+            .delegators
+            .iter()
+            .map(|authority| {
+                CompiledAuthority::new(authority, &own_servers)
+                    .map(|compiled| (authority.agent.clone(), compiled))
+            })
+            .collect::<Result<HashMap<_, _>, _>>()?;
+        let grants = content
+            .grants_received
+            .iter()
+            .map(|grant| {
+                CompiledGrant::new(grant)
+                    .map(|compiled| (grant.grant.clone(), compiled))
+                    .map_err(|error| InvalidSnapshot::Grant {
+                        grant: grant.grant.clone(),
+                        error,
+                    })
+            })
+            .collect::<Result<HashMap<_, _>, _>>()?;
+        let has_expressions = own.rules.iter().any(|r| r.conditions.has_expression());
+        Ok(Self {
+            version: snapshot.version,
+            hash: snapshot.hash.clone(),
+            agent: content.agent.clone(),
+            dry_run: content.mode == EnforcementMode::DryRun,
+            own,
+            delegators,
+            grants,
+            has_expressions,
+        })
+    }
+
+    /// Version of the snapshot this engine was built from.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Hash of the snapshot this engine was built from.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// The agent whose calls this engine decides.
+    pub fn agent(&self) -> &AgentKey {
+        &self.agent
+    }
+
+    /// Whether any of the agent's own rules has a CEL expression.
+    pub fn has_expressions(&self) -> bool {
+        self.has_expressions
+    }
+
+    /// The effects of a tool by the agent's classifications; the sidecar records
+    /// them in the session after the call ([`crate::SessionHistory::record`]).
+    pub fn effects_of(&self, server: &str, tool: &str) -> EffectSet {
+        self.own.effects(server, tool)
+    }
+
+    /// Decides a tool call. Any matching deny rule denies; else any matching allow
+    /// rule allows; else deny. A delegated call also needs every grant of its
+    /// chain to cover it, unexpired and within depth, and every delegator to have
+    /// been allowed it by its own rules.
+    pub fn decide(&self, request: &DecisionRequest<'_>) -> Decision {
+        let query = Query {
+            server: request.server,
+            tool: request.tool,
+            arguments: Some(request.arguments),
+            session: Some(request.session),
+            links: request.delegation.map_or(&[][..], |c| &c.links),
+            initiator: request.initiator,
+            now: request.now,
+            mode: Mode::Decide,
+        };
+        let (verdict, rule, reason, rate_limit) = match self.judge(&query) {
+            Ok(i) => {
+                let allowing = &self.own.rules[i as usize];
+                (
+                    Verdict::Allow,
+                    DecidingRule::Rule(Arc::clone(&allowing.id)),
+                    Reason::AllowedByRule,
+                    allowing.rate_limit.clone(),
+                )
+            }
+            Err(denial) => (Verdict::Deny, denial.rule, denial.reason, None),
+        };
+        Decision {
+            verdict,
+            rule,
+            reason,
+            snapshot_version: self.version,
+            dry_run: self.dry_run,
+            rate_limit,
+        }
+    }
+
+    /// Whether `tools/list` shows the tool in the agent's own sessions: some
+    /// arguments and session could make a call allowed. The same rules as
+    /// [`Engine::decide`], read optimistically about what is not known yet.
+    pub fn visible(&self, server: &str, tool: &str) -> bool {
+        self.visible_in(server, tool, None, 0)
+    }
+
+    /// Like [`Engine::visible`] inside a (possibly) delegated session at time
+    /// `now`.
+    pub fn visible_in(
+        &self,
+        server: &str,
+        tool: &str,
+        delegation: Option<&DelegationChain>,
+        now: i64,
+    ) -> bool {
+        let links = delegation.map_or(&[][..], |c| &c.links);
+        let query = Query {
+            server,
+            tool,
+            arguments: None,
+            session: None,
+            links,
+            initiator: None,
+            // Grant expiry is only checked for delegated listings.
+            now: if links.is_empty() { i64::MIN } else { now },
+            mode: Mode::List,
+        };
+        self.judge(&query).is_ok()
+    }
+
+    fn context<'a>(
+        &self,
+        query: &Query<'a>,
+        agent: &'a AgentKey,
+        depth: usize,
+        initiator: Initiator<'a>,
+    ) -> EvalContext<'a> {
+        EvalContext {
+            server: query.server,
+            tool: query.tool,
+            arguments: query.arguments,
+            session: query.session,
+            agent,
+            depth,
+            chain: &query.links[..depth],
+            initiator,
+        }
+    }
+
+    /// The whole decision; `Ok` holds the allowing own rule.
+    fn judge(&self, query: &Query<'_>) -> Result<u32, Denial> {
+        let links = query.links;
+        let depth = links.len();
+        if depth == 0 && self.own.require_delegation {
+            return Err(Denial {
+                rule: DecidingRule::RequireDelegation,
+                reason: Reason::RequireDelegation,
+            });
+        }
+        if depth > MAX_DELEGATION_DEPTH as usize + 1 {
+            return Err(Denial {
+                rule: DecidingRule::Delegation,
+                reason: Reason::ChainTooDeep { depth },
+            });
+        }
+        let initiator = match (query.initiator, query.mode) {
+            (Some(user), _) => Initiator::User(user),
+            (None, Mode::List) => Initiator::Unknown,
+            (None, Mode::Decide) => {
+                Initiator::Agent(links.first().map_or(&self.agent, |l| &l.delegator))
+            }
+        };
+        // Ownership of `self.agent` outlives the query.
+        let own_ctx = self.context(query, &self.agent, depth, initiator);
+        let allowing = match self.own.evaluate(&own_ctx, query.mode) {
+            RulesOutcome::Allowed(i) => i,
+            denied => {
+                return Err(Denial {
+                    rule: self.own.deciding_rule(denied),
+                    reason: match denied {
+                        RulesOutcome::Denied(_) => Reason::DeniedByRule,
+                        _ => Reason::NoRuleAllows,
+                    },
+                });
+            }
+        };
+        for (i, link) in links.iter().enumerate() {
+            self.check_link(query, i, link, initiator)?;
+        }
+        Ok(allowing)
+    }
+
+    /// Checks hop `i` of the chain: its grant, and its delegator's own rules.
+    fn check_link(
+        &self,
+        query: &Query<'_>,
+        i: usize,
+        link: &DelegationLink,
+        initiator: Initiator<'_>,
+    ) -> Result<(), Denial> {
+        let links = query.links;
+        let delegation_denial = |reason| Denial {
+            rule: DecidingRule::Delegation,
+            reason,
+        };
+        let Some(grant) = self.grants.get(&link.grant) else {
+            return Err(delegation_denial(Reason::UnknownGrant {
+                grant: link.grant.clone(),
+            }));
+        };
+        let next = links.get(i + 1).map_or(&self.agent, |l| &l.delegator);
+        if grant.from != link.delegator || grant.to != *next {
+            return Err(delegation_denial(Reason::GrantMismatch {
+                grant: link.grant.clone(),
+            }));
+        }
+        if query.now >= grant.expires_at {
+            return Err(Denial {
+                rule: DecidingRule::GrantExpired,
+                reason: Reason::GrantExpired {
+                    grant: link.grant.clone(),
+                    expired_at: grant.expires_at,
+                },
+            });
+        }
+        let further_hops = links.len() - 1 - i;
+        if further_hops > grant.max_depth as usize {
+            return Err(delegation_denial(Reason::DepthExceeded {
+                grant: link.grant.clone(),
+                max_depth: grant.max_depth,
+                further_hops,
+            }));
+        }
+        let Some(delegator) = self.delegators.get(&link.delegator) else {
+            return Err(delegation_denial(Reason::DelegatorNotAllowed {
+                delegator: link.delegator.clone(),
+                rule: DecidingRule::NoRuleAllows,
+            }));
+        };
+        // The grant is written in the delegator's namespace: its effect matches
+        // read the delegator's classifications.
+        let effects = delegator.effects(query.server, query.tool);
+        let grant_ctx = self.context(query, next, i + 1, initiator);
+        let covered = grant
+            .tools
+            .iter()
+            .any(|m| m.matches(query.server, query.tool, effects))
+            && query.mode.applies(
+                RuleAction::Allow,
+                grant.conditions.evaluate(&grant_ctx).truth,
+            );
+        if !covered {
+            return Err(delegation_denial(Reason::GrantDoesNotCover {
+                grant: link.grant.clone(),
+            }));
+        }
+        if i == 0 && delegator.require_delegation {
+            return Err(delegation_denial(Reason::DelegatorNotAllowed {
+                delegator: link.delegator.clone(),
+                rule: DecidingRule::RequireDelegation,
+            }));
+        }
+        let delegator_ctx = self.context(query, &link.delegator, i, initiator);
+        match delegator.evaluate(&delegator_ctx, query.mode) {
+            RulesOutcome::Allowed(_) => Ok(()),
+            denied => Err(delegation_denial(Reason::DelegatorNotAllowed {
+                delegator: link.delegator.clone(),
+                rule: delegator.deciding_rule(denied),
+            })),
+        }
+    }
+
+    /// Decides the call and says, for every rule of the agent, whether it matched
+    /// and if not why: for `chaperonectl policy explain`.
+    pub fn explain(&self, request: &DecisionRequest<'_>) -> Explanation {
+        let decision = self.decide(request);
+        let links = request.delegation.map_or(&[][..], |c| &c.links);
+        let initiator = match request.initiator {
+            Some(user) => Initiator::User(user),
+            None => Initiator::Agent(links.first().map_or(&self.agent, |l| &l.delegator)),
+        };
+        let ctx = EvalContext {
+            server: request.server,
+            tool: request.tool,
+            arguments: Some(request.arguments),
+            session: Some(request.session),
+            agent: &self.agent,
+            depth: links.len(),
+            chain: links,
+            initiator,
+        };
+        let effects = self.own.effects(request.server, request.tool);
+        let deciding = decision.rule.as_str();
+        let rules = self
+            .own
+            .rules
+            .iter()
+            .map(|rule| {
+                let outcome = if !rule.matches_tool(request.server, request.tool, effects) {
+                    RuleOutcome::ToolDoesNotMatch
+                } else {
+                    let evaluation = rule.conditions.evaluate(&ctx);
+                    let applies = Mode::Decide.applies(rule.action, evaluation.truth);
+                    let condition = evaluation
+                        .part
+                        .map(|p| rule.conditions.describe(p))
+                        .unwrap_or_default();
+                    match (applies, evaluation.truth) {
+                        (true, _) if &*rule.id == deciding => RuleOutcome::Decided,
+                        (true, Truth::Unknown) => RuleOutcome::MatchedFailClosed { condition },
+                        (true, _) => RuleOutcome::Matched,
+                        (false, Truth::False) => RuleOutcome::ConditionFalse { condition },
+                        (false, _) => RuleOutcome::ConditionUnknown { condition },
+                    }
+                };
+                RuleExplanation {
+                    rule: rule.id.to_string(),
+                    action: rule.action,
+                    outcome,
+                }
+            })
+            .collect();
+        Explanation {
+            decision,
+            effects,
+            rules,
+        }
+    }
+}
+
+/// Decides a call against an engine (see [`Engine::decide`]).
+pub fn decide(engine: &Engine, request: &DecisionRequest<'_>) -> Decision {
+    engine.decide(request)
+}
+
+/// Whether `tools/list` shows a tool (see [`Engine::visible`]).
+pub fn visible(engine: &Engine, server: &str, tool: &str) -> bool {
+    engine.visible(server, tool)
+}
+
+/// A decision with the story of every rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    /// The decision.
+    pub decision: Decision,
+    /// Effects of the tool by the agent's classifications.
+    pub effects: EffectSet,
+    /// Every rule of the agent, in rule order.
+    pub rules: Vec<RuleExplanation>,
+}
+
+/// What one rule did with the call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleExplanation {
+    /// `policy/rule`.
+    pub rule: String,
+    /// `allow` or `deny`.
+    pub action: RuleAction,
+    /// What happened.
+    pub outcome: RuleOutcome,
+}
+
+/// What one rule did with the call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuleOutcome {
+    /// This rule decided.
+    Decided,
+    /// The rule matched, but another decided (an earlier deny, or an earlier
+    /// allow, or a delegation check).
+    Matched,
+    /// A deny rule matched because a condition could not be evaluated (missing
+    /// field, wrong type, CEL error): deny rules fail closed.
+    MatchedFailClosed {
+        /// The condition.
+        condition: String,
+    },
+    /// The rule is about other tools.
+    ToolDoesNotMatch,
+    /// A condition is false.
+    ConditionFalse {
+        /// The condition.
+        condition: String,
+    },
+    /// A condition could not be evaluated (missing field, wrong type, CEL
+    /// error), so the allow rule does not match.
+    ConditionUnknown {
+        /// The condition.
+        condition: String,
+    },
+}
+
+impl std::fmt::Display for RuleOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RuleOutcome::Decided => f.write_str("matched and decided"),
+            RuleOutcome::Matched => f.write_str("matched (another rule or check decided)"),
+            RuleOutcome::MatchedFailClosed { condition } => write!(
+                f,
+                "matched: {condition} could not be evaluated (missing or wrong type), and deny rules fail closed"
+            ),
+            RuleOutcome::ToolDoesNotMatch => f.write_str("not about this tool"),
+            RuleOutcome::ConditionFalse { condition } => write!(f, "condition false: {condition}"),
+            RuleOutcome::ConditionUnknown { condition } => write!(
+                f,
+                "condition not evaluable: {condition} (missing or wrong type); allow rules need it true"
+            ),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! What a session has done so far, in the shape session conditions read: total
+//! calls, the set of effects seen, and per-tool call counts. The sidecar keeps one
+//! per session and updates it incrementally with [`SessionHistory::record`] after
+//! each allowed call; decisions only read it.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::Effect;
+
+/// A set of [`Effect`]s as a bitset: copying, union and membership are one
+/// instruction each.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EffectSet(u8);
+
+impl EffectSet {
+    /// The empty set.
+    pub const EMPTY: EffectSet = EffectSet(0);
+
+    fn bit(effect: Effect) -> u8 {
+        1 << (effect as u8)
+    }
+
+    /// A set holding `effects`.
+    pub fn of(effects: &[Effect]) -> Self {
+        effects.iter().fold(Self::EMPTY, |set, e| set.with(*e))
+    }
+
+    /// This set plus `effect`.
+    #[must_use]
+    pub fn with(self, effect: Effect) -> Self {
+        EffectSet(self.0 | Self::bit(effect))
+    }
+
+    /// Adds `effect`.
+    pub fn insert(&mut self, effect: Effect) {
+        self.0 |= Self::bit(effect);
+    }
+
+    /// Whether `effect` is in the set.
+    pub fn contains(self, effect: Effect) -> bool {
+        self.0 & Self::bit(effect) != 0
+    }
+
+    /// Whether the two sets share an effect.
+    pub fn intersects(self, other: EffectSet) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// The union of both sets.
+    #[must_use]
+    pub fn union(self, other: EffectSet) -> Self {
+        EffectSet(self.0 | other.0)
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The effects in the set, in declaration order.
+    pub fn iter(self) -> impl Iterator<Item = Effect> {
+        Effect::ALL.into_iter().filter(move |e| self.contains(*e))
+    }
+}
+
+impl fmt::Debug for EffectSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for EffectSet {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for EffectSet {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let effects = Vec::<Effect>::deserialize(deserializer)?;
+        Ok(EffectSet::of(&effects))
+    }
+}
+
+/// The history of one session, kept incrementally by the sidecar.
+///
+/// A delegated session starts from what the delegator's session had done (carried
+/// in its assertion) with [`SessionHistory::inherited`], so conditions such as "no
+/// external communication after sensitive data" hold across agents.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionHistory {
+    calls: u32,
+    effects: EffectSet,
+    /// Calls per tool name, whatever the server.
+    by_name: HashMap<String, u32>,
+    /// Calls per server, then per tool name.
+    by_server: HashMap<String, HashMap<String, u32>>,
+}
+
+impl SessionHistory {
+    /// An empty history: a new session.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A delegated session's history seeded with the delegator's step count and
+    /// effects seen.
+    pub fn inherited(calls: u32, effects: EffectSet) -> Self {
+        Self {
+            calls,
+            effects,
+            ..Self::default()
+        }
+    }
+
+    /// Records a call that was made (forwarded) with the effects of its tool
+    /// ([`crate::Engine::effects_of`]).
+    pub fn record(&mut self, server: &str, tool: &str, effects: EffectSet) {
+        self.calls = self.calls.saturating_add(1);
+        self.effects = self.effects.union(effects);
+        bump(self.by_name.entry(tool.to_owned()).or_default());
+        let per_server = self.by_server.entry(server.to_owned()).or_default();
+        bump(per_server.entry(tool.to_owned()).or_default());
+    }
+
+    /// Calls made so far.
+    pub fn calls(&self) -> u32 {
+        self.calls
+    }
+
+    /// Effects of the calls made so far.
+    pub fn effects_seen(&self) -> EffectSet {
+        self.effects
+    }
+
+    /// Calls of `tool` on `server` so far.
+    pub fn tool_calls(&self, server: &str, tool: &str) -> u32 {
+        self.by_server
+            .get(server)
+            .and_then(|tools| tools.get(tool))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Calls of a tool of this name on any server so far.
+    pub fn tool_name_calls(&self, tool: &str) -> u32 {
+        self.by_name.get(tool).copied().unwrap_or(0)
+    }
+
+    /// Names of the tools called so far, sorted, as `server/name`.
+    pub fn tools_called(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .by_server
+            .iter()
+            .flat_map(|(server, tools)| tools.keys().map(move |tool| format!("{server}/{tool}")))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Names of the tools called so far, sorted, without their servers.
+    pub fn tool_names_called(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.by_name.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+fn bump(count: &mut u32) {
+    *count = count.saturating_add(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effect_set_holds_what_was_inserted() {
+        let set = EffectSet::of(&[Effect::Read, Effect::Privileged]);
+        assert!(set.contains(Effect::Read));
+        assert!(set.contains(Effect::Privileged));
+        assert!(!set.contains(Effect::Write));
+        assert_eq!(set.iter().count(), 2);
+        let json = serde_json::to_string(&set).unwrap();
+        assert_eq!(json, r#"["read","privileged"]"#);
+        assert_eq!(serde_json::from_str::<EffectSet>(&json).unwrap(), set);
+    }
+
+    #[test]
+    fn history_counts_calls_per_tool_and_server() {
+        let mut history = SessionHistory::new();
+        history.record("orders", "get_order", EffectSet::of(&[Effect::Read]));
+        history.record("orders", "get_order", EffectSet::EMPTY);
+        history.record("mail", "get_order", EffectSet::of(&[Effect::SensitiveData]));
+        assert_eq!(history.calls(), 3);
+        assert_eq!(history.tool_calls("orders", "get_order"), 2);
+        assert_eq!(history.tool_calls("mail", "get_order"), 1);
+        assert_eq!(history.tool_calls("mail", "send"), 0);
+        assert_eq!(history.tool_name_calls("get_order"), 3);
+        assert!(history.effects_seen().contains(Effect::SensitiveData));
+        assert_eq!(
+            history.tools_called(),
+            vec!["mail/get_order".to_owned(), "orders/get_order".to_owned()]
+        );
+    }
+}
