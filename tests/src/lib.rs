@@ -11,7 +11,8 @@
 //! Each process runs under a small supervisor shell that holds a pipe from the test
 //! process: when the test process ends in any way (normal exit, panic, Ctrl-C,
 //! SIGKILL) the pipe closes and the supervisor stops the process and removes its
-//! files. [`ControlPlane::shared`] gives one control plane per test binary.
+//! files (`CHAPERONE_KEEP_FILES=1` keeps them, logs included, for debugging).
+//! [`ControlPlane::shared`] gives one control plane per test binary.
 
 #![forbid(unsafe_code)]
 
@@ -42,7 +43,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Stops its process when the pipe to it closes; see the module docs.
 const SUPERVISOR: &str = r#"
-own="$1"; root="$2"; log="$3"; shift 3
+own="$1"; log="$2"; shift 2
 "$@" >"$log" 2>&1 </dev/null &
 child=$!
 stop() {
@@ -51,7 +52,7 @@ stop() {
   while kill -0 "$child" 2>/dev/null && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i+1)); done
   kill -KILL "$child" 2>/dev/null
   wait "$child" 2>/dev/null
-  [ -n "${KEEP_FILES:-}" ] || { rm -rf "$own"; rmdir "$root" 2>/dev/null; }
+  [ -n "${CHAPERONE_KEEP_FILES:-}" ] || rm -rf "$own"
   exit 0
 }
 trap stop INT TERM HUP
@@ -68,13 +69,8 @@ struct Supervised {
 }
 
 impl Supervised {
-    fn spawn(
-        name: &'static str,
-        own: &Path,
-        root: &Path,
-        program: &Path,
-        args: &[String],
-    ) -> Result<Self> {
+    /// Starts `program` with its log in `own`, a directory removed when it stops.
+    fn spawn(name: &'static str, own: &Path, program: &Path, args: &[String]) -> Result<Self> {
         fs::create_dir_all(own)?;
         let log = own.join(format!("{name}.log"));
         let mut shell = Command::new("sh")
@@ -82,7 +78,6 @@ impl Supervised {
             .arg(SUPERVISOR)
             .arg("chaperone-supervisor")
             .arg(own)
-            .arg(root)
             .arg(&log)
             .arg(program)
             .args(args)
@@ -169,7 +164,6 @@ impl ControlPlane {
         let mut etcd = Supervised::spawn(
             "etcd",
             &etcd_dir,
-            &root,
             &etcd_bin,
             &[
                 format!("--data-dir={}", etcd_dir.join("data").display()),
@@ -205,9 +199,9 @@ impl ControlPlane {
 
         let port = free_port()?;
         let server = format!("https://127.0.0.1:{port}");
+        // The API server's supervisor owns the whole directory: it removes it last.
         let apiserver = Supervised::spawn(
             "kube-apiserver",
-            &api_dir,
             &root,
             &apiserver_bin,
             &[

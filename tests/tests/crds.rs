@@ -137,9 +137,18 @@ fn examples_are_accepted() -> Result<()> {
             if !name.ends_with(".yaml") || name.contains("test") {
                 continue;
             }
-            let yaml = fs::read_to_string(&file)?;
-            apply(&ns, &yaml).map_err(|e| anyhow::anyhow!("{} refused: {e}", file.display()))?;
-            applied += 1;
+            // The examples name namespace `default`; apply them into a fresh one.
+            let docs: Vec<serde_json::Value> =
+                serde_saphyr::from_multiple(&fs::read_to_string(&file)?)
+                    .with_context(|| format!("parsing {}", file.display()))?;
+            for mut doc in docs.into_iter().filter(|d| !d.is_null()) {
+                if let Some(meta) = doc.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+                    meta.remove("namespace");
+                }
+                apply(&ns, &doc.to_string())
+                    .map_err(|e| anyhow::anyhow!("{} refused: {e}", file.display()))?;
+                applied += 1;
+            }
         }
     }
     assert!(
