@@ -7,10 +7,8 @@
 set -euo pipefail
 
 ROOT="${CHAPERONE_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/chaperone/tools}"
-KUBE_VERSION="${KUBE_VERSION:-v1.36.3}"
-ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
-HELM_VERSION="${HELM_VERSION:-v4.3.1}"
-KUBECTL_VERSION="${KUBECTL_VERSION:-1.36.3}"
+# shellcheck source=tool-versions.env
+. "$(dirname "$0")/tool-versions.env"
 
 step() { printf '==> [tools] %s\n' "$*" >&2; }
 fail() {
@@ -40,7 +38,7 @@ build_kube_apiserver() {
   rm -rf "$mod"; mkdir -p "$mod"
   local gomod
   gomod=$(cd "$mod" && go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])') \
-    || fail "the Go module proxy did not serve k8s.io/kubernetes@$KUBE_VERSION; try KUBE_VERSION=v1.35.4 make tools"
+    || fail "the Go module proxy did not serve k8s.io/kubernetes@$KUBE_VERSION; set KUBE_VERSION=v1.35.4 in scripts/tool-versions.env and rerun make tools"
   local staging_version="v0.${KUBE_VERSION#v1.}"
   {
     echo "module chaperone.dev/tools/kube-apiserver"
@@ -92,7 +90,7 @@ build_etcd() {
   printf 'module chaperone.dev/tools/etcd\n\ngo 1.25\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" > "$mod/go.mod"
   printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > "$mod/tools.go"
   (cd "$mod" && go mod tidy >/dev/null 2>&1 || go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2) \
-    || fail "the Go module proxy did not resolve go.etcd.io/etcd/server/v3@$ETCD_VERSION; try another v3.6.x with ETCD_VERSION=..."
+    || fail "the Go module proxy did not resolve go.etcd.io/etcd/server/v3@$ETCD_VERSION; try another v3.6.x in scripts/tool-versions.env"
   CURRENT_STEP="etcd $ETCD_VERSION: compile"
   mkdir -p "$(dirname "$out")"
   (cd "$mod" && go build -trimpath -ldflags "-s -w" -o "$out.tmp" go.etcd.io/etcd/server/v3) \

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
@@ -182,14 +183,50 @@ pub struct DelegationGrantStatus {
 }
 
 /// The CustomResourceDefinitions of all Chaperone kinds, in a stable order.
-pub fn crds()
--> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
-{
-    vec![
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    [
         AgentIdentity::crd(),
         ToolPolicy::crd(),
         DelegationGrant::crd(),
     ]
+    .into_iter()
+    .map(without_unknown_formats)
+    .collect()
+}
+
+/// Formats the API server understands; schemars also emits `uint32` and the
+/// like, which the API server ignores with a warning on every apply.
+const KNOWN_FORMATS: &[&str] = &[
+    "int32",
+    "int64",
+    "float",
+    "double",
+    "byte",
+    "date",
+    "date-time",
+    "password",
+];
+
+fn without_unknown_formats(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn strip(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                let unknown = map
+                    .get("format")
+                    .and_then(|f| f.as_str())
+                    .is_some_and(|f| !KNOWN_FORMATS.contains(&f));
+                if unknown {
+                    map.remove("format");
+                }
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut json = serde_json::to_value(&crd).expect("a CRD serialises to JSON");
+    strip(&mut json);
+    serde_json::from_value(json).expect("stripping formats keeps a valid CRD")
 }
 
 #[cfg(test)]
@@ -229,6 +266,14 @@ mod tests {
                 .unwrap()
                 .contains("sidecar")
         );
+    }
+
+    #[test]
+    fn crds_carry_only_formats_the_api_server_knows() {
+        for crd in crds() {
+            let text = serde_json::to_string(&crd).unwrap();
+            assert!(!text.contains("uint32"), "{}", crd.spec.names.kind);
+        }
     }
 
     #[test]

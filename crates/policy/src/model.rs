@@ -459,10 +459,21 @@ pub struct Conditions {
 /// carry the argument.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "[has(self.equals), has(self.__in__), has(self.prefix), has(self.regex), has(self.lessThan), has(self.lessThanOrEqual), has(self.greaterThan), has(self.greaterThanOrEqual), has(self.exists), has(self.type)].filter(x, x).size() == 1",
-    "message": "an argument matcher sets exactly one operator: equals, in, prefix, regex, lessThan, lessThanOrEqual, greaterThan, greaterThanOrEqual, exists or type; split it into several matchers"
-}]))]
+// `equals` and `in` hold any JSON value, which CEL cannot see; `oneOf` over
+// `required` makes the API server count them too, and the CEL rule gives the
+// readable message when two typed operators are combined.
+#[schemars(extend(
+    "oneOf" = [
+        {"required": ["equals"]}, {"required": ["in"]}, {"required": ["prefix"]},
+        {"required": ["regex"]}, {"required": ["lessThan"]}, {"required": ["lessThanOrEqual"]},
+        {"required": ["greaterThan"]}, {"required": ["greaterThanOrEqual"]},
+        {"required": ["exists"]}, {"required": ["type"]}
+    ],
+    "x-kubernetes-validations" = [{
+        "rule": "[has(self.prefix), has(self.regex), has(self.lessThan), has(self.lessThanOrEqual), has(self.greaterThan), has(self.greaterThanOrEqual), has(self.exists), has(self.type)].filter(x, x).size() <= 1",
+        "message": "an argument matcher sets exactly one operator (equals, in, prefix, regex, lessThan, lessThanOrEqual, greaterThan, greaterThanOrEqual, exists or type): split it into several matchers"
+    }]
+))]
 pub struct ArgMatcher {
     /// JSON pointer into the arguments, e.g. `/amount` or `/to/0/email`.
     #[schemars(length(min = 1, max = 512), regex(pattern = r"^(/([^~]|~[01])*)+$"))]
