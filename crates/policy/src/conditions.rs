@@ -177,6 +177,8 @@ enum Comparison {
 
 #[derive(Debug)]
 enum ArgTest {
+    /// `equals` a string: the common case, compared without the generic walk.
+    EqualsString(String),
     Equals(Value),
     In(Vec<Value>),
     Prefix(String),
@@ -360,8 +362,10 @@ impl CompiledArgMatcher {
             })
         };
         let mut tests = Vec::new();
-        if let Some(v) = &matcher.equals {
-            tests.push(ArgTest::Equals(v.clone()));
+        match &matcher.equals {
+            Some(Value::String(s)) => tests.push(ArgTest::EqualsString(s.clone())),
+            Some(v) => tests.push(ArgTest::Equals(v.clone())),
+            None => {}
         }
         if let Some(values) = &matcher.in_ {
             if values.is_empty() {
@@ -424,6 +428,9 @@ impl CompiledArgMatcher {
         match (&self.test, value) {
             (ArgTest::Exists(expected), value) => Truth::of(value.is_some() == *expected),
             (_, None) => Truth::Unknown,
+            (ArgTest::EqualsString(expected), Some(v)) => {
+                Truth::of(v.as_str() == Some(expected.as_str()))
+            }
             (ArgTest::Equals(expected), Some(v)) => Truth::of(json_equal(v, expected)),
             (ArgTest::In(values), Some(v)) => Truth::of(values.iter().any(|e| json_equal(v, e))),
             (ArgTest::Type(t), Some(v)) => Truth::of(has_type(v, *t)),
@@ -452,6 +459,7 @@ impl CompiledArgMatcher {
     pub(crate) fn describe(&self) -> String {
         let pointer = &self.pointer;
         match &self.test {
+            ArgTest::EqualsString(s) => format!("{pointer} equals {}", Value::from(s.as_str())),
             ArgTest::Equals(v) => format!("{pointer} equals {v}"),
             ArgTest::In(values) => format!("{pointer} in {}", Value::Array(values.clone())),
             ArgTest::Prefix(p) => format!("{pointer} prefix {p:?}"),
