@@ -1,0 +1,9 @@
+//! Compiles the .proto with protox (pure Rust): no system `protoc` needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/chaperone/snapshot/v1/snapshot.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let descriptors = protox::compile([proto], ["proto"])?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}
