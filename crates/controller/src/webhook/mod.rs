@@ -1,0 +1,1 @@
+//! The sidecar-injection mutating admission webhook.
