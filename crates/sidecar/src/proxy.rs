@@ -27,7 +27,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::assertion::ASSERTION_HEADER;
-use crate::authz::{CallRequest, Enforcer, Governed, LIST_KEYS, classify};
+use crate::authz::{CallRequest, Enforcer, Governed, classify};
 use crate::jsonrpc::{self, Message, ParseError, Payload, parse_payload, parse_strict};
 use crate::metrics::{Metrics, RefusalLabels};
 use crate::refusal::{
@@ -550,6 +550,14 @@ struct ListRewriter {
     server: String,
 }
 
+/// [`crate::authz::LIST_KEYS`], quoted as they appear in JSON.
+const QUOTED_LIST_KEYS: [&[u8]; 4] = [
+    b"\"tools\"",
+    b"\"resources\"",
+    b"\"resourceTemplates\"",
+    b"\"prompts\"",
+];
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -557,13 +565,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 impl EventRewrite for ListRewriter {
     fn wants(&self, raw: &[u8]) -> bool {
         // Quick scan: a list result names one of the list keys in quotes.
-        LIST_KEYS.iter().any(|key| {
-            let mut quoted = Vec::with_capacity(key.len() + 2);
-            quoted.push(b'"');
-            quoted.extend_from_slice(key.as_bytes());
-            quoted.push(b'"');
-            contains(raw, &quoted)
-        })
+        QUOTED_LIST_KEYS.iter().any(|key| contains(raw, key))
     }
 
     fn rewrite(&mut self, data: &str) -> Result<Option<String>, String> {

@@ -370,3 +370,24 @@ async fn unknown_tool_servers_are_404() {
     let response = post_raw(&format!("http://{}/nope", harness.addr), &[], body).await;
     assert_eq!(response.status, http::StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn delete_ends_the_session() {
+    let harness = Harness::start(false, true).await;
+    let sid = raw_initialize(&harness.url()).await.unwrap();
+    assert_eq!(harness.sidecar.session_count(), 1);
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let request = http::Request::delete(harness.url())
+        .header("mcp-session-id", sid.as_str())
+        .header("mcp-protocol-version", "2025-06-18")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    assert_eq!(harness.sidecar.session_count(), 0);
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_order"}}"#;
+    let response = post_raw(&harness.url(), &[("mcp-session-id", sid.as_str())], body).await;
+    assert_eq!(response.status, http::StatusCode::NOT_FOUND);
+}
