@@ -35,17 +35,29 @@ pub async fn serve(addr: SocketAddr, state: AdminState) -> std::io::Result<()> {
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
-    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render())
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     if state.index.is_synced() {
         (StatusCode::OK, "ready")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: the custom resources are still being listed")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the custom resources are still being listed",
+        )
     }
 }
 
 async fn jwks(State(state): State<AdminState>) -> impl IntoResponse {
-    ([("content-type", "application/jwk-set+json")], state.sidecars.jwks().to_string())
+    (
+        [("content-type", "application/jwk-set+json")],
+        state.sidecars.jwks().to_string(),
+    )
 }

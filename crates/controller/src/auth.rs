@@ -33,7 +33,9 @@ pub struct SidecarIdentity {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// No `authorization: Bearer …` metadata.
-    #[error("missing bearer token: send the pod's projected ServiceAccount token (audience {TOKEN_AUDIENCE})")]
+    #[error(
+        "missing bearer token: send the pod's projected ServiceAccount token (audience {TOKEN_AUDIENCE})"
+    )]
     MissingToken,
     /// The API server rejected the token.
     #[error("token rejected by TokenReview: {0}")]
@@ -55,7 +57,9 @@ pub enum AuthError {
         uid: String,
     },
     /// No AgentIdentity selects the pod.
-    #[error("no AgentIdentity in namespace {namespace} selects pod {pod} (serviceAccount {service_account}); create one with spec.selector.serviceAccountName: {service_account}")]
+    #[error(
+        "no AgentIdentity in namespace {namespace} selects pod {pod} (serviceAccount {service_account}); create one with spec.selector.serviceAccountName: {service_account}"
+    )]
     NoAgentIdentity {
         /// Namespace.
         namespace: String,
@@ -99,30 +103,51 @@ pub fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Result<&str, Aut
 /// Reviews `token` and resolves it to a pod and its AgentIdentity.
 pub async fn authenticate(client: &Client, token: &str) -> Result<SidecarIdentity, AuthError> {
     let review = TokenReview {
-        spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: Some(vec![TOKEN_AUDIENCE.to_owned()]) },
+        spec: TokenReviewSpec {
+            token: Some(token.to_owned()),
+            audiences: Some(vec![TOKEN_AUDIENCE.to_owned()]),
+        },
         ..Default::default()
     };
-    let review = Api::<TokenReview>::all(client.clone()).create(&PostParams::default(), &review).await?;
+    let review = Api::<TokenReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await?;
     let status = review.status.unwrap_or_default();
     if status.authenticated != Some(true) {
-        return Err(AuthError::Rejected(status.error.unwrap_or_else(|| "not authenticated".into())));
+        return Err(AuthError::Rejected(
+            status.error.unwrap_or_else(|| "not authenticated".into()),
+        ));
     }
-    if !status.audiences.unwrap_or_default().iter().any(|a| a == TOKEN_AUDIENCE) {
+    if !status
+        .audiences
+        .unwrap_or_default()
+        .iter()
+        .any(|a| a == TOKEN_AUDIENCE)
+    {
         return Err(AuthError::WrongAudience);
     }
     let user = status.user.unwrap_or_default();
     let username = user.username.unwrap_or_default();
     let extra = user.extra.unwrap_or_default();
     let first = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
-    let (Some((namespace, service_account)), Some(pod), Some(uid)) =
-        (parse_service_account(&username), first(POD_NAME_EXTRA), first(POD_UID_EXTRA))
-    else {
+    let (Some((namespace, service_account)), Some(pod), Some(uid)) = (
+        parse_service_account(&username),
+        first(POD_NAME_EXTRA),
+        first(POD_UID_EXTRA),
+    ) else {
         return Err(AuthError::NotPodBound(username));
     };
 
-    let pod_object = Api::<Pod>::namespaced(client.clone(), &namespace).get_opt(&pod).await?;
-    let Some(pod_object) = pod_object.filter(|p| p.metadata.uid.as_deref() == Some(uid.as_str())) else {
-        return Err(AuthError::PodGone { namespace, pod, uid });
+    let pod_object = Api::<Pod>::namespaced(client.clone(), &namespace)
+        .get_opt(&pod)
+        .await?;
+    let Some(pod_object) = pod_object.filter(|p| p.metadata.uid.as_deref() == Some(uid.as_str()))
+    else {
+        return Err(AuthError::PodGone {
+            namespace,
+            pod,
+            uid,
+        });
     };
     let identities = Api::<AgentIdentity>::namespaced(client.clone(), &namespace)
         .list(&Default::default())
@@ -138,7 +163,12 @@ pub async fn authenticate(client: &Client, token: &str) -> Result<SidecarIdentit
             pod: pod.clone(),
             service_account: service_account.clone(),
         })?;
-    Ok(SidecarIdentity { agent: ObjectKey::new(namespace, agent), pod, pod_uid: uid, service_account })
+    Ok(SidecarIdentity {
+        agent: ObjectKey::new(namespace, agent),
+        pod,
+        pod_uid: uid,
+        service_account,
+    })
 }
 
 /// `system:serviceaccount:<namespace>:<name>` → (namespace, name).
@@ -154,7 +184,10 @@ pub fn selects(identity: &AgentIdentity, service_account: &str, pod: &Pod) -> bo
     let selector = &identity.spec.0.selector;
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     selector.service_account_name == service_account
-        && selector.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        && selector
+            .match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
 }
 
 #[cfg(test)]
@@ -166,7 +199,10 @@ mod tests {
 
     #[test]
     fn parses_service_account_usernames() {
-        assert_eq!(parse_service_account("system:serviceaccount:ns:planner"), Some(("ns".into(), "planner".into())));
+        assert_eq!(
+            parse_service_account("system:serviceaccount:ns:planner"),
+            Some(("ns".into(), "planner".into()))
+        );
         assert_eq!(parse_service_account("system:serviceaccount:ns"), None);
         assert_eq!(parse_service_account("alice"), None);
         assert_eq!(parse_service_account("system:serviceaccount::x"), None);
@@ -175,10 +211,15 @@ mod tests {
     #[test]
     fn selector_needs_the_service_account_and_every_label() {
         let mut spec = AgentIdentitySpec {
-            selector: AgentSelector { service_account_name: "planner".into(), ..Default::default() },
+            selector: AgentSelector {
+                service_account_name: "planner".into(),
+                ..Default::default()
+            },
             ..Default::default()
         };
-        spec.selector.match_labels.insert("app".into(), "planner".into());
+        spec.selector
+            .match_labels
+            .insert("app".into(), "planner".into());
         let identity = AgentIdentity::new("planner", AgentIdentitySpecV1(spec));
         let mut pod = Pod::default();
         assert!(!selects(&identity, "planner", &pod), "label missing");

@@ -65,33 +65,58 @@ impl Index {
     /// Adds or replaces an AgentIdentity.
     pub fn apply_identity(&mut self, object: Object<AgentIdentitySpec>, now: i64) {
         let namespace = namespace_of(&object);
-        upsert(&mut self.objects.identities, &mut self.positions, ObjectKind::AgentIdentity, object);
+        upsert(
+            &mut self.objects.identities,
+            &mut self.positions,
+            ObjectKind::AgentIdentity,
+            object,
+        );
         self.recompute([namespace], now);
     }
 
     /// Adds or replaces a ToolPolicy.
     pub fn apply_policy(&mut self, object: Object<ToolPolicySpec>, now: i64) {
         let namespace = namespace_of(&object);
-        upsert(&mut self.objects.policies, &mut self.positions, ObjectKind::ToolPolicy, object);
+        upsert(
+            &mut self.objects.policies,
+            &mut self.positions,
+            ObjectKind::ToolPolicy,
+            object,
+        );
         self.recompute([namespace], now);
     }
 
     /// Adds or replaces a DelegationGrant.
     pub fn apply_grant(&mut self, object: Object<DelegationGrantSpec>, now: i64) {
         let namespaces = grant_namespaces(&object);
-        upsert(&mut self.objects.grants, &mut self.positions, ObjectKind::DelegationGrant, object);
+        upsert(
+            &mut self.objects.grants,
+            &mut self.positions,
+            ObjectKind::DelegationGrant,
+            object,
+        );
         self.recompute(namespaces, now);
     }
 
     /// Removes an AgentIdentity; its sidecars get no snapshot any more.
     pub fn delete_identity(&mut self, key: &ObjectKey, now: i64) {
-        remove(&mut self.objects.identities, &mut self.positions, ObjectKind::AgentIdentity, key);
+        remove(
+            &mut self.objects.identities,
+            &mut self.positions,
+            ObjectKind::AgentIdentity,
+            key,
+        );
         self.recompute([key.namespace.clone()], now);
     }
 
     /// Removes a ToolPolicy.
     pub fn delete_policy(&mut self, key: &ObjectKey, now: i64) {
-        remove(&mut self.objects.policies, &mut self.positions, ObjectKind::ToolPolicy, key);
+        remove(
+            &mut self.objects.policies,
+            &mut self.positions,
+            ObjectKind::ToolPolicy,
+            key,
+        );
         self.recompute([key.namespace.clone()], now);
     }
 
@@ -101,7 +126,12 @@ impl Index {
             .position(ObjectKind::DelegationGrant, key)
             .map(|i| grant_namespaces(&self.objects.grants[i]))
             .unwrap_or_else(|| vec![key.namespace.clone()]);
-        remove(&mut self.objects.grants, &mut self.positions, ObjectKind::DelegationGrant, key);
+        remove(
+            &mut self.objects.grants,
+            &mut self.positions,
+            ObjectKind::DelegationGrant,
+            key,
+        );
         self.recompute(namespaces, now);
     }
 
@@ -143,7 +173,9 @@ impl Index {
     pub fn subscribe(&mut self, agent: &AgentKey) -> SnapshotRx {
         self.agents
             .entry(agent.clone())
-            .or_insert_with(|| AgentEntry { tx: watch::channel(None).0 })
+            .or_insert_with(|| AgentEntry {
+                tx: watch::channel(None).0,
+            })
             .tx
             .subscribe()
     }
@@ -160,12 +192,18 @@ impl Index {
 
     /// The compile errors about `object`.
     pub fn errors_of(&self, object: &ObjectRef) -> &[CompileError] {
-        self.errors.get(object).map(Vec::as_slice).unwrap_or_default()
+        self.errors
+            .get(object)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     /// The errors of objects `agent`'s snapshot reads (they are left out of it).
     pub fn agent_errors(&self, agent: &AgentKey) -> &[CompileError] {
-        self.agent_errors.get(agent).map(Vec::as_slice).unwrap_or_default()
+        self.agent_errors
+            .get(agent)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     /// The highest snapshot version handed out.
@@ -179,19 +217,27 @@ impl Index {
     }
 
     fn position(&self, kind: ObjectKind, key: &ObjectKey) -> Option<usize> {
-        self.positions.get(&ObjectRef { kind, key: key.clone() }).copied()
+        self.positions
+            .get(&ObjectRef {
+                kind,
+                key: key.clone(),
+            })
+            .copied()
     }
 
     fn reindex(&mut self) {
         self.positions.clear();
         for (i, o) in self.objects.identities.iter().enumerate() {
-            self.positions.insert(object_ref(ObjectKind::AgentIdentity, o), i);
+            self.positions
+                .insert(object_ref(ObjectKind::AgentIdentity, o), i);
         }
         for (i, o) in self.objects.policies.iter().enumerate() {
-            self.positions.insert(object_ref(ObjectKind::ToolPolicy, o), i);
+            self.positions
+                .insert(object_ref(ObjectKind::ToolPolicy, o), i);
         }
         for (i, o) in self.objects.grants.iter().enumerate() {
-            self.positions.insert(object_ref(ObjectKind::DelegationGrant, o), i);
+            self.positions
+                .insert(object_ref(ObjectKind::DelegationGrant, o), i);
         }
     }
 
@@ -207,7 +253,12 @@ impl Index {
             .filter(|o| namespaces.contains(o.metadata.namespace_or_default()))
             .map(key_of)
             .collect();
-        affected.extend(self.agents.keys().filter(|k| namespaces.contains(&k.namespace)).cloned());
+        affected.extend(
+            self.agents
+                .keys()
+                .filter(|k| namespaces.contains(&k.namespace))
+                .cloned(),
+        );
         loop {
             let before = affected.len();
             for grant in &self.objects.grants {
@@ -224,7 +275,8 @@ impl Index {
         }
 
         // Errors of objects in these namespaces are recomputed below.
-        self.errors.retain(|r, _| !namespaces.contains(&r.key.namespace));
+        self.errors
+            .retain(|r, _| !namespaces.contains(&r.key.namespace));
         let inventory = self.objects.inventory();
         let options = CompileOptions { version: 0, now };
         for agent in affected {
@@ -234,14 +286,19 @@ impl Index {
             let entry = self
                 .agents
                 .entry(agent.clone())
-                .or_insert_with(|| AgentEntry { tx: watch::channel(None).0 });
+                .or_insert_with(|| AgentEntry {
+                    tx: watch::channel(None).0,
+                });
             let Some(identity) = identity else {
-                entry.tx.send_if_modified(|current| current.take().is_some());
+                entry
+                    .tx
+                    .send_if_modified(|current| current.take().is_some());
                 self.agent_errors.remove(&agent);
                 continue;
             };
             let compilation = chaperone_policy::compile(identity, &inventory, &options);
-            self.agent_errors.insert(agent.clone(), compilation.errors.clone());
+            self.agent_errors
+                .insert(agent.clone(), compilation.errors.clone());
             for error in compilation.errors {
                 let list = self.errors.entry(error.object.clone()).or_default();
                 if !list.contains(&error) {
@@ -261,7 +318,11 @@ impl Index {
             }
         }
         // Objects no agent reads still get their errors reported.
-        for policy in inventory.policies.iter().filter(|p| namespaces.contains(p.metadata.namespace_or_default())) {
+        for policy in inventory
+            .policies
+            .iter()
+            .filter(|p| namespaces.contains(p.metadata.namespace_or_default()))
+        {
             for error in chaperone_policy::check_policy(policy) {
                 let list = self.errors.entry(error.object.clone()).or_default();
                 if !list.contains(&error) {
@@ -269,7 +330,11 @@ impl Index {
                 }
             }
         }
-        for grant in inventory.grants.iter().filter(|g| namespaces.contains(g.metadata.namespace_or_default())) {
+        for grant in inventory
+            .grants
+            .iter()
+            .filter(|g| namespaces.contains(g.metadata.namespace_or_default()))
+        {
             if let Err(error) = chaperone_policy::check_grant(grant, inventory.identities, now) {
                 let list = self.errors.entry(error.object.clone()).or_default();
                 if !list.contains(&error) {
@@ -279,7 +344,11 @@ impl Index {
         }
         // Forget agents that no longer exist and that nobody watches.
         self.agents.retain(|key, entry| {
-            entry.tx.receiver_count() > 0 || self.positions.contains_key(&ObjectRef { kind: ObjectKind::AgentIdentity, key: key.clone() })
+            entry.tx.receiver_count() > 0
+                || self.positions.contains_key(&ObjectRef {
+                    kind: ObjectKind::AgentIdentity,
+                    key: key.clone(),
+                })
         });
     }
 }
@@ -313,7 +382,10 @@ fn remove<S>(
     kind: ObjectKind,
     key: &ObjectKey,
 ) {
-    if let Some(i) = positions.remove(&ObjectRef { kind, key: key.clone() }) {
+    if let Some(i) = positions.remove(&ObjectRef {
+        kind,
+        key: key.clone(),
+    }) {
         list.swap_remove(i);
         if let Some(moved) = list.get(i) {
             positions.insert(object_ref(kind, moved), i);
@@ -322,12 +394,18 @@ fn remove<S>(
 }
 
 fn object_ref<S>(kind: ObjectKind, object: &Object<S>) -> ObjectRef {
-    ObjectRef { kind, key: key_of(object) }
+    ObjectRef {
+        kind,
+        key: key_of(object),
+    }
 }
 
 /// The namespace/name key of an object.
 pub fn key_of<S>(object: &Object<S>) -> ObjectKey {
-    ObjectKey::new(object.metadata.namespace_or_default(), object.metadata.name.clone())
+    ObjectKey::new(
+        object.metadata.namespace_or_default(),
+        object.metadata.name.clone(),
+    )
 }
 
 fn namespace_of<S>(object: &Object<S>) -> String {
@@ -336,7 +414,12 @@ fn namespace_of<S>(object: &Object<S>) -> String {
 
 fn grant_namespaces(grant: &Object<DelegationGrantSpec>) -> Vec<String> {
     let ns = namespace_of(grant);
-    let to = grant.spec.to.namespace.clone().unwrap_or_else(|| ns.clone());
+    let to = grant
+        .spec
+        .to
+        .namespace
+        .clone()
+        .unwrap_or_else(|| ns.clone());
     vec![ns, to]
 }
 
@@ -357,7 +440,11 @@ mod tests {
     const NOW: i64 = 1_800_000_000;
 
     fn meta(ns: &str, name: &str) -> ObjectMeta {
-        ObjectMeta { name: name.into(), namespace: Some(ns.into()), ..Default::default() }
+        ObjectMeta {
+            name: name.into(),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        }
     }
 
     fn identity(ns: &str, name: &str) -> Object<AgentIdentitySpec> {
@@ -365,8 +452,15 @@ mod tests {
             api_version: "chaperone.dev/v1alpha1".into(),
             metadata: meta(ns, name),
             spec: AgentIdentitySpec {
-                selector: AgentSelector { service_account_name: name.into(), ..Default::default() },
-                tool_servers: vec![ToolServer { name: "orders".into(), url: "http://o".into(), audience: None }],
+                selector: AgentSelector {
+                    service_account_name: name.into(),
+                    ..Default::default()
+                },
+                tool_servers: vec![ToolServer {
+                    name: "orders".into(),
+                    url: "http://o".into(),
+                    audience: None,
+                }],
                 ..Default::default()
             },
         }
@@ -381,7 +475,11 @@ mod tests {
                 rules: vec![Rule {
                     name: "allow".into(),
                     action: RuleAction::Allow,
-                    tools: vec![ToolMatch { server: "orders".into(), name: Some(tool.into()), effect: None }],
+                    tools: vec![ToolMatch {
+                        server: "orders".into(),
+                        name: Some(tool.into()),
+                        effect: None,
+                    }],
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -395,8 +493,15 @@ mod tests {
             metadata: meta(ns, name),
             spec: DelegationGrantSpec {
                 from: AgentRef { name: from.into() },
-                to: NamespacedAgentRef { name: to.into(), namespace: None },
-                tools: vec![ToolMatch { server: "*".into(), name: Some("*".into()), effect: None }],
+                to: NamespacedAgentRef {
+                    name: to.into(),
+                    namespace: None,
+                },
+                tools: vec![ToolMatch {
+                    server: "*".into(),
+                    name: Some("*".into()),
+                    effect: None,
+                }],
                 expires_at: Some("2030-01-01T00:00:00Z".into()),
                 ..Default::default()
             },
@@ -406,7 +511,14 @@ mod tests {
     fn rules_of(index: &Index, agent: &AgentKey) -> Vec<String> {
         index
             .snapshot(agent)
-            .map(|s| s.content.authority.rules.iter().map(|r| format!("{}/{}", r.policy, r.name)).collect())
+            .map(|s| {
+                s.content
+                    .authority
+                    .rules
+                    .iter()
+                    .map(|r| format!("{}/{}", r.policy, r.name))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -419,7 +531,10 @@ mod tests {
         index.apply_policy(policy("a", "p2", "worker", "refund"), NOW);
         let planner = ObjectKey::new("a", "planner");
         assert_eq!(rules_of(&index, &planner), ["p1/allow"]);
-        assert_eq!(rules_of(&index, &ObjectKey::new("a", "worker")), ["p2/allow"]);
+        assert_eq!(
+            rules_of(&index, &ObjectKey::new("a", "worker")),
+            ["p2/allow"]
+        );
     }
 
     #[test]
@@ -470,10 +585,25 @@ mod tests {
         index.apply_grant(grant("a", "g", "planner", "worker"), NOW);
         let worker = ObjectKey::new("a", "worker");
         let mut rx = index.subscribe(&worker);
-        assert_eq!(rx.borrow_and_update().as_ref().unwrap().content.grants_received.len(), 1);
+        assert_eq!(
+            rx.borrow_and_update()
+                .as_ref()
+                .unwrap()
+                .content
+                .grants_received
+                .len(),
+            1
+        );
         index.delete_grant(&ObjectKey::new("a", "g"), NOW);
         assert!(rx.has_changed().unwrap());
-        assert!(rx.borrow_and_update().as_ref().unwrap().content.grants_received.is_empty());
+        assert!(
+            rx.borrow_and_update()
+                .as_ref()
+                .unwrap()
+                .content
+                .grants_received
+                .is_empty()
+        );
     }
 
     #[test]
@@ -487,7 +617,10 @@ mod tests {
         let mut rx = index.subscribe(&ObjectKey::new("b", "worker"));
         rx.borrow_and_update();
         index.apply_policy(policy("a", "p1", "planner", "get_order"), NOW);
-        assert!(rx.has_changed().unwrap(), "the worker carries the planner's rules");
+        assert!(
+            rx.has_changed().unwrap(),
+            "the worker carries the planner's rules"
+        );
     }
 
     #[test]
@@ -501,12 +634,21 @@ mod tests {
             ..Default::default()
         });
         index.apply_policy(bad, NOW);
-        let bad_ref = ObjectRef { kind: ObjectKind::ToolPolicy, key: ObjectKey::new("a", "bad") };
+        let bad_ref = ObjectRef {
+            kind: ObjectKind::ToolPolicy,
+            key: ObjectKey::new("a", "bad"),
+        };
         let errors = index.errors_of(&bad_ref);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].rule.as_deref(), Some("allow"));
-        assert_eq!(rules_of(&index, &ObjectKey::new("a", "planner")), ["good/allow"]);
-        let good_ref = ObjectRef { kind: ObjectKind::ToolPolicy, key: ObjectKey::new("a", "good") };
+        assert_eq!(
+            rules_of(&index, &ObjectKey::new("a", "planner")),
+            ["good/allow"]
+        );
+        let good_ref = ObjectRef {
+            kind: ObjectKind::ToolPolicy,
+            key: ObjectKey::new("a", "good"),
+        };
         assert!(index.errors_of(&good_ref).is_empty());
     }
 

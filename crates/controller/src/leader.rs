@@ -7,10 +7,7 @@ use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
     apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
 };
-use kube::{
-    Api, Client,
-    api::{PostParams},
-};
+use kube::{Api, Client, api::PostParams};
 use tokio::sync::watch;
 
 /// How long a lease is valid without renewal.
@@ -20,21 +17,29 @@ pub const RENEW_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Whether `holder` may take the lease now: it holds it already, nobody does,
 /// or the holder's renewal is older than the lease duration. Pure.
-pub fn may_acquire(spec: &LeaseSpec, holder: &str, now: jiff::Timestamp) -> bool {
+pub fn may_acquire(spec: &LeaseSpec, holder: &str, now: k8s_openapi::jiff::Timestamp) -> bool {
     match spec.holder_identity.as_deref() {
         None | Some("") => true,
         Some(current) if current == holder => true,
         Some(_) => {
-            let duration = spec.lease_duration_seconds.unwrap_or(LEASE_DURATION.as_secs() as i32);
-            spec.renew_time.as_ref().is_none_or(|renewed| {
-                renewed.0.as_second() + i64::from(duration) < now.as_second()
-            })
+            let duration = spec
+                .lease_duration_seconds
+                .unwrap_or(LEASE_DURATION.as_secs() as i32);
+            spec.renew_time
+                .as_ref()
+                .is_none_or(|renewed| renewed.0.as_second() + i64::from(duration) < now.as_second())
         }
     }
 }
 
 /// Runs the election forever, publishing whether this replica leads.
-pub async fn run(client: Client, namespace: String, lease_name: String, holder: String, leader: watch::Sender<bool>) {
+pub async fn run(
+    client: Client,
+    namespace: String,
+    lease_name: String,
+    holder: String,
+    leader: watch::Sender<bool>,
+) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     loop {
         let leading = match try_acquire(&api, &lease_name, &holder).await {
@@ -52,12 +57,15 @@ pub async fn run(client: Client, namespace: String, lease_name: String, holder: 
 }
 
 async fn try_acquire(api: &Api<Lease>, name: &str, holder: &str) -> Result<bool, kube::Error> {
-    let now = jiff::Timestamp::now();
+    let now = k8s_openapi::jiff::Timestamp::now();
     let mut lease = match api.get_opt(name).await? {
         Some(lease) => lease,
         None => {
             let lease = Lease {
-                metadata: ObjectMeta { name: Some(name.to_owned()), ..Default::default() },
+                metadata: ObjectMeta {
+                    name: Some(name.to_owned()),
+                    ..Default::default()
+                },
                 spec: Some(held_by(holder, now, None)),
             };
             return match api.create(&PostParams::default(), &lease).await {
@@ -72,7 +80,15 @@ async fn try_acquire(api: &Api<Lease>, name: &str, holder: &str) -> Result<bool,
         return Ok(false);
     }
     let acquired = spec.holder_identity.as_deref() == Some(holder) && spec.acquire_time.is_some();
-    let mut next = held_by(holder, now, if acquired { spec.acquire_time.clone() } else { None });
+    let mut next = held_by(
+        holder,
+        now,
+        if acquired {
+            spec.acquire_time.clone()
+        } else {
+            None
+        },
+    );
     next.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + i32::from(!acquired));
     lease.spec = Some(next);
     // The resourceVersion in `lease` makes this a compare-and-swap.
@@ -83,7 +99,11 @@ async fn try_acquire(api: &Api<Lease>, name: &str, holder: &str) -> Result<bool,
     }
 }
 
-fn held_by(holder: &str, now: jiff::Timestamp, acquired: Option<MicroTime>) -> LeaseSpec {
+fn held_by(
+    holder: &str,
+    now: k8s_openapi::jiff::Timestamp,
+    acquired: Option<MicroTime>,
+) -> LeaseSpec {
     LeaseSpec {
         holder_identity: Some(holder.to_owned()),
         lease_duration_seconds: Some(LEASE_DURATION.as_secs() as i32),
@@ -97,8 +117,8 @@ fn held_by(holder: &str, now: jiff::Timestamp, acquired: Option<MicroTime>) -> L
 mod tests {
     use super::*;
 
-    fn at(seconds: i64) -> jiff::Timestamp {
-        jiff::Timestamp::from_second(seconds).unwrap()
+    fn at(seconds: i64) -> k8s_openapi::jiff::Timestamp {
+        k8s_openapi::jiff::Timestamp::from_second(seconds).unwrap()
     }
 
     #[test]

@@ -49,19 +49,51 @@ impl Metrics {
             audit_dropped: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
-        registry.register("index_updates", "Changes applied to the index (reconciles)", metrics.index_updates.clone());
-        registry.register("status_patches", "Status patches written", metrics.status_patches.clone());
-        registry.register("status_errors", "Status patches that failed", metrics.status_errors.clone());
-        registry.register("sidecars_connected", "Sidecar streams open on this replica", metrics.sidecars_connected.clone());
-        registry.register("streams_refused", "Sidecar streams refused, by gRPC code", metrics.streams_refused.clone());
-        registry.register("snapshot_version", "Highest snapshot version compiled", metrics.snapshot_version.clone());
+        registry.register(
+            "index_updates",
+            "Changes applied to the index (reconciles)",
+            metrics.index_updates.clone(),
+        );
+        registry.register(
+            "status_patches",
+            "Status patches written",
+            metrics.status_patches.clone(),
+        );
+        registry.register(
+            "status_errors",
+            "Status patches that failed",
+            metrics.status_errors.clone(),
+        );
+        registry.register(
+            "sidecars_connected",
+            "Sidecar streams open on this replica",
+            metrics.sidecars_connected.clone(),
+        );
+        registry.register(
+            "streams_refused",
+            "Sidecar streams refused, by gRPC code",
+            metrics.streams_refused.clone(),
+        );
+        registry.register(
+            "snapshot_version",
+            "Highest snapshot version compiled",
+            metrics.snapshot_version.clone(),
+        );
         registry.register(
             "push_latency_seconds",
             "From sending a snapshot to the sidecar's ACK",
             metrics.push_latency.clone(),
         );
-        registry.register("snapshot_nacks", "Snapshots sidecars rejected", metrics.nacks.clone());
-        registry.register("audit_records", "Audit records received from sidecars", metrics.audit_records.clone());
+        registry.register(
+            "snapshot_nacks",
+            "Snapshots sidecars rejected",
+            metrics.nacks.clone(),
+        );
+        registry.register(
+            "audit_records",
+            "Audit records received from sidecars",
+            metrics.audit_records.clone(),
+        );
         registry.register(
             "audit_dropped",
             "Audit records sidecars reported as dropped (queue full)",
@@ -82,17 +114,26 @@ impl Metrics {
     /// A change reached the index.
     pub fn index_updated(&self, highest_version: u64) {
         self.index_updates.inc();
-        self.snapshot_version.set(i64::try_from(highest_version).unwrap_or(i64::MAX));
+        self.snapshot_version
+            .set(i64::try_from(highest_version).unwrap_or(i64::MAX));
     }
 
     /// A status patch was written (or failed).
     pub fn status_patched(&self, ok: bool) {
-        if ok { self.status_patches.inc() } else { self.status_errors.inc() };
+        if ok {
+            self.status_patches.inc()
+        } else {
+            self.status_errors.inc()
+        };
     }
 
     /// A stream was refused with `code`.
     pub fn stream_refused(&self, code: tonic::Code) {
-        self.streams_refused.get_or_create(&CodeLabel { code: format!("{code:?}") }).inc();
+        self.streams_refused
+            .get_or_create(&CodeLabel {
+                code: format!("{code:?}"),
+            })
+            .inc();
     }
 
     /// A sidecar connected; the gauge goes down when the guard drops.

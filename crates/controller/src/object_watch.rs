@@ -40,7 +40,9 @@ impl SharedIndex {
     /// Locks the index for reading or a change; call [`SharedIndex::notify`]
     /// after a change.
     pub fn lock(&self) -> MutexGuard<'_, Index> {
-        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Applies `change` and tells the status writer.
@@ -70,9 +72,14 @@ pub async fn check_crds_installed(client: &Client) -> Result<(), Error> {
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     {
-        match Api::<K>::all(client.clone()).list_metadata(&ListParams::default().limit(1)).await {
+        match Api::<K>::all(client.clone())
+            .list_metadata(&ListParams::default().limit(1))
+            .await
+        {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 404 => Err(Error::CrdMissing(K::crd_name())),
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                Err(Error::CrdMissing(K::crd_name()))
+            }
             Err(e) => Err(Error::Kube(e)),
         }
     }
@@ -129,7 +136,9 @@ async fn watch_kind<K>(
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let api = Api::<K>::all(client);
-    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
     let mut buffer: Vec<ModelObject> = Vec::new();
     let mut first_sync = true;
     while let Some(event) = stream.next().await {
@@ -179,15 +188,42 @@ fn apply(index: &mut Index, object: ModelObject, now: i64) {
 fn reset(index: &mut Index, kind: Kind, objects: Vec<ModelObject>, now: i64) {
     match kind {
         Kind::Identity => index.reset_identities(
-            objects.into_iter().filter_map(|o| if let ModelObject::Identity(o) = o { Some(o) } else { None }).collect(),
+            objects
+                .into_iter()
+                .filter_map(|o| {
+                    if let ModelObject::Identity(o) = o {
+                        Some(o)
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
             now,
         ),
         Kind::Policy => index.reset_policies(
-            objects.into_iter().filter_map(|o| if let ModelObject::Policy(o) = o { Some(o) } else { None }).collect(),
+            objects
+                .into_iter()
+                .filter_map(|o| {
+                    if let ModelObject::Policy(o) = o {
+                        Some(o)
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
             now,
         ),
         Kind::Grant => index.reset_grants(
-            objects.into_iter().filter_map(|o| if let ModelObject::Grant(o) = o { Some(o) } else { None }).collect(),
+            objects
+                .into_iter()
+                .filter_map(|o| {
+                    if let ModelObject::Grant(o) = o {
+                        Some(o)
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
             now,
         ),
     }

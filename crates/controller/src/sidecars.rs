@@ -51,7 +51,9 @@ impl SidecarRegistry {
     /// when the stream ends.
     pub fn connect(self: &Arc<Self>, identity: &SidecarIdentity) -> ConnectionGuard {
         let key = (identity.agent.namespace.clone(), identity.pod.clone());
-        let connection = self.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let connection = self
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.modify(|map| {
             map.insert(
                 key.clone(),
@@ -63,17 +65,22 @@ impl SidecarRegistry {
                 },
             );
         });
-        ConnectionGuard { registry: self.clone(), key, connection }
+        ConnectionGuard {
+            registry: self.clone(),
+            key,
+            connection,
+        }
     }
 
     /// Applies `change` to one sidecar's state.
     pub fn update(&self, namespace: &str, pod: &str, change: impl FnOnce(&mut SidecarState)) {
         let key_changed = self.modify(|map| {
-            map.get_mut(&(namespace.to_owned(), pod.to_owned())).is_some_and(|state| {
-                let before = state.key.clone();
-                change(state);
-                before != state.key
-            })
+            map.get_mut(&(namespace.to_owned(), pod.to_owned()))
+                .is_some_and(|state| {
+                    let before = state.key.clone();
+                    change(state);
+                    before != state.key
+                })
         });
         if key_changed {
             self.keys_changed.send_modify(|n| *n += 1);
@@ -101,7 +108,10 @@ impl SidecarRegistry {
 
     /// Number of connected sidecars.
     pub fn len(&self) -> usize {
-        self.sidecars.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.sidecars
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// Whether no sidecar is connected.
@@ -122,15 +132,24 @@ impl SidecarRegistry {
                 let object = jwk.as_object_mut()?;
                 object.insert("kid".into(), json!(kid));
                 object.insert("use".into(), json!("sig"));
-                object.insert("chaperone.dev/agent".into(), json!(format!("{}/{}", agent.namespace, agent.name)));
-                object.insert("chaperone.dev/pod".into(), json!(format!("{namespace}/{pod}")));
+                object.insert(
+                    "chaperone.dev/agent".into(),
+                    json!(format!("{}/{}", agent.namespace, agent.name)),
+                );
+                object.insert(
+                    "chaperone.dev/pod".into(),
+                    json!(format!("{namespace}/{pod}")),
+                );
                 Some(jwk)
             })
             .collect();
         json!({ "keys": keys })
     }
 
-    fn modify<T>(&self, change: impl FnOnce(&mut BTreeMap<(String, String), SidecarState>) -> T) -> T {
+    fn modify<T>(
+        &self,
+        change: impl FnOnce(&mut BTreeMap<(String, String), SidecarState>) -> T,
+    ) -> T {
         let result = {
             let mut map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
             change(&mut map)
@@ -151,7 +170,10 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         let had_key = self.registry.modify(|map| {
             // A reconnect of the same pod may already have replaced the entry.
-            if map.get(&self.key).is_some_and(|s| s.connection == self.connection) {
+            if map
+                .get(&self.key)
+                .is_some_and(|s| s.connection == self.connection)
+            {
                 map.remove(&self.key).is_some_and(|s| s.key.is_some())
             } else {
                 false
@@ -182,7 +204,12 @@ mod tests {
     fn keys_of_disconnected_sidecars_disappear_from_the_jwks() {
         let registry = SidecarRegistry::new();
         let guard = registry.connect(&identity("p1"));
-        registry.update("ns", "p1", |s| s.key = Some(("k1".into(), json!({"kty": "OKP", "crv": "Ed25519", "x": "abc"}))));
+        registry.update("ns", "p1", |s| {
+            s.key = Some((
+                "k1".into(),
+                json!({"kty": "OKP", "crv": "Ed25519", "x": "abc"}),
+            ))
+        });
         let jwks = registry.jwks();
         assert_eq!(jwks["keys"][0]["kid"], "k1");
         assert_eq!(jwks["keys"][0]["chaperone.dev/agent"], "ns/planner");

@@ -38,8 +38,38 @@ pub struct SnapshotServer {
 
 impl SnapshotServer {
     /// A server answering from `index`, recording sidecars in `sidecars`.
-    pub fn new(client: Client, index: Arc<SharedIndex>, sidecars: Arc<SidecarRegistry>, metrics: Arc<Metrics>) -> Self {
-        Self { client, index, sidecars, metrics }
+    pub fn new(
+        client: Client,
+        index: Arc<SharedIndex>,
+        sidecars: Arc<SidecarRegistry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            index,
+            sidecars,
+            metrics,
+        }
+    }
+
+    /// Serves on `addr`, restarting the listener with the new certificate each
+    /// time `tls` publishes one (sidecars reconnect with backoff).
+    pub async fn serve_rotating(
+        self,
+        addr: SocketAddr,
+        mut tls: tokio::sync::watch::Receiver<Arc<crate::certs::TlsMaterial>>,
+    ) -> Result<(), tonic::transport::Error> {
+        loop {
+            let material = tls.borrow_and_update().clone();
+            let mut changes = tls.clone();
+            let rotated = async move {
+                let _ = changes.changed().await;
+            };
+            self.clone()
+                .serve(addr, &material.cert_pem, &material.key_pem, rotated)
+                .await?;
+            tracing::info!("serving certificate rotated; restarting the snapshot server");
+        }
     }
 
     /// Serves on `addr` with TLS (`cert_pem`/`key_pem`) until `shutdown` resolves.
@@ -50,7 +80,8 @@ impl SnapshotServer {
         key_pem: &str,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
-        let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
         tonic::transport::Server::builder()
             .tls_config(tls)?
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
@@ -66,7 +97,10 @@ type MessageStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>
 impl SnapshotService for SnapshotServer {
     type WatchStream = MessageStream;
 
-    async fn watch(&self, request: Request<Streaming<SidecarMessage>>) -> Result<Response<MessageStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<Streaming<SidecarMessage>>,
+    ) -> Result<Response<MessageStream>, Status> {
         let identity = match auth::bearer_token(request.metadata()) {
             Ok(token) => auth::authenticate(&self.client, token).await,
             Err(e) => Err(e),
@@ -85,7 +119,12 @@ impl SnapshotService for SnapshotServer {
 
 impl SnapshotServer {
     /// One sidecar's stream: push snapshots and key sets, take its reports.
-    async fn stream(self, identity: SidecarIdentity, mut inbound: Streaming<SidecarMessage>, tx: mpsc::Sender<Result<ControllerMessage, Status>>) {
+    async fn stream(
+        self,
+        identity: SidecarIdentity,
+        mut inbound: Streaming<SidecarMessage>,
+        tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+    ) {
         let _connection = self.sidecars.connect(&identity);
         let _gauge = self.metrics.sidecar_connected();
         let mut snapshots = self.index.lock().subscribe(&identity.agent);
@@ -105,7 +144,8 @@ impl SnapshotServer {
             tokio::select! {
                 changed = snapshots.changed() => {
                     if changed.is_err() { break; }
-                    match snapshots.borrow_and_update().clone() {
+                    let next = snapshots.borrow_and_update().clone();
+                    match next {
                         Some(snapshot) => pending = Some(snapshot),
                         None => {
                             let _ = tx.send(Err(Status::not_found(format!(
@@ -136,7 +176,11 @@ impl SnapshotServer {
         tracing::info!(agent = %identity.agent, pod = %identity.pod, "sidecar disconnected");
     }
 
-    fn snapshot_message(&self, identity: &SidecarIdentity, snapshot: &Snapshot) -> ControllerMessage {
+    fn snapshot_message(
+        &self,
+        identity: &SidecarIdentity,
+        snapshot: &Snapshot,
+    ) -> ControllerMessage {
         ControllerMessage {
             message: Some(controller_message::Message::Snapshot(SnapshotUpdate {
                 version: snapshot.version,
@@ -154,7 +198,12 @@ impl SnapshotServer {
         }
     }
 
-    fn on_sidecar_message(&self, identity: &SidecarIdentity, message: SidecarMessage, sent_at: &mut Option<(u64, Instant)>) {
+    fn on_sidecar_message(
+        &self,
+        identity: &SidecarIdentity,
+        message: SidecarMessage,
+        sent_at: &mut Option<(u64, Instant)>,
+    ) {
         let (namespace, pod) = (identity.agent.namespace.as_str(), identity.pod.as_str());
         match message.message {
             Some(sidecar_message::Message::Hello(hello)) => {
@@ -172,21 +221,34 @@ impl SnapshotServer {
             Some(sidecar_message::Message::Nack(nack)) => {
                 tracing::warn!(pod, version = nack.version, error = %nack.error, "sidecar rejected a snapshot");
                 self.metrics.push_rejected();
-                self.sidecars.update(namespace, pod, |s| s.rejected = Some((nack.version, nack.error)));
+                self.sidecars.update(namespace, pod, |s| {
+                    s.rejected = Some((nack.version, nack.error))
+                });
             }
-            Some(sidecar_message::Message::SigningKey(key)) => match serde_json::from_str::<serde_json::Value>(&key.jwk_json) {
-                Ok(jwk) if jwk.is_object() && !key.kid.is_empty() => {
-                    self.sidecars.update(namespace, pod, |s| s.key = Some((key.kid, jwk)));
+            Some(sidecar_message::Message::SigningKey(key)) => {
+                match serde_json::from_str::<serde_json::Value>(&key.jwk_json) {
+                    Ok(jwk) if jwk.is_object() && !key.kid.is_empty() => {
+                        self.sidecars
+                            .update(namespace, pod, |s| s.key = Some((key.kid, jwk)));
+                    }
+                    _ => tracing::warn!(
+                        pod,
+                        "sidecar sent a signing key that is not a JWK object with a kid; ignored"
+                    ),
                 }
-                _ => tracing::warn!(pod, "sidecar sent a signing key that is not a JWK object with a kid; ignored"),
-            },
+            }
             Some(sidecar_message::Message::Inventory(inventory)) => {
                 self.sidecars.update(namespace, pod, |s| {
-                    s.inventory = inventory.tools.into_iter().map(|t| (t.server, t.name)).collect();
+                    s.inventory = inventory
+                        .tools
+                        .into_iter()
+                        .map(|t| (t.server, t.name))
+                        .collect();
                 });
             }
             Some(sidecar_message::Message::Audit(batch)) => {
-                self.metrics.audit_received(batch.records.len() as u64, batch.dropped);
+                self.metrics
+                    .audit_received(batch.records.len() as u64, batch.dropped);
             }
             None => {}
         }

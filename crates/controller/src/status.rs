@@ -9,8 +9,8 @@ use std::{
 };
 
 use chaperone_api::{
-    AgentIdentity, AgentIdentityStatus, DelegationGrant, DelegationGrantStatus, DiscoveredTool, OutOfSyncPod, ToolPolicy,
-    ToolPolicyStatus,
+    AgentIdentity, AgentIdentityStatus, DelegationGrant, DelegationGrantStatus, DiscoveredTool,
+    OutOfSyncPod, ToolPolicy, ToolPolicyStatus,
 };
 use chaperone_policy::{
     CompileError, CompileErrorReason, Engine, ObjectKind, ObjectRef,
@@ -63,7 +63,10 @@ pub fn desired_statuses(index: &Index, sidecars: &SidecarRegistry, now: i64) -> 
 
     for identity in &objects.identities {
         let key = crate::index::key_of(identity);
-        let object = ObjectRef { kind: ObjectKind::AgentIdentity, key: key.clone() };
+        let object = ObjectRef {
+            kind: ObjectKind::AgentIdentity,
+            key: key.clone(),
+        };
         let snapshot = index.snapshot(&key);
         let mut status = AgentIdentityStatus::default();
         let mut conditions = Vec::new();
@@ -72,12 +75,22 @@ pub fn desired_statuses(index: &Index, sidecars: &SidecarRegistry, now: i64) -> 
                 status.snapshot_version = i64::try_from(s.version).ok();
                 status.snapshot_hash = Some(s.hash.clone());
                 let rules = s.content.authority.rules.len();
-                let policies: BTreeSet<&str> = s.content.authority.rules.iter().map(|r| r.policy.as_str()).collect();
+                let policies: BTreeSet<&str> = s
+                    .content
+                    .authority
+                    .rules
+                    .iter()
+                    .map(|r| r.policy.as_str())
+                    .collect();
                 conditions.push(ConditionSpec {
                     type_: "Ready",
                     status: true,
                     reason: "SnapshotServed",
-                    message: format!("snapshot v{} serves {rules} rules from {} policies", s.version, policies.len()),
+                    message: format!(
+                        "snapshot v{} serves {rules} rules from {} policies",
+                        s.version,
+                        policies.len()
+                    ),
                 });
             }
             None => conditions.push(ConditionSpec {
@@ -89,9 +102,19 @@ pub fn desired_statuses(index: &Index, sidecars: &SidecarRegistry, now: i64) -> 
         }
         let errors = index.agent_errors(&key);
         conditions.push(if errors.is_empty() {
-            ConditionSpec { type_: "PoliciesValid", status: true, reason: "AllCompiled", message: "every policy and grant of this agent compiled".into() }
+            ConditionSpec {
+                type_: "PoliciesValid",
+                status: true,
+                reason: "AllCompiled",
+                message: "every policy and grant of this agent compiled".into(),
+            }
         } else {
-            ConditionSpec { type_: "PoliciesValid", status: false, reason: "ObjectsLeftOut", message: describe_errors(errors) }
+            ConditionSpec {
+                type_: "PoliciesValid",
+                status: false,
+                reason: "ObjectsLeftOut",
+                message: describe_errors(errors),
+            }
         });
 
         let connected = sidecars.of_agent(&key);
@@ -99,14 +122,23 @@ pub fn desired_statuses(index: &Index, sidecars: &SidecarRegistry, now: i64) -> 
         status.sidecars_connected = connected.len() as i32;
         let mut inventory = BTreeSet::new();
         for (pod, state) in &connected {
-            let in_sync = state.acked.as_ref().is_some_and(|(_, h)| Some(h.as_str()) == current_hash);
+            let in_sync = state
+                .acked
+                .as_ref()
+                .is_some_and(|(_, h)| Some(h.as_str()) == current_hash);
             if in_sync {
                 status.sidecars_in_sync += 1;
             } else {
                 status.out_of_sync_pods.push(OutOfSyncPod {
                     name: pod.clone(),
-                    acked_version: state.acked.as_ref().and_then(|(v, _)| i64::try_from(*v).ok()),
-                    error: state.rejected.as_ref().map(|(v, e)| format!("rejected v{v}: {e}")),
+                    acked_version: state
+                        .acked
+                        .as_ref()
+                        .and_then(|(v, _)| i64::try_from(*v).ok()),
+                    error: state
+                        .rejected
+                        .as_ref()
+                        .map(|(v, e)| format!("rejected v{v}: {e}")),
                 });
             }
             inventory.extend(state.inventory.iter().cloned());
@@ -117,10 +149,20 @@ pub fn desired_statuses(index: &Index, sidecars: &SidecarRegistry, now: i64) -> 
                 .into_iter()
                 .map(|(server, name)| {
                     let governed = engine.as_ref().is_some_and(|e| e.visible(&server, &name));
-                    DiscoveredTool { server, name, governed }
+                    DiscoveredTool {
+                        server,
+                        name,
+                        governed,
+                    }
                 })
                 .collect();
-            status.governed_tool_count = Some(status.discovered_tools.iter().filter(|t| t.governed).count() as i32);
+            status.governed_tool_count = Some(
+                status
+                    .discovered_tools
+                    .iter()
+                    .filter(|t| t.governed)
+                    .count() as i32,
+            );
         }
         out.push(DesiredStatus {
             object,
@@ -132,7 +174,10 @@ pub fn desired_statuses(index: &Index, sidecars: &SidecarRegistry, now: i64) -> 
 
     for policy in &objects.policies {
         let key = crate::index::key_of(policy);
-        let object = ObjectRef { kind: ObjectKind::ToolPolicy, key };
+        let object = ObjectRef {
+            kind: ObjectKind::ToolPolicy,
+            key,
+        };
         let errors = index.errors_of(&object);
         let status = ToolPolicyStatus {
             rule_count: Some(policy.spec.rules.len() as i32),
@@ -140,30 +185,81 @@ pub fn desired_statuses(index: &Index, sidecars: &SidecarRegistry, now: i64) -> 
             ..Default::default()
         };
         let ready = if errors.is_empty() {
-            ConditionSpec { type_: "Ready", status: true, reason: "Compiled", message: format!("{} rules compiled", policy.spec.rules.len()) }
+            ConditionSpec {
+                type_: "Ready",
+                status: true,
+                reason: "Compiled",
+                message: format!("{} rules compiled", policy.spec.rules.len()),
+            }
         } else {
-            ConditionSpec { type_: "Ready", status: false, reason: "RuleInvalid", message: describe_errors(errors) }
+            ConditionSpec {
+                type_: "Ready",
+                status: false,
+                reason: "RuleInvalid",
+                message: describe_errors(errors),
+            }
         };
-        out.push(DesiredStatus { object, generation: policy.metadata.generation, conditions: vec![ready], fields: to_fields(&status) });
+        out.push(DesiredStatus {
+            object,
+            generation: policy.metadata.generation,
+            conditions: vec![ready],
+            fields: to_fields(&status),
+        });
     }
 
     for grant in &objects.grants {
         let key = crate::index::key_of(grant);
-        let object = ObjectRef { kind: ObjectKind::DelegationGrant, key };
-        let expires_at = chaperone_policy::grant_expires_at(grant, now).ok();
-        let status = DelegationGrantStatus { expires_at: expires_at.map(rfc3339), ..Default::default() };
+        let object = ObjectRef {
+            kind: ObjectKind::DelegationGrant,
+            key,
+        };
+        let expires_at = chaperone_policy::grant_expires_at(&grant.spec, &grant.metadata, now).ok();
+        let status = DelegationGrantStatus {
+            expires_at: expires_at.map(rfc3339),
+            ..Default::default()
+        };
         let conditions = match chaperone_policy::check_grant(grant, &objects.identities, now) {
             Ok(at) => vec![
-                ConditionSpec { type_: "Ready", status: true, reason: "Active", message: format!("active until {}", rfc3339(at)) },
-                ConditionSpec { type_: "Expired", status: false, reason: "Active", message: String::new() },
+                ConditionSpec {
+                    type_: "Ready",
+                    status: true,
+                    reason: "Active",
+                    message: format!("active until {}", rfc3339(at)),
+                },
+                ConditionSpec {
+                    type_: "Expired",
+                    status: false,
+                    reason: "Active",
+                    message: String::new(),
+                },
             ],
             Err(error) if matches!(*error.reason, CompileErrorReason::GrantExpired { .. }) => vec![
-                ConditionSpec { type_: "Ready", status: false, reason: "Expired", message: error.reason.to_string() },
-                ConditionSpec { type_: "Expired", status: true, reason: "Expired", message: error.reason.to_string() },
+                ConditionSpec {
+                    type_: "Ready",
+                    status: false,
+                    reason: "Expired",
+                    message: error.reason.to_string(),
+                },
+                ConditionSpec {
+                    type_: "Expired",
+                    status: true,
+                    reason: "Expired",
+                    message: error.reason.to_string(),
+                },
             ],
-            Err(error) => vec![ConditionSpec { type_: "Ready", status: false, reason: "Invalid", message: error.reason.to_string() }],
+            Err(error) => vec![ConditionSpec {
+                type_: "Ready",
+                status: false,
+                reason: "Invalid",
+                message: error.reason.to_string(),
+            }],
         };
-        out.push(DesiredStatus { object, generation: grant.metadata.generation, conditions, fields: to_fields(&status) });
+        out.push(DesiredStatus {
+            object,
+            generation: grant.metadata.generation,
+            conditions,
+            fields: to_fields(&status),
+        });
     }
     out
 }
@@ -175,7 +271,7 @@ pub fn next_expiry(index: &Index, now: i64) -> Option<i64> {
         .objects()
         .grants
         .iter()
-        .filter_map(|g| chaperone_policy::grant_expires_at(g, now).ok())
+        .filter_map(|g| chaperone_policy::grant_expires_at(&g.spec, &g.metadata, now).ok())
         .filter(|at| *at > now)
         .min()
 }
@@ -185,21 +281,31 @@ fn describe_errors(errors: &[CompileError]) -> String {
     text.join("; ")
 }
 
-fn target_count(policy: &Object<ToolPolicySpec>, identities: &[Object<chaperone_policy::model::AgentIdentitySpec>]) -> usize {
+fn target_count(
+    policy: &Object<ToolPolicySpec>,
+    identities: &[Object<chaperone_policy::model::AgentIdentitySpec>],
+) -> usize {
     let ns = policy.metadata.namespace_or_default();
     identities
         .iter()
         .filter(|i| i.metadata.namespace_or_default() == ns)
-        .filter(|i| match (&policy.spec.target_refs, &policy.spec.agent_selector) {
-            (Some(refs), _) => refs.iter().any(|r| r.name == i.metadata.name),
-            (None, Some(selector)) => selector.match_labels.iter().all(|(k, v)| i.metadata.labels.get(k) == Some(v)),
-            (None, None) => false,
-        })
+        .filter(
+            |i| match (&policy.spec.target_refs, &policy.spec.agent_selector) {
+                (Some(refs), _) => refs.iter().any(|r| r.name == i.metadata.name),
+                (None, Some(selector)) => selector
+                    .match_labels
+                    .iter()
+                    .all(|(k, v)| i.metadata.labels.get(k) == Some(v)),
+                (None, None) => false,
+            },
+        )
         .count()
 }
 
 fn rfc3339(unix: i64) -> String {
-    jiff::Timestamp::from_second(unix).map(|t| t.to_string()).unwrap_or_default()
+    k8s_openapi::jiff::Timestamp::from_second(unix)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
 }
 
 fn to_fields<T: serde::Serialize>(status: &T) -> Value {
@@ -230,10 +336,16 @@ pub async fn run_writer(
             let live: BTreeSet<ObjectRef> = desired.iter().map(|d| d.object.clone()).collect();
             written.retain(|k, _| live.contains(k));
             for status in desired {
-                if written.get(&status.object).is_some_and(|(prev, _)| *prev == status) {
+                if written
+                    .get(&status.object)
+                    .is_some_and(|(prev, _)| *prev == status)
+                {
                     continue;
                 }
-                let previous = written.get(&status.object).map(|(_, c)| c.as_slice()).unwrap_or_default();
+                let previous = written
+                    .get(&status.object)
+                    .map(|(_, c)| c.as_slice())
+                    .unwrap_or_default();
                 let conditions = with_transition_times(&status, previous);
                 match patch_status(&client, &status, &conditions).await {
                     Ok(()) => {
@@ -269,7 +381,7 @@ pub async fn run_writer(
 }
 
 fn with_transition_times(status: &DesiredStatus, previous: &[Condition]) -> Vec<Condition> {
-    let now = Time(jiff::Timestamp::now());
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
     status
         .conditions
         .iter()
@@ -292,10 +404,17 @@ fn with_transition_times(status: &DesiredStatus, previous: &[Condition]) -> Vec<
         .collect()
 }
 
-async fn patch_status(client: &Client, status: &DesiredStatus, conditions: &[Condition]) -> Result<(), kube::Error> {
+async fn patch_status(
+    client: &Client,
+    status: &DesiredStatus,
+    conditions: &[Condition],
+) -> Result<(), kube::Error> {
     let mut body = status.fields.clone();
     if let Some(map) = body.as_object_mut() {
-        map.insert("conditions".into(), serde_json::to_value(conditions).unwrap_or_default());
+        map.insert(
+            "conditions".into(),
+            serde_json::to_value(conditions).unwrap_or_default(),
+        );
         if let Some(generation) = status.generation {
             map.insert("observedGeneration".into(), json!(generation));
         }
@@ -324,7 +443,10 @@ pub async fn run_expiry_ticker(index: Arc<SharedIndex>) {
     loop {
         let wait = {
             let now = crate::unix_now();
-            next_expiry(&index.lock(), now).map(|at| (at - now).max(0) as u64 + 1).unwrap_or(60).min(60)
+            next_expiry(&index.lock(), now)
+                .map(|at| (at - now).max(0) as u64 + 1)
+                .unwrap_or(60)
+                .min(60)
         };
         tokio::time::sleep(Duration::from_secs(wait)).await;
         let now = crate::unix_now();
