@@ -1,15 +1,51 @@
-//! chaperone-controller: watches AgentIdentity, ToolPolicy, DelegationGrant and
-//! annotated Pods; compiles per-agent snapshots with `chaperone-policy`; writes
-//! status (leader only); pushes snapshots to sidecars over an authenticated gRPC
-//! stream; serves the injection webhook and the sidecars' JWKS.
+//! chaperone-controller: watches AgentIdentity, ToolPolicy, DelegationGrant;
+//! compiles per-agent snapshots with `chaperone-policy`; writes status (leader
+//! only); pushes snapshots to sidecars over an authenticated gRPC stream; serves
+//! the injection webhook and the sidecars' JWKS.
+//!
+//! The pieces, each a module: [`index`] (a pure state machine from objects to
+//! snapshots), [`object_watch`] (the watches feeding it), [`snapshot_server`]
+//! (gRPC), [`auth`] (TokenReview → pod → AgentIdentity), [`sidecars`] (what the
+//! connected sidecars run), [`status`] (pure status computation + the leader's
+//! writer), [`leader`] (Lease), [`admin`] (/metrics, /healthz, /readyz, JWKS).
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 mod args;
+pub mod auth;
 pub mod certs;
+pub mod index;
+pub mod leader;
+pub mod metrics;
+pub mod object_watch;
+pub mod sidecars;
+pub mod snapshot_server;
+pub mod status;
 pub mod webhook;
 
+use std::sync::Arc;
+
 pub use args::{Args, LogFormat};
+use tokio::sync::watch;
+
+/// Errors that stop the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A CRD is not installed.
+    #[error(
+        "CRD {0} is not installed: install the CRDs first (kubectl apply -f crds/, or the Helm chart)"
+    )]
+    CrdMissing(String),
+    /// The API server failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Current unix time in seconds.
+pub fn unix_now() -> i64 {
+    k8s_openapi::jiff::Timestamp::now().as_second()
+}
 
 /// Sets up JSON (or text) logs filtered by `RUST_LOG` (default `info`).
 pub fn init_logging(format: LogFormat) {
@@ -24,8 +60,64 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
+/// The running parts of a controller, for tests that start one in-process.
+pub struct Controller {
+    /// The index.
+    pub index: Arc<SharedIndex>,
+    /// The sidecars connected to this replica.
+    pub sidecars: Arc<sidecars::SidecarRegistry>,
+    /// Metrics.
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+pub use object_watch::SharedIndex;
+
 /// Runs the controller until it fails or is stopped.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("not wired yet")
+    let client = kube::Client::try_default().await?;
+    run_with_client(args, client).await
+}
+
+/// Runs the controller with `client` (tests pass their control plane's).
+pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result<()> {
+    object_watch::check_crds_installed(&client).await?;
+    let cert_config = certs::CertConfig::from_args(&args);
+    let tls = certs::ensure_with(client.clone(), &cert_config).await?;
+    let tls_rx = certs::spawn_renewal(client.clone(), cert_config, tls.clone());
+    let _ca_bundle_sync = certs::spawn_ca_bundle_sync(
+        client.clone(),
+        args.webhook_config.clone(),
+        tls_rx.clone(),
+        std::time::Duration::from_secs(60),
+    );
+    if let Some(path) = &args.ca_file {
+        std::fs::write(path, &tls.ca_pem)?;
+    }
+    let controller = Controller {
+        index: SharedIndex::new(),
+        sidecars: sidecars::SidecarRegistry::new(),
+        metrics: metrics::Metrics::new(),
+    };
+    let (leader_tx, leader_rx) = watch::channel(false);
+    let server = snapshot_server::SnapshotServer::new(
+        client.clone(),
+        controller.index.clone(),
+        controller.sidecars.clone(),
+        controller.metrics.clone(),
+    );
+    let admin_state = admin::AdminState {
+        metrics: controller.metrics.clone(),
+        index: controller.index.clone(),
+        sidecars: controller.sidecars.clone(),
+    };
+    tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, "chaperone-controller starting");
+    tokio::select! {
+        () = object_watch::run(client.clone(), controller.index.clone()) => anyhow::bail!("object watches ended"),
+        () = status::run_writer(client.clone(), controller.index.clone(), controller.sidecars.clone(), controller.metrics.clone(), leader_rx) => anyhow::bail!("status writer ended"),
+        () = status::run_expiry_ticker(controller.index.clone()) => anyhow::bail!("expiry ticker ended"),
+        () = leader::run(client.clone(), args.namespace.clone(), args.lease_name.clone(), args.pod_name.clone(), leader_tx) => anyhow::bail!("leader election ended"),
+        r = admin::serve(args.admin_addr, admin_state) => { r?; anyhow::bail!("admin server ended") }
+        r = server.serve_rotating(args.grpc_addr, tls_rx) => { r?; anyhow::bail!("snapshot server ended") }
+        r = tokio::signal::ctrl_c() => { r?; tracing::info!("stopping"); Ok(()) }
+    }
 }

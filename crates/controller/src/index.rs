@@ -1,0 +1,676 @@
+//! The index: every Chaperone object the controller has seen, compiled into one
+//! snapshot per AgentIdentity with `chaperone-policy`.
+//!
+//! A synchronous state machine (`apply_*` / `delete_*` / `reset_*`) with no I/O:
+//! the watch tasks feed it, and it publishes each agent's latest snapshot on a
+//! `tokio::sync::watch` channel that the snapshot server's streams subscribe to.
+//! A change recomputes only the agents it can affect (its namespace, plus the
+//! delegates downstream of grants from there), and a snapshot is republished only
+//! when its content hash changes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use chaperone_policy::{
+    AgentKey, CompileError, CompileOptions, Inventory, ObjectKey, ObjectKind, ObjectRef, ObjectSet,
+    Snapshot,
+    model::{AgentIdentitySpec, DelegationGrantSpec, Object, ToolPolicySpec},
+};
+use tokio::sync::watch;
+
+/// The latest snapshot of one agent; `None` until it is first compiled, or after
+/// the AgentIdentity was deleted.
+pub type SnapshotRx = watch::Receiver<Option<Arc<Snapshot>>>;
+
+/// Every object seen, the per-agent snapshots and the per-object errors.
+pub struct Index {
+    objects: ObjectSet,
+    positions: HashMap<ObjectRef, usize>,
+    agents: BTreeMap<AgentKey, AgentEntry>,
+    /// Errors of the last compilation, by the object they are about.
+    errors: BTreeMap<ObjectRef, Vec<CompileError>>,
+    /// Errors of the objects each agent's snapshot reads (left out of it).
+    agent_errors: BTreeMap<AgentKey, Vec<CompileError>>,
+    last_version: u64,
+    /// Bumped on every change that can alter a status.
+    generation: u64,
+}
+
+struct AgentEntry {
+    tx: watch::Sender<Option<Arc<Snapshot>>>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Index {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self {
+            objects: ObjectSet::default(),
+            positions: HashMap::new(),
+            agents: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            agent_errors: BTreeMap::new(),
+            last_version: 0,
+            generation: 0,
+        }
+    }
+
+    /// Adds or replaces an AgentIdentity.
+    pub fn apply_identity(&mut self, object: Object<AgentIdentitySpec>, now: i64) {
+        let namespace = namespace_of(&object);
+        upsert(
+            &mut self.objects.identities,
+            &mut self.positions,
+            ObjectKind::AgentIdentity,
+            object,
+        );
+        self.recompute([namespace], now);
+    }
+
+    /// Adds or replaces a ToolPolicy.
+    pub fn apply_policy(&mut self, object: Object<ToolPolicySpec>, now: i64) {
+        let namespace = namespace_of(&object);
+        upsert(
+            &mut self.objects.policies,
+            &mut self.positions,
+            ObjectKind::ToolPolicy,
+            object,
+        );
+        self.recompute([namespace], now);
+    }
+
+    /// Adds or replaces a DelegationGrant.
+    pub fn apply_grant(&mut self, object: Object<DelegationGrantSpec>, now: i64) {
+        let namespaces = grant_namespaces(&object);
+        upsert(
+            &mut self.objects.grants,
+            &mut self.positions,
+            ObjectKind::DelegationGrant,
+            object,
+        );
+        self.recompute(namespaces, now);
+    }
+
+    /// Removes an AgentIdentity; its sidecars get no snapshot any more.
+    pub fn delete_identity(&mut self, key: &ObjectKey, now: i64) {
+        remove(
+            &mut self.objects.identities,
+            &mut self.positions,
+            ObjectKind::AgentIdentity,
+            key,
+        );
+        self.recompute([key.namespace.clone()], now);
+    }
+
+    /// Removes a ToolPolicy.
+    pub fn delete_policy(&mut self, key: &ObjectKey, now: i64) {
+        remove(
+            &mut self.objects.policies,
+            &mut self.positions,
+            ObjectKind::ToolPolicy,
+            key,
+        );
+        self.recompute([key.namespace.clone()], now);
+    }
+
+    /// Removes a DelegationGrant (revocation: the next snapshot lacks it).
+    pub fn delete_grant(&mut self, key: &ObjectKey, now: i64) {
+        let namespaces = self
+            .position(ObjectKind::DelegationGrant, key)
+            .map(|i| grant_namespaces(&self.objects.grants[i]))
+            .unwrap_or_else(|| vec![key.namespace.clone()]);
+        remove(
+            &mut self.objects.grants,
+            &mut self.positions,
+            ObjectKind::DelegationGrant,
+            key,
+        );
+        self.recompute(namespaces, now);
+    }
+
+    /// Replaces every AgentIdentity (after a watch re-list).
+    pub fn reset_identities(&mut self, objects: Vec<Object<AgentIdentitySpec>>, now: i64) {
+        self.objects.identities = objects;
+        self.reindex();
+        self.recompute_all(now);
+    }
+
+    /// Replaces every ToolPolicy (after a watch re-list).
+    pub fn reset_policies(&mut self, objects: Vec<Object<ToolPolicySpec>>, now: i64) {
+        self.objects.policies = objects;
+        self.reindex();
+        self.recompute_all(now);
+    }
+
+    /// Replaces every DelegationGrant (after a watch re-list).
+    pub fn reset_grants(&mut self, objects: Vec<Object<DelegationGrantSpec>>, now: i64) {
+        self.objects.grants = objects;
+        self.reindex();
+        self.recompute_all(now);
+    }
+
+    /// Recompiles every agent: grants that expired since are dropped and reported.
+    pub fn recompute_all(&mut self, now: i64) {
+        let namespaces: BTreeSet<String> = self
+            .objects
+            .identities
+            .iter()
+            .map(namespace_of)
+            .chain(self.agents.keys().map(|k| k.namespace.clone()))
+            .collect();
+        self.recompute(namespaces, now);
+    }
+
+    /// The latest snapshot of `agent`, as a channel that sees every new version.
+    /// Works before the AgentIdentity exists (the channel then holds `None`).
+    pub fn subscribe(&mut self, agent: &AgentKey) -> SnapshotRx {
+        self.agents
+            .entry(agent.clone())
+            .or_insert_with(|| AgentEntry {
+                tx: watch::channel(None).0,
+            })
+            .tx
+            .subscribe()
+    }
+
+    /// The current snapshot of `agent`.
+    pub fn snapshot(&self, agent: &AgentKey) -> Option<Arc<Snapshot>> {
+        self.agents.get(agent).and_then(|e| e.tx.borrow().clone())
+    }
+
+    /// All objects, for status computation.
+    pub fn objects(&self) -> &ObjectSet {
+        &self.objects
+    }
+
+    /// The compile errors about `object`.
+    pub fn errors_of(&self, object: &ObjectRef) -> &[CompileError] {
+        self.errors
+            .get(object)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// The errors of objects `agent`'s snapshot reads (they are left out of it).
+    pub fn agent_errors(&self, agent: &AgentKey) -> &[CompileError] {
+        self.agent_errors
+            .get(agent)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    /// The highest snapshot version handed out.
+    pub fn last_version(&self) -> u64 {
+        self.last_version
+    }
+
+    /// Changes every time something that a status reads changed.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn position(&self, kind: ObjectKind, key: &ObjectKey) -> Option<usize> {
+        self.positions
+            .get(&ObjectRef {
+                kind,
+                key: key.clone(),
+            })
+            .copied()
+    }
+
+    fn reindex(&mut self) {
+        self.positions.clear();
+        for (i, o) in self.objects.identities.iter().enumerate() {
+            self.positions
+                .insert(object_ref(ObjectKind::AgentIdentity, o), i);
+        }
+        for (i, o) in self.objects.policies.iter().enumerate() {
+            self.positions
+                .insert(object_ref(ObjectKind::ToolPolicy, o), i);
+        }
+        for (i, o) in self.objects.grants.iter().enumerate() {
+            self.positions
+                .insert(object_ref(ObjectKind::DelegationGrant, o), i);
+        }
+    }
+
+    /// Recompiles the agents of `namespaces` and every agent downstream of them
+    /// through grants (a delegate's snapshot carries its delegators' rules).
+    fn recompute(&mut self, namespaces: impl IntoIterator<Item = String>, now: i64) {
+        self.generation += 1;
+        let namespaces: BTreeSet<String> = namespaces.into_iter().collect();
+        let mut affected: BTreeSet<AgentKey> = self
+            .objects
+            .identities
+            .iter()
+            .filter(|o| namespaces.contains(o.metadata.namespace_or_default()))
+            .map(key_of)
+            .collect();
+        affected.extend(
+            self.agents
+                .keys()
+                .filter(|k| namespaces.contains(&k.namespace))
+                .cloned(),
+        );
+        loop {
+            let before = affected.len();
+            for grant in &self.objects.grants {
+                let ns = grant.metadata.namespace_or_default();
+                let from = ObjectKey::new(ns, grant.spec.from.name.clone());
+                if affected.contains(&from) {
+                    let to_ns = grant.spec.to.namespace.as_deref().unwrap_or(ns);
+                    affected.insert(ObjectKey::new(to_ns, grant.spec.to.name.clone()));
+                }
+            }
+            if affected.len() == before {
+                break;
+            }
+        }
+
+        // Errors of objects in these namespaces are recomputed below.
+        self.errors
+            .retain(|r, _| !namespaces.contains(&r.key.namespace));
+        let inventory = self.objects.inventory();
+        let options = CompileOptions { version: 0, now };
+        for agent in affected {
+            let identity = self
+                .position(ObjectKind::AgentIdentity, &agent)
+                .map(|i| &self.objects.identities[i]);
+            let entry = self
+                .agents
+                .entry(agent.clone())
+                .or_insert_with(|| AgentEntry {
+                    tx: watch::channel(None).0,
+                });
+            let Some(identity) = identity else {
+                entry
+                    .tx
+                    .send_if_modified(|current| current.take().is_some());
+                self.agent_errors.remove(&agent);
+                continue;
+            };
+            let compilation = chaperone_policy::compile(identity, &inventory, &options);
+            self.agent_errors
+                .insert(agent.clone(), compilation.errors.clone());
+            for error in compilation.errors {
+                let list = self.errors.entry(error.object.clone()).or_default();
+                if !list.contains(&error) {
+                    list.push(error);
+                }
+            }
+            let content = compilation.snapshot.content;
+            let unchanged = entry
+                .tx
+                .borrow()
+                .as_ref()
+                .is_some_and(|s| s.hash == content.content_hash());
+            if !unchanged {
+                self.last_version = next_version(self.last_version, now);
+                let snapshot = Arc::new(Snapshot::new(self.last_version, content));
+                entry.tx.send_replace(Some(snapshot));
+            }
+        }
+        // Objects no agent reads still get their errors reported.
+        for policy in inventory
+            .policies
+            .iter()
+            .filter(|p| namespaces.contains(p.metadata.namespace_or_default()))
+        {
+            for error in chaperone_policy::check_policy(policy) {
+                let list = self.errors.entry(error.object.clone()).or_default();
+                if !list.contains(&error) {
+                    list.push(error);
+                }
+            }
+        }
+        for grant in inventory
+            .grants
+            .iter()
+            .filter(|g| namespaces.contains(g.metadata.namespace_or_default()))
+        {
+            if let Err(error) = chaperone_policy::check_grant(grant, inventory.identities, now) {
+                let list = self.errors.entry(error.object.clone()).or_default();
+                if !list.contains(&error) {
+                    list.push(error);
+                }
+            }
+        }
+        // Forget agents that no longer exist and that nobody watches.
+        self.agents.retain(|key, entry| {
+            entry.tx.receiver_count() > 0
+                || self.positions.contains_key(&ObjectRef {
+                    kind: ObjectKind::AgentIdentity,
+                    key: key.clone(),
+                })
+        });
+    }
+}
+
+/// Versions are monotonic and start from the wall clock (milliseconds), so a
+/// restarted controller never goes back to versions a sidecar has already seen.
+fn next_version(last: u64, now_seconds: i64) -> u64 {
+    let clock = u64::try_from(now_seconds).unwrap_or(0).saturating_mul(1000);
+    (last + 1).max(clock)
+}
+
+fn upsert<S>(
+    list: &mut Vec<Object<S>>,
+    positions: &mut HashMap<ObjectRef, usize>,
+    kind: ObjectKind,
+    object: Object<S>,
+) {
+    let key = object_ref(kind, &object);
+    match positions.get(&key) {
+        Some(&i) => list[i] = object,
+        None => {
+            positions.insert(key, list.len());
+            list.push(object);
+        }
+    }
+}
+
+fn remove<S>(
+    list: &mut Vec<Object<S>>,
+    positions: &mut HashMap<ObjectRef, usize>,
+    kind: ObjectKind,
+    key: &ObjectKey,
+) {
+    if let Some(i) = positions.remove(&ObjectRef {
+        kind,
+        key: key.clone(),
+    }) {
+        list.swap_remove(i);
+        if let Some(moved) = list.get(i) {
+            positions.insert(object_ref(kind, moved), i);
+        }
+    }
+}
+
+fn object_ref<S>(kind: ObjectKind, object: &Object<S>) -> ObjectRef {
+    ObjectRef {
+        kind,
+        key: key_of(object),
+    }
+}
+
+/// The namespace/name key of an object.
+pub fn key_of<S>(object: &Object<S>) -> ObjectKey {
+    ObjectKey::new(
+        object.metadata.namespace_or_default(),
+        object.metadata.name.clone(),
+    )
+}
+
+fn namespace_of<S>(object: &Object<S>) -> String {
+    object.metadata.namespace_or_default().to_owned()
+}
+
+fn grant_namespaces(grant: &Object<DelegationGrantSpec>) -> Vec<String> {
+    let ns = namespace_of(grant);
+    let to = grant
+        .spec
+        .to
+        .namespace
+        .clone()
+        .unwrap_or_else(|| ns.clone());
+    vec![ns, to]
+}
+
+/// Borrows the index's objects as the compiler's inventory.
+pub fn inventory(objects: &ObjectSet) -> Inventory<'_> {
+    objects.inventory()
+}
+
+#[cfg(test)]
+mod tests {
+    use chaperone_policy::model::{
+        AgentIdentitySpec, AgentRef, AgentSelector, DelegationGrantSpec, NamespacedAgentRef,
+        ObjectMeta, Rule, RuleAction, ToolMatch, ToolPolicySpec, ToolServer,
+    };
+
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn meta(ns: &str, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: name.into(),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        }
+    }
+
+    fn identity(ns: &str, name: &str) -> Object<AgentIdentitySpec> {
+        Object {
+            api_version: "chaperone.dev/v1alpha1".into(),
+            metadata: meta(ns, name),
+            spec: AgentIdentitySpec {
+                selector: AgentSelector {
+                    service_account_name: name.into(),
+                    ..Default::default()
+                },
+                tool_servers: vec![ToolServer {
+                    name: "orders".into(),
+                    url: "http://o".into(),
+                    audience: None,
+                }],
+                ..Default::default()
+            },
+        }
+    }
+
+    fn policy(ns: &str, name: &str, agent: &str, tool: &str) -> Object<ToolPolicySpec> {
+        Object {
+            api_version: "chaperone.dev/v1alpha1".into(),
+            metadata: meta(ns, name),
+            spec: ToolPolicySpec {
+                target_refs: Some(vec![AgentRef { name: agent.into() }]),
+                rules: vec![Rule {
+                    name: "allow".into(),
+                    action: RuleAction::Allow,
+                    tools: vec![ToolMatch {
+                        server: "orders".into(),
+                        name: Some(tool.into()),
+                        effect: None,
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        }
+    }
+
+    fn grant(ns: &str, name: &str, from: &str, to: &str) -> Object<DelegationGrantSpec> {
+        Object {
+            api_version: "chaperone.dev/v1alpha1".into(),
+            metadata: meta(ns, name),
+            spec: DelegationGrantSpec {
+                from: AgentRef { name: from.into() },
+                to: NamespacedAgentRef {
+                    name: to.into(),
+                    namespace: None,
+                },
+                tools: vec![ToolMatch {
+                    server: "*".into(),
+                    name: Some("*".into()),
+                    effect: None,
+                }],
+                expires_at: Some("2030-01-01T00:00:00Z".into()),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn rules_of(index: &Index, agent: &AgentKey) -> Vec<String> {
+        index
+            .snapshot(agent)
+            .map(|s| {
+                s.content
+                    .authority
+                    .rules
+                    .iter()
+                    .map(|r| format!("{}/{}", r.policy, r.name))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn publishes_a_snapshot_per_agent_with_only_its_rules() {
+        let mut index = Index::new();
+        index.apply_identity(identity("a", "planner"), NOW);
+        index.apply_identity(identity("a", "worker"), NOW);
+        index.apply_policy(policy("a", "p1", "planner", "get_order"), NOW);
+        index.apply_policy(policy("a", "p2", "worker", "refund"), NOW);
+        let planner = ObjectKey::new("a", "planner");
+        assert_eq!(rules_of(&index, &planner), ["p1/allow"]);
+        assert_eq!(
+            rules_of(&index, &ObjectKey::new("a", "worker")),
+            ["p2/allow"]
+        );
+    }
+
+    #[test]
+    fn subscribers_see_new_versions_and_unchanged_content_is_not_republished() {
+        let mut index = Index::new();
+        let planner = ObjectKey::new("a", "planner");
+        let mut rx = index.subscribe(&planner);
+        assert!(rx.borrow_and_update().is_none());
+        index.apply_identity(identity("a", "planner"), NOW);
+        assert!(rx.has_changed().unwrap());
+        let first = rx.borrow_and_update().clone().unwrap();
+        // Re-applying the same object changes nothing.
+        index.apply_identity(identity("a", "planner"), NOW);
+        assert!(!rx.has_changed().unwrap());
+        index.apply_policy(policy("a", "p1", "planner", "get_order"), NOW);
+        let second = rx.borrow_and_update().clone().unwrap();
+        assert!(second.version > first.version);
+        assert_ne!(second.hash, first.hash);
+    }
+
+    #[test]
+    fn other_namespaces_are_not_recompiled() {
+        let mut index = Index::new();
+        index.apply_identity(identity("a", "planner"), NOW);
+        index.apply_identity(identity("b", "planner"), NOW);
+        let mut rx_b = index.subscribe(&ObjectKey::new("b", "planner"));
+        rx_b.borrow_and_update();
+        index.apply_policy(policy("a", "p1", "planner", "get_order"), NOW);
+        assert!(!rx_b.has_changed().unwrap());
+    }
+
+    #[test]
+    fn deleting_an_identity_withdraws_its_snapshot() {
+        let mut index = Index::new();
+        let planner = ObjectKey::new("a", "planner");
+        let rx = index.subscribe(&planner);
+        index.apply_identity(identity("a", "planner"), NOW);
+        assert!(rx.borrow().is_some());
+        index.delete_identity(&planner, NOW);
+        assert!(rx.borrow().is_none());
+    }
+
+    #[test]
+    fn deleting_a_grant_is_pushed_to_the_delegate() {
+        let mut index = Index::new();
+        index.apply_identity(identity("a", "planner"), NOW);
+        index.apply_identity(identity("a", "worker"), NOW);
+        index.apply_grant(grant("a", "g", "planner", "worker"), NOW);
+        let worker = ObjectKey::new("a", "worker");
+        let mut rx = index.subscribe(&worker);
+        assert_eq!(
+            rx.borrow_and_update()
+                .as_ref()
+                .unwrap()
+                .content
+                .grants_received
+                .len(),
+            1
+        );
+        index.delete_grant(&ObjectKey::new("a", "g"), NOW);
+        assert!(rx.has_changed().unwrap());
+        assert!(
+            rx.borrow_and_update()
+                .as_ref()
+                .unwrap()
+                .content
+                .grants_received
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn delegates_in_other_namespaces_are_recompiled_when_the_delegator_changes() {
+        let mut index = Index::new();
+        index.apply_identity(identity("a", "planner"), NOW);
+        index.apply_identity(identity("b", "worker"), NOW);
+        let mut g = grant("a", "g", "planner", "worker");
+        g.spec.to.namespace = Some("b".into());
+        index.apply_grant(g, NOW);
+        let mut rx = index.subscribe(&ObjectKey::new("b", "worker"));
+        rx.borrow_and_update();
+        index.apply_policy(policy("a", "p1", "planner", "get_order"), NOW);
+        assert!(
+            rx.has_changed().unwrap(),
+            "the worker carries the planner's rules"
+        );
+    }
+
+    #[test]
+    fn a_broken_policy_is_reported_and_the_others_still_served() {
+        let mut index = Index::new();
+        index.apply_identity(identity("a", "planner"), NOW);
+        index.apply_policy(policy("a", "good", "planner", "get_order"), NOW);
+        let mut bad = policy("a", "bad", "planner", "refund");
+        bad.spec.rules[0].when = Some(chaperone_policy::model::Conditions {
+            expression: Some("secrets.all == true".into()),
+            ..Default::default()
+        });
+        index.apply_policy(bad, NOW);
+        let bad_ref = ObjectRef {
+            kind: ObjectKind::ToolPolicy,
+            key: ObjectKey::new("a", "bad"),
+        };
+        let errors = index.errors_of(&bad_ref);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].rule.as_deref(), Some("allow"));
+        assert_eq!(
+            rules_of(&index, &ObjectKey::new("a", "planner")),
+            ["good/allow"]
+        );
+        let good_ref = ObjectRef {
+            kind: ObjectKind::ToolPolicy,
+            key: ObjectKey::new("a", "good"),
+        };
+        assert!(index.errors_of(&good_ref).is_empty());
+    }
+
+    #[test]
+    fn swap_remove_keeps_positions_consistent() {
+        let mut index = Index::new();
+        for name in ["a1", "a2", "a3"] {
+            index.apply_identity(identity("a", name), NOW);
+        }
+        index.delete_identity(&ObjectKey::new("a", "a1"), NOW);
+        let mut moved = identity("a", "a3");
+        moved.spec.tool_servers[0].name = "billing".into();
+        index.apply_identity(moved, NOW);
+        assert_eq!(index.objects().identities.len(), 2);
+        let a3 = index.snapshot(&ObjectKey::new("a", "a3")).unwrap();
+        assert_eq!(a3.content.tool_servers[0].name, "billing");
+    }
+
+    #[test]
+    fn versions_are_monotonic_from_the_clock() {
+        assert_eq!(next_version(0, 10), 10_000);
+        assert_eq!(next_version(10_000, 10), 10_001);
+        assert_eq!(next_version(5, -1), 6);
+    }
+}

@@ -1,0 +1,168 @@
+//! The controller's Prometheus metrics (served at /metrics on the admin port).
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Labels of refused streams.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: String,
+}
+
+/// Every metric of the controller.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    index_updates: Counter,
+    status_patches: Counter,
+    status_errors: Counter,
+    sidecars_connected: Gauge,
+    streams_refused: Family<CodeLabel, Counter>,
+    snapshot_version: Gauge,
+    push_latency: Histogram,
+    nacks: Counter,
+    audit_records: Counter,
+    audit_dropped: Counter,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("chaperone_controller");
+        let metrics = Self {
+            index_updates: Counter::default(),
+            status_patches: Counter::default(),
+            status_errors: Counter::default(),
+            sidecars_connected: Gauge::default(),
+            streams_refused: Family::default(),
+            snapshot_version: Gauge::default(),
+            push_latency: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            nacks: Counter::default(),
+            audit_records: Counter::default(),
+            audit_dropped: Counter::default(),
+            registry: Mutex::new(Registry::default()),
+        };
+        registry.register(
+            "index_updates",
+            "Changes applied to the index (reconciles)",
+            metrics.index_updates.clone(),
+        );
+        registry.register(
+            "status_patches",
+            "Status patches written",
+            metrics.status_patches.clone(),
+        );
+        registry.register(
+            "status_errors",
+            "Status patches that failed",
+            metrics.status_errors.clone(),
+        );
+        registry.register(
+            "sidecars_connected",
+            "Sidecar streams open on this replica",
+            metrics.sidecars_connected.clone(),
+        );
+        registry.register(
+            "streams_refused",
+            "Sidecar streams refused, by gRPC code",
+            metrics.streams_refused.clone(),
+        );
+        registry.register(
+            "snapshot_version",
+            "Highest snapshot version compiled",
+            metrics.snapshot_version.clone(),
+        );
+        registry.register(
+            "push_latency_seconds",
+            "From sending a snapshot to the sidecar's ACK",
+            metrics.push_latency.clone(),
+        );
+        registry.register(
+            "snapshot_nacks",
+            "Snapshots sidecars rejected",
+            metrics.nacks.clone(),
+        );
+        registry.register(
+            "audit_records",
+            "Audit records received from sidecars",
+            metrics.audit_records.clone(),
+        );
+        registry.register(
+            "audit_dropped",
+            "Audit records sidecars reported as dropped (queue full)",
+            metrics.audit_dropped.clone(),
+        );
+        *metrics.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
+        Arc::new(metrics)
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = encode(&mut out, &registry);
+        out
+    }
+
+    /// A change reached the index.
+    pub fn index_updated(&self, highest_version: u64) {
+        self.index_updates.inc();
+        self.snapshot_version
+            .set(i64::try_from(highest_version).unwrap_or(i64::MAX));
+    }
+
+    /// A status patch was written (or failed).
+    pub fn status_patched(&self, ok: bool) {
+        if ok {
+            self.status_patches.inc()
+        } else {
+            self.status_errors.inc()
+        };
+    }
+
+    /// A stream was refused with `code`.
+    pub fn stream_refused(&self, code: tonic::Code) {
+        self.streams_refused
+            .get_or_create(&CodeLabel {
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
+    /// A sidecar connected; the gauge goes down when the guard drops.
+    pub fn sidecar_connected(self: &Arc<Self>) -> impl Drop + use<> {
+        self.sidecars_connected.inc();
+        GaugeGuard(self.sidecars_connected.clone())
+    }
+
+    /// A sidecar acknowledged `version` `elapsed` after it was sent.
+    pub fn push_acked(&self, _version: u64, elapsed: Duration) {
+        self.push_latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// A sidecar rejected a snapshot.
+    pub fn push_rejected(&self) {
+        self.nacks.inc();
+    }
+
+    /// An audit batch arrived.
+    pub fn audit_received(&self, records: u64, dropped: u64) {
+        self.audit_records.inc_by(records);
+        self.audit_dropped.inc_by(dropped);
+    }
+}
+
+struct GaugeGuard(Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,246 @@
+//! Watches the three Chaperone kinds and feeds the [`Index`]: the thin I/O shell
+//! around it. Converts each CR into the policy model's `Object` at this edge.
+
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
+use chaperone_policy::model::{self, Object};
+use futures_util::StreamExt;
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::ListParams,
+    runtime::{WatchStreamExt, watcher},
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::{Error, index::Index};
+
+/// The index shared by the watch tasks, the snapshot server and the status
+/// writer, with a channel that ticks whenever it changed.
+pub struct SharedIndex {
+    index: Mutex<Index>,
+    changed: watch::Sender<u64>,
+    synced: watch::Sender<u8>,
+}
+
+impl SharedIndex {
+    /// An empty shared index.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            index: Mutex::new(Index::new()),
+            changed: watch::channel(0).0,
+            synced: watch::channel(0).0,
+        })
+    }
+
+    /// Locks the index for reading or a change; call [`SharedIndex::notify`]
+    /// after a change.
+    pub fn lock(&self) -> MutexGuard<'_, Index> {
+        self.index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Applies `change` and tells the status writer.
+    pub fn update(&self, change: impl FnOnce(&mut Index)) {
+        let generation = {
+            let mut index = self.lock();
+            change(&mut index);
+            index.generation()
+        };
+        self.changed.send_replace(generation);
+    }
+
+    /// Ticks after every change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// True once all three kinds have been listed.
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow() >= 3
+    }
+}
+
+/// Fails fast, with what to do, when the CRDs are not installed.
+pub async fn check_crds_installed(client: &Client) -> Result<(), Error> {
+    async fn check<K>(client: &Client) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        match Api::<K>::all(client.clone())
+            .list_metadata(&ListParams::default().limit(1))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                Err(Error::CrdMissing(K::crd_name()))
+            }
+            Err(e) => Err(Error::Kube(e)),
+        }
+    }
+    check::<AgentIdentity>(client).await?;
+    check::<ToolPolicy>(client).await?;
+    check::<DelegationGrant>(client).await
+}
+
+trait CrdName {
+    fn crd_name() -> String;
+}
+
+impl<K: Resource<DynamicType = ()>> CrdName for K {
+    fn crd_name() -> String {
+        format!("{}.{}", K::plural(&()), K::group(&()))
+    }
+}
+
+/// Runs the three watches until the process ends.
+pub async fn run(client: Client, shared: Arc<SharedIndex>) {
+    tokio::join!(
+        watch_kind::<AgentIdentity>(client.clone(), shared.clone(), Kind::Identity, |o| {
+            ModelObject::Identity(model_object(o, |o| o.spec.0.clone()))
+        }),
+        watch_kind::<ToolPolicy>(client.clone(), shared.clone(), Kind::Policy, |o| {
+            ModelObject::Policy(model_object(o, |o| o.spec.0.clone()))
+        }),
+        watch_kind::<DelegationGrant>(client, shared, Kind::Grant, |o| {
+            ModelObject::Grant(model_object(o, |o| o.spec.0.clone()))
+        }),
+    );
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Identity,
+    Policy,
+    Grant,
+}
+
+/// A model object of any of the three kinds, so one loop handles all three.
+enum ModelObject {
+    Identity(Object<model::AgentIdentitySpec>),
+    Policy(Object<model::ToolPolicySpec>),
+    Grant(Object<model::DelegationGrantSpec>),
+}
+
+async fn watch_kind<K>(
+    client: Client,
+    shared: Arc<SharedIndex>,
+    kind: Kind,
+    to_model: fn(&K) -> ModelObject,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let api = Api::<K>::all(client);
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut buffer: Vec<ModelObject> = Vec::new();
+    let mut first_sync = true;
+    while let Some(event) = stream.next().await {
+        let now = crate::unix_now();
+        match event {
+            Ok(watcher::Event::Apply(object)) => {
+                let object = to_model(&object);
+                shared.update(|index| apply(index, object, now));
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                let key = chaperone_policy::ObjectKey::new(
+                    object.namespace().unwrap_or_else(|| "default".into()),
+                    object.name_any(),
+                );
+                shared.update(|index| match kind {
+                    Kind::Identity => index.delete_identity(&key, now),
+                    Kind::Policy => index.delete_policy(&key, now),
+                    Kind::Grant => index.delete_grant(&key, now),
+                });
+            }
+            Ok(watcher::Event::Init) => buffer.clear(),
+            Ok(watcher::Event::InitApply(object)) => buffer.push(to_model(&object)),
+            Ok(watcher::Event::InitDone) => {
+                let objects = std::mem::take(&mut buffer);
+                shared.update(|index| reset(index, kind, objects, now));
+                if first_sync {
+                    first_sync = false;
+                    shared.synced.send_modify(|n| *n += 1);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "watch failed; retrying with backoff");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn apply(index: &mut Index, object: ModelObject, now: i64) {
+    match object {
+        ModelObject::Identity(o) => index.apply_identity(o, now),
+        ModelObject::Policy(o) => index.apply_policy(o, now),
+        ModelObject::Grant(o) => index.apply_grant(o, now),
+    }
+}
+
+fn reset(index: &mut Index, kind: Kind, objects: Vec<ModelObject>, now: i64) {
+    match kind {
+        Kind::Identity => index.reset_identities(
+            objects
+                .into_iter()
+                .filter_map(|o| {
+                    if let ModelObject::Identity(o) = o {
+                        Some(o)
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+            now,
+        ),
+        Kind::Policy => index.reset_policies(
+            objects
+                .into_iter()
+                .filter_map(|o| {
+                    if let ModelObject::Policy(o) = o {
+                        Some(o)
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+            now,
+        ),
+        Kind::Grant => index.reset_grants(
+            objects
+                .into_iter()
+                .filter_map(|o| {
+                    if let ModelObject::Grant(o) = o {
+                        Some(o)
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+            now,
+        ),
+    }
+}
+
+/// The policy model's view of a CR: metadata the compiler reads, and the spec.
+pub fn model_object<K: Resource, S>(object: &K, spec: impl Fn(&K) -> S) -> Object<S> {
+    let meta = object.meta();
+    Object {
+        api_version: model::API_VERSION.to_owned(),
+        metadata: model::ObjectMeta {
+            name: meta.name.clone().unwrap_or_default(),
+            namespace: meta.namespace.clone(),
+            labels: meta.labels.clone().unwrap_or_default(),
+            generation: meta.generation,
+            creation_timestamp: meta.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+        },
+        spec: spec(object),
+    }
+}

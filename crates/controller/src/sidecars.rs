@@ -1,0 +1,231 @@
+//! What this replica knows of the sidecars connected to it: which snapshot each
+//! runs (ACK) or rejected (NACK), its public signing key, the tools it saw, and
+//! how much audit it shipped. Feeds the AgentIdentity status and the JWKS.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+};
+
+use chaperone_policy::AgentKey;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::auth::SidecarIdentity;
+
+/// One connected sidecar.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SidecarState {
+    /// The agent it is.
+    pub agent: Option<AgentKey>,
+    /// Pod uid.
+    pub pod_uid: String,
+    /// Which stream of this pod (a reconnect replaces the entry).
+    pub connection: u64,
+    /// Last acknowledged (version, hash).
+    pub acked: Option<(u64, String)>,
+    /// Last rejected version and why.
+    pub rejected: Option<(u64, String)>,
+    /// Its signing key: (kid, public JWK).
+    pub key: Option<(String, Value)>,
+    /// Tools it saw in tools/list: (server, tool).
+    pub inventory: BTreeSet<(String, String)>,
+}
+
+/// The connected sidecars of this replica, by (namespace, pod).
+#[derive(Default)]
+pub struct SidecarRegistry {
+    sidecars: Mutex<BTreeMap<(String, String), SidecarState>>,
+    changed: watch::Sender<u64>,
+    keys_changed: watch::Sender<u64>,
+    connections: std::sync::atomic::AtomicU64,
+}
+
+impl SidecarRegistry {
+    /// An empty registry.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Records a new stream; the returned guard removes the sidecar (and its key)
+    /// when the stream ends.
+    pub fn connect(self: &Arc<Self>, identity: &SidecarIdentity) -> ConnectionGuard {
+        let key = (identity.agent.namespace.clone(), identity.pod.clone());
+        let connection = self
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.modify(|map| {
+            map.insert(
+                key.clone(),
+                SidecarState {
+                    agent: Some(identity.agent.clone()),
+                    pod_uid: identity.pod_uid.clone(),
+                    connection,
+                    ..Default::default()
+                },
+            );
+        });
+        ConnectionGuard {
+            registry: self.clone(),
+            key,
+            connection,
+        }
+    }
+
+    /// Applies `change` to one sidecar's state.
+    pub fn update(&self, namespace: &str, pod: &str, change: impl FnOnce(&mut SidecarState)) {
+        let key_changed = self.modify(|map| {
+            map.get_mut(&(namespace.to_owned(), pod.to_owned()))
+                .is_some_and(|state| {
+                    let before = state.key.clone();
+                    change(state);
+                    before != state.key
+                })
+        });
+        if key_changed {
+            self.keys_changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Ticks on every change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Ticks when the set of signing keys changes.
+    pub fn key_changes(&self) -> watch::Receiver<u64> {
+        self.keys_changed.subscribe()
+    }
+
+    /// The sidecars of `agent`: (pod, state).
+    pub fn of_agent(&self, agent: &AgentKey) -> Vec<(String, SidecarState)> {
+        let map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter(|(_, s)| s.agent.as_ref() == Some(agent))
+            .map(|((_, pod), s)| (pod.clone(), s.clone()))
+            .collect()
+    }
+
+    /// Number of connected sidecars.
+    pub fn len(&self) -> usize {
+        self.sidecars
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Whether no sidecar is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The public keys of the live sidecars as a JWKS; each key names its agent
+    /// and pod so a verifier knows whose assertion it checks.
+    pub fn jwks(&self) -> Value {
+        let map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
+        let keys: Vec<Value> = map
+            .iter()
+            .filter_map(|((namespace, pod), state)| {
+                let (kid, jwk) = state.key.as_ref()?;
+                let agent = state.agent.as_ref()?;
+                let mut jwk = jwk.clone();
+                let object = jwk.as_object_mut()?;
+                object.insert("kid".into(), json!(kid));
+                object.insert("use".into(), json!("sig"));
+                object.insert(
+                    "chaperone.dev/agent".into(),
+                    json!(format!("{}/{}", agent.namespace, agent.name)),
+                );
+                object.insert(
+                    "chaperone.dev/pod".into(),
+                    json!(format!("{namespace}/{pod}")),
+                );
+                Some(jwk)
+            })
+            .collect();
+        json!({ "keys": keys })
+    }
+
+    fn modify<T>(
+        &self,
+        change: impl FnOnce(&mut BTreeMap<(String, String), SidecarState>) -> T,
+    ) -> T {
+        let result = {
+            let mut map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
+            change(&mut map)
+        };
+        self.changed.send_modify(|n| *n += 1);
+        result
+    }
+}
+
+/// Removes a sidecar from the registry when its stream ends.
+pub struct ConnectionGuard {
+    registry: Arc<SidecarRegistry>,
+    key: (String, String),
+    connection: u64,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let had_key = self.registry.modify(|map| {
+            // A reconnect of the same pod may already have replaced the entry.
+            if map
+                .get(&self.key)
+                .is_some_and(|s| s.connection == self.connection)
+            {
+                map.remove(&self.key).is_some_and(|s| s.key.is_some())
+            } else {
+                false
+            }
+        });
+        if had_key {
+            self.registry.keys_changed.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chaperone_policy::ObjectKey;
+
+    use super::*;
+
+    fn identity(pod: &str) -> SidecarIdentity {
+        SidecarIdentity {
+            agent: ObjectKey::new("ns", "planner"),
+            pod: pod.into(),
+            pod_uid: format!("uid-{pod}"),
+            service_account: "planner".into(),
+        }
+    }
+
+    #[test]
+    fn keys_of_disconnected_sidecars_disappear_from_the_jwks() {
+        let registry = SidecarRegistry::new();
+        let guard = registry.connect(&identity("p1"));
+        registry.update("ns", "p1", |s| {
+            s.key = Some((
+                "k1".into(),
+                json!({"kty": "OKP", "crv": "Ed25519", "x": "abc"}),
+            ))
+        });
+        let jwks = registry.jwks();
+        assert_eq!(jwks["keys"][0]["kid"], "k1");
+        assert_eq!(jwks["keys"][0]["chaperone.dev/agent"], "ns/planner");
+        let mut key_changes = registry.key_changes();
+        key_changes.borrow_and_update();
+        drop(guard);
+        assert!(key_changes.has_changed().unwrap());
+        assert_eq!(registry.jwks()["keys"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn an_old_stream_closing_keeps_the_reconnected_sidecar() {
+        let registry = SidecarRegistry::new();
+        let old = registry.connect(&identity("p1"));
+        let _new = registry.connect(&identity("p1"));
+        drop(old);
+        assert_eq!(registry.of_agent(&ObjectKey::new("ns", "planner")).len(), 1);
+    }
+}

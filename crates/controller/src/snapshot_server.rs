@@ -1,0 +1,256 @@
+//! The snapshot gRPC server (`chaperone.snapshot.v1.SnapshotService/Watch`):
+//! authenticates each sidecar's stream, sends its agent's snapshot on connect and
+//! every new version after, and takes ACK/NACK, signing keys, tool inventory and
+//! audit batches back. Served by every replica from its own index.
+
+use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
+
+use chaperone_policy::Snapshot;
+use chaperone_wire::{
+    SNAPSHOT_FORMAT_JSON,
+    v1::{
+        self, ControllerMessage, KeySet, SidecarMessage, SnapshotUpdate, controller_message,
+        sidecar_message,
+        snapshot_service_server::{SnapshotService, SnapshotServiceServer},
+    },
+};
+use futures_util::Stream;
+use kube::Client;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    auth::{self, SidecarIdentity},
+    metrics::Metrics,
+    object_watch::SharedIndex,
+    sidecars::SidecarRegistry,
+};
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct SnapshotServer {
+    client: Client,
+    index: Arc<SharedIndex>,
+    sidecars: Arc<SidecarRegistry>,
+    metrics: Arc<Metrics>,
+}
+
+impl SnapshotServer {
+    /// A server answering from `index`, recording sidecars in `sidecars`.
+    pub fn new(
+        client: Client,
+        index: Arc<SharedIndex>,
+        sidecars: Arc<SidecarRegistry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            client,
+            index,
+            sidecars,
+            metrics,
+        }
+    }
+
+    /// Serves on `addr`, restarting the listener with the new certificate each
+    /// time `tls` publishes one (sidecars reconnect with backoff).
+    pub async fn serve_rotating(
+        self,
+        addr: SocketAddr,
+        mut tls: tokio::sync::watch::Receiver<Arc<crate::certs::TlsMaterial>>,
+    ) -> Result<(), tonic::transport::Error> {
+        loop {
+            let material = tls.borrow_and_update().clone();
+            let mut changes = tls.clone();
+            let rotated = async move {
+                let _ = changes.changed().await;
+            };
+            self.clone()
+                .serve(addr, &material.cert_pem, &material.key_pem, rotated)
+                .await?;
+            tracing::info!("serving certificate rotated; restarting the snapshot server");
+        }
+    }
+
+    /// Serves on `addr` with TLS (`cert_pem`/`key_pem`) until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        addr: SocketAddr,
+        cert_pem: &str,
+        key_pem: &str,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+        tonic::transport::Server::builder()
+            .tls_config(tls)?
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+            .add_service(SnapshotServiceServer::new(self))
+            .serve_with_shutdown(addr, shutdown)
+            .await
+    }
+}
+
+type MessageStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SnapshotService for SnapshotServer {
+    type WatchStream = MessageStream;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<SidecarMessage>>,
+    ) -> Result<Response<MessageStream>, Status> {
+        let identity = match auth::bearer_token(request.metadata()) {
+            Ok(token) => auth::authenticate(&self.client, token).await,
+            Err(e) => Err(e),
+        };
+        let identity = identity.map_err(|e| {
+            self.metrics.stream_refused(e.grpc_code());
+            tracing::info!(error = %e, "refused a snapshot stream");
+            Status::new(e.grpc_code(), e.to_string())
+        })?;
+        tracing::info!(agent = %identity.agent, pod = %identity.pod, "sidecar connected");
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(self.clone().stream(identity, request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl SnapshotServer {
+    /// One sidecar's stream: push snapshots and key sets, take its reports.
+    async fn stream(
+        self,
+        identity: SidecarIdentity,
+        mut inbound: Streaming<SidecarMessage>,
+        tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+    ) {
+        let _connection = self.sidecars.connect(&identity);
+        let _gauge = self.metrics.sidecar_connected();
+        let mut snapshots = self.index.lock().subscribe(&identity.agent);
+        let mut keys = self.sidecars.key_changes();
+        let mut sent_at: Option<(u64, Instant)> = None;
+        // The current snapshot first; `changed()` then fires for each new one.
+        let mut pending = snapshots.borrow_and_update().clone();
+        keys.borrow_and_update();
+        loop {
+            if let Some(snapshot) = pending.take() {
+                let message = self.snapshot_message(&identity, &snapshot);
+                sent_at = Some((snapshot.version, Instant::now()));
+                if tx.send(Ok(message)).await.is_err() {
+                    break;
+                }
+            }
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() { break; }
+                    let next = snapshots.borrow_and_update().clone();
+                    match next {
+                        Some(snapshot) => pending = Some(snapshot),
+                        None => {
+                            let _ = tx.send(Err(Status::not_found(format!(
+                                "AgentIdentity {} was deleted or no longer exists: drop the snapshot and deny every call",
+                                identity.agent
+                            )))).await;
+                            break;
+                        }
+                    }
+                }
+                changed = keys.changed() => {
+                    if changed.is_err() { break; }
+                    let jwks_json = self.sidecars.jwks().to_string();
+                    let message = ControllerMessage { message: Some(controller_message::Message::Keys(KeySet { jwks_json })) };
+                    if tx.send(Ok(message)).await.is_err() { break; }
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => self.on_sidecar_message(&identity, message, &mut sent_at),
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(pod = %identity.pod, %status, "sidecar stream error");
+                        break;
+                    }
+                },
+                _ = tx.closed() => break,
+            }
+        }
+        tracing::info!(agent = %identity.agent, pod = %identity.pod, "sidecar disconnected");
+    }
+
+    fn snapshot_message(
+        &self,
+        identity: &SidecarIdentity,
+        snapshot: &Snapshot,
+    ) -> ControllerMessage {
+        ControllerMessage {
+            message: Some(controller_message::Message::Snapshot(SnapshotUpdate {
+                version: snapshot.version,
+                hash: snapshot.hash.clone(),
+                format: SNAPSHOT_FORMAT_JSON.to_owned(),
+                payload: snapshot.to_bytes(),
+                identity: Some(v1::Identity {
+                    namespace: identity.agent.namespace.clone(),
+                    agent: identity.agent.name.clone(),
+                    pod: identity.pod.clone(),
+                    pod_uid: identity.pod_uid.clone(),
+                }),
+                jwks_json: self.sidecars.jwks().to_string(),
+            })),
+        }
+    }
+
+    fn on_sidecar_message(
+        &self,
+        identity: &SidecarIdentity,
+        message: SidecarMessage,
+        sent_at: &mut Option<(u64, Instant)>,
+    ) {
+        let (namespace, pod) = (identity.agent.namespace.as_str(), identity.pod.as_str());
+        match message.message {
+            Some(sidecar_message::Message::Hello(hello)) => {
+                tracing::debug!(pod, version = hello.snapshot_version, "sidecar hello");
+            }
+            Some(sidecar_message::Message::Ack(ack)) => {
+                if let Some((version, at)) = sent_at.take_if(|(v, _)| *v == ack.version) {
+                    self.metrics.push_acked(version, at.elapsed());
+                }
+                self.sidecars.update(namespace, pod, |s| {
+                    s.acked = Some((ack.version, ack.hash));
+                    s.rejected = None;
+                });
+            }
+            Some(sidecar_message::Message::Nack(nack)) => {
+                tracing::warn!(pod, version = nack.version, error = %nack.error, "sidecar rejected a snapshot");
+                self.metrics.push_rejected();
+                self.sidecars.update(namespace, pod, |s| {
+                    s.rejected = Some((nack.version, nack.error))
+                });
+            }
+            Some(sidecar_message::Message::SigningKey(key)) => {
+                match serde_json::from_str::<serde_json::Value>(&key.jwk_json) {
+                    Ok(jwk) if jwk.is_object() && !key.kid.is_empty() => {
+                        self.sidecars
+                            .update(namespace, pod, |s| s.key = Some((key.kid, jwk)));
+                    }
+                    _ => tracing::warn!(
+                        pod,
+                        "sidecar sent a signing key that is not a JWK object with a kid; ignored"
+                    ),
+                }
+            }
+            Some(sidecar_message::Message::Inventory(inventory)) => {
+                self.sidecars.update(namespace, pod, |s| {
+                    s.inventory = inventory
+                        .tools
+                        .into_iter()
+                        .map(|t| (t.server, t.name))
+                        .collect();
+                });
+            }
+            Some(sidecar_message::Message::Audit(batch)) => {
+                self.metrics
+                    .audit_received(batch.records.len() as u64, batch.dropped);
+            }
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,591 @@
+//! The controller on a real API server: status of applied CRs, per-object compile
+//! errors, and the snapshot stream to sidecar stand-ins (real gRPC clients with
+//! real pod-bound ServiceAccount tokens from the TokenRequest API).
+
+use std::{
+    path::PathBuf,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
+use chaperone_policy::Snapshot;
+use chaperone_testenv::{ControlPlane, create_namespace, free_port};
+use chaperone_wire::v1::{
+    Ack, ControllerMessage, SidecarMessage, SnapshotUpdate, controller_message, sidecar_message,
+    snapshot_service_client::SnapshotServiceClient,
+};
+use k8s_openapi::api::{
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{Namespace, Pod, ServiceAccount},
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Streaming,
+    transport::{Certificate, Channel, ClientTlsConfig},
+};
+
+/// The controller under test: one per test binary, on its own thread and runtime.
+struct TestController {
+    grpc_port: u16,
+    admin_port: u16,
+    ca_file: PathBuf,
+}
+
+fn controller() -> &'static TestController {
+    static CONTROLLER: OnceLock<TestController> = OnceLock::new();
+    CONTROLLER.get_or_init(|| {
+        let cp = ControlPlane::shared();
+        install_crds(cp);
+        let grpc_port = free_port().unwrap();
+        let admin_port = free_port().unwrap();
+        let ca_file = cp
+            .scratch_dir()
+            .join(format!("controller-ca-{grpc_port}.pem"));
+        let args = <chaperone_controller::Args as clap::Parser>::try_parse_from([
+            "chaperone-controller".to_owned(),
+            "--namespace=chaperone-system".into(),
+            "--pod-name=controller-under-test".into(),
+            format!("--grpc-addr=127.0.0.1:{grpc_port}"),
+            format!("--admin-addr=127.0.0.1:{admin_port}"),
+            format!("--webhook-addr=127.0.0.1:{}", free_port().unwrap()),
+            "--extra-san=localhost,127.0.0.1".into(),
+            format!("--ca-file={}", ca_file.display()),
+            "--log-format=text".into(),
+        ])
+        .unwrap();
+        let kubeconfig = cp.kubeconfig().to_path_buf();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let client = chaperone_testenv::client_from_kubeconfig(&kubeconfig)
+                    .await
+                    .unwrap();
+                let ns = Namespace {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some("chaperone-system".into()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let _ = Api::<Namespace>::all(client.clone())
+                    .create(&PostParams::default(), &ns)
+                    .await;
+                if let Err(e) = chaperone_controller::run_with_client(args, client).await {
+                    panic!("controller stopped: {e:#}");
+                }
+            });
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(ca_file.exists() && ready(admin_port)) {
+            assert!(Instant::now() < deadline, "controller did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        TestController {
+            grpc_port,
+            admin_port,
+            ca_file,
+        }
+    })
+}
+
+fn ready(admin_port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", admin_port)) else {
+        return false;
+    };
+    let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
+}
+
+fn install_crds(cp: &ControlPlane) {
+    let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    let out = cp
+        .kubectl(&["apply", "--server-side", "-f", crds.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cp
+        .kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "-f",
+            crds.to_str().unwrap(),
+        ])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn setup() -> Result<(Client, String)> {
+    controller();
+    let client = ControlPlane::shared().client().await?;
+    let ns = create_namespace(&client, "ctl").await?;
+    Ok((client, ns))
+}
+
+async fn apply<K>(client: &Client, ns: &str, object: serde_json::Value) -> Result<()>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = object["metadata"]["name"]
+        .as_str()
+        .context("name")?
+        .to_owned();
+    Api::<K>::namespaced(client.clone(), ns)
+        .patch(
+            &name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&object),
+        )
+        .await?;
+    Ok(())
+}
+
+fn agent(name: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "chaperone.dev/v1alpha1", "kind": "AgentIdentity",
+        "metadata": { "name": name },
+        "spec": {
+            "selector": { "serviceAccountName": name },
+            "toolServers": [{ "name": "orders", "url": "http://orders.tools.svc:8080/mcp" }]
+        }
+    })
+}
+
+fn policy(name: &str, agent: &str, tool: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "chaperone.dev/v1alpha1", "kind": "ToolPolicy",
+        "metadata": { "name": name },
+        "spec": {
+            "targetRefs": [{ "name": agent }],
+            "rules": [{ "name": "allow-tool", "action": "allow", "tools": [{ "server": "orders", "name": tool }] }]
+        }
+    })
+}
+
+/// Polls `check` until it returns Some, for at most `timeout`.
+async fn eventually<T>(
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("condition not reached within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn condition<'a>(
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// A ServiceAccount and a Pod running as it, and a token bound to that pod.
+async fn pod_token(
+    client: &Client,
+    ns: &str,
+    service_account: &str,
+    pod: &str,
+    audience: &str,
+) -> Result<String> {
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let sa = ServiceAccount {
+        metadata: kube::api::ObjectMeta {
+            name: Some(service_account.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match sas.create(&PostParams::default(), &sa).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let pod_object: Pod = serde_json::from_value(json!({
+        "metadata": { "name": pod, "annotations": { "chaperone.dev/inject": "true" } },
+        "spec": { "serviceAccountName": service_account, "containers": [{ "name": "agent", "image": "agent:latest" }] }
+    }))?;
+    let created = Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod_object)
+        .await?;
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.into()],
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod.into()),
+                uid: created.metadata.uid.clone(),
+            }),
+            expiration_seconds: Some(600),
+        },
+        ..Default::default()
+    };
+    let response = sas
+        .create_token_request(service_account, &PostParams::default(), &request)
+        .await?;
+    Ok(response
+        .status
+        .context("token request has no status")?
+        .token)
+}
+
+/// A sidecar stand-in: a real gRPC client of the snapshot stream.
+struct SidecarStandIn {
+    to_controller: mpsc::Sender<SidecarMessage>,
+    from_controller: Streaming<ControllerMessage>,
+}
+
+async fn connect(token: &str) -> Result<SidecarStandIn, tonic::Status> {
+    let c = controller();
+    let ca =
+        std::fs::read_to_string(&c.ca_file).map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let channel = Channel::from_shared(format!("https://localhost:{}", c.grpc_port))
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let (tx, rx) = mpsc::channel(8);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let response = SnapshotServiceClient::new(channel).watch(request).await?;
+    Ok(SidecarStandIn {
+        to_controller: tx,
+        from_controller: response.into_inner(),
+    })
+}
+
+impl SidecarStandIn {
+    /// The next snapshot update (skipping key-set updates).
+    async fn next_snapshot(&mut self, timeout: Duration) -> Result<(SnapshotUpdate, Snapshot)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let message = tokio::time::timeout(left, self.from_controller.message())
+                .await
+                .context("no snapshot in time")??
+                .context("stream ended")?;
+            if let Some(controller_message::Message::Snapshot(update)) = message.message {
+                let snapshot = Snapshot::from_bytes(&update.payload)?;
+                assert!(snapshot.hash_is_valid());
+                assert_eq!(snapshot.hash, update.hash);
+                return Ok((update, snapshot));
+            }
+        }
+    }
+
+    async fn ack(&self, update: &SnapshotUpdate) -> Result<()> {
+        let ack = SidecarMessage {
+            message: Some(sidecar_message::Message::Ack(Ack {
+                version: update.version,
+                hash: update.hash.clone(),
+            })),
+        };
+        self.to_controller.send(ack).await?;
+        Ok(())
+    }
+}
+
+fn rules(snapshot: &Snapshot) -> Vec<String> {
+    snapshot
+        .content
+        .authority
+        .rules
+        .iter()
+        .map(|r| format!("{}/{}", r.policy, r.name))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_crs_become_ready_with_status_columns() -> Result<()> {
+    let (client, ns) = setup().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+    apply::<ToolPolicy>(&client, &ns, policy("orders", "planner", "get_order")).await?;
+    let agents: Api<AgentIdentity> = Api::namespaced(client.clone(), &ns);
+    let status = eventually(Duration::from_secs(10), async || {
+        let status = agents.get("planner").await?.status.unwrap_or_default();
+        Ok(condition(&status.conditions, "Ready")
+            .filter(|c| c.status == "True")
+            .map(|_| status.clone()))
+    })
+    .await?;
+    assert!(status.snapshot_version.is_some_and(|v| v > 0));
+    assert_eq!(status.observed_generation, Some(1));
+    let policies: Api<ToolPolicy> = Api::namespaced(client.clone(), &ns);
+    let policy_status = eventually(Duration::from_secs(10), async || {
+        Ok(policies
+            .get("orders")
+            .await?
+            .status
+            .filter(|s| !s.conditions.is_empty()))
+    })
+    .await?;
+    assert_eq!(
+        condition(&policy_status.conditions, "Ready")
+            .unwrap()
+            .status,
+        "True"
+    );
+    assert_eq!(policy_status.target_agent_count, Some(1));
+    let table = ControlPlane::shared().kubectl(&["get", "agentidentities", "-n", &ns])?;
+    let table = String::from_utf8(table.stdout)?;
+    assert!(
+        table.lines().nth(1).unwrap_or_default().contains("True"),
+        "{table}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_cel_rule_makes_only_its_policy_not_ready() -> Result<()> {
+    let (client, ns) = setup().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+    apply::<ToolPolicy>(&client, &ns, policy("good", "planner", "get_order")).await?;
+    let mut broken = policy("broken", "planner", "refund");
+    broken["spec"]["rules"][0]["name"] = json!("refund-small");
+    broken["spec"]["rules"][0]["when"] = json!({ "expression": "secrets.amount < 100" });
+    apply::<ToolPolicy>(&client, &ns, broken).await?;
+    let policies: Api<ToolPolicy> = Api::namespaced(client.clone(), &ns);
+    let ready = eventually(Duration::from_secs(10), async || {
+        let status = policies.get("broken").await?.status.unwrap_or_default();
+        Ok(condition(&status.conditions, "Ready").cloned())
+    })
+    .await?;
+    assert_eq!(ready.status, "False");
+    assert_eq!(ready.reason, "RuleInvalid");
+    assert!(ready.message.contains("refund-small"), "{}", ready.message);
+    assert!(ready.message.contains("secrets"), "{}", ready.message);
+
+    // The agent is still served, with the good policy's rule only.
+    let token = pod_token(&client, &ns, "planner", "planner-0", "chaperone").await?;
+    let mut sidecar = connect(&token).await?;
+    let (_, snapshot) = sidecar.next_snapshot(Duration::from_secs(5)).await?;
+    assert_eq!(rules(&snapshot), ["good/allow-tool"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_receives_its_snapshot_acks_and_status_shows_it_in_sync() -> Result<()> {
+    let (client, ns) = setup().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+    apply::<ToolPolicy>(&client, &ns, policy("orders", "planner", "get_order")).await?;
+    let token = pod_token(&client, &ns, "planner", "planner-0", "chaperone").await?;
+    let mut sidecar = connect(&token).await?;
+    let (update, snapshot) = sidecar.next_snapshot(Duration::from_secs(5)).await?;
+    let identity = update.identity.clone().unwrap();
+    assert_eq!(
+        (
+            identity.namespace.as_str(),
+            identity.agent.as_str(),
+            identity.pod.as_str()
+        ),
+        (ns.as_str(), "planner", "planner-0")
+    );
+    assert_eq!(rules(&snapshot), ["orders/allow-tool"]);
+    sidecar.ack(&update).await?;
+
+    let agents: Api<AgentIdentity> = Api::namespaced(client.clone(), &ns);
+    eventually(Duration::from_secs(10), async || {
+        let status = agents.get("planner").await?.status.unwrap_or_default();
+        Ok((status.sidecars_connected == 1
+            && status.sidecars_in_sync == 1
+            && status.snapshot_hash.as_deref() == Some(&update.hash))
+        .then_some(()))
+    })
+    .await?;
+
+    // A policy edit reaches the connected sidecar within a second.
+    let edited = Instant::now();
+    apply::<ToolPolicy>(&client, &ns, policy("orders", "planner", "list_orders")).await?;
+    let (next, snapshot) = sidecar.next_snapshot(Duration::from_secs(1)).await?;
+    assert!(
+        edited.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        edited.elapsed()
+    );
+    assert!(next.version > update.version);
+    assert_eq!(
+        snapshot.content.authority.rules[0].tools[0].name.as_deref(),
+        Some("list_orders")
+    );
+
+    // Not yet acknowledged: the status shows the pod out of sync.
+    eventually(Duration::from_secs(10), async || {
+        let status = agents.get("planner").await?.status.unwrap_or_default();
+        Ok((status.sidecars_in_sync == 0
+            && status
+                .out_of_sync_pods
+                .iter()
+                .any(|p| p.name == "planner-0"))
+        .then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_grant_is_pushed_to_the_delegate() -> Result<()> {
+    let (client, ns) = setup().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+    apply::<AgentIdentity>(&client, &ns, agent("worker")).await?;
+    let grant = json!({
+        "apiVersion": "chaperone.dev/v1alpha1", "kind": "DelegationGrant",
+        "metadata": { "name": "planner-to-worker" },
+        "spec": { "from": { "name": "planner" }, "to": { "name": "worker" }, "tools": [{ "server": "orders", "name": "get_order" }], "ttl": "1h" }
+    });
+    apply::<DelegationGrant>(&client, &ns, grant).await?;
+    let token = pod_token(&client, &ns, "worker", "worker-0", "chaperone").await?;
+    let mut sidecar = connect(&token).await?;
+    let (_, snapshot) = sidecar.next_snapshot(Duration::from_secs(5)).await?;
+    // The grant may land in a second snapshot if the stream opened first.
+    let snapshot = if snapshot.content.grants_received.is_empty() {
+        sidecar.next_snapshot(Duration::from_secs(5)).await?.1
+    } else {
+        snapshot
+    };
+    assert_eq!(snapshot.content.grants_received.len(), 1);
+
+    let grants: Api<DelegationGrant> = Api::namespaced(client.clone(), &ns);
+    let status = eventually(Duration::from_secs(10), async || {
+        Ok(grants
+            .get("planner-to-worker")
+            .await?
+            .status
+            .filter(|s| !s.conditions.is_empty()))
+    })
+    .await?;
+    assert_eq!(
+        condition(&status.conditions, "Ready").unwrap().status,
+        "True"
+    );
+    assert!(status.expires_at.is_some());
+
+    let deleted = Instant::now();
+    grants
+        .delete("planner-to-worker", &DeleteParams::default())
+        .await?;
+    let (_, snapshot) = sidecar.next_snapshot(Duration::from_secs(1)).await?;
+    assert!(snapshot.content.grants_received.is_empty());
+    assert!(deleted.elapsed() < Duration::from_secs(1));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_token_gets_only_its_own_agents_snapshot() -> Result<()> {
+    let (client, ns) = setup().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+    apply::<AgentIdentity>(&client, &ns, agent("worker")).await?;
+    apply::<ToolPolicy>(
+        &client,
+        &ns,
+        policy("planner-rules", "planner", "get_order"),
+    )
+    .await?;
+    apply::<ToolPolicy>(&client, &ns, policy("worker-rules", "worker", "refund")).await?;
+    let worker_token = pod_token(&client, &ns, "worker", "worker-0", "chaperone").await?;
+    let mut worker = connect(&worker_token).await?;
+    let (update, snapshot) = worker.next_snapshot(Duration::from_secs(5)).await?;
+    assert_eq!(update.identity.unwrap().agent, "worker");
+    assert_eq!(snapshot.content.agent.name, "worker");
+    assert!(
+        rules(&snapshot)
+            .iter()
+            .all(|r| r.starts_with("worker-rules/")),
+        "{:?}",
+        rules(&snapshot)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused_with_a_reason() -> Result<()> {
+    let (client, ns) = setup().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+
+    let garbage = connect("not-a-token")
+        .await
+        .err()
+        .context("garbage token accepted")?;
+    assert_eq!(garbage.code(), tonic::Code::Unauthenticated, "{garbage:?}");
+    assert!(
+        garbage.message().contains("TokenReview"),
+        "{}",
+        garbage.message()
+    );
+
+    let wrong_audience =
+        pod_token(&client, &ns, "planner", "planner-a", "some-other-service").await?;
+    let refused = connect(&wrong_audience)
+        .await
+        .err()
+        .context("wrong audience accepted")?;
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+
+    let missing = connect("").await.err().context("empty token accepted")?;
+    assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+
+    // A valid token of a pod no AgentIdentity selects: refused, saying what to create.
+    let stranger = pod_token(&client, &ns, "stranger", "stranger-0", "chaperone").await?;
+    let refused = connect(&stranger)
+        .await
+        .err()
+        .context("unselected pod accepted")?;
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("serviceAccountName: stranger"),
+        "{}",
+        refused.message()
+    );
+
+    // A token whose pod was deleted: refused.
+    let gone = pod_token(&client, &ns, "planner", "planner-gone", "chaperone").await?;
+    Api::<Pod>::namespaced(client.clone(), &ns)
+        .delete("planner-gone", &DeleteParams::default().grace_period(0))
+        .await?;
+    let refused = connect(&gone)
+        .await
+        .err()
+        .context("token of a deleted pod accepted")?;
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let _ = controller().admin_port;
+    Ok(())
+}
