@@ -62,9 +62,13 @@ app.kubernetes.io/component: controller
 {{- end -}}
 {{- end -}}
 
-{{/* Namespaces the webhook never sees. */}}
+{{/*
+Namespaces the webhook never sees: the ones the controller itself never
+injects (kube-system, kube-public, kube-node-lease and its own), and more from
+values.
+*/}}
 {{- define "chaperone.excludedNamespaces" -}}
-{{- $list := list "kube-system" .Release.Namespace -}}
+{{- $list := list "kube-system" "kube-public" "kube-node-lease" .Release.Namespace -}}
 {{- range .Values.webhook.excludedNamespaces -}}
 {{- $list = append $list . -}}
 {{- end -}}
