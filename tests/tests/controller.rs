@@ -3,6 +3,7 @@
 //! real pod-bound ServiceAccount tokens from the TokenRequest API).
 
 use std::{
+    collections::BTreeSet,
     path::PathBuf,
     sync::OnceLock,
     time::{Duration, Instant},
@@ -587,5 +588,64 @@ async fn bad_tokens_are_refused_with_a_reason() -> Result<()> {
         .context("token of a deleted pod accepted")?;
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     let _ = controller().admin_port;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denials_in_audit_batches_become_warning_events_on_pod_and_agent() -> Result<()> {
+    let (client, ns) = setup().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+    let token = pod_token(&client, &ns, "planner", "planner-0", "chaperone").await?;
+    let mut sidecar = connect(&token).await?;
+    sidecar.next_snapshot(Duration::from_secs(5)).await?;
+    let deny = json!({
+        "decision": "deny", "rule": "orders/no-refunds", "server": "orders", "tool": "refund",
+        "reason": "a deny rule matched", "correlation": "corr-1", "chain": [],
+        "session": { "chaperone": "sess-1", "mcp": "" }
+    });
+    let allow = json!({ "decision": "allow", "rule": "orders/read", "server": "orders", "tool": "get_order" });
+    let batch = SidecarMessage {
+        message: Some(sidecar_message::Message::Audit(
+            chaperone_wire::v1::AuditBatch {
+                records: vec![deny.to_string(), allow.to_string()],
+                dropped: 0,
+            },
+        )),
+    };
+    sidecar.to_controller.send(batch).await?;
+
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let denials = eventually(Duration::from_secs(10), async || {
+        let list = events.list(&Default::default()).await?;
+        let denials: Vec<_> = list
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("ToolCallDenied"))
+            .collect();
+        Ok((denials.len() >= 2).then_some(denials))
+    })
+    .await?;
+    let kinds: BTreeSet<String> = denials
+        .iter()
+        .filter_map(|e| e.regarding.as_ref()?.kind.clone())
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["AgentIdentity".to_owned(), "Pod".to_owned()])
+    );
+    for event in &denials {
+        assert_eq!(event.type_.as_deref(), Some("Warning"));
+        let note = event.note.clone().unwrap_or_default();
+        assert!(
+            note.contains("orders/refund")
+                && note.contains("orders/no-refunds")
+                && note.contains("sess-1"),
+            "{note}"
+        );
+    }
+    let described =
+        ControlPlane::shared().kubectl(&["describe", "agentidentity", "planner", "-n", &ns])?;
+    let described = String::from_utf8(described.stdout)?;
+    assert!(described.contains("ToolCallDenied"), "{described}");
     Ok(())
 }

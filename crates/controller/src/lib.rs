@@ -13,6 +13,7 @@
 
 pub mod admin;
 mod args;
+pub mod audit_events;
 pub mod auth;
 pub mod certs;
 pub mod index;
@@ -104,6 +105,11 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
         controller.index.clone(),
         controller.sidecars.clone(),
         controller.metrics.clone(),
+        audit_events::AuditEvents::spawn(
+            client.clone(),
+            args.pod_name.clone(),
+            controller.metrics.clone(),
+        ),
     );
     let admin_state = admin::AdminState {
         metrics: controller.metrics.clone(),

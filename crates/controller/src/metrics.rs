@@ -30,6 +30,10 @@ pub struct Metrics {
     nacks: Counter,
     audit_records: Counter,
     audit_dropped: Counter,
+    audit_unreadable: Counter,
+    events_published: Counter,
+    events_suppressed: Counter,
+    events_dropped: Counter,
 }
 
 impl Metrics {
@@ -47,6 +51,10 @@ impl Metrics {
             nacks: Counter::default(),
             audit_records: Counter::default(),
             audit_dropped: Counter::default(),
+            audit_unreadable: Counter::default(),
+            events_published: Counter::default(),
+            events_suppressed: Counter::default(),
+            events_dropped: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -98,6 +106,26 @@ impl Metrics {
             "audit_dropped",
             "Audit records sidecars reported as dropped (queue full)",
             metrics.audit_dropped.clone(),
+        );
+        registry.register(
+            "audit_unreadable",
+            "Audit records that were not decision records",
+            metrics.audit_unreadable.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Kubernetes Events written from audit records",
+            metrics.events_published.clone(),
+        );
+        registry.register(
+            "events_suppressed",
+            "Denials not written as separate Events because of the Event rate limit (counted in the summaries)",
+            metrics.events_suppressed.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Audit records or Events lost (queue full or API error)",
+            metrics.events_dropped.clone(),
         );
         *metrics.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         Arc::new(metrics)
@@ -164,5 +192,27 @@ struct GaugeGuard(Gauge);
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+impl Metrics {
+    /// An Event was written.
+    pub fn event_published(&self) {
+        self.events_published.inc();
+    }
+
+    /// Denials summarised instead of written as Events.
+    pub fn events_suppressed(&self, n: u64) {
+        self.events_suppressed.inc_by(n);
+    }
+
+    /// Audit records or Events lost.
+    pub fn events_dropped(&self, n: u64) {
+        self.events_dropped.inc_by(n);
+    }
+
+    /// An audit record that is not a decision record.
+    pub fn audit_unreadable(&self) {
+        self.audit_unreadable.inc();
     }
 }

@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    audit_events::AuditEvents,
     auth::{self, SidecarIdentity},
     metrics::Metrics,
     object_watch::SharedIndex,
@@ -34,6 +35,7 @@ pub struct SnapshotServer {
     index: Arc<SharedIndex>,
     sidecars: Arc<SidecarRegistry>,
     metrics: Arc<Metrics>,
+    audit: Arc<AuditEvents>,
 }
 
 impl SnapshotServer {
@@ -43,12 +45,14 @@ impl SnapshotServer {
         index: Arc<SharedIndex>,
         sidecars: Arc<SidecarRegistry>,
         metrics: Arc<Metrics>,
+        audit: Arc<AuditEvents>,
     ) -> Self {
         Self {
             client,
             index,
             sidecars,
             metrics,
+            audit,
         }
     }
 
@@ -249,6 +253,14 @@ impl SnapshotServer {
             Some(sidecar_message::Message::Audit(batch)) => {
                 self.metrics
                     .audit_received(batch.records.len() as u64, batch.dropped);
+                if batch.dropped > 0 {
+                    tracing::warn!(
+                        pod,
+                        dropped = batch.dropped,
+                        "sidecar dropped audit records (its queue was full)"
+                    );
+                }
+                self.audit.submit(identity, batch.records);
             }
             None => {}
         }
