@@ -1,1 +1,73 @@
 //! The sidecar-injection mutating admission webhook.
+//!
+//! [`mutate`] decides and builds the JSON patch (pure); [`server`] serves it over
+//! HTTPS at `POST /inject` with the controller's self-managed certificate.
+//! [`run_webhook`] wires both for the controller binary.
+
+pub mod mutate;
+pub mod server;
+
+use std::sync::Arc;
+
+use chaperone_api::AgentIdentity;
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, reflector, reflector::Store, watcher},
+};
+use tokio::sync::watch;
+
+pub use mutate::{
+    Decision, FailurePolicy, InjectionError, InjectionOutcome, InjectionSettings, injection_patch,
+};
+pub use server::{BoundWebhook, ReviewRecord, WebhookError, WebhookState, bind, router, serve};
+
+use crate::certs::TlsMaterial;
+
+/// A reflector over Namespaces (for their injection label) and the future that
+/// feeds it; poll the future (spawn it) for the store to fill.
+pub fn namespace_reflector(
+    client: Client,
+) -> (
+    Store<Namespace>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (reader, writer) = reflector::store();
+    let stream = reflector(
+        writer,
+        watcher(Api::<Namespace>::all(client), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let drive = async move {
+        stream
+            .for_each(|event| async move {
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, "namespace watch failed; retrying");
+                }
+            })
+            .await;
+    };
+    (reader, drive)
+}
+
+/// Runs the injection webhook of the controller described by `args` until it
+/// fails: serves `POST /inject` on `--webhook-addr` with the certificate of `tls`
+/// (reloaded on renewal), reads AgentIdentities from `identities` and watches
+/// Namespaces for their labels. (The caBundle is kept current by
+/// [`crate::certs::spawn_ca_bundle_sync`], which the caller runs.)
+pub async fn run_webhook(
+    args: &crate::Args,
+    client: Client,
+    identities: Store<AgentIdentity>,
+    tls: watch::Receiver<Arc<TlsMaterial>>,
+) -> Result<(), WebhookError> {
+    let (namespaces, drive) = namespace_reflector(client.clone());
+    let namespace_task = tokio::spawn(drive);
+    let state = WebhookState::new(client, InjectionSettings::from_args(args), identities)
+        .with_namespace_store(namespaces);
+    let result = serve(args.webhook_addr, tls, Arc::new(state)).await;
+    namespace_task.abort();
+    result
+}
