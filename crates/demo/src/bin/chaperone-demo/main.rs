@@ -1,0 +1,72 @@
+//! `chaperone-demo`: the processes of `make demo` that stand in for the world
+//! around Chaperone — an MCP tool server (`tool-server`) and a scripted agent
+//! (`agent`) that calls the tool servers through its sidecar and prints what the
+//! sidecar decided.
+
+#![forbid(unsafe_code)]
+
+mod agent;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use chaperone_demo::ToolSet;
+use clap::{Parser, Subcommand};
+
+/// The demo's tool servers and scripted agent.
+#[derive(Debug, Parser)]
+#[command(name = "chaperone-demo", version)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve one set of demo tools over MCP streamable HTTP.
+    ToolServer {
+        /// Address to listen on, e.g. 127.0.0.1:18080.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Which tools to serve.
+        #[arg(long, value_enum)]
+        tools: ToolSet,
+    },
+    /// Run the scripted agent session through the sidecar and print a table of
+    /// its calls with the sidecar's decisions.
+    Agent {
+        /// The sidecar's MCP proxy; tool server `<name>` is at `<sidecar>/<name>`.
+        #[arg(long, default_value = "http://127.0.0.1:15001")]
+        sidecar: String,
+        /// The sidecar's audit log (its standard output), read for the decisions.
+        #[arg(long)]
+        audit_log: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Command::ToolServer { listen, tools } => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .init();
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding the {tools:?} tool server to {listen}"))?;
+            tracing::info!(%listen, server = tools.server_name(), "MCP tool server listening");
+            tokio::select! {
+                served = chaperone_demo::serve(listener, tools) => served.context("accepting connections")?,
+                _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
+            }
+            Ok(())
+        }
+        Command::Agent { sidecar, audit_log } => agent::run(&sidecar, &audit_log).await,
+    }
+}
