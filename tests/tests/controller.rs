@@ -649,3 +649,64 @@ async fn denials_in_audit_batches_become_warning_events_on_pod_and_agent() -> Re
     assert!(described.contains("ToolCallDenied"), "{described}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecars_key_is_in_the_jwks_until_its_pod_is_deleted() -> Result<()> {
+    let (client, ns) = setup().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+    let token = pod_token(&client, &ns, "planner", "planner-0", "chaperone").await?;
+    let mut sidecar = connect(&token).await?;
+    sidecar.next_snapshot(Duration::from_secs(5)).await?;
+    let kid = format!("kid-{ns}");
+    let jwk = json!({ "kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo" });
+    sidecar
+        .to_controller
+        .send(SidecarMessage {
+            message: Some(sidecar_message::Message::SigningKey(
+                chaperone_wire::v1::SigningKey {
+                    kid: kid.clone(),
+                    jwk_json: jwk.to_string(),
+                },
+            )),
+        })
+        .await?;
+    let admin = controller().admin_port;
+    let jwks = eventually(Duration::from_secs(5), async || {
+        let body = http_get(admin, "/.well-known/jwks.json")?;
+        Ok(body.contains(&kid).then_some(body))
+    })
+    .await?;
+    assert!(jwks.contains(&format!("{ns}/planner")), "{jwks}");
+
+    Api::<Pod>::namespaced(client.clone(), &ns)
+        .delete("planner-0", &DeleteParams::default().grace_period(0))
+        .await?;
+    eventually(Duration::from_secs(5), async || {
+        Ok((!http_get(admin, "/.well-known/jwks.json")?.contains(&kid)).then_some(()))
+    })
+    .await?;
+    // The stream was ended with a reason.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match sidecar.from_controller.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await?;
+    assert!(
+        matches!(&ended, Err(status) if status.code() == tonic::Code::Unauthenticated),
+        "{ended:?}"
+    );
+    Ok(())
+}
+
+fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out)?;
+    Ok(out)
+}

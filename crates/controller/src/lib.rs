@@ -120,6 +120,7 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
     tokio::select! {
         () = object_watch::run(client.clone(), controller.index.clone()) => anyhow::bail!("object watches ended"),
         () = status::run_writer(client.clone(), controller.index.clone(), controller.sidecars.clone(), controller.metrics.clone(), leader_rx) => anyhow::bail!("status writer ended"),
+        () = object_watch::watch_pod_deletions(client.clone(), controller.sidecars.clone()) => anyhow::bail!("pod watch ended"),
         () = status::run_expiry_ticker(controller.index.clone()) => anyhow::bail!("expiry ticker ended"),
         () = leader::run(client.clone(), args.namespace.clone(), args.lease_name.clone(), args.pod_name.clone(), leader_tx) => anyhow::bail!("leader election ended"),
         r = admin::serve(args.admin_addr, admin_state) => { r?; anyhow::bail!("admin server ended") }

@@ -244,3 +244,24 @@ pub fn model_object<K: Resource, S>(object: &K, spec: impl Fn(&K) -> S) -> Objec
         spec: spec(object),
     }
 }
+
+/// Ends the snapshot streams of deleted pods, so their signing keys leave the
+/// JWKS even if the sidecar's connection lingers.
+pub async fn watch_pod_deletions(client: Client, sidecars: Arc<crate::sidecars::SidecarRegistry>) {
+    let api = Api::<k8s_openapi::api::core::v1::Pod>::all(client);
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Delete(pod)) => {
+                sidecars.evict(&pod.namespace().unwrap_or_default(), &pod.name_any());
+            }
+            Ok(watcher::Event::Apply(pod)) if pod.metadata.deletion_timestamp.is_some() => {
+                sidecars.evict(&pod.namespace().unwrap_or_default(), &pod.name_any());
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "pod watch failed; retrying with backoff"),
+        }
+    }
+}

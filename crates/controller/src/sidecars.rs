@@ -32,6 +32,11 @@ pub struct SidecarState {
     pub inventory: BTreeSet<(String, String)>,
 }
 
+/// (namespace, pod).
+type PodKey = (String, String);
+/// A stream's connection number and the signal that ends it.
+type StreamCloser = (u64, Arc<tokio::sync::Notify>);
+
 /// The connected sidecars of this replica, by (namespace, pod).
 #[derive(Default)]
 pub struct SidecarRegistry {
@@ -39,6 +44,8 @@ pub struct SidecarRegistry {
     changed: watch::Sender<u64>,
     keys_changed: watch::Sender<u64>,
     connections: std::sync::atomic::AtomicU64,
+    /// Per open stream: its connection number and how to end it.
+    closers: Mutex<BTreeMap<PodKey, StreamCloser>>,
 }
 
 impl SidecarRegistry {
@@ -65,10 +72,30 @@ impl SidecarRegistry {
                 },
             );
         });
+        let closer = Arc::new(tokio::sync::Notify::new());
+        self.closers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), (connection, closer.clone()));
         ConnectionGuard {
             registry: self.clone(),
             key,
             connection,
+            closer,
+        }
+    }
+
+    /// Ends the stream of `namespace/pod` (its pod was deleted): its key leaves
+    /// the JWKS at once.
+    pub fn evict(&self, namespace: &str, pod: &str) {
+        let closer = self
+            .closers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(namespace.to_owned(), pod.to_owned()))
+            .map(|(_, c)| c.clone());
+        if let Some(closer) = closer {
+            closer.notify_one();
         }
     }
 
@@ -164,6 +191,14 @@ pub struct ConnectionGuard {
     registry: Arc<SidecarRegistry>,
     key: (String, String),
     connection: u64,
+    closer: Arc<tokio::sync::Notify>,
+}
+
+impl ConnectionGuard {
+    /// Resolves when the registry ends this stream ([`SidecarRegistry::evict`]).
+    pub async fn evicted(&self) {
+        self.closer.notified().await
+    }
 }
 
 impl Drop for ConnectionGuard {
@@ -179,6 +214,18 @@ impl Drop for ConnectionGuard {
                 false
             }
         });
+        let mut closers = self
+            .registry
+            .closers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if closers
+            .get(&self.key)
+            .is_some_and(|(c, _)| *c == self.connection)
+        {
+            closers.remove(&self.key);
+        }
+        drop(closers);
         if had_key {
             self.registry.keys_changed.send_modify(|n| *n += 1);
         }
@@ -218,6 +265,16 @@ mod tests {
         drop(guard);
         assert!(key_changes.has_changed().unwrap());
         assert_eq!(registry.jwks()["keys"].as_array().unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn evicting_a_pod_ends_its_stream() {
+        let registry = SidecarRegistry::new();
+        let guard = registry.connect(&identity("p1"));
+        registry.evict("ns", "p1");
+        tokio::time::timeout(std::time::Duration::from_secs(1), guard.evicted())
+            .await
+            .unwrap();
     }
 
     #[test]

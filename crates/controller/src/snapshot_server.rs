@@ -129,7 +129,7 @@ impl SnapshotServer {
         mut inbound: Streaming<SidecarMessage>,
         tx: mpsc::Sender<Result<ControllerMessage, Status>>,
     ) {
-        let _connection = self.sidecars.connect(&identity);
+        let connection = self.sidecars.connect(&identity);
         let _gauge = self.metrics.sidecar_connected();
         let mut snapshots = self.index.lock().subscribe(&identity.agent);
         let mut keys = self.sidecars.key_changes();
@@ -175,6 +175,10 @@ impl SnapshotServer {
                     }
                 },
                 _ = tx.closed() => break,
+                () = connection.evicted() => {
+                    let _ = tx.send(Err(Status::unauthenticated(format!("pod {} was deleted", identity.pod)))).await;
+                    break;
+                }
             }
         }
         tracing::info!(agent = %identity.agent, pod = %identity.pod, "sidecar disconnected");
