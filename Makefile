@@ -15,13 +15,15 @@ tools:
 ## crds: regenerate crds/ from the Rust types (crates/api)
 crds:
 	$(CARGO) run -q -p chaperone-cli -- crds --out-dir crds
+	rm -f charts/chaperone/crds/*.yaml && cp crds/*.yaml charts/chaperone/crds/
 
 ## check-crds: fail when crds/ differs from what the Rust types generate
 check-crds:
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	$(CARGO) run -q -p chaperone-cli -- crds --out-dir "$$tmp" && \
 	if ! diff -ru crds "$$tmp"; then echo "error: crds/ is stale: run 'make crds' and commit the result" >&2; exit 1; fi && \
-	echo "crds/ is up to date"
+	if ! diff -ru crds charts/chaperone/crds; then echo "error: charts/chaperone/crds differs from crds/: run 'make crds'" >&2; exit 1; fi && \
+	echo "crds/ and the chart's CRDs are up to date"
 
 ## check-ring: aws-lc-rs is the only crypto backend; nothing may pull in ring
 check-ring:

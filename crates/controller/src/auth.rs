@@ -8,7 +8,7 @@ use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec},
     core::v1::Pod,
 };
-use kube::{Api, Client, api::PostParams};
+use kube::{Api, Client, api::PostParams, runtime::reflector::Store};
 
 /// The audience sidecar tokens must be minted for.
 pub const TOKEN_AUDIENCE: &str = "chaperone";
@@ -100,8 +100,13 @@ pub fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Result<&str, Aut
         .ok_or(AuthError::MissingToken)
 }
 
-/// Reviews `token` and resolves it to a pod and its AgentIdentity.
-pub async fn authenticate(client: &Client, token: &str) -> Result<SidecarIdentity, AuthError> {
+/// Reviews `token` and resolves it to a pod and its AgentIdentity (read from the
+/// controller's AgentIdentity cache `identities`).
+pub async fn authenticate(
+    client: &Client,
+    identities: &Store<AgentIdentity>,
+    token: &str,
+) -> Result<SidecarIdentity, AuthError> {
     let review = TokenReview {
         spec: TokenReviewSpec {
             token: Some(token.to_owned()),
@@ -149,13 +154,12 @@ pub async fn authenticate(client: &Client, token: &str) -> Result<SidecarIdentit
             uid,
         });
     };
-    let identities = Api::<AgentIdentity>::namespaced(client.clone(), &namespace)
-        .list(&Default::default())
-        .await?;
+    let labels = pod_object.metadata.labels.clone().unwrap_or_default();
     let agent = identities
-        .items
+        .state()
         .iter()
-        .filter(|identity| selects(identity, &service_account, &pod_object))
+        .filter(|identity| identity.metadata.namespace.as_deref() == Some(namespace.as_str()))
+        .filter(|identity| crate::webhook::mutate::selects(identity, &service_account, &labels))
         .filter_map(|identity| identity.metadata.name.clone())
         .min()
         .ok_or_else(|| AuthError::NoAgentIdentity {
@@ -178,23 +182,8 @@ pub fn parse_service_account(username: &str) -> Option<(String, String)> {
     (!namespace.is_empty() && !name.is_empty()).then(|| (namespace.to_owned(), name.to_owned()))
 }
 
-/// Whether `identity`'s selector picks a pod running as `service_account` with
-/// the pod's labels. Pure; also used by the webhook's "no AgentIdentity" warning.
-pub fn selects(identity: &AgentIdentity, service_account: &str, pod: &Pod) -> bool {
-    let selector = &identity.spec.0.selector;
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
-    selector.service_account_name == service_account
-        && selector
-            .match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
-}
-
 #[cfg(test)]
 mod tests {
-    use chaperone_api::AgentIdentitySpecV1;
-    use chaperone_policy::model::{AgentIdentitySpec, AgentSelector};
-
     use super::*;
 
     #[test]
@@ -206,26 +195,6 @@ mod tests {
         assert_eq!(parse_service_account("system:serviceaccount:ns"), None);
         assert_eq!(parse_service_account("alice"), None);
         assert_eq!(parse_service_account("system:serviceaccount::x"), None);
-    }
-
-    #[test]
-    fn selector_needs_the_service_account_and_every_label() {
-        let mut spec = AgentIdentitySpec {
-            selector: AgentSelector {
-                service_account_name: "planner".into(),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        spec.selector
-            .match_labels
-            .insert("app".into(), "planner".into());
-        let identity = AgentIdentity::new("planner", AgentIdentitySpecV1(spec));
-        let mut pod = Pod::default();
-        assert!(!selects(&identity, "planner", &pod), "label missing");
-        pod.metadata.labels = Some([("app".to_owned(), "planner".to_owned())].into());
-        assert!(selects(&identity, "planner", &pod));
-        assert!(!selects(&identity, "worker", &pod), "other service account");
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub mod webhook;
 use std::sync::Arc;
 
 pub use args::{Args, LogFormat};
+use futures_util::StreamExt as _;
+use kube::runtime::WatchStreamExt as _;
 use tokio::sync::watch;
 
 /// Errors that stop the controller.
@@ -100,6 +102,17 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
         metrics: metrics::Metrics::new(),
     };
     let (leader_tx, leader_rx) = watch::channel(false);
+    // AgentIdentities as Kubernetes objects, for the webhook and stream auth.
+    let (identities, identity_writer) = kube::runtime::reflector::store();
+    let identity_reflector = kube::runtime::reflector(
+        identity_writer,
+        kube::runtime::watcher(
+            kube::Api::<chaperone_api::AgentIdentity>::all(client.clone()),
+            Default::default(),
+        ),
+    )
+    .default_backoff()
+    .for_each(|_| std::future::ready(()));
     let server = snapshot_server::SnapshotServer::new(
         client.clone(),
         controller.index.clone(),
@@ -110,6 +123,7 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
             args.pod_name.clone(),
             controller.metrics.clone(),
         ),
+        identities.clone(),
     );
     let admin_state = admin::AdminState {
         metrics: controller.metrics.clone(),
@@ -124,7 +138,9 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
         () = status::run_expiry_ticker(controller.index.clone()) => anyhow::bail!("expiry ticker ended"),
         () = leader::run(client.clone(), args.namespace.clone(), args.lease_name.clone(), args.pod_name.clone(), leader_tx) => anyhow::bail!("leader election ended"),
         r = admin::serve(args.admin_addr, admin_state) => { r?; anyhow::bail!("admin server ended") }
-        r = server.serve_rotating(args.grpc_addr, tls_rx) => { r?; anyhow::bail!("snapshot server ended") }
+        r = server.serve_rotating(args.grpc_addr, tls_rx.clone()) => { r?; anyhow::bail!("snapshot server ended") }
+        () = identity_reflector => anyhow::bail!("AgentIdentity reflector ended"),
+        r = webhook::run_webhook(&args, client.clone(), identities.clone(), tls_rx.clone()) => { r?; anyhow::bail!("webhook server ended") }
         r = tokio::signal::ctrl_c() => { r?; tracing::info!("stopping"); Ok(()) }
     }
 }

@@ -5,6 +5,7 @@
 
 use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
 
+use chaperone_api::AgentIdentity;
 use chaperone_policy::Snapshot;
 use chaperone_wire::{
     SNAPSHOT_FORMAT_JSON,
@@ -15,7 +16,7 @@ use chaperone_wire::{
     },
 };
 use futures_util::Stream;
-use kube::Client;
+use kube::{Client, runtime::reflector::Store};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -36,6 +37,7 @@ pub struct SnapshotServer {
     sidecars: Arc<SidecarRegistry>,
     metrics: Arc<Metrics>,
     audit: Arc<AuditEvents>,
+    identities: Store<AgentIdentity>,
 }
 
 impl SnapshotServer {
@@ -46,6 +48,7 @@ impl SnapshotServer {
         sidecars: Arc<SidecarRegistry>,
         metrics: Arc<Metrics>,
         audit: Arc<AuditEvents>,
+        identities: Store<AgentIdentity>,
     ) -> Self {
         Self {
             client,
@@ -53,6 +56,7 @@ impl SnapshotServer {
             sidecars,
             metrics,
             audit,
+            identities,
         }
     }
 
@@ -106,7 +110,7 @@ impl SnapshotService for SnapshotServer {
         request: Request<Streaming<SidecarMessage>>,
     ) -> Result<Response<MessageStream>, Status> {
         let identity = match auth::bearer_token(request.metadata()) {
-            Ok(token) => auth::authenticate(&self.client, token).await,
+            Ok(token) => auth::authenticate(&self.client, &self.identities, token).await,
             Err(e) => Err(e),
         };
         let identity = identity.map_err(|e| {
