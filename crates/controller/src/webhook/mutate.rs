@@ -86,6 +86,47 @@ impl Default for ProxyResources {
     }
 }
 
+impl ProxyResources {
+    /// Defaults from Kubernetes quantities (`50m`, `64Mi`, …; the chart's
+    /// `CHAPERONE_SIDECAR_{CPU,MEMORY}_{REQUEST,LIMIT}`); `None` or empty keeps the
+    /// built-in default, except a CPU limit, which stays unset.
+    pub fn from_quantities(
+        cpu_request: Option<&str>,
+        cpu_limit: Option<&str>,
+        memory_request: Option<&str>,
+        memory_limit: Option<&str>,
+    ) -> Result<Self, String> {
+        fn given(v: Option<&str>) -> Option<&str> {
+            v.map(str::trim).filter(|v| !v.is_empty())
+        }
+        let mut resources = Self::default();
+        if let Some(v) = given(cpu_request) {
+            resources.cpu_request = parse_cpu(v).map_err(|e| format!("cpu request {v:?}: {e}"))?;
+        }
+        if let Some(v) = given(cpu_limit) {
+            resources.cpu_limit = Some(parse_cpu(v).map_err(|e| format!("cpu limit {v:?}: {e}"))?);
+        }
+        if let Some(v) = given(memory_request) {
+            resources.memory_request =
+                parse_memory(v).map_err(|e| format!("memory request {v:?}: {e}"))?;
+        }
+        if let Some(v) = given(memory_limit) {
+            resources.memory_limit =
+                parse_memory(v).map_err(|e| format!("memory limit {v:?}: {e}"))?;
+        }
+        if resources.memory_request > resources.memory_limit {
+            return Err("memory request above the memory limit".to_string());
+        }
+        if resources
+            .cpu_limit
+            .is_some_and(|limit| resources.cpu_request > limit)
+        {
+            return Err("cpu request above the cpu limit".to_string());
+        }
+        Ok(resources)
+    }
+}
+
 /// The range an annotation may set a value in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {
@@ -118,6 +159,21 @@ pub enum FailurePolicy {
     Fail,
     /// Admit the pod unchanged with a warning (`failurePolicy: Ignore`).
     Ignore,
+}
+
+impl std::str::FromStr for FailurePolicy {
+    type Err = String;
+
+    /// `Fail` or `Ignore`, as in the webhook configuration.
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value.trim() {
+            "Fail" => Ok(Self::Fail),
+            "Ignore" => Ok(Self::Ignore),
+            other => Err(format!(
+                "failure policy must be Fail or Ignore, not {other:?}"
+            )),
+        }
+    }
 }
 
 /// Everything the injection needs to know besides the pod.
@@ -1164,6 +1220,24 @@ mod tests {
             err.to_string().contains("below the memory request"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn default_resources_come_from_quantities() {
+        let r =
+            ProxyResources::from_quantities(Some("100m"), Some("1"), Some("128Mi"), None).unwrap();
+        assert_eq!(r.cpu_request, 100);
+        assert_eq!(r.cpu_limit, Some(1000));
+        assert_eq!(r.memory_request, 128 << 20);
+        assert_eq!(r.memory_limit, ProxyResources::default().memory_limit);
+        assert_eq!(
+            ProxyResources::from_quantities(None, Some(""), None, None),
+            Ok(ProxyResources::default())
+        );
+        assert!(ProxyResources::from_quantities(None, None, Some("1Gi"), Some("64Mi")).is_err());
+        assert!(ProxyResources::from_quantities(Some("lots"), None, None, None).is_err());
+        assert_eq!("Ignore".parse(), Ok(FailurePolicy::Ignore));
+        assert!("fail".parse::<FailurePolicy>().is_err());
     }
 
     #[test]
