@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # `make demo`: a real local control plane (etcd + kube-apiserver from `make tools`),
-# Chaperone's CRDs, the examples applied, and what kubectl shows of them.
+# Chaperone's CRDs, the controller, two MCP tool servers and the support agent's
+# sidecar as local processes with real ServiceAccount tokens, then a scripted
+# agent session whose calls are allowed or denied by examples/basic's policy.
 # Everything it starts stops when it ends or on Ctrl-C.
-# DEMO_HOLD=1 keeps the control plane up until Ctrl-C so you can explore with
-# `KUBECONFIG=.tmp/demo/kubeconfig kubectl …`.
+# DEMO_HOLD=1 keeps everything up until Ctrl-C so you can explore with
+# `KUBECONFIG=.tmp/demo/kubeconfig kubectl …`. Logs: .tmp/demo/*.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,13 +13,29 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 eval "$(bash scripts/tools.sh env)"
 kubectl() { "$CHAPERONE_KUBECTL" "$@"; }
 
-say "Building chaperonectl and the local control plane runner"
-cargo build -q -p chaperone-cli -p chaperone-testenv --bins
-bin=target/debug
+bins=(chaperone-cli chaperone-testenv chaperone-controller chaperone-sidecar chaperone-demo)
+target="${CARGO_TARGET_DIR:-target}"
+bin="$target/debug"
+say "Building chaperonectl, the control plane runner, the controller, the sidecar and the demo"
+if [ ! -x "$bin/chaperone-demo" ]; then
+  echo "  (the first build compiles the whole workspace: several minutes; later runs take seconds)"
+fi
+# Cargo's own progress (one line per crate) shows during the first, slow build.
+cargo build $(printf -- '-p %s ' "${bins[@]}") --bins 2>&1 | sed 's/^ */  /' \
+  || { echo "error: cargo build failed (see above)" >&2; exit 1; }
 
 work=.tmp/demo
 rm -rf "$work"; mkdir -p "$work"
 export KUBECONFIG="$PWD/$work/kubeconfig"
+
+# Processes started below, stopped in reverse order on exit (TERM, then KILL).
+pids=()
+names=()
+start() { # start NAME LOG CMD…: runs CMD in the background, stdout+stderr to LOG
+  local name=$1 log=$2; shift 2
+  "$@" > "$log" 2>&1 &
+  pids+=("$!"); names+=("$name")
+}
 
 # The runner stops the control plane when this script's end of the FIFO closes,
 # however the script ends.
@@ -25,9 +43,47 @@ mkfifo "$work/hold"
 "$bin/chaperone-testenv" up --kubeconfig "$KUBECONFIG" < "$work/hold" &
 runner=$!
 exec 9> "$work/hold"
-cleanup() { exec 9>&-; wait "$runner" 2>/dev/null || true; }
+cleanup() {
+  local i
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; done
+  for _ in $(seq 1 50); do
+    local alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" -eq 0 ] && break
+    sleep 0.1
+  done
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  exec 9>&-; wait "$runner" 2>/dev/null || true
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# fail MESSAGE [LOG]: says what failed and where its log is, with the log's tail.
+fail() {
+  echo "error: $1" >&2
+  if [ -n "${2:-}" ] && [ -f "$2" ]; then
+    echo "--- last lines of $2:" >&2; tail -n 20 "$2" | sed 's/^/  /' >&2
+  fi
+  exit 1
+}
+# wait_until DESCRIPTION SECONDS PID LOG CMD…: polls CMD until it succeeds; fails
+# when PID exits or time runs out.
+wait_until() {
+  local what=$1 secs=$2 pid=$3 log=$4; shift 4
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || fail "$what: the process exited (log: $log)" "$log"
+    [ "$SECONDS" -lt "$deadline" ] || fail "$what: not within ${secs}s (log: $log)" "$log"
+    sleep 0.2
+  done
+}
+# Free loopback ports for the controller, the tool servers and the sidecar.
+read -r grpc_port admin_port webhook_port orders_port mail_port sidecar_port sidecar_admin_port < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(7)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])')
 
 say "Starting etcd and kube-apiserver on loopback"
 for _ in $(seq 1 600); do
@@ -35,14 +91,21 @@ for _ in $(seq 1 600); do
   kill -0 "$runner" 2>/dev/null || { echo "the control plane failed to start (see above)" >&2; exit 1; }
   sleep 0.2
 done
+[ -s "$KUBECONFIG" ] || fail "the control plane did not start within 120s"
 kubectl version 2>/dev/null | sed 's/^/  /'
 
 say "Installing the CRDs (generated from crates/api by 'make crds')"
 kubectl apply --server-side -f crds/
 kubectl wait --for=condition=Established --timeout=60s -f crds/ >/dev/null
 
-say "Applying examples/basic"
-kubectl apply -f examples/basic/agentidentity.yaml -f examples/basic/toolpolicy.yaml
+say "Applying examples/basic (tool server URLs pointed at the local tool servers)"
+# The example's in-cluster URLs stay as they are; the demo applies a copy.
+sed -e "s#http://orders.tools.svc:8080/mcp#http://127.0.0.1:$orders_port/mcp#" \
+    -e "s#http://mail.tools.svc:8080/mcp#http://127.0.0.1:$mail_port/mcp#" \
+    examples/basic/agentidentity.yaml > "$work/agentidentity.yaml"
+grep -q "127.0.0.1:$orders_port" "$work/agentidentity.yaml" \
+  || fail "examples/basic/agentidentity.yaml no longer has the URLs this script rewrites"
+kubectl apply -f "$work/agentidentity.yaml" -f examples/basic/toolpolicy.yaml
 
 say "An invalid ToolPolicy is refused by the API server, naming the rule it breaks"
 kubectl apply -f - <<'YAML' || true
@@ -58,19 +121,99 @@ spec:
     rateLimit: { calls: 5, periodSeconds: 60 }
 YAML
 
-say "kubectl get chaperone (the category of all three kinds)"
-kubectl get agentidentities,toolpolicies,delegationgrants -A
-
-say "kubectl explain toolpolicy.spec.rules.when.args"
-kubectl explain toolpolicy.spec.rules.when.args | sed -n '1,25p'
-
 if [ -f examples/basic/policy-test.yaml ] && "$bin/chaperonectl" policy --help >/dev/null 2>&1; then
-  say "chaperonectl policy test examples/basic/policy-test.yaml"
+  say "chaperonectl policy test examples/basic/policy-test.yaml (offline, no cluster)"
   "$bin/chaperonectl" policy test examples/basic/policy-test.yaml
 fi
 
+say "Starting chaperone-controller (gRPC 127.0.0.1:$grpc_port, admin 127.0.0.1:$admin_port)"
+kubectl create namespace chaperone-system >/dev/null
+start controller "$work/controller.log" "$bin/chaperone-controller" \
+  --namespace chaperone-system --pod-name chaperone-controller-demo \
+  --grpc-addr "127.0.0.1:$grpc_port" --admin-addr "127.0.0.1:$admin_port" \
+  --webhook-addr "127.0.0.1:$webhook_port" --extra-san localhost,127.0.0.1 \
+  --ca-file "$PWD/$work/ca.crt" --log-format text
+wait_until "the controller's /readyz" 60 "${pids[-1]}" "$work/controller.log" \
+  curl -sf "http://127.0.0.1:$admin_port/readyz"
+wait_until "the controller's CA file" 30 "${pids[-1]}" "$work/controller.log" test -s "$work/ca.crt"
+echo "  ready; CA for the sidecar in $work/ca.crt, log in $work/controller.log"
+
+say "Starting the MCP tool servers: orders on :$orders_port, mail on :$mail_port"
+start orders "$work/orders.log" "$bin/chaperone-demo" tool-server --listen "127.0.0.1:$orders_port" --tools orders
+orders_pid=${pids[-1]}
+start mail "$work/mail.log" "$bin/chaperone-demo" tool-server --listen "127.0.0.1:$mail_port" --tools mail
+mail_pid=${pids[-1]}
+wait_until "the orders tool server" 30 "$orders_pid" "$work/orders.log" grep -q listening "$work/orders.log"
+wait_until "the mail tool server" 30 "$mail_pid" "$work/mail.log" grep -q listening "$work/mail.log"
+
+say "The agent's pod and a real token (ServiceAccount token bound to the pod, audience chaperone)"
+kubectl create serviceaccount support-agent -n default
+kubectl apply -f - <<'YAML'
+apiVersion: v1
+kind: Pod
+metadata:
+  name: support-agent-0
+  namespace: default
+  labels: { app: support-agent }
+spec:
+  serviceAccountName: support-agent
+  containers:
+    - name: agent
+      image: example.com/support-agent:demo
+YAML
+pod_uid=$(kubectl get pod support-agent-0 -n default -o jsonpath='{.metadata.uid}')
+kubectl create token support-agent -n default --audience chaperone --duration 1h \
+  --bound-object-kind Pod --bound-object-name support-agent-0 --bound-object-uid "$pod_uid" \
+  > "$work/token"
+echo "  pod support-agent-0 (uid $pod_uid) stays Pending: no kubelet here; the sidecar runs locally"
+echo "  token in $work/token"
+
+say "Starting the agent's sidecar (MCP on 127.0.0.1:$sidecar_port, controller mode)"
+# Standard output is the audit log (one JSON line per decision); logs go to stderr.
+CHAPERONE_LISTEN="127.0.0.1:$sidecar_port" CHAPERONE_ADMIN_LISTEN="127.0.0.1:$sidecar_admin_port" \
+CHAPERONE_CONTROLLER_ADDRESS="127.0.0.1:$grpc_port" CHAPERONE_CONTROLLER_SERVER_NAME=localhost \
+CHAPERONE_TOKEN_FILE="$PWD/$work/token" CHAPERONE_CA_FILE="$PWD/$work/ca.crt" \
+CHAPERONE_POD_NAME=support-agent-0 CHAPERONE_POD_NAMESPACE=default \
+  "$bin/chaperone-sidecar" > "$work/sidecar-audit.log" 2> "$work/sidecar.log" &
+pids+=("$!"); names+=(sidecar)
+wait_until "the sidecar's first snapshot (/ready on its admin port)" 60 "${pids[-1]}" "$work/sidecar.log" \
+  curl -sf "http://127.0.0.1:$sidecar_admin_port/ready"
+echo "  $(curl -s "http://127.0.0.1:$sidecar_admin_port/ready")"
+
+say "A scripted agent session through the sidecar (decisions from $work/sidecar-audit.log)"
+"$bin/chaperone-demo" agent --sidecar "http://127.0.0.1:$sidecar_port" --audit-log "$work/sidecar-audit.log" \
+  || fail "the agent session failed (logs: $work/sidecar.log, $work/orders.log, $work/mail.log)" "$work/sidecar.log"
+
+say "What the tool servers saw: only allowed calls, each with a signed Chaperone-Assertion"
+grep -h 'tools/call' "$work/orders.log" "$work/mail.log" \
+  | sed -E 's/^.*(INFO|WARN) .*tools\/call /  /' || echo "  (no calls arrived)"
+
+# The sidecar reports the tools it saw in tools/list; wait until both servers' are in.
+wait_until "discoveredTools of both tool servers in the status" 20 "${pids[0]}" "$work/controller.log" \
+  bash -c '"$0" get agentidentity support-agent -n default -o jsonpath="{.status.discoveredTools}" | grep -q read_inbox' "$CHAPERONE_KUBECTL"
+say "kubectl get agentidentities,toolpolicies,delegationgrants -A"
+kubectl get agentidentities,toolpolicies,delegationgrants -A
+
+denials=$(grep -c '"decision":"deny"' "$work/sidecar-audit.log" || true)
+say "kubectl get events -n default: the sidecar's $denials denials as Warnings (from its audit batches)"
+# Events arrive in the sidecar's next audit batch; kube's event recorder counts
+# repeats of the same reason on an object in one Event (COUNT).
+events_counted() {
+  kubectl get events -n default --field-selector type=Warning,involvedObject.kind=AgentIdentity \
+    -o jsonpath='{range .items[*]}{"x"}{.series.count}{" "}{end}' 2>/dev/null \
+    | awk -v want="$denials" '{ for (i = 1; i <= NF; i++) { c = substr($i, 2); n += (c == "" ? 1 : c) } }
+        END { exit !(n >= want && want > 0) }'
+}
+wait_until "Warning events for the $denials denials" 30 "${pids[0]}" "$work/controller.log" events_counted
+kubectl get events -n default --sort-by=.metadata.creationTimestamp \
+  -o custom-columns='TYPE:.type,REASON:.reason,OBJECT:.involvedObject.kind,NAME:.involvedObject.name,COUNT:.series.count,MESSAGE:.message'
+
+say "kubectl describe agentidentity support-agent (status: snapshot, sidecars in sync, tools seen)"
+kubectl describe agentidentity support-agent -n default | sed -n '/^Status:/,$p'
+
 if [ -n "${DEMO_HOLD:-}" ]; then
-  say "Control plane is up: KUBECONFIG=$KUBECONFIG kubectl get chaperone -A   (Ctrl-C to stop)"
+  say "Everything is up: KUBECONFIG=$KUBECONFIG kubectl get chaperone -A   (Ctrl-C to stop)"
+  echo "  the sidecar: http://127.0.0.1:$sidecar_port/{orders,mail}; logs in $work/*.log"
   wait "$runner"
 fi
-say "Done; stopping the control plane"
+say "Done; stopping the sidecar, the tool servers, the controller and the control plane"

@@ -28,10 +28,16 @@ pub fn summary(claims: &Value) -> String {
         Some(Value::Null) | None => "-".to_owned(),
         Some(other) => other.to_string(),
     };
+    let (iss, sub) = (field("iss"), field("sub"));
+    // The subject (the initiating principal) is the agent itself unless a user
+    // or a delegating agent started the task: shown only when it differs.
+    let sub = if sub == iss {
+        String::new()
+    } else {
+        format!(" sub={sub}")
+    };
     format!(
-        "iss={} sub={} aud={} tool={} snap={} sid={}",
-        field("iss"),
-        field("sub"),
+        "iss={iss}{sub} aud={} tool={} snap={} sid={}",
         field("aud"),
         field("tool"),
         field("snap"),
@@ -51,6 +57,12 @@ mod tests {
             summary(&claims),
             "iss=default/support-agent sub=- aud=- tool=- snap=3 sid=-"
         );
+    }
+
+    #[test]
+    fn omits_a_subject_equal_to_the_issuer() {
+        let claims = serde_json::json!({"iss": "a", "sub": "a", "aud": "b", "tool": "t", "snap": 1, "sid": "s"});
+        assert_eq!(summary(&claims), "iss=a aud=b tool=t snap=1 sid=s");
     }
 
     #[test]

@@ -61,23 +61,20 @@ impl ServerHandler for ToolServer {
             .get::<http::request::Parts>()
             .and_then(|parts| parts.headers.get(assertion::HEADER))
             .and_then(|value| value.to_str().ok());
+        let call = format!("{server}/{}", request.name);
         match assertion.map(|jwt| (jwt, assertion::unverified_claims(jwt))) {
-            Some((_, Some(claims))) => tracing::info!(
-                server,
-                tool = %request.name,
-                assertion = %assertion::summary(&claims),
-                "tools/call with a Chaperone-Assertion"
-            ),
+            Some((_, Some(claims))) => {
+                tracing::info!(
+                    "tools/call {call} with Chaperone-Assertion {}",
+                    assertion::summary(&claims)
+                )
+            }
             Some((jwt, None)) => tracing::warn!(
-                server,
-                tool = %request.name,
-                bytes = jwt.len(),
-                "tools/call with a Chaperone-Assertion that is not a JWT"
+                "tools/call {call} with a Chaperone-Assertion that is not a JWT ({} bytes)",
+                jwt.len()
             ),
             None => tracing::warn!(
-                server,
-                tool = %request.name,
-                "tools/call WITHOUT a Chaperone-Assertion (not through a sidecar?)"
+                "tools/call {call} WITHOUT a Chaperone-Assertion (not through a sidecar?)"
             ),
         }
         let Some(tool) = self.set.tool(&request.name) else {

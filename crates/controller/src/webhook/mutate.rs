@@ -346,6 +346,17 @@ pub fn injection_patch(
         Some(_) => ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
     }
 
+    // A projected ServiceAccount token needs a ServiceAccount name. The
+    // ServiceAccount admission plugin normally sets `default` before webhooks
+    // run; where it is off, set it here as it would.
+    if spec
+        .service_account_name
+        .as_deref()
+        .is_none_or(str::is_empty)
+    {
+        ops.push(json!({"op": "add", "path": "/spec/serviceAccountName", "value": "default"}));
+    }
+
     let mcp_env = json!({"name": MCP_URL_ENV, "value": MCP_URL});
     for (i, container) in spec.containers.iter().enumerate() {
         match container.env.as_deref() {
@@ -827,6 +838,29 @@ mod tests {
         let mount = &sidecars(&injected)[0].volume_mounts.as_ref().unwrap()[0];
         assert_eq!(mount.mount_path, TOKEN_DIR);
         assert_eq!(mount.read_only, Some(true));
+    }
+
+    #[test]
+    fn a_pod_without_service_account_gets_default_for_its_token() {
+        let pod = pod(annotated("true"));
+        let injected = apply(&pod, &run(&pod, &no_labels()));
+        assert_eq!(
+            injected.spec.unwrap().service_account_name.as_deref(),
+            Some("default")
+        );
+        let named = pod_with_sa("planner");
+        let injected = apply(&named, &run(&named, &no_labels()));
+        assert_eq!(
+            injected.spec.unwrap().service_account_name.as_deref(),
+            Some("planner")
+        );
+    }
+
+    fn pod_with_sa(sa: &str) -> Pod {
+        pod(json!({
+            "metadata": {"annotations": {INJECT_ANNOTATION: "true"}},
+            "spec": {"serviceAccountName": sa},
+        }))
     }
 
     #[test]

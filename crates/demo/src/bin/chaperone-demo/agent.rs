@@ -10,7 +10,7 @@ use chaperone_demo::ToolSet;
 use rmcp::model::{
     CallToolRequestParams, ClientCapabilities, ClientConfig, Implementation, JsonObject,
 };
-use rmcp::service::RunningService;
+use rmcp::service::{RunningService, ServiceError};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
@@ -252,6 +252,9 @@ pub async fn run(sidecar: &str, audit_log: &Path) -> anyhow::Result<()> {
                 refusals.push(format!("{}: answered although {decision}", step.label()))
             }
             Ok(_) => {}
+            Err(ServiceError::McpError(err)) => {
+                refusals.push(format!("{}: {} {}", step.label(), err.code.0, err.message))
+            }
             Err(err) => refusals.push(format!("{}: {err}", step.label())),
         }
     }

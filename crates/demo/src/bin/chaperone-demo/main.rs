@@ -52,6 +52,8 @@ async fn main() -> anyhow::Result<()> {
         Command::ToolServer { listen, tools } => {
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_target(false)
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
