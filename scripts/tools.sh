@@ -28,6 +28,18 @@ mkdir -p "$WORK"
 
 have() { [ -x "$1" ] && step "$2 already built: $1"; }
 
+# Runs "$@" and prints a line every 30 s so a long `go build` shows progress.
+with_heartbeat() {
+  local label="$1"; shift
+  local start=$SECONDS
+  ( while sleep 30; do printf '==> [tools] %s: still compiling (%ss)\n' "$label" "$((SECONDS - start))" >&2; done ) &
+  local beat=$!
+  local rc=0
+  "$@" || rc=$?
+  kill "$beat" 2>/dev/null; wait "$beat" 2>/dev/null || true
+  return "$rc"
+}
+
 # --- kube-apiserver -----------------------------------------------------------
 build_kube_apiserver() {
   local out="$ROOT/kube-apiserver/$KUBE_VERSION/kube-apiserver"
@@ -73,7 +85,7 @@ GO
     ld="$ld -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
   done
   mkdir -p "$(dirname "$out")"
-  (cd "$mod" && go build -trimpath -tags selinux,notest,grpcnotrace -ldflags "$ld" -o "$out.tmp" k8s.io/kubernetes/cmd/kube-apiserver) \
+  (cd "$mod" && with_heartbeat kube-apiserver go build -trimpath -tags selinux,notest,grpcnotrace -ldflags "$ld" -o "$out.tmp" k8s.io/kubernetes/cmd/kube-apiserver) \
     || fail "go build of kube-apiserver failed; see above"
   mv "$out.tmp" "$out"
   step "kube-apiserver $KUBE_VERSION ready: $out"
@@ -93,7 +105,7 @@ build_etcd() {
     || fail "the Go module proxy did not resolve go.etcd.io/etcd/server/v3@$ETCD_VERSION; try another v3.6.x in scripts/tool-versions.env"
   CURRENT_STEP="etcd $ETCD_VERSION: compile"
   mkdir -p "$(dirname "$out")"
-  (cd "$mod" && go build -trimpath -ldflags "-s -w" -o "$out.tmp" go.etcd.io/etcd/server/v3) \
+  (cd "$mod" && with_heartbeat etcd go build -trimpath -ldflags "-s -w" -o "$out.tmp" go.etcd.io/etcd/server/v3) \
     || fail "go build of etcd failed; see above"
   mv "$out.tmp" "$out"
   step "etcd $ETCD_VERSION ready: $out"
@@ -107,7 +119,7 @@ build_helm() {
   step "building helm $HELM_VERSION"
   local major="${HELM_VERSION%%.*}"
   mkdir -p "$(dirname "$out")"
-  GOBIN="$WORK/helm-bin-$HELM_VERSION" go install -trimpath \
+  GOBIN="$WORK/helm-bin-$HELM_VERSION" with_heartbeat helm go install -trimpath \
     -ldflags "-s -w -X helm.sh/helm/$major/internal/version.version=$HELM_VERSION" \
     "helm.sh/helm/$major/cmd/helm@$HELM_VERSION" \
     || fail "go install helm.sh/helm/$major/cmd/helm@$HELM_VERSION failed; see above"

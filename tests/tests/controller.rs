@@ -710,3 +710,44 @@ fn http_get(port: u16, path: &str) -> Result<String> {
     stream.read_to_string(&mut out)?;
     Ok(out)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_turns_expired_at_its_expiry_and_leaves_the_snapshot() -> Result<()> {
+    let (client, ns) = setup().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+    apply::<AgentIdentity>(&client, &ns, agent("worker")).await?;
+    let expires =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(3);
+    let grant = json!({
+        "apiVersion": "chaperone.dev/v1alpha1", "kind": "DelegationGrant",
+        "metadata": { "name": "short-lived" },
+        "spec": {
+            "from": { "name": "planner" }, "to": { "name": "worker" },
+            "tools": [{ "server": "orders", "name": "get_order" }],
+            "expiresAt": expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+        }
+    });
+    apply::<DelegationGrant>(&client, &ns, grant).await?;
+    let token = pod_token(&client, &ns, "worker", "worker-0", "chaperone").await?;
+    let mut sidecar = connect(&token).await?;
+    let (_, mut snapshot) = sidecar.next_snapshot(Duration::from_secs(5)).await?;
+    if snapshot.content.grants_received.is_empty() {
+        snapshot = sidecar.next_snapshot(Duration::from_secs(5)).await?.1;
+    }
+    assert_eq!(snapshot.content.grants_received.len(), 1);
+
+    // At the expiry instant (plus the one-second tick) the grant is withdrawn...
+    let (_, snapshot) = sidecar.next_snapshot(Duration::from_secs(8)).await?;
+    assert!(snapshot.content.grants_received.is_empty());
+    // ...and its status says Expired.
+    let grants: Api<DelegationGrant> = Api::namespaced(client.clone(), &ns);
+    let expired = eventually(Duration::from_secs(10), async || {
+        let status = grants.get("short-lived").await?.status.unwrap_or_default();
+        Ok(condition(&status.conditions, "Expired")
+            .filter(|c| c.status == "True")
+            .cloned())
+    })
+    .await?;
+    assert_eq!(expired.reason, "Expired");
+    Ok(())
+}

@@ -25,6 +25,8 @@ use crate::{auth::SidecarIdentity, metrics::Metrics};
 
 /// Longest Event note the API server accepts.
 const MAX_NOTE: usize = 1024;
+/// Longest Event action the API server accepts.
+const MAX_ACTION: usize = 128;
 /// How often allowed calls are summarised.
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -65,6 +67,11 @@ pub enum AuditOutcome {
     Denied {
         /// `ToolCallDenied` or `ToolCallWouldDeny`.
         reason: &'static str,
+        /// The Event action: the tool and the deciding rule. The API server (and
+        /// kube's recorder) fold Events with the same action into one series with
+        /// a count, so repeats of one denial do not flood, and different denials
+        /// stay apart.
+        action: String,
         /// The Event note.
         note: String,
     },
@@ -108,7 +115,13 @@ pub fn classify(record: &str) -> AuditOutcome {
         fields.correlation
     );
     truncate(&mut note, MAX_NOTE);
-    AuditOutcome::Denied { reason, note }
+    let mut action = format!("Call {}/{} ({})", fields.server, fields.tool, fields.rule);
+    truncate(&mut action, MAX_ACTION);
+    AuditOutcome::Denied {
+        reason,
+        action,
+        note,
+    }
 }
 
 fn truncate(text: &mut String, max: usize) {
@@ -230,13 +243,13 @@ async fn run(
                                 summary.tools.insert(tool);
                             }
                         }
-                        AuditOutcome::Denied { reason, note } => {
+                        AuditOutcome::Denied { reason, action, note } => {
                             if !budget.try_take(2.0, Instant::now()) {
                                 summaries.entry(batch.identity.agent.clone()).or_default().suppressed_denials += 1;
                                 metrics.events_suppressed(1);
                                 continue;
                             }
-                            let event = Event { type_: EventType::Warning, reason: reason.into(), note: Some(note), action: "Authorize".into(), secondary: None };
+                            let event = Event { type_: EventType::Warning, reason: reason.into(), note: Some(note), action, secondary: None };
                             let agent_ref = agent_reference(&client, &mut uids, &batch.identity.agent).await;
                             publish(&recorder, &metrics, &event, &pod_reference(&batch.identity)).await;
                             publish(&recorder, &metrics, &event, &agent_ref).await;
@@ -324,10 +337,16 @@ mod tests {
     #[test]
     fn denials_name_tool_rule_session_and_chain() {
         let record = r#"{"decision":"deny","rule":"support/no-refunds","server":"orders","tool":"refund","reason":"a deny rule matched","correlation":"c1","chain":["ns/planner","ns/worker"],"session":{"chaperone":"s1","mcp":""}}"#;
-        let AuditOutcome::Denied { reason, note } = classify(record) else {
+        let AuditOutcome::Denied {
+            reason,
+            action,
+            note,
+        } = classify(record)
+        else {
             panic!("not a denial")
         };
         assert_eq!(reason, "ToolCallDenied");
+        assert_eq!(action, "Call orders/refund (support/no-refunds)");
         for part in [
             "orders/refund",
             "support/no-refunds",
