@@ -12,7 +12,11 @@
 //! - key registration out: [`Sidecar::key_registration`];
 //! - tool inventory out: [`Sidecar::tool_inventory`] (a `watch` of the set);
 //! - audit batches out: [`Sidecar::take_audit_records`] (bounded queue, drops
-//!   counted in `chaperone_sidecar_audit_dropped_total`).
+//!   counted in `chaperone_sidecar_audit_dropped_total`);
+//! - peer keys in: [`Sidecar::peer_keys`] (the live sidecars' JWKS).
+//!
+//! [`snapshot_stream`] is the controller-mode client that drives these seams;
+//! [`standalone`] compiles a policy directory instead.
 
 #![forbid(unsafe_code)]
 
@@ -20,16 +24,19 @@ pub mod admin;
 pub mod assertion;
 pub mod audit;
 pub mod authz;
+pub mod backoff;
 pub mod canonical;
 pub mod inventory;
 pub mod jsonrpc;
 pub mod metrics;
+pub mod peer_keys;
 pub mod proxy;
 pub mod ratelimit;
 pub mod refusal;
 pub mod session;
 pub mod settings;
 pub mod snapshot;
+pub mod snapshot_stream;
 pub mod sse;
 pub mod standalone;
 
@@ -44,8 +51,10 @@ use tokio::sync::{mpsc, watch};
 pub use assertion::KeyRegistration;
 pub use audit::AuditOutput;
 pub use inventory::DiscoveredTool;
+pub use peer_keys::{PeerKeyStore, PeerKeys};
 pub use settings::Settings;
 pub use snapshot::{SnapshotRejected, SnapshotSource};
+pub use snapshot_stream::SnapshotStream;
 
 use crate::assertion::AssertionSigner;
 use crate::audit::AuditLog;
@@ -68,6 +77,7 @@ pub enum StartError {
 pub struct Sidecar {
     gateway: Arc<Gateway>,
     audit_records: Arc<Mutex<Option<mpsc::Receiver<Arc<str>>>>>,
+    peer_keys: Arc<PeerKeyStore>,
 }
 
 impl Sidecar {
@@ -101,12 +111,24 @@ impl Sidecar {
         Ok(Self {
             gateway,
             audit_records: Arc::new(Mutex::new(records)),
+            peer_keys: Arc::new(PeerKeyStore::default()),
         })
     }
 
     /// The snapshot source: call [`SnapshotSource::update`] with each snapshot.
     pub fn snapshots(&self) -> &Arc<SnapshotSource> {
         &self.gateway.source
+    }
+
+    /// The public keys of the live sidecars, as the controller last sent them
+    /// (for verifying delegated calls' assertions).
+    pub fn peer_keys(&self) -> &Arc<PeerKeyStore> {
+        &self.peer_keys
+    }
+
+    /// The pod this sidecar runs in (empty outside a pod).
+    pub fn pod_name(&self) -> &str {
+        &self.gateway.enforcer.pod.pod
     }
 
     /// The public key and key id to register with the controller.

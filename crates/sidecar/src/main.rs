@@ -1,5 +1,7 @@
 //! `chaperone-sidecar`: the gateway sidecar binary. Settings come from the
-//! environment ([`chaperone_sidecar::settings`]); flags choose the snapshot source.
+//! environment ([`chaperone_sidecar::settings`]); the snapshot source is the
+//! controller's stream when `CHAPERONE_CONTROLLER_ADDRESS` is set (what the
+//! injection webhook does), or a policy directory with `--policy-dir`.
 
 #![forbid(unsafe_code)]
 
@@ -7,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chaperone_sidecar::{AuditOutput, Settings, Sidecar, standalone};
+use chaperone_sidecar::{AuditOutput, Settings, Sidecar, SnapshotStream, standalone};
 use clap::Parser;
 
 /// Chaperone's gateway sidecar: MCP-aware enforcement in front of tool servers.
@@ -42,11 +44,26 @@ async fn main() -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(settings.admin_listen)
         .await
         .with_context(|| format!("binding the admin server to {}", settings.admin_listen))?;
-    let sidecar = Sidecar::new(settings, AuditOutput::Stdout, false)?;
+    let controller = settings.controller.clone();
+    if controller.is_some() && args.policy_dir.is_some() {
+        anyhow::bail!(
+            "both CHAPERONE_CONTROLLER_ADDRESS and --policy-dir are set: choose the controller's stream or a policy directory"
+        );
+    }
+    // Audit records are shipped to the controller only in controller mode.
+    let sidecar = Sidecar::new(settings, AuditOutput::Stdout, controller.is_some())?;
     let key = sidecar.key_registration();
     tracing::info!(kid = %key.kid, "assertion key generated");
-    match args.policy_dir {
-        Some(dir) => {
+    match (controller, args.policy_dir) {
+        (Some(controller), _) => {
+            tracing::info!(
+                address = %controller.address,
+                server_name = %controller.server_name,
+                "controller mode: refusing every call until the first snapshot arrives"
+            );
+            tokio::spawn(SnapshotStream::new(sidecar.clone(), controller).run());
+        }
+        (None, Some(dir)) => {
             tokio::spawn(standalone::watch(
                 dir,
                 args.agent,
@@ -54,9 +71,9 @@ async fn main() -> anyhow::Result<()> {
                 Duration::from_secs(1),
             ));
         }
-        None => {
+        (None, None) => {
             tracing::warn!(
-                "no --policy-dir and no controller stream yet: refusing every call (not ready)"
+                "neither CHAPERONE_CONTROLLER_ADDRESS nor --policy-dir: refusing every call (not ready)"
             );
         }
     }

@@ -2,6 +2,7 @@
 //! The injection webhook sets them; defaults suit the injected pod.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -24,6 +25,24 @@ pub const ENV_POD_NAME: &str = "CHAPERONE_POD_NAME";
 pub const ENV_POD_NAMESPACE: &str = "CHAPERONE_POD_NAMESPACE";
 /// Timeout for connecting to a tool server, milliseconds.
 pub const ENV_CONNECT_TIMEOUT_MS: &str = "CHAPERONE_CONNECT_TIMEOUT_MS";
+/// `host:port` of the controller's snapshot server; set → controller mode.
+pub const ENV_CONTROLLER_ADDRESS: &str = "CHAPERONE_CONTROLLER_ADDRESS";
+/// The projected ServiceAccount token (audience `chaperone`), re-read on every
+/// (re)connect so kubelet rotation is picked up.
+pub const ENV_TOKEN_FILE: &str = "CHAPERONE_TOKEN_FILE";
+/// PEM file of the CA that signs the controller's serving certificate.
+pub const ENV_CA_FILE: &str = "CHAPERONE_CA_FILE";
+/// The same CA inline (PEM); the injection webhook sets this one. Wins over
+/// [`ENV_CA_FILE`] when both are set.
+pub const ENV_CA_PEM: &str = "CHAPERONE_CA_PEM";
+/// TLS server name to verify the controller's certificate against (default: the
+/// host part of [`ENV_CONTROLLER_ADDRESS`]).
+pub const ENV_CONTROLLER_SERVER_NAME: &str = "CHAPERONE_CONTROLLER_SERVER_NAME";
+
+/// Default of [`ENV_TOKEN_FILE`]: where the injected token volume is mounted.
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/chaperone/token";
+/// Default of [`ENV_CA_FILE`].
+pub const DEFAULT_CA_FILE: &str = "/var/run/secrets/chaperone/ca.crt";
 
 /// The sidecar's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +65,64 @@ pub struct Settings {
     pub pod_namespace: String,
     /// Connect timeout to tool servers; default 5 s.
     pub connect_timeout: Duration,
+    /// The controller's snapshot stream; `None` (no [`ENV_CONTROLLER_ADDRESS`])
+    /// means standalone mode.
+    pub controller: Option<ControllerSettings>,
+}
+
+/// Where the controller is and how to authenticate to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControllerSettings {
+    /// `host:port` of the snapshot gRPC server (TLS).
+    pub address: String,
+    /// The TLS server name the controller's certificate must carry.
+    pub server_name: String,
+    /// The pod's projected ServiceAccount token file (audience `chaperone`).
+    pub token_file: PathBuf,
+    /// The CA that signs the controller's certificate.
+    pub ca: CaSource,
+}
+
+/// Where the controller's CA comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaSource {
+    /// A PEM file, re-read on every (re)connect so a rotated CA is picked up.
+    File(PathBuf),
+    /// Inline PEM (from [`ENV_CA_PEM`]).
+    Pem(String),
+}
+
+impl ControllerSettings {
+    /// Settings for `address` with the default token and CA files and the
+    /// address's host as the server name.
+    pub fn new(address: impl Into<String>) -> Result<Self, InvalidSetting> {
+        let address = address.into();
+        let server_name = host_of(&address)
+            .ok_or_else(|| InvalidSetting {
+                name: ENV_CONTROLLER_ADDRESS,
+                value: address.clone(),
+                expected: "host:port, such as chaperone-controller.chaperone-system.svc:9090",
+            })?
+            .to_owned();
+        Ok(Self {
+            address,
+            server_name,
+            token_file: PathBuf::from(DEFAULT_TOKEN_FILE),
+            ca: CaSource::File(PathBuf::from(DEFAULT_CA_FILE)),
+        })
+    }
+}
+
+/// The host of `host:port` (IPv6 in brackets: `[::1]:9090` → `::1`); `None`
+/// without a port or host.
+fn host_of(address: &str) -> Option<&str> {
+    let (host, port) = address.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (!host.is_empty() && !host.contains('/')).then_some(host)
 }
 
 impl Default for Settings {
@@ -60,6 +137,7 @@ impl Default for Settings {
             pod_name: String::new(),
             pod_namespace: String::new(),
             connect_timeout: Duration::from_secs(5),
+            controller: None,
         }
     }
 }
@@ -117,6 +195,22 @@ impl Settings {
         if let Some(v) = lookup(ENV_POD_NAMESPACE) {
             settings.pod_namespace = v;
         }
+        if let Some(address) = lookup(ENV_CONTROLLER_ADDRESS).filter(|v| !v.trim().is_empty()) {
+            let mut controller = ControllerSettings::new(address.trim())?;
+            if let Some(v) = lookup(ENV_CONTROLLER_SERVER_NAME).filter(|v| !v.trim().is_empty()) {
+                controller.server_name = v.trim().to_owned();
+            }
+            if let Some(v) = lookup(ENV_TOKEN_FILE).filter(|v| !v.trim().is_empty()) {
+                controller.token_file = PathBuf::from(v.trim());
+            }
+            if let Some(v) = lookup(ENV_CA_FILE).filter(|v| !v.trim().is_empty()) {
+                controller.ca = CaSource::File(PathBuf::from(v.trim()));
+            }
+            if let Some(v) = lookup(ENV_CA_PEM).filter(|v| !v.trim().is_empty()) {
+                controller.ca = CaSource::Pem(v);
+            }
+            settings.controller = Some(controller);
+        }
         Ok(settings)
     }
 }
@@ -166,5 +260,53 @@ mod tests {
         assert_eq!(settings.pod_name, "agent-0");
         let err = Settings::from_lookup(|name| (name == ENV_MAX_SESSIONS).then(|| "0".to_owned()));
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn controller_mode_only_with_an_address() {
+        assert_eq!(Settings::from_lookup(|_| None).unwrap().controller, None);
+        let settings = Settings::from_lookup(|name| {
+            (name == ENV_CONTROLLER_ADDRESS)
+                .then(|| "chaperone-controller.chaperone-system.svc:9090".to_owned())
+        })
+        .unwrap();
+        let controller = settings.controller.unwrap();
+        assert_eq!(
+            controller.server_name,
+            "chaperone-controller.chaperone-system.svc"
+        );
+        assert_eq!(controller.token_file, PathBuf::from(DEFAULT_TOKEN_FILE));
+        assert_eq!(
+            controller.ca,
+            CaSource::File(PathBuf::from(DEFAULT_CA_FILE))
+        );
+    }
+
+    #[test]
+    fn controller_overrides_and_inline_ca() {
+        let settings = Settings::from_lookup(|name| match name {
+            ENV_CONTROLLER_ADDRESS => Some("127.0.0.1:9090".to_owned()),
+            ENV_CONTROLLER_SERVER_NAME => Some("localhost".to_owned()),
+            ENV_TOKEN_FILE => Some("/tmp/token".to_owned()),
+            ENV_CA_FILE => Some("/tmp/ca.pem".to_owned()),
+            ENV_CA_PEM => Some("-----BEGIN CERTIFICATE-----".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        let controller = settings.controller.unwrap();
+        assert_eq!(controller.server_name, "localhost");
+        assert_eq!(controller.token_file, PathBuf::from("/tmp/token"));
+        assert!(matches!(controller.ca, CaSource::Pem(_)));
+    }
+
+    #[test]
+    fn controller_address_needs_host_and_port() {
+        for bad in ["no-port", "host:", ":9090", "host:port"] {
+            let err = Settings::from_lookup(|name| {
+                (name == ENV_CONTROLLER_ADDRESS).then(|| bad.to_owned())
+            });
+            assert!(err.is_err(), "{bad}");
+        }
+        assert_eq!(host_of("[::1]:9090"), Some("::1"));
     }
 }

@@ -112,6 +112,15 @@ impl SnapshotSource {
         self.versions.subscribe()
     }
 
+    /// Drops the snapshot in force (its AgentIdentity was deleted): from now on
+    /// every call is refused and the sidecar is not ready until a new one
+    /// arrives. Returns the version dropped, if any.
+    pub fn clear(&self) -> Option<u64> {
+        let dropped = self.current.swap(None).map(|active| active.version());
+        self.versions.send_replace(None);
+        dropped
+    }
+
     /// Converts `snapshot` and puts it in force; refuses (NACK) a snapshot that
     /// does not convert or is not newer than the one in force.
     pub fn update(&self, snapshot: Snapshot) -> Result<u64, SnapshotRejected> {

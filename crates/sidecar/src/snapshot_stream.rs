@@ -1,0 +1,532 @@
+//! Controller mode: the client of the controller's snapshot stream
+//! (`chaperone.snapshot.v1.SnapshotService/Watch`).
+//!
+//! The sidecar dials the controller over TLS (the controller's own CA), presents
+//! its pod's projected ServiceAccount token (re-read on every connect, so
+//! rotation works), and then, on one long-lived stream:
+//! - takes each `SnapshotUpdate`, converts it at the edge ([`wire`]) and puts it
+//!   in force, answering ACK, or NACK with the typed error (the last good
+//!   snapshot stays in force);
+//! - keeps the live sidecars' keys from snapshots and `KeySet` updates
+//!   ([`crate::peer_keys`]) for delegation verification;
+//! - sends its signing key once per stream, its tool inventory when it changes
+//!   (at most every [`INVENTORY_INTERVAL`]), and its audit records in batches with
+//!   the count of records dropped since the last batch.
+//!
+//! Fail closed: before the first snapshot every call is refused (503, not
+//! ready). When the controller is away the last good snapshot stays in force and
+//! the sidecar reconnects with jittered exponential backoff. When the controller
+//! says the AgentIdentity is gone (`NOT_FOUND` on the stream, or
+//! `FAILED_PRECONDITION` "no AgentIdentity selects this pod" at connect) the
+//! snapshot is dropped and every call is refused until a new one arrives.
+
+pub mod wire;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chaperone_wire::v1::{
+    Ack, AuditBatch, ControllerMessage, Hello, Nack, SidecarMessage, SigningKey, SnapshotUpdate,
+    ToolInventory, controller_message, sidecar_message,
+    snapshot_service_client::SnapshotServiceClient,
+};
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::{Code, Status};
+
+use crate::Sidecar;
+use crate::backoff::Backoff;
+use crate::inventory::DiscoveredTool;
+use crate::peer_keys::PeerKeys;
+use crate::settings::{CaSource, ControllerSettings};
+use wire::SnapshotOffer;
+
+/// Least time between two tool inventory reports on a stream.
+pub const INVENTORY_INTERVAL: Duration = Duration::from_secs(2);
+/// Most audit records in one batch.
+pub const AUDIT_BATCH_RECORDS: usize = 512;
+/// Most audit bytes in one batch (well below gRPC's 4 MiB message limit).
+pub const AUDIT_BATCH_BYTES: usize = 1 << 20;
+/// How often drops are reported when no record is shipped.
+const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// Timeout of the TCP + TLS connect to the controller.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a connection to the controller could not be opened.
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    /// The token file could not be read.
+    #[error("reading the ServiceAccount token {path}: {source}")]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The token file is empty or holds characters a header cannot carry.
+    #[error("the ServiceAccount token in {0} is empty or not a valid bearer token")]
+    BadToken(PathBuf),
+    /// The CA file could not be read.
+    #[error("reading the controller CA {path}: {source}")]
+    Ca {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The address or TLS settings are unusable, or the connect failed.
+    #[error("connecting to the controller at {address}: {source}")]
+    Transport {
+        /// The address dialled.
+        address: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The controller refused the stream.
+    #[error("the controller refused the stream: {0}")]
+    Refused(Status),
+}
+
+/// How one stream ended.
+#[derive(Debug)]
+enum StreamEnd {
+    /// It never opened.
+    NotOpened(ConnectError),
+    /// The controller closed it (cleanly, or with a status).
+    Closed(Option<Status>),
+    /// The controller stopped reading what the sidecar sends.
+    SendFailed,
+}
+
+/// The client of the controller's snapshot stream; [`SnapshotStream::run`]
+/// drives it for the sidecar's lifetime.
+#[derive(Debug)]
+pub struct SnapshotStream {
+    sidecar: Sidecar,
+    settings: ControllerSettings,
+    backoff: Backoff,
+    inventory: watch::Receiver<BTreeSet<DiscoveredTool>>,
+    inventory_open: bool,
+    audit: Option<mpsc::Receiver<Arc<str>>>,
+    /// A batch taken from the queue whose send failed; sent first next time.
+    unsent_audit: Option<AuditBatch>,
+    /// `chaperone_sidecar_audit_dropped_total` as last reported.
+    dropped_reported: u64,
+}
+
+impl SnapshotStream {
+    /// A stream client for `sidecar`; takes the sidecar's audit queue (build the
+    /// sidecar with `ship_audit` to ship audit records).
+    pub fn new(sidecar: Sidecar, settings: ControllerSettings) -> Self {
+        let inventory = sidecar.tool_inventory();
+        let audit = sidecar.take_audit_records();
+        let dropped_reported = sidecar.metrics().audit_dropped.get();
+        Self {
+            sidecar,
+            settings,
+            backoff: Backoff::default(),
+            inventory,
+            inventory_open: true,
+            audit,
+            unsent_audit: None,
+            dropped_reported,
+        }
+    }
+
+    /// Replaces the reconnect backoff (tests use short ones).
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Connects, serves the stream, and reconnects with backoff when it ends;
+    /// runs until the task is dropped.
+    pub async fn run(mut self) {
+        loop {
+            let (end, delivered) = self.serve_once().await;
+            if delivered {
+                self.backoff.reset();
+            }
+            self.on_end(end);
+            let delay = self.backoff.next_delay();
+            tracing::debug!(
+                ?delay,
+                failures = self.backoff.failures(),
+                "reconnecting to the controller"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Logs how a stream ended and drops the snapshot if the agent is gone.
+    fn on_end(&self, end: StreamEnd) {
+        let address = &self.settings.address;
+        let status = match &end {
+            StreamEnd::NotOpened(ConnectError::Refused(status)) => Some(status),
+            StreamEnd::Closed(status) => status.as_ref(),
+            _ => None,
+        };
+        if let Some(status) = status
+            && agent_is_gone(status)
+        {
+            let dropped = self.sidecar.snapshots().clear();
+            tracing::warn!(
+                code = ?status.code(),
+                message = status.message(),
+                dropped_version = dropped,
+                "the controller says this pod has no AgentIdentity: snapshot dropped, refusing every call"
+            );
+            return;
+        }
+        let ready = self.sidecar.snapshots().is_ready();
+        match end {
+            StreamEnd::NotOpened(error) => tracing::warn!(
+                %address, %error, keeping_last_snapshot = ready,
+                "no snapshot stream"
+            ),
+            StreamEnd::Closed(None) => {
+                tracing::info!(%address, "the controller closed the snapshot stream")
+            }
+            StreamEnd::Closed(Some(status)) => tracing::warn!(
+                %address, code = ?status.code(), message = status.message(), keeping_last_snapshot = ready,
+                "snapshot stream ended"
+            ),
+            StreamEnd::SendFailed => tracing::warn!(
+                %address, keeping_last_snapshot = ready,
+                "snapshot stream ended while sending"
+            ),
+        }
+    }
+
+    /// One stream, from connect to its end; also says whether the controller
+    /// delivered anything (a working connection resets the backoff).
+    async fn serve_once(&mut self) -> (StreamEnd, bool) {
+        let (tx, mut inbound) = match self.open().await {
+            Ok(opened) => opened,
+            Err(error) => return (StreamEnd::NotOpened(error), false),
+        };
+        tracing::info!(address = %self.settings.address, "snapshot stream open");
+        let mut delivered = false;
+        let mut inventory_due = !self.inventory.borrow_and_update().is_empty();
+        let mut inventory_sent: Option<Instant> = None;
+        let mut drop_tick = tokio::time::interval(DROP_REPORT_INTERVAL);
+        drop_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if let Some(batch) = self.unsent_audit.take()
+            && tx.send(audit_message(batch)).await.is_err()
+        {
+            return (StreamEnd::SendFailed, delivered);
+        }
+        loop {
+            let inventory_at =
+                inventory_sent.map_or_else(Instant::now, |at| at + INVENTORY_INTERVAL);
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        delivered = true;
+                        if let Some(reply) = self.on_message(message)
+                            && tx.send(reply).await.is_err()
+                        {
+                            return (StreamEnd::SendFailed, delivered);
+                        }
+                    }
+                    Ok(None) => return (StreamEnd::Closed(None), delivered),
+                    Err(status) => return (StreamEnd::Closed(Some(status)), delivered),
+                },
+                changed = changed_or_pending(&mut self.inventory, self.inventory_open), if !inventory_due => {
+                    if changed.is_err() {
+                        self.inventory_open = false;
+                    } else {
+                        inventory_due = true;
+                    }
+                }
+                () = tokio::time::sleep_until(inventory_at), if inventory_due => {
+                    let tools = self.inventory.borrow_and_update().iter().map(Into::into).collect();
+                    let message = sidecar_message::Message::Inventory(ToolInventory { tools });
+                    if tx.send(SidecarMessage { message: Some(message) }).await.is_err() {
+                        return (StreamEnd::SendFailed, delivered);
+                    }
+                    inventory_due = false;
+                    inventory_sent = Some(Instant::now());
+                }
+                record = recv_or_pending(&mut self.audit) => match record {
+                    Some(first) => {
+                        let batch = self.audit_batch(first);
+                        if tx.send(audit_message(batch.clone())).await.is_err() {
+                            self.unsent_audit = Some(batch);
+                            return (StreamEnd::SendFailed, delivered);
+                        }
+                    }
+                    None => self.audit = None,
+                },
+                _ = drop_tick.tick() => {
+                    let dropped = self.dropped_since_report();
+                    if dropped > 0 {
+                        let batch = AuditBatch { records: Vec::new(), dropped };
+                        if tx.send(audit_message(batch.clone())).await.is_err() {
+                            self.unsent_audit = Some(batch);
+                            return (StreamEnd::SendFailed, delivered);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Connects, authenticates and opens `Watch`, queueing the hello and the
+    /// signing key as its first messages.
+    async fn open(
+        &self,
+    ) -> Result<
+        (
+            mpsc::Sender<SidecarMessage>,
+            tonic::Streaming<ControllerMessage>,
+        ),
+        ConnectError,
+    > {
+        let settings = &self.settings;
+        let bearer = read_bearer(&settings.token_file)?;
+        let ca = match &settings.ca {
+            CaSource::Pem(pem) => pem.clone(),
+            CaSource::File(path) => {
+                std::fs::read_to_string(path).map_err(|source| ConnectError::Ca {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+        };
+        let transport = |source| ConnectError::Transport {
+            address: settings.address.clone(),
+            source,
+        };
+        let channel = Endpoint::from_shared(format!("https://{}", settings.address))
+            .map_err(transport)?
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name(settings.server_name.clone()),
+            )
+            .map_err(transport)?
+            .connect_timeout(CONNECT_TIMEOUT)
+            // Find a controller that vanished without closing the connection.
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect()
+            .await
+            .map_err(transport)?;
+
+        let (tx, rx) = mpsc::channel(64);
+        let current = self.sidecar.snapshots().current();
+        let hello = Hello {
+            sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
+            snapshot_version: current.as_ref().map_or(0, |c| c.version()),
+            snapshot_hash: current
+                .as_ref()
+                .map(|c| c.snapshot.hash.clone())
+                .unwrap_or_default(),
+        };
+        let key = self.sidecar.key_registration();
+        let signing_key = SigningKey {
+            kid: key.kid.clone(),
+            jwk_json: key.jwk.to_string(),
+        };
+        for message in [
+            sidecar_message::Message::Hello(hello),
+            sidecar_message::Message::SigningKey(signing_key),
+        ] {
+            // The channel is new and empty: these cannot fail.
+            let _ = tx.try_send(SidecarMessage {
+                message: Some(message),
+            });
+        }
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        request.metadata_mut().insert("authorization", bearer);
+        let response = SnapshotServiceClient::new(channel)
+            .watch(request)
+            .await
+            .map_err(ConnectError::Refused)?;
+        Ok((tx, response.into_inner()))
+    }
+
+    /// Applies one controller message; returns the reply (ACK/NACK), if any.
+    fn on_message(&self, message: ControllerMessage) -> Option<SidecarMessage> {
+        match message.message? {
+            controller_message::Message::Snapshot(update) => Some(self.on_snapshot(update)),
+            controller_message::Message::Keys(keys) => {
+                match PeerKeys::from_json(&keys.jwks_json) {
+                    Ok(keys) => {
+                        tracing::debug!(keys = keys.len(), "peer keys updated");
+                        self.sidecar.peer_keys().replace(keys);
+                    }
+                    Err(error) => tracing::warn!(
+                        %error,
+                        "the controller sent peer keys that do not parse; keeping the previous ones"
+                    ),
+                }
+                None
+            }
+        }
+    }
+
+    /// Converts and applies a snapshot update: the ACK or NACK to send.
+    fn on_snapshot(&self, update: SnapshotUpdate) -> SidecarMessage {
+        let (version, hash) = (update.version, update.hash.clone());
+        let outcome = SnapshotOffer::try_from(update)
+            .map_err(|e| e.to_string())
+            .and_then(|offer| {
+                if let Some(keys) = offer.peer_keys {
+                    self.sidecar.peer_keys().replace(keys);
+                }
+                if let Some(identity) = &offer.identity
+                    && !self.sidecar.pod_name().is_empty()
+                    && identity.pod != self.sidecar.pod_name()
+                {
+                    tracing::warn!(
+                        stream_pod = %identity.pod,
+                        "the controller identifies this sidecar's token with another pod"
+                    );
+                }
+                let source = self.sidecar.snapshots();
+                // After a reconnect the controller resends what is in force.
+                let in_force = source.current().is_some_and(|current| {
+                    current.snapshot.hash == offer.snapshot.hash
+                        && current.version() >= offer.snapshot.version
+                });
+                if in_force {
+                    return Ok(());
+                }
+                source
+                    .update(offer.snapshot)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+        let message = match outcome {
+            Ok(()) => {
+                tracing::info!(version, %hash, "snapshot in force");
+                sidecar_message::Message::Ack(Ack { version, hash })
+            }
+            Err(error) => {
+                tracing::warn!(version, %hash, %error, "snapshot rejected; keeping the last good one");
+                sidecar_message::Message::Nack(Nack {
+                    version,
+                    hash,
+                    error,
+                })
+            }
+        };
+        SidecarMessage {
+            message: Some(message),
+        }
+    }
+
+    /// `first` and what else is queued, up to the batch limits, with the drops
+    /// since the last report.
+    fn audit_batch(&mut self, first: Arc<str>) -> AuditBatch {
+        let mut bytes = first.len();
+        let mut records = vec![first.to_string()];
+        if let Some(queue) = self.audit.as_mut() {
+            while records.len() < AUDIT_BATCH_RECORDS && bytes < AUDIT_BATCH_BYTES {
+                let Ok(record) = queue.try_recv() else {
+                    break;
+                };
+                bytes += record.len();
+                records.push(record.to_string());
+            }
+        }
+        AuditBatch {
+            records,
+            dropped: self.dropped_since_report(),
+        }
+    }
+
+    /// Records dropped since the last call (counted by the audit log).
+    fn dropped_since_report(&mut self) -> u64 {
+        let total = self.sidecar.metrics().audit_dropped.get();
+        let dropped = total.saturating_sub(self.dropped_reported);
+        self.dropped_reported = total;
+        dropped
+    }
+}
+
+/// Whether a status from the controller means "this pod has no AgentIdentity".
+fn agent_is_gone(status: &Status) -> bool {
+    matches!(status.code(), Code::NotFound | Code::FailedPrecondition)
+}
+
+/// `Bearer <token>` from the token file, as gRPC metadata.
+fn read_bearer(
+    path: &std::path::Path,
+) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, ConnectError> {
+    let token = std::fs::read_to_string(path).map_err(|source| ConnectError::Token {
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(ConnectError::BadToken(path.to_owned()));
+    }
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ConnectError::BadToken(path.to_owned()))
+}
+
+fn audit_message(batch: AuditBatch) -> SidecarMessage {
+    SidecarMessage {
+        message: Some(sidecar_message::Message::Audit(batch)),
+    }
+}
+
+/// `rx.changed()`, or never when the sender is gone.
+async fn changed_or_pending<T>(
+    rx: &mut watch::Receiver<T>,
+    open: bool,
+) -> Result<(), watch::error::RecvError> {
+    if open {
+        rx.changed().await
+    } else {
+        std::future::pending().await
+    }
+}
+
+/// The next queued record; never resolves without a queue.
+async fn recv_or_pending(queue: &mut Option<mpsc::Receiver<Arc<str>>>) -> Option<Arc<str>> {
+    match queue {
+        Some(queue) => queue.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_not_found_and_no_identity_drop_the_snapshot() {
+        assert!(agent_is_gone(&Status::not_found("deleted")));
+        assert!(agent_is_gone(&Status::failed_precondition(
+            "no AgentIdentity"
+        )));
+        for code in [Code::Unavailable, Code::Unauthenticated, Code::Internal] {
+            assert!(!agent_is_gone(&Status::new(code, "x")), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn token_is_read_trimmed_and_must_not_be_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "abc.def\n").unwrap();
+        assert_eq!(read_bearer(&path).unwrap(), "Bearer abc.def");
+        std::fs::write(&path, "  \n").unwrap();
+        assert!(matches!(read_bearer(&path), Err(ConnectError::BadToken(_))));
+        assert!(matches!(
+            read_bearer(&dir.path().join("missing")),
+            Err(ConnectError::Token { .. })
+        ));
+    }
+}
