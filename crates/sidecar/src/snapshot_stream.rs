@@ -503,7 +503,103 @@ async fn recv_or_pending(queue: &mut Option<mpsc::Receiver<Arc<str>>>) -> Option
 
 #[cfg(test)]
 mod tests {
+    use chaperone_policy::Snapshot;
+
+    use super::wire::fixtures::{snapshot, update};
     use super::*;
+    use crate::{AuditOutput, Settings};
+
+    fn stream() -> SnapshotStream {
+        let sidecar = Sidecar::new(
+            Settings::default(),
+            AuditOutput::Writer(Box::new(std::io::sink())),
+            true,
+        )
+        .unwrap();
+        SnapshotStream::new(sidecar, ControllerSettings::new("controller:9090").unwrap())
+    }
+
+    fn reply(message: SidecarMessage) -> sidecar_message::Message {
+        message.message.unwrap()
+    }
+
+    /// The same content as `snapshot(version)` but a different hash.
+    fn changed(version: u64) -> Snapshot {
+        let mut content = snapshot(version).content;
+        content.session.idle_timeout_seconds += 1;
+        Snapshot::new(version, content)
+    }
+
+    #[test]
+    fn acks_a_good_snapshot_and_puts_it_in_force() {
+        let stream = stream();
+        let s = snapshot(10);
+        let ack = reply(stream.on_snapshot(update(&s)));
+        assert!(
+            matches!(ack, sidecar_message::Message::Ack(Ack { version: 10, ref hash }) if *hash == s.hash)
+        );
+        assert_eq!(stream.sidecar.snapshots().current().unwrap().version(), 10);
+        assert!(stream.sidecar.peer_keys().current().get("k1").is_some());
+    }
+
+    #[test]
+    fn nacks_a_bad_update_and_keeps_the_last_good_snapshot() {
+        let stream = stream();
+        stream.on_snapshot(update(&snapshot(10)));
+        let mut bad = update(&changed(11));
+        bad.hash = "0".repeat(64);
+        let nack = reply(stream.on_snapshot(bad));
+        let sidecar_message::Message::Nack(nack) = nack else {
+            panic!("not a NACK: {nack:?}");
+        };
+        assert_eq!(nack.version, 11);
+        assert!(nack.error.contains("announces hash"), "{}", nack.error);
+        assert_eq!(stream.sidecar.snapshots().current().unwrap().version(), 10);
+    }
+
+    #[test]
+    fn acks_the_snapshot_in_force_again_after_a_reconnect() {
+        let stream = stream();
+        stream.on_snapshot(update(&snapshot(10)));
+        let again = reply(stream.on_snapshot(update(&snapshot(10))));
+        assert!(
+            matches!(again, sidecar_message::Message::Ack(_)),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn nacks_an_older_version_with_other_content() {
+        let stream = stream();
+        stream.on_snapshot(update(&snapshot(10)));
+        let older = reply(stream.on_snapshot(update(&changed(9))));
+        assert!(
+            matches!(older, sidecar_message::Message::Nack(ref n) if n.error.contains("not newer")),
+            "{older:?}"
+        );
+    }
+
+    #[test]
+    fn dropping_the_snapshot_closes_the_sidecar() {
+        let stream = stream();
+        stream.on_snapshot(update(&snapshot(10)));
+        assert_eq!(stream.sidecar.snapshots().clear(), Some(10));
+        assert!(!stream.sidecar.snapshots().is_ready());
+        // A new snapshot after the drop is taken whatever its version.
+        let ack = reply(stream.on_snapshot(update(&changed(3))));
+        assert!(matches!(ack, sidecar_message::Message::Ack(_)), "{ack:?}");
+    }
+
+    #[test]
+    fn audit_batches_carry_queued_records_and_drops() {
+        let mut stream = stream();
+        let batch = stream.audit_batch(Arc::from("{\"n\":1}"));
+        assert_eq!(batch.records, ["{\"n\":1}"]);
+        assert_eq!(batch.dropped, 0);
+        stream.sidecar.metrics().audit_dropped.inc_by(3);
+        assert_eq!(stream.dropped_since_report(), 3);
+        assert_eq!(stream.dropped_since_report(), 0);
+    }
 
     #[test]
     fn only_not_found_and_no_identity_drop_the_snapshot() {

@@ -150,14 +150,16 @@ impl From<&DiscoveredTool> for v1::DiscoveredTool {
     }
 }
 
+/// Snapshots and updates for tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use chaperone_policy::model::{AgentIdentitySpec, Object};
-    use chaperone_policy::{CompileOptions, Inventory, compile};
+    use chaperone_policy::{CompileOptions, Inventory, Snapshot, compile};
+    use chaperone_wire::SNAPSHOT_FORMAT_JSON;
+    use chaperone_wire::v1::{self, SnapshotUpdate};
 
-    use super::*;
-
-    fn snapshot(version: u64) -> Snapshot {
+    /// A compiled snapshot of agent `shop/planner` at `version`.
+    pub(crate) fn snapshot(version: u64) -> Snapshot {
         let identity: Object<AgentIdentitySpec> = serde_json::from_value(serde_json::json!({
             "apiVersion": "chaperone.dev/v1alpha1",
             "metadata": { "name": "planner", "namespace": "shop" },
@@ -177,7 +179,8 @@ mod tests {
         .snapshot
     }
 
-    fn update(snapshot: &Snapshot) -> SnapshotUpdate {
+    /// The update that carries `snapshot` to sidecar `shop/planner-0`.
+    pub(crate) fn update(snapshot: &Snapshot) -> SnapshotUpdate {
         SnapshotUpdate {
             version: snapshot.version,
             hash: snapshot.hash.clone(),
@@ -192,6 +195,12 @@ mod tests {
             jwks_json: r#"{"keys":[{"kid":"k1","kty":"OKP"}]}"#.into(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{snapshot, update};
+    use super::*;
 
     #[test]
     fn converts_a_valid_update() {
