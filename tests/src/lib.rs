@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod kube_fixtures;
 pub mod pki;
 pub mod tools;
 

@@ -1,0 +1,239 @@
+//! Stand-ins for what a cluster would run around the controller, for tests and
+//! benchmarks on the local control plane: the CRDs, ServiceAccounts and pods
+//! (they stay Pending: no kubelet), pod-bound ServiceAccount tokens from the
+//! TokenRequest API, and a sidecar stand-in that is a real gRPC client of the
+//! controller's snapshot stream.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use chaperone_wire::v1::{
+    Ack, ControllerMessage, SidecarMessage, SnapshotUpdate, controller_message, sidecar_message,
+    snapshot_service_client::SnapshotServiceClient,
+};
+use k8s_openapi::api::{
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{Pod, ServiceAccount},
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, PostParams},
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Streaming,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
+
+use crate::ControlPlane;
+
+/// The audience the controller accepts sidecar tokens for.
+pub const SIDECAR_AUDIENCE: &str = "chaperone";
+
+/// The repository's generated CRDs (`crds/`).
+pub fn crds_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds")
+}
+
+/// Applies `crds/` to `cp` (server-side) and waits until every CRD is Established.
+pub fn install_crds(cp: &ControlPlane) -> Result<()> {
+    let crds = crds_dir();
+    let crds = crds.to_str().context("crds path is not UTF-8")?;
+    for args in [
+        &["apply", "--server-side", "-f", crds][..],
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "-f",
+            crds,
+        ],
+    ] {
+        let out = cp.kubectl(args)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Creates ServiceAccount `name` in `ns`; one that already exists is fine.
+pub async fn ensure_service_account(client: &Client, ns: &str, name: &str) -> Result<()> {
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &sa)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates pod `name` running as `service_account`, annotated for injection.
+pub async fn create_agent_pod(
+    client: &Client,
+    ns: &str,
+    service_account: &str,
+    name: &str,
+) -> Result<Pod> {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name, "annotations": { "chaperone.dev/inject": "true" } },
+        "spec": {
+            "serviceAccountName": service_account,
+            "containers": [{ "name": "agent", "image": "agent:latest" }]
+        }
+    }))?;
+    Ok(Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await?)
+}
+
+/// A token of `pod`'s ServiceAccount bound to `pod` (name and uid) for
+/// `audience`, valid for ten minutes: what a projected token volume holds.
+pub async fn bound_token(client: &Client, pod: &Pod, audience: &str) -> Result<String> {
+    let ns = pod.metadata.namespace.as_deref().context("pod namespace")?;
+    let service_account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .context("pod has no serviceAccountName")?;
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![audience.into()],
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            expiration_seconds: Some(600),
+        },
+        ..Default::default()
+    };
+    let response = Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(service_account, &PostParams::default(), &request)
+        .await?;
+    Ok(response
+        .status
+        .context("token request has no status")?
+        .token)
+}
+
+/// A ServiceAccount, a pod running as it, and a token bound to that pod.
+pub async fn pod_token(
+    client: &Client,
+    ns: &str,
+    service_account: &str,
+    pod: &str,
+    audience: &str,
+) -> Result<String> {
+    ensure_service_account(client, ns, service_account).await?;
+    let pod = create_agent_pod(client, ns, service_account, pod).await?;
+    bound_token(client, &pod, audience).await
+}
+
+/// Where the controller's snapshot server listens and the CA to trust for it
+/// (the controller's `--ca-file`; its certificate must name `localhost`).
+#[derive(Clone, Debug)]
+pub struct SnapshotEndpoint {
+    /// Port on 127.0.0.1.
+    pub port: u16,
+    /// CA bundle, PEM.
+    pub ca_pem: String,
+}
+
+impl SnapshotEndpoint {
+    /// A new TLS connection to the server (each sidecar has its own).
+    pub async fn channel(&self) -> Result<Channel, tonic::Status> {
+        let unavailable = |e: tonic::transport::Error| tonic::Status::unavailable(e.to_string());
+        // Dial 127.0.0.1 and verify the certificate's `localhost` name.
+        Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
+            .map_err(unavailable)?
+            .connect_timeout(Duration::from_secs(10))
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&self.ca_pem))
+                    .domain_name("localhost"),
+            )
+            .map_err(unavailable)?
+            .connect()
+            .await
+            .map_err(unavailable)
+    }
+}
+
+/// A sidecar stand-in: a real gRPC client of the snapshot stream that sends
+/// what the test tells it to.
+pub struct SidecarStandIn {
+    to_controller: mpsc::Sender<SidecarMessage>,
+    from_controller: Streaming<ControllerMessage>,
+}
+
+impl SidecarStandIn {
+    /// Opens a stream on a new connection to `endpoint`, authenticated with
+    /// `token`; the controller's refusal comes back as the `Status`.
+    pub async fn connect(endpoint: &SnapshotEndpoint, token: &str) -> Result<Self, tonic::Status> {
+        let channel = endpoint.channel().await?;
+        let (tx, rx) = mpsc::channel(8);
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| tonic::Status::invalid_argument("token is not valid metadata"))?;
+        request.metadata_mut().insert("authorization", bearer);
+        let response = SnapshotServiceClient::new(channel).watch(request).await?;
+        Ok(Self {
+            to_controller: tx,
+            from_controller: response.into_inner(),
+        })
+    }
+
+    /// The next snapshot update, skipping key-set updates; fails after `timeout`
+    /// or when the stream ends.
+    pub async fn next_snapshot(&mut self, timeout: Duration) -> Result<SnapshotUpdate> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let message = tokio::time::timeout(left, self.from_controller.message())
+                .await
+                .context("no snapshot in time")??
+                .context("stream ended")?;
+            if let Some(controller_message::Message::Snapshot(update)) = message.message {
+                return Ok(update);
+            }
+        }
+    }
+
+    /// Acknowledges `update` (version and hash).
+    pub async fn ack(&self, update: &SnapshotUpdate) -> Result<()> {
+        self.send(sidecar_message::Message::Ack(Ack {
+            version: update.version,
+            hash: update.hash.clone(),
+        }))
+        .await
+    }
+
+    /// Sends any message to the controller.
+    pub async fn send(&self, message: sidecar_message::Message) -> Result<()> {
+        self.to_controller
+            .send(SidecarMessage {
+                message: Some(message),
+            })
+            .await
+            .context("the stream to the controller is closed")
+    }
+}
