@@ -65,36 +65,48 @@ impl Index {
     /// Adds or replaces an AgentIdentity.
     pub fn apply_identity(&mut self, object: Object<AgentIdentitySpec>, now: i64) {
         let namespace = namespace_of(&object);
-        upsert(
+        // Our own status writes come back as watch events with an unchanged
+        // model object: recompiling for them would feed back into more writes.
+        if !upsert(
             &mut self.objects.identities,
             &mut self.positions,
             ObjectKind::AgentIdentity,
             object,
-        );
+        ) {
+            return;
+        }
         self.recompute([namespace], now);
     }
 
     /// Adds or replaces a ToolPolicy.
     pub fn apply_policy(&mut self, object: Object<ToolPolicySpec>, now: i64) {
         let namespace = namespace_of(&object);
-        upsert(
+        // Our own status writes come back as watch events with an unchanged
+        // model object: recompiling for them would feed back into more writes.
+        if !upsert(
             &mut self.objects.policies,
             &mut self.positions,
             ObjectKind::ToolPolicy,
             object,
-        );
+        ) {
+            return;
+        }
         self.recompute([namespace], now);
     }
 
     /// Adds or replaces a DelegationGrant.
     pub fn apply_grant(&mut self, object: Object<DelegationGrantSpec>, now: i64) {
         let namespaces = grant_namespaces(&object);
-        upsert(
+        // Our own status writes come back as watch events with an unchanged
+        // model object: recompiling for them would feed back into more writes.
+        if !upsert(
             &mut self.objects.grants,
             &mut self.positions,
             ObjectKind::DelegationGrant,
             object,
-        );
+        ) {
+            return;
+        }
         self.recompute(namespaces, now);
     }
 
@@ -360,18 +372,24 @@ fn next_version(last: u64, now_seconds: i64) -> u64 {
     (last + 1).max(clock)
 }
 
-fn upsert<S>(
+/// Inserts or replaces `object`; false when an equal object was already there.
+fn upsert<S: PartialEq>(
     list: &mut Vec<Object<S>>,
     positions: &mut HashMap<ObjectRef, usize>,
     kind: ObjectKind,
     object: Object<S>,
-) {
+) -> bool {
     let key = object_ref(kind, &object);
     match positions.get(&key) {
-        Some(&i) => list[i] = object,
+        Some(&i) if list[i] == object => false,
+        Some(&i) => {
+            list[i] = object;
+            true
+        }
         None => {
             positions.insert(key, list.len());
             list.push(object);
+            true
         }
     }
 }
@@ -553,6 +571,18 @@ mod tests {
         let second = rx.borrow_and_update().clone().unwrap();
         assert!(second.version > first.version);
         assert_ne!(second.hash, first.hash);
+    }
+
+    #[test]
+    fn an_unchanged_object_changes_nothing() {
+        let mut index = Index::new();
+        index.apply_identity(identity("a", "planner"), NOW);
+        index.apply_policy(policy("a", "p1", "planner", "get_order"), NOW);
+        let generation = index.generation();
+        // What our own status writes look like from the watch: the same object.
+        index.apply_identity(identity("a", "planner"), NOW);
+        index.apply_policy(policy("a", "p1", "planner", "get_order"), NOW);
+        assert_eq!(index.generation(), generation);
     }
 
     #[test]

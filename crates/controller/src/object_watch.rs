@@ -52,7 +52,9 @@ impl SharedIndex {
             change(&mut index);
             index.generation()
         };
-        self.changed.send_replace(generation);
+        // Only a real change wakes the status writer.
+        self.changed
+            .send_if_modified(|current| std::mem::replace(current, generation) != generation);
     }
 
     /// Ticks after every change.

@@ -440,6 +440,7 @@ async fn patch_status(
 /// Recompiles every agent when a grant expires, on every replica, so expired
 /// grants leave the snapshots at that instant.
 pub async fn run_expiry_ticker(index: Arc<SharedIndex>) {
+    let mut changes = index.changes();
     loop {
         let wait = {
             let now = crate::unix_now();
@@ -448,8 +449,13 @@ pub async fn run_expiry_ticker(index: Arc<SharedIndex>) {
                 .unwrap_or(60)
                 .min(60)
         };
-        tokio::time::sleep(Duration::from_secs(wait)).await;
-        let now = crate::unix_now();
-        index.update(|i| i.recompute_all(now));
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(wait)) => {
+                let now = crate::unix_now();
+                index.update(|i| i.recompute_all(now));
+            }
+            // A new or changed grant may expire sooner: compute the wait again.
+            changed = changes.changed() => if changed.is_err() { return },
+        }
     }
 }
