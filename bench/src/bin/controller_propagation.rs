@@ -480,12 +480,6 @@ async fn memory(options: &Options, client: &Client, controller: &ControllerProce
         namespaces * grants_per_ns,
         options.rss_sidecars
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    settle(controller, Duration::from_secs(60)).await?;
-    println!(
-        "after the propagation sidecars left: {}",
-        controller.memory()?
-    );
 
     let mut names = Vec::with_capacity(namespaces);
     for _ in 0..namespaces {

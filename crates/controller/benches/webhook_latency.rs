@@ -139,8 +139,15 @@ async fn main() -> Result<()> {
     writer.apply_watcher_event(&watcher::Event::Apply(identity("agent", &ns, "agent")));
     let pure = pure_injection(&identities.state())?;
 
+    // The webhook gets a runtime of its own, as in the controller process: the
+    // burst's client tasks must not queue in front of it.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("webhook")
+        .enable_all()
+        .build()?;
     let (namespaces, drive) = webhook::namespace_reflector(client.clone());
-    tokio::spawn(drive);
+    server_rt.spawn(drive);
     let reviews = Arc::new(Mutex::new(Vec::<Duration>::new()));
     let recorder = reviews.clone();
     let state = WebhookState::new(
@@ -154,7 +161,9 @@ async fn main() -> Result<()> {
             samples.push(record.elapsed);
         }
     });
-    let server = webhook::bind("127.0.0.1:0".parse()?, tls, Arc::new(state)).await?;
+    let server = server_rt
+        .spawn(webhook::bind("127.0.0.1:0".parse()?, tls, Arc::new(state)))
+        .await??;
 
     use base64::Engine as _;
     let name = format!("chaperone-bench-{}", unique_suffix());
@@ -235,6 +244,8 @@ async fn main() -> Result<()> {
         .map_err(|_| anyhow::anyhow!("poisoned"))?
         .clone();
     server.shutdown();
+    drop(server);
+    server_rt.shutdown_background();
 
     println!(
         "Burst: {pods} pod creations, {concurrency} concurrent, {:.1} s ({:.0} pods/s)\n",
