@@ -12,15 +12,14 @@ use std::{
 use anyhow::{Context, Result, bail};
 use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
 use chaperone_policy::Snapshot;
-use chaperone_testenv::{ControlPlane, create_namespace, free_port};
+use chaperone_testenv::{
+    ControlPlane, create_namespace, free_port, kube_fixtures, kube_fixtures::pod_token,
+};
 use chaperone_wire::v1::{
     Ack, ControllerMessage, SidecarMessage, SnapshotUpdate, controller_message, sidecar_message,
     snapshot_service_client::SnapshotServiceClient,
 };
-use k8s_openapi::api::{
-    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
-    core::v1::{Namespace, Pod, ServiceAccount},
-};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api, Client,
     api::{DeleteParams, Patch, PatchParams, PostParams},
@@ -44,7 +43,7 @@ fn controller() -> &'static TestController {
     static CONTROLLER: OnceLock<TestController> = OnceLock::new();
     CONTROLLER.get_or_init(|| {
         let cp = ControlPlane::shared();
-        install_crds(cp);
+        kube_fixtures::install_crds(cp).expect("installing the CRDs");
         let grpc_port = free_port().unwrap();
         let admin_port = free_port().unwrap();
         let ca_file = cp
@@ -110,32 +109,6 @@ fn ready(admin_port: u16) -> bool {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
-}
-
-fn install_crds(cp: &ControlPlane) {
-    let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    let out = cp
-        .kubectl(&["apply", "--server-side", "-f", crds.to_str().unwrap()])
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = cp
-        .kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "-f",
-            crds.to_str().unwrap(),
-        ])
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 async fn setup() -> Result<(Client, String)> {
@@ -210,56 +183,6 @@ fn condition<'a>(
     type_: &str,
 ) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     conditions.iter().find(|c| c.type_ == type_)
-}
-
-/// A ServiceAccount and a Pod running as it, and a token bound to that pod.
-async fn pod_token(
-    client: &Client,
-    ns: &str,
-    service_account: &str,
-    pod: &str,
-    audience: &str,
-) -> Result<String> {
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    let sa = ServiceAccount {
-        metadata: kube::api::ObjectMeta {
-            name: Some(service_account.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    match sas.create(&PostParams::default(), &sa).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => return Err(e.into()),
-    }
-    let pod_object: Pod = serde_json::from_value(json!({
-        "metadata": { "name": pod, "annotations": { "chaperone.dev/inject": "true" } },
-        "spec": { "serviceAccountName": service_account, "containers": [{ "name": "agent", "image": "agent:latest" }] }
-    }))?;
-    let created = Api::<Pod>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &pod_object)
-        .await?;
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![audience.into()],
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: Some(pod.into()),
-                uid: created.metadata.uid.clone(),
-            }),
-            expiration_seconds: Some(600),
-        },
-        ..Default::default()
-    };
-    let response = sas
-        .create_token_request(service_account, &PostParams::default(), &request)
-        .await?;
-    Ok(response
-        .status
-        .context("token request has no status")?
-        .token)
 }
 
 /// A sidecar stand-in: a real gRPC client of the snapshot stream.
