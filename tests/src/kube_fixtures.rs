@@ -237,3 +237,85 @@ impl SidecarStandIn {
             .context("the stream to the controller is closed")
     }
 }
+
+/// A chaperone-controller running in this process (on its own thread and
+/// runtime) against the control plane, on free loopback ports.
+#[derive(Clone, Debug)]
+pub struct InProcessController {
+    /// The snapshot gRPC port.
+    pub grpc_port: u16,
+    /// The admin port (/metrics, /readyz, JWKS).
+    pub admin_port: u16,
+    /// Where the controller wrote its CA (what sidecars trust).
+    pub ca_file: PathBuf,
+}
+
+/// Installs the CRDs, starts the controller (`pod_name` is its leader-election
+/// identity) and waits until it is ready. Panics with the reason on failure.
+pub fn start_controller(cp: &ControlPlane, pod_name: &str) -> InProcessController {
+    install_crds(cp).expect("installing the CRDs");
+    let grpc_port = crate::free_port().expect("a free port");
+    let admin_port = crate::free_port().expect("a free port");
+    let ca_file = cp
+        .scratch_dir()
+        .join(format!("controller-ca-{grpc_port}.pem"));
+    let args = <chaperone_controller::Args as clap::Parser>::try_parse_from([
+        "chaperone-controller".to_owned(),
+        "--namespace=chaperone-system".into(),
+        format!("--pod-name={pod_name}"),
+        format!("--grpc-addr=127.0.0.1:{grpc_port}"),
+        format!("--admin-addr=127.0.0.1:{admin_port}"),
+        format!(
+            "--webhook-addr=127.0.0.1:{}",
+            crate::free_port().expect("a free port")
+        ),
+        "--extra-san=localhost,127.0.0.1".into(),
+        format!("--ca-file={}", ca_file.display()),
+        "--log-format=text".into(),
+    ])
+    .expect("controller flags");
+    let kubeconfig = cp.kubeconfig().to_path_buf();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async move {
+            let client = crate::client_from_kubeconfig(&kubeconfig)
+                .await
+                .expect("a client");
+            let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(
+                serde_json::json!({ "metadata": { "name": "chaperone-system" } }),
+            )
+            .expect("a namespace");
+            let _ = kube::Api::all(client.clone())
+                .create(&PostParams::default(), &ns)
+                .await;
+            if let Err(e) = chaperone_controller::run_with_client(args, client).await {
+                panic!("controller stopped: {e:#}");
+            }
+        });
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(ca_file.exists() && admin_ready(admin_port)) {
+        assert!(Instant::now() < deadline, "controller did not become ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    InProcessController {
+        grpc_port,
+        admin_port,
+        ca_file,
+    }
+}
+
+fn admin_ready(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+    let mut out = String::new();
+    let _ = stream.read_to_string(&mut out);
+    out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
+}

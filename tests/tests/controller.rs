@@ -4,7 +4,6 @@
 
 use std::{
     collections::BTreeSet,
-    path::PathBuf,
     sync::OnceLock,
     time::{Duration, Instant},
 };
@@ -12,17 +11,15 @@ use std::{
 use anyhow::{Context, Result, bail};
 use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
 use chaperone_policy::Snapshot;
-use chaperone_testenv::{
-    ControlPlane, create_namespace, free_port, kube_fixtures, kube_fixtures::pod_token,
-};
+use chaperone_testenv::{ControlPlane, create_namespace, kube_fixtures, kube_fixtures::pod_token};
 use chaperone_wire::v1::{
     Ack, ControllerMessage, SidecarMessage, SnapshotUpdate, controller_message, sidecar_message,
     snapshot_service_client::SnapshotServiceClient,
 };
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams},
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -33,82 +30,13 @@ use tonic::{
 };
 
 /// The controller under test: one per test binary, on its own thread and runtime.
-struct TestController {
-    grpc_port: u16,
-    admin_port: u16,
-    ca_file: PathBuf,
-}
+type TestController = kube_fixtures::InProcessController;
 
 fn controller() -> &'static TestController {
     static CONTROLLER: OnceLock<TestController> = OnceLock::new();
     CONTROLLER.get_or_init(|| {
-        let cp = ControlPlane::shared();
-        kube_fixtures::install_crds(cp).expect("installing the CRDs");
-        let grpc_port = free_port().unwrap();
-        let admin_port = free_port().unwrap();
-        let ca_file = cp
-            .scratch_dir()
-            .join(format!("controller-ca-{grpc_port}.pem"));
-        let args = <chaperone_controller::Args as clap::Parser>::try_parse_from([
-            "chaperone-controller".to_owned(),
-            "--namespace=chaperone-system".into(),
-            "--pod-name=controller-under-test".into(),
-            format!("--grpc-addr=127.0.0.1:{grpc_port}"),
-            format!("--admin-addr=127.0.0.1:{admin_port}"),
-            format!("--webhook-addr=127.0.0.1:{}", free_port().unwrap()),
-            "--extra-san=localhost,127.0.0.1".into(),
-            format!("--ca-file={}", ca_file.display()),
-            "--log-format=text".into(),
-        ])
-        .unwrap();
-        let kubeconfig = cp.kubeconfig().to_path_buf();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let client = chaperone_testenv::client_from_kubeconfig(&kubeconfig)
-                    .await
-                    .unwrap();
-                let ns = Namespace {
-                    metadata: kube::api::ObjectMeta {
-                        name: Some("chaperone-system".into()),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                };
-                let _ = Api::<Namespace>::all(client.clone())
-                    .create(&PostParams::default(), &ns)
-                    .await;
-                if let Err(e) = chaperone_controller::run_with_client(args, client).await {
-                    panic!("controller stopped: {e:#}");
-                }
-            });
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !(ca_file.exists() && ready(admin_port)) {
-            assert!(Instant::now() < deadline, "controller did not become ready");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        TestController {
-            grpc_port,
-            admin_port,
-            ca_file,
-        }
+        kube_fixtures::start_controller(ControlPlane::shared(), "controller-under-test")
     })
-}
-
-fn ready(admin_port: u16) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", admin_port)) else {
-        return false;
-    };
-    let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200")
 }
 
 async fn setup() -> Result<(Client, String)> {

@@ -18,10 +18,10 @@ use chaperone_sidecar::{
     backoff::Backoff,
     settings::{CaSource, ControllerSettings},
 };
-use chaperone_testenv::{ControlPlane, create_namespace, free_port};
+use chaperone_testenv::{ControlPlane, create_namespace, free_port, kube_fixtures};
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
-    core::v1::{Namespace, Pod, ServiceAccount},
+    core::v1::{Pod, ServiceAccount},
 };
 use kube::{
     Api, Client,
@@ -47,92 +47,16 @@ use serde_json::json;
 // ---------------------------------------------------------------------------
 // The controller under test: one per test binary, on its own thread and runtime.
 
-struct TestController {
-    grpc_port: u16,
-    admin_port: u16,
-    ca_file: PathBuf,
-}
+type TestController = kube_fixtures::InProcessController;
 
 fn controller() -> &'static TestController {
     static CONTROLLER: OnceLock<TestController> = OnceLock::new();
     CONTROLLER.get_or_init(|| {
-        let cp = ControlPlane::shared();
-        install_crds(cp);
-        let grpc_port = free_port().unwrap();
-        let admin_port = free_port().unwrap();
-        let ca_file = cp
-            .scratch_dir()
-            .join(format!("controller-ca-{grpc_port}.pem"));
-        let args = <chaperone_controller::Args as clap::Parser>::try_parse_from([
-            "chaperone-controller".to_owned(),
-            "--namespace=chaperone-system".into(),
-            format!("--pod-name=sidecar-test-controller-{grpc_port}"),
-            format!("--grpc-addr=127.0.0.1:{grpc_port}"),
-            format!("--admin-addr=127.0.0.1:{admin_port}"),
-            format!("--webhook-addr=127.0.0.1:{}", free_port().unwrap()),
-            "--extra-san=localhost,127.0.0.1".into(),
-            format!("--ca-file={}", ca_file.display()),
-            "--log-format=text".into(),
-        ])
-        .unwrap();
-        let kubeconfig = cp.kubeconfig().to_path_buf();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let client = chaperone_testenv::client_from_kubeconfig(&kubeconfig)
-                    .await
-                    .unwrap();
-                let ns = Namespace {
-                    metadata: kube::api::ObjectMeta {
-                        name: Some("chaperone-system".into()),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                };
-                let _ = Api::<Namespace>::all(client.clone())
-                    .create(&PostParams::default(), &ns)
-                    .await;
-                if let Err(e) = chaperone_controller::run_with_client(args, client).await {
-                    panic!("controller stopped: {e:#}");
-                }
-            });
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !(ca_file.exists() && status_code(&http_get(admin_port, "/readyz")) == 200) {
-            assert!(Instant::now() < deadline, "controller did not become ready");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        TestController {
-            grpc_port,
-            admin_port,
-            ca_file,
-        }
+        kube_fixtures::start_controller(
+            ControlPlane::shared(),
+            &format!("sidecar-test-controller-{}", std::process::id()),
+        )
     })
-}
-
-fn install_crds(cp: &ControlPlane) {
-    let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    for args in [
-        vec!["apply", "--server-side", "-f", crds.to_str().unwrap()],
-        vec![
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "-f",
-            crds.to_str().unwrap(),
-        ],
-    ] {
-        let out = cp.kubectl(&args).unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
 
 /// A raw HTTP/1.0 request on loopback (blocking; for status codes and small
