@@ -219,6 +219,7 @@ async fn typed_objects_round_trip_with_defaults() -> Result<()> {
             name: "orders".into(),
             url: "http://orders.tools.svc:8080/mcp".into(),
             audience: None,
+            agent: None,
         }],
         session: Some(model::SessionSettings::default()),
         ..Default::default()

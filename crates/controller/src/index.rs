@@ -478,6 +478,7 @@ mod tests {
                     name: "orders".into(),
                     url: "http://o".into(),
                     audience: None,
+                    agent: None,
                 }],
                 ..Default::default()
             },

@@ -106,10 +106,23 @@ pub struct ToolServer {
     #[schemars(length(min = 1, max = 2048))]
     pub url: String,
 
-    /// Audience (`aud`) of the assertions sent to this server; defaults to `url`.
+    /// Audience (`aud`) of the assertions sent to this server; defaults to the
+    /// agent's identity when `agent` is set, else to `url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     pub audience: Option<String>,
+
+    /// When this server is another agent's endpoint (its sidecar's inbound
+    /// side), that AgentIdentity's name (same namespace). Calls to it delegate:
+    /// the callee's sidecar verifies the assertion (addressed to
+    /// `chaperone:agent:<namespace>/<agent>`) and needs a DelegationGrant from
+    /// this agent to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub agent: Option<String>,
 }
 
 /// Settings of the signed assertions the sidecar sends with each allowed call.

@@ -116,6 +116,14 @@ impl SessionHistory {
         }
     }
 
+    /// Takes in more of a delegator's history (a later delegating call of the
+    /// same task): its effects join this session's, and the step count never
+    /// goes below the delegator's.
+    pub fn absorb(&mut self, calls: u32, effects: EffectSet) {
+        self.calls = self.calls.max(calls);
+        self.effects = self.effects.union(effects);
+    }
+
     /// Records a call that was made (forwarded) with the effects of its tool
     /// ([`crate::Engine::effects_of`]).
     pub fn record(&mut self, server: &str, tool: &str, effects: EffectSet) {

@@ -44,6 +44,7 @@ fn identity(name: &str, require_delegation: bool) -> Object<AgentIdentitySpec> {
                     name: (*s).into(),
                     url: format!("http://{s}"),
                     audience: None,
+                    agent: None,
                 })
                 .collect(),
             delegation: Some(DelegationSettings { require_delegation }),

@@ -12,6 +12,16 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
+use crate::peer_keys::PeerKeyStore;
+
+/// What makes the sidecar ready.
+#[derive(Clone, Debug)]
+pub enum Readiness {
+    /// A policy snapshot in force (agent mode).
+    Snapshot,
+    /// The live sidecars' keys received (tool mode: it only verifies).
+    Keys(Arc<PeerKeyStore>),
+}
 use crate::snapshot::SnapshotSource;
 
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -28,6 +38,7 @@ fn handle(
     req: &Request<Incoming>,
     source: &SnapshotSource,
     metrics: &Metrics,
+    readiness: &Readiness,
 ) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => respond(
@@ -35,13 +46,23 @@ fn handle(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
-        "/ready" => match source.current() {
-            Some(active) => respond(
+        "/ready" => match (readiness, source.current()) {
+            (Readiness::Keys(keys), _) if keys.loaded() => respond(
+                StatusCode::OK,
+                "text/plain",
+                format!("ready: {} sidecar keys\n", keys.current().len()),
+            ),
+            (Readiness::Keys(_), _) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not ready: no sidecar keys from the controller yet\n".to_owned(),
+            ),
+            (Readiness::Snapshot, Some(active)) => respond(
                 StatusCode::OK,
                 "text/plain",
                 format!("ready: snapshot version {}\n", active.version()),
             ),
-            None => respond(
+            (Readiness::Snapshot, None) => respond(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
                 "not ready: no policy snapshot yet\n".to_owned(),
@@ -60,6 +81,7 @@ fn handle(
 pub async fn serve(
     source: Arc<SnapshotSource>,
     metrics: Arc<Metrics>,
+    readiness: Readiness,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -74,9 +96,10 @@ pub async fn serve(
         };
         let source = Arc::clone(&source);
         let metrics = Arc::clone(&metrics);
+        let readiness = readiness.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let response = handle(&req, &source, &metrics);
+                let response = handle(&req, &source, &metrics, &readiness);
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

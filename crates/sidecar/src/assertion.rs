@@ -10,7 +10,8 @@ use aws_lc_rs::rand;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Serialize;
+use chaperone_policy::EffectSet;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::canonical::{hex, sha256};
@@ -38,13 +39,48 @@ pub struct KeyRegistration {
 
 /// One actor of a delegation chain, nested as RFC 8693 §4.1 `act` claims
 /// (current actor outermost).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Actor {
-    /// The actor's identity.
+    /// The actor's identity (`chaperone:agent:<namespace>/<name>`).
     pub sub: String,
+    /// The DelegationGrant (`namespace/name`) under which this actor holds the
+    /// authority of the actor before it; absent for the chain's origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
     /// The actor before it, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<Box<Actor>>,
+}
+
+impl Actor {
+    /// The actors from the current one (outermost) to the origin.
+    pub fn iter(&self) -> impl Iterator<Item = &Actor> {
+        std::iter::successors(Some(self), |actor| actor.act.as_deref())
+    }
+
+    /// How many actors the chain holds.
+    pub fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    /// Always false: a chain holds at least the current actor.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// What the caller's session had done when it made the call: a delegated
+/// session continues from it, so session conditions and the audit trail span
+/// agents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskContext {
+    /// Effects the caller's session has seen.
+    pub effects: EffectSet,
+    /// Calls the caller's session has made, this one included.
+    pub steps: u32,
+    /// Hex SHA-256 of the caller's audit record of this call: the link from the
+    /// callee's first audit record back to it.
+    pub prev: String,
 }
 
 /// The claims of one assertion.
@@ -73,6 +109,8 @@ pub struct Claims<'a> {
     pub args: &'a str,
     /// The snapshot version that allowed the call.
     pub snap: u64,
+    /// The caller's session so far.
+    pub ctx: &'a TaskContext,
 }
 
 /// Signs assertions with this sidecar's Ed25519 key.
@@ -173,6 +211,11 @@ mod tests {
             tool: "t",
             args: "sha256:00",
             snap: 3,
+            ctx: &TaskContext {
+                effects: EffectSet::EMPTY,
+                steps: 1,
+                prev: "00".into(),
+            },
         };
         let token = signer.sign(&claims);
         let parts: Vec<&str> = token.split('.').collect();

@@ -12,10 +12,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use chaperone_policy::{DecisionRequest, Verdict};
+use chaperone_policy::{Decision, DecisionRequest, Engine, GrantKey, Verdict};
 use serde_json::{Value, json};
 
-use crate::assertion::{AssertionSigner, Claims, random_id};
+use crate::assertion::{Actor, AssertionSigner, Claims, TaskContext, random_id};
 use crate::audit::{AuditAgent, AuditLog, AuditRecord, AuditSession, rfc3339_millis};
 use crate::canonical::{args_digest, hex};
 use crate::inventory::{DiscoveredTool, ToolInventory};
@@ -23,7 +23,7 @@ use crate::jsonrpc::{self, Id, Message};
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::ratelimit::AgentRateLimits;
 use crate::refusal::AuditUnavailable;
-use crate::session::{SessionState, Step};
+use crate::session::{Delegation, SessionState, Step};
 use crate::snapshot::{ActivePolicy, Upstream};
 
 /// Prefix of the policy name of a resource.
@@ -171,15 +171,20 @@ impl Enforcer {
         let settings = &active.snapshot.content.session;
         let empty = Value::Object(serde_json::Map::new());
         let arguments = call.arguments.unwrap_or(&empty);
-        let decision = engine.decide(&DecisionRequest {
-            server: &upstream.name,
-            tool: call.name,
-            arguments,
-            session: &session.history,
-            delegation: None,
-            initiator: None,
-            now: now_ms.div_euclid(1000),
-        });
+        let delegation = session.delegation.clone();
+        let (decision, grant_used) = decide_in_session(
+            engine,
+            &DecisionRequest {
+                server: &upstream.name,
+                tool: call.name,
+                arguments,
+                session: &session.history,
+                delegation: None,
+                initiator: delegation.as_ref().and_then(|d| d.initiator.as_deref()),
+                now: now_ms.div_euclid(1000),
+            },
+            delegation.as_deref(),
+        );
         let mut allowed = decision.verdict == Verdict::Allow;
         let mut rule = decision.rule.as_str().to_owned();
         let mut reason = decision.reason.to_string();
@@ -244,9 +249,10 @@ impl Enforcer {
                 pod: &self.pod.pod,
             },
             args: &digest,
-            chain: &[],
+            chain: delegation.as_ref().map_or(&[][..], |d| &d.audit_chain),
             correlation: &correlation,
             decision: label,
+            initiator: delegation.as_ref().and_then(|d| d.initiator.as_deref()),
             latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
             method: call.method,
             prev: prev.as_deref(),
@@ -261,13 +267,16 @@ impl Enforcer {
             time: &time,
             tool: call.name,
         };
-        match self.audit.write(&record) {
-            Ok(hash) => session.last_audit_hash = Some(hash),
+        let record_hash = match self.audit.write(&record) {
+            Ok(hash) => {
+                session.last_audit_hash = Some(hash);
+                hash
+            }
             Err(err) => {
                 tracing::error!(error = %err, "audit record not written; refusing the call");
                 return Err(AuditUnavailable);
             }
-        }
+        };
         self.metrics
             .decisions
             .get_or_create(&DecisionLabels { result: label })
@@ -288,10 +297,18 @@ impl Enforcer {
         let iat = now_ms.div_euclid(1000);
         let lifetime = i64::from(active.snapshot.content.assertion.lifetime_seconds);
         let jti = random_id();
+        let act = delegation
+            .as_deref()
+            .map(|d| onward_actor(&active.issuer, d, grant_used.as_ref()));
+        let ctx = TaskContext {
+            effects: session.history.effects_seen(),
+            steps: session.history.calls(),
+            prev: hex(&record_hash),
+        };
         let assertion = self.signer.sign(&Claims {
             iss: &active.issuer,
-            sub: &active.issuer,
-            act: None,
+            sub: delegation.as_ref().map_or(&active.issuer, |d| &d.subject),
+            act: act.as_ref(),
             aud: &upstream.audience,
             exp: iat + lifetime,
             iat,
@@ -300,6 +317,7 @@ impl Enforcer {
             tool: call.name,
             args: &digest,
             snap: active.version(),
+            ctx: &ctx,
         });
         Ok(CallOutcome {
             forward: true,
@@ -368,6 +386,50 @@ impl Enforcer {
             self.filter_list_result(active, server, result);
         }
         true
+    }
+}
+
+/// Decides `request` in a session: the agent's own (no delegation), or a
+/// delegated one, where each grant the caller holds to this agent is tried as
+/// the last hop until one allows (the first denial is kept when none does).
+/// Returns the decision and the grant that allowed it.
+pub fn decide_in_session(
+    engine: &Engine,
+    request: &DecisionRequest<'_>,
+    delegation: Option<&Delegation>,
+) -> (Decision, Option<GrantKey>) {
+    let Some(delegation) = delegation.filter(|d| !d.chain.links.is_empty()) else {
+        return (engine.decide(request), None);
+    };
+    let mut first_denial = None;
+    for grant in &delegation.last_grants {
+        let chain = delegation.chain_with(grant);
+        let decision = engine.decide(&DecisionRequest {
+            delegation: Some(&chain),
+            ..*request
+        });
+        if decision.verdict == Verdict::Allow {
+            return (decision, Some(grant.clone()));
+        }
+        first_denial.get_or_insert(decision);
+    }
+    let denial = first_denial.unwrap_or_else(|| {
+        engine.decide(&DecisionRequest {
+            delegation: Some(&delegation.chain),
+            ..*request
+        })
+    });
+    (denial, None)
+}
+
+/// The `act` claim of an assertion this agent (`issuer`) mints inside a
+/// delegated or user-initiated session: itself outermost, holding the caller's
+/// authority under `grant`, then the caller's chain.
+pub fn onward_actor(issuer: &str, delegation: &Delegation, grant: Option<&GrantKey>) -> Actor {
+    Actor {
+        sub: issuer.to_owned(),
+        grant: grant.map(|g| format!("{}/{}", g.namespace, g.name)),
+        act: delegation.caller.clone().map(Box::new),
     }
 }
 

@@ -26,6 +26,9 @@ pub mod audit;
 pub mod authz;
 pub mod backoff;
 pub mod canonical;
+pub mod client;
+pub mod inbound;
+pub mod initiator;
 pub mod inventory;
 pub mod jsonrpc;
 pub mod metrics;
@@ -39,6 +42,7 @@ pub mod snapshot;
 pub mod snapshot_stream;
 pub mod sse;
 pub mod standalone;
+pub mod verify;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -52,7 +56,7 @@ pub use assertion::KeyRegistration;
 pub use audit::AuditOutput;
 pub use inventory::DiscoveredTool;
 pub use peer_keys::{PeerKeyStore, PeerKeys};
-pub use settings::Settings;
+pub use settings::{Settings, SidecarMode};
 pub use snapshot::{SnapshotRejected, SnapshotSource};
 pub use snapshot_stream::SnapshotStream;
 
@@ -70,6 +74,9 @@ pub enum StartError {
     /// No signing key.
     #[error(transparent)]
     Key(#[from] assertion::KeyGenerationError),
+    /// No TLS client.
+    #[error(transparent)]
+    Tls(#[from] client::TlsSetupError),
 }
 
 /// A running sidecar's shared state: build it, hand out its seams, serve it.
@@ -107,7 +114,9 @@ impl Sidecar {
             inventory: ToolInventory::default(),
         };
         let source = Arc::new(SnapshotSource::new());
-        let gateway = Arc::new(Gateway::new(settings, source, enforcer, metrics));
+        let client =
+            client::upstream_client(settings.connect_timeout, settings.upstream_ca_file.as_deref())?;
+        let gateway = Arc::new(Gateway::new(settings, source, enforcer, metrics, client));
         Ok(Self {
             gateway,
             audit_records: Arc::new(Mutex::new(records)),
@@ -169,15 +178,45 @@ impl Sidecar {
         proxy::serve(Arc::clone(&self.gateway), listener, shutdown).await;
     }
 
+    /// Serves the inbound side (delegated calls, or calls to the tool server in
+    /// tool mode) on `listener` until `shutdown` resolves; returns at once when
+    /// no inbound upstream is configured.
+    pub async fn serve_inbound(
+        &self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let Some(upstream) = self.gateway.settings.inbound_upstream.clone() else {
+            return;
+        };
+        let inbound = Arc::new(inbound::Inbound::new(
+            Arc::clone(&self.gateway),
+            Arc::clone(&self.peer_keys),
+            upstream,
+            self.gateway.settings.mode,
+        ));
+        inbound.serve(listener, shutdown).await;
+    }
+
+    /// The settings the sidecar runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.gateway.settings
+    }
+
     /// Serves the admin endpoints on `listener` until `shutdown` resolves.
     pub async fn serve_admin(
         &self,
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
+        let readiness = match self.gateway.settings.mode {
+            SidecarMode::Agent => admin::Readiness::Snapshot,
+            SidecarMode::Tool => admin::Readiness::Keys(Arc::clone(&self.peer_keys)),
+        };
         admin::serve(
             Arc::clone(&self.gateway.source),
             Arc::clone(&self.gateway.metrics),
+            readiness,
             listener,
             shutdown,
         )
@@ -202,6 +241,7 @@ impl Sidecar {
                     if let Some(active) = self.gateway.source.current() {
                         let idle = Duration::from_secs(u64::from(active.snapshot.content.session.idle_timeout_seconds));
                         self.gateway.sessions.sweep(Instant::now(), idle);
+                        self.gateway.delegated.sweep(Instant::now(), idle);
                     }
                     self.gateway.metrics.sessions.set(self.gateway.sessions.len() as i64);
                 }

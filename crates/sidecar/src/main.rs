@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chaperone_sidecar::{AuditOutput, Settings, Sidecar, SnapshotStream, standalone};
+use chaperone_sidecar::{AuditOutput, Settings, Sidecar, SidecarMode, SnapshotStream, standalone};
 use clap::Parser;
 
 /// Chaperone's gateway sidecar: MCP-aware enforcement in front of tool servers.
@@ -38,9 +38,29 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let settings = Settings::from_env()?;
-    let proxy = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("binding the proxy to {}", settings.listen))?;
+    let tool_mode = settings.mode == SidecarMode::Tool;
+    // In front of a tool server there is no agent to proxy for.
+    let proxy = if tool_mode {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(settings.listen)
+                .await
+                .with_context(|| format!("binding the proxy to {}", settings.listen))?,
+        )
+    };
+    let inbound = match &settings.inbound_upstream {
+        Some(upstream) => {
+            let listener = tokio::net::TcpListener::bind(settings.inbound_listen)
+                .await
+                .with_context(|| {
+                    format!("binding the inbound side to {}", settings.inbound_listen)
+                })?;
+            tracing::info!(listen = %settings.inbound_listen, upstream = %upstream, "inbound side in front of the pod's own MCP endpoint");
+            Some(listener)
+        }
+        None => None,
+    };
     let admin = tokio::net::TcpListener::bind(settings.admin_listen)
         .await
         .with_context(|| format!("binding the admin server to {}", settings.admin_listen))?;
@@ -88,6 +108,23 @@ async fn main() -> anyhow::Result<()> {
             .serve_admin(admin, std::future::pending())
             .await
     });
-    sidecar.serve_proxy(proxy, shutdown).await;
+    if let Some(listener) = inbound {
+        let inbound_sidecar = sidecar.clone();
+        let serving = tokio::spawn(async move {
+            inbound_sidecar
+                .serve_inbound(listener, std::future::pending())
+                .await
+        });
+        if proxy.is_none() {
+            tokio::select! {
+                () = shutdown => {}
+                _ = serving => {}
+            }
+            return Ok(());
+        }
+    }
+    if let Some(proxy) = proxy {
+        sidecar.serve_proxy(proxy, shutdown).await;
+    }
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::Value;
 use thiserror::Error;
@@ -79,12 +80,14 @@ impl PeerKeys {
 #[derive(Debug)]
 pub struct PeerKeyStore {
     keys: watch::Sender<Arc<PeerKeys>>,
+    loaded: AtomicBool,
 }
 
 impl Default for PeerKeyStore {
     fn default() -> Self {
         Self {
             keys: watch::Sender::new(Arc::new(PeerKeys::default())),
+            loaded: AtomicBool::new(false),
         }
     }
 }
@@ -92,6 +95,7 @@ impl Default for PeerKeyStore {
 impl PeerKeyStore {
     /// Replaces the key set (subscribers are woken only if it changed).
     pub fn replace(&self, keys: PeerKeys) {
+        self.loaded.store(true, Ordering::Release);
         self.keys.send_if_modified(|current| {
             if **current == keys {
                 return false;
@@ -99,6 +103,11 @@ impl PeerKeyStore {
             *current = Arc::new(keys);
             true
         });
+    }
+
+    /// Whether a key set was ever received.
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
     }
 
     /// The key set now.

@@ -20,9 +20,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
@@ -30,11 +28,13 @@ use crate::assertion::ASSERTION_HEADER;
 use crate::authz::{CallRequest, Enforcer, Governed, classify};
 use crate::jsonrpc::{self, Message, ParseError, Payload, parse_payload, parse_strict};
 use crate::metrics::{Metrics, RefusalLabels};
+use crate::assertion::random_id;
+use crate::client::UpstreamClient;
 use crate::refusal::{
-    MethodNotAllowed, NoSnapshot, Refusal, UnknownServer, UnknownSession, UpstreamResponseRefused,
-    UpstreamUnavailable,
+    MethodNotAllowed, NoSnapshot, Refusal, UnknownDelegatedSession, UnknownServer, UnknownSession,
+    UpstreamResponseRefused, UpstreamUnavailable,
 };
-use crate::session::{SessionKey, SessionStore, SharedSession, lock};
+use crate::session::{SessionKey, SessionState, SessionStore, SharedSession, lock};
 use crate::settings::Settings;
 use crate::snapshot::{ActivePolicy, SnapshotSource, Upstream};
 use crate::sse::{EventRewrite, RewritingSseBody};
@@ -45,6 +45,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
 const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+/// The header that names an inbound-opened session to the agent, which sends
+/// it back with the calls it makes for that task.
+pub const CHAPERONE_SESSION: HeaderName = HeaderName::from_static("chaperone-session");
+/// Key space of inbound-opened sessions in their store.
+const DELEGATED: &str = "chaperone-session";
 const JSON_RPC_INVALID_PARAMS: i64 = -32602;
 
 /// The proxy: snapshot, sessions, enforcement and the upstream client.
@@ -55,11 +60,15 @@ pub struct Gateway {
     pub source: Arc<SnapshotSource>,
     /// Sessions.
     pub sessions: SessionStore,
+    /// Sessions opened at the inbound side (delegated or user-initiated), by
+    /// their `Chaperone-Session` token.
+    pub delegated: SessionStore,
     /// Decisions, audit, assertions.
     pub enforcer: Enforcer,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// The HTTP(S) client towards tool servers and the pod's own endpoint.
+    pub client: UpstreamClient,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -68,13 +77,13 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> ResponseBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
-fn json_response(status: StatusCode, value: &Value) -> Response<ResponseBody> {
+pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response<ResponseBody> {
     let mut response = Response::new(full(value.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -101,7 +110,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Copies the agent's headers for the upstream: no hop-by-hop headers, no
 /// `Host`/`Content-Length` (set anew), and none of the `Chaperone-*` headers.
-fn upstream_headers(src: &HeaderMap, upstream: &Upstream) -> HeaderMap {
+pub(crate) fn forward_headers(src: &HeaderMap, authority: &http::uri::Authority) -> HeaderMap {
     let mut dst = HeaderMap::with_capacity(src.len() + 2);
     for (name, value) in src {
         if is_hop_by_hop(name)
@@ -113,7 +122,7 @@ fn upstream_headers(src: &HeaderMap, upstream: &Upstream) -> HeaderMap {
         }
         dst.append(name.clone(), value.clone());
     }
-    if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
+    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
         dst.insert(header::HOST, host);
     }
     dst
@@ -146,15 +155,11 @@ impl Gateway {
         source: Arc<SnapshotSource>,
         enforcer: Enforcer,
         metrics: Arc<Metrics>,
+        client: UpstreamClient,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
         Self {
             sessions: SessionStore::new(settings.max_sessions),
+            delegated: SessionStore::new(settings.max_sessions),
             settings,
             source,
             enforcer,
@@ -171,7 +176,8 @@ impl Gateway {
         }
     }
 
-    fn refuse(&self, refusal: &Refusal) -> Response<ResponseBody> {
+    /// The response of a refusal (counted by reason).
+    pub(crate) fn refuse(&self, refusal: &Refusal) -> Response<ResponseBody> {
         self.metrics
             .refused
             .get_or_create(&RefusalLabels {
@@ -245,6 +251,45 @@ impl Gateway {
         }
     }
 
+    /// The session named by the agent's `Chaperone-Session` header, if it sent
+    /// one; an unknown or expired token is refused (never silently the agent's
+    /// own authority).
+    fn delegated_session(
+        &self,
+        active: &ActivePolicy,
+        headers: &HeaderMap,
+    ) -> Result<Option<SharedSession>, Refusal> {
+        let Some(value) = headers.get(CHAPERONE_SESSION) else {
+            return Ok(None);
+        };
+        let token = value.to_str().map_err(|_| UnknownDelegatedSession)?;
+        self.delegated
+            .get(
+                &SessionKey::new(DELEGATED, token.trim()),
+                Instant::now(),
+                Self::idle_timeout(active),
+            )
+            .map(Some)
+            .ok_or_else(|| UnknownDelegatedSession.into())
+    }
+
+    /// Opens a session at the inbound side and returns its `Chaperone-Session`
+    /// token (unguessable: 128 random bits).
+    pub fn open_delegated(&self, mut state: SessionState) -> (String, SharedSession) {
+        let token = random_id();
+        state.handle = Some(token.clone());
+        let shared = self
+            .delegated
+            .insert(SessionKey::new(DELEGATED, &token), state, Instant::now());
+        (token, shared)
+    }
+
+    /// The inbound session `token`, if it is live.
+    pub fn find_delegated(&self, token: &str, idle: Duration) -> Option<SharedSession> {
+        self.delegated
+            .get(&SessionKey::new(DELEGATED, token), Instant::now(), idle)
+    }
+
     async fn post(
         self: &Arc<Self>,
         req: Request<Incoming>,
@@ -254,25 +299,7 @@ impl Gateway {
     ) -> Result<Response<ResponseBody>, Refusal> {
         let limit = self.settings.max_body_bytes;
         let (parts, body) = req.into_parts();
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(ParseError::TooLarge { limit }.into());
-        }
-        let bytes = match Limited::new(body, limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-                return Err(ParseError::TooLarge { limit }.into());
-            }
-            Err(_) => {
-                return Err(
-                    ParseError::Syntax("the request body could not be read".to_owned()).into(),
-                );
-            }
-        };
+        let bytes = read_body(&parts.headers, body, limit).await?;
         let payload = parse_payload(&bytes, limit)?;
         let (messages, batch) = match payload {
             Payload::Single(message) => (vec![message], false),
@@ -280,6 +307,7 @@ impl Gateway {
         };
         let initializing = messages.iter().any(|m| m.method() == Some("initialize"));
         let mut session = self.session_for(active, upstream, &parts.headers, initializing)?;
+        let delegated = self.delegated_session(active, &parts.headers)?;
 
         let mut forwarded: Vec<usize> = Vec::with_capacity(messages.len());
         let mut local: Vec<Value> = Vec::new();
@@ -318,9 +346,12 @@ impl Gateway {
                         );
                         session = Some((shared, String::new()));
                     }
-                    let Some((shared, mcp_id)) = session.as_ref() else {
+                    let Some((mcp_shared, mcp_id)) = session.as_ref() else {
                         continue;
                     };
+                    // Inside a delegated (or user-initiated) session the task's
+                    // history decides, not the connection's.
+                    let shared = delegated.as_ref().unwrap_or(mcp_shared);
                     let outcome = {
                         let mut state = lock(shared);
                         self.enforcer.decide_call(
@@ -367,7 +398,7 @@ impl Gateway {
             Bytes::from(serde_json::to_vec(&kept).unwrap_or_default())
         };
 
-        let mut headers = upstream_headers(&parts.headers, upstream);
+        let mut headers = forward_headers(&parts.headers, &upstream.authority);
         if !assertions.is_empty()
             && let Ok(value) = HeaderValue::from_str(&assertions.join(", "))
         {
@@ -454,7 +485,7 @@ impl Gateway {
         }
         let mut request = Request::new(Full::new(Bytes::new()));
         *request.uri_mut() = uri;
-        *request.headers_mut() = upstream_headers(req.headers(), upstream);
+        *request.headers_mut() = forward_headers(req.headers(), &upstream.authority);
         let response = self.send(request, upstream).await?;
         let (mut rparts, rbody) = response.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
@@ -480,7 +511,7 @@ impl Gateway {
         let mut request = Request::new(Full::new(Bytes::new()));
         *request.method_mut() = Method::DELETE;
         *request.uri_mut() = uri;
-        *request.headers_mut() = upstream_headers(req.headers(), upstream);
+        *request.headers_mut() = forward_headers(req.headers(), &upstream.authority);
         let response = self.send(request, upstream).await?;
         if let Some(id) = sid
             && response.status().is_success()
@@ -532,7 +563,31 @@ impl Gateway {
     }
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Reads a request body of at most `limit` bytes.
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Incoming,
+    limit: usize,
+) -> Result<Bytes, Refusal> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ParseError::TooLarge { limit }.into());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
+            Err(ParseError::TooLarge { limit }.into())
+        }
+        Err(_) => {
+            Err(ParseError::Syntax("the request body could not be read".to_owned()).into())
+        }
+    }
+}
+
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let names: Vec<HeaderName> = headers
         .keys()
         .filter(|name| is_hop_by_hop(name))

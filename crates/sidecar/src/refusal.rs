@@ -22,6 +22,25 @@ pub struct UnknownServer(pub String);
 #[error("session not found: initialize a new session")]
 pub struct UnknownSession;
 
+/// The `Chaperone-Session` the agent sent names no live inbound session (it
+/// ended, expired, or was never issued here).
+#[derive(Debug, Error)]
+#[error("Chaperone-Session is unknown or expired: the delegated session ended; the task must be handed over again")]
+pub struct UnknownDelegatedSession;
+
+/// A call at the inbound side was refused: a missing or invalid assertion or
+/// initiator token, or no grant from the caller.
+#[derive(Debug, Error)]
+#[error("Chaperone refused this inbound call: {reason} (correlation id {correlation})")]
+pub struct InboundRefused {
+    /// Why, naming the failed check.
+    pub reason: String,
+    /// Correlation id, also in the audit record.
+    pub correlation: String,
+    /// 401 for a missing or bad initiator token, else 403.
+    pub unauthenticated: bool,
+}
+
 /// An HTTP method MCP's Streamable HTTP transport does not use.
 #[derive(Debug, Error)]
 #[error("method not allowed: use POST, GET or DELETE")]
@@ -75,6 +94,12 @@ pub enum Refusal {
     /// See [`AuditUnavailable`].
     #[error(transparent)]
     AuditUnavailable(#[from] AuditUnavailable),
+    /// See [`UnknownDelegatedSession`].
+    #[error(transparent)]
+    UnknownDelegatedSession(#[from] UnknownDelegatedSession),
+    /// See [`InboundRefused`].
+    #[error(transparent)]
+    InboundRefused(#[from] InboundRefused),
 }
 
 impl From<ParseError> for Refusal {
@@ -98,6 +123,9 @@ impl Refusal {
                 StatusCode::BAD_GATEWAY
             }
             Refusal::AuditUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::UnknownDelegatedSession(_) => StatusCode::FORBIDDEN,
+            Refusal::InboundRefused(r) if r.unauthenticated => StatusCode::UNAUTHORIZED,
+            Refusal::InboundRefused(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -112,6 +140,9 @@ impl Refusal {
             Refusal::UpstreamUnavailable(_)
             | Refusal::UpstreamResponseRefused(_)
             | Refusal::AuditUnavailable(_) => jsonrpc::INTERNAL_ERROR,
+            Refusal::UnknownDelegatedSession(_) | Refusal::InboundRefused(_) => {
+                jsonrpc::POLICY_DENIED
+            }
         }
     }
 
@@ -128,6 +159,8 @@ impl Refusal {
             Refusal::UpstreamUnavailable(_) => "upstream_unavailable",
             Refusal::UpstreamResponseRefused(_) => "upstream_response_refused",
             Refusal::AuditUnavailable(_) => "audit_unavailable",
+            Refusal::UnknownDelegatedSession(_) => "unknown_delegated_session",
+            Refusal::InboundRefused(_) => "inbound_refused",
         }
     }
 

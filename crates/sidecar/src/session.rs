@@ -13,9 +13,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use chaperone_policy::{EffectSet, SessionHistory};
+use chaperone_policy::{DelegationChain, EffectSet, GrantKey, SessionHistory};
 
-use crate::assertion::random_id;
+use crate::assertion::{Actor, random_id};
 use crate::ratelimit::TokenBucket;
 
 /// Steps kept per session for inspection; the counts in [`SessionHistory`] stay
@@ -68,16 +68,59 @@ pub struct SessionState {
     pub last_audit_hash: Option<[u8; 32]>,
     /// Per-session rate-limit counters, by limit id.
     pub rate_limits: Vec<(Arc<str>, TokenBucket)>,
+    /// The `Chaperone-Session` token of a session opened at the inbound side.
+    pub handle: Option<String>,
+    /// For a session another agent delegated (or a user initiated) at the
+    /// inbound side: who, under which grants. `None` for the agent's own.
+    pub delegation: Option<Arc<Delegation>>,
+}
+
+/// How a session opened at the inbound side came to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delegation {
+    /// The chain decisions use, origin first; its last link's grant is the first
+    /// of [`Delegation::last_grants`]. Empty for a session a user initiated at
+    /// this agent.
+    pub chain: DelegationChain,
+    /// Every valid grant from the caller to this agent: a call is allowed if one
+    /// of them covers it (tried in order).
+    pub last_grants: Vec<GrantKey>,
+    /// The verified user who initiated the task; `None` makes the chain's
+    /// origin agent the initiator.
+    pub initiator: Option<String>,
+    /// `sub` of this session's assertions: the initiator, or the origin agent's
+    /// identity.
+    pub subject: String,
+    /// The caller's actor chain (current actor outermost); `None` for a
+    /// session a user initiated here.
+    pub caller: Option<Actor>,
+    /// The chain for audit records: `namespace/name` of every agent, origin
+    /// first, this agent last.
+    pub audit_chain: Vec<String>,
+}
+
+impl Delegation {
+    /// The chain with `grant` as its last link's grant.
+    pub fn chain_with(&self, grant: &GrantKey) -> DelegationChain {
+        let mut chain = self.chain.clone();
+        if let Some(last) = chain.links.last_mut() {
+            last.grant = grant.clone();
+        }
+        chain
+    }
 }
 
 impl SessionState {
-    fn new() -> Self {
+    /// A new, empty session with a fresh Chaperone session id.
+    pub fn new() -> Self {
         Self {
             chaperone_id: random_id(),
             history: SessionHistory::new(),
             steps: VecDeque::new(),
             last_audit_hash: None,
             rate_limits: Vec::new(),
+            handle: None,
+            delegation: None,
         }
     }
 
@@ -184,6 +227,17 @@ impl SessionStore {
     /// Creates (or resets) the session `key`, evicting the least recently used
     /// session if the store is full.
     pub fn create(&self, key: SessionKey, now: Instant) -> SharedSession {
+        self.insert(key, SessionState::new(), now)
+    }
+
+    /// Stores `state` under `key` (replacing any session there), evicting the
+    /// least recently used session when full.
+    pub fn insert(&self, key: SessionKey, state: SessionState, now: Instant) -> SharedSession {
+        self.insert_shared(key, Arc::new(Mutex::new(state)), now)
+    }
+
+    /// Stores a session already shared elsewhere under `key` as well.
+    pub fn insert_shared(&self, key: SessionKey, session: SharedSession, now: Instant) -> SharedSession {
         let mut inner = self.inner();
         inner.remove(&key);
         while inner.slots.len() >= self.max_sessions {
@@ -192,7 +246,6 @@ impl SessionStore {
             };
             inner.slots.remove(&oldest);
         }
-        let session = Arc::new(Mutex::new(SessionState::new()));
         let tick = inner.next_tick;
         inner.next_tick += 1;
         inner.order.insert(tick, key.clone());

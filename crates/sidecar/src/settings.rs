@@ -39,6 +39,23 @@ pub const ENV_CA_PEM: &str = "CHAPERONE_CA_PEM";
 /// host part of [`ENV_CONTROLLER_ADDRESS`]).
 pub const ENV_CONTROLLER_SERVER_NAME: &str = "CHAPERONE_CONTROLLER_SERVER_NAME";
 
+/// `agent` (default: outbound proxy, plus the inbound side when
+/// [`ENV_INBOUND_UPSTREAM`] is set) or `tool` (inbound only, in front of a tool
+/// server).
+pub const ENV_MODE: &str = "CHAPERONE_MODE";
+/// Address of the inbound listener (calls to this pod's own MCP endpoint).
+pub const ENV_INBOUND_LISTEN: &str = "CHAPERONE_INBOUND_LISTEN";
+/// The pod's own MCP endpoint the inbound side fronts, e.g.
+/// `http://127.0.0.1:8080` (from the `chaperone.dev/inbound-port` annotation).
+pub const ENV_INBOUND_UPSTREAM: &str = "CHAPERONE_INBOUND_UPSTREAM";
+/// Comma-separated `aud` values the inbound side accepts besides the agent's
+/// own identity (from the `chaperone.dev/audience` annotation).
+pub const ENV_INBOUND_AUDIENCES: &str = "CHAPERONE_INBOUND_AUDIENCES";
+
+/// Extra CA bundle (PEM) trusted for `https://` tool servers and initiator
+/// JWKS URLs, besides the system's roots.
+pub const ENV_UPSTREAM_CA_FILE: &str = "CHAPERONE_UPSTREAM_CA_FILE";
+
 /// Default of [`ENV_TOKEN_FILE`]: where the injected token volume is mounted.
 pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/chaperone/token";
 /// Default of [`ENV_CA_FILE`].
@@ -68,6 +85,28 @@ pub struct Settings {
     /// The controller's snapshot stream; `None` (no [`ENV_CONTROLLER_ADDRESS`])
     /// means standalone mode.
     pub controller: Option<ControllerSettings>,
+    /// In front of an agent or of a tool server.
+    pub mode: SidecarMode,
+    /// Inbound listener address; default `0.0.0.0:15006`.
+    pub inbound_listen: SocketAddr,
+    /// The pod's own MCP endpoint behind the inbound side; `None`: no inbound
+    /// side (agent mode only; tool mode requires it).
+    pub inbound_upstream: Option<http::Uri>,
+    /// Extra audiences the inbound side accepts.
+    pub inbound_audiences: Vec<String>,
+    /// Extra CA bundle for HTTPS upstreams.
+    pub upstream_ca_file: Option<PathBuf>,
+}
+
+/// Where the sidecar sits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SidecarMode {
+    /// In front of an agent: outbound proxy on 15001, delegated calls inbound.
+    #[default]
+    Agent,
+    /// In front of a tool server: inbound only, every call needs a valid
+    /// assertion addressed to this tool.
+    Tool,
 }
 
 /// Where the controller is and how to authenticate to it.
@@ -138,6 +177,11 @@ impl Default for Settings {
             pod_namespace: String::new(),
             connect_timeout: Duration::from_secs(5),
             controller: None,
+            mode: SidecarMode::Agent,
+            inbound_listen: SocketAddr::from(([0, 0, 0, 0], 15006)),
+            inbound_upstream: None,
+            inbound_audiences: Vec::new(),
+            upstream_ca_file: None,
         }
     }
 }
@@ -210,6 +254,61 @@ impl Settings {
                 controller.ca = CaSource::Pem(v);
             }
             settings.controller = Some(controller);
+        }
+        if let Some(v) = lookup(ENV_UPSTREAM_CA_FILE).filter(|v| !v.trim().is_empty()) {
+            settings.upstream_ca_file = Some(PathBuf::from(v.trim()));
+        }
+        if let Some(v) = lookup(ENV_MODE) {
+            settings.mode = match v.trim() {
+                "" | "agent" => SidecarMode::Agent,
+                "tool" => SidecarMode::Tool,
+                _ => {
+                    return Err(InvalidSetting {
+                        name: ENV_MODE,
+                        value: v,
+                        expected: "agent or tool",
+                    });
+                }
+            };
+        }
+        if let Some(v) = lookup(ENV_INBOUND_LISTEN) {
+            settings.inbound_listen = parse(
+                ENV_INBOUND_LISTEN,
+                v,
+                "a socket address such as 0.0.0.0:15006",
+            )?;
+        }
+        if let Some(v) = lookup(ENV_INBOUND_UPSTREAM).filter(|v| !v.trim().is_empty()) {
+            let uri: http::Uri = parse(
+                ENV_INBOUND_UPSTREAM,
+                v.clone(),
+                "an http:// URL such as http://127.0.0.1:8080",
+            )?;
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                return Err(InvalidSetting {
+                    name: ENV_INBOUND_UPSTREAM,
+                    value: v,
+                    expected: "an http:// URL such as http://127.0.0.1:8080",
+                });
+            }
+            settings.inbound_upstream = Some(uri);
+        }
+        if let Some(v) = lookup(ENV_INBOUND_AUDIENCES) {
+            settings.inbound_audiences = v
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        if settings.mode == SidecarMode::Tool
+            && (settings.inbound_upstream.is_none() || settings.inbound_audiences.is_empty())
+        {
+            return Err(InvalidSetting {
+                name: ENV_MODE,
+                value: "tool".to_owned(),
+                expected: "tool mode also needs CHAPERONE_INBOUND_UPSTREAM (the tool server it fronts) and CHAPERONE_INBOUND_AUDIENCES (the audience callers address)",
+            });
         }
         Ok(settings)
     }
@@ -297,6 +396,35 @@ mod tests {
         assert_eq!(controller.server_name, "localhost");
         assert_eq!(controller.token_file, PathBuf::from("/tmp/token"));
         assert!(matches!(controller.ca, CaSource::Pem(_)));
+    }
+
+    #[test]
+    fn tool_mode_needs_what_it_fronts_and_its_audience() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        assert!(Settings::from_lookup(env(&[(ENV_MODE, "tool")])).is_err());
+        assert!(Settings::from_lookup(env(&[(ENV_MODE, "gateway")])).is_err());
+        assert!(
+            Settings::from_lookup(env(&[(ENV_INBOUND_UPSTREAM, "https://127.0.0.1:8080")]))
+                .is_err()
+        );
+        let settings = Settings::from_lookup(env(&[
+            (ENV_MODE, "tool"),
+            (ENV_INBOUND_UPSTREAM, "http://127.0.0.1:8080"),
+            (ENV_INBOUND_AUDIENCES, "billing, http://billing.tools.svc:8080/mcp"),
+        ]))
+        .unwrap();
+        assert_eq!(settings.mode, SidecarMode::Tool);
+        assert_eq!(
+            settings.inbound_audiences,
+            ["billing", "http://billing.tools.svc:8080/mcp"]
+        );
     }
 
     #[test]

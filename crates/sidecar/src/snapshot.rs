@@ -27,6 +27,17 @@ pub struct Upstream {
     pub audience: String,
     /// `host[:port]`, sent as `Host`.
     pub authority: http::uri::Authority,
+    /// The AgentIdentity behind this endpoint, when it is another agent.
+    pub agent: Option<String>,
+}
+
+/// Prefix of an agent's identity in assertions (`iss`, `sub`, `act.sub`).
+pub const AGENT_ISSUER_PREFIX: &str = "chaperone:agent:";
+
+/// The identity of agent `namespace/name` in assertions:
+/// `chaperone:agent:<namespace>/<name>`.
+pub fn agent_issuer(namespace: &str, name: &str) -> String {
+    format!("{AGENT_ISSUER_PREFIX}{namespace}/{name}")
 }
 
 /// The policy in force: the snapshot, its engine and its routes.
@@ -150,10 +161,8 @@ fn convert(snapshot: Snapshot) -> Result<ActivePolicy, SnapshotRejected> {
             reason,
         };
         let uri: http::Uri = server.url.parse().map_err(|_| bad("not a URL"))?;
-        if uri.scheme_str() != Some("http") {
-            // TLS to tool servers is not built in yet; refusing the snapshot is
-            // the fail-closed answer (the previous one stays in force).
-            return Err(bad("only http:// tool servers are supported"));
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(bad("only http:// and https:// tool servers are supported"));
         }
         let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
         let base_url = server.url.trim_end_matches('/').to_owned();
@@ -161,17 +170,20 @@ fn convert(snapshot: Snapshot) -> Result<ActivePolicy, SnapshotRejected> {
             server.name.clone(),
             Upstream {
                 name: server.name.clone(),
-                audience: server
-                    .audience
-                    .clone()
-                    .unwrap_or_else(|| server.url.clone()),
+                audience: server.audience.clone().unwrap_or_else(|| {
+                    match &server.agent {
+                        Some(callee) => agent_issuer(&snapshot.content.agent.namespace, callee),
+                        None => server.url.clone(),
+                    }
+                }),
+                agent: server.agent.clone(),
                 base_url,
                 authority,
             },
         );
     }
     let agent = &snapshot.content.agent;
-    let issuer = format!("chaperone:agent:{}/{}", agent.namespace, agent.name);
+    let issuer = agent_issuer(&agent.namespace, &agent.name);
     Ok(ActivePolicy {
         snapshot,
         engine,

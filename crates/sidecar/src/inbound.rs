@@ -1,0 +1,700 @@
+//! The inbound side on `:15006`, in front of the pod's own MCP endpoint.
+//!
+//! Agent mode (another agent, or a user's front end, calls this agent):
+//! - with `Chaperone-Assertion`: every governed call of the body needs a
+//!   verified assertion ([`crate::verify`]) for exactly that tool and those
+//!   arguments, all from one caller session; the caller needs a valid
+//!   DelegationGrant to this agent, and every earlier hop of its chain must
+//!   still be valid and within its grant's depth. Then the call joins (or
+//!   opens) the delegated session of that caller session: chain = caller's
+//!   chain + this hop, history seeded from the assertion's task context, first
+//!   audit record linked to the caller's record. The agent gets the session's
+//!   opaque `Chaperone-Session` token in the request headers and sends it back
+//!   with the calls it makes for that task.
+//! - else with `Authorization: Bearer` of a trusted initiator issuer: a
+//!   session whose initiator is that user ([`crate::initiator`]); an invalid
+//!   token is refused (401), never ignored.
+//! - else the request passes: what the agent does next is its own authority.
+//!
+//! Tool mode (in front of a tool server): every governed call needs a verified
+//! assertion addressed to this tool, for that tool and those arguments.
+//!
+//! Refusals are HTTP 403 (401 for initiator tokens) with a JSON-RPC error and
+//! an audit record; nothing refused reaches the pod's endpoint. Every
+//! `Chaperone-*` header the caller sends is dropped before forwarding, except
+//! that a verified assertion is passed on.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use chaperone_policy::{AgentKey, DelegationChain, DelegationLink, GrantKey, ObjectKey, SessionHistory};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::assertion::{ASSERTION_HEADER, Actor, random_id};
+use crate::audit::{AuditAgent, AuditRecord, AuditSession, rfc3339_millis};
+use crate::authz::{Governed, classify};
+use crate::canonical::{args_digest, hex};
+use crate::initiator::InitiatorVerifier;
+use crate::jsonrpc::{Payload, parse_payload};
+use crate::peer_keys::PeerKeyStore;
+use crate::proxy::{
+    BoxError, CHAPERONE_SESSION, Gateway, ResponseBody, forward_headers, read_body,
+    strip_hop_by_hop,
+};
+use crate::refusal::{AuditUnavailable, InboundRefused, MethodNotAllowed, NoSnapshot, Refusal};
+use crate::session::{Delegation, SessionKey, SessionState, SharedSession, lock};
+use crate::settings::SidecarMode;
+use crate::snapshot::{AGENT_ISSUER_PREFIX, ActivePolicy};
+use crate::verify::{ReplayCache, VerifiedAssertion, verify_assertion};
+
+/// Most assertion ids remembered for replay detection.
+pub const REPLAY_CACHE_CAPACITY: usize = 100_000;
+/// Key space, in the delegated-session store, of the caller sessions already
+/// handed a session here.
+const ORIGIN: &str = "chaperone-origin";
+
+/// The inbound side's state.
+pub struct Inbound {
+    gateway: Arc<Gateway>,
+    peer_keys: Arc<PeerKeyStore>,
+    replay: ReplayCache,
+    initiators: InitiatorVerifier,
+    upstream: http::Uri,
+    mode: SidecarMode,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("upstream", &self.upstream)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A governed call of an inbound body.
+struct InboundCall {
+    method: String,
+    name: String,
+    digest: String,
+}
+
+fn unix_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn agent_of(identity: &str) -> Option<AgentKey> {
+    let rest = identity.strip_prefix(AGENT_ISSUER_PREFIX)?;
+    let (namespace, name) = rest.split_once('/')?;
+    Some(ObjectKey::new(namespace, name))
+}
+
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+impl Inbound {
+    /// The inbound side of `gateway`, forwarding to `upstream`.
+    pub fn new(
+        gateway: Arc<Gateway>,
+        peer_keys: Arc<PeerKeyStore>,
+        upstream: http::Uri,
+        mode: SidecarMode,
+    ) -> Self {
+        let initiators = InitiatorVerifier::new(gateway.client.clone());
+        Self {
+            gateway,
+            peer_keys,
+            replay: ReplayCache::new(REPLAY_CACHE_CAPACITY),
+            initiators,
+            upstream,
+            mode,
+        }
+    }
+
+    /// Handles one request; never fails (refusals become responses).
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+        match self.route(req).await {
+            Ok(response) => response,
+            Err(refusal) => self.gateway.refuse(&refusal),
+        }
+    }
+
+    fn target(&self, path_and_query: Option<&http::uri::PathAndQuery>) -> http::Uri {
+        let mut parts = self.upstream.clone().into_parts();
+        parts.path_and_query = path_and_query.cloned();
+        http::Uri::from_parts(parts).unwrap_or_else(|_| self.upstream.clone())
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Refusal> {
+        let active = self.gateway.source.current();
+        if self.mode == SidecarMode::Agent && active.is_none() {
+            return Err(NoSnapshot.into());
+        }
+        let (parts, body) = req.into_parts();
+        let uri = self.target(parts.uri.path_and_query());
+        let authority = self
+            .upstream
+            .authority()
+            .cloned()
+            .ok_or(MethodNotAllowed)?;
+        let mut headers = forward_headers(&parts.headers, &authority);
+        let body = match parts.method {
+            Method::POST => {
+                let limit = self.gateway.settings.max_body_bytes;
+                let bytes = read_body(&parts.headers, body, limit).await?;
+                let calls = governed_calls(&bytes, limit)?;
+                self.admit(active.as_deref(), &parts.headers, &calls, &mut headers)
+                    .await?;
+                bytes
+            }
+            Method::GET | Method::DELETE => Bytes::new(),
+            _ => return Err(MethodNotAllowed.into()),
+        };
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        let response = self.gateway.client.request(request).await.map_err(|err| {
+            tracing::warn!(error = %err, "the pod's own MCP endpoint is unavailable");
+            crate::refusal::UpstreamUnavailable("inbound".to_owned())
+        })?;
+        let (mut rparts, rbody) = response.into_parts();
+        strip_hop_by_hop(&mut rparts.headers);
+        Ok(Response::from_parts(
+            rparts,
+            rbody.map_err(BoxError::from).boxed_unsync(),
+        ))
+    }
+
+    /// Decides whether the governed `calls` may reach the pod; adds the headers
+    /// the pod gets (`Chaperone-Session`, the verified assertion).
+    async fn admit(
+        &self,
+        active: Option<&ActivePolicy>,
+        headers: &http::HeaderMap,
+        calls: &[InboundCall],
+        forward: &mut http::HeaderMap,
+    ) -> Result<(), Refusal> {
+        let now_ms = unix_now_ms();
+        let now = now_ms.div_euclid(1000);
+        let tokens: Vec<&str> = headers
+            .get_all(HeaderName::from_static(ASSERTION_HEADER))
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect();
+        if tokens.is_empty() {
+            if self.mode == SidecarMode::Tool {
+                if calls.is_empty() {
+                    return Ok(());
+                }
+                return Err(self.refuse(
+                    active,
+                    calls,
+                    None,
+                    "assertion",
+                    "no Chaperone-Assertion: this tool accepts calls only through an authorised agent's sidecar".to_owned(),
+                    false,
+                ));
+            }
+            let Some(token) = bearer(headers) else {
+                return Ok(());
+            };
+            let Some(active) = active else {
+                return Err(NoSnapshot.into());
+            };
+            return self.admit_initiator(active, token, calls, forward, now_ms).await;
+        }
+        let mut audiences = self.gateway.settings.inbound_audiences.clone();
+        if let Some(active) = active {
+            audiences.push(active.issuer.clone());
+        }
+        let keys = self.peer_keys.current();
+        let mut verified = Vec::with_capacity(tokens.len());
+        for token in &tokens {
+            match verify_assertion(token, &keys, &audiences, &self.replay, now) {
+                Ok(claims) => verified.push(claims),
+                Err(err) => {
+                    return Err(self.refuse(active, calls, None, "assertion", err.to_string(), false));
+                }
+            }
+        }
+        let first = &verified[0];
+        if verified
+            .iter()
+            .any(|c| c.iss != first.iss || c.sid != first.sid)
+        {
+            return Err(self.refuse(
+                active,
+                calls,
+                Some(first),
+                "assertion",
+                "the assertions of one request come from different callers or sessions".to_owned(),
+                false,
+            ));
+        }
+        let mut unused: Vec<&VerifiedAssertion> = verified.iter().collect();
+        for call in calls {
+            match unused
+                .iter()
+                .position(|c| c.tool == call.name && c.args == call.digest)
+            {
+                Some(at) => {
+                    unused.swap_remove(at);
+                }
+                None => {
+                    return Err(self.refuse(
+                        active,
+                        calls,
+                        Some(first),
+                        "assertion",
+                        format!(
+                            "no assertion covers the call of {:?} with these arguments",
+                            call.name
+                        ),
+                        false,
+                    ));
+                }
+            }
+        }
+        if let Ok(value) = HeaderValue::from_str(&tokens.join(", ")) {
+            forward.insert(HeaderName::from_static(ASSERTION_HEADER), value);
+        }
+        match (self.mode, active) {
+            (SidecarMode::Tool, _) | (_, None) => {
+                // In front of a tool: one audit trail per caller session.
+                let session = self.origin_session(first, || {
+                    let mut state = SessionState::new();
+                    state.last_audit_hash = parse_hash(first);
+                    state
+                });
+                self.audit_calls(None, &session, calls, "allow", "inbound/assertion", "the assertion verified", now_ms, &first.iss)?;
+                Ok(())
+            }
+            (SidecarMode::Agent, Some(active)) => {
+                self.admit_delegated(active, first, calls, forward, now_ms)
+            }
+        }
+    }
+
+    /// A caller agent's verified call: checks its grants and chain, and joins or
+    /// opens its delegated session.
+    fn admit_delegated(
+        &self,
+        active: &ActivePolicy,
+        claims: &VerifiedAssertion,
+        calls: &[InboundCall],
+        forward: &mut http::HeaderMap,
+        now_ms: i64,
+    ) -> Result<(), Refusal> {
+        let now = now_ms.div_euclid(1000);
+        let content = &active.snapshot.content;
+        let refuse = |reason: String| self.refuse(Some(active), calls, Some(claims), "delegation", reason, false);
+        let caller = agent_of(&claims.iss)
+            .ok_or_else(|| refuse(format!("caller {:?} is not an agent", claims.iss)))?;
+        let last_grants: Vec<GrantKey> = content
+            .grants_received
+            .iter()
+            .filter(|g| g.from == caller && g.to == content.agent && now < g.expires_at)
+            .map(|g| g.grant.clone())
+            .collect();
+        if last_grants.is_empty() {
+            return Err(refuse(format!(
+                "no valid DelegationGrant from {caller} to {}",
+                content.agent
+            )));
+        }
+        // The caller's own chain, origin first, from its nested actors.
+        let actors: Vec<&Actor> = match &claims.act {
+            Some(act) => act.iter().collect(),
+            None => Vec::new(),
+        };
+        let mut links = Vec::with_capacity(actors.len() + 1);
+        for pair in actors.windows(2).rev() {
+            let (current, previous) = (pair[0], pair[1]);
+            let delegator = agent_of(&previous.sub)
+                .ok_or_else(|| refuse(format!("actor {:?} is not an agent", previous.sub)))?;
+            let grant = current
+                .grant
+                .as_deref()
+                .map(|g| ObjectKey::parse(g, &caller.namespace))
+                .ok_or_else(|| refuse(format!("actor {:?} names no grant", current.sub)))?;
+            links.push(DelegationLink { delegator, grant });
+        }
+        links.push(DelegationLink {
+            delegator: caller.clone(),
+            grant: last_grants[0].clone(),
+        });
+        let hops = links.len();
+        for (i, link) in links[..hops - 1].iter().enumerate() {
+            let Some(grant) = content
+                .grants_received
+                .iter()
+                .find(|g| g.grant == link.grant)
+            else {
+                return Err(refuse(format!(
+                    "grant {} of the caller's chain is not valid",
+                    link.grant
+                )));
+            };
+            let further = hops - 1 - i;
+            if further > grant.max_depth as usize || now >= grant.expires_at {
+                return Err(refuse(format!(
+                    "depth limit: grant {} allows {} further hop(s), the chain needs {further}",
+                    link.grant, grant.max_depth
+                )));
+            }
+        }
+        let initiator = (!claims.sub.starts_with(AGENT_ISSUER_PREFIX)).then(|| claims.sub.clone());
+        let mut audit_chain: Vec<String> = actors
+            .iter()
+            .rev()
+            .filter_map(|a| a.sub.strip_prefix(AGENT_ISSUER_PREFIX).map(str::to_owned))
+            .collect();
+        if audit_chain.is_empty() {
+            audit_chain.push(caller.to_string());
+        }
+        audit_chain.push(content.agent.to_string());
+        let delegation = Delegation {
+            chain: DelegationChain { links },
+            last_grants,
+            initiator,
+            subject: claims.sub.clone(),
+            caller: Some(claims.act.clone().unwrap_or(Actor {
+                sub: claims.iss.clone(),
+                grant: None,
+                act: None,
+            })),
+            audit_chain,
+        };
+        let (steps, effects) = claims
+            .ctx
+            .as_ref()
+            .map_or((0, Default::default()), |c| (c.steps, c.effects));
+        let session = self.origin_session(claims, || {
+            let mut state = SessionState::new();
+            state.history = SessionHistory::inherited(steps, effects);
+            state.last_audit_hash = parse_hash(claims);
+            state
+        });
+        {
+            let mut state = lock(&session);
+            state.history.absorb(steps, effects);
+            state.delegation = Some(Arc::new(delegation));
+        }
+        self.audit_calls(
+            Some(active),
+            &session,
+            calls,
+            "allow",
+            "inbound/delegation",
+            "the assertion verified and a DelegationGrant covers the caller",
+            now_ms,
+            &claims.iss,
+        )?;
+        let token = Self::token_for(&session);
+        if let Ok(value) = HeaderValue::from_str(&token) {
+            forward.insert(CHAPERONE_SESSION, value);
+        }
+        Ok(())
+    }
+
+    /// A user's token at this agent: a session with that initiator.
+    async fn admit_initiator(
+        &self,
+        active: &ActivePolicy,
+        token: &str,
+        calls: &[InboundCall],
+        forward: &mut http::HeaderMap,
+        now_ms: i64,
+    ) -> Result<(), Refusal> {
+        let issuers = &active.snapshot.content.initiators;
+        let user = match self.initiators.verify(token, issuers).await {
+            Ok(user) => user,
+            Err(err) => {
+                return Err(self.refuse(Some(active), calls, None, "initiator", err.to_string(), true));
+            }
+        };
+        let origin = format!("user:{}:{}", user.issuer, hex(&crate::canonical::sha256(token.as_bytes())));
+        let key = SessionKey::new(ORIGIN, &origin);
+        let idle = idle_timeout(active);
+        let session = match self.gateway.delegated.get(&key, Instant::now(), idle) {
+            Some(session) => session,
+            None => {
+                let mut state = SessionState::new();
+                state.delegation = Some(Arc::new(Delegation {
+                    chain: DelegationChain::default(),
+                    last_grants: Vec::new(),
+                    initiator: Some(user.user.clone()),
+                    subject: user.user.clone(),
+                    caller: None,
+                    audit_chain: Vec::new(),
+                }));
+                let (_, session) = self.gateway.open_delegated(state);
+                self.gateway.delegated.insert_shared(key, Arc::clone(&session), Instant::now());
+                session
+            }
+        };
+        self.audit_calls(
+            Some(active),
+            &session,
+            calls,
+            "allow",
+            "inbound/initiator",
+            "the initiator token verified",
+            now_ms,
+            &user.user,
+        )?;
+        let token = Self::token_for(&session);
+        if let Ok(value) = HeaderValue::from_str(&token) {
+            forward.insert(CHAPERONE_SESSION, value);
+        }
+        Ok(())
+    }
+
+    /// The session handed to caller session (`iss`, `sid`), opened with
+    /// `open` the first time.
+    fn origin_session(
+        &self,
+        claims: &VerifiedAssertion,
+        open: impl FnOnce() -> SessionState,
+    ) -> SharedSession {
+        let key = SessionKey::new(ORIGIN, &format!("{} {}", claims.iss, claims.sid));
+        let idle = self
+            .gateway
+            .source
+            .current()
+            .map_or(Duration::from_secs(900), |a| idle_timeout(&a));
+        if let Some(session) = self.gateway.delegated.get(&key, Instant::now(), idle) {
+            return session;
+        }
+        let (_, session) = self.gateway.open_delegated(open());
+        self.gateway
+            .delegated
+            .insert_shared(key, Arc::clone(&session), Instant::now());
+        session
+    }
+
+    /// The `Chaperone-Session` token `session` was opened under.
+    fn token_for(session: &SharedSession) -> String {
+        lock(session).handle.clone().unwrap_or_default()
+    }
+
+    /// Writes one audit record per call into `session`.
+    #[allow(clippy::too_many_arguments)]
+    fn audit_calls(
+        &self,
+        active: Option<&ActivePolicy>,
+        session: &SharedSession,
+        calls: &[InboundCall],
+        decision: &str,
+        rule: &str,
+        reason: &str,
+        now_ms: i64,
+        caller: &str,
+    ) -> Result<(), AuditUnavailable> {
+        let mut state = lock(session);
+        for call in calls {
+            self.write_record(active, &mut state, call, decision, rule, reason, now_ms, caller)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_record(
+        &self,
+        active: Option<&ActivePolicy>,
+        state: &mut SessionState,
+        call: &InboundCall,
+        decision: &str,
+        rule: &str,
+        reason: &str,
+        now_ms: i64,
+        caller: &str,
+    ) -> Result<String, AuditUnavailable> {
+        let enforcer = &self.gateway.enforcer;
+        let settings = &self.gateway.settings;
+        let (name, namespace) = match active {
+            Some(a) => (a.engine.agent().name.as_str(), a.engine.agent().namespace.as_str()),
+            None => ("", settings.pod_namespace.as_str()),
+        };
+        let correlation = random_id();
+        let prev = state.last_audit_hash.map(|h| hex(&h));
+        let time = rfc3339_millis(now_ms);
+        let delegation = state.delegation.clone();
+        let server = format!("inbound:{caller}");
+        let record = AuditRecord {
+            agent: AuditAgent {
+                name,
+                namespace,
+                pod: &enforcer.pod.pod,
+            },
+            args: &call.digest,
+            chain: delegation.as_ref().map_or(&[][..], |d| &d.audit_chain),
+            correlation: &correlation,
+            decision,
+            initiator: delegation.as_ref().and_then(|d| d.initiator.as_deref()),
+            latency_us: 0,
+            method: &call.method,
+            prev: prev.as_deref(),
+            reason,
+            rule,
+            server: &server,
+            session: AuditSession {
+                chaperone: &state.chaperone_id,
+                mcp: "",
+            },
+            snapshot: active.map_or(0, |a| a.version()),
+            time: &time,
+            tool: &call.name,
+        };
+        match enforcer.audit.write(&record) {
+            Ok(hash) => {
+                state.last_audit_hash = Some(hash);
+                Ok(correlation)
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "audit record not written; refusing the call");
+                Err(AuditUnavailable)
+            }
+        }
+    }
+
+    /// Audits a refusal (in a session of its own, linked to the caller's record
+    /// when the assertion verified) and builds the refusal.
+    fn refuse(
+        &self,
+        active: Option<&ActivePolicy>,
+        calls: &[InboundCall],
+        claims: Option<&VerifiedAssertion>,
+        rule: &str,
+        reason: String,
+        unauthenticated: bool,
+    ) -> Refusal {
+        let mut state = SessionState::new();
+        state.last_audit_hash = claims.and_then(parse_hash);
+        let caller = claims.map_or("unverified", |c| c.iss.as_str());
+        let rule = format!("inbound/{rule}");
+        let fallback = InboundCall {
+            method: "request".to_owned(),
+            name: String::new(),
+            digest: args_digest(None),
+        };
+        let mut correlation = String::new();
+        let listed: Vec<&InboundCall> = if calls.is_empty() {
+            vec![&fallback]
+        } else {
+            calls.iter().collect()
+        };
+        for call in listed {
+            match self.write_record(active, &mut state, call, "deny", &rule, &reason, unix_now_ms(), caller) {
+                Ok(id) => correlation = id,
+                Err(err) => return err.into(),
+            }
+        }
+        tracing::info!(rule = %rule, reason = %reason, "inbound call refused");
+        InboundRefused {
+            reason: format!("{rule}: {reason}"),
+            correlation,
+            unauthenticated,
+        }
+        .into()
+    }
+
+    /// Serves the inbound side on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut shutdown => return,
+            };
+            let (stream, _) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let inbound = Arc::clone(&self);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let inbound = Arc::clone(&inbound);
+                    async move { Ok::<_, Infallible>(inbound.handle(req).await) }
+                });
+                if let Err(err) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(error = %err, "inbound connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+fn idle_timeout(active: &ActivePolicy) -> Duration {
+    Duration::from_secs(u64::from(
+        active.snapshot.content.session.idle_timeout_seconds,
+    ))
+}
+
+/// The caller's audit record hash from the assertion's task context.
+fn parse_hash(claims: &VerifiedAssertion) -> Option<[u8; 32]> {
+    let prev = &claims.ctx.as_ref()?.prev;
+    if prev.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(prev.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The governed calls of a body (parsed strictly).
+fn governed_calls(bytes: &[u8], limit: usize) -> Result<Vec<InboundCall>, Refusal> {
+    let messages = match parse_payload(bytes, limit)? {
+        Payload::Single(message) => vec![message],
+        Payload::Batch(messages) => messages,
+    };
+    let mut calls = Vec::new();
+    for message in &messages {
+        match classify(message) {
+            Governed::Call { name, arguments } => calls.push(InboundCall {
+                method: message.method().unwrap_or_default().to_owned(),
+                name,
+                digest: args_digest(arguments),
+            }),
+            Governed::Malformed(why) => {
+                return Err(crate::jsonrpc::ParseError::InvalidMessage(why).into());
+            }
+            Governed::List | Governed::Pass => {}
+        }
+    }
+    Ok(calls)
+}

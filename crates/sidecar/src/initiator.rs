@@ -1,0 +1,224 @@
+//! Initiator tokens: a bearer token of a trusted issuer (the AgentIdentity's
+//! `spec.initiators`) arriving at an agent's inbound side names the user who
+//! initiated the task.
+//!
+//! Order: the token's `iss` (read before verification only to pick the issuer)
+//! must be a trusted issuer; the header's algorithm must be asymmetric; the
+//! `kid` must be in that issuer's JWKS (inline, or fetched from its URL, cached
+//! and refetched at most every [`JWKS_REFETCH_INTERVAL`] when a key is
+//! unknown); the signature, `exp` and `aud` must verify; the user claim must be
+//! a non-empty string. Any failure refuses the request: an invalid initiator
+//! token is never ignored.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use chaperone_policy::model::InitiatorIssuer;
+use http_body_util::{BodyExt, Full, Limited};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::client::UpstreamClient;
+use crate::verify::CLOCK_SKEW_SECONDS;
+
+/// Shortest time between two fetches of one JWKS URL.
+pub const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+/// Largest JWKS document accepted.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+
+/// Why an initiator token was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum InitiatorRefused {
+    /// Not a JWT.
+    #[error("initiator token is malformed: {0}")]
+    Malformed(&'static str),
+    /// `iss` is not one of the agent's trusted initiator issuers.
+    #[error("initiator token issuer {0:?} is not trusted by this agent")]
+    UntrustedIssuer(String),
+    /// A symmetric or unknown algorithm.
+    #[error("initiator token algorithm {0} is not accepted")]
+    Algorithm(String),
+    /// The issuer's keys could not be had.
+    #[error("keys of initiator issuer {issuer:?} unavailable: {reason}")]
+    KeysUnavailable {
+        /// The issuer.
+        issuer: String,
+        /// Why.
+        reason: String,
+    },
+    /// No key of the issuer has the token's `kid`.
+    #[error("initiator token key {0:?} is not in the issuer's JWKS")]
+    UnknownKey(String),
+    /// Signature, expiry, audience or issuer did not verify.
+    #[error("initiator token does not verify: {0}")]
+    Invalid(String),
+    /// The user claim is missing or empty.
+    #[error("initiator token has no user in claim {0:?}")]
+    NoUser(String),
+}
+
+/// The verified user of an initiator token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedInitiator {
+    /// The issuer.
+    pub issuer: String,
+    /// The user (value of the issuer's user claim).
+    pub user: String,
+}
+
+struct CachedJwks {
+    keys: JwkSet,
+    fetched: Instant,
+}
+
+/// Verifies initiator tokens; caches fetched JWKS per URL.
+pub struct InitiatorVerifier {
+    client: UpstreamClient,
+    fetched: Mutex<HashMap<String, CachedJwks>>,
+}
+
+impl std::fmt::Debug for InitiatorVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitiatorVerifier").finish_non_exhaustive()
+    }
+}
+
+fn unverified_issuer(token: &str) -> Result<String, InitiatorRefused> {
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or(InitiatorRefused::Malformed("not a JWT"))?;
+    let claims: Value = URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or(InitiatorRefused::Malformed("unreadable claims"))?;
+    claims
+        .get("iss")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or(InitiatorRefused::Malformed("no iss claim"))
+}
+
+impl InitiatorVerifier {
+    /// A verifier fetching JWKS URLs with `client`.
+    pub fn new(client: UpstreamClient) -> Self {
+        Self {
+            client,
+            fetched: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Verifies `token` against the trusted `issuers`, at `now` (unix seconds).
+    pub async fn verify(
+        &self,
+        token: &str,
+        issuers: &[InitiatorIssuer],
+    ) -> Result<VerifiedInitiator, InitiatorRefused> {
+        let token = token.trim();
+        let iss = unverified_issuer(token)?;
+        let issuer = issuers
+            .iter()
+            .find(|i| i.issuer == iss)
+            .ok_or_else(|| InitiatorRefused::UntrustedIssuer(iss.clone()))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| InitiatorRefused::Malformed("unreadable header"))?;
+        if matches!(
+            header.alg,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) {
+            return Err(InitiatorRefused::Algorithm(format!("{:?}", header.alg)));
+        }
+        let kid = header.kid.clone().unwrap_or_default();
+        let keys = self.keys(issuer, &kid).await?;
+        let jwk = if kid.is_empty() && keys.keys.len() == 1 {
+            keys.keys.first()
+        } else {
+            keys.find(&kid)
+        }
+        .ok_or_else(|| InitiatorRefused::UnknownKey(kid.clone()))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| InitiatorRefused::Invalid(e.to_string()))?;
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&issuer.issuer]);
+        validation.set_audience(&[&issuer.audience]);
+        validation.leeway = CLOCK_SKEW_SECONDS as u64;
+        let data = jsonwebtoken::decode::<Value>(token, &key, &validation)
+            .map_err(|e| InitiatorRefused::Invalid(e.to_string()))?;
+        let user = data
+            .claims
+            .get(&issuer.user_claim)
+            .and_then(Value::as_str)
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| InitiatorRefused::NoUser(issuer.user_claim.clone()))?;
+        Ok(VerifiedInitiator {
+            issuer: issuer.issuer.clone(),
+            user: user.to_owned(),
+        })
+    }
+
+    /// The issuer's keys: inline, or from its URL (cached; refetched when `kid`
+    /// is unknown and the last fetch is old enough).
+    async fn keys(&self, issuer: &InitiatorIssuer, kid: &str) -> Result<JwkSet, InitiatorRefused> {
+        let unavailable = |reason: String| InitiatorRefused::KeysUnavailable {
+            issuer: issuer.issuer.clone(),
+            reason,
+        };
+        if let Some(inline) = &issuer.jwks {
+            return serde_json::from_str(inline).map_err(|e| unavailable(e.to_string()));
+        }
+        let url = issuer
+            .jwks_url
+            .as_deref()
+            .ok_or_else(|| unavailable("neither jwks nor jwksUrl is set".to_owned()))?;
+        {
+            let cache = self.fetched.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(cached) = cache.get(url)
+                && (cached.keys.find(kid).is_some()
+                    || cached.fetched.elapsed() < JWKS_REFETCH_INTERVAL)
+            {
+                return Ok(cached.keys.clone());
+            }
+        }
+        let keys = self.fetch(url).await.map_err(unavailable)?;
+        self.fetched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                url.to_owned(),
+                CachedJwks {
+                    keys: keys.clone(),
+                    fetched: Instant::now(),
+                },
+            );
+        Ok(keys)
+    }
+
+    async fn fetch(&self, url: &str) -> Result<JwkSet, String> {
+        let uri: http::Uri = url.parse().map_err(|_| "not a URL".to_owned())?;
+        let mut request = http::Request::new(Full::new(Bytes::new()));
+        *request.uri_mut() = uri;
+        request.headers_mut().insert(
+            http::header::ACCEPT,
+            http::HeaderValue::from_static("application/json"),
+        );
+        let response = tokio::time::timeout(Duration::from_secs(5), self.client.request(request))
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("HTTP {}", response.status()));
+        }
+        let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| format!("not a JWKS: {e}"))
+    }
+}

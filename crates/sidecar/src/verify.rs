@@ -1,0 +1,385 @@
+//! Verification of the assertions other sidecars send (the inbound side of
+//! delegation, and tool-mode sidecars in front of tool servers).
+//!
+//! Decision order, first failure wins (each has its own [`AssertionRefused`]):
+//! 1. three base64url parts; the header says `alg: EdDSA` and names a `kid`;
+//! 2. the `kid` is a live sidecar's key in the JWKS the controller sent, an
+//!    Ed25519 JWK that names its agent (`chaperone.dev/agent`);
+//! 3. the signature verifies;
+//! 4. the claims parse; `iss` is the key's agent (a sidecar cannot speak for
+//!    another agent);
+//! 5. `aud` is one this side accepts;
+//! 6. not expired, not issued in the future, lifetime within the maximum (a few
+//!    seconds of clock skew allowed);
+//! 7. the `act` chain, if any, names `iss` as its current actor and is no deeper
+//!    than delegation allows;
+//! 8. `jti` not seen before (bounded replay cache; entries leave when their
+//!    assertion expires).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use aws_lc_rs::signature::{ED25519, UnparsedPublicKey};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chaperone_policy::model::{MAX_ASSERTION_LIFETIME_SECONDS, MAX_DELEGATION_DEPTH};
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::assertion::{Actor, TaskContext};
+use crate::peer_keys::PeerKeys;
+use crate::snapshot::AGENT_ISSUER_PREFIX;
+
+/// Clock skew tolerated between nodes, seconds.
+pub const CLOCK_SKEW_SECONDS: i64 = 5;
+/// JWK member naming the agent (`namespace/name`) a key belongs to.
+pub const JWK_AGENT_MEMBER: &str = "chaperone.dev/agent";
+
+/// Why an assertion was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum AssertionRefused {
+    /// Not a compact JWS with a readable header.
+    #[error("assertion is malformed: {0}")]
+    Malformed(&'static str),
+    /// The header's algorithm is not EdDSA.
+    #[error("assertion algorithm {0:?} is not accepted (EdDSA only)")]
+    Algorithm(String),
+    /// No live sidecar holds this key.
+    #[error("assertion key {0:?} is not a live sidecar's key")]
+    UnknownKey(String),
+    /// The JWK is not a usable Ed25519 key naming its agent.
+    #[error("key {0:?} in the JWKS is not an Ed25519 key of an agent")]
+    UnusableKey(String),
+    /// The signature does not verify.
+    #[error("assertion signature does not verify")]
+    BadSignature,
+    /// The claims are not an assertion's.
+    #[error("assertion claims are malformed: {0}")]
+    Claims(String),
+    /// `iss` is not the agent the key belongs to.
+    #[error("assertion issuer {iss:?} is not the key's agent {key_agent:?}")]
+    IssuerMismatch {
+        /// The claimed issuer.
+        iss: String,
+        /// The agent the key belongs to.
+        key_agent: String,
+    },
+    /// `aud` is not addressed to this side.
+    #[error("assertion audience {0:?} is not this endpoint's")]
+    WrongAudience(String),
+    /// Expired.
+    #[error("assertion expired at {0} (unix seconds)")]
+    Expired(i64),
+    /// Issued in the future, or valid for longer than the maximum lifetime.
+    #[error("assertion validity is out of bounds (iat {iat}, exp {exp})")]
+    BadValidity {
+        /// Issued at.
+        iat: i64,
+        /// Expiry.
+        exp: i64,
+    },
+    /// The `act` chain does not name the issuer as the current actor.
+    #[error("assertion actor chain does not start with its issuer")]
+    ActorMismatch,
+    /// The chain is deeper than any grant allows.
+    #[error("assertion chain of {0} actors is deeper than delegation allows")]
+    ChainTooDeep(usize),
+    /// The `jti` was seen before.
+    #[error("assertion {0:?} was already used (replay)")]
+    Replayed(String),
+    /// The replay cache is full of unexpired assertions.
+    #[error("too many assertions in flight; retry shortly")]
+    ReplayCacheFull,
+}
+
+/// The claims of a verified assertion.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct VerifiedAssertion {
+    /// The calling agent's identity.
+    pub iss: String,
+    /// The task's initiator.
+    pub sub: String,
+    /// The delegation chain, current actor outermost.
+    #[serde(default)]
+    pub act: Option<Actor>,
+    /// The audience.
+    pub aud: String,
+    /// Expiry, unix seconds.
+    pub exp: i64,
+    /// Issued at, unix seconds.
+    pub iat: i64,
+    /// Unique id.
+    pub jti: String,
+    /// The caller's Chaperone session.
+    pub sid: String,
+    /// The tool called.
+    pub tool: String,
+    /// SHA-256 of the canonical arguments.
+    pub args: String,
+    /// The caller's snapshot version.
+    pub snap: u64,
+    /// The caller's session so far.
+    #[serde(default)]
+    pub ctx: Option<TaskContext>,
+}
+
+impl VerifiedAssertion {
+    /// The calling agent as `namespace/name`.
+    pub fn caller(&self) -> &str {
+        self.iss
+            .strip_prefix(AGENT_ISSUER_PREFIX)
+            .unwrap_or(&self.iss)
+    }
+}
+
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+}
+
+/// Remembers the `jti`s of accepted assertions until they expire.
+#[derive(Debug)]
+pub struct ReplayCache {
+    seen: Mutex<HashMap<String, i64>>,
+    capacity: usize,
+}
+
+impl ReplayCache {
+    /// A cache holding at most `capacity` unexpired ids.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            seen: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Records `jti` (valid until `exp`); refuses one seen before.
+    pub fn check_and_record(&self, jti: &str, exp: i64, now: i64) -> Result<(), AssertionRefused> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(until) = seen.get(jti)
+            && *until + CLOCK_SKEW_SECONDS >= now
+        {
+            return Err(AssertionRefused::Replayed(jti.to_owned()));
+        }
+        if seen.len() >= self.capacity {
+            seen.retain(|_, until| *until + CLOCK_SKEW_SECONDS >= now);
+            if seen.len() >= self.capacity {
+                return Err(AssertionRefused::ReplayCacheFull);
+            }
+        }
+        seen.insert(jti.to_owned(), exp);
+        Ok(())
+    }
+
+    /// Ids held now.
+    pub fn len(&self) -> usize {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether none are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Verifies `token` against `keys` for one of `audiences` at `now` (unix
+/// seconds), in the order of the module docs; records its `jti` in `replay`.
+pub fn verify_assertion(
+    token: &str,
+    keys: &PeerKeys,
+    audiences: &[String],
+    replay: &ReplayCache,
+    now: i64,
+) -> Result<VerifiedAssertion, AssertionRefused> {
+    let token = token.trim();
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AssertionRefused::Malformed("not a compact JWS"));
+    };
+    let signed = &token.as_bytes()[..header.len() + 1 + payload.len()];
+    let header: Header = URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or(AssertionRefused::Malformed("unreadable header"))?;
+    if header.alg != "EdDSA" {
+        return Err(AssertionRefused::Algorithm(header.alg));
+    }
+    let kid = header
+        .kid
+        .ok_or(AssertionRefused::Malformed("header names no kid"))?;
+    let jwk = keys
+        .get(&kid)
+        .ok_or_else(|| AssertionRefused::UnknownKey(kid.clone()))?;
+    let unusable = || AssertionRefused::UnusableKey(kid.clone());
+    if jwk.get("kty").and_then(|v| v.as_str()) != Some("OKP")
+        || jwk.get("crv").and_then(|v| v.as_str()) != Some("Ed25519")
+    {
+        return Err(unusable());
+    }
+    let public = jwk
+        .get("x")
+        .and_then(|v| v.as_str())
+        .and_then(|x| URL_SAFE_NO_PAD.decode(x).ok())
+        .filter(|x| x.len() == 32)
+        .ok_or_else(unusable)?;
+    let key_agent = jwk
+        .get(JWK_AGENT_MEMBER)
+        .and_then(|v| v.as_str())
+        .ok_or_else(unusable)?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| AssertionRefused::Malformed("unreadable signature"))?;
+    UnparsedPublicKey::new(&ED25519, &public)
+        .verify(signed, &signature)
+        .map_err(|_| AssertionRefused::BadSignature)?;
+    let claims: VerifiedAssertion = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| AssertionRefused::Claims("payload is not base64url".to_owned()))
+        .and_then(|bytes| {
+            serde_json::from_slice(&bytes).map_err(|e| AssertionRefused::Claims(e.to_string()))
+        })?;
+    if claims.iss.strip_prefix(AGENT_ISSUER_PREFIX) != Some(key_agent) {
+        return Err(AssertionRefused::IssuerMismatch {
+            iss: claims.iss,
+            key_agent: key_agent.to_owned(),
+        });
+    }
+    if !audiences.iter().any(|a| *a == claims.aud) {
+        return Err(AssertionRefused::WrongAudience(claims.aud));
+    }
+    if now >= claims.exp + CLOCK_SKEW_SECONDS {
+        return Err(AssertionRefused::Expired(claims.exp));
+    }
+    if claims.iat > now + CLOCK_SKEW_SECONDS
+        || claims.exp < claims.iat
+        || claims.exp - claims.iat > i64::from(MAX_ASSERTION_LIFETIME_SECONDS)
+    {
+        return Err(AssertionRefused::BadValidity {
+            iat: claims.iat,
+            exp: claims.exp,
+        });
+    }
+    if let Some(act) = &claims.act {
+        if act.sub != claims.iss {
+            return Err(AssertionRefused::ActorMismatch);
+        }
+        let depth = act.len();
+        if depth > MAX_DELEGATION_DEPTH as usize + 1 {
+            return Err(AssertionRefused::ChainTooDeep(depth));
+        }
+    }
+    replay.check_and_record(&claims.jti, claims.exp, now)?;
+    Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assertion::{AssertionSigner, Claims};
+    use chaperone_policy::EffectSet;
+
+    const NOW: i64 = 2_000_000_000;
+
+    fn keys_for(signer: &AssertionSigner, agent: &str) -> PeerKeys {
+        let mut jwk = signer.registration().jwk.clone();
+        jwk[JWK_AGENT_MEMBER] = serde_json::json!(agent);
+        PeerKeys::from_json(&serde_json::json!({ "keys": [jwk] }).to_string()).unwrap()
+    }
+
+    fn token(signer: &AssertionSigner, iss: &str, aud: &str, jti: &str, iat: i64) -> String {
+        let ctx = TaskContext {
+            effects: EffectSet::EMPTY,
+            steps: 1,
+            prev: "ab".into(),
+        };
+        signer.sign(&Claims {
+            iss,
+            sub: iss,
+            act: None,
+            aud,
+            exp: iat + 60,
+            iat,
+            jti,
+            sid: "s1",
+            tool: "t",
+            args: "sha256:00",
+            snap: 1,
+            ctx: &ctx,
+        })
+    }
+
+    #[test]
+    fn accepts_a_good_assertion_once() {
+        let signer = AssertionSigner::generate().unwrap();
+        let keys = keys_for(&signer, "ns/a");
+        let aud = vec!["chaperone:agent:ns/b".to_owned()];
+        let replay = ReplayCache::new(10);
+        let t = token(&signer, "chaperone:agent:ns/a", &aud[0], "j1", NOW);
+        let claims = verify_assertion(&t, &keys, &aud, &replay, NOW).unwrap();
+        assert_eq!(claims.caller(), "ns/a");
+        assert_eq!(claims.ctx.unwrap().prev, "ab");
+        assert_eq!(
+            verify_assertion(&t, &keys, &aud, &replay, NOW + 1),
+            Err(AssertionRefused::Replayed("j1".into()))
+        );
+    }
+
+    #[test]
+    fn refuses_each_failure_with_its_reason() {
+        let signer = AssertionSigner::generate().unwrap();
+        let other = AssertionSigner::generate().unwrap();
+        let keys = keys_for(&signer, "ns/a");
+        let aud = vec!["chaperone:agent:ns/b".to_owned()];
+        let replay = ReplayCache::new(10);
+        let check = |t: &str| verify_assertion(t, &keys, &aud, &replay, NOW);
+
+        assert!(matches!(check("a.b"), Err(AssertionRefused::Malformed(_))));
+        let forged = token(&other, "chaperone:agent:ns/a", &aud[0], "j2", NOW);
+        assert!(matches!(check(&forged), Err(AssertionRefused::UnknownKey(_))));
+        let good = token(&signer, "chaperone:agent:ns/a", &aud[0], "j3", NOW);
+        let mut tampered = good.clone();
+        tampered.pop();
+        tampered.push(if good.ends_with('A') { 'B' } else { 'A' });
+        assert!(matches!(
+            check(&tampered),
+            Err(AssertionRefused::BadSignature | AssertionRefused::Malformed(_))
+        ));
+        let spoofed = token(&signer, "chaperone:agent:ns/c", &aud[0], "j4", NOW);
+        assert!(matches!(
+            check(&spoofed),
+            Err(AssertionRefused::IssuerMismatch { .. })
+        ));
+        let wrong = token(&signer, "chaperone:agent:ns/a", "http://x", "j5", NOW);
+        assert_eq!(
+            check(&wrong),
+            Err(AssertionRefused::WrongAudience("http://x".into()))
+        );
+        let old = token(&signer, "chaperone:agent:ns/a", &aud[0], "j6", NOW - 120);
+        assert_eq!(check(&old), Err(AssertionRefused::Expired(NOW - 60)));
+        let future = token(&signer, "chaperone:agent:ns/a", &aud[0], "j7", NOW + 60);
+        assert!(matches!(
+            check(&future),
+            Err(AssertionRefused::BadValidity { .. })
+        ));
+        // Refused assertions are not remembered: only accepted ones are.
+        assert_eq!(replay.len(), 0);
+    }
+
+    #[test]
+    fn replay_cache_is_bounded_and_forgets_expired_ids() {
+        let cache = ReplayCache::new(2);
+        cache.check_and_record("a", NOW + 10, NOW).unwrap();
+        cache.check_and_record("b", NOW + 10, NOW).unwrap();
+        assert_eq!(
+            cache.check_and_record("c", NOW + 10, NOW),
+            Err(AssertionRefused::ReplayCacheFull)
+        );
+        cache.check_and_record("c", NOW + 100, NOW + 60).unwrap();
+        assert_eq!(cache.len(), 1);
+    }
+}
