@@ -116,8 +116,8 @@ async fn strips_chaperone_headers_the_agent_sends() {
         http::HeaderValue::from_static("forged"),
     );
     headers.insert(
-        http::HeaderName::from_static("chaperone-session"),
-        http::HeaderValue::from_static("stolen"),
+        http::HeaderName::from_static("chaperone-trace"),
+        http::HeaderValue::from_static("x"),
     );
     let client = harness.client_with_headers(headers).await;
     call(&client, "get_order", json!({})).await.unwrap();
@@ -125,7 +125,28 @@ async fn strips_chaperone_headers_the_agent_sends() {
     let assertions: Vec<_> = seen[0].get_all("chaperone-assertion").iter().collect();
     assert_eq!(assertions.len(), 1);
     assert_ne!(assertions[0], "forged");
-    assert!(seen[0].get("chaperone-session").is_none());
+    assert!(seen[0].get("chaperone-trace").is_none());
+}
+
+#[tokio::test]
+async fn an_unknown_chaperone_session_is_refused_not_ignored() {
+    // A made-up or expired delegated-session token must not fall back to the
+    // agent's own (possibly wider) authority.
+    let harness = Harness::start(true, true).await;
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "get_order", "arguments": {}}});
+    let raw = post_raw(
+        &harness.url(),
+        &[("chaperone-session", "stolen")],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(raw.status, http::StatusCode::FORBIDDEN);
+    assert!(raw.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Chaperone-Session is unknown or expired"));
+    assert!(harness.upstream.seen.lock().unwrap().is_empty());
 }
 
 #[tokio::test]
