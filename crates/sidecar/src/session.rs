@@ -110,6 +110,12 @@ impl Delegation {
     }
 }
 
+impl Default for SessionState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl SessionState {
     /// A new, empty session with a fresh Chaperone session id.
     pub fn new() -> Self {
@@ -237,7 +243,12 @@ impl SessionStore {
     }
 
     /// Stores a session already shared elsewhere under `key` as well.
-    pub fn insert_shared(&self, key: SessionKey, session: SharedSession, now: Instant) -> SharedSession {
+    pub fn insert_shared(
+        &self,
+        key: SessionKey,
+        session: SharedSession,
+        now: Instant,
+    ) -> SharedSession {
         let mut inner = self.inner();
         inner.remove(&key);
         while inner.slots.len() >= self.max_sessions {
