@@ -186,6 +186,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn absorbing_a_delegators_history_only_widens_it() {
+        let mut history = SessionHistory::inherited(3, EffectSet::of(&[Effect::Read]));
+        history.absorb(2, EffectSet::of(&[Effect::SensitiveData]));
+        assert_eq!(history.calls(), 3);
+        assert!(history.effects_seen().contains(Effect::Read));
+        assert!(history.effects_seen().contains(Effect::SensitiveData));
+        history.absorb(7, EffectSet::EMPTY);
+        assert_eq!(history.calls(), 7);
+    }
+
+    #[test]
     fn effect_set_holds_what_was_inserted() {
         let set = EffectSet::of(&[Effect::Read, Effect::Privileged]);
         assert!(set.contains(Effect::Read));

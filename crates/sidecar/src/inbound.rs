@@ -753,3 +753,58 @@ fn governed_calls(bytes: &[u8], limit: usize) -> Result<Vec<InboundCall>, Refusa
     }
     Ok(calls)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_agents_and_hashes_from_claims() {
+        assert_eq!(
+            agent_of("chaperone:agent:shop/planner"),
+            Some(ObjectKey::new("shop", "planner"))
+        );
+        assert_eq!(agent_of("alice@example.com"), None);
+        assert_eq!(agent_of("chaperone:agent:no-namespace"), None);
+        let mut claims: VerifiedAssertion = serde_json::from_value(serde_json::json!({
+            "iss": "chaperone:agent:shop/planner", "sub": "u", "aud": "a", "exp": 2, "iat": 1,
+            "jti": "j", "sid": "s", "tool": "t", "args": "sha256:00", "snap": 1,
+            "ctx": {"effects": ["sensitiveData"], "steps": 2, "prev": "ab".repeat(32)}
+        }))
+        .unwrap();
+        assert_eq!(parse_hash(&claims), Some([0xab; 32]));
+        claims.ctx.as_mut().unwrap().prev = "zz".repeat(32);
+        assert_eq!(parse_hash(&claims), None);
+        claims.ctx = None;
+        assert_eq!(parse_hash(&claims), None);
+    }
+
+    #[test]
+    fn governed_calls_carry_their_argument_digests() {
+        let body = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"x":1}}},
+            {"jsonrpc":"2.0","id":2,"method":"tools/list"},
+            {"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
+        let calls = governed_calls(body, 1 << 20).unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].name, "a");
+        assert_eq!(
+            calls[0].digest,
+            args_digest(Some(&serde_json::json!({"x": 1})))
+        );
+        let malformed = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":1}}"#;
+        assert!(governed_calls(malformed, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_authorization() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(bearer(&headers), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&headers), Some("abc"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&headers), None);
+    }
+}
