@@ -5,9 +5,9 @@
 //! Canonical form: the record's fields are declared in byte order of their names
 //! and nothing in it is a float, so the line as written is the canonical JSON of
 //! the record ([`crate::canonical`]); `prev` is the SHA-256 of the previous line
-//! of the same session. [`verify_log`] checks a log.
+//! of the same session. [`verify_log`] (from `chaperone_audit`, also behind
+//! `chaperonectl audit verify`) checks a log.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +16,7 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::canonical::{canonical, hex, sha256};
+use crate::canonical::sha256;
 
 /// The agent a record is about.
 #[derive(Clone, Debug, Serialize)]
@@ -146,53 +146,7 @@ impl AuditLog {
     }
 }
 
-/// A log that does not verify.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum VerifyError {
-    /// A line is not a JSON record.
-    #[error("line {line}: not an audit record")]
-    Malformed {
-        /// 1-based line number.
-        line: usize,
-    },
-    /// A record's `prev` is not the hash of its session's previous record.
-    #[error("line {line}: prev does not match the previous record of session {session}")]
-    BrokenChain {
-        /// 1-based line number.
-        line: usize,
-        /// The Chaperone session id.
-        session: String,
-    },
-}
-
-/// Verifies the hash chains of a log (records of several sessions interleaved);
-/// returns the number of records.
-pub fn verify_log(text: &str) -> Result<usize, VerifyError> {
-    let mut last: HashMap<String, String> = HashMap::new();
-    let mut count = 0;
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let number = index + 1;
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|_| VerifyError::Malformed { line: number })?;
-        let session = value["session"]["chaperone"]
-            .as_str()
-            .ok_or(VerifyError::Malformed { line: number })?
-            .to_owned();
-        let prev = value["prev"].as_str().map(str::to_owned);
-        if prev != last.get(&session).cloned() {
-            return Err(VerifyError::BrokenChain {
-                line: number,
-                session,
-            });
-        }
-        last.insert(session, hex(&sha256(canonical(&value).as_bytes())));
-        count += 1;
-    }
-    Ok(count)
-}
+pub use chaperone_audit::{VerifyError, verify_log};
 
 /// RFC 3339 UTC time with milliseconds of `unix_ms`.
 pub fn rfc3339_millis(unix_ms: i64) -> String {
@@ -221,6 +175,7 @@ pub fn rfc3339_millis(unix_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::canonical::{canonical, hex};
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -282,11 +237,15 @@ mod tests {
         log.write(&record("s2", None, "b")).unwrap();
         log.write(&record("s1", Some(&h1), "c")).unwrap();
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(verify_log(&text), Ok(3));
+        assert_eq!(verify_log(&text).map(|summary| summary.records), Ok(3));
         let tampered = text.replacen("\"tool\":\"a\"", "\"tool\":\"x\"", 1);
         assert!(matches!(
             verify_log(&tampered),
-            Err(VerifyError::BrokenChain { line: 3, .. })
+            Err(VerifyError::BrokenLink {
+                line: 3,
+                previous: 1,
+                ..
+            })
         ));
     }
 
