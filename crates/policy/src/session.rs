@@ -137,14 +137,20 @@ impl SessionHistory {
         self.effects = self.effects.union(effects);
         match self.find(server, tool) {
             Ok(at) => bump(&mut self.tools[at].calls),
-            Err(at) => self.tools.insert(
-                at,
-                ToolCalls {
-                    server: server.into(),
-                    tool: tool.into(),
-                    calls: 1,
-                },
-            ),
+            Err(at) => {
+                if self.tools.len() == self.tools.capacity() {
+                    // Grow by half, not from four: many sessions call one tool.
+                    self.tools.reserve_exact((self.tools.len() / 2).max(1));
+                }
+                self.tools.insert(
+                    at,
+                    ToolCalls {
+                        server: server.into(),
+                        tool: tool.into(),
+                        calls: 1,
+                    },
+                );
+            }
         }
     }
 
@@ -165,8 +171,7 @@ impl SessionHistory {
 
     /// Calls of `tool` on `server` so far.
     pub fn tool_calls(&self, server: &str, tool: &str) -> u32 {
-        self.find(server, tool)
-            .map_or(0, |at| self.tools[at].calls)
+        self.find(server, tool).map_or(0, |at| self.tools[at].calls)
     }
 
     /// Calls of a tool of this name on any server so far.

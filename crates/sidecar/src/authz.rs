@@ -23,7 +23,7 @@ use crate::jsonrpc::{self, Id, Message};
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::ratelimit::AgentRateLimits;
 use crate::refusal::AuditUnavailable;
-use crate::session::{Delegation, SessionState, Step};
+use crate::session::{Delegation, SessionState, Step, StepDecision};
 use crate::snapshot::{ActivePolicy, Upstream};
 
 /// Prefix of the policy name of a resource.
@@ -221,18 +221,19 @@ impl Enforcer {
             }
         }
         let forward = allowed || decision.dry_run;
-        let label = match (allowed, forward) {
-            (true, _) => "allow",
-            (false, true) => "wouldDeny",
-            (false, false) => "deny",
+        let step_decision = match (allowed, forward) {
+            (true, _) => StepDecision::Allow,
+            (false, true) => StepDecision::WouldDeny,
+            (false, false) => StepDecision::Deny,
         };
+        let label = step_decision.as_str();
         let effects = engine.effects_of(&upstream.name, call.name);
         if forward {
             session.history.record(&upstream.name, call.name, effects);
         }
         session.push_step(Step {
-            tool: format!("{}/{}", upstream.name, call.name),
-            decision: label,
+            tool: format!("{}/{}", upstream.name, call.name).into_boxed_str(),
+            decision: step_decision,
             effects,
             at_unix_ms: now_ms,
         });

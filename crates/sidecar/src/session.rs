@@ -42,17 +42,39 @@ impl SessionKey {
     }
 }
 
-/// One step a session took.
+/// One step a session took (32 bytes plus the name).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {
     /// `server/tool`.
-    pub tool: String,
-    /// `allow`, `deny` or `wouldDeny`.
-    pub decision: &'static str,
+    pub tool: Box<str>,
+    /// What was decided.
+    pub decision: StepDecision,
     /// The tool's effects.
     pub effects: EffectSet,
     /// When, unix milliseconds.
     pub at_unix_ms: i64,
+}
+
+/// The decision of a [`Step`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepDecision {
+    /// Allowed and forwarded.
+    Allow,
+    /// Denied, but forwarded (dry run).
+    WouldDeny,
+    /// Denied.
+    Deny,
+}
+
+impl StepDecision {
+    /// `allow`, `wouldDeny` or `deny`, as in audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepDecision::Allow => "allow",
+            StepDecision::WouldDeny => "wouldDeny",
+            StepDecision::Deny => "deny",
+        }
+    }
 }
 
 /// Everything the sidecar knows about one session.
@@ -134,6 +156,12 @@ impl SessionState {
     pub fn push_step(&mut self, step: Step) {
         if self.steps.len() == MAX_STEPS_KEPT {
             self.steps.pop_front();
+        } else if self.steps.len() == self.steps.capacity() {
+            // Grow by half instead of doubling from four: most sessions take
+            // few steps, and 100,000 of them are held at once.
+            let more = (self.steps.len() / 2).max(1);
+            self.steps
+                .reserve_exact(more.min(MAX_STEPS_KEPT - self.steps.len()));
         }
         self.steps.push_back(step);
     }
