@@ -5,9 +5,10 @@
 //!
 //! The pieces, each a module: [`index`] (a pure state machine from objects to
 //! snapshots), [`object_watch`] (the watches feeding it), [`snapshot_server`]
-//! (gRPC), [`auth`] (TokenReview → pod → AgentIdentity), [`sidecars`] (what the
-//! connected sidecars run), [`status`] (pure status computation + the leader's
-//! writer), [`leader`] (Lease), [`admin`] (/metrics, /healthz, /readyz, JWKS).
+//! (gRPC), [`auth`] (TokenReview → pod → AgentIdentity, or a tool-mode
+//! sidecar), [`sidecars`] (what the connected sidecars run), [`status`] (pure
+//! status computation + the leader's writer), [`leader`] (Lease), [`admin`]
+//! (/metrics, /healthz, /readyz, JWKS).
 
 #![forbid(unsafe_code)]
 
