@@ -470,15 +470,54 @@ async fn already_injected_spec_comes_back_unchanged() -> Result<()> {
 async fn tool_mode_injects_an_inbound_sidecar() -> Result<()> {
     let (client, _) = setup().await?;
     let ns = new_namespace(&client, "tool", None).await?;
-    let pod = create_pod(&client, &ns, "tool", annotated("tool")).await?;
+    let pod = create_pod(
+        &client,
+        &ns,
+        "tool",
+        json!({"metadata": {"annotations": {
+            mutate::INJECT_ANNOTATION: "tool",
+            mutate::INBOUND_PORT_ANNOTATION: "8080",
+            mutate::AUDIENCE_ANNOTATION: "orders",
+        }}}),
+    )
+    .await?;
     let spec = pod.spec.as_ref().context("spec")?;
     let sidecar = &spec.init_containers.as_ref().context("init")?[0];
-    let mode = sidecar
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == "CHAPERONE_MODE");
-    assert_eq!(mode.and_then(|e| e.value.clone()).as_deref(), Some("tool"));
+    let env = |name: &str| {
+        sidecar
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(env("CHAPERONE_MODE").as_deref(), Some("tool"));
+    assert_eq!(
+        env(mutate::INBOUND_UPSTREAM_ENV).as_deref(),
+        Some("http://127.0.0.1:8080")
+    );
+    assert_eq!(
+        env(mutate::INBOUND_AUDIENCES_ENV).as_deref(),
+        Some("orders")
+    );
+
+    // Without its audience a tool sidecar could verify nothing: refused.
+    let err = create_pod(
+        &client,
+        &ns,
+        "tool-without-audience",
+        json!({"metadata": {"annotations": {
+            mutate::INJECT_ANNOTATION: "tool",
+            mutate::INBOUND_PORT_ANNOTATION: "8080",
+        }}}),
+    )
+    .await
+    .expect_err("a tool pod without chaperone.dev/audience is refused");
+    assert!(
+        err.to_string()
+            .contains(&format!("add {}:", mutate::AUDIENCE_ANNOTATION)),
+        "{err}"
+    );
     Ok(())
 }
 
