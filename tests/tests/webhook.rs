@@ -205,6 +205,7 @@ fn cert_config(namespace: &str, lifetimes: Lifetimes, renew_interval: Duration) 
         ),
         lifetimes,
         renew_interval,
+        source: certs::CertSource::SelfManaged,
     }
 }
 
@@ -700,6 +701,79 @@ async fn concurrent_replicas_settle_on_one_secret() -> Result<()> {
         .await?;
     let stored = certs::StoredCerts::from_secret(&secret);
     assert_eq!(stored.tls_cert.as_deref(), Some(reissued.cert_pem.as_str()));
+    Ok(())
+}
+
+/// A Secret as cert-manager writes it: the CA certificate (no CA key), the
+/// serving certificate and its key.
+fn cert_manager_secret(name: &str, sans: &[String]) -> Result<Secret> {
+    let now = std::time::SystemTime::now();
+    let ca = certs::issue_ca(Duration::from_secs(24 * 3600), now)?;
+    let serving = certs::issue_serving_cert(&ca, sans, Duration::from_secs(3600), now)?;
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "type": "kubernetes.io/tls",
+        "stringData": {"ca.crt": ca.cert, "tls.crt": serving.cert, "tls.key": serving.key},
+    }))?)
+}
+
+#[tokio::test]
+async fn external_tls_only_reads_the_secret() -> Result<()> {
+    let (client, _) = setup().await?;
+    let ns = new_namespace(&client, "external-tls", None).await?;
+    let mut config = cert_config(&ns, Lifetimes::default(), Duration::from_secs(60));
+    config.source = certs::CertSource::External;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+
+    // Not issued yet: an error that says so, and no Secret made in its place.
+    let err = certs::ensure_with(client.clone(), &config)
+        .await
+        .expect_err("a missing external Secret is an error");
+    assert!(
+        matches!(err, certs::CertError::ExternalSecretMissing { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("cert-manager"), "{err}");
+    assert!(secrets.get_opt(&config.secret_name).await?.is_none());
+
+    // Issued: served as it is, and never written, even with SANs it lacks.
+    let created = secrets
+        .create(
+            &PostParams::default(),
+            &cert_manager_secret(&config.secret_name, &config.sans[..1])?,
+        )
+        .await?;
+    let material = certs::ensure_with(client.clone(), &config).await?;
+    let stored = certs::StoredCerts::from_secret(&secrets.get(&config.secret_name).await?);
+    assert_eq!(stored.tls_cert.as_deref(), Some(material.cert_pem.as_str()));
+    assert_eq!(stored.ca_cert.as_deref(), Some(material.ca_pem.as_str()));
+    assert_eq!(stored.ca_key, None);
+
+    // cert-manager rotates it: the renewal loop publishes the new certificate.
+    let mut fast = config.clone();
+    fast.renew_interval = Duration::from_millis(200);
+    let mut tls = certs::spawn_renewal(client.clone(), fast, material.clone());
+    let mut rotated = cert_manager_secret(&config.secret_name, &config.sans)?;
+    rotated.metadata.resource_version = created.metadata.resource_version.clone();
+    secrets
+        .replace(&config.secret_name, &PostParams::default(), &rotated)
+        .await?;
+    let before = secrets.get(&config.secret_name).await?;
+    tokio::time::timeout(Duration::from_secs(10), tls.changed())
+        .await
+        .context("the rotated certificate was not picked up")??;
+    let rotated = tls.borrow_and_update().clone();
+    assert_ne!(rotated.cert_pem, material.cert_pem);
+    assert_eq!(
+        Some(rotated.cert_pem.as_str()),
+        certs::StoredCerts::from_secret(&before).tls_cert.as_deref()
+    );
+    // Reading never wrote: the Secret is the version cert-manager left.
+    let after = secrets.get(&config.secret_name).await?;
+    assert_eq!(
+        after.metadata.resource_version,
+        before.metadata.resource_version
+    );
     Ok(())
 }
 

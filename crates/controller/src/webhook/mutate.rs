@@ -6,6 +6,8 @@ use std::{collections::BTreeMap, fmt};
 
 use chaperone_api::AgentIdentity;
 use k8s_openapi::api::core::v1::Pod;
+
+use crate::InvalidSetting;
 use serde_json::{Value, json};
 
 /// Pod annotation that asks for injection: `"true"` (an agent), `"tool"` (inbound
@@ -143,6 +145,77 @@ impl ProxyResources {
     }
 }
 
+/// The default sidecar resources of the controller's flags, each quantity
+/// checked on its own (so the error names its variable), then together.
+fn sidecar_resources(args: &crate::Args) -> Result<ProxyResources, InvalidSetting> {
+    /// (variable, flag, value, parser).
+    type Quantity<'a> = (
+        &'static str,
+        &'static str,
+        Option<&'a str>,
+        fn(&str) -> Result<u64, String>,
+    );
+    let settings: [Quantity<'_>; 4] = [
+        (
+            "CHAPERONE_SIDECAR_CPU_REQUEST",
+            "sidecar-cpu-request",
+            args.sidecar_cpu_request.as_deref(),
+            parse_cpu,
+        ),
+        (
+            "CHAPERONE_SIDECAR_CPU_LIMIT",
+            "sidecar-cpu-limit",
+            args.sidecar_cpu_limit.as_deref(),
+            parse_cpu,
+        ),
+        (
+            "CHAPERONE_SIDECAR_MEMORY_REQUEST",
+            "sidecar-memory-request",
+            args.sidecar_memory_request.as_deref(),
+            parse_memory,
+        ),
+        (
+            "CHAPERONE_SIDECAR_MEMORY_LIMIT",
+            "sidecar-memory-limit",
+            args.sidecar_memory_limit.as_deref(),
+            parse_memory,
+        ),
+    ];
+    for (env, flag, value, parse) in settings {
+        if let Some(value) = value.filter(|v| !v.trim().is_empty()) {
+            match parse(value) {
+                Ok(0) => {
+                    return Err(InvalidSetting::new(env, flag, value, "must be above zero"));
+                }
+                Ok(_) => {}
+                Err(reason) => return Err(InvalidSetting::new(env, flag, value, reason)),
+            }
+        }
+    }
+    ProxyResources::from_quantities(
+        args.sidecar_cpu_request.as_deref(),
+        args.sidecar_cpu_limit.as_deref(),
+        args.sidecar_memory_request.as_deref(),
+        args.sidecar_memory_limit.as_deref(),
+    )
+    .map_err(|reason| {
+        let (env, flag, value) = if reason.starts_with("memory") {
+            (
+                "CHAPERONE_SIDECAR_MEMORY_LIMIT",
+                "sidecar-memory-limit",
+                args.sidecar_memory_limit.clone(),
+            )
+        } else {
+            (
+                "CHAPERONE_SIDECAR_CPU_LIMIT",
+                "sidecar-cpu-limit",
+                args.sidecar_cpu_limit.clone(),
+            )
+        };
+        InvalidSetting::new(env, flag, value.unwrap_or_default(), reason)
+    })
+}
+
 /// The range an annotation may set a value in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {
@@ -233,14 +306,42 @@ impl fmt::Debug for InjectionSettings {
 }
 
 impl InjectionSettings {
-    /// Settings from the controller's flags; `ca_pem` is filled in from the
-    /// controller's current certificate.
-    pub fn from_args(args: &crate::Args) -> Self {
-        Self::new(
+    /// Settings from the controller's flags (the chart's
+    /// `CHAPERONE_SIDECAR_*` and `CHAPERONE_WEBHOOK_FAILURE_POLICY`); `ca_pem`
+    /// is filled in from the controller's current certificate. A value that
+    /// cannot be used is an error naming its variable, so that the controller
+    /// refuses to start rather than inject sidecars it was not asked for.
+    pub fn from_args(args: &crate::Args) -> Result<Self, InvalidSetting> {
+        let mut settings = Self::new(
             &args.sidecar_image,
             args.controller_address(),
             &args.namespace,
-        )
+        );
+        settings.image_pull_policy = args
+            .sidecar_image_pull_policy
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(|v| match v {
+                "Always" | "IfNotPresent" | "Never" => Ok(v.to_string()),
+                _ => Err(InvalidSetting::new(
+                    "CHAPERONE_SIDECAR_IMAGE_PULL_POLICY",
+                    "sidecar-image-pull-policy",
+                    v,
+                    "expected Always, IfNotPresent or Never (as Kubernetes spells them), or empty for the cluster's default",
+                )),
+            })
+            .transpose()?;
+        settings.resources = sidecar_resources(args)?;
+        settings.failure_policy = args.webhook_failure_policy.parse().map_err(|reason| {
+            InvalidSetting::new(
+                "CHAPERONE_WEBHOOK_FAILURE_POLICY",
+                "webhook-failure-policy",
+                &args.webhook_failure_policy,
+                reason,
+            )
+        })?;
+        Ok(settings)
     }
 
     /// Default settings for `image`, a controller at `controller_address` in
@@ -1463,6 +1564,96 @@ mod tests {
         assert!(ProxyResources::from_quantities(Some("lots"), None, None, None).is_err());
         assert_eq!("Ignore".parse(), Ok(FailurePolicy::Ignore));
         assert!("fail".parse::<FailurePolicy>().is_err());
+    }
+
+    fn from_flags(flags: &[&str]) -> Result<InjectionSettings, InvalidSetting> {
+        let args = <crate::Args as clap::Parser>::try_parse_from(
+            std::iter::once("chaperone-controller").chain(flags.iter().copied()),
+        )
+        .expect("flags parse");
+        InjectionSettings::from_args(&args)
+    }
+
+    #[test]
+    fn settings_come_from_the_charts_variables() {
+        let settings = from_flags(&[
+            "--sidecar-image-pull-policy=Always",
+            "--sidecar-cpu-request=100m",
+            "--sidecar-cpu-limit=1",
+            "--sidecar-memory-request=128Mi",
+            "--sidecar-memory-limit=512Mi",
+            "--webhook-failure-policy=Ignore",
+        ])
+        .unwrap();
+        assert_eq!(settings.image_pull_policy.as_deref(), Some("Always"));
+        assert_eq!(
+            settings.resources,
+            ProxyResources {
+                cpu_request: 100,
+                cpu_limit: Some(1000),
+                memory_request: 128 << 20,
+                memory_limit: 512 << 20,
+            }
+        );
+        assert_eq!(settings.failure_policy, FailurePolicy::Ignore);
+    }
+
+    #[test]
+    fn unset_or_empty_settings_keep_the_defaults() {
+        for flags in [
+            &[][..],
+            &[
+                "--sidecar-image-pull-policy=",
+                "--sidecar-cpu-request=",
+                "--sidecar-cpu-limit=",
+                "--sidecar-memory-request= ",
+                "--sidecar-memory-limit=",
+            ],
+        ] {
+            let settings = from_flags(flags).unwrap();
+            assert_eq!(settings.image_pull_policy, None, "{flags:?}");
+            assert_eq!(settings.resources, ProxyResources::default(), "{flags:?}");
+            assert_eq!(settings.failure_policy, FailurePolicy::Fail, "{flags:?}");
+        }
+    }
+
+    #[test]
+    fn bad_settings_stop_the_controller_naming_the_variable() {
+        for (flag, env) in [
+            (
+                "--sidecar-image-pull-policy=always",
+                "CHAPERONE_SIDECAR_IMAGE_PULL_POLICY",
+            ),
+            (
+                "--sidecar-cpu-request=lots",
+                "CHAPERONE_SIDECAR_CPU_REQUEST",
+            ),
+            ("--sidecar-cpu-limit=0", "CHAPERONE_SIDECAR_CPU_LIMIT"),
+            (
+                "--sidecar-memory-request=1Xi",
+                "CHAPERONE_SIDECAR_MEMORY_REQUEST",
+            ),
+            (
+                "--sidecar-memory-limit=-64Mi",
+                "CHAPERONE_SIDECAR_MEMORY_LIMIT",
+            ),
+            (
+                "--webhook-failure-policy=fail",
+                "CHAPERONE_WEBHOOK_FAILURE_POLICY",
+            ),
+        ] {
+            let err = from_flags(&[flag]).unwrap_err();
+            assert_eq!(err.env, env, "{flag}: {err}");
+            let message = err.to_string();
+            assert!(message.contains(env), "{message}");
+        }
+        let err = from_flags(&[
+            "--sidecar-memory-request=1Gi",
+            "--sidecar-memory-limit=512Mi",
+        ])
+        .unwrap_err();
+        assert_eq!(err.env, "CHAPERONE_SIDECAR_MEMORY_LIMIT", "{err}");
+        assert!(err.to_string().contains("above the memory limit"), "{err}");
     }
 
     #[test]
