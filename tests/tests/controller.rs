@@ -754,8 +754,10 @@ async fn a_grant_turns_expired_at_its_expiry_and_leaves_the_snapshot() -> Result
     let (client, ns) = setup().await?;
     apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
     apply::<AgentIdentity>(&client, &ns, agent("worker")).await?;
+    // Far enough ahead (expiresAt has whole seconds) that the grant is still
+    // live when the stream opens while the other tests load the machine.
     let expires =
-        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(3);
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(6);
     let grant = json!({
         "apiVersion": "chaperone.dev/v1alpha1", "kind": "DelegationGrant",
         "metadata": { "name": "short-lived" },
@@ -775,7 +777,7 @@ async fn a_grant_turns_expired_at_its_expiry_and_leaves_the_snapshot() -> Result
     assert_eq!(snapshot.content.grants_received.len(), 1);
 
     // At the expiry instant (plus the one-second tick) the grant is withdrawn...
-    let (_, snapshot) = sidecar.next_snapshot(Duration::from_secs(8)).await?;
+    let (_, snapshot) = sidecar.next_snapshot(Duration::from_secs(10)).await?;
     assert!(snapshot.content.grants_received.is_empty());
     // ...and its status says Expired.
     let grants: Api<DelegationGrant> = Api::namespaced(client.clone(), &ns);
