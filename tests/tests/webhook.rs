@@ -815,9 +815,22 @@ async fn certificate_rotation_keeps_admission_working() -> Result<()> {
                 .context("no renewal within 20 s")??;
             let renewed = tls.borrow_and_update().clone();
             assert_eq!(renewed.ca_pem, material.ca_pem, "the CA stays");
-            // New connections see the new certificate.
-            let (_, _, served) = post_inject(server.local_addr, &material.ca_pem, b"{}").await?;
-            assert_eq!(served, der_of(&renewed.cert_pem)?, "round {round}");
+            // New connections see the new certificate (the server swaps it in
+            // from the same channel, in its own task: allow it a moment).
+            let expected = der_of(&renewed.cert_pem)?;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                let (_, _, served) =
+                    post_inject(server.local_addr, &material.ca_pem, b"{}").await?;
+                if served == expected {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: old certificate served"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             // Once the first certificate has expired, the API server still gets in.
             let pod =
                 create_pod(&client, &ns, &format!("after-{round}"), annotated("true")).await?;
