@@ -7,7 +7,7 @@
 //! the record ([`crate::canonical`]); `prev` is the SHA-256 of the previous line
 //! of the same session. [`verify_log`] checks a log.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -166,9 +166,14 @@ pub enum VerifyError {
 }
 
 /// Verifies the hash chains of a log (records of several sessions interleaved);
-/// returns the number of records.
+/// returns the number of records. A session's first record either starts a
+/// chain (no `prev`) or continues a record earlier in the log: a delegated
+/// session's first record links to the caller's record of the call, so the
+/// logs of the agents of one task, concatenated callers first, verify as one
+/// trail.
 pub fn verify_log(text: &str) -> Result<usize, VerifyError> {
     let mut last: HashMap<String, String> = HashMap::new();
+    let mut seen: HashSet<String> = HashSet::new();
     let mut count = 0;
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -181,14 +186,21 @@ pub fn verify_log(text: &str) -> Result<usize, VerifyError> {
             .as_str()
             .ok_or(VerifyError::Malformed { line: number })?
             .to_owned();
-        let prev = value["prev"].as_str().map(str::to_owned);
-        if prev != last.get(&session).cloned() {
+        let prev = value["prev"].as_str();
+        let linked = match (prev, last.get(&session)) {
+            (prev, Some(previous)) => prev == Some(previous.as_str()),
+            (None, None) => true,
+            (Some(prev), None) => seen.contains(prev),
+        };
+        if !linked {
             return Err(VerifyError::BrokenChain {
                 line: number,
                 session,
             });
         }
-        last.insert(session, hex(&sha256(canonical(&value).as_bytes())));
+        let hash = hex(&sha256(canonical(&value).as_bytes()));
+        seen.insert(hash.clone());
+        last.insert(session, hash);
         count += 1;
     }
     Ok(count)
@@ -287,6 +299,33 @@ mod tests {
         assert!(matches!(
             verify_log(&tampered),
             Err(VerifyError::BrokenChain { line: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn a_session_may_continue_a_record_of_another_session() {
+        let buffer = Shared::default();
+        let log = AuditLog::new(
+            AuditOutput::Writer(Box::new(buffer.clone())),
+            None,
+            Counter::default(),
+        );
+        let caller = hex(&log.write(&record("caller", None, "a")).unwrap());
+        let h = hex(&log.write(&record("delegated", Some(&caller), "b")).unwrap());
+        log.write(&record("delegated", Some(&h), "c")).unwrap();
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(verify_log(&text), Ok(3));
+        // The caller's record changed: the link no longer resolves.
+        let tampered = text.replacen("\"tool\":\"a\"", "\"tool\":\"x\"", 1);
+        assert!(matches!(
+            verify_log(&tampered),
+            Err(VerifyError::BrokenChain { line: 2, .. })
+        ));
+        // Without the caller's log the first link dangles.
+        let alone: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
+        assert!(matches!(
+            verify_log(&alone),
+            Err(VerifyError::BrokenChain { line: 1, .. })
         ));
     }
 
