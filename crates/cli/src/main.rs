@@ -5,6 +5,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod audit;
 mod crds;
 mod policy;
 
@@ -18,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Verify the hash chains of sidecar audit logs offline.
+    Audit(audit::AuditArgs),
     /// Print the YAML of all Chaperone CustomResourceDefinitions.
     Crds(crds::CrdsArgs),
     /// Test and explain policies offline against CR YAML files.
@@ -26,6 +29,7 @@ enum Command {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Audit(args) => audit::run(&args),
         Command::Crds(args) => crds::run(&args),
         Command::Policy(args) => policy::run(&args),
     }

@@ -5,9 +5,9 @@
 //! Canonical form: the record's fields are declared in byte order of their names
 //! and nothing in it is a float, so the line as written is the canonical JSON of
 //! the record ([`crate::canonical`]); `prev` is the SHA-256 of the previous line
-//! of the same session. [`verify_log`] checks a log.
+//! of the same session. [`verify_log`] (from `chaperone_audit`, also behind
+//! `chaperonectl audit verify`) checks a log.
 
-use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +16,7 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::canonical::{canonical, hex, sha256};
+use crate::canonical::sha256;
 
 /// The agent a record is about.
 #[derive(Clone, Debug, Serialize)]
@@ -52,10 +52,6 @@ pub struct AuditRecord<'a> {
     pub correlation: &'a str,
     /// `allow`, `deny` or `wouldDeny`.
     pub decision: &'a str,
-    /// The verified user who initiated the task; absent when the chain's origin
-    /// agent did.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub initiator: Option<&'a str>,
     /// Time the decision took, in microseconds.
     #[serde(rename = "latencyUs")]
     pub latency_us: u64,
@@ -146,65 +142,7 @@ impl AuditLog {
     }
 }
 
-/// A log that does not verify.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum VerifyError {
-    /// A line is not a JSON record.
-    #[error("line {line}: not an audit record")]
-    Malformed {
-        /// 1-based line number.
-        line: usize,
-    },
-    /// A record's `prev` is not the hash of its session's previous record.
-    #[error("line {line}: prev does not match the previous record of session {session}")]
-    BrokenChain {
-        /// 1-based line number.
-        line: usize,
-        /// The Chaperone session id.
-        session: String,
-    },
-}
-
-/// Verifies the hash chains of a log (records of several sessions interleaved);
-/// returns the number of records. A session's first record either starts a
-/// chain (no `prev`) or continues a record earlier in the log: a delegated
-/// session's first record links to the caller's record of the call, so the
-/// logs of the agents of one task, concatenated callers first, verify as one
-/// trail.
-pub fn verify_log(text: &str) -> Result<usize, VerifyError> {
-    let mut last: HashMap<String, String> = HashMap::new();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut count = 0;
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let number = index + 1;
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|_| VerifyError::Malformed { line: number })?;
-        let session = value["session"]["chaperone"]
-            .as_str()
-            .ok_or(VerifyError::Malformed { line: number })?
-            .to_owned();
-        let prev = value["prev"].as_str();
-        let linked = match (prev, last.get(&session)) {
-            (prev, Some(previous)) => prev == Some(previous.as_str()),
-            (None, None) => true,
-            (Some(prev), None) => seen.contains(prev),
-        };
-        if !linked {
-            return Err(VerifyError::BrokenChain {
-                line: number,
-                session,
-            });
-        }
-        let hash = hex(&sha256(canonical(&value).as_bytes()));
-        seen.insert(hash.clone());
-        last.insert(session, hash);
-        count += 1;
-    }
-    Ok(count)
-}
+pub use chaperone_audit::{VerifyError, verify_log};
 
 /// RFC 3339 UTC time with milliseconds of `unix_ms`.
 pub fn rfc3339_millis(unix_ms: i64) -> String {
@@ -233,6 +171,7 @@ pub fn rfc3339_millis(unix_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::canonical::{canonical, hex};
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -258,7 +197,6 @@ mod tests {
             chain: &[],
             correlation: "c",
             decision: "allow",
-            initiator: None,
             latency_us: 3,
             method: "tools/call",
             prev,
@@ -294,38 +232,15 @@ mod tests {
         log.write(&record("s2", None, "b")).unwrap();
         log.write(&record("s1", Some(&h1), "c")).unwrap();
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(verify_log(&text), Ok(3));
+        assert_eq!(verify_log(&text).map(|summary| summary.records), Ok(3));
         let tampered = text.replacen("\"tool\":\"a\"", "\"tool\":\"x\"", 1);
         assert!(matches!(
             verify_log(&tampered),
-            Err(VerifyError::BrokenChain { line: 3, .. })
-        ));
-    }
-
-    #[test]
-    fn a_session_may_continue_a_record_of_another_session() {
-        let buffer = Shared::default();
-        let log = AuditLog::new(
-            AuditOutput::Writer(Box::new(buffer.clone())),
-            None,
-            Counter::default(),
-        );
-        let caller = hex(&log.write(&record("caller", None, "a")).unwrap());
-        let h = hex(&log.write(&record("delegated", Some(&caller), "b")).unwrap());
-        log.write(&record("delegated", Some(&h), "c")).unwrap();
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(verify_log(&text), Ok(3));
-        // The caller's record changed: the link no longer resolves.
-        let tampered = text.replacen("\"tool\":\"a\"", "\"tool\":\"x\"", 1);
-        assert!(matches!(
-            verify_log(&tampered),
-            Err(VerifyError::BrokenChain { line: 2, .. })
-        ));
-        // Without the caller's log the first link dangles.
-        let alone: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
-        assert!(matches!(
-            verify_log(&alone),
-            Err(VerifyError::BrokenChain { line: 1, .. })
+            Err(VerifyError::BrokenLink {
+                line: 3,
+                previous: 1,
+                ..
+            })
         ));
     }
 

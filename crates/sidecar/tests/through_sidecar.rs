@@ -374,7 +374,10 @@ async fn audit_records_chain_per_session_and_verify() {
     call(&a, "delete_all", json!({})).await.unwrap_err();
     call(&b, "read_customer", json!({"id": 2})).await.unwrap();
     let text = harness.audit.text();
-    assert_eq!(verify_log(&text), Ok(4));
+    assert_eq!(
+        verify_log(&text).map(|summary| (summary.records, summary.sessions)),
+        Ok((4, 2))
+    );
     let records = harness.audit.records();
     assert!(records[0]["prev"].is_null());
     assert!(records[2]["prev"].is_string());
