@@ -52,6 +52,10 @@ pub struct AuditRecord<'a> {
     pub correlation: &'a str,
     /// `allow`, `deny` or `wouldDeny`.
     pub decision: &'a str,
+    /// The verified user who initiated the task; absent when the chain's origin
+    /// agent did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initiator: Option<&'a str>,
     /// Time the decision took, in microseconds.
     #[serde(rename = "latencyUs")]
     pub latency_us: u64,
@@ -197,6 +201,7 @@ mod tests {
             chain: &[],
             correlation: "c",
             decision: "allow",
+            initiator: None,
             latency_us: 3,
             method: "tools/call",
             prev,
