@@ -26,8 +26,9 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
+use chaperone_audit::{VerifyOptions, verify_log_with};
 use chaperone_demo::{SeenAssertions, ToolServer, ToolSet, WorkerApp, serve_handler};
-use chaperone_sidecar::{PeerKeys, Settings, SidecarMode, audit::verify_log};
+use chaperone_sidecar::{PeerKeys, Settings, SidecarMode};
 use chaperone_testenv::{
     ControlPlane, create_namespace, kube_fixtures,
     sidecar_fixtures::{
@@ -646,6 +647,15 @@ fn assert_refused(response: &str, status: u16, reason: &str) {
     );
 }
 
+/// Decision, rule and reason of the newest record of `sidecar` for `tool`.
+fn last_decision(sidecar: &TestSidecar, tool: &str) -> Result<(String, String, String)> {
+    let record = records_for(sidecar, tool)
+        .pop()
+        .with_context(|| format!("no record for {tool}"))?;
+    let field = |name: &str| record[name].as_str().unwrap_or_default().to_owned();
+    Ok((field("decision"), field("rule"), field("reason")))
+}
+
 /// The records of `sidecar` for `tool`, newest last.
 fn records_for(sidecar: &TestSidecar, tool: &str) -> Vec<Value> {
     sidecar
@@ -654,6 +664,23 @@ fn records_for(sidecar: &TestSidecar, tool: &str) -> Vec<Value> {
         .into_iter()
         .filter(|r| r["tool"] == tool)
         .collect()
+}
+
+/// Audit verification with nothing left dangling.
+const STRICT: VerifyOptions = VerifyOptions {
+    strict: true,
+    skip_other_lines: false,
+};
+
+/// `chaperonectl` next to this test binary (`target/debug/chaperonectl`), or
+/// `$CHAPERONECTL`.
+fn chaperonectl() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("CHAPERONECTL") {
+        return Some(path.into());
+    }
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.parent()?.join("chaperonectl");
+    path.is_file().then_some(path)
 }
 
 // ---------------------------------------------------------------------------
@@ -754,9 +781,16 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     )
     .await;
     assert!(
-        credit.as_ref().is_err_and(|e| e.contains("delegation")),
+        credit.as_ref().is_err_and(|e| e.contains("\"delegation\"")),
         "{credit:?}"
     );
+    let (decision, rule, reason) = last_decision(&world.worker, "issue_credit")?;
+    assert_eq!(
+        (decision.as_str(), rule.as_str()),
+        ("deny", "delegation"),
+        "{reason}"
+    );
+    assert!(reason.contains("planner-to-worker"), "{reason}");
     // Voiding: the worker's own rules allow it, the grant does not hand it over.
     let void = via_worker(
         &user,
@@ -766,8 +800,14 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     )
     .await;
     assert!(
-        void.as_ref().is_err_and(|e| e.contains("delegation")),
+        void.as_ref().is_err_and(|e| e.contains("\"delegation\"")),
         "{void:?}"
+    );
+    let (decision, rule, reason) = last_decision(&world.worker, "void_invoice")?;
+    assert_eq!(
+        (decision.as_str(), rule.as_str()),
+        ("deny", "delegation"),
+        "{reason}"
     );
     // Without a delegated session the worker has no authority at all.
     let worker_proxy = format!("http://127.0.0.1:{}", world.worker.proxy_port);
@@ -782,6 +822,9 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     assert!(
         own.as_ref().is_err_and(|e| e.contains("requireDelegation")),
         "{own:?}"
+    );
+    eprintln!(
+        "credit of 300 in the planner's session: {credit:?}\nvoid: {void:?}\nthe worker on its own: {own:?}"
     );
 
     // --- A session condition crosses the hop. ------------------------------
@@ -798,6 +841,12 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
         sent.as_ref()
             .is_err_and(|e| e.contains("no-external-after-sensitive")),
         "the planner's session read the inbox; the worker must not mail out: {sent:?}"
+    );
+    let (decision, rule, reason) = last_decision(&world.worker, "send_email")?;
+    assert_eq!(decision, "deny", "{rule}: {reason}");
+    assert!(
+        rule.ends_with("no-external-after-sensitive"),
+        "{rule}: {reason}"
     );
     let _ = user.cancel().await;
 
@@ -915,6 +964,22 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
         took < Duration::from_secs(1),
         "revocation took {took:?}: {denied}"
     );
+    // Refused at the worker's inbound side: no grant from the planner any more.
+    let refusal = world
+        .worker
+        .audit
+        .records()
+        .into_iter()
+        .rfind(|r| r["decision"] == "deny")
+        .context("the worker refused nothing")?;
+    assert_eq!(refusal["rule"], "inbound/delegation", "{refusal}");
+    assert!(
+        refusal["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no valid DelegationGrant")),
+        "{refusal}"
+    );
+    eprintln!("revoked after {took:?}: {denied}");
     let _ = bob.cancel().await;
 
     // --- Events with the chain, through kubectl. ---------------------------
@@ -933,23 +998,24 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     assert!(events.contains("issue_credit"), "{events}");
 
     // --- One verifiable trail across the agents. ---------------------------
+    // Callers first; every delegated session's first record links to its
+    // caller's record, so with all four logs nothing may dangle (strict).
     let combined = [&world.planner, &world.worker, &world.helper, &world.tool]
         .iter()
         .map(|s| s.audit.text())
         .collect::<String>();
-    let count = verify_log(&combined).map_err(|e| anyhow::anyhow!("{e}"))?;
-    assert!(count >= 20, "{count} records");
-    // The tool's first record of the worker's session links to the worker's
-    // record of that call.
-    let tool_first = world
-        .tool
-        .audit
-        .records()
-        .into_iter()
-        .next()
-        .context("tool records")?;
-    assert!(tool_first["prev"].is_string(), "{tool_first}");
-    // Tampering with a record that has a successor breaks the chain.
+    let summary = verify_log_with(&combined, STRICT).map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(summary.records, combined.lines().count(), "{summary:?}");
+    // Worker from planner (alice, bob, the probe), helper from worker (the
+    // refusal and the hop), tool from worker and from helper.
+    assert!(summary.cross_session_links >= 6, "{summary:?}");
+    // The worker's log alone links out to the planner's.
+    let alone = chaperone_audit::verify_log(&world.worker.audit.text())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert!(!alone.external_links.is_empty(), "{alone:?}");
+    // Tampering with a record that has a successor breaks the chain: the
+    // decision of the worker's allowed credit turned into a denial, or the
+    // record removed.
     let lines: Vec<&str> = combined.lines().collect();
     let victim = lines
         .iter()
@@ -957,7 +1023,7 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
             l.contains("\"decision\":\"allow\"") && l.contains("\"tool\":\"issue_credit\"")
         })
         .context("no allowed credit in the log")?;
-    let tampered: String = lines
+    let edited: String = lines
         .iter()
         .enumerate()
         .map(|(i, l)| {
@@ -969,9 +1035,53 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
             line + "\n"
         })
         .collect();
-    assert!(verify_log(&tampered).is_err(), "a tampered log verified");
+    let edit = verify_log_with(&edited, STRICT).expect_err("an edited log verified");
+    assert!(edit.to_string().contains("before line"), "{edit}");
+    let removed: String = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    assert!(
+        verify_log_with(&removed, STRICT).is_err(),
+        "a log missing a record verified"
+    );
+    // The same through the CLI, when it is built in this target directory.
+    let dir = tempfile::tempdir()?;
+    let (good, bad) = (dir.path().join("trail.log"), dir.path().join("edited.log"));
+    std::fs::write(&good, &combined)?;
+    std::fs::write(&bad, &edited)?;
+    if let Some(cli) = chaperonectl() {
+        let run = |file: &std::path::Path| {
+            std::process::Command::new(&cli)
+                .args(["audit", "verify", "--strict"])
+                .arg(file)
+                .output()
+        };
+        let ok = run(&good)?;
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let failed = run(&bad)?;
+        assert!(
+            !failed.status.success(),
+            "chaperonectl verified an edited log"
+        );
+        eprintln!(
+            "chaperonectl audit verify: {}",
+            String::from_utf8_lossy(&ok.stdout).trim()
+        );
+    } else {
+        eprintln!(
+            "chaperonectl not built in this target directory (cargo build -p chaperone-cli); verified with chaperone_audit only"
+        );
+    }
     eprintln!(
-        "delegation end to end: {count} audit records, {:?}",
+        "delegation end to end: {} audit records, {:?}",
+        summary.records,
         started.elapsed()
     );
     Ok(())
