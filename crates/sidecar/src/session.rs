@@ -110,6 +110,12 @@ impl Delegation {
     }
 }
 
+impl Default for SessionState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl SessionState {
     /// A new, empty session with a fresh Chaperone session id.
     pub fn new() -> Self {

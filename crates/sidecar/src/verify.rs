@@ -249,7 +249,7 @@ pub fn verify_assertion(
             key_agent: key_agent.to_owned(),
         });
     }
-    if !audiences.iter().any(|a| *a == claims.aud) {
+    if !audiences.contains(&claims.aud) {
         return Err(AssertionRefused::WrongAudience(claims.aud));
     }
     if now >= claims.exp + CLOCK_SKEW_SECONDS {
