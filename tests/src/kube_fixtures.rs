@@ -103,6 +103,48 @@ pub async fn create_agent_pod(
         .await?)
 }
 
+/// Creates pod `name` running as `service_account`, annotated for a tool-mode
+/// sidecar in front of an MCP server on port 8080 with audience `orders` (what
+/// the webhook requires of such pods).
+pub async fn create_tool_pod(
+    client: &Client,
+    ns: &str,
+    service_account: &str,
+    name: &str,
+) -> Result<Pod> {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "annotations": {
+                "chaperone.dev/inject": "tool",
+                "chaperone.dev/inbound-port": "8080",
+                "chaperone.dev/audience": "orders",
+            }
+        },
+        "spec": {
+            "serviceAccountName": service_account,
+            "containers": [{ "name": "mcp", "image": "orders-mcp:latest" }]
+        }
+    }))?;
+    Ok(Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await?)
+}
+
+/// A ServiceAccount, a tool-mode pod running as it ([`create_tool_pod`]), and
+/// a token bound to that pod.
+pub async fn tool_pod_token(
+    client: &Client,
+    ns: &str,
+    service_account: &str,
+    pod: &str,
+    audience: &str,
+) -> Result<String> {
+    ensure_service_account(client, ns, service_account).await?;
+    let pod = create_tool_pod(client, ns, service_account, pod).await?;
+    bound_token(client, &pod, audience).await
+}
+
 /// A token of `pod`'s ServiceAccount bound to `pod` (name and uid) for
 /// `audience`, valid for ten minutes: what a projected token volume holds.
 pub async fn bound_token(client: &Client, pod: &Pod, audience: &str) -> Result<String> {

@@ -11,7 +11,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
 use chaperone_policy::Snapshot;
-use chaperone_testenv::{ControlPlane, create_namespace, kube_fixtures, kube_fixtures::pod_token};
+use chaperone_testenv::{
+    ControlPlane, create_namespace, kube_fixtures,
+    kube_fixtures::{pod_token, tool_pod_token},
+};
 use chaperone_wire::v1::{
     Ack, ControllerMessage, SidecarMessage, SnapshotUpdate, controller_message, sidecar_message,
     snapshot_service_client::SnapshotServiceClient,
@@ -163,6 +166,52 @@ impl SidecarStandIn {
                 return Ok((update, snapshot));
             }
         }
+    }
+
+    /// The next message of any kind; fails after `timeout` or when the stream ends.
+    async fn next_message(&mut self, timeout: Duration) -> Result<controller_message::Message> {
+        tokio::time::timeout(timeout, self.from_controller.message())
+            .await
+            .context("no message in time")??
+            .context("stream ended")?
+            .message
+            .context("an empty controller message")
+    }
+
+    /// Key sets until one contains `kid` (within `timeout`); fails on a
+    /// snapshot: tool-mode streams carry key sets only.
+    async fn key_set_with(&mut self, kid: &str, timeout: Duration) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_message(left).await? {
+                controller_message::Message::Keys(keys) => {
+                    let jwks: serde_json::Value = serde_json::from_str(&keys.jwks_json)?;
+                    if jwks_kids(&jwks).iter().any(|k| k == kid) {
+                        return Ok(jwks);
+                    }
+                }
+                controller_message::Message::Snapshot(update) => {
+                    bail!("a tool-mode stream received snapshot {}", update.version)
+                }
+            }
+        }
+    }
+
+    /// Registers a signing key `kid` for this sidecar.
+    async fn send_key(&self, kid: &str) -> Result<()> {
+        let jwk = json!({ "kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo" });
+        self.to_controller
+            .send(SidecarMessage {
+                message: Some(sidecar_message::Message::SigningKey(
+                    chaperone_wire::v1::SigningKey {
+                        kid: kid.to_owned(),
+                        jwk_json: jwk.to_string(),
+                    },
+                )),
+            })
+            .await?;
+        Ok(())
     }
 
     async fn ack(&self, update: &SnapshotUpdate) -> Result<()> {
@@ -553,6 +602,144 @@ async fn a_sidecars_key_is_in_the_jwks_until_its_pod_is_deleted() -> Result<()> 
     Ok(())
 }
 
+fn jwks_kids(jwks: &serde_json::Value) -> Vec<String> {
+    jwks["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k["kid"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_pods_token_gets_the_key_set_and_never_a_snapshot() -> Result<()> {
+    let (client, ns) = setup().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+    // An AgentIdentity also selects the tool pod's ServiceAccount: the pod's
+    // tool annotation still wins, and it counts as none of its sidecars.
+    apply::<AgentIdentity>(&client, &ns, agent("orders-mcp")).await?;
+    apply::<ToolPolicy>(&client, &ns, policy("mcp-rules", "orders-mcp", "get_order")).await?;
+    let planner_token = pod_token(&client, &ns, "planner", "planner-0", "chaperone").await?;
+    let mut planner = connect(&planner_token).await?;
+    planner.next_snapshot(Duration::from_secs(5)).await?;
+    let first_kid = format!("planner-0-{ns}");
+    planner.send_key(&first_kid).await?;
+    let admin = controller().admin_port;
+    eventually(Duration::from_secs(5), async || {
+        Ok(http_get(admin, "/.well-known/jwks.json")?
+            .contains(&first_kid)
+            .then_some(()))
+    })
+    .await?;
+
+    // On connect: a key set with the live agent sidecar's key, first of all.
+    let tool_token =
+        tool_pod_token(&client, &ns, "orders-mcp", "orders-mcp-0", "chaperone").await?;
+    let mut tool = connect(&tool_token).await?;
+    let controller_message::Message::Keys(first) =
+        tool.next_message(Duration::from_secs(5)).await?
+    else {
+        bail!("the first message of a tool-mode stream is not a key set");
+    };
+    let jwks: serde_json::Value = serde_json::from_str(&first.jwks_json)?;
+    let key = jwks["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|k| k["kid"] == first_kid.as_str())
+        .with_context(|| format!("{first_kid} not in {jwks}"))?;
+    assert_eq!(key["chaperone.dev/agent"], format!("{ns}/planner"));
+
+    // A tool sidecar signs nothing: its key is ignored.
+    let tool_kid = format!("orders-mcp-0-{ns}");
+    tool.send_key(&tool_kid).await?;
+
+    // A new agent sidecar registers: the tool sidecar gets the new key set.
+    let second_token = pod_token(&client, &ns, "planner", "planner-1", "chaperone").await?;
+    let mut second = connect(&second_token).await?;
+    second.next_snapshot(Duration::from_secs(5)).await?;
+    let second_kid = format!("planner-1-{ns}");
+    second.send_key(&second_kid).await?;
+    let jwks = tool
+        .key_set_with(&second_kid, Duration::from_secs(5))
+        .await?;
+    let kids = jwks_kids(&jwks);
+    assert!(kids.contains(&first_kid), "{kids:?}");
+    assert!(!kids.contains(&tool_kid), "{kids:?}");
+    assert!(!http_get(admin, "/.well-known/jwks.json")?.contains(&tool_kid));
+
+    // Status counts the two agent sidecars and not the tool sidecar, even for
+    // the AgentIdentity that selects the tool pod.
+    let agents: Api<AgentIdentity> = Api::namespaced(client.clone(), &ns);
+    eventually(Duration::from_secs(10), async || {
+        let status = agents.get("planner").await?.status.unwrap_or_default();
+        Ok((status.sidecars_connected == 2).then_some(()))
+    })
+    .await?;
+    let mcp = agents.get("orders-mcp").await?.status.unwrap_or_default();
+    assert_eq!(mcp.sidecars_connected, 0, "{mcp:?}");
+
+    // A policy change for that AgentIdentity reaches no tool-mode stream.
+    apply::<ToolPolicy>(
+        &client,
+        &ns,
+        policy("mcp-rules", "orders-mcp", "list_orders"),
+    )
+    .await?;
+    let quiet = Instant::now() + Duration::from_secs(2);
+    while let Some(left) = quiet.checked_duration_since(Instant::now()) {
+        match tool.next_message(left).await {
+            Ok(controller_message::Message::Snapshot(update)) => {
+                bail!("a tool-mode stream received snapshot {}", update.version)
+            }
+            Ok(controller_message::Message::Keys(_)) => {}
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_sidecars_denials_become_warning_events_on_its_pod() -> Result<()> {
+    let (client, ns) = setup().await?;
+    let token = tool_pod_token(&client, &ns, "orders-mcp", "orders-mcp-0", "chaperone").await?;
+    let mut tool = connect(&token).await?;
+    tool.next_message(Duration::from_secs(5)).await?;
+    let deny = json!({
+        "decision": "deny", "rule": "inbound/assertion", "server": "orders", "tool": "refund",
+        "reason": "assertion audience is not orders", "correlation": "corr-tool",
+        "chain": [format!("{ns}/planner")], "session": { "chaperone": "sess-t" }
+    });
+    tool.to_controller
+        .send(SidecarMessage {
+            message: Some(sidecar_message::Message::Audit(
+                chaperone_wire::v1::AuditBatch {
+                    records: vec![deny.to_string()],
+                    dropped: 0,
+                },
+            )),
+        })
+        .await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let denial = eventually(Duration::from_secs(10), async || {
+        let list = events.list(&Default::default()).await?;
+        Ok(list
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("ToolCallDenied")))
+    })
+    .await?;
+    let regarding = denial.regarding.clone().context("regarding")?;
+    assert_eq!(regarding.kind.as_deref(), Some("Pod"));
+    assert_eq!(regarding.name.as_deref(), Some("orders-mcp-0"));
+    let note = denial.note.clone().unwrap_or_default();
+    assert!(
+        note.contains(&format!("chain: {ns}/planner")) && note.contains("sess-t"),
+        "{note}"
+    );
+    Ok(())
+}
+
 fn http_get(port: u16, path: &str) -> Result<String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
@@ -567,8 +754,10 @@ async fn a_grant_turns_expired_at_its_expiry_and_leaves_the_snapshot() -> Result
     let (client, ns) = setup().await?;
     apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
     apply::<AgentIdentity>(&client, &ns, agent("worker")).await?;
+    // Far enough ahead (expiresAt has whole seconds) that the grant is still
+    // live when the stream opens while the other tests load the machine.
     let expires =
-        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(3);
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(6);
     let grant = json!({
         "apiVersion": "chaperone.dev/v1alpha1", "kind": "DelegationGrant",
         "metadata": { "name": "short-lived" },
@@ -588,7 +777,7 @@ async fn a_grant_turns_expired_at_its_expiry_and_leaves_the_snapshot() -> Result
     assert_eq!(snapshot.content.grants_received.len(), 1);
 
     // At the expiry instant (plus the one-second tick) the grant is withdrawn...
-    let (_, snapshot) = sidecar.next_snapshot(Duration::from_secs(8)).await?;
+    let (_, snapshot) = sidecar.next_snapshot(Duration::from_secs(10)).await?;
     assert!(snapshot.content.grants_received.is_empty());
     // ...and its status says Expired.
     let grants: Api<DelegationGrant> = Api::namespaced(client.clone(), &ns);

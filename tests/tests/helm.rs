@@ -648,3 +648,138 @@ fn values_schema_refuses_bad_values_with_a_message() -> Result<()> {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     Ok(())
 }
+
+/// The objects `helm template` renders with `sets`, as JSON.
+fn rendered(sets: &[&str]) -> Result<Vec<Value>> {
+    let chart = chart_dir();
+    let mut args = vec!["template", "chaperone", chart.to_str().unwrap()];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let manifest = helm_ok(&args, None)?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&manifest).context("parsing a manifest")?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+fn object<'a>(objects: &'a [Value], kind: &str) -> Result<&'a Value> {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind)
+        .with_context(|| format!("no {kind} rendered"))
+}
+
+/// The controller's flags for the environment the chart gives it: every
+/// variable must be one the controller reads (`RUST_LOG` aside), and values
+/// from the downward API get a stand-in.
+fn controller_flags(deployment: &Value) -> Result<Vec<String>> {
+    use clap::CommandFactory as _;
+    let command = chaperone_controller::Args::command();
+    let by_env: BTreeMap<String, String> = command
+        .get_arguments()
+        .filter_map(|arg| {
+            Some((
+                arg.get_env()?.to_str()?.to_owned(),
+                arg.get_long()?.to_owned(),
+            ))
+        })
+        .collect();
+    let mut flags = vec!["chaperone-controller".to_owned()];
+    for env in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .context("env")?
+    {
+        let name = env["name"].as_str().context("env name")?;
+        if name == "RUST_LOG" {
+            continue;
+        }
+        let flag = by_env.get(name).with_context(|| {
+            format!("the chart sets {name}, which the controller does not read")
+        })?;
+        let value = env["value"].as_str().unwrap_or("from-the-downward-api");
+        flags.push(format!("--{flag}={value}"));
+    }
+    Ok(flags)
+}
+
+#[test]
+fn the_controller_reads_and_accepts_every_setting_the_chart_passes() -> Result<()> {
+    use chaperone_controller::{
+        certs::{CertConfig, CertSource},
+        webhook::{FailurePolicy, InjectionSettings},
+    };
+    for (sets, external, failure_policy) in [
+        (&[][..], CertSource::SelfManaged, FailurePolicy::Fail),
+        (
+            &[
+                "certManager.enabled=true",
+                "webhook.failurePolicy=Ignore",
+                "image.sidecar.pullPolicy=Always",
+                "sidecar.resources.requests.cpu=100m",
+                "sidecar.resources.limits.cpu=1",
+                "sidecar.resources.requests.memory=128Mi",
+                "sidecar.resources.limits.memory=1Gi",
+            ][..],
+            CertSource::External,
+            FailurePolicy::Ignore,
+        ),
+    ] {
+        let objects = rendered(sets)?;
+        let flags = controller_flags(object(&objects, "Deployment")?)?;
+        let args = <chaperone_controller::Args as clap::Parser>::try_parse_from(&flags)
+            .map_err(|e| anyhow::anyhow!("{sets:?}: {e}"))?;
+        let settings =
+            InjectionSettings::from_args(&args).map_err(|e| anyhow::anyhow!("{sets:?}: {e}"))?;
+        assert_eq!(settings.failure_policy, failure_policy, "{sets:?}");
+        assert_eq!(CertConfig::from_args(&args).source, external, "{sets:?}");
+        if external == CertSource::External {
+            assert_eq!(settings.image_pull_policy.as_deref(), Some("Always"));
+            assert_eq!(settings.resources.cpu_request, 100);
+            assert_eq!(settings.resources.cpu_limit, Some(1000));
+            assert_eq!(settings.resources.memory_request, 128 << 20);
+            assert_eq!(settings.resources.memory_limit, 1 << 30);
+        } else {
+            // The chart's defaults are the controller's own.
+            assert_eq!(settings.resources, Default::default());
+            assert_eq!(settings.image_pull_policy, None);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn with_cert_manager_the_controller_only_reads_its_secret() -> Result<()> {
+    let objects = rendered(&["certManager.enabled=true"])?;
+    let rules = |kind: &str| -> Result<Vec<Value>> {
+        Ok(object(&objects, kind)?["rules"]
+            .as_array()
+            .context("rules")?
+            .clone())
+    };
+    let secrets: Vec<Value> = rules("Role")?
+        .into_iter()
+        .filter(|r| {
+            r["resources"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r == "secrets"))
+        })
+        .collect();
+    assert_eq!(secrets.len(), 1, "{secrets:?}");
+    assert_eq!(secrets[0]["verbs"], serde_json::json!(["get"]));
+    assert_eq!(
+        secrets[0]["resourceNames"],
+        serde_json::json!(["chaperone-controller-tls"])
+    );
+    let webhook_rules: Vec<Value> = rules("ClusterRole")?
+        .into_iter()
+        .filter(|r| {
+            r["apiGroups"]
+                .as_array()
+                .is_some_and(|g| g.iter().any(|g| g == "admissionregistration.k8s.io"))
+        })
+        .collect();
+    assert!(
+        webhook_rules.is_empty(),
+        "cert-manager keeps the caBundle; the controller needs no access: {webhook_rules:?}"
+    );
+    Ok(())
+}

@@ -205,6 +205,7 @@ fn cert_config(namespace: &str, lifetimes: Lifetimes, renew_interval: Duration) 
         ),
         lifetimes,
         renew_interval,
+        source: certs::CertSource::SelfManaged,
     }
 }
 
@@ -470,15 +471,54 @@ async fn already_injected_spec_comes_back_unchanged() -> Result<()> {
 async fn tool_mode_injects_an_inbound_sidecar() -> Result<()> {
     let (client, _) = setup().await?;
     let ns = new_namespace(&client, "tool", None).await?;
-    let pod = create_pod(&client, &ns, "tool", annotated("tool")).await?;
+    let pod = create_pod(
+        &client,
+        &ns,
+        "tool",
+        json!({"metadata": {"annotations": {
+            mutate::INJECT_ANNOTATION: "tool",
+            mutate::INBOUND_PORT_ANNOTATION: "8080",
+            mutate::AUDIENCE_ANNOTATION: "orders",
+        }}}),
+    )
+    .await?;
     let spec = pod.spec.as_ref().context("spec")?;
     let sidecar = &spec.init_containers.as_ref().context("init")?[0];
-    let mode = sidecar
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == "CHAPERONE_MODE");
-    assert_eq!(mode.and_then(|e| e.value.clone()).as_deref(), Some("tool"));
+    let env = |name: &str| {
+        sidecar
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(env("CHAPERONE_MODE").as_deref(), Some("tool"));
+    assert_eq!(
+        env(mutate::INBOUND_UPSTREAM_ENV).as_deref(),
+        Some("http://127.0.0.1:8080")
+    );
+    assert_eq!(
+        env(mutate::INBOUND_AUDIENCES_ENV).as_deref(),
+        Some("orders")
+    );
+
+    // Without its audience a tool sidecar could verify nothing: refused.
+    let err = create_pod(
+        &client,
+        &ns,
+        "tool-without-audience",
+        json!({"metadata": {"annotations": {
+            mutate::INJECT_ANNOTATION: "tool",
+            mutate::INBOUND_PORT_ANNOTATION: "8080",
+        }}}),
+    )
+    .await
+    .expect_err("a tool pod without chaperone.dev/audience is refused");
+    assert!(
+        err.to_string()
+            .contains(&format!("add {}:", mutate::AUDIENCE_ANNOTATION)),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -664,6 +704,79 @@ async fn concurrent_replicas_settle_on_one_secret() -> Result<()> {
     Ok(())
 }
 
+/// A Secret as cert-manager writes it: the CA certificate (no CA key), the
+/// serving certificate and its key.
+fn cert_manager_secret(name: &str, sans: &[String]) -> Result<Secret> {
+    let now = std::time::SystemTime::now();
+    let ca = certs::issue_ca(Duration::from_secs(24 * 3600), now)?;
+    let serving = certs::issue_serving_cert(&ca, sans, Duration::from_secs(3600), now)?;
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "type": "kubernetes.io/tls",
+        "stringData": {"ca.crt": ca.cert, "tls.crt": serving.cert, "tls.key": serving.key},
+    }))?)
+}
+
+#[tokio::test]
+async fn external_tls_only_reads_the_secret() -> Result<()> {
+    let (client, _) = setup().await?;
+    let ns = new_namespace(&client, "external-tls", None).await?;
+    let mut config = cert_config(&ns, Lifetimes::default(), Duration::from_secs(60));
+    config.source = certs::CertSource::External;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+
+    // Not issued yet: an error that says so, and no Secret made in its place.
+    let err = certs::ensure_with(client.clone(), &config)
+        .await
+        .expect_err("a missing external Secret is an error");
+    assert!(
+        matches!(err, certs::CertError::ExternalSecretMissing { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("cert-manager"), "{err}");
+    assert!(secrets.get_opt(&config.secret_name).await?.is_none());
+
+    // Issued: served as it is, and never written, even with SANs it lacks.
+    let created = secrets
+        .create(
+            &PostParams::default(),
+            &cert_manager_secret(&config.secret_name, &config.sans[..1])?,
+        )
+        .await?;
+    let material = certs::ensure_with(client.clone(), &config).await?;
+    let stored = certs::StoredCerts::from_secret(&secrets.get(&config.secret_name).await?);
+    assert_eq!(stored.tls_cert.as_deref(), Some(material.cert_pem.as_str()));
+    assert_eq!(stored.ca_cert.as_deref(), Some(material.ca_pem.as_str()));
+    assert_eq!(stored.ca_key, None);
+
+    // cert-manager rotates it: the renewal loop publishes the new certificate.
+    let mut fast = config.clone();
+    fast.renew_interval = Duration::from_millis(200);
+    let mut tls = certs::spawn_renewal(client.clone(), fast, material.clone());
+    let mut rotated = cert_manager_secret(&config.secret_name, &config.sans)?;
+    rotated.metadata.resource_version = created.metadata.resource_version.clone();
+    secrets
+        .replace(&config.secret_name, &PostParams::default(), &rotated)
+        .await?;
+    let before = secrets.get(&config.secret_name).await?;
+    tokio::time::timeout(Duration::from_secs(10), tls.changed())
+        .await
+        .context("the rotated certificate was not picked up")??;
+    let rotated = tls.borrow_and_update().clone();
+    assert_ne!(rotated.cert_pem, material.cert_pem);
+    assert_eq!(
+        Some(rotated.cert_pem.as_str()),
+        certs::StoredCerts::from_secret(&before).tls_cert.as_deref()
+    );
+    // Reading never wrote: the Secret is the version cert-manager left.
+    let after = secrets.get(&config.secret_name).await?;
+    assert_eq!(
+        after.metadata.resource_version,
+        before.metadata.resource_version
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_keeps_admission_working() -> Result<()> {
     let (client, _) = setup().await?;
@@ -702,9 +815,22 @@ async fn certificate_rotation_keeps_admission_working() -> Result<()> {
                 .context("no renewal within 20 s")??;
             let renewed = tls.borrow_and_update().clone();
             assert_eq!(renewed.ca_pem, material.ca_pem, "the CA stays");
-            // New connections see the new certificate.
-            let (_, _, served) = post_inject(server.local_addr, &material.ca_pem, b"{}").await?;
-            assert_eq!(served, der_of(&renewed.cert_pem)?, "round {round}");
+            // New connections see the new certificate (the server swaps it in
+            // from the same channel, in its own task: allow it a moment).
+            let expected = der_of(&renewed.cert_pem)?;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                let (_, _, served) =
+                    post_inject(server.local_addr, &material.ca_pem, b"{}").await?;
+                if served == expected {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: old certificate served"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             // Once the first certificate has expired, the API server still gets in.
             let pod =
                 create_pod(&client, &ns, &format!("after-{round}"), annotated("true")).await?;

@@ -122,6 +122,7 @@ async fn main() -> Result<()> {
         sans: certs::service_sans("chaperone-controller", &system, &["127.0.0.1".into()]),
         lifetimes: Lifetimes::default(),
         renew_interval: Duration::from_secs(3600),
+        source: certs::CertSource::SelfManaged,
     };
     let material = certs::ensure_with(client.clone(), &config).await?;
     let tls = certs::spawn_renewal(client.clone(), config, material.clone());

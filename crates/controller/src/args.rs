@@ -1,4 +1,9 @@
 //! Command-line flags and environment of `chaperone-controller`, in one place.
+//!
+//! Values clap cannot check alone (quantities, policies spelled as Kubernetes
+//! spells them) are kept as text here and checked at startup by the settings
+//! they feed ([`crate::webhook::InjectionSettings::from_args`]), with an
+//! [`InvalidSetting`] error that names the variable, the flag and the reason.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -78,6 +83,52 @@ pub struct Args {
     )]
     pub sidecar_image: String,
 
+    /// `imagePullPolicy` of injected sidecars: `Always`, `IfNotPresent` or
+    /// `Never`; unset or empty: the cluster's default.
+    #[arg(long, env = "CHAPERONE_SIDECAR_IMAGE_PULL_POLICY")]
+    pub sidecar_image_pull_policy: Option<String>,
+
+    /// Default CPU request of injected sidecars, a quantity (`50m`, `0.1`);
+    /// unset or empty: 50m.
+    #[arg(long, env = "CHAPERONE_SIDECAR_CPU_REQUEST")]
+    pub sidecar_cpu_request: Option<String>,
+
+    /// Default CPU limit of injected sidecars; unset or empty: none.
+    #[arg(long, env = "CHAPERONE_SIDECAR_CPU_LIMIT")]
+    pub sidecar_cpu_limit: Option<String>,
+
+    /// Default memory request of injected sidecars, a quantity (`64Mi`); unset
+    /// or empty: 64Mi.
+    #[arg(long, env = "CHAPERONE_SIDECAR_MEMORY_REQUEST")]
+    pub sidecar_memory_request: Option<String>,
+
+    /// Default memory limit of injected sidecars, a quantity (`256Mi`); unset or
+    /// empty: 256Mi.
+    #[arg(long, env = "CHAPERONE_SIDECAR_MEMORY_LIMIT")]
+    pub sidecar_memory_limit: Option<String>,
+
+    /// What the webhook answers when it cannot decide (e.g. a namespace it
+    /// cannot read): `Fail` denies the pod with the reason, `Ignore` admits it
+    /// unchanged with a warning. Keep it equal to the webhook configuration's
+    /// `failurePolicy`.
+    #[arg(long, env = "CHAPERONE_WEBHOOK_FAILURE_POLICY", default_value = "Fail")]
+    pub webhook_failure_policy: String,
+
+    /// The TLS Secret is written by someone else (cert-manager): read it
+    /// (`ca.crt`, `tls.crt`, `tls.key`), never create or renew it, and leave the
+    /// webhook's caBundle alone (cert-manager's CA injector keeps it).
+    /// `true` or `false`; the bare flag means `true`.
+    #[arg(
+        long,
+        env = "CHAPERONE_EXTERNAL_TLS",
+        default_value = "false",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = parse_external_tls
+    )]
+    pub external_tls: bool,
+
     /// Address sidecars dial for snapshots (default `<service>.<namespace>.svc:<grpc port>`).
     #[arg(long, env = "CHAPERONE_CONTROLLER_ADDRESS")]
     pub controller_address: Option<String>,
@@ -98,6 +149,47 @@ pub enum LogFormat {
     Json,
     /// Human-readable lines.
     Text,
+}
+
+fn parse_external_tls(value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" | "" => Ok(false),
+        _ => Err(format!(
+            "CHAPERONE_EXTERNAL_TLS (--external-tls) must be true or false, not {value:?}"
+        )),
+    }
+}
+
+/// A setting the controller cannot start with.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {env} (--{flag}) {value:?}: {reason}")]
+pub struct InvalidSetting {
+    /// The environment variable.
+    pub env: &'static str,
+    /// The flag (without `--`).
+    pub flag: &'static str,
+    /// The value given.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl InvalidSetting {
+    /// An error for the setting `env` / `--flag` with `value`.
+    pub fn new(
+        env: &'static str,
+        flag: &'static str,
+        value: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            env,
+            flag,
+            value: value.into(),
+            reason: reason.into(),
+        }
+    }
 }
 
 impl Args {

@@ -1,12 +1,17 @@
 //! Audit batches from sidecars turned into Kubernetes Events (events.k8s.io/v1):
 //! every denial a Warning on the Pod and on the AgentIdentity (`ToolCallDenied`,
-//! or `ToolCallWouldDeny` in dryRun), allowed calls summarised per agent per
-//! minute (`ToolCallsAllowed`). Event creation is rate-limited so a flood of
-//! denials cannot overload the API server; what is suppressed or dropped is
-//! counted in metrics and in the next summary, never silent.
+//! or `ToolCallWouldDeny` in dryRun) naming the tool, the rule, the session and
+//! the delegation chain; allowed calls summarised per agent per minute
+//! (`ToolCallsAllowed`, with counts per tool). Event creation is rate-limited so
+//! a flood of denials cannot overload the API server; what is summarised,
+//! suppressed or dropped is counted in metrics (and suppressed denials in the
+//! next summary), never silent.
+//!
+//! Tool-mode sidecars have no AgentIdentity: their denials and summaries go on
+//! their Pod only.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -21,7 +26,10 @@ use kube::{
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::{auth::SidecarIdentity, metrics::Metrics};
+use crate::{
+    auth::{SidecarIdentity, ToolSidecarIdentity},
+    metrics::Metrics,
+};
 
 /// Longest Event note the API server accepts.
 const MAX_NOTE: usize = 1024;
@@ -29,6 +37,8 @@ const MAX_NOTE: usize = 1024;
 const MAX_ACTION: usize = 128;
 /// How often allowed calls are summarised.
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+/// Distinct tools a summary counts by name; the rest are counted as "others".
+const SUMMARY_TOOLS: usize = 20;
 
 /// The fields of an audit record that Events show.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -89,30 +99,37 @@ pub fn classify(record: &str) -> AuditOutcome {
     let Ok(fields) = serde_json::from_str::<AuditFields>(record) else {
         return AuditOutcome::Unreadable;
     };
-    let reason = match fields.decision.as_str() {
+    let (reason, verdict) = match fields.decision.as_str() {
         "allow" => {
             return AuditOutcome::Allowed {
                 tool: format!("{}/{}", fields.server, fields.tool),
             };
         }
-        "deny" => "ToolCallDenied",
-        "wouldDeny" => "ToolCallWouldDeny",
+        "deny" => ("ToolCallDenied", "denied"),
+        "wouldDeny" => ("ToolCallWouldDeny", "would be denied (dryRun: forwarded)"),
         _ => return AuditOutcome::Unreadable,
     };
+    let or_none = |text: &str| {
+        if text.is_empty() {
+            "none".to_owned()
+        } else {
+            text.to_owned()
+        }
+    };
+    // Origin first; an empty chain is the agent's own session.
     let chain = if fields.chain.is_empty() {
-        "none".to_owned()
+        "none (own session)".to_owned()
     } else {
-        fields.chain.join(" -> ")
+        fields.chain.join(" → ")
     };
     let mut note = format!(
-        "tool {}/{} denied by {}: {} (session {}, chain {}, correlation {})",
+        "tool {}/{} {verdict} by rule {}: {}; session {}; chain: {chain}; correlation {}",
         fields.server,
         fields.tool,
-        fields.rule,
+        or_none(&fields.rule),
         fields.reason,
-        fields.session.chaperone,
-        chain,
-        fields.correlation
+        or_none(&fields.session.chaperone),
+        or_none(&fields.correlation),
     );
     truncate(&mut note, MAX_NOTE);
     let mut action = format!("Call {}/{} ({})", fields.server, fields.tool, fields.rule);
@@ -169,17 +186,101 @@ impl EventBudget {
     }
 }
 
+/// The sidecar a batch of audit records came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditSource {
+    /// An agent's sidecar: Events on its Pod and its AgentIdentity.
+    Agent(SidecarIdentity),
+    /// A tool-mode sidecar: Events on its Pod only (it has no AgentIdentity).
+    Tool(ToolSidecarIdentity),
+}
+
+impl AuditSource {
+    /// (namespace, pod, pod uid).
+    fn pod(&self) -> PodKey {
+        let (namespace, pod, uid) = match self {
+            AuditSource::Agent(s) => (&s.agent.namespace, &s.pod, &s.pod_uid),
+            AuditSource::Tool(s) => (&s.namespace, &s.pod, &s.pod_uid),
+        };
+        (namespace.clone(), pod.clone(), uid.clone())
+    }
+
+    /// What its allowed calls are summarised on.
+    fn summary_target(&self) -> SummaryTarget {
+        match self {
+            AuditSource::Agent(s) => SummaryTarget::Agent(s.agent.clone()),
+            AuditSource::Tool(_) => SummaryTarget::Pod(self.pod()),
+        }
+    }
+}
+
+/// (namespace, pod, uid).
+type PodKey = (String, String, String);
+
+/// Where a summary Event goes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum SummaryTarget {
+    /// An AgentIdentity.
+    Agent(AgentKey),
+    /// A tool-mode sidecar's Pod.
+    Pod(PodKey),
+}
+
 struct Batch {
-    identity: SidecarIdentity,
+    source: AuditSource,
     records: Vec<String>,
 }
 
-/// Per-agent counts between two summaries.
-#[derive(Default)]
-struct Summary {
-    allowed: u64,
-    tools: BTreeSet<String>,
-    suppressed_denials: u64,
+/// Counts between two summaries of one agent (or tool pod). Pure.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Allowed calls.
+    pub allowed: u64,
+    /// Allowed calls per `server/tool`, for the first 20 tools.
+    pub tools: BTreeMap<String, u64>,
+    /// Allowed calls of further tools.
+    pub other_tools: u64,
+    /// Denials not written as Events of their own (rate limit).
+    pub suppressed_denials: u64,
+}
+
+impl Summary {
+    /// Counts one allowed call of `tool`.
+    pub fn allowed(&mut self, tool: String) {
+        self.allowed += 1;
+        if let Some(count) = self.tools.get_mut(&tool) {
+            *count += 1;
+        } else if self.tools.len() < SUMMARY_TOOLS {
+            self.tools.insert(tool, 1);
+        } else {
+            self.other_tools += 1;
+        }
+    }
+
+    /// The `ToolCallsAllowed` note, or `None` when there is nothing to say.
+    pub fn note(&self) -> Option<String> {
+        if self.allowed == 0 && self.suppressed_denials == 0 {
+            return None;
+        }
+        let mut counts: Vec<String> = self
+            .tools
+            .iter()
+            .map(|(tool, n)| format!("{tool} {n}"))
+            .collect();
+        if self.other_tools > 0 {
+            counts.push(format!("others {}", self.other_tools));
+        }
+        let mut note = format!(
+            "{} tool calls allowed in the last {} s{}{}; {} denials not shown as Events of their own (rate limit)",
+            self.allowed,
+            SUMMARY_INTERVAL.as_secs(),
+            if counts.is_empty() { "" } else { ": " },
+            counts.join(", "),
+            self.suppressed_denials
+        );
+        truncate(&mut note, MAX_NOTE);
+        Some(note)
+    }
 }
 
 /// Accepts audit batches from the snapshot streams and writes Events.
@@ -204,17 +305,14 @@ impl AuditEvents {
     }
 
     /// Queues a sidecar's batch; a full queue drops it and counts the records.
-    pub fn submit(&self, identity: &SidecarIdentity, records: Vec<String>) {
+    pub fn submit(&self, source: AuditSource, records: Vec<String>) {
         let count = records.len() as u64;
-        if self
-            .tx
-            .try_send(Batch {
-                identity: identity.clone(),
-                records,
-            })
-            .is_err()
-        {
+        if self.tx.try_send(Batch { source, records }).is_err() {
             self.metrics.events_dropped(count);
+            tracing::warn!(
+                records = count,
+                "the Event writer's queue is full; audit records dropped (counted in events_dropped)"
+            );
         }
     }
 }
@@ -226,7 +324,7 @@ async fn run(
     metrics: Arc<Metrics>,
 ) {
     let mut budget = EventBudget::new(20.0, 100.0);
-    let mut summaries: BTreeMap<AgentKey, Summary> = BTreeMap::new();
+    let mut summaries: BTreeMap<SummaryTarget, Summary> = BTreeMap::new();
     let mut uids: HashMap<AgentKey, String> = HashMap::new();
     let mut tick = tokio::time::interval(SUMMARY_INTERVAL);
     tick.tick().await;
@@ -234,48 +332,58 @@ async fn run(
         tokio::select! {
             batch = rx.recv() => {
                 let Some(batch) = batch else { return };
+                let target = batch.source.summary_target();
                 for record in &batch.records {
                     match classify(record) {
                         AuditOutcome::Allowed { tool } => {
-                            let summary = summaries.entry(batch.identity.agent.clone()).or_default();
-                            summary.allowed += 1;
-                            if summary.tools.len() < 20 {
-                                summary.tools.insert(tool);
-                            }
+                            summaries.entry(target.clone()).or_default().allowed(tool);
+                            metrics.allowed_summarised(1);
                         }
                         AuditOutcome::Denied { reason, action, note } => {
-                            if !budget.try_take(2.0, Instant::now()) {
-                                summaries.entry(batch.identity.agent.clone()).or_default().suppressed_denials += 1;
+                            // One Event per object it is written on.
+                            let cost = match &batch.source {
+                                AuditSource::Agent(_) => 2.0,
+                                AuditSource::Tool(_) => 1.0,
+                            };
+                            if !budget.try_take(cost, Instant::now()) {
+                                summaries.entry(target.clone()).or_default().suppressed_denials += 1;
                                 metrics.events_suppressed(1);
                                 continue;
                             }
                             let event = Event { type_: EventType::Warning, reason: reason.into(), note: Some(note), action, secondary: None };
-                            let agent_ref = agent_reference(&client, &mut uids, &batch.identity.agent).await;
-                            publish(&recorder, &metrics, &event, &pod_reference(&batch.identity)).await;
-                            publish(&recorder, &metrics, &event, &agent_ref).await;
+                            publish(&recorder, &metrics, &event, &pod_reference(&batch.source.pod())).await;
+                            if let AuditSource::Agent(identity) = &batch.source {
+                                let agent_ref = agent_reference(&client, &mut uids, &identity.agent).await;
+                                publish(&recorder, &metrics, &event, &agent_ref).await;
+                            }
                         }
                         AuditOutcome::Unreadable => metrics.audit_unreadable(),
                     }
                 }
             }
             _ = tick.tick() => {
-                for (agent, summary) in std::mem::take(&mut summaries) {
-                    if summary.allowed == 0 && summary.suppressed_denials == 0 {
-                        continue;
-                    }
-                    let mut note = format!(
-                        "{} tool calls allowed in the last minute ({}); {} denials not shown as separate Events (rate limit)",
-                        summary.allowed,
-                        summary.tools.iter().cloned().collect::<Vec<_>>().join(", "),
-                        summary.suppressed_denials
-                    );
-                    truncate(&mut note, MAX_NOTE);
+                for (target, summary) in std::mem::take(&mut summaries) {
+                    let Some(note) = summary.note() else { continue };
                     let event = Event { type_: EventType::Normal, reason: "ToolCallsAllowed".into(), note: Some(note), action: "Authorize".into(), secondary: None };
-                    let agent_ref = agent_reference(&client, &mut uids, &agent).await;
-                    publish(&recorder, &metrics, &event, &agent_ref).await;
+                    let reference = match &target {
+                        SummaryTarget::Agent(agent) => agent_reference(&client, &mut uids, agent).await,
+                        SummaryTarget::Pod(pod) => pod_reference(pod),
+                    };
+                    publish(&recorder, &metrics, &event, &reference).await;
                 }
             }
         }
+    }
+}
+
+fn pod_reference((namespace, pod, uid): &PodKey) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(pod.clone()),
+        namespace: Some(namespace.clone()),
+        uid: Some(uid.clone()),
+        ..Default::default()
     }
 }
 
@@ -291,17 +399,6 @@ async fn publish(
             metrics.events_dropped(1);
             tracing::warn!(%error, reason = %event.reason, "writing an Event failed");
         }
-    }
-}
-
-fn pod_reference(identity: &SidecarIdentity) -> ObjectReference {
-    ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Pod".into()),
-        name: Some(identity.pod.clone()),
-        namespace: Some(identity.agent.namespace.clone()),
-        uid: Some(identity.pod_uid.clone()),
-        ..Default::default()
     }
 }
 
@@ -351,11 +448,68 @@ mod tests {
             "orders/refund",
             "support/no-refunds",
             "session s1",
-            "ns/planner -> ns/worker",
+            "chain: ns/planner → ns/worker",
             "c1",
         ] {
             assert!(note.contains(part), "{note} lacks {part}");
         }
+    }
+
+    #[test]
+    fn a_delegated_denial_shows_the_chain_origin_first() {
+        let record = serde_json::json!({
+            "decision": "deny", "rule": "billing/no-refunds", "server": "payments",
+            "tool": "refund", "reason": "a deny rule matched", "correlation": "c2",
+            "chain": ["default/planner", "default/billing-worker"],
+            "session": { "chaperone": "s2" }
+        });
+        let AuditOutcome::Denied { note, .. } = classify(&record.to_string()) else {
+            panic!("not a denial")
+        };
+        assert!(
+            note.contains("chain: default/planner → default/billing-worker"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn an_own_session_denial_says_so() {
+        let record = r#"{"decision":"deny","rule":"r","server":"s","tool":"t","chain":[],"session":{"chaperone":"s3"}}"#;
+        let AuditOutcome::Denied { note, .. } = classify(record) else {
+            panic!("not a denial")
+        };
+        assert!(note.contains("chain: none (own session)"), "{note}");
+    }
+
+    #[test]
+    fn summaries_count_allowed_calls_per_tool() {
+        let mut summary = Summary::default();
+        assert_eq!(summary.note(), None);
+        for _ in 0..3 {
+            summary.allowed("orders/get_order".into());
+        }
+        summary.allowed("orders/list_orders".into());
+        summary.suppressed_denials = 2;
+        let note = summary.note().unwrap();
+        assert!(
+            note.starts_with(
+                "4 tool calls allowed in the last 60 s: orders/get_order 3, orders/list_orders 1;"
+            ),
+            "{note}"
+        );
+        assert!(note.contains("2 denials not shown"), "{note}");
+    }
+
+    #[test]
+    fn summaries_name_a_bounded_number_of_tools() {
+        let mut summary = Summary::default();
+        for i in 0..(SUMMARY_TOOLS + 5) {
+            summary.allowed(format!("s/tool-{i:02}"));
+        }
+        assert_eq!(summary.tools.len(), SUMMARY_TOOLS);
+        assert_eq!(summary.other_tools, 5);
+        assert_eq!(summary.allowed, (SUMMARY_TOOLS + 5) as u64);
+        assert!(summary.note().unwrap().contains("others 5"));
     }
 
     #[test]

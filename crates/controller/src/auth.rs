@@ -1,6 +1,10 @@
 //! Who is on the other end of a snapshot stream: the pod's projected
 //! ServiceAccount token, checked by the API server's TokenReview, mapped to the
-//! pod (bound name and uid) and to the AgentIdentity whose selector matches it.
+//! pod (bound name and uid) and then either to the AgentIdentity whose selector
+//! matches it (an agent sidecar) or, for a pod annotated
+//! `chaperone.dev/inject: "tool"`, to a tool sidecar that has no AgentIdentity.
+
+use std::{collections::BTreeMap, sync::Arc};
 
 use chaperone_api::AgentIdentity;
 use chaperone_policy::{AgentKey, ObjectKey};
@@ -27,6 +31,30 @@ pub struct SidecarIdentity {
     pub pod_uid: String,
     /// The pod's ServiceAccount.
     pub service_account: String,
+}
+
+/// An authenticated tool sidecar: a pod annotated `chaperone.dev/inject: "tool"`,
+/// in front of a tool server. It verifies other sidecars' assertions, so it gets
+/// the live sidecars' keys; it is no agent, signs nothing and gets no snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolSidecarIdentity {
+    /// Namespace of the pod.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Pod uid (the token is bound to it).
+    pub pod_uid: String,
+    /// The pod's ServiceAccount.
+    pub service_account: String,
+}
+
+/// Who an authenticated stream belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// An agent's sidecar: gets its AgentIdentity's snapshots.
+    Agent(SidecarIdentity),
+    /// A tool-mode sidecar: gets the key set only.
+    Tool(ToolSidecarIdentity),
 }
 
 /// Why a stream was refused.
@@ -100,13 +128,13 @@ pub fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Result<&str, Aut
         .ok_or(AuthError::MissingToken)
 }
 
-/// Reviews `token` and resolves it to a pod and its AgentIdentity (read from the
-/// controller's AgentIdentity cache `identities`).
+/// Reviews `token` and resolves it to a pod, then to the pod's role
+/// ([`peer_of_pod`]) with the controller's AgentIdentity cache `identities`.
 pub async fn authenticate(
     client: &Client,
     identities: &Store<AgentIdentity>,
     token: &str,
-) -> Result<SidecarIdentity, AuthError> {
+) -> Result<Peer, AuthError> {
     let review = TokenReview {
         spec: TokenReviewSpec {
             token: Some(token.to_owned()),
@@ -154,9 +182,54 @@ pub async fn authenticate(
             uid,
         });
     };
-    let labels = pod_object.metadata.labels.clone().unwrap_or_default();
+    let bound = BoundPod {
+        namespace,
+        pod,
+        pod_uid: uid,
+        service_account,
+    };
+    peer_of_pod(bound, &pod_object, &identities.state())
+}
+
+/// The pod a token is bound to, as TokenReview reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoundPod {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Pod uid.
+    pub pod_uid: String,
+    /// ServiceAccount.
+    pub service_account: String,
+}
+
+/// What the stream of the (existing) pod `object`, to which the token is bound,
+/// is for: a pod annotated `chaperone.dev/inject: "tool"` is a tool sidecar (even
+/// if an AgentIdentity's selector also matches it: it was injected in tool mode
+/// and signs nothing); any other pod is the agent of the first (by name)
+/// AgentIdentity of its namespace that selects it, or is refused. Pure.
+pub fn peer_of_pod(
+    bound: BoundPod,
+    object: &Pod,
+    identities: &[Arc<AgentIdentity>],
+) -> Result<Peer, AuthError> {
+    let BoundPod {
+        namespace,
+        pod,
+        pod_uid,
+        service_account,
+    } = bound;
+    if is_tool_pod(object.metadata.annotations.as_ref()) {
+        return Ok(Peer::Tool(ToolSidecarIdentity {
+            namespace,
+            pod,
+            pod_uid,
+            service_account,
+        }));
+    }
+    let labels = object.metadata.labels.clone().unwrap_or_default();
     let agent = identities
-        .state()
         .iter()
         .filter(|identity| identity.metadata.namespace.as_deref() == Some(namespace.as_str()))
         .filter(|identity| crate::webhook::mutate::selects(identity, &service_account, &labels))
@@ -167,12 +240,20 @@ pub async fn authenticate(
             pod: pod.clone(),
             service_account: service_account.clone(),
         })?;
-    Ok(SidecarIdentity {
+    Ok(Peer::Agent(SidecarIdentity {
         agent: ObjectKey::new(namespace, agent),
         pod,
-        pod_uid: uid,
+        pod_uid,
         service_account,
-    })
+    }))
+}
+
+/// Whether a pod's annotations ask for a tool-mode sidecar (the webhook's
+/// reading of `chaperone.dev/inject`: trimmed, case-insensitive).
+fn is_tool_pod(annotations: Option<&BTreeMap<String, String>>) -> bool {
+    annotations
+        .and_then(|a| a.get(crate::webhook::mutate::INJECT_ANNOTATION))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("tool"))
 }
 
 /// `system:serviceaccount:<namespace>:<name>` → (namespace, name).
@@ -195,6 +276,87 @@ mod tests {
         assert_eq!(parse_service_account("system:serviceaccount:ns"), None);
         assert_eq!(parse_service_account("alice"), None);
         assert_eq!(parse_service_account("system:serviceaccount::x"), None);
+    }
+
+    fn bound(pod: &str, service_account: &str) -> BoundPod {
+        BoundPod {
+            namespace: "ns".into(),
+            pod: pod.into(),
+            pod_uid: format!("uid-{pod}"),
+            service_account: service_account.into(),
+        }
+    }
+
+    fn pod_object(annotations: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "p", "namespace": "ns", "annotations": annotations },
+        }))
+        .unwrap()
+    }
+
+    fn identity(name: &str, service_account: &str) -> Arc<AgentIdentity> {
+        use chaperone_api::{AgentIdentitySpecV1, model};
+        let mut identity = AgentIdentity::new(
+            name,
+            AgentIdentitySpecV1(model::AgentIdentitySpec {
+                selector: model::AgentSelector {
+                    service_account_name: service_account.into(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }),
+        );
+        identity.metadata.namespace = Some("ns".into());
+        Arc::new(identity)
+    }
+
+    #[test]
+    fn a_tool_pod_is_a_tool_sidecar_without_an_agent_identity() {
+        let peer = peer_of_pod(
+            bound("mcp-0", "orders-mcp"),
+            &pod_object(serde_json::json!({ "chaperone.dev/inject": " Tool " })),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            peer,
+            Peer::Tool(ToolSidecarIdentity {
+                namespace: "ns".into(),
+                pod: "mcp-0".into(),
+                pod_uid: "uid-mcp-0".into(),
+                service_account: "orders-mcp".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn a_tool_pod_stays_a_tool_sidecar_when_an_agent_identity_selects_it() {
+        let peer = peer_of_pod(
+            bound("mcp-0", "shared"),
+            &pod_object(serde_json::json!({ "chaperone.dev/inject": "tool" })),
+            &[identity("planner", "shared")],
+        )
+        .unwrap();
+        assert!(matches!(peer, Peer::Tool(_)), "{peer:?}");
+    }
+
+    #[test]
+    fn an_agent_pod_maps_to_the_first_selecting_agent_identity_or_is_refused() {
+        let agent_pod = pod_object(serde_json::json!({ "chaperone.dev/inject": "true" }));
+        let identities = [
+            identity("worker", "planner"),
+            identity("planner", "planner"),
+        ];
+        let Ok(Peer::Agent(agent)) = peer_of_pod(bound("p-0", "planner"), &agent_pod, &identities)
+        else {
+            panic!("not an agent")
+        };
+        assert_eq!(agent.agent, ObjectKey::new("ns", "planner"));
+        let refused = peer_of_pod(bound("s-0", "stranger"), &agent_pod, &identities);
+        assert!(
+            matches!(refused, Err(AuthError::NoAgentIdentity { .. })),
+            "{refused:?}"
+        );
     }
 
     #[test]

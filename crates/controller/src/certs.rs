@@ -10,8 +10,16 @@
 //! publishes every new certificate on a `watch` channel, so servers swap it in
 //! without a restart. [`sync_ca_bundle`] keeps the webhook's `caBundle` current.
 //!
+//! With [`CertSource::External`] (`CHAPERONE_EXTERNAL_TLS=true`: cert-manager
+//! issues the certificate into the Secret and injects the webhook's caBundle)
+//! the controller only reads the Secret (`ca.crt`, `tls.crt`, `tls.key`): it
+//! never creates, renews or replaces it, and the caller does not run the
+//! caBundle sync. [`spawn_renewal`] then re-reads the Secret and publishes what
+//! cert-manager rotated in.
+//!
 //! The pure parts ([`issue_ca`], [`issue_serving_cert`], [`inspect`],
-//! [`needs_renewal`], [`plan`]) do no I/O and are unit-tested without a cluster.
+//! [`needs_renewal`], [`plan`], [`read_external`]) do no I/O and are
+//! unit-tested without a cluster.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -83,6 +91,40 @@ pub enum CertError {
     /// rustls refused the certificate or key.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// The Secret an external issuer should write does not exist (yet).
+    #[error(
+        "Secret {namespace}/{name} does not exist: with external TLS (CHAPERONE_EXTERNAL_TLS=true) the controller only reads it and cert-manager must issue it; is cert-manager installed and the Certificate for this Secret Ready?"
+    )]
+    ExternalSecretMissing {
+        /// Namespace.
+        namespace: String,
+        /// Secret name.
+        name: String,
+    },
+    /// The externally written Secret cannot be served.
+    #[error(
+        "Secret {namespace}/{name} (external TLS: written by cert-manager, only read by the controller) cannot be served: {reason}"
+    )]
+    ExternalSecretInvalid {
+        /// Namespace.
+        namespace: String,
+        /// Secret name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Who issues the serving certificate in the Secret.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CertSource {
+    /// The controller: it creates the Secret with its own CA, renews the serving
+    /// certificate, and keeps the webhook's caBundle current.
+    #[default]
+    SelfManaged,
+    /// Someone else (cert-manager): the controller only reads the Secret and
+    /// leaves the caBundle to cert-manager's CA injector.
+    External,
 }
 
 /// The CA and serving certificate the controller serves with (PEM).
@@ -141,18 +183,31 @@ pub struct CertConfig {
     pub lifetimes: Lifetimes,
     /// How often [`spawn_renewal`] re-checks the Secret.
     pub renew_interval: Duration,
+    /// Who issues the certificate.
+    pub source: CertSource,
 }
 
 impl CertConfig {
     /// The configuration the controller's flags describe: SANs for its Service
-    /// ([`service_sans`]) plus `--extra-san`, default lifetimes, hourly checks.
+    /// ([`service_sans`]) plus `--extra-san`, default lifetimes, hourly checks;
+    /// with `--external-tls`, an externally issued Secret re-read every five
+    /// minutes (one GET) so that cert-manager's rotations are picked up soon.
     pub fn from_args(args: &crate::Args) -> Self {
+        let source = if args.external_tls {
+            CertSource::External
+        } else {
+            CertSource::SelfManaged
+        };
         Self {
             namespace: args.namespace.clone(),
             secret_name: args.tls_secret.clone(),
             sans: service_sans(&args.service_name, &args.namespace, &args.extra_sans),
             lifetimes: Lifetimes::default(),
-            renew_interval: Duration::from_secs(3600),
+            renew_interval: match source {
+                CertSource::SelfManaged => Duration::from_secs(3600),
+                CertSource::External => Duration::from_secs(300),
+            },
+            source,
         }
     }
 }
@@ -594,9 +649,84 @@ fn replace(
     })
 }
 
+/// What an externally issued Secret serves with, and what looks wrong with it
+/// (logged, not fatal: cert-manager may fix it on its next issue).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalCerts {
+    /// The CA (`ca.crt`), serving certificate and key.
+    pub material: TlsMaterial,
+    /// Expiry and SAN problems.
+    pub warnings: Vec<String>,
+}
+
+/// Reads an externally issued Secret's items without changing anything: all of
+/// `ca.crt` (what sidecars and the API server trust), `tls.crt` and `tls.key`
+/// must be there and readable, and the key must belong to the certificate.
+/// A certificate outside its validity at `now`, or one that does not name all
+/// of `sans`, is served with a warning. Pure.
+pub fn read_external(
+    stored: &StoredCerts,
+    sans: &[String],
+    now: SystemTime,
+) -> Result<ExternalCerts, String> {
+    let missing: Vec<&str> = [
+        (CA_CERT_KEY, &stored.ca_cert),
+        (TLS_CERT_KEY, &stored.tls_cert),
+        (TLS_KEY_KEY, &stored.tls_key),
+    ]
+    .into_iter()
+    .filter(|(_, item)| item.is_none())
+    .map(|(key, _)| key)
+    .collect();
+    let (Some(ca_pem), Some(cert_pem), Some(key_pem)) =
+        (&stored.ca_cert, &stored.tls_cert, &stored.tls_key)
+    else {
+        return Err(format!(
+            "it has no {} (sidecars and the webhook's caBundle need ca.crt: issue the certificate from a CA or self-signed Issuer, as the chart does by default)",
+            missing.join(", ")
+        ));
+    };
+    inspect(ca_pem).map_err(|e| format!("{CA_CERT_KEY} is unreadable: {e}"))?;
+    let info = inspect(cert_pem).map_err(|e| format!("{TLS_CERT_KEY} is unreadable: {e}"))?;
+    let material = TlsMaterial {
+        ca_pem: ca_pem.clone(),
+        cert_pem: cert_pem.clone(),
+        key_pem: key_pem.clone(),
+        not_before: info.not_before,
+        not_after: info.not_after,
+    };
+    server_config(&material)
+        .map_err(|e| format!("{TLS_CERT_KEY} and {TLS_KEY_KEY} cannot be served together: {e}"))?;
+    let mut warnings = Vec::new();
+    if now >= info.not_after {
+        warnings.push(
+            "its serving certificate has expired: cert-manager has not renewed it (check the Certificate's status)"
+                .to_string(),
+        );
+    } else if now < info.not_before {
+        warnings.push("its serving certificate is not valid yet (clock skew?)".to_string());
+    }
+    let unnamed: Vec<String> = normalise_sans(sans)
+        .into_iter()
+        .filter(|san| !info.sans.contains(san))
+        .collect();
+    if !unnamed.is_empty() {
+        warnings.push(format!(
+            "its serving certificate does not name {}: clients dialling those names will fail TLS verification (add them to the Certificate's dnsNames)",
+            unnamed.join(", ")
+        ));
+    }
+    Ok(ExternalCerts { material, warnings })
+}
+
 // ---------------------------------------------------------------------------
 // The Secret on the API server.
 // ---------------------------------------------------------------------------
+
+/// How long [`load`] waits at startup for an externally issued Secret to
+/// appear (cert-manager issues it shortly after the chart is installed); less
+/// than the chart's startup probe allows.
+pub const EXTERNAL_SECRET_WAIT: Duration = Duration::from_secs(45);
 
 /// Makes sure the Secret `secret_name` in `namespace` holds a CA and a serving
 /// certificate for `sans` that is not close to expiry, creating or renewing it as
@@ -615,13 +745,36 @@ pub async fn ensure(
             sans: sans.to_vec(),
             lifetimes: Lifetimes::default(),
             renew_interval: Duration::from_secs(3600),
+            source: CertSource::SelfManaged,
         },
     )
     .await
 }
 
-/// [`ensure`] with explicit lifetimes (tests use short ones).
+/// The certificate to start with: [`ensure_with`], except that an externally
+/// issued Secret that does not exist yet is waited for (up to
+/// [`EXTERNAL_SECRET_WAIT`]) before giving up with the reason.
+pub async fn load(client: Client, config: &CertConfig) -> Result<TlsMaterial, CertError> {
+    let deadline = tokio::time::Instant::now() + EXTERNAL_SECRET_WAIT;
+    loop {
+        match ensure_with(client.clone(), config).await {
+            Err(e @ CertError::ExternalSecretMissing { .. })
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tracing::info!(error = %e, "waiting for the TLS Secret");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// [`ensure`] with explicit lifetimes (tests use short ones). With
+/// [`CertSource::External`] it only reads the Secret ([`read_external`]).
 pub async fn ensure_with(client: Client, config: &CertConfig) -> Result<TlsMaterial, CertError> {
+    if config.source == CertSource::External {
+        return read_external_secret(client, config).await;
+    }
     let api: Api<Secret> = Api::namespaced(client, &config.namespace);
     for _ in 0..RACE_ATTEMPTS {
         let existing = api.get_opt(&config.secret_name).await?;
@@ -675,6 +828,34 @@ pub async fn ensure_with(client: Client, config: &CertConfig) -> Result<TlsMater
     Err(CertError::Contended(config.secret_name.clone()))
 }
 
+/// Reads (one GET, never a write) an externally issued Secret.
+async fn read_external_secret(
+    client: Client,
+    config: &CertConfig,
+) -> Result<TlsMaterial, CertError> {
+    let api: Api<Secret> = Api::namespaced(client, &config.namespace);
+    let Some(secret) = api.get_opt(&config.secret_name).await? else {
+        return Err(CertError::ExternalSecretMissing {
+            namespace: config.namespace.clone(),
+            name: config.secret_name.clone(),
+        });
+    };
+    let external = read_external(
+        &StoredCerts::from_secret(&secret),
+        &config.sans,
+        SystemTime::now(),
+    )
+    .map_err(|reason| CertError::ExternalSecretInvalid {
+        namespace: config.namespace.clone(),
+        name: config.secret_name.clone(),
+        reason,
+    })?;
+    for warning in &external.warnings {
+        tracing::warn!(secret = %config.secret_name, namespace = %config.namespace, "external TLS Secret: {warning}");
+    }
+    Ok(external.material)
+}
+
 fn new_secret(config: &CertConfig, stored: StoredCerts) -> Secret {
     Secret {
         metadata: ObjectMeta {
@@ -693,7 +874,8 @@ fn new_secret(config: &CertConfig, stored: StoredCerts) -> Secret {
 }
 
 /// Re-runs [`ensure_with`] every `config.renew_interval` and publishes each new
-/// certificate (renewed here or by another replica) on the returned channel,
+/// certificate (renewed here, by another replica, or by cert-manager with
+/// [`CertSource::External`]) on the returned channel,
 /// starting with `initial`. Failures are logged and retried at the next tick; the
 /// last good certificate stays published. The task ends when every receiver is
 /// dropped.
@@ -1002,6 +1184,102 @@ mod tests {
         let (_, material) = fresh(SystemTime::now());
         let config = server_config(&material).unwrap();
         assert_eq!(config.alpn_protocols[0], b"h2");
+    }
+
+    /// What cert-manager writes: the issuing CA's certificate (no CA key), the
+    /// serving certificate and its key.
+    fn external(now: SystemTime, lifetime: Duration, sans: &[String]) -> StoredCerts {
+        let ca = issue_ca(Lifetimes::default().ca, now).unwrap();
+        let serving = issue_serving_cert(&ca, sans, lifetime, now).unwrap();
+        StoredCerts {
+            ca_cert: Some(ca.cert),
+            ca_key: None,
+            tls_cert: Some(serving.cert),
+            tls_key: Some(serving.key),
+        }
+    }
+
+    #[test]
+    fn an_external_secret_is_served_as_it_is() {
+        let now = SystemTime::now();
+        let stored = external(now, 90 * day(), &sans());
+        let read = read_external(&stored, &sans(), now).unwrap();
+        assert!(read.warnings.is_empty(), "{:?}", read.warnings);
+        assert_eq!(Some(&read.material.ca_pem), stored.ca_cert.as_ref());
+        assert_eq!(Some(&read.material.cert_pem), stored.tls_cert.as_ref());
+        assert_eq!(Some(&read.material.key_pem), stored.tls_key.as_ref());
+        // Even when it is old: renewing is cert-manager's business.
+        let later = now + 80 * day();
+        let read = read_external(&stored, &sans(), later).unwrap();
+        assert!(read.warnings.is_empty(), "{:?}", read.warnings);
+    }
+
+    #[test]
+    fn an_incomplete_external_secret_is_refused_naming_what_is_missing() {
+        let now = SystemTime::now();
+        let mut stored = external(now, day(), &sans());
+        stored.ca_cert = None;
+        stored.tls_key = None;
+        let err = read_external(&stored, &sans(), now).unwrap_err();
+        assert!(err.contains("no ca.crt, tls.key"), "{err}");
+        let err = read_external(&StoredCerts::default(), &sans(), now).unwrap_err();
+        assert!(err.contains("ca.crt, tls.crt, tls.key"), "{err}");
+    }
+
+    #[test]
+    fn an_external_key_of_another_certificate_is_refused() {
+        let now = SystemTime::now();
+        let mut stored = external(now, day(), &sans());
+        stored.tls_key = external(now, day(), &sans()).tls_key;
+        let err = read_external(&stored, &sans(), now).unwrap_err();
+        assert!(err.contains("cannot be served together"), "{err}");
+        stored.tls_cert = Some("garbage".into());
+        let err = read_external(&stored, &sans(), now).unwrap_err();
+        assert!(err.contains("tls.crt is unreadable"), "{err}");
+    }
+
+    #[test]
+    fn an_expired_or_misnamed_external_certificate_is_served_with_warnings() {
+        let now = SystemTime::now();
+        let stored = external(now, day(), &sans()[..1]);
+        let read = read_external(&stored, &sans(), now + 2 * day()).unwrap();
+        assert_eq!(read.warnings.len(), 2, "{:?}", read.warnings);
+        assert!(read.warnings[0].contains("expired"), "{:?}", read.warnings);
+        assert!(
+            read.warnings[1].contains("127.0.0.1"),
+            "{:?}",
+            read.warnings
+        );
+    }
+
+    fn parse(args: &[&str]) -> crate::Args {
+        <crate::Args as clap::Parser>::try_parse_from(
+            std::iter::once("chaperone-controller").chain(args.iter().copied()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn external_tls_comes_from_the_flag() {
+        assert_eq!(
+            CertConfig::from_args(&parse(&[])).source,
+            CertSource::SelfManaged
+        );
+        for flag in ["--external-tls", "--external-tls=true", "--external-tls=1"] {
+            let config = CertConfig::from_args(&parse(&[flag]));
+            assert_eq!(config.source, CertSource::External, "{flag}");
+            assert!(config.renew_interval <= Duration::from_secs(300));
+        }
+        assert_eq!(
+            CertConfig::from_args(&parse(&["--external-tls=false"])).source,
+            CertSource::SelfManaged
+        );
+        let err = <crate::Args as clap::Parser>::try_parse_from([
+            "chaperone-controller",
+            "--external-tls=maybe",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("CHAPERONE_EXTERNAL_TLS"), "{err}");
     }
 
     #[test]

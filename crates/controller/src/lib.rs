@@ -5,9 +5,10 @@
 //!
 //! The pieces, each a module: [`index`] (a pure state machine from objects to
 //! snapshots), [`object_watch`] (the watches feeding it), [`snapshot_server`]
-//! (gRPC), [`auth`] (TokenReview → pod → AgentIdentity), [`sidecars`] (what the
-//! connected sidecars run), [`status`] (pure status computation + the leader's
-//! writer), [`leader`] (Lease), [`admin`] (/metrics, /healthz, /readyz, JWKS).
+//! (gRPC), [`auth`] (TokenReview → pod → AgentIdentity, or a tool-mode
+//! sidecar), [`sidecars`] (what the connected sidecars run), [`status`] (pure
+//! status computation + the leader's writer), [`leader`] (Lease), [`admin`]
+//! (/metrics, /healthz, /readyz, JWKS).
 
 #![forbid(unsafe_code)]
 
@@ -27,7 +28,7 @@ pub mod webhook;
 
 use std::sync::Arc;
 
-pub use args::{Args, LogFormat};
+pub use args::{Args, InvalidSetting, LogFormat};
 use futures_util::StreamExt as _;
 use kube::runtime::WatchStreamExt as _;
 use tokio::sync::watch;
@@ -83,16 +84,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 /// Runs the controller with `client` (tests pass their control plane's).
 pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result<()> {
+    // Settings first: a bad value stops the controller before it touches anything.
+    let injection = webhook::InjectionSettings::from_args(&args)?;
     object_watch::check_crds_installed(&client).await?;
     let cert_config = certs::CertConfig::from_args(&args);
-    let tls = certs::ensure_with(client.clone(), &cert_config).await?;
+    let cert_source = cert_config.source;
+    let tls = certs::load(client.clone(), &cert_config).await?;
     let tls_rx = certs::spawn_renewal(client.clone(), cert_config, tls.clone());
-    let _ca_bundle_sync = certs::spawn_ca_bundle_sync(
-        client.clone(),
-        args.webhook_config.clone(),
-        tls_rx.clone(),
-        std::time::Duration::from_secs(60),
-    );
+    // With external TLS, cert-manager's CA injector owns the caBundle.
+    let _ca_bundle_sync = (cert_source == certs::CertSource::SelfManaged).then(|| {
+        certs::spawn_ca_bundle_sync(
+            client.clone(),
+            args.webhook_config.clone(),
+            tls_rx.clone(),
+            std::time::Duration::from_secs(60),
+        )
+    });
     if let Some(path) = &args.ca_file {
         std::fs::write(path, &tls.ca_pem)?;
     }
@@ -140,7 +147,7 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
         r = admin::serve(args.admin_addr, admin_state) => { r?; anyhow::bail!("admin server ended") }
         r = server.serve_rotating(args.grpc_addr, tls_rx.clone()) => { r?; anyhow::bail!("snapshot server ended") }
         () = identity_reflector => anyhow::bail!("AgentIdentity reflector ended"),
-        r = webhook::run_webhook(&args, client.clone(), identities.clone(), tls_rx.clone()) => { r?; anyhow::bail!("webhook server ended") }
+        r = webhook::run_webhook(args.webhook_addr, injection, client.clone(), identities.clone(), tls_rx.clone()) => { r?; anyhow::bail!("webhook server ended") }
         r = tokio::signal::ctrl_c() => { r?; tracing::info!("stopping"); Ok(()) }
     }
 }

@@ -24,6 +24,7 @@ pub struct Metrics {
     status_patches: Counter,
     status_errors: Counter,
     sidecars_connected: Gauge,
+    tool_sidecars_connected: Gauge,
     streams_refused: Family<CodeLabel, Counter>,
     snapshot_version: Gauge,
     push_latency: Histogram,
@@ -32,6 +33,7 @@ pub struct Metrics {
     audit_dropped: Counter,
     audit_unreadable: Counter,
     events_published: Counter,
+    allowed_summarised: Counter,
     events_suppressed: Counter,
     events_dropped: Counter,
 }
@@ -45,6 +47,7 @@ impl Metrics {
             status_patches: Counter::default(),
             status_errors: Counter::default(),
             sidecars_connected: Gauge::default(),
+            tool_sidecars_connected: Gauge::default(),
             streams_refused: Family::default(),
             snapshot_version: Gauge::default(),
             push_latency: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
@@ -53,6 +56,7 @@ impl Metrics {
             audit_dropped: Counter::default(),
             audit_unreadable: Counter::default(),
             events_published: Counter::default(),
+            allowed_summarised: Counter::default(),
             events_suppressed: Counter::default(),
             events_dropped: Counter::default(),
             registry: Mutex::new(Registry::default()),
@@ -74,8 +78,13 @@ impl Metrics {
         );
         registry.register(
             "sidecars_connected",
-            "Sidecar streams open on this replica",
+            "Agent sidecar streams open on this replica",
             metrics.sidecars_connected.clone(),
+        );
+        registry.register(
+            "tool_sidecars_connected",
+            "Tool-mode sidecar streams (key set only) open on this replica",
+            metrics.tool_sidecars_connected.clone(),
         );
         registry.register(
             "streams_refused",
@@ -116,6 +125,11 @@ impl Metrics {
             "events_published",
             "Kubernetes Events written from audit records",
             metrics.events_published.clone(),
+        );
+        registry.register(
+            "audit_allowed_summarised",
+            "Allowed calls counted into ToolCallsAllowed summaries instead of Events of their own",
+            metrics.allowed_summarised.clone(),
         );
         registry.register(
             "events_suppressed",
@@ -170,6 +184,12 @@ impl Metrics {
         GaugeGuard(self.sidecars_connected.clone())
     }
 
+    /// A tool-mode sidecar connected; the gauge goes down when the guard drops.
+    pub fn tool_sidecar_connected(self: &Arc<Self>) -> impl Drop + use<> {
+        self.tool_sidecars_connected.inc();
+        GaugeGuard(self.tool_sidecars_connected.clone())
+    }
+
     /// A sidecar acknowledged `version` `elapsed` after it was sent.
     pub fn push_acked(&self, _version: u64, elapsed: Duration) {
         self.push_latency.observe(elapsed.as_secs_f64());
@@ -199,6 +219,11 @@ impl Metrics {
     /// An Event was written.
     pub fn event_published(&self) {
         self.events_published.inc();
+    }
+
+    /// Allowed calls counted into a summary.
+    pub fn allowed_summarised(&self, n: u64) {
+        self.allowed_summarised.inc_by(n);
     }
 
     /// Denials summarised instead of written as Events.

@@ -37,8 +37,8 @@ impl SharedIndex {
         })
     }
 
-    /// Locks the index for reading or a change; call [`SharedIndex::notify`]
-    /// after a change.
+    /// Locks the index for reading; changes go through [`SharedIndex::update`],
+    /// which also wakes the status writer.
     pub fn lock(&self) -> MutexGuard<'_, Index> {
         self.index
             .lock()

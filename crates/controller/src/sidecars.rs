@@ -1,6 +1,10 @@
 //! What this replica knows of the sidecars connected to it: which snapshot each
 //! runs (ACK) or rejected (NACK), its public signing key, the tools it saw, and
 //! how much audit it shipped. Feeds the AgentIdentity status and the JWKS.
+//!
+//! Tool-mode sidecars are recorded too (without an agent), so that deleting
+//! their pod ends their stream; they count for no AgentIdentity and their
+//! entries never carry a key.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -11,12 +15,12 @@ use chaperone_policy::AgentKey;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::auth::SidecarIdentity;
+use crate::auth::{SidecarIdentity, ToolSidecarIdentity};
 
 /// One connected sidecar.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SidecarState {
-    /// The agent it is.
+    /// The agent it is; `None` for a tool-mode sidecar.
     pub agent: Option<AgentKey>,
     /// Pod uid.
     pub pod_uid: String,
@@ -57,21 +61,46 @@ impl SidecarRegistry {
     /// Records a new stream; the returned guard removes the sidecar (and its key)
     /// when the stream ends.
     pub fn connect(self: &Arc<Self>, identity: &SidecarIdentity) -> ConnectionGuard {
-        let key = (identity.agent.namespace.clone(), identity.pod.clone());
+        self.register(
+            &identity.agent.namespace,
+            &identity.pod,
+            &identity.pod_uid,
+            Some(identity.agent.clone()),
+        )
+    }
+
+    /// Records a tool-mode sidecar's stream: no agent, never a key.
+    pub fn connect_tool(self: &Arc<Self>, identity: &ToolSidecarIdentity) -> ConnectionGuard {
+        self.register(&identity.namespace, &identity.pod, &identity.pod_uid, None)
+    }
+
+    fn register(
+        self: &Arc<Self>,
+        namespace: &str,
+        pod: &str,
+        pod_uid: &str,
+        agent: Option<AgentKey>,
+    ) -> ConnectionGuard {
+        let key = (namespace.to_owned(), pod.to_owned());
         let connection = self
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.modify(|map| {
+        let had_key = self.modify(|map| {
             map.insert(
                 key.clone(),
                 SidecarState {
-                    agent: Some(identity.agent.clone()),
-                    pod_uid: identity.pod_uid.clone(),
+                    agent,
+                    pod_uid: pod_uid.to_owned(),
                     connection,
                     ..Default::default()
                 },
-            );
+            )
+            .is_some_and(|previous| previous.key.is_some())
         });
+        if had_key {
+            // A reconnect replaced an entry with a key: the key set changed.
+            self.keys_changed.send_modify(|n| *n += 1);
+        }
         let closer = Arc::new(tokio::sync::Notify::new());
         self.closers
             .lock()
@@ -99,13 +128,17 @@ impl SidecarRegistry {
         }
     }
 
-    /// Applies `change` to one sidecar's state.
+    /// Applies `change` to one sidecar's state. A tool-mode sidecar's entry
+    /// keeps no key whatever `change` does.
     pub fn update(&self, namespace: &str, pod: &str, change: impl FnOnce(&mut SidecarState)) {
         let key_changed = self.modify(|map| {
             map.get_mut(&(namespace.to_owned(), pod.to_owned()))
                 .is_some_and(|state| {
                     let before = state.key.clone();
                     change(state);
+                    if state.agent.is_none() {
+                        state.key = None;
+                    }
                     before != state.key
                 })
         });
@@ -133,7 +166,7 @@ impl SidecarRegistry {
             .collect()
     }
 
-    /// Number of connected sidecars.
+    /// Number of connected sidecars (agent and tool mode).
     pub fn len(&self) -> usize {
         self.sidecars
             .lock()
@@ -275,6 +308,43 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), guard.evicted())
             .await
             .unwrap();
+    }
+
+    fn tool(pod: &str) -> ToolSidecarIdentity {
+        ToolSidecarIdentity {
+            namespace: "ns".into(),
+            pod: pod.into(),
+            pod_uid: format!("uid-{pod}"),
+            service_account: "orders-mcp".into(),
+        }
+    }
+
+    #[test]
+    fn tool_sidecars_count_for_no_agent_and_never_carry_a_key() {
+        let registry = SidecarRegistry::new();
+        let _agent = registry.connect(&identity("p1"));
+        let _tool = registry.connect_tool(&tool("mcp-0"));
+        assert_eq!(registry.len(), 2);
+        assert_eq!(registry.of_agent(&ObjectKey::new("ns", "planner")).len(), 1);
+        let mut key_changes = registry.key_changes();
+        key_changes.borrow_and_update();
+        registry.update("ns", "mcp-0", |s| {
+            s.key = Some(("tool-key".into(), json!({"kty": "OKP"})))
+        });
+        assert!(!key_changes.has_changed().unwrap());
+        assert_eq!(registry.jwks(), json!({ "keys": [] }));
+    }
+
+    #[tokio::test]
+    async fn evicting_a_tool_pod_ends_its_stream() {
+        let registry = SidecarRegistry::new();
+        let guard = registry.connect_tool(&tool("mcp-0"));
+        registry.evict("ns", "mcp-0");
+        tokio::time::timeout(std::time::Duration::from_secs(1), guard.evicted())
+            .await
+            .unwrap();
+        drop(guard);
+        assert!(registry.is_empty());
     }
 
     #[test]

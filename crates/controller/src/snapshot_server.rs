@@ -2,6 +2,11 @@
 //! authenticates each sidecar's stream, sends its agent's snapshot on connect and
 //! every new version after, and takes ACK/NACK, signing keys, tool inventory and
 //! audit batches back. Served by every replica from its own index.
+//!
+//! A tool-mode sidecar's stream (pod annotated `chaperone.dev/inject: "tool"`)
+//! carries only the key set: a `KeySet` on connect and after every change of the
+//! live sidecars' keys, never a snapshot. It takes audit batches back; ACK/NACK,
+//! inventory and signing keys do not apply to it and are ignored.
 
 use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
 
@@ -22,8 +27,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    audit_events::AuditEvents,
-    auth::{self, SidecarIdentity},
+    audit_events::{AuditEvents, AuditSource},
+    auth::{self, Peer, SidecarIdentity, ToolSidecarIdentity},
     metrics::Metrics,
     object_watch::SharedIndex,
     sidecars::SidecarRegistry,
@@ -113,14 +118,22 @@ impl SnapshotService for SnapshotServer {
             Ok(token) => auth::authenticate(&self.client, &self.identities, token).await,
             Err(e) => Err(e),
         };
-        let identity = identity.map_err(|e| {
+        let peer = identity.map_err(|e| {
             self.metrics.stream_refused(e.grpc_code());
             tracing::info!(error = %e, "refused a snapshot stream");
             Status::new(e.grpc_code(), e.to_string())
         })?;
-        tracing::info!(agent = %identity.agent, pod = %identity.pod, "sidecar connected");
         let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(self.clone().stream(identity, request.into_inner(), tx));
+        match peer {
+            Peer::Agent(identity) => {
+                tracing::info!(agent = %identity.agent, pod = %identity.pod, "sidecar connected");
+                tokio::spawn(self.clone().stream(identity, request.into_inner(), tx));
+            }
+            Peer::Tool(identity) => {
+                tracing::info!(namespace = %identity.namespace, pod = %identity.pod, "tool-mode sidecar connected (key set only)");
+                tokio::spawn(self.clone().tool_stream(identity, request.into_inner(), tx));
+            }
+        }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -268,7 +281,116 @@ impl SnapshotServer {
                         "sidecar dropped audit records (its queue was full)"
                     );
                 }
-                self.audit.submit(identity, batch.records);
+                self.audit
+                    .submit(AuditSource::Agent(identity.clone()), batch.records);
+            }
+            None => {}
+        }
+    }
+
+    /// One tool-mode sidecar's stream: the key set on connect and on every
+    /// change, never a snapshot; its audit batches become Events on its pod.
+    async fn tool_stream(
+        self,
+        identity: ToolSidecarIdentity,
+        mut inbound: Streaming<SidecarMessage>,
+        tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+    ) {
+        let connection = self.sidecars.connect_tool(&identity);
+        let _gauge = self.metrics.tool_sidecar_connected();
+        let mut keys = self.sidecars.key_changes();
+        // Marked seen before the first read: a change after it is sent again.
+        keys.borrow_and_update();
+        let mut pending = true;
+        let mut sent: Option<String> = None;
+        let mut told_about_key = false;
+        loop {
+            if std::mem::take(&mut pending) {
+                let jwks_json = self.sidecars.jwks().to_string();
+                if sent.as_ref() != Some(&jwks_json) {
+                    sent = Some(jwks_json.clone());
+                    let message = ControllerMessage {
+                        message: Some(controller_message::Message::Keys(KeySet { jwks_json })),
+                    };
+                    if tx.send(Ok(message)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                changed = keys.changed() => {
+                    if changed.is_err() { break; }
+                    keys.borrow_and_update();
+                    pending = true;
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => self.on_tool_message(&identity, message, &mut told_about_key),
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(pod = %identity.pod, %status, "tool sidecar stream error");
+                        break;
+                    }
+                },
+                _ = tx.closed() => break,
+                () = connection.evicted() => {
+                    let _ = tx.send(Err(Status::unauthenticated(format!("pod {} was deleted", identity.pod)))).await;
+                    break;
+                }
+            }
+        }
+        tracing::info!(namespace = %identity.namespace, pod = %identity.pod, "tool-mode sidecar disconnected");
+    }
+
+    fn on_tool_message(
+        &self,
+        identity: &ToolSidecarIdentity,
+        message: SidecarMessage,
+        told_about_key: &mut bool,
+    ) {
+        let (namespace, pod) = (identity.namespace.as_str(), identity.pod.as_str());
+        match message.message {
+            Some(sidecar_message::Message::Hello(hello)) => {
+                tracing::debug!(namespace, pod, version = %hello.sidecar_version, "tool sidecar hello");
+            }
+            // Logged once per stream: a sidecar sends its key on every connect.
+            Some(sidecar_message::Message::SigningKey(key))
+                if !std::mem::replace(told_about_key, true) =>
+            {
+                tracing::info!(
+                    namespace,
+                    pod,
+                    kid = %key.kid,
+                    "tool-mode sidecar sent a signing key; ignored: tool sidecars verify assertions and sign none, so their keys never enter the JWKS"
+                );
+            }
+            Some(sidecar_message::Message::SigningKey(_)) => {}
+            Some(sidecar_message::Message::Ack(_) | sidecar_message::Message::Nack(_)) => {
+                tracing::debug!(
+                    namespace,
+                    pod,
+                    "tool-mode sidecar acknowledged a snapshot it was never sent; ignored"
+                );
+            }
+            Some(sidecar_message::Message::Inventory(_)) => {
+                tracing::debug!(
+                    namespace,
+                    pod,
+                    "tool-mode sidecar sent a tool inventory; ignored (inventories are per agent)"
+                );
+            }
+            Some(sidecar_message::Message::Audit(batch)) => {
+                self.metrics
+                    .audit_received(batch.records.len() as u64, batch.dropped);
+                if batch.dropped > 0 {
+                    tracing::warn!(
+                        namespace,
+                        pod,
+                        dropped = batch.dropped,
+                        "tool sidecar dropped audit records (its queue was full)"
+                    );
+                }
+                self.audit
+                    .submit(AuditSource::Tool(identity.clone()), batch.records);
             }
             None => {}
         }

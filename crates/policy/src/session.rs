@@ -3,7 +3,6 @@
 //! per session and updates it incrementally with [`SessionHistory::record`] after
 //! each allowed call; decisions only read it.
 
-use std::collections::HashMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -94,10 +93,17 @@ impl<'de> Deserialize<'de> for EffectSet {
 pub struct SessionHistory {
     calls: u32,
     effects: EffectSet,
-    /// Calls per tool name, whatever the server.
-    by_name: HashMap<String, u32>,
-    /// Calls per server, then per tool name.
-    by_server: HashMap<String, HashMap<String, u32>>,
+    /// Calls per (server, tool), sorted by server then tool. A session calls
+    /// few distinct tools: a sorted `Vec` is smaller than maps and as fast.
+    tools: Vec<ToolCalls>,
+}
+
+/// Calls of one tool of one server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ToolCalls {
+    server: Box<str>,
+    tool: Box<str>,
+    calls: u32,
 }
 
 impl SessionHistory {
@@ -129,9 +135,22 @@ impl SessionHistory {
     pub fn record(&mut self, server: &str, tool: &str, effects: EffectSet) {
         self.calls = self.calls.saturating_add(1);
         self.effects = self.effects.union(effects);
-        bump(self.by_name.entry(tool.to_owned()).or_default());
-        let per_server = self.by_server.entry(server.to_owned()).or_default();
-        bump(per_server.entry(tool.to_owned()).or_default());
+        match self.find(server, tool) {
+            Ok(at) => bump(&mut self.tools[at].calls),
+            Err(at) => self.tools.insert(
+                at,
+                ToolCalls {
+                    server: server.into(),
+                    tool: tool.into(),
+                    calls: 1,
+                },
+            ),
+        }
+    }
+
+    fn find(&self, server: &str, tool: &str) -> Result<usize, usize> {
+        self.tools
+            .binary_search_by(|t| (&*t.server, &*t.tool).cmp(&(server, tool)))
     }
 
     /// Calls made so far.
@@ -146,24 +165,26 @@ impl SessionHistory {
 
     /// Calls of `tool` on `server` so far.
     pub fn tool_calls(&self, server: &str, tool: &str) -> u32 {
-        self.by_server
-            .get(server)
-            .and_then(|tools| tools.get(tool))
-            .copied()
-            .unwrap_or(0)
+        self.find(server, tool)
+            .map_or(0, |at| self.tools[at].calls)
     }
 
     /// Calls of a tool of this name on any server so far.
     pub fn tool_name_calls(&self, tool: &str) -> u32 {
-        self.by_name.get(tool).copied().unwrap_or(0)
+        self.tools
+            .iter()
+            .filter(|t| &*t.tool == tool)
+            .fold(0u32, |sum, t| sum.saturating_add(t.calls))
     }
 
     /// Names of the tools called so far, sorted, as `server/name`.
     pub fn tools_called(&self) -> Vec<String> {
+        // Sorted by (server, tool) already; `/` sorts below the characters of
+        // DNS-label server names, so the joined strings keep that order.
         let mut names: Vec<String> = self
-            .by_server
+            .tools
             .iter()
-            .flat_map(|(server, tools)| tools.keys().map(move |tool| format!("{server}/{tool}")))
+            .map(|t| format!("{}/{}", t.server, t.tool))
             .collect();
         names.sort();
         names
@@ -171,8 +192,9 @@ impl SessionHistory {
 
     /// Names of the tools called so far, sorted, without their servers.
     pub fn tool_names_called(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.by_name.keys().cloned().collect();
+        let mut names: Vec<String> = self.tools.iter().map(|t| t.tool.to_string()).collect();
         names.sort();
+        names.dedup();
         names
     }
 }
@@ -184,6 +206,17 @@ fn bump(count: &mut u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absorbing_a_delegators_history_only_widens_it() {
+        let mut history = SessionHistory::inherited(3, EffectSet::of(&[Effect::Read]));
+        history.absorb(2, EffectSet::of(&[Effect::SensitiveData]));
+        assert_eq!(history.calls(), 3);
+        assert!(history.effects_seen().contains(Effect::Read));
+        assert!(history.effects_seen().contains(Effect::SensitiveData));
+        history.absorb(7, EffectSet::EMPTY);
+        assert_eq!(history.calls(), 7);
+    }
 
     #[test]
     fn effect_set_holds_what_was_inserted() {

@@ -29,7 +29,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use chaperone_policy::{AgentKey, DelegationChain, DelegationLink, GrantKey, ObjectKey, SessionHistory};
+use chaperone_policy::{
+    AgentKey, DelegationChain, DelegationLink, GrantKey, ObjectKey, SessionHistory,
+};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full};
@@ -103,7 +105,10 @@ fn bearer(headers: &http::HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
         .filter(|t| !t.is_empty())
 }
@@ -148,11 +153,7 @@ impl Inbound {
         }
         let (parts, body) = req.into_parts();
         let uri = self.target(parts.uri.path_and_query());
-        let authority = self
-            .upstream
-            .authority()
-            .cloned()
-            .ok_or(MethodNotAllowed)?;
+        let authority = self.upstream.authority().cloned().ok_or(MethodNotAllowed)?;
         let mut headers = forward_headers(&parts.headers, &authority);
         let body = match parts.method {
             Method::POST => {
@@ -221,7 +222,9 @@ impl Inbound {
             let Some(active) = active else {
                 return Err(NoSnapshot.into());
             };
-            return self.admit_initiator(active, token, calls, forward, now_ms).await;
+            return self
+                .admit_initiator(active, token, calls, forward, now_ms)
+                .await;
         }
         let mut audiences = self.gateway.settings.inbound_audiences.clone();
         if let Some(active) = active {
@@ -233,7 +236,14 @@ impl Inbound {
             match verify_assertion(token, &keys, &audiences, &self.replay, now) {
                 Ok(claims) => verified.push(claims),
                 Err(err) => {
-                    return Err(self.refuse(active, calls, None, "assertion", err.to_string(), false));
+                    return Err(self.refuse(
+                        active,
+                        calls,
+                        None,
+                        "assertion",
+                        err.to_string(),
+                        false,
+                    ));
                 }
             }
         }
@@ -286,7 +296,16 @@ impl Inbound {
                     state.last_audit_hash = parse_hash(first);
                     state
                 });
-                self.audit_calls(None, &session, calls, "allow", "inbound/assertion", "the assertion verified", now_ms, &first.iss)?;
+                self.audit_calls(
+                    None,
+                    &session,
+                    calls,
+                    "allow",
+                    "inbound/assertion",
+                    "the assertion verified",
+                    now_ms,
+                    &first.iss,
+                )?;
                 Ok(())
             }
             (SidecarMode::Agent, Some(active)) => {
@@ -307,7 +326,16 @@ impl Inbound {
     ) -> Result<(), Refusal> {
         let now = now_ms.div_euclid(1000);
         let content = &active.snapshot.content;
-        let refuse = |reason: String| self.refuse(Some(active), calls, Some(claims), "delegation", reason, false);
+        let refuse = |reason: String| {
+            self.refuse(
+                Some(active),
+                calls,
+                Some(claims),
+                "delegation",
+                reason,
+                false,
+            )
+        };
         let caller = agent_of(&claims.iss)
             .ok_or_else(|| refuse(format!("caller {:?} is not an agent", claims.iss)))?;
         let last_grants: Vec<GrantKey> = content
@@ -430,10 +458,21 @@ impl Inbound {
         let user = match self.initiators.verify(token, issuers).await {
             Ok(user) => user,
             Err(err) => {
-                return Err(self.refuse(Some(active), calls, None, "initiator", err.to_string(), true));
+                return Err(self.refuse(
+                    Some(active),
+                    calls,
+                    None,
+                    "initiator",
+                    err.to_string(),
+                    true,
+                ));
             }
         };
-        let origin = format!("user:{}:{}", user.issuer, hex(&crate::canonical::sha256(token.as_bytes())));
+        let origin = format!(
+            "user:{}:{}",
+            user.issuer,
+            hex(&crate::canonical::sha256(token.as_bytes()))
+        );
         let key = SessionKey::new(ORIGIN, &origin);
         let idle = idle_timeout(active);
         let session = match self.gateway.delegated.get(&key, Instant::now(), idle) {
@@ -449,7 +488,9 @@ impl Inbound {
                     audit_chain: Vec::new(),
                 }));
                 let (_, session) = self.gateway.open_delegated(state);
-                self.gateway.delegated.insert_shared(key, Arc::clone(&session), Instant::now());
+                self.gateway
+                    .delegated
+                    .insert_shared(key, Arc::clone(&session), Instant::now());
                 session
             }
         };
@@ -513,7 +554,9 @@ impl Inbound {
     ) -> Result<(), AuditUnavailable> {
         let mut state = lock(session);
         for call in calls {
-            self.write_record(active, &mut state, call, decision, rule, reason, now_ms, caller)?;
+            self.write_record(
+                active, &mut state, call, decision, rule, reason, now_ms, caller,
+            )?;
         }
         Ok(())
     }
@@ -533,7 +576,10 @@ impl Inbound {
         let enforcer = &self.gateway.enforcer;
         let settings = &self.gateway.settings;
         let (name, namespace) = match active {
-            Some(a) => (a.engine.agent().name.as_str(), a.engine.agent().namespace.as_str()),
+            Some(a) => (
+                a.engine.agent().name.as_str(),
+                a.engine.agent().namespace.as_str(),
+            ),
             None => ("", settings.pod_namespace.as_str()),
         };
         let correlation = random_id();
@@ -605,7 +651,16 @@ impl Inbound {
             calls.iter().collect()
         };
         for call in listed {
-            match self.write_record(active, &mut state, call, "deny", &rule, &reason, unix_now_ms(), caller) {
+            match self.write_record(
+                active,
+                &mut state,
+                call,
+                "deny",
+                &rule,
+                &reason,
+                unix_now_ms(),
+                caller,
+            ) {
                 Ok(id) => correlation = id,
                 Err(err) => return err.into(),
             }
@@ -697,4 +752,59 @@ fn governed_calls(bytes: &[u8], limit: usize) -> Result<Vec<InboundCall>, Refusa
         }
     }
     Ok(calls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_agents_and_hashes_from_claims() {
+        assert_eq!(
+            agent_of("chaperone:agent:shop/planner"),
+            Some(ObjectKey::new("shop", "planner"))
+        );
+        assert_eq!(agent_of("alice@example.com"), None);
+        assert_eq!(agent_of("chaperone:agent:no-namespace"), None);
+        let mut claims: VerifiedAssertion = serde_json::from_value(serde_json::json!({
+            "iss": "chaperone:agent:shop/planner", "sub": "u", "aud": "a", "exp": 2, "iat": 1,
+            "jti": "j", "sid": "s", "tool": "t", "args": "sha256:00", "snap": 1,
+            "ctx": {"effects": ["sensitiveData"], "steps": 2, "prev": "ab".repeat(32)}
+        }))
+        .unwrap();
+        assert_eq!(parse_hash(&claims), Some([0xab; 32]));
+        claims.ctx.as_mut().unwrap().prev = "zz".repeat(32);
+        assert_eq!(parse_hash(&claims), None);
+        claims.ctx = None;
+        assert_eq!(parse_hash(&claims), None);
+    }
+
+    #[test]
+    fn governed_calls_carry_their_argument_digests() {
+        let body = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"x":1}}},
+            {"jsonrpc":"2.0","id":2,"method":"tools/list"},
+            {"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
+        let calls = governed_calls(body, 1 << 20).unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].name, "a");
+        assert_eq!(
+            calls[0].digest,
+            args_digest(Some(&serde_json::json!({"x": 1})))
+        );
+        let malformed = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":1}}"#;
+        assert!(governed_calls(malformed, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_authorization() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(bearer(&headers), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&headers), Some("abc"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&headers), None);
+    }
 }

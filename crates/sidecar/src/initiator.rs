@@ -143,7 +143,8 @@ impl InitiatorVerifier {
             keys.find(&kid)
         }
         .ok_or_else(|| InitiatorRefused::UnknownKey(kid.clone()))?;
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| InitiatorRefused::Invalid(e.to_string()))?;
+        let key =
+            DecodingKey::from_jwk(jwk).map_err(|e| InitiatorRefused::Invalid(e.to_string()))?;
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&issuer.issuer]);
         validation.set_audience(&[&issuer.audience]);

@@ -114,8 +114,10 @@ impl Sidecar {
             inventory: ToolInventory::default(),
         };
         let source = Arc::new(SnapshotSource::new());
-        let client =
-            client::upstream_client(settings.connect_timeout, settings.upstream_ca_file.as_deref())?;
+        let client = client::upstream_client(
+            settings.connect_timeout,
+            settings.upstream_ca_file.as_deref(),
+        )?;
         let gateway = Arc::new(Gateway::new(settings, source, enforcer, metrics, client));
         Ok(Self {
             gateway,

@@ -25,11 +25,11 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::assertion::ASSERTION_HEADER;
+use crate::assertion::random_id;
 use crate::authz::{CallRequest, Enforcer, Governed, classify};
+use crate::client::UpstreamClient;
 use crate::jsonrpc::{self, Message, ParseError, Payload, parse_payload, parse_strict};
 use crate::metrics::{Metrics, RefusalLabels};
-use crate::assertion::random_id;
-use crate::client::UpstreamClient;
 use crate::refusal::{
     MethodNotAllowed, NoSnapshot, Refusal, UnknownDelegatedSession, UnknownServer, UnknownSession,
     UpstreamResponseRefused, UpstreamUnavailable,
@@ -278,9 +278,9 @@ impl Gateway {
     pub fn open_delegated(&self, mut state: SessionState) -> (String, SharedSession) {
         let token = random_id();
         state.handle = Some(token.clone());
-        let shared = self
-            .delegated
-            .insert(SessionKey::new(DELEGATED, &token), state, Instant::now());
+        let shared =
+            self.delegated
+                .insert(SessionKey::new(DELEGATED, &token), state, Instant::now());
         (token, shared)
     }
 
@@ -581,9 +581,7 @@ pub(crate) async fn read_body(
         Err(err) if err.is::<http_body_util::LengthLimitError>() => {
             Err(ParseError::TooLarge { limit }.into())
         }
-        Err(_) => {
-            Err(ParseError::Syntax("the request body could not be read".to_owned()).into())
-        }
+        Err(_) => Err(ParseError::Syntax("the request body could not be read".to_owned()).into()),
     }
 }
 

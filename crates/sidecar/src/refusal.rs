@@ -25,7 +25,9 @@ pub struct UnknownSession;
 /// The `Chaperone-Session` the agent sent names no live inbound session (it
 /// ended, expired, or was never issued here).
 #[derive(Debug, Error)]
-#[error("Chaperone-Session is unknown or expired: the delegated session ended; the task must be handed over again")]
+#[error(
+    "Chaperone-Session is unknown or expired: the delegated session ended; the task must be handed over again"
+)]
 pub struct UnknownDelegatedSession;
 
 /// A call at the inbound side was refused: a missing or invalid assertion or

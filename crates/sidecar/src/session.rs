@@ -243,7 +243,12 @@ impl SessionStore {
     }
 
     /// Stores a session already shared elsewhere under `key` as well.
-    pub fn insert_shared(&self, key: SessionKey, session: SharedSession, now: Instant) -> SharedSession {
+    pub fn insert_shared(
+        &self,
+        key: SessionKey,
+        session: SharedSession,
+        now: Instant,
+    ) -> SharedSession {
         let mut inner = self.inner();
         inner.remove(&key);
         while inner.slots.len() >= self.max_sessions {

@@ -417,7 +417,10 @@ mod tests {
         let settings = Settings::from_lookup(env(&[
             (ENV_MODE, "tool"),
             (ENV_INBOUND_UPSTREAM, "http://127.0.0.1:8080"),
-            (ENV_INBOUND_AUDIENCES, "billing, http://billing.tools.svc:8080/mcp"),
+            (
+                ENV_INBOUND_AUDIENCES,
+                "billing, http://billing.tools.svc:8080/mcp",
+            ),
         ]))
         .unwrap();
         assert_eq!(settings.mode, SidecarMode::Tool);

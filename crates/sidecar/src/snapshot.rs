@@ -170,12 +170,13 @@ fn convert(snapshot: Snapshot) -> Result<ActivePolicy, SnapshotRejected> {
             server.name.clone(),
             Upstream {
                 name: server.name.clone(),
-                audience: server.audience.clone().unwrap_or_else(|| {
-                    match &server.agent {
+                audience: server
+                    .audience
+                    .clone()
+                    .unwrap_or_else(|| match &server.agent {
                         Some(callee) => agent_issuer(&snapshot.content.agent.namespace, callee),
                         None => server.url.clone(),
-                    }
-                }),
+                    }),
                 agent: server.agent.clone(),
                 base_url,
                 authority,

@@ -340,7 +340,10 @@ mod tests {
 
         assert!(matches!(check("a.b"), Err(AssertionRefused::Malformed(_))));
         let forged = token(&other, "chaperone:agent:ns/a", &aud[0], "j2", NOW);
-        assert!(matches!(check(&forged), Err(AssertionRefused::UnknownKey(_))));
+        assert!(matches!(
+            check(&forged),
+            Err(AssertionRefused::UnknownKey(_))
+        ));
         let good = token(&signer, "chaperone:agent:ns/a", &aud[0], "j3", NOW);
         let mut tampered = good.clone();
         tampered.pop();

@@ -142,10 +142,12 @@ async fn an_unknown_chaperone_session_is_refused_not_ignored() {
     )
     .await;
     assert_eq!(raw.status, http::StatusCode::FORBIDDEN);
-    assert!(raw.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("Chaperone-Session is unknown or expired"));
+    assert!(
+        raw.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Chaperone-Session is unknown or expired")
+    );
     assert!(harness.upstream.seen.lock().unwrap().is_empty());
 }
 

@@ -52,22 +52,23 @@ pub fn namespace_reflector(
     (reader, drive)
 }
 
-/// Runs the injection webhook of the controller described by `args` until it
-/// fails: serves `POST /inject` on `--webhook-addr` with the certificate of `tls`
-/// (reloaded on renewal), reads AgentIdentities from `identities` and watches
-/// Namespaces for their labels. (The caBundle is kept current by
-/// [`crate::certs::spawn_ca_bundle_sync`], which the caller runs.)
+/// Runs the injection webhook until it fails: serves `POST /inject` on `addr`
+/// with the certificate of `tls` (reloaded on renewal), injecting with
+/// `settings` ([`InjectionSettings::from_args`], checked at startup), reads
+/// AgentIdentities from `identities` and watches Namespaces for their labels.
+/// (The caBundle is kept current by [`crate::certs::spawn_ca_bundle_sync`],
+/// which the caller runs unless cert-manager does it.)
 pub async fn run_webhook(
-    args: &crate::Args,
+    addr: std::net::SocketAddr,
+    settings: InjectionSettings,
     client: Client,
     identities: Store<AgentIdentity>,
     tls: watch::Receiver<Arc<TlsMaterial>>,
 ) -> Result<(), WebhookError> {
     let (namespaces, drive) = namespace_reflector(client.clone());
     let namespace_task = tokio::spawn(drive);
-    let state = WebhookState::new(client, InjectionSettings::from_args(args), identities)
-        .with_namespace_store(namespaces);
-    let result = serve(args.webhook_addr, tls, Arc::new(state)).await;
+    let state = WebhookState::new(client, settings, identities).with_namespace_store(namespaces);
+    let result = serve(addr, tls, Arc::new(state)).await;
     namespace_task.abort();
     result
 }

@@ -6,6 +6,8 @@ use std::{collections::BTreeMap, fmt};
 
 use chaperone_api::AgentIdentity;
 use k8s_openapi::api::core::v1::Pod;
+
+use crate::InvalidSetting;
 use serde_json::{Value, json};
 
 /// Pod annotation that asks for injection: `"true"` (an agent), `"tool"` (inbound
@@ -31,6 +33,22 @@ pub const OUTBOUND_PORT: i32 = 15001;
 pub const INBOUND_PORT: i32 = 15006;
 /// The sidecar's admin port (`/ready`, `/metrics`).
 pub const ADMIN_PORT: i32 = 15090;
+
+/// Annotation naming the pod's own MCP port (1–65535) that the sidecar's
+/// inbound listener (:15006) fronts: delegated calls (agent mode) or calls to the
+/// tool server (tool mode) are verified there and forwarded to
+/// `http://127.0.0.1:<port>` (the sidecar's `CHAPERONE_INBOUND_UPSTREAM`).
+/// Required in tool mode.
+pub const INBOUND_PORT_ANNOTATION: &str = "chaperone.dev/inbound-port";
+/// Annotation listing extra `aud` values the sidecar's inbound side accepts in
+/// assertions (comma-separated, passed verbatim as
+/// `CHAPERONE_INBOUND_AUDIENCES`): the audience the calling agents'
+/// AgentIdentities name for this server. Required in tool mode.
+pub const AUDIENCE_ANNOTATION: &str = "chaperone.dev/audience";
+/// Sidecar variable: where the inbound listener forwards verified calls.
+pub const INBOUND_UPSTREAM_ENV: &str = "CHAPERONE_INBOUND_UPSTREAM";
+/// Sidecar variable: extra audiences the inbound listener accepts.
+pub const INBOUND_AUDIENCES_ENV: &str = "CHAPERONE_INBOUND_AUDIENCES";
 
 /// Annotation overriding the sidecar's CPU request.
 pub const CPU_ANNOTATION: &str = "chaperone.dev/proxy-cpu";
@@ -127,6 +145,77 @@ impl ProxyResources {
     }
 }
 
+/// The default sidecar resources of the controller's flags, each quantity
+/// checked on its own (so the error names its variable), then together.
+fn sidecar_resources(args: &crate::Args) -> Result<ProxyResources, InvalidSetting> {
+    /// (variable, flag, value, parser).
+    type Quantity<'a> = (
+        &'static str,
+        &'static str,
+        Option<&'a str>,
+        fn(&str) -> Result<u64, String>,
+    );
+    let settings: [Quantity<'_>; 4] = [
+        (
+            "CHAPERONE_SIDECAR_CPU_REQUEST",
+            "sidecar-cpu-request",
+            args.sidecar_cpu_request.as_deref(),
+            parse_cpu,
+        ),
+        (
+            "CHAPERONE_SIDECAR_CPU_LIMIT",
+            "sidecar-cpu-limit",
+            args.sidecar_cpu_limit.as_deref(),
+            parse_cpu,
+        ),
+        (
+            "CHAPERONE_SIDECAR_MEMORY_REQUEST",
+            "sidecar-memory-request",
+            args.sidecar_memory_request.as_deref(),
+            parse_memory,
+        ),
+        (
+            "CHAPERONE_SIDECAR_MEMORY_LIMIT",
+            "sidecar-memory-limit",
+            args.sidecar_memory_limit.as_deref(),
+            parse_memory,
+        ),
+    ];
+    for (env, flag, value, parse) in settings {
+        if let Some(value) = value.filter(|v| !v.trim().is_empty()) {
+            match parse(value) {
+                Ok(0) => {
+                    return Err(InvalidSetting::new(env, flag, value, "must be above zero"));
+                }
+                Ok(_) => {}
+                Err(reason) => return Err(InvalidSetting::new(env, flag, value, reason)),
+            }
+        }
+    }
+    ProxyResources::from_quantities(
+        args.sidecar_cpu_request.as_deref(),
+        args.sidecar_cpu_limit.as_deref(),
+        args.sidecar_memory_request.as_deref(),
+        args.sidecar_memory_limit.as_deref(),
+    )
+    .map_err(|reason| {
+        let (env, flag, value) = if reason.starts_with("memory") {
+            (
+                "CHAPERONE_SIDECAR_MEMORY_LIMIT",
+                "sidecar-memory-limit",
+                args.sidecar_memory_limit.clone(),
+            )
+        } else {
+            (
+                "CHAPERONE_SIDECAR_CPU_LIMIT",
+                "sidecar-cpu-limit",
+                args.sidecar_cpu_limit.clone(),
+            )
+        };
+        InvalidSetting::new(env, flag, value.unwrap_or_default(), reason)
+    })
+}
+
 /// The range an annotation may set a value in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {
@@ -217,14 +306,42 @@ impl fmt::Debug for InjectionSettings {
 }
 
 impl InjectionSettings {
-    /// Settings from the controller's flags; `ca_pem` is filled in from the
-    /// controller's current certificate.
-    pub fn from_args(args: &crate::Args) -> Self {
-        Self::new(
+    /// Settings from the controller's flags (the chart's
+    /// `CHAPERONE_SIDECAR_*` and `CHAPERONE_WEBHOOK_FAILURE_POLICY`); `ca_pem`
+    /// is filled in from the controller's current certificate. A value that
+    /// cannot be used is an error naming its variable, so that the controller
+    /// refuses to start rather than inject sidecars it was not asked for.
+    pub fn from_args(args: &crate::Args) -> Result<Self, InvalidSetting> {
+        let mut settings = Self::new(
             &args.sidecar_image,
             args.controller_address(),
             &args.namespace,
-        )
+        );
+        settings.image_pull_policy = args
+            .sidecar_image_pull_policy
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(|v| match v {
+                "Always" | "IfNotPresent" | "Never" => Ok(v.to_string()),
+                _ => Err(InvalidSetting::new(
+                    "CHAPERONE_SIDECAR_IMAGE_PULL_POLICY",
+                    "sidecar-image-pull-policy",
+                    v,
+                    "expected Always, IfNotPresent or Never (as Kubernetes spells them), or empty for the cluster's default",
+                )),
+            })
+            .transpose()?;
+        settings.resources = sidecar_resources(args)?;
+        settings.failure_policy = args.webhook_failure_policy.parse().map_err(|reason| {
+            InvalidSetting::new(
+                "CHAPERONE_WEBHOOK_FAILURE_POLICY",
+                "webhook-failure-policy",
+                &args.webhook_failure_policy,
+                reason,
+            )
+        })?;
+        Ok(settings)
     }
 
     /// Default settings for `image`, a controller at `controller_address` in
@@ -297,6 +414,18 @@ pub enum InjectionError {
     /// The pod object lacks something the patch needs.
     #[error("pod cannot be injected: {0}")]
     InvalidPod(String),
+    /// A tool-mode pod lacks an annotation its sidecar cannot work without.
+    #[error(
+        "pod asks for a tool-mode chaperone sidecar ({INJECT_ANNOTATION}: \"tool\") but has no {annotation} annotation: add {annotation}: {example}; {why}"
+    )]
+    MissingAnnotation {
+        /// The missing annotation.
+        annotation: &'static str,
+        /// An example value.
+        example: &'static str,
+        /// Why the sidecar needs it.
+        why: &'static str,
+    },
 }
 
 /// Decides whether `pod` (in a namespace with `namespace_labels`) gets the
@@ -369,11 +498,12 @@ pub fn injection_patch(
     }
 
     let resources = proxy_resources(annotations, settings)?;
+    let inbound = inbound_settings(mode, annotations)?;
     let mut ops = Vec::new();
 
     // The sidecar goes first so that it is up before the other init containers run
     // (they may already call tools).
-    let sidecar = sidecar_container(mode, settings, resources);
+    let sidecar = sidecar_container(mode, settings, resources, &inbound);
     if spec.init_containers.is_none() {
         ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [sidecar]}));
     } else {
@@ -478,7 +608,94 @@ fn unchanged(decision: Decision, warnings: Vec<String>) -> InjectionOutcome {
     }
 }
 
-fn sidecar_container(mode: Mode, settings: &InjectionSettings, resources: ProxyResources) -> Value {
+/// What the sidecar's inbound listener fronts and accepts, from the pod's
+/// annotations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct InboundSettings {
+    /// `http://127.0.0.1:<port>`.
+    upstream: Option<String>,
+    /// Extra audiences, verbatim.
+    audiences: Option<String>,
+}
+
+/// Reads [`INBOUND_PORT_ANNOTATION`] and [`AUDIENCE_ANNOTATION`]; both are
+/// required in tool mode (fail closed: a tool sidecar that does not know what it
+/// fronts or which audience is its own cannot verify anything).
+fn inbound_settings(
+    mode: Mode,
+    annotations: Option<&BTreeMap<String, String>>,
+) -> Result<InboundSettings, InjectionError> {
+    let get = |name: &str| annotations.and_then(|a| a.get(name));
+    let upstream = match get(INBOUND_PORT_ANNOTATION) {
+        None => None,
+        Some(value) => {
+            let port = value
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| InjectionError::InvalidAnnotation {
+                    annotation: INBOUND_PORT_ANNOTATION,
+                    value: value.clone(),
+                    reason: "expected a port number from 1 to 65535 (the pod's own MCP port)"
+                        .to_string(),
+                })?;
+            if [OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT].contains(&i32::from(port)) {
+                return Err(InjectionError::InvalidAnnotation {
+                    annotation: INBOUND_PORT_ANNOTATION,
+                    value: value.clone(),
+                    reason: format!(
+                        "port {port} is the sidecar's own ({OUTBOUND_PORT}, {INBOUND_PORT} and {ADMIN_PORT} are taken): name the port the pod's MCP server listens on"
+                    ),
+                });
+            }
+            Some(format!("http://127.0.0.1:{port}"))
+        }
+    };
+    let audiences = match get(AUDIENCE_ANNOTATION) {
+        None => None,
+        Some(value)
+            if value
+                .split(',')
+                .map(str::trim)
+                .all(|audience| audience.is_empty()) =>
+        {
+            return Err(InjectionError::InvalidAnnotation {
+                annotation: AUDIENCE_ANNOTATION,
+                value: value.clone(),
+                reason: "expected one or more audiences, comma-separated".to_string(),
+            });
+        }
+        Some(value) => Some(value.clone()),
+    };
+    if mode == Mode::Tool {
+        if upstream.is_none() {
+            return Err(InjectionError::MissingAnnotation {
+                annotation: INBOUND_PORT_ANNOTATION,
+                example: "\"8080\" (the port the tool's MCP server listens on)",
+                why: "the tool sidecar forwards verified calls to that port on 127.0.0.1 and must know it to front the server",
+            });
+        }
+        if audiences.is_none() {
+            return Err(InjectionError::MissingAnnotation {
+                annotation: AUDIENCE_ANNOTATION,
+                example: "\"orders\" (the audience agents' AgentIdentities name for this server)",
+                why: "the tool sidecar accepts only assertions minted for its audience and cannot verify any without it",
+            });
+        }
+    }
+    Ok(InboundSettings {
+        upstream,
+        audiences,
+    })
+}
+
+fn sidecar_container(
+    mode: Mode,
+    settings: &InjectionSettings,
+    resources: ProxyResources,
+    inbound: &InboundSettings,
+) -> Value {
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}});
     let mut limits = serde_json::Map::new();
     if let Some(cpu) = resources.cpu_limit {
@@ -534,6 +751,14 @@ fn sidecar_container(mode: Mode, settings: &InjectionSettings, resources: ProxyR
     });
     if let (Some(policy), Some(obj)) = (&settings.image_pull_policy, container.as_object_mut()) {
         obj.insert("imagePullPolicy".into(), json!(policy));
+    }
+    if let Some(env) = container["env"].as_array_mut() {
+        if let Some(upstream) = &inbound.upstream {
+            env.push(json!({"name": INBOUND_UPSTREAM_ENV, "value": upstream}));
+        }
+        if let Some(audiences) = &inbound.audiences {
+            env.push(json!({"name": INBOUND_AUDIENCES_ENV, "value": audiences}));
+        }
     }
     container
 }
@@ -1054,9 +1279,19 @@ mod tests {
         }
     }
 
+    fn tool_pod(extra: Value) -> Pod {
+        let mut annotations = json!({
+            INJECT_ANNOTATION: "tool",
+            INBOUND_PORT_ANNOTATION: "8080",
+            AUDIENCE_ANNOTATION: "orders",
+        });
+        merge(&mut annotations, extra);
+        pod(json!({"metadata": {"annotations": annotations}}))
+    }
+
     #[test]
     fn tool_mode_sets_the_mode_and_needs_no_agent_identity() {
-        let pod = pod(annotated("tool"));
+        let pod = tool_pod(json!({}));
         let outcome = injection_patch(
             &pod,
             &no_labels(),
@@ -1071,6 +1306,97 @@ mod tests {
             env_value(sidecars(&injected)[0], "CHAPERONE_MODE").as_deref(),
             Some("tool")
         );
+    }
+
+    #[test]
+    fn inbound_annotations_become_the_sidecars_inbound_settings() {
+        let pod = tool_pod(json!({AUDIENCE_ANNOTATION: "orders,orders.tools.svc"}));
+        let injected = apply(&pod, &run(&pod, &no_labels()));
+        let sidecar = sidecars(&injected)[0];
+        assert_eq!(
+            env_value(sidecar, INBOUND_UPSTREAM_ENV).as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        assert_eq!(
+            env_value(sidecar, INBOUND_AUDIENCES_ENV).as_deref(),
+            Some("orders,orders.tools.svc")
+        );
+    }
+
+    #[test]
+    fn an_agent_pod_may_name_its_inbound_port_and_audience() {
+        let agent = pod(json!({"metadata": {"annotations": {
+            INJECT_ANNOTATION: "true", INBOUND_PORT_ANNOTATION: " 9000 ",
+        }}}));
+        let injected = apply(&agent, &run(&agent, &no_labels()));
+        let sidecar = sidecars(&injected)[0];
+        assert_eq!(
+            env_value(sidecar, INBOUND_UPSTREAM_ENV).as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        assert_eq!(env_value(sidecar, INBOUND_AUDIENCES_ENV), None);
+
+        let plain = pod(annotated("true"));
+        let injected = apply(&plain, &run(&plain, &no_labels()));
+        assert_eq!(
+            env_value(sidecars(&injected)[0], INBOUND_UPSTREAM_ENV),
+            None
+        );
+    }
+
+    #[test]
+    fn a_tool_pod_without_its_inbound_port_or_audience_is_refused_saying_what_to_add() {
+        for (missing, present) in [
+            (INBOUND_PORT_ANNOTATION, AUDIENCE_ANNOTATION),
+            (AUDIENCE_ANNOTATION, INBOUND_PORT_ANNOTATION),
+        ] {
+            let pod = pod(json!({"metadata": {"annotations": {
+                INJECT_ANNOTATION: "tool", present: "8080",
+            }}}));
+            let err = injection_patch(
+                &pod,
+                &no_labels(),
+                &settings(),
+                &Vec::<Arc<AgentIdentity>>::new(),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(err, InjectionError::MissingAnnotation { annotation, .. } if annotation == missing),
+                "{err}"
+            );
+            let message = err.to_string();
+            assert!(message.contains(&format!("add {missing}:")), "{message}");
+            assert!(message.contains("tool sidecar"), "{message}");
+        }
+    }
+
+    #[test]
+    fn invalid_inbound_annotations_are_refused_naming_the_annotation() {
+        for (annotation, value, expected) in [
+            (INBOUND_PORT_ANNOTATION, "0", "1 to 65535"),
+            (INBOUND_PORT_ANNOTATION, "65536", "1 to 65535"),
+            (INBOUND_PORT_ANNOTATION, "-1", "1 to 65535"),
+            (INBOUND_PORT_ANNOTATION, "http", "1 to 65535"),
+            (INBOUND_PORT_ANNOTATION, "15006", "sidecar's own"),
+            (AUDIENCE_ANNOTATION, " , ", "one or more audiences"),
+        ] {
+            let err = injection_patch(
+                &tool_pod(json!({annotation: value})),
+                &no_labels(),
+                &settings(),
+                &default_identity(),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&err, InjectionError::InvalidAnnotation { annotation: a, .. } if *a == annotation),
+                "{annotation}={value}: {err}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains(annotation) && message.contains(expected),
+                "{annotation}={value}: {message}"
+            );
+        }
     }
 
     #[test]
@@ -1238,6 +1564,96 @@ mod tests {
         assert!(ProxyResources::from_quantities(Some("lots"), None, None, None).is_err());
         assert_eq!("Ignore".parse(), Ok(FailurePolicy::Ignore));
         assert!("fail".parse::<FailurePolicy>().is_err());
+    }
+
+    fn from_flags(flags: &[&str]) -> Result<InjectionSettings, InvalidSetting> {
+        let args = <crate::Args as clap::Parser>::try_parse_from(
+            std::iter::once("chaperone-controller").chain(flags.iter().copied()),
+        )
+        .expect("flags parse");
+        InjectionSettings::from_args(&args)
+    }
+
+    #[test]
+    fn settings_come_from_the_charts_variables() {
+        let settings = from_flags(&[
+            "--sidecar-image-pull-policy=Always",
+            "--sidecar-cpu-request=100m",
+            "--sidecar-cpu-limit=1",
+            "--sidecar-memory-request=128Mi",
+            "--sidecar-memory-limit=512Mi",
+            "--webhook-failure-policy=Ignore",
+        ])
+        .unwrap();
+        assert_eq!(settings.image_pull_policy.as_deref(), Some("Always"));
+        assert_eq!(
+            settings.resources,
+            ProxyResources {
+                cpu_request: 100,
+                cpu_limit: Some(1000),
+                memory_request: 128 << 20,
+                memory_limit: 512 << 20,
+            }
+        );
+        assert_eq!(settings.failure_policy, FailurePolicy::Ignore);
+    }
+
+    #[test]
+    fn unset_or_empty_settings_keep_the_defaults() {
+        for flags in [
+            &[][..],
+            &[
+                "--sidecar-image-pull-policy=",
+                "--sidecar-cpu-request=",
+                "--sidecar-cpu-limit=",
+                "--sidecar-memory-request= ",
+                "--sidecar-memory-limit=",
+            ],
+        ] {
+            let settings = from_flags(flags).unwrap();
+            assert_eq!(settings.image_pull_policy, None, "{flags:?}");
+            assert_eq!(settings.resources, ProxyResources::default(), "{flags:?}");
+            assert_eq!(settings.failure_policy, FailurePolicy::Fail, "{flags:?}");
+        }
+    }
+
+    #[test]
+    fn bad_settings_stop_the_controller_naming_the_variable() {
+        for (flag, env) in [
+            (
+                "--sidecar-image-pull-policy=always",
+                "CHAPERONE_SIDECAR_IMAGE_PULL_POLICY",
+            ),
+            (
+                "--sidecar-cpu-request=lots",
+                "CHAPERONE_SIDECAR_CPU_REQUEST",
+            ),
+            ("--sidecar-cpu-limit=0", "CHAPERONE_SIDECAR_CPU_LIMIT"),
+            (
+                "--sidecar-memory-request=1Xi",
+                "CHAPERONE_SIDECAR_MEMORY_REQUEST",
+            ),
+            (
+                "--sidecar-memory-limit=-64Mi",
+                "CHAPERONE_SIDECAR_MEMORY_LIMIT",
+            ),
+            (
+                "--webhook-failure-policy=fail",
+                "CHAPERONE_WEBHOOK_FAILURE_POLICY",
+            ),
+        ] {
+            let err = from_flags(&[flag]).unwrap_err();
+            assert_eq!(err.env, env, "{flag}: {err}");
+            let message = err.to_string();
+            assert!(message.contains(env), "{message}");
+        }
+        let err = from_flags(&[
+            "--sidecar-memory-request=1Gi",
+            "--sidecar-memory-limit=512Mi",
+        ])
+        .unwrap_err();
+        assert_eq!(err.env, "CHAPERONE_SIDECAR_MEMORY_LIMIT", "{err}");
+        assert!(err.to_string().contains("above the memory limit"), "{err}");
     }
 
     #[test]
