@@ -234,11 +234,6 @@ impl TestSidecar {
             .context("this sidecar has no inbound side")
     }
 
-    /// Runs `task` until the sidecar is dropped.
-    pub fn keep(&mut self, task: tokio::task::JoinHandle<()>) {
-        self.tasks.push(task);
-    }
-
     /// The HTTP status of `GET /ready`.
     pub async fn ready_status(&self) -> u16 {
         status_code(&http_get_async(self.admin_port, "/ready").await)

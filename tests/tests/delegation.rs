@@ -13,10 +13,9 @@
 //! pod-bound ServiceAccount token, in front of a `chaperone_demo::WorkerApp`
 //! whose tools call through the agent's own sidecar with the
 //! `Chaperone-Session` it was handed. The billing tool server sits behind a
-//! tool-mode sidecar. The controller does not stream to tool-mode pods yet
-//! (no AgentIdentity), so the test gives the tool sidecar the controller's JWKS
-//! (`/.well-known/jwks.json` on the admin port) through
-//! `Sidecar::peer_keys().replace`, polled every 100 ms.
+//! tool-mode sidecar whose pod is annotated `chaperone.dev/inject: tool`: the
+//! controller streams it the agent sidecars' keys (no snapshot), and its
+//! denials become Events on its pod.
 
 use std::{
     sync::{Arc, OnceLock},
@@ -28,15 +27,16 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
 use chaperone_audit::{VerifyOptions, verify_log_with};
 use chaperone_demo::{SeenAssertions, ToolServer, ToolSet, WorkerApp, serve_handler};
-use chaperone_sidecar::{PeerKeys, Settings, SidecarMode};
+use chaperone_sidecar::{Settings, SidecarMode};
 use chaperone_testenv::{
     ControlPlane, create_namespace, kube_fixtures,
     sidecar_fixtures::{
-        TestSidecar, controller_settings, eventually, http_get_async, http_request_async,
-        json_post, status_code, write_token,
+        TestSidecar, controller_settings, eventually, http_request_async, json_post, status_code,
+        write_token,
     },
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client,
     api::{DeleteParams, Patch, PatchParams},
@@ -330,8 +330,32 @@ struct World {
     _token_dir: tempfile::TempDir,
 }
 
-/// A sidecar in controller mode for `pod` of ServiceAccount `sa`, in front of
-/// `app` (its inbound upstream).
+/// A sidecar in controller mode for `pod` (its token in `dir/<pod>/token`)
+/// with `settings`.
+async fn controller_mode_sidecar(
+    client: &Client,
+    pod: &Pod,
+    dir: &std::path::Path,
+    settings: Settings,
+) -> Result<TestSidecar> {
+    let token = kube_fixtures::bound_token(client, pod, kube_fixtures::SIDECAR_AUDIENCE).await?;
+    let name = pod.metadata.name.clone().context("pod name")?;
+    let dir = dir.join(&name);
+    std::fs::create_dir_all(&dir)?;
+    let token_file = write_token(&dir, &token)?;
+    let ca_file = tokio::task::spawn_blocking(|| controller().ca_file.clone()).await?;
+    let address = format!("127.0.0.1:{}", controller().grpc_port);
+    TestSidecar::start(Settings {
+        pod_name: name,
+        pod_namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+        controller: Some(controller_settings(address, &token_file, ca_file)),
+        ..settings
+    })
+    .await
+}
+
+/// The sidecar of agent pod `<sa>-0` (ServiceAccount `sa`), in front of the
+/// agent's app on port `app`.
 async fn agent_sidecar(
     client: &Client,
     ns: &str,
@@ -339,22 +363,13 @@ async fn agent_sidecar(
     dir: &std::path::Path,
     app: u16,
 ) -> Result<TestSidecar> {
-    let pod = format!("{sa}-0");
-    let token =
-        kube_fixtures::pod_token(client, ns, sa, &pod, kube_fixtures::SIDECAR_AUDIENCE).await?;
-    let dir = dir.join(sa);
-    std::fs::create_dir_all(&dir)?;
-    let token_file = write_token(&dir, &token)?;
-    let ca_file = tokio::task::spawn_blocking(|| controller().ca_file.clone()).await?;
-    let address = format!("127.0.0.1:{}", controller().grpc_port);
-    TestSidecar::start(Settings {
-        pod_name: pod,
-        pod_namespace: ns.to_owned(),
-        controller: Some(controller_settings(address, &token_file, ca_file)),
+    kube_fixtures::ensure_service_account(client, ns, sa).await?;
+    let pod = kube_fixtures::create_agent_pod(client, ns, sa, &format!("{sa}-0")).await?;
+    let settings = Settings {
         inbound_upstream: Some(format!("http://127.0.0.1:{app}").parse()?),
         ..Settings::default()
-    })
-    .await
+    };
+    controller_mode_sidecar(client, &pod, dir, settings).await
 }
 
 async fn setup() -> Result<(Client, World)> {
@@ -380,35 +395,23 @@ async fn setup() -> Result<(Client, World)> {
     )
     .await?;
 
-    let mut tool = TestSidecar::start(Settings {
-        pod_name: "billing-0".into(),
-        pod_namespace: ns.clone(),
+    // The tool's pod is annotated for a tool-mode sidecar: the controller
+    // streams it the agent sidecars' keys, no snapshot.
+    let dir = token_dir.path();
+    kube_fixtures::ensure_service_account(&client, &ns, "billing").await?;
+    let tool_pod = kube_fixtures::create_tool_pod(&client, &ns, "billing", "billing-0").await?;
+    let tool_settings = Settings {
         mode: SidecarMode::Tool,
         inbound_upstream: Some(format!("http://127.0.0.1:{billing}").parse()?),
         inbound_audiences: vec![TOOL_AUDIENCE.into()],
         ..Settings::default()
-    })
-    .await?;
-    // Stand-in for the controller's KeySet stream to tool-mode pods.
-    let keys = Arc::clone(tool.sidecar.peer_keys());
-    let admin = controller().admin_port;
-    tool.keep(tokio::spawn(async move {
-        loop {
-            let response = http_get_async(admin, "/.well-known/jwks.json").await;
-            if let Some((_, body)) = response.split_once("\r\n\r\n")
-                && let Ok(parsed) = PeerKeys::from_json(body)
-            {
-                keys.replace(parsed);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }));
+    };
+    let tool = controller_mode_sidecar(&client, &tool_pod, dir, tool_settings).await?;
 
     // The agents' apps listen first: their sidecars need the ports, and the
     // apps need their sidecars' proxy ports.
     let (planner_app, worker_app, helper_app) =
         (listener().await?, listener().await?, listener().await?);
-    let dir = token_dir.path();
     let helper =
         agent_sidecar(&client, &ns, "helper", dir, helper_app.local_addr()?.port()).await?;
     let worker =
@@ -909,6 +912,18 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     assert_eq!(claims["act"]["act"]["act"]["sub"], planner_id, "{claims}");
     apply::<DelegationGrant>(&client, &ns, planner_grant(0)).await?;
 
+    // --- Raw calls at the tool: only through an agent's sidecar. ---------
+    let response = http_request_async(
+        world.tool.inbound()?,
+        json_post(
+            "/mcp",
+            &[],
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"void_invoice","arguments":{"invoice":"INV-1001"}}}"#,
+        ),
+    )
+    .await;
+    assert_refused(&response, 403, "no Chaperone-Assertion");
+
     // --- Raw assertions at the worker's inbound side. ----------------------
     let genuine = mint_assertion(&world, "probe", &probe_args).await?;
     let first = raw_call(worker_in, &genuine, "run_billing", &probe_args).await;
@@ -983,7 +998,7 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     let _ = bob.cancel().await;
 
     // --- Events with the chain, through kubectl. ---------------------------
-    let chain = format!("{ns}/planner -> {ns}/worker");
+    let chain = format!("chain: {ns}/planner → {ns}/worker");
     let events = eventually(Duration::from_secs(15), async || {
         let ns = ns.clone();
         let out = tokio::task::spawn_blocking(move || {
@@ -991,10 +1006,13 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
         })
         .await??;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        Ok((text.contains("ToolCallDenied") && text.contains(&chain)).then_some(text))
+        let tool_pod = text
+            .lines()
+            .any(|l| l.contains("ToolCallDenied") && l.contains("pod/billing-0"));
+        Ok((text.contains("ToolCallDenied") && text.contains(&chain) && tool_pod).then_some(text))
     })
     .await
-    .context("no ToolCallDenied Event naming the chain")?;
+    .context("no ToolCallDenied Events naming the chain and on the tool's pod")?;
     assert!(events.contains("issue_credit"), "{events}");
 
     // --- One verifiable trail across the agents. ---------------------------
