@@ -5,7 +5,7 @@
 //!      │
 //!      ▼ A's inbound ─► planner app ─► A's sidecar ─► B's inbound ─► worker app ─► B's sidecar ─► billing tool sidecar (tool mode) ─► billing
 //!        (initiator)    (WorkerApp)    (15001)        (grant A→B)    (WorkerApp)    (15001) ├──► mail (direct)
-//!                                                                                        └──► C's inbound (helper: one hop too many)
+//!                                                                                        └──► C's inbound (helper: refused while the grant A→B has maxDepth 0)
 //! ```
 //!
 //! The controller runs in-process; the planner (A), the worker (B) and the
