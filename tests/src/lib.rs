@@ -18,6 +18,7 @@
 
 pub mod kube_fixtures;
 pub mod pki;
+pub mod sidecar_fixtures;
 pub mod tools;
 
 use std::{

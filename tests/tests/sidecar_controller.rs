@@ -6,26 +6,24 @@
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex, OnceLock},
+    path::Path,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use chaperone_api::{AgentIdentity, ToolPolicy};
-use chaperone_sidecar::{
-    AuditOutput, Settings, Sidecar, SnapshotStream,
-    backoff::Backoff,
-    settings::{CaSource, ControllerSettings},
-};
-use chaperone_testenv::{ControlPlane, create_namespace, free_port, kube_fixtures};
-use k8s_openapi::api::{
-    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
-    core::v1::{Pod, ServiceAccount},
+use chaperone_sidecar::Settings;
+use chaperone_testenv::{
+    ControlPlane, create_namespace, free_port, kube_fixtures,
+    sidecar_fixtures::{
+        TestSidecar, controller_settings, eventually, http_get_async, http_request_async,
+        json_post, status_code, write_token,
+    },
 };
 use kube::{
     Api, Client,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams},
 };
 use rmcp::{
     ErrorData, RoleClient, RoleServer, ServerHandler, ServiceExt,
@@ -57,32 +55,6 @@ fn controller() -> &'static TestController {
             &format!("sidecar-test-controller-{}", std::process::id()),
         )
     })
-}
-
-/// A raw HTTP/1.0 request on loopback (blocking; for status codes and small
-/// bodies). Returns the whole response, status line first.
-fn http_request(port: u16, request: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = s.write_all(request.as_bytes());
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    http_request(port, &format!("GET {path} HTTP/1.0\r\n\r\n"))
-}
-
-fn status_code(response: &str) -> u16 {
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------
@@ -136,68 +108,6 @@ fn policy(name: &str, agent: &str, tool: &str) -> serde_json::Value {
             "rules": [{ "name": format!("allow-{}", tool.replace('_', "-")), "action": "allow", "tools": [{ "server": "shop", "name": tool }] }]
         }
     })
-}
-
-/// A ServiceAccount and a Pod running as it, and a token (audience `chaperone`)
-/// bound to that pod.
-async fn pod_token(client: &Client, ns: &str, service_account: &str, pod: &str) -> Result<String> {
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    let sa = ServiceAccount {
-        metadata: kube::api::ObjectMeta {
-            name: Some(service_account.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    match sas.create(&PostParams::default(), &sa).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => return Err(e.into()),
-    }
-    let pod_object: Pod = serde_json::from_value(json!({
-        "metadata": { "name": pod },
-        "spec": { "serviceAccountName": service_account, "containers": [{ "name": "agent", "image": "agent:latest" }] }
-    }))?;
-    let created = Api::<Pod>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &pod_object)
-        .await?;
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec!["chaperone".into()],
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: Some(pod.into()),
-                uid: created.metadata.uid.clone(),
-            }),
-            expiration_seconds: Some(600),
-        },
-        ..Default::default()
-    };
-    let response = sas
-        .create_token_request(service_account, &PostParams::default(), &request)
-        .await?;
-    Ok(response
-        .status
-        .context("token request has no status")?
-        .token)
-}
-
-/// Polls `check` until it returns Some, for at most `timeout`.
-async fn eventually<T>(
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        if Instant::now() > deadline {
-            bail!("condition not reached within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -272,130 +182,31 @@ async fn start_upstream() -> Result<SocketAddr> {
 // ---------------------------------------------------------------------------
 // The sidecar under test.
 
-/// Audit records the sidecar writes (its "stdout").
-#[derive(Clone, Default)]
-struct AuditBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for AuditBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+/// A sidecar for `pod` dialling the controller at `address` with the token in
+/// `token_file`; it reconnects quickly (50 ms doubling up to 500 ms).
+async fn start_sidecar(pod: &str, address: String, token_file: &Path) -> Result<TestSidecar> {
+    let ca_file = tokio::task::spawn_blocking(|| controller().ca_file.clone()).await?;
+    TestSidecar::start(Settings {
+        pod_name: pod.to_owned(),
+        controller: Some(controller_settings(address, token_file, ca_file)),
+        ..Settings::default()
+    })
+    .await
 }
 
-impl AuditBuffer {
-    fn records(&self) -> Vec<serde_json::Value> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
+/// The HTTP status of a raw `tools/call` (no MCP session) through `sidecar`.
+async fn raw_call_status(sidecar: &TestSidecar) -> u16 {
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_order","arguments":{}}}"#;
+    status_code(&http_request_async(sidecar.proxy_port, json_post("/shop", &[], body)).await)
 }
 
-struct TestSidecar {
-    sidecar: Sidecar,
-    proxy_port: u16,
-    admin_port: u16,
-    audit: AuditBuffer,
-    stream: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for TestSidecar {
-    fn drop(&mut self) {
-        self.stream.abort();
-    }
-}
-
-impl TestSidecar {
-    /// A sidecar for `pod` dialling the controller at `address` with the token
-    /// in `token_file`; it reconnects quickly (50 ms doubling up to 500 ms).
-    async fn start(pod: &str, address: String, token_file: &Path) -> Result<Self> {
-        let ca_file = tokio::task::spawn_blocking(|| controller().ca_file.clone()).await?;
-        let settings = Settings {
-            pod_name: pod.to_owned(),
-            controller: Some(ControllerSettings {
-                address,
-                server_name: "localhost".into(),
-                token_file: token_file.to_owned(),
-                ca: CaSource::File(ca_file),
-            }),
-            ..Settings::default()
-        };
-        let audit = AuditBuffer::default();
-        let sidecar = Sidecar::new(
-            settings.clone(),
-            AuditOutput::Writer(Box::new(audit.clone())),
-            true,
-        )?;
-        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let (proxy_port, admin_port) = (proxy.local_addr()?.port(), admin.local_addr()?.port());
-        let s = sidecar.clone();
-        tokio::spawn(async move { s.serve_proxy(proxy, std::future::pending()).await });
-        let s = sidecar.clone();
-        tokio::spawn(async move { s.serve_admin(admin, std::future::pending()).await });
-        let stream = tokio::spawn(
-            SnapshotStream::new(sidecar.clone(), settings.controller.context("controller")?)
-                .with_backoff(Backoff::new(
-                    Duration::from_millis(50),
-                    Duration::from_millis(500),
-                ))
-                .run(),
-        );
-        Ok(Self {
-            sidecar,
-            proxy_port,
-            admin_port,
-            audit,
-            stream,
-        })
-    }
-
-    async fn ready_status(&self) -> u16 {
-        let port = self.admin_port;
-        let response = tokio::task::spawn_blocking(move || http_get(port, "/ready"))
-            .await
-            .unwrap_or_default();
-        status_code(&response)
-    }
-
-    /// The HTTP status of a raw `tools/call` (no MCP session).
-    async fn raw_call_status(&self) -> u16 {
-        let port = self.proxy_port;
-        let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_order","arguments":{}}}"#;
-        let request = format!(
-            "POST /shop HTTP/1.0\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        let response = tokio::task::spawn_blocking(move || http_request(port, &request))
-            .await
-            .unwrap_or_default();
-        status_code(&response)
-    }
-
-    async fn client(&self) -> Result<RunningService<RoleClient, ClientConfig>> {
-        let transport = StreamableHttpClientTransport::from_config(
-            StreamableHttpClientTransportConfig::with_uri(format!(
-                "http://127.0.0.1:{}/shop",
-                self.proxy_port
-            )),
-        );
-        Ok(ClientConfig::default().serve(transport).await?)
-    }
-
-    async fn wait_for_version(&self, newer_than: u64, timeout: Duration) -> Result<u64> {
-        let source = Arc::clone(self.sidecar.snapshots());
-        eventually(timeout, async || {
-            Ok(source
-                .current()
-                .map(|c| c.version())
-                .filter(|v| *v > newer_than))
-        })
-        .await
-    }
+/// An MCP session with the `shop` server through `sidecar`.
+async fn mcp_client(sidecar: &TestSidecar) -> Result<RunningService<RoleClient, ClientConfig>> {
+    let transport =
+        StreamableHttpClientTransport::from_config(StreamableHttpClientTransportConfig::with_uri(
+            format!("http://127.0.0.1:{}/shop", sidecar.proxy_port),
+        ));
+    Ok(ClientConfig::default().serve(transport).await?)
 }
 
 /// Calls `tool`; `Ok(text)` or `Err(error message)`.
@@ -415,23 +226,8 @@ async fn call(
     }
 }
 
-fn write_token(dir: &tempfile::TempDir, token: &str) -> Result<PathBuf> {
-    let path = dir.path().join("token");
-    // Replace atomically, as the kubelet does on rotation.
-    let tmp = dir.path().join("token.tmp");
-    std::fs::write(&tmp, token)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(path)
-}
-
 fn grpc_address() -> String {
     format!("127.0.0.1:{}", controller().grpc_port)
-}
-
-async fn http_get_async(port: u16, path: &'static str) -> String {
-    tokio::task::spawn_blocking(move || http_get(port, path))
-        .await
-        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------
@@ -441,27 +237,34 @@ async fn http_get_async(port: u16, path: &'static str) -> String {
 async fn enforces_the_controllers_snapshot_and_follows_policy_edits() -> Result<()> {
     let (client, ns) = setup().await?;
     let upstream = start_upstream().await?;
-    let token = pod_token(&client, &ns, "planner", "planner-0").await?;
+    let token = kube_fixtures::pod_token(
+        &client,
+        &ns,
+        "planner",
+        "planner-0",
+        kube_fixtures::SIDECAR_AUDIENCE,
+    )
+    .await?;
     // First a token the API server rejects: the sidecar retries and re-reads the
     // file on each attempt, so the real token (a "rotation") is picked up.
     let dir = tempfile::tempdir()?;
-    let token_file = write_token(&dir, "not-a-token")?;
-    let sidecar = TestSidecar::start("planner-0", grpc_address(), &token_file).await?;
+    let token_file = write_token(dir.path(), "not-a-token")?;
+    let sidecar = start_sidecar("planner-0", grpc_address(), &token_file).await?;
 
     // No snapshot yet (bad token, then no AgentIdentity): closed and not ready.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(sidecar.raw_call_status().await, 503);
+    assert_eq!(raw_call_status(&sidecar).await, 503);
     assert_eq!(sidecar.ready_status().await, 503);
-    write_token(&dir, &token)?;
+    write_token(dir.path(), &token)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(sidecar.raw_call_status().await, 503);
+    assert_eq!(raw_call_status(&sidecar).await, 503);
 
     apply::<AgentIdentity>(&client, &ns, agent("planner", upstream)).await?;
     apply::<ToolPolicy>(&client, &ns, policy("shop", "planner", "get_order")).await?;
     let first = sidecar.wait_for_version(0, Duration::from_secs(10)).await?;
     assert_eq!(sidecar.ready_status().await, 200);
 
-    let mcp = sidecar.client().await?;
+    let mcp = mcp_client(&sidecar).await?;
     let allowed = call(&mcp, "get_order").await;
     assert!(
         allowed.as_ref().is_ok_and(|t| t.contains("get_order done")),
@@ -514,10 +317,17 @@ async fn registers_its_key_and_reports_tools_and_audit() -> Result<()> {
     let upstream = start_upstream().await?;
     apply::<AgentIdentity>(&client, &ns, agent("lister", upstream)).await?;
     apply::<ToolPolicy>(&client, &ns, policy("shop", "lister", "get_order")).await?;
-    let token = pod_token(&client, &ns, "lister", "lister-0").await?;
+    let token = kube_fixtures::pod_token(
+        &client,
+        &ns,
+        "lister",
+        "lister-0",
+        kube_fixtures::SIDECAR_AUDIENCE,
+    )
+    .await?;
     let dir = tempfile::tempdir()?;
-    let token_file = write_token(&dir, &token)?;
-    let sidecar = TestSidecar::start("lister-0", grpc_address(), &token_file).await?;
+    let token_file = write_token(dir.path(), &token)?;
+    let sidecar = start_sidecar("lister-0", grpc_address(), &token_file).await?;
     sidecar.wait_for_version(0, Duration::from_secs(10)).await?;
 
     // The controller's JWKS serves the sidecar's key.
@@ -537,7 +347,7 @@ async fn registers_its_key_and_reports_tools_and_audit() -> Result<()> {
     .await?;
 
     // tools/list through the sidecar: every tool ends up in discoveredTools.
-    let mcp = sidecar.client().await?;
+    let mcp = mcp_client(&sidecar).await?;
     let listed = mcp.list_all_tools().await?;
     assert_eq!(
         listed
@@ -591,13 +401,13 @@ async fn registers_its_key_and_reports_tools_and_audit() -> Result<()> {
 async fn unreachable_controller_means_503_and_not_ready() -> Result<()> {
     setup().await?;
     let dir = tempfile::tempdir()?;
-    let token_file = write_token(&dir, "unused")?;
+    let token_file = write_token(dir.path(), "unused")?;
     // Nothing listens on this port.
     let dead = format!("127.0.0.1:{}", free_port()?);
-    let sidecar = TestSidecar::start("lonely-0", dead, &token_file).await?;
+    let sidecar = start_sidecar("lonely-0", dead, &token_file).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sidecar.ready_status().await, 503);
-    assert_eq!(sidecar.raw_call_status().await, 503);
+    assert_eq!(raw_call_status(&sidecar).await, 503);
     assert!(!sidecar.sidecar.snapshots().is_ready());
     Ok(())
 }
@@ -608,12 +418,19 @@ async fn deleting_the_agent_identity_refuses_every_call() -> Result<()> {
     let upstream = start_upstream().await?;
     apply::<AgentIdentity>(&client, &ns, agent("worker", upstream)).await?;
     apply::<ToolPolicy>(&client, &ns, policy("shop", "worker", "get_order")).await?;
-    let token = pod_token(&client, &ns, "worker", "worker-0").await?;
+    let token = kube_fixtures::pod_token(
+        &client,
+        &ns,
+        "worker",
+        "worker-0",
+        kube_fixtures::SIDECAR_AUDIENCE,
+    )
+    .await?;
     let dir = tempfile::tempdir()?;
-    let token_file = write_token(&dir, &token)?;
-    let sidecar = TestSidecar::start("worker-0", grpc_address(), &token_file).await?;
+    let token_file = write_token(dir.path(), &token)?;
+    let sidecar = start_sidecar("worker-0", grpc_address(), &token_file).await?;
     sidecar.wait_for_version(0, Duration::from_secs(10)).await?;
-    let mcp = sidecar.client().await?;
+    let mcp = mcp_client(&sidecar).await?;
     call(&mcp, "get_order").await.map_err(anyhow::Error::msg)?;
 
     Api::<AgentIdentity>::namespaced(client.clone(), &ns)
@@ -625,7 +442,7 @@ async fn deleting_the_agent_identity_refuses_every_call() -> Result<()> {
     })
     .await?;
     assert_eq!(sidecar.ready_status().await, 503);
-    assert_eq!(sidecar.raw_call_status().await, 503);
+    assert_eq!(raw_call_status(&sidecar).await, 503);
     let _ = mcp.cancel().await;
     Ok(())
 }

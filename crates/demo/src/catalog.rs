@@ -12,6 +12,8 @@ pub enum ToolSet {
     Orders,
     /// `send_email`, `read_inbox`.
     Mail,
+    /// `get_invoice`, `issue_credit`, `void_invoice` (examples/delegation).
+    Billing,
 }
 
 /// A tool of the demo servers.
@@ -69,20 +71,43 @@ const MAIL: &[DemoTool] = &[
     },
 ];
 
+const BILLING: &[DemoTool] = &[
+    DemoTool {
+        name: "get_invoice",
+        description: "Look an invoice up by id.",
+        strings: &["invoice"],
+        numbers: &[],
+    },
+    DemoTool {
+        name: "issue_credit",
+        description: "Credit part of an invoice back to the customer, in EUR.",
+        strings: &["invoice"],
+        numbers: &["amount"],
+    },
+    DemoTool {
+        name: "void_invoice",
+        description: "Void an invoice.",
+        strings: &["invoice"],
+        numbers: &[],
+    },
+];
+
+/// Every tool set.
+pub const ALL_SETS: [ToolSet; 3] = [ToolSet::Orders, ToolSet::Mail, ToolSet::Billing];
+
 impl ToolSet {
     /// The server name the demo's AgentIdentity gives this set.
     pub fn server_name(self) -> &'static str {
         match self {
             ToolSet::Orders => "orders",
             ToolSet::Mail => "mail",
+            ToolSet::Billing => "billing",
         }
     }
 
     /// The set of the server called `name`.
     pub fn from_server_name(name: &str) -> Option<Self> {
-        [ToolSet::Orders, ToolSet::Mail]
-            .into_iter()
-            .find(|set| set.server_name() == name)
+        ALL_SETS.into_iter().find(|set| set.server_name() == name)
     }
 
     /// Its tools, in listing order.
@@ -90,6 +115,7 @@ impl ToolSet {
         match self {
             ToolSet::Orders => ORDERS,
             ToolSet::Mail => MAIL,
+            ToolSet::Billing => BILLING,
         }
     }
 
@@ -157,6 +183,21 @@ impl DemoTool {
                 "status": "issued",
             }),
             "delete_order" => json!({"id": arg("id"), "deleted": true}),
+            "get_invoice" => json!({
+                "invoice": arg("invoice"),
+                "customerId": "C-42",
+                "total": 480,
+                "currency": "EUR",
+                "status": "open",
+            }),
+            "issue_credit" => json!({
+                "creditId": "CR-3301",
+                "invoice": arg("invoice"),
+                "amount": arg("amount"),
+                "currency": "EUR",
+                "status": "issued",
+            }),
+            "void_invoice" => json!({"invoice": arg("invoice"), "status": "void"}),
             "send_email" => json!({
                 "messageId": "<m-5521@mail.demo>",
                 "to": arg("to"),
@@ -180,7 +221,7 @@ mod tests {
 
     #[test]
     fn every_tool_has_a_canned_answer() {
-        for set in [ToolSet::Orders, ToolSet::Mail] {
+        for set in ALL_SETS {
             for tool in set.tools() {
                 let answer = tool.answer(&JsonObject::new());
                 assert!(answer.get("error").is_none(), "{}", tool.name);
@@ -200,7 +241,7 @@ mod tests {
 
     #[test]
     fn server_names_round_trip() {
-        for set in [ToolSet::Orders, ToolSet::Mail] {
+        for set in ALL_SETS {
             assert_eq!(ToolSet::from_server_name(set.server_name()), Some(set));
         }
         assert_eq!(ToolSet::from_server_name("bank"), None);

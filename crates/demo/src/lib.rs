@@ -1,6 +1,8 @@
-//! The pieces of `make demo` that are not Chaperone itself: two small MCP tool
-//! servers (`orders` and `mail`) speaking streamable HTTP, which the demo's agent
-//! reaches through the sidecar. Each tool answers with plausible JSON and logs
+//! The pieces of `make demo` that are not Chaperone itself: small MCP tool
+//! servers (`orders`, `mail`, `billing`) speaking streamable HTTP, which the
+//! demo's agent reaches through the sidecar, and a worker agent app
+//! ([`WorkerApp`]) whose tools call tool servers through its own sidecar inside
+//! the session it was handed (delegation). Each tool answers with plausible JSON and logs
 //! whether the call carried a `Chaperone-Assertion` (and what it asserted), so
 //! the demo can show what a governed tool server sees.
 
@@ -9,6 +11,8 @@
 pub mod assertion;
 pub mod catalog;
 pub mod server;
+pub mod worker;
 
 pub use catalog::{DemoTool, ToolSet};
-pub use server::{ToolServer, serve};
+pub use server::{SeenAssertions, ToolServer, serve, serve_handler};
+pub use worker::WorkerApp;

@@ -2,7 +2,7 @@
 //! responses) answering `tools/list` and `tools/call` for one [`ToolSet`].
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hyper_util::rt::TokioIo;
 use rmcp::model::{
@@ -18,16 +18,28 @@ use tokio::net::TcpListener;
 use crate::assertion;
 use crate::catalog::ToolSet;
 
+/// The `Chaperone-Assertion` header values a tool server received, in order
+/// (for tests that check what a governed tool sees).
+pub type SeenAssertions = Arc<Mutex<Vec<String>>>;
+
 /// The MCP handler of one demo tool server.
 #[derive(Clone, Debug)]
 pub struct ToolServer {
     set: ToolSet,
+    seen: Option<SeenAssertions>,
 }
 
 impl ToolServer {
     /// A server offering the tools of `set`.
     pub fn new(set: ToolSet) -> Self {
-        Self { set }
+        Self { set, seen: None }
+    }
+
+    /// The same server, also keeping every `Chaperone-Assertion` it receives
+    /// with a `tools/call` in `seen`.
+    pub fn recording(mut self, seen: SeenAssertions) -> Self {
+        self.seen = Some(seen);
+        self
     }
 }
 
@@ -62,6 +74,11 @@ impl ServerHandler for ToolServer {
             .and_then(|parts| parts.headers.get(assertion::HEADER))
             .and_then(|value| value.to_str().ok());
         let call = format!("{server}/{}", request.name);
+        if let (Some(seen), Some(jwt)) = (&self.seen, assertion) {
+            seen.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(jwt.to_owned());
+        }
         match assertion.map(|jwt| (jwt, assertion::unverified_claims(jwt))) {
             Some((_, Some(claims))) => {
                 tracing::info!(
@@ -100,9 +117,18 @@ impl ServerHandler for ToolServer {
 /// Serves `set` over MCP streamable HTTP on `listener` (any path) until the task
 /// is dropped. Connection errors are logged and do not stop the server.
 pub async fn serve(listener: TcpListener, set: ToolSet) -> std::io::Result<()> {
-    let handler = ToolServer::new(set);
+    serve_handler(listener, ToolServer::new(set)).await
+}
+
+/// Serves `handler` (a [`ToolServer`], a [`crate::WorkerApp`], …) over MCP
+/// streamable HTTP on `listener` (any path) until the task is dropped.
+/// Connection errors are logged and do not stop the server.
+pub async fn serve_handler<H>(listener: TcpListener, handler: H) -> std::io::Result<()>
+where
+    H: ServerHandler + Clone + Send + Sync + 'static,
+{
     let config = StreamableHttpServerConfig::default().with_sse_keep_alive(None);
-    let service: StreamableHttpService<ToolServer, LocalSessionManager> =
+    let service: StreamableHttpService<H, LocalSessionManager> =
         StreamableHttpService::new(move || Ok(handler.clone()), Default::default(), config);
     let service = Arc::new(service);
     loop {

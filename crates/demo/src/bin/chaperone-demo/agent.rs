@@ -225,6 +225,7 @@ pub async fn run(sidecar: &str, audit_log: &Path) -> anyhow::Result<()> {
         let client = match step.server {
             ToolSet::Orders => &orders,
             ToolSet::Mail => &mail,
+            ToolSet::Billing => bail!("the script does not use the billing server"),
         };
         let before = audit_records(audit_log)?.len();
         let outcome = client

@@ -1,7 +1,8 @@
 //! `chaperone-demo`: the processes of `make demo` that stand in for the world
-//! around Chaperone — an MCP tool server (`tool-server`) and a scripted agent
+//! around Chaperone — an MCP tool server (`tool-server`), a scripted agent
 //! (`agent`) that calls the tool servers through its sidecar and prints what the
-//! sidecar decided.
+//! sidecar decided, and a worker agent app (`worker`) whose tools call tool
+//! servers through its sidecar inside the session it was handed.
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,21 @@ enum Command {
         #[arg(long, value_enum)]
         tools: ToolSet,
     },
+    /// Serve the worker agent app: one tool `run_<server>` {tool, arguments}
+    /// per `--server`, calling `<sidecar>/<server>` through the agent's own
+    /// sidecar with the `Chaperone-Session` of the incoming request.
+    Worker {
+        /// Address to listen on (the agent's own MCP port, behind the sidecar's
+        /// inbound side), e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// A tool server to offer (repeatable), e.g. `billing`.
+        #[arg(long = "server", required = true)]
+        servers: Vec<String>,
+        /// The sidecar's MCP proxy.
+        #[arg(long, env = "CHAPERONE_MCP_URL", default_value = chaperone_demo::worker::DEFAULT_SIDECAR_URL)]
+        sidecar: String,
+    },
     /// Run the scripted agent session through the sidecar and print a table of
     /// its calls with the sidecar's decisions.
     Agent {
@@ -50,15 +66,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
         Command::ToolServer { listen, tools } => {
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_ansi(false)
-                .with_target(false)
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .init();
+            init_logging();
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding the {tools:?} tool server to {listen}"))?;
@@ -69,6 +77,35 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Worker {
+            listen,
+            servers,
+            sidecar,
+        } => {
+            init_logging();
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding the worker to {listen}"))?;
+            tracing::info!(%listen, %sidecar, ?servers, "worker agent app listening");
+            let worker = chaperone_demo::WorkerApp::new(sidecar, servers);
+            tokio::select! {
+                served = chaperone_demo::serve_handler(listener, worker) => served.context("accepting connections")?,
+                _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
+            }
+            Ok(())
+        }
         Command::Agent { sidecar, audit_log } => agent::run(&sidecar, &audit_log).await,
     }
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
 }
