@@ -189,6 +189,17 @@ impl Enforcer {
         let mut rule = decision.rule.as_str().to_owned();
         let mut reason = decision.reason.to_string();
         let mut code = jsonrpc::POLICY_DENIED;
+        // Calling another agent inside a delegated session hands the task one
+        // hop further: refuse here when a grant of the chain allows no more.
+        if allowed
+            && upstream.agent.is_some()
+            && let Some(d) = delegation.as_deref()
+            && let Some(denial) = further_hop_denial(active, d, grant_used.as_ref())
+        {
+            allowed = false;
+            rule = "delegation".to_owned();
+            reason = denial;
+        }
         // The sidecar's own limits, checked only for calls the rules allow.
         if allowed && session.history.calls() >= settings.max_calls {
             allowed = false;
@@ -421,6 +432,38 @@ pub fn decide_in_session(
         })
     });
     (denial, None)
+}
+
+/// Why the delegated session `delegation` may not be handed one hop further
+/// (to another agent), if it may not: a grant of its chain (with `last` as the
+/// last hop's grant) allows fewer further hops than that would make.
+pub fn further_hop_denial(
+    active: &ActivePolicy,
+    delegation: &Delegation,
+    last: Option<&GrantKey>,
+) -> Option<String> {
+    let chain = match last {
+        Some(grant) => delegation.chain_with(grant),
+        None => delegation.chain.clone(),
+    };
+    let hops = chain.links.len();
+    for (i, link) in chain.links.iter().enumerate() {
+        let further = hops - i;
+        let max_depth = active
+            .snapshot
+            .content
+            .grants_received
+            .iter()
+            .find(|g| g.grant == link.grant)
+            .map_or(0, |g| g.max_depth as usize);
+        if further > max_depth {
+            return Some(format!(
+                "depth limit: grant {} allows {max_depth} further hop(s), handing the task to another agent needs {further}",
+                link.grant
+            ));
+        }
+    }
+    None
 }
 
 /// The `act` claim of an assertion this agent (`issuer`) mints inside a

@@ -45,6 +45,7 @@ spec:
   selector: {{serviceAccountName: worker}}
   toolServers:
     - {{name: billing, url: "http://{tool_inbound}/mcp", audience: billing-tool}}
+    - {{name: helper, url: "http://127.0.0.1:9/mcp", agent: helper}}
   delegation: {{requireDelegation: true}}
 ---
 apiVersion: chaperone.dev/v1alpha1
@@ -63,6 +64,7 @@ spec:
       tools:
         - {{server: billing, name: get_order}}
         - {{server: billing, name: send_email}}
+        - {{server: helper, name: "*"}}
     - name: small-refunds
       action: allow
       tools: [{{server: billing, name: refund}}]
@@ -86,7 +88,7 @@ spec:
           anyEffectSeen: [sensitiveData]
     - name: everything-on-billing
       action: allow
-      tools: [{{server: billing, name: "*"}}]
+      tools: [{{server: billing, name: "*"}}, {{server: helper, name: "*"}}]
 "#
     );
     if grant {
@@ -102,6 +104,7 @@ spec:
     - {server: billing, name: get_order}
     - {server: billing, name: send_email}
     - {server: billing, name: refund}
+    - {server: helper, name: "*"}
   maxDepth: 0
   ttl: 1h
 "#,
@@ -364,6 +367,18 @@ async fn a_task_delegated_from_planner_to_worker_to_a_verifying_tool() {
     // Outside the grant's scope.
     let raw = post_raw(&b_out, &delegated, tools_call("delete_all", json!({}))).await;
     assert!(error_of(&raw).contains("\"delegation\""), "{}", raw.body);
+    // Handing the task one hop further (to another agent) is beyond the
+    // grant's maxDepth 0: refused at the worker's side, before it leaves.
+    let helper_out = format!("http://{}/helper", b.proxy);
+    let raw = post_raw(&helper_out, &delegated, tools_call("assist", json!({}))).await;
+    assert!(error_of(&raw).contains("\"delegation\""), "{}", raw.body);
+    assert!(
+        b.audit
+            .text()
+            .contains("depth limit: grant shop/planner-to-worker allows 0"),
+        "{}",
+        b.audit.text()
+    );
     // Without the session the worker has no authority of its own.
     let raw = post_raw(&b_out, &[], tools_call("get_order", json!({"id": 7}))).await;
     assert!(error_of(&raw).contains("requireDelegation"), "{}", raw.body);
