@@ -5,7 +5,7 @@
 //!      │
 //!      ▼ A's inbound ─► planner app ─► A's sidecar ─► B's inbound ─► worker app ─► B's sidecar ─► billing tool sidecar (tool mode) ─► billing
 //!        (initiator)    (WorkerApp)    (15001)        (grant A→B)    (WorkerApp)    (15001) ├──► mail (direct)
-//!                                                                                        └──► C's inbound (helper: refused while the grant A→B has maxDepth 0)
+//!                                                                                        └──► C's inbound (helper: refused at B's side while the grant A→B has maxDepth 0)
 //! ```
 //!
 //! The controller runs in-process; the planner (A), the worker (B) and the
@@ -854,29 +854,32 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     let _ = user.cancel().await;
 
     // --- Depth: maxDepth 0, so the worker cannot hand on to the helper. ----
-    // The worker's own sidecar lets the call out (its grant covers helper/*);
-    // the helper's inbound side refuses the chain planner → worker → helper:
-    // the planner's grant allows no further hop, so the helper's snapshot does
-    // not even hold it.
+    // The worker's own sidecar refuses the hop before it leaves: the grant
+    // covers helper/*, but handing the task to another agent would need one
+    // more hop than the planner's grant allows.
     let bob = user_session(planner_in, &world.issuer.token("bob@example.test")?).await?;
     let hop_args = json!({"tool": "get_invoice", "arguments": {"invoice": "INV-7"}});
     let hop = via_worker(&bob, "helper", "run_billing", hop_args.clone()).await;
     assert!(hop.is_err(), "{hop:?}");
     let refusal = world
-        .helper
+        .worker
         .audit
         .records()
         .into_iter()
-        .rfind(|r| r["decision"] == "deny")
-        .context("the helper refused nothing")?;
-    assert_eq!(refusal["rule"], "inbound/delegation", "{refusal}");
+        .rfind(|r| r["decision"] == "deny" && r["server"] == "helper")
+        .context("the worker refused nothing")?;
+    assert_eq!(refusal["rule"], "delegation", "{refusal}");
     assert!(
-        refusal["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains(&format!("{ns}/planner-to-worker"))),
+        refusal["reason"].as_str().is_some_and(|r| r.contains(&format!(
+            "depth limit: grant {ns}/planner-to-worker allows 0"
+        ))),
         "{refusal}"
     );
-    assert_eq!(refusal["chain"], json!([]), "{refusal}");
+    assert_eq!(
+        refusal["chain"],
+        json!([format!("{ns}/planner"), format!("{ns}/worker")]),
+        "{refusal}"
+    );
     // With maxDepth 1 the same hop goes through, and the tool sees all three
     // actors, the helper outermost.
     apply::<DelegationGrant>(&client, &ns, planner_grant(1)).await?;
@@ -889,6 +892,21 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     })
     .await
     .context("the helper never got the planner's grant")?;
+    let source = Arc::clone(world.worker.sidecar.snapshots());
+    eventually(Duration::from_secs(10), async || {
+        Ok(source
+            .current()
+            .filter(|a| {
+                a.snapshot
+                    .content
+                    .grants_received
+                    .iter()
+                    .any(|g| g.grant.name == "planner-to-worker" && g.max_depth == 1)
+            })
+            .map(|_| ()))
+    })
+    .await
+    .context("the worker never got the widened grant")?;
     let hop = via_worker(&bob, "helper", "run_billing", hop_args).await;
     assert!(hop.as_ref().is_ok_and(|t| t.contains("INV-7")), "{hop:?}");
     let claims = claims_of(&last(&world.billing_seen).context("no assertion")?)?;
