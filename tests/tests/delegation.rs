@@ -870,9 +870,11 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
         .context("the worker refused nothing")?;
     assert_eq!(refusal["rule"], "delegation", "{refusal}");
     assert!(
-        refusal["reason"].as_str().is_some_and(|r| r.contains(&format!(
-            "depth limit: grant {ns}/planner-to-worker allows 0"
-        ))),
+        refusal["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(&format!(
+                "depth limit: grant {ns}/planner-to-worker allows 0"
+            ))),
         "{refusal}"
     );
     assert_eq!(
