@@ -36,7 +36,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::assertion::{ASSERTION_HEADER, Actor, random_id};
@@ -701,7 +701,7 @@ impl Inbound {
                     let inbound = Arc::clone(&inbound);
                     async move { Ok::<_, Infallible>(inbound.handle(req).await) }
                 });
-                if let Err(err) = hyper::server::conn::http1::Builder::new()
+                if let Err(err) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {

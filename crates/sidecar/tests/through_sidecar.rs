@@ -417,3 +417,31 @@ async fn delete_ends_the_session() {
     let response = post_raw(&harness.url(), &[("mcp-session-id", sid.as_str())], body).await;
     assert_eq!(response.status, http::StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn agents_may_speak_http2_with_prior_knowledge() {
+    use http_body_util::BodyExt as _;
+    let harness = Harness::start(true, true).await;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let call = |tool: &str| {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": tool, "arguments": {}}});
+        http::Request::post(harness.url())
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap()
+    };
+    for (tool, allowed) in [("get_order", true), ("delete_all", false)] {
+        let response = client.request(call(tool)).await.unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value.get("result").is_some(), allowed, "{tool}: {value}");
+    }
+}
