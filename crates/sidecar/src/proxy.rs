@@ -464,6 +464,31 @@ impl Gateway {
             // the whole answer.
             return Ok(json_response(StatusCode::OK, &Value::Array(local)));
         }
+        if !local.is_empty() {
+            // The tool server answered something that is neither JSON nor SSE
+            // (an HTTP error page): the local denials must not be lost with it.
+            // Each forwarded request gets an error naming the server's status.
+            let message = format!(
+                "tool server {:?} answered HTTP {} to this batch",
+                upstream.name, rparts.status
+            );
+            for index in &forwarded {
+                if let Message::Request { id, .. } = &messages[*index] {
+                    local.push(jsonrpc::error_response(
+                        Some(id),
+                        jsonrpc::INTERNAL_ERROR,
+                        &message,
+                        None,
+                    ));
+                }
+            }
+            let body = if batch {
+                Value::Array(local)
+            } else {
+                local.into_iter().next().unwrap_or(Value::Null)
+            };
+            return Ok(json_response(StatusCode::OK, &body));
+        }
         Ok(Response::from_parts(
             rparts,
             rbody.map_err(BoxError::from).boxed_unsync(),

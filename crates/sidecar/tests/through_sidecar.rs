@@ -445,3 +445,61 @@ async fn agents_may_speak_http2_with_prior_knowledge() {
         assert_eq!(value.get("result").is_some(), allowed, "{tool}: {value}");
     }
 }
+
+#[tokio::test]
+async fn local_denials_survive_an_upstream_error_page() {
+    // A tool server that answers every POST with an HTML error page.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    let mut response = http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"<html>bad gateway</html>"),
+                    ));
+                    *response.status_mut() = http::StatusCode::BAD_GATEWAY;
+                    response
+                        .headers_mut()
+                        .insert("content-type", http::HeaderValue::from_static("text/html"));
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let mut harness = Harness::start(true, false).await;
+    std::fs::write(
+        harness.dir.path().join("identity.yaml"),
+        IDENTITY.replace("UPSTREAM_URL", &format!("http://{addr}/mcp")),
+    )
+    .unwrap();
+    harness.reload();
+    let batch = json!([
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "get_order", "arguments": {}}},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "delete_all", "arguments": {}}},
+    ]);
+    let raw = post_raw(&harness.url(), &[], batch.to_string()).await;
+    let answers = raw.json();
+    let answers = answers.as_array().expect("a JSON-RPC batch answer");
+    let by_id = |id: i64| answers.iter().find(|a| a["id"] == id).unwrap();
+    assert!(
+        by_id(2)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Chaperone denied"),
+        "{answers:?}"
+    );
+    assert!(
+        by_id(1)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("answered HTTP 502"),
+        "{answers:?}"
+    );
+}
