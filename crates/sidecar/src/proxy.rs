@@ -184,7 +184,14 @@ impl Gateway {
                 reason: refusal.label(),
             })
             .inc();
-        json_response(refusal.status(), &refusal.body())
+        let mut response = json_response(refusal.status(), &refusal.body());
+        if matches!(refusal, Refusal::NoSnapshot(_)) {
+            // Not ready yet: tell clients when to try again rather than fail.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 
     async fn route(

@@ -247,6 +247,7 @@ async fn cold_start_without_a_snapshot_is_503_and_not_ready() {
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
     let response = post_raw(&harness.url(), &[], body).await;
     assert_eq!(response.status, http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers.get("retry-after").unwrap(), "1");
     assert_eq!(response.json()["error"]["code"], -32003);
     let ready = get_raw(&format!("http://{}/ready", harness.admin)).await;
     assert_eq!(ready.status, http::StatusCode::SERVICE_UNAVAILABLE);
