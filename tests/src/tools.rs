@@ -18,8 +18,10 @@ pub enum Tool {
     KubeApiserver,
     /// kubectl.
     Kubectl,
-    /// helm.
+    /// helm 4.
     Helm,
+    /// helm 3 (the chart supports both).
+    Helm3,
 }
 
 impl Tool {
@@ -28,7 +30,7 @@ impl Tool {
             Tool::Etcd => "etcd",
             Tool::KubeApiserver => "kube-apiserver",
             Tool::Kubectl => "kubectl",
-            Tool::Helm => "helm",
+            Tool::Helm | Tool::Helm3 => "helm",
         }
     }
 
@@ -38,6 +40,7 @@ impl Tool {
             Tool::KubeApiserver => "KUBE_VERSION",
             Tool::Kubectl => "KUBECTL_VERSION",
             Tool::Helm => "HELM_VERSION",
+            Tool::Helm3 => "HELM3_VERSION",
         }
     }
 
@@ -47,6 +50,7 @@ impl Tool {
             Tool::KubeApiserver => "CHAPERONE_KUBE_APISERVER",
             Tool::Kubectl => "CHAPERONE_KUBECTL",
             Tool::Helm => "CHAPERONE_HELM",
+            Tool::Helm3 => "CHAPERONE_HELM3",
         }
     }
 

@@ -40,10 +40,15 @@ fn helm_home() -> &'static Path {
     })
 }
 
-/// Runs helm; against the test control plane when `cluster` is given.
+/// Runs helm 4; against the test control plane when `cluster` is given.
 fn helm(args: &[&str], cluster: Option<&ControlPlane>) -> Result<Output> {
+    helm_with(Tool::Helm, args, cluster)
+}
+
+/// Runs `tool` (helm 4 or helm 3).
+fn helm_with(tool: Tool, args: &[&str], cluster: Option<&ControlPlane>) -> Result<Output> {
     let home = helm_home();
-    let mut command = Command::new(Tool::Helm.path()?);
+    let mut command = Command::new(tool.path()?);
     command
         .args(args)
         .env("HELM_CACHE_HOME", home.join("cache"))
@@ -59,7 +64,11 @@ fn helm(args: &[&str], cluster: Option<&ControlPlane>) -> Result<Output> {
 }
 
 fn helm_ok(args: &[&str], cluster: Option<&ControlPlane>) -> Result<String> {
-    let out = helm(args, cluster)?;
+    helm_ok_with(Tool::Helm, args, cluster)
+}
+
+fn helm_ok_with(tool: Tool, args: &[&str], cluster: Option<&ControlPlane>) -> Result<String> {
+    let out = helm_with(tool, args, cluster)?;
     if !out.status.success() {
         bail!(
             "helm {args:?} failed:\n{}{}",
@@ -285,11 +294,45 @@ fn rendered_chart_passes_server_side_validation() -> Result<()> {
 
 #[test]
 fn install_creates_the_controller_and_uninstall_keeps_only_the_crds() -> Result<()> {
+    install_then_uninstall(Tool::Helm)
+}
+
+#[test]
+fn helm_3_lints_renders_installs_and_uninstalls_the_chart() -> Result<()> {
+    let chart = chart_dir();
+    let chart = chart.to_str().unwrap();
+    let version = helm_ok_with(Tool::Helm3, &["version", "--short"], None)?;
+    assert!(version.starts_with("v3."), "{version}");
+    let out = helm_ok_with(Tool::Helm3, &["lint", "--strict", chart], None)?;
+    assert!(out.contains("0 chart(s) failed"), "{out}");
+    let namespace = new_namespace("chaperone-helm3-render")?;
+    let manifest = helm_ok_with(
+        Tool::Helm3,
+        &["template", "chaperone", chart, "--namespace", &namespace],
+        None,
+    )?;
+    let file = helm_home().join(format!("helm3-{namespace}.yaml"));
+    std::fs::write(&file, manifest)?;
+    kubectl_ok(&[
+        "apply",
+        "--dry-run=server",
+        "-n",
+        &namespace,
+        "-f",
+        file.to_str().unwrap(),
+    ])?;
+    install_then_uninstall(Tool::Helm3)
+}
+
+/// `helm install` with `tool` creates every object; `helm uninstall` removes
+/// them all but the CRDs.
+fn install_then_uninstall(tool: Tool) -> Result<()> {
     let cp = ControlPlane::shared();
     let namespace = new_namespace("chaperone-uninstall")?;
     let release = format!("chaperone-{}", unique_suffix());
     // Ignore: this release's webhook must never refuse another test's pods.
-    helm_ok(
+    helm_ok_with(
+        tool,
         &[
             "install",
             &release,
@@ -301,7 +344,11 @@ fn install_creates_the_controller_and_uninstall_keeps_only_the_crds() -> Result<
         ],
         Some(cp),
     )?;
-    let manifest = helm_ok(&["get", "manifest", &release, "-n", &namespace], Some(cp))?;
+    let manifest = helm_ok_with(
+        tool,
+        &["get", "manifest", &release, "-n", &namespace],
+        Some(cp),
+    )?;
     let objects = manifest_objects(&manifest)?;
     assert!(objects.len() >= 11, "{objects:?}");
     for (kind, name) in &objects {
@@ -314,7 +361,7 @@ fn install_creates_the_controller_and_uninstall_keeps_only_the_crds() -> Result<
         );
     }
 
-    let out = helm_ok(&["uninstall", &release, "-n", &namespace], Some(cp))?;
+    let out = helm_ok_with(tool, &["uninstall", &release, "-n", &namespace], Some(cp))?;
     assert!(out.contains("uninstalled"), "{out}");
     for (kind, name) in &objects {
         assert!(
@@ -328,7 +375,7 @@ fn install_creates_the_controller_and_uninstall_keeps_only_the_crds() -> Result<
             "helm uninstall removed {crd}"
         );
     }
-    let releases = helm_ok(&["list", "-n", &namespace, "-q"], Some(cp))?;
+    let releases = helm_ok_with(tool, &["list", "-n", &namespace, "-q"], Some(cp))?;
     assert!(releases.trim().is_empty(), "{releases}");
     Ok(())
 }
