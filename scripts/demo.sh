@@ -2,7 +2,9 @@
 # `make demo`: a real local control plane (etcd + kube-apiserver from `make tools`),
 # Chaperone's CRDs, the controller, two MCP tool servers and the support agent's
 # sidecar as local processes with real ServiceAccount tokens, then a scripted
-# agent session whose calls are allowed or denied by examples/basic's policy.
+# agent session whose calls are allowed or denied by examples/basic's policy;
+# then examples/delegation: planner → billing worker → billing through both
+# agents' sidecars, and `chaperonectl audit verify` over their joined audit logs.
 # Everything it starts stops when it ends or on Ctrl-C.
 # DEMO_HOLD=1 keeps everything up until Ctrl-C so you can explore with
 # `KUBECONFIG=.tmp/demo/kubeconfig kubectl …`. Logs: .tmp/demo/*.log.
@@ -79,9 +81,10 @@ wait_until() {
   done
 }
 # Free loopback ports for the controller, the tool servers and the sidecar.
-read -r grpc_port admin_port webhook_port orders_port mail_port sidecar_port sidecar_admin_port < <(python3 -c '
+read -r grpc_port admin_port webhook_port orders_port mail_port sidecar_port sidecar_admin_port \
+  billing_port worker_app_port worker_port worker_inbound_port worker_admin_port planner_port planner_admin_port < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(7)]
+socks = [socket.socket() for _ in range(14)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
 
@@ -187,6 +190,61 @@ say "A scripted agent session through the sidecar (decisions from $work/sidecar-
 say "What the tool servers saw: only allowed calls, each with a signed Chaperone-Assertion"
 grep -h 'tools/call' "$work/orders.log" "$work/mail.log" \
   | sed -E 's/^.*(INFO|WARN) .*tools\/call /  /' || echo "  (no calls arrived)"
+
+say "Delegation (examples/delegation): the planner hands billing work to the billing worker"
+# The planner reaches the worker's sidecar (inbound side); the worker reaches billing.
+sed -e "s#http://billing-worker.default.svc:8080/mcp#http://127.0.0.1:$worker_inbound_port/mcp#" \
+    -e "s#http://billing.tools.svc:8080/mcp#http://127.0.0.1:$billing_port/mcp#" \
+    examples/delegation/agentidentities.yaml > "$work/delegation-identities.yaml"
+grep -q "127.0.0.1:$worker_inbound_port" "$work/delegation-identities.yaml" \
+  || fail "examples/delegation/agentidentities.yaml no longer has the URLs this script rewrites"
+kubectl apply -f "$work/delegation-identities.yaml" -f examples/delegation/toolpolicies.yaml \
+  -f examples/delegation/delegationgrant.yaml
+start billing "$work/billing.log" "$bin/chaperone-demo" tool-server --listen "127.0.0.1:$billing_port" --tools billing
+wait_until "the billing tool server" 30 "${pids[-1]}" "$work/billing.log" grep -q listening "$work/billing.log"
+# pod_and_token NAME: a ServiceAccount, a pod NAME-0 and a token bound to it.
+pod_and_token() {
+  kubectl create serviceaccount "$1" -n default >/dev/null
+  kubectl run "$1-0" -n default --image "example.com/$1:demo" --restart Never \
+    --overrides "{\"apiVersion\":\"v1\",\"spec\":{\"serviceAccountName\":\"$1\"}}" >/dev/null
+  local uid
+  uid=$(kubectl get pod "$1-0" -n default -o jsonpath='{.metadata.uid}')
+  kubectl create token "$1" -n default --audience chaperone --duration 1h \
+    --bound-object-kind Pod --bound-object-name "$1-0" --bound-object-uid "$uid" > "$work/$1.token"
+}
+pod_and_token planner
+pod_and_token billing-worker
+# sidecar NAME PROXY_PORT ADMIN_PORT [INBOUND_PORT APP_PORT]: the pod's sidecar in controller mode.
+sidecar() {
+  local inbound=()
+  [ -n "${4:-}" ] && inbound=(CHAPERONE_INBOUND_LISTEN="127.0.0.1:$4" CHAPERONE_INBOUND_UPSTREAM="http://127.0.0.1:$5")
+  env CHAPERONE_LISTEN="127.0.0.1:$2" CHAPERONE_ADMIN_LISTEN="127.0.0.1:$3" "${inbound[@]}" \
+    CHAPERONE_CONTROLLER_ADDRESS="127.0.0.1:$grpc_port" CHAPERONE_CONTROLLER_SERVER_NAME=localhost \
+    CHAPERONE_TOKEN_FILE="$PWD/$work/$1.token" CHAPERONE_CA_FILE="$PWD/$work/ca.crt" \
+    CHAPERONE_POD_NAME="$1-0" CHAPERONE_POD_NAMESPACE=default \
+    "$bin/chaperone-sidecar" > "$work/$1-audit.log" 2> "$work/$1-sidecar.log" &
+  pids+=("$!"); names+=("$1-sidecar")
+  wait_until "the $1 sidecar's first snapshot" 60 "${pids[-1]}" "$work/$1-sidecar.log" \
+    curl -sf "http://127.0.0.1:$3/ready"
+}
+sidecar billing-worker "$worker_port" "$worker_admin_port" "$worker_inbound_port" "$worker_app_port"
+sidecar planner "$planner_port" "$planner_admin_port"
+start worker-app "$work/worker-app.log" "$bin/chaperone-demo" worker \
+  --listen "127.0.0.1:$worker_app_port" --server billing --sidecar "http://127.0.0.1:$worker_port"
+wait_until "the billing worker app" 30 "${pids[-1]}" "$work/worker-app.log" grep -q listening "$work/worker-app.log"
+echo "  planner sidecar :$planner_port → worker sidecar inbound :$worker_inbound_port → worker app :$worker_app_port"
+echo "  → worker sidecar :$worker_port → billing :$billing_port"
+"$bin/chaperone-demo" delegate --sidecar "http://127.0.0.1:$planner_port" \
+  --worker-audit-log "$work/billing-worker-audit.log" \
+  || fail "the delegated calls failed (logs: $work/billing-worker-sidecar.log, $work/worker-app.log)" "$work/billing-worker-sidecar.log"
+echo
+echo "  What billing saw: the worker's assertions name the planner (sub; the act chain holds both agents):"
+grep -h 'tools/call' "$work/billing.log" | sed -E 's/^.*(INFO|WARN) .*tools\/call /  /' | head -n 4
+if "$bin/chaperonectl" audit --help >/dev/null 2>&1; then
+  say "chaperonectl audit verify: the planner's and the worker's audit logs form one trail"
+  cat "$work/planner-audit.log" "$work/billing-worker-audit.log" > "$work/delegation-trail.log"
+  "$bin/chaperonectl" audit verify --strict "$work/delegation-trail.log"
+fi
 
 # The sidecar reports the tools it saw in tools/list; wait until both servers' are in.
 wait_until "discoveredTools of both tool servers in the status" 20 "${pids[0]}" "$work/controller.log" \

@@ -112,10 +112,15 @@ fn script() -> Vec<Step> {
     ]
 }
 
-type Client = RunningService<RoleClient, ClientConfig>;
+pub(crate) type Client = RunningService<RoleClient, ClientConfig>;
 
 async fn connect(sidecar: &str, server: ToolSet) -> anyhow::Result<Client> {
-    let url = format!("{}/{}", sidecar.trim_end_matches('/'), server.server_name());
+    connect_to(sidecar, server.server_name()).await
+}
+
+/// An MCP session with tool server `server` through the sidecar at `sidecar`.
+pub(crate) async fn connect_to(sidecar: &str, server: &str) -> anyhow::Result<Client> {
+    let url = format!("{}/{}", sidecar.trim_end_matches('/'), server);
     let transport = StreamableHttpClientTransport::from_uri(url.clone());
     let info = ClientConfig::new(
         ClientCapabilities::default(),
@@ -128,7 +133,7 @@ async fn connect(sidecar: &str, server: ToolSet) -> anyhow::Result<Client> {
 
 /// The sidecar's audit records (JSON lines of its standard output; other lines
 /// are skipped).
-fn audit_records(path: &Path) -> anyhow::Result<Vec<Value>> {
+pub(crate) fn audit_records(path: &Path) -> anyhow::Result<Vec<Value>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -143,7 +148,7 @@ fn audit_records(path: &Path) -> anyhow::Result<Vec<Value>> {
 
 /// The newest `tools/call` record for `server`/`tool` after the first `skip`
 /// records, waiting up to [`AUDIT_WAIT`] for it.
-async fn decision_of(
+pub(crate) async fn decision_of(
     path: &Path,
     skip: usize,
     server: &str,
@@ -162,7 +167,7 @@ async fn decision_of(
     }
 }
 
-fn text_of(value: &Value) -> String {
+pub(crate) fn text_of(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
         Value::Null => "-".to_owned(),

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod delegate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,6 +60,16 @@ enum Command {
         #[arg(long)]
         audit_log: PathBuf,
     },
+    /// Run the delegated calls of examples/delegation through the planner's
+    /// sidecar and print the billing worker's decisions with the chain.
+    Delegate {
+        /// The planner's sidecar MCP proxy.
+        #[arg(long)]
+        sidecar: String,
+        /// The billing worker sidecar's audit log (its standard output).
+        #[arg(long)]
+        worker_audit_log: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -95,6 +106,10 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Agent { sidecar, audit_log } => agent::run(&sidecar, &audit_log).await,
+        Command::Delegate {
+            sidecar,
+            worker_audit_log,
+        } => delegate::run(&sidecar, &worker_audit_log).await,
     }
 }
 
