@@ -166,18 +166,18 @@ async fn start_controller(
     // The API server's audience (it defaults to the issuer, `<server>/`).
     let token = kube_fixtures::bound_token(client, &pod, &format!("{}/", cp.server())).await?;
     let kubeconfig = cp.kubeconfig_for_token("controller-kubeconfig", &token)?;
-    let flags = chart::controller_flags(deployment, Some(&pod_json))?
+    let mut flags: Vec<String> = chart::controller_flags(deployment, Some(&pod_json))?
         .into_iter()
-        .map(|flag| {
-            if let Some(sans) = flag.strip_prefix("--extra-san=") {
-                format!("--extra-san={sans},127.0.0.1")
-            } else if flag.starts_with("--log-format=") {
-                "--log-format=text".to_owned()
-            } else {
-                flag
-            }
+        .filter(|flag| !flag.starts_with("--log-format="))
+        .map(|flag| match flag.strip_prefix("--extra-san=") {
+            Some(sans) => format!("--extra-san={sans},127.0.0.1"),
+            None => flag,
         })
         .collect();
+    if !flags.iter().any(|f| f.starts_with("--extra-san=")) {
+        flags.push("--extra-san=127.0.0.1".into());
+    }
+    flags.push("--log-format=text".into());
     tokio::task::spawn_blocking(move || {
         kube_fixtures::start_controller_with(
             ControlPlane::shared(),
@@ -338,6 +338,12 @@ fn assert_injected(
         Some("Always"),
         "{name}: not a native sidecar"
     );
+    let probe = sidecar
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .context("no readiness probe")?;
+    assert_eq!(probe.path.as_deref(), Some("/ready"), "{name}");
     let env = sidecar_env(pod)?;
     assert_eq!(
         env.get("CHAPERONE_MODE").map(String::as_str),
@@ -485,6 +491,10 @@ fn planner_policy(extra: &[Value]) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn whole_chain_on_the_real_api_server() -> Result<()> {
     let started = Instant::now();
+    // RUST_LOG=warn (say) shows what the controller and the sidecars log.
+    if std::env::var_os("RUST_LOG").is_some() {
+        chaperone_controller::init_logging(chaperone_controller::LogFormat::Text);
+    }
     let cp = tokio::task::spawn_blocking(ControlPlane::shared).await?;
     let client = cp.client().await?;
     let release_ns = create_namespace(&client, "chaperone-system").await?;
@@ -591,6 +601,12 @@ async fn whole_chain_on_the_real_api_server() -> Result<()> {
     let worker = stand_in(&client, &worker_pod, tokens.path()).await?;
     let tool = stand_in(&client, &billing_pod, tokens.path()).await?;
     assert!(planner.inbound_port.is_none(), "A names no inbound port");
+    // No AgentIdentity yet: closed, and not ready (the injected readiness probe).
+    assert_eq!(
+        planner.ready_status().await,
+        503,
+        "ready without a snapshot"
+    );
 
     // The tool servers and the worker's app.
     let billing_seen = SeenAssertions::default();
@@ -706,6 +722,9 @@ async fn whole_chain_on_the_real_api_server() -> Result<()> {
                 of.sidecar.pod_name()
             )
         })?;
+    }
+    for sidecar in [&planner, &worker] {
+        assert_eq!(sidecar.ready_status().await, 200, "ready with a snapshot");
     }
     eprintln!("pods injected, sidecars in sync: {:?}", started.elapsed());
 
@@ -856,6 +875,45 @@ async fn whole_chain_on_the_real_api_server() -> Result<()> {
         "the planner's own denial is an Event too:\n{events}"
     );
 
+    eprintln!("events:\n{events}");
+    // The status the leader writes (the chart's Lease and RBAC): A's sidecar
+    // connected and in sync, the tools it saw, governed or not.
+    let status = eventually(Duration::from_secs(20), async || {
+        let text = kubectl_async(
+            ["get", "agentidentity", "planner", "-n", &ns, "-o", "json"]
+                .map(String::from)
+                .into(),
+            None,
+        )
+        .await?;
+        let status = serde_json::from_str::<Value>(&text)?["status"].clone();
+        let ready = status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        let orders = status["discoveredTools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["server"] == "orders")
+            .count();
+        Ok((ready && status["sidecarsInSync"] == 1 && orders == 4).then_some(status))
+    })
+    .await
+    .context("the planner's status never showed its sidecar in sync and its tools")?;
+    let governed = |name: &str| {
+        status["discoveredTools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["server"] == "orders" && t["name"] == name)
+            .map(|t| t["governed"] == true)
+    };
+    assert_eq!(governed("get_order"), Some(true), "{status}");
+    assert_eq!(governed("delete_order"), Some(false), "{status}");
+    eprintln!("the planner's status: {status}");
+
     // --- 6. A policy change mid-session, enforced on the next call. --------
     let order = call(&agent, "get_order", json!({"id": "ord-1002"})).await;
     assert!(order.is_ok(), "{order:?}");
@@ -926,9 +984,17 @@ async fn whole_chain_on_the_real_api_server() -> Result<()> {
             line + "\n"
         })
         .collect();
+    let broken = verify_strict(&tampered).expect_err("a tampered trail verified");
+    eprintln!("the tampered trail: {broken}");
+    let removed: String = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
     assert!(
-        verify_strict(&tampered).is_err(),
-        "a tampered trail verified"
+        verify_strict(&removed).is_err(),
+        "a trail missing a record verified"
     );
     match cli_verify_strict(&combined)? {
         Some(ok) => {
