@@ -368,16 +368,16 @@ fn assert_injected(
     assert_eq!(env.get("CHAPERONE_POD_NAME"), Some(&name), "{name}");
     let (_, audience) = token_source(pod)?;
     assert_eq!(audience, kube_fixtures::SIDECAR_AUDIENCE, "{name}");
-    if mode == "agent" {
-        for container in &pod.spec.as_ref().context("spec")?.containers {
-            let url = container
-                .env
-                .iter()
-                .flatten()
-                .find(|e| e.name == mutate::MCP_URL_ENV)
-                .and_then(|e| e.value.as_deref());
-            assert_eq!(url, Some(mutate::MCP_URL), "{name}/{}", container.name);
-        }
+    // An agent's containers are told where its proxy is; a tool server has none.
+    for container in &pod.spec.as_ref().context("spec")?.containers {
+        let url = container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == mutate::MCP_URL_ENV)
+            .and_then(|e| e.value.as_deref());
+        let expected = (mode == "agent").then_some(mutate::MCP_URL);
+        assert_eq!(url, expected, "{name}/{}", container.name);
     }
     Ok(())
 }
