@@ -20,7 +20,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client,
-    api::{ObjectMeta, PostParams},
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -189,6 +189,56 @@ pub async fn pod_token(
     bound_token(client, &pod, audience).await
 }
 
+/// Server-side applies `object` (a namespaced object of kind `K` with a
+/// `metadata.name`) in `ns`, forcing conflicts: create or update in one call.
+pub async fn apply<K>(client: &Client, ns: &str, object: serde_json::Value) -> Result<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = object["metadata"]["name"]
+        .as_str()
+        .context("the object has no metadata.name")?
+        .to_owned();
+    Ok(Api::<K>::namespaced(client.clone(), ns)
+        .patch(
+            &name,
+            &PatchParams::apply("chaperone-testenv").force(),
+            &Patch::Apply(&object),
+        )
+        .await?)
+}
+
+fn chaperone_object(kind: &str, name: &str, spec: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "chaperone.dev/v1alpha1", "kind": kind,
+        "metadata": { "name": name },
+        "spec": spec,
+    })
+}
+
+/// An AgentIdentity named `name` with `spec`, for [`apply`].
+pub fn agent_identity(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    chaperone_object("AgentIdentity", name, spec)
+}
+
+/// A ToolPolicy named `name` with `spec`, for [`apply`].
+pub fn tool_policy(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    chaperone_object("ToolPolicy", name, spec)
+}
+
+/// A DelegationGrant named `name` with `spec`, for [`apply`].
+pub fn delegation_grant(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    chaperone_object("DelegationGrant", name, spec)
+}
+
+/// The subject that assertions name AgentIdentity `qualified` (`ns/name`) by.
+pub fn agent_subject(qualified: &str) -> String {
+    format!("chaperone:agent:{qualified}")
+}
+
 /// Where the controller's snapshot server listens and the CA to trust for it
 /// (the controller's `--ca-file`; its certificate must name `localhost`).
 #[derive(Clone, Debug)]
@@ -288,67 +338,126 @@ pub struct InProcessController {
     pub grpc_port: u16,
     /// The admin port (/metrics, /readyz, JWKS).
     pub admin_port: u16,
+    /// The injection webhook's port (HTTPS, path `/inject`).
+    pub webhook_port: u16,
     /// Where the controller wrote its CA (what sidecars trust).
     pub ca_file: PathBuf,
+}
+
+/// How [`start_controller_with`] runs the controller.
+#[derive(Clone, Debug, Default)]
+pub struct ControllerLaunch {
+    /// Its flags (`--name=value`); the listen addresses and `--ca-file` are
+    /// the launcher's (any given here are dropped).
+    pub flags: Vec<String>,
+    /// The kubeconfig its client uses; `None`: the control plane's admin.
+    pub kubeconfig: Option<PathBuf>,
+    /// A namespace to create first (with the admin's client), if any.
+    pub create_namespace: Option<String>,
 }
 
 /// Installs the CRDs, starts the controller (`pod_name` is its leader-election
 /// identity) and waits until it is ready. Panics with the reason on failure.
 pub fn start_controller(cp: &ControlPlane, pod_name: &str) -> InProcessController {
     install_crds(cp).expect("installing the CRDs");
-    let grpc_port = crate::free_port().expect("a free port");
-    let admin_port = crate::free_port().expect("a free port");
+    start_controller_with(
+        cp,
+        ControllerLaunch {
+            flags: vec![
+                "--namespace=chaperone-system".into(),
+                format!("--pod-name={pod_name}"),
+                "--extra-san=localhost,127.0.0.1".into(),
+                "--log-format=text".into(),
+            ],
+            kubeconfig: None,
+            create_namespace: Some("chaperone-system".into()),
+        },
+    )
+    .expect("starting the controller")
+}
+
+/// Starts the controller with `launch` on free loopback ports and waits until
+/// it is ready (its CA written, `/readyz` answering 200). The CRDs must be
+/// installed. Fails with the controller's error when it stops first.
+pub fn start_controller_with(
+    cp: &ControlPlane,
+    launch: ControllerLaunch,
+) -> Result<InProcessController> {
+    let grpc_port = crate::free_port()?;
+    let admin_port = crate::free_port()?;
+    let webhook_port = crate::free_port()?;
     let ca_file = cp
         .scratch_dir()
         .join(format!("controller-ca-{grpc_port}.pem"));
-    let args = <chaperone_controller::Args as clap::Parser>::try_parse_from([
-        "chaperone-controller".to_owned(),
-        "--namespace=chaperone-system".into(),
-        format!("--pod-name={pod_name}"),
+    // The launcher picks these; a caller's (e.g. the chart's) are replaced.
+    let picked = [
+        "--grpc-addr=",
+        "--admin-addr=",
+        "--webhook-addr=",
+        "--ca-file=",
+    ];
+    let mut flags = vec!["chaperone-controller".to_owned()];
+    flags.extend(
+        launch
+            .flags
+            .into_iter()
+            .filter(|f| !picked.iter().any(|p| f.starts_with(p))),
+    );
+    flags.extend([
         format!("--grpc-addr=127.0.0.1:{grpc_port}"),
         format!("--admin-addr=127.0.0.1:{admin_port}"),
-        format!(
-            "--webhook-addr=127.0.0.1:{}",
-            crate::free_port().expect("a free port")
-        ),
-        "--extra-san=localhost,127.0.0.1".into(),
+        format!("--webhook-addr=127.0.0.1:{webhook_port}"),
         format!("--ca-file={}", ca_file.display()),
-        "--log-format=text".into(),
-    ])
-    .expect("controller flags");
-    let kubeconfig = cp.kubeconfig().to_path_buf();
+    ]);
+    let args = <chaperone_controller::Args as clap::Parser>::try_parse_from(&flags)
+        .with_context(|| format!("controller flags {flags:?}"))?;
+    let admin_kubeconfig = cp.kubeconfig().to_path_buf();
+    let kubeconfig = launch
+        .kubeconfig
+        .unwrap_or_else(|| admin_kubeconfig.clone());
+    let create_namespace = launch.create_namespace;
+    let (stopped_tx, stopped) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("a runtime");
-        rt.block_on(async move {
-            let client = crate::client_from_kubeconfig(&kubeconfig)
-                .await
-                .expect("a client");
-            let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(
-                serde_json::json!({ "metadata": { "name": "chaperone-system" } }),
-            )
-            .expect("a namespace");
-            let _ = kube::Api::all(client.clone())
-                .create(&PostParams::default(), &ns)
-                .await;
-            if let Err(e) = chaperone_controller::run_with_client(args, client).await {
-                panic!("controller stopped: {e:#}");
+        let result = rt.block_on(async move {
+            if let Some(name) = create_namespace {
+                let admin = crate::client_from_kubeconfig(&admin_kubeconfig).await?;
+                let ns: k8s_openapi::api::core::v1::Namespace =
+                    serde_json::from_value(serde_json::json!({ "metadata": { "name": name } }))?;
+                let _ = kube::Api::all(admin)
+                    .create(&PostParams::default(), &ns)
+                    .await;
             }
+            let client = crate::client_from_kubeconfig(&kubeconfig).await?;
+            chaperone_controller::run_with_client(args, client).await
         });
+        let reason = match result {
+            Ok(()) => "the controller stopped".to_owned(),
+            Err(e) => format!("the controller stopped: {e:#}"),
+        };
+        eprintln!("{reason}");
+        let _ = stopped_tx.send(reason);
     });
     let deadline = Instant::now() + Duration::from_secs(60);
     while !(ca_file.exists() && admin_ready(admin_port)) {
-        assert!(Instant::now() < deadline, "controller did not become ready");
+        if let Ok(reason) = stopped.try_recv() {
+            bail!("{reason}");
+        }
+        if Instant::now() > deadline {
+            bail!("the controller did not become ready within 60 s");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
-    InProcessController {
+    Ok(InProcessController {
         grpc_port,
         admin_port,
+        webhook_port,
         ca_file,
-    }
+    })
 }
 
 fn admin_ready(port: u16) -> bool {

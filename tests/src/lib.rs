@@ -16,7 +16,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod chart;
 pub mod kube_fixtures;
+pub mod mcp_fixtures;
 pub mod pki;
 pub mod sidecar_fixtures;
 pub mod tools;
@@ -297,6 +299,23 @@ impl ControlPlane {
     /// A kubeconfig file for the admin user.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// Writes a kubeconfig for a client authenticating with the bearer
+    /// `token` (a ServiceAccount's, say) to the scratch directory as `name`;
+    /// returns its path.
+    pub fn kubeconfig_for_token(&self, name: &str, token: &str) -> Result<PathBuf> {
+        let ca_file = self.root.join("apiserver").join("ca.pem");
+        let path = self.root.join(name);
+        fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: chaperone-test\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: {name}\n  context:\n    cluster: chaperone-test\n    user: {name}\n    namespace: default\ncurrent-context: {name}\n",
+                self.server,
+                ca_file.display()
+            ),
+        )?;
+        Ok(path)
     }
 
     /// The CA that signed the API server's serving certificate, PEM.

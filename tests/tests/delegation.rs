@@ -25,11 +25,16 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
-use chaperone_audit::{VerifyOptions, verify_log_with};
-use chaperone_demo::{SeenAssertions, ToolServer, ToolSet, WorkerApp, serve_handler};
+use chaperone_audit::verify_log_with;
+use chaperone_demo::{SeenAssertions, ToolServer, ToolSet, WorkerApp};
 use chaperone_sidecar::{Settings, SidecarMode};
 use chaperone_testenv::{
-    ControlPlane, create_namespace, kube_fixtures,
+    ControlPlane, create_namespace,
+    kube_fixtures::{self, agent_identity, agent_subject, delegation_grant, tool_policy},
+    mcp_fixtures::{
+        McpClient, STRICT, call, chaperonectl, claims_of, last_assertion, loopback_listener,
+        mcp_session, object, serve_mcp,
+    },
     sidecar_fixtures::{
         TestSidecar, controller_settings, eventually, http_request_async, json_post, status_code,
         write_token,
@@ -37,18 +42,7 @@ use chaperone_testenv::{
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use k8s_openapi::api::core::v1::Pod;
-use kube::{
-    Api, Client,
-    api::{DeleteParams, Patch, PatchParams},
-};
-use rmcp::{
-    RoleClient, ServiceExt,
-    model::{CallToolRequestParams, ClientConfig, JsonObject},
-    service::RunningService,
-    transport::{
-        StreamableHttpClientTransport, streamable_http_client::StreamableHttpClientTransportConfig,
-    },
-};
+use kube::{Api, Client, api::DeleteParams};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -63,27 +57,6 @@ fn controller() -> &'static kube_fixtures::InProcessController {
             &format!("delegation-test-controller-{}", std::process::id()),
         )
     })
-}
-
-async fn apply<K>(client: &Client, ns: &str, object: Value) -> Result<()>
-where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let name = object["metadata"]["name"]
-        .as_str()
-        .context("name")?
-        .to_owned();
-    Api::<K>::namespaced(client.clone(), ns)
-        .patch(
-            &name,
-            &PatchParams::apply("delegation-test").force(),
-            &Patch::Apply(&object),
-        )
-        .await?;
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -176,60 +149,10 @@ async fn serve_static_json(listener: TcpListener, body: String) {
 // ---------------------------------------------------------------------------
 // MCP servers and clients.
 
-/// Serves an MCP handler on a fresh loopback port; returns the port.
-async fn serve<H>(listener: TcpListener, handler: H) -> Result<u16>
-where
-    H: rmcp::ServerHandler + Clone + Send + Sync + 'static,
-{
-    let port = listener.local_addr()?.port();
-    tokio::spawn(async move {
-        let _ = serve_handler(listener, handler).await;
-    });
-    Ok(port)
-}
-
-async fn listener() -> Result<TcpListener> {
-    Ok(TcpListener::bind("127.0.0.1:0").await?)
-}
-
-type McpClient = RunningService<RoleClient, ClientConfig>;
-
 /// A user's MCP session with the planner's inbound side, authenticated with
 /// `token`.
 async fn user_session(inbound: u16, token: &str) -> Result<McpClient> {
-    let transport = StreamableHttpClientTransport::from_config(
-        StreamableHttpClientTransportConfig::with_uri(format!("http://127.0.0.1:{inbound}/mcp"))
-            .auth_header(token.to_owned()),
-    );
-    Ok(ClientConfig::default().serve(transport).await?)
-}
-
-fn object(value: Value) -> JsonObject {
-    match value {
-        Value::Object(map) => map,
-        _ => JsonObject::new(),
-    }
-}
-
-/// Calls `tool`; `Ok(text)` or `Err(error text)`.
-async fn call(client: &McpClient, tool: &str, arguments: Value) -> Result<String, String> {
-    let request = CallToolRequestParams::new(tool.to_owned()).with_arguments(object(arguments));
-    match tokio::time::timeout(Duration::from_secs(20), client.call_tool(request)).await {
-        Ok(Ok(result)) => {
-            let text: Vec<String> = result
-                .content
-                .iter()
-                .filter_map(|c| c.as_text().map(|t| t.text.clone()))
-                .collect();
-            if result.is_error == Some(true) {
-                Err(text.join("\n"))
-            } else {
-                Ok(text.join("\n"))
-            }
-        }
-        Ok(Err(err)) => Err(err.to_string()),
-        Err(_) => Err(format!("no answer to {tool} within 20 s")),
-    }
+    mcp_session(&format!("http://127.0.0.1:{inbound}/mcp"), Some(token)).await
 }
 
 /// The planner app's call that has the worker call `server`/`tool`.
@@ -247,45 +170,8 @@ async fn via_worker(
     .await
 }
 
-fn claims_of(jwt: &str) -> Result<Value> {
-    let payload = jwt.split('.').nth(1).context("not a JWT")?;
-    Ok(serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload)?)?)
-}
-
-fn last(seen: &SeenAssertions) -> Option<String> {
-    seen.lock().unwrap().last().cloned()
-}
-
 // ---------------------------------------------------------------------------
 // The cluster objects.
-
-fn identity(name: &str) -> String {
-    format!("chaperone:agent:{name}")
-}
-
-fn agent(name: &str, spec: Value) -> Value {
-    json!({
-        "apiVersion": "chaperone.dev/v1alpha1", "kind": "AgentIdentity",
-        "metadata": { "name": name },
-        "spec": spec,
-    })
-}
-
-fn policy(name: &str, spec: Value) -> Value {
-    json!({
-        "apiVersion": "chaperone.dev/v1alpha1", "kind": "ToolPolicy",
-        "metadata": { "name": name },
-        "spec": spec,
-    })
-}
-
-fn grant(name: &str, spec: Value) -> Value {
-    json!({
-        "apiVersion": "chaperone.dev/v1alpha1", "kind": "DelegationGrant",
-        "metadata": { "name": name },
-        "spec": spec,
-    })
-}
 
 const TOOL_AUDIENCE: &str = "billing.tools.chaperone.test";
 
@@ -300,7 +186,7 @@ fn mail_effects() -> Value {
 /// What the planner hands the worker: invoice reads, credits up to 200, mail,
 /// and the helper's tools; `max_depth` further hops.
 fn planner_grant(max_depth: u32) -> Value {
-    grant(
+    delegation_grant(
         "planner-to-worker",
         json!({
             "from": { "name": "planner" }, "to": { "name": "worker" },
@@ -382,15 +268,15 @@ async fn setup() -> Result<(Client, World)> {
     // Tool servers: billing (behind a tool-mode sidecar), mail (direct), and a
     // probe that records the assertions the planner's sidecar mints.
     let billing_seen = SeenAssertions::default();
-    let billing = serve(
-        listener().await?,
+    let billing = serve_mcp(
+        loopback_listener().await?,
         ToolServer::new(ToolSet::Billing).recording(Arc::clone(&billing_seen)),
     )
     .await?;
-    let mail = serve(listener().await?, ToolServer::new(ToolSet::Mail)).await?;
+    let mail = serve_mcp(loopback_listener().await?, ToolServer::new(ToolSet::Mail)).await?;
     let probe_seen = SeenAssertions::default();
-    let probe = serve(
-        listener().await?,
+    let probe = serve_mcp(
+        loopback_listener().await?,
         ToolServer::new(ToolSet::Billing).recording(Arc::clone(&probe_seen)),
     )
     .await?;
@@ -410,8 +296,11 @@ async fn setup() -> Result<(Client, World)> {
 
     // The agents' apps listen first: their sidecars need the ports, and the
     // apps need their sidecars' proxy ports.
-    let (planner_app, worker_app, helper_app) =
-        (listener().await?, listener().await?, listener().await?);
+    let (planner_app, worker_app, helper_app) = (
+        loopback_listener().await?,
+        loopback_listener().await?,
+        loopback_listener().await?,
+    );
     let helper =
         agent_sidecar(&client, &ns, "helper", dir, helper_app.local_addr()?.port()).await?;
     let worker =
@@ -425,12 +314,12 @@ async fn setup() -> Result<(Client, World)> {
     )
     .await?;
     let proxy = |s: &TestSidecar| format!("http://127.0.0.1:{}", s.proxy_port);
-    serve(
+    serve_mcp(
         planner_app,
         WorkerApp::new(proxy(&planner), ["worker".into(), "mail".into()]),
     )
     .await?;
-    serve(
+    serve_mcp(
         worker_app,
         WorkerApp::new(
             proxy(&worker),
@@ -438,7 +327,7 @@ async fn setup() -> Result<(Client, World)> {
         ),
     )
     .await?;
-    serve(
+    serve_mcp(
         helper_app,
         WorkerApp::new(proxy(&helper), ["billing".into()]),
     )
@@ -447,7 +336,7 @@ async fn setup() -> Result<(Client, World)> {
     let url = |port: u16| format!("http://127.0.0.1:{port}/mcp");
     let tool_url = url(tool.inbound()?);
     // Policies and grants first, identities last: the first snapshots are whole.
-    apply::<ToolPolicy>(&client, &ns, policy("planner", json!({
+    kube_fixtures::apply::<ToolPolicy>(&client, &ns, tool_policy("planner", json!({
         "targetRefs": [{ "name": "planner" }],
         "tools": mail_effects(),
         "rules": [
@@ -460,7 +349,7 @@ async fn setup() -> Result<(Client, World)> {
               "when": { "args": [{ "pointer": "/amount", "lessThanOrEqual": 500 }] } },
         ]
     }))).await?;
-    apply::<ToolPolicy>(&client, &ns, policy("worker", json!({
+    kube_fixtures::apply::<ToolPolicy>(&client, &ns, tool_policy("worker", json!({
         "targetRefs": [{ "name": "worker" }],
         "tools": mail_effects(),
         "rules": [
@@ -474,15 +363,15 @@ async fn setup() -> Result<(Client, World)> {
               "when": { "session": { "anyEffectSeen": ["sensitiveData"] } } },
         ]
     }))).await?;
-    apply::<ToolPolicy>(&client, &ns, policy("helper", json!({
+    kube_fixtures::apply::<ToolPolicy>(&client, &ns, tool_policy("helper", json!({
         "targetRefs": [{ "name": "helper" }],
         "rules": [{ "name": "allow-billing", "action": "allow", "tools": [{ "server": "billing", "name": "*" }] }]
     }))).await?;
-    apply::<DelegationGrant>(&client, &ns, planner_grant(0)).await?;
-    apply::<DelegationGrant>(
+    kube_fixtures::apply::<DelegationGrant>(&client, &ns, planner_grant(0)).await?;
+    kube_fixtures::apply::<DelegationGrant>(
         &client,
         &ns,
-        grant(
+        delegation_grant(
             "worker-to-helper",
             json!({
                 "from": { "name": "worker" }, "to": { "name": "helper" },
@@ -493,10 +382,10 @@ async fn setup() -> Result<(Client, World)> {
         ),
     )
     .await?;
-    apply::<AgentIdentity>(
+    kube_fixtures::apply::<AgentIdentity>(
         &client,
         &ns,
-        agent(
+        agent_identity(
             "helper",
             json!({
                 "selector": { "serviceAccountName": "helper" },
@@ -506,10 +395,10 @@ async fn setup() -> Result<(Client, World)> {
         ),
     )
     .await?;
-    apply::<AgentIdentity>(
+    kube_fixtures::apply::<AgentIdentity>(
         &client,
         &ns,
-        agent(
+        agent_identity(
             "worker",
             json!({
                 "selector": { "serviceAccountName": "worker" },
@@ -523,14 +412,14 @@ async fn setup() -> Result<(Client, World)> {
         ),
     )
     .await?;
-    apply::<AgentIdentity>(&client, &ns, agent("planner", json!({
+    kube_fixtures::apply::<AgentIdentity>(&client, &ns, agent_identity("planner", json!({
         "selector": { "serviceAccountName": "planner" },
         "toolServers": [
             { "name": "worker", "url": url(worker.inbound()?), "agent": "worker" },
             { "name": "mail", "url": url(mail) },
             // The probes record what the planner's sidecar sends to the worker.
             { "name": "probe", "url": url(probe), "agent": "worker" },
-            { "name": "probe-aud", "url": url(probe), "audience": identity(&format!("{ns}/someone-else")) },
+            { "name": "probe-aud", "url": url(probe), "audience": agent_subject(&format!("{ns}/someone-else")) },
         ],
         // Short-lived assertions: the expiry check below waits them out.
         "assertion": { "lifetimeSeconds": 1 },
@@ -669,23 +558,6 @@ fn records_for(sidecar: &TestSidecar, tool: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Audit verification with nothing left dangling.
-const STRICT: VerifyOptions = VerifyOptions {
-    strict: true,
-    skip_other_lines: false,
-};
-
-/// `chaperonectl` next to this test binary (`target/debug/chaperonectl`), or
-/// `$CHAPERONECTL`.
-fn chaperonectl() -> Option<std::path::PathBuf> {
-    if let Some(path) = std::env::var_os("CHAPERONECTL") {
-        return Some(path.into());
-    }
-    let exe = std::env::current_exe().ok()?;
-    let path = exe.parent()?.parent()?.join("chaperonectl");
-    path.is_file().then_some(path)
-}
-
 // ---------------------------------------------------------------------------
 // The test.
 
@@ -695,8 +567,8 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     let started = Instant::now();
     let ns = world.ns.clone();
     let (planner_id, worker_id) = (
-        identity(&format!("{ns}/planner")),
-        identity(&format!("{ns}/worker")),
+        agent_subject(&format!("{ns}/planner")),
+        agent_subject(&format!("{ns}/worker")),
     );
     let planner_in = world.planner.inbound()?;
     let worker_in = world.worker.inbound()?;
@@ -721,7 +593,7 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
         invoice.as_ref().is_ok_and(|t| t.contains("INV-1001")),
         "{invoice:?}"
     );
-    let jwt = last(&world.billing_seen).context("the billing tool got no assertion")?;
+    let jwt = last_assertion(&world.billing_seen).context("the billing tool got no assertion")?;
     let claims = claims_of(&jwt)?;
     assert_eq!(claims["sub"], "alice@example.test", "{claims}");
     assert_eq!(claims["iss"], worker_id, "{claims}");
@@ -884,7 +756,7 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     );
     // With maxDepth 1 the same hop goes through, and the tool sees all three
     // actors, the helper outermost.
-    apply::<DelegationGrant>(&client, &ns, planner_grant(1)).await?;
+    kube_fixtures::apply::<DelegationGrant>(&client, &ns, planner_grant(1)).await?;
     let source = Arc::clone(world.helper.sidecar.snapshots());
     eventually(Duration::from_secs(10), async || {
         Ok(source
@@ -911,11 +783,11 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     .context("the worker never got the widened grant")?;
     let hop = via_worker(&bob, "helper", "run_billing", hop_args).await;
     assert!(hop.as_ref().is_ok_and(|t| t.contains("INV-7")), "{hop:?}");
-    let claims = claims_of(&last(&world.billing_seen).context("no assertion")?)?;
+    let claims = claims_of(&last_assertion(&world.billing_seen).context("no assertion")?)?;
     assert_eq!(claims["sub"], "bob@example.test", "{claims}");
     assert_eq!(
         claims["act"]["sub"],
-        identity(&format!("{ns}/helper")),
+        agent_subject(&format!("{ns}/helper")),
         "{claims}"
     );
     assert_eq!(
@@ -930,7 +802,7 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
         "{claims}"
     );
     assert_eq!(claims["act"]["act"]["act"]["sub"], planner_id, "{claims}");
-    apply::<DelegationGrant>(&client, &ns, planner_grant(0)).await?;
+    kube_fixtures::apply::<DelegationGrant>(&client, &ns, planner_grant(0)).await?;
 
     // --- Raw calls at the tool: only through an agent's sidecar. ---------
     let response = http_request_async(

@@ -3,31 +3,25 @@
 //! the CRDs), grants the controller exactly what it uses, sends only pods that
 //! ask for a sidecar to the webhook, and refuses bad values with a message.
 //!
-//! Helm 4 from the tools cache; the cluster tests share one real control plane.
+//! Helm 4 from the tools cache (and Helm 3 for one test that lints, renders,
+//! installs and uninstalls); the cluster tests share one real control plane.
 //! No kubelet: nothing becomes Ready, so installs never `--wait`.
 
 use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::Output,
     sync::OnceLock,
 };
 
 use anyhow::{Context, Result, bail};
-use chaperone_testenv::{ControlPlane, Tool, create_namespace, unique_suffix};
+use chaperone_testenv::{
+    ControlPlane, Tool,
+    chart::{self, chart_dir, repo_root},
+    create_namespace, unique_suffix,
+};
 use serde_json::Value;
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-fn chart_dir() -> PathBuf {
-    repo_root().join("charts").join("chaperone")
-}
 
 /// Helm's cache, config and data directories, under Cargo's scratch directory
 /// for integration tests: the tests never read or write the user's Helm setup.
@@ -40,43 +34,16 @@ fn helm_home() -> &'static Path {
     })
 }
 
-/// Runs helm 4; against the test control plane when `cluster` is given.
 fn helm(args: &[&str], cluster: Option<&ControlPlane>) -> Result<Output> {
-    helm_with(Tool::Helm, args, cluster)
-}
-
-/// Runs `tool` (helm 4 or helm 3).
-fn helm_with(tool: Tool, args: &[&str], cluster: Option<&ControlPlane>) -> Result<Output> {
-    let home = helm_home();
-    let mut command = Command::new(tool.path()?);
-    command
-        .args(args)
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .stdin(Stdio::null());
-    match cluster {
-        Some(cp) => command.env("KUBECONFIG", cp.kubeconfig()),
-        // Offline commands must not need (or find) a cluster.
-        None => command.env("KUBECONFIG", home.join("no-kubeconfig")),
-    };
-    command.output().context("running helm")
+    chart::helm(helm_home(), args, cluster)
 }
 
 fn helm_ok(args: &[&str], cluster: Option<&ControlPlane>) -> Result<String> {
-    helm_ok_with(Tool::Helm, args, cluster)
+    chart::helm_ok(helm_home(), args, cluster)
 }
 
 fn helm_ok_with(tool: Tool, args: &[&str], cluster: Option<&ControlPlane>) -> Result<String> {
-    let out = helm_with(tool, args, cluster)?;
-    if !out.status.success() {
-        bail!(
-            "helm {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
+    chart::helm_ok_with(tool, helm_home(), args, cluster)
 }
 
 fn kubectl_ok(args: &[&str]) -> Result<String> {
@@ -126,10 +93,8 @@ fn new_namespace(prefix: &str) -> Result<String> {
 
 /// The objects of a multi-document manifest, as `(kind, name)`.
 fn manifest_objects(manifest: &str) -> Result<Vec<(String, String)>> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(manifest).context("parsing a manifest")?;
-    Ok(docs
+    Ok(chart::manifest_documents(manifest)?
         .iter()
-        .filter(|d| !d.is_null())
         .map(|d| {
             (
                 d["kind"].as_str().unwrap_or_default().to_owned(),
@@ -703,48 +668,18 @@ fn rendered(sets: &[&str]) -> Result<Vec<Value>> {
     for set in sets {
         args.extend(["--set", set]);
     }
-    let manifest = helm_ok(&args, None)?;
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&manifest).context("parsing a manifest")?;
-    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+    chart::manifest_documents(&helm_ok(&args, None)?)
 }
 
 fn object<'a>(objects: &'a [Value], kind: &str) -> Result<&'a Value> {
-    objects
-        .iter()
-        .find(|o| o["kind"] == kind)
-        .with_context(|| format!("no {kind} rendered"))
+    chart::object_of_kind(objects, kind)
 }
 
-/// The controller's flags for the environment the chart gives it: every
-/// variable must be one the controller reads (`RUST_LOG` aside), and values
-/// from the downward API get a stand-in.
+/// The controller's flags for the environment the chart gives it (values
+/// from the downward API get a stand-in).
 fn controller_flags(deployment: &Value) -> Result<Vec<String>> {
-    use clap::CommandFactory as _;
-    let command = chaperone_controller::Args::command();
-    let by_env: BTreeMap<String, String> = command
-        .get_arguments()
-        .filter_map(|arg| {
-            Some((
-                arg.get_env()?.to_str()?.to_owned(),
-                arg.get_long()?.to_owned(),
-            ))
-        })
-        .collect();
     let mut flags = vec!["chaperone-controller".to_owned()];
-    for env in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-        .as_array()
-        .context("env")?
-    {
-        let name = env["name"].as_str().context("env name")?;
-        if name == "RUST_LOG" {
-            continue;
-        }
-        let flag = by_env.get(name).with_context(|| {
-            format!("the chart sets {name}, which the controller does not read")
-        })?;
-        let value = env["value"].as_str().unwrap_or("from-the-downward-api");
-        flags.push(format!("--{flag}={value}"));
-    }
+    flags.extend(chart::controller_flags(deployment, None)?);
     Ok(flags)
 }
 

@@ -543,8 +543,14 @@ pub fn injection_patch(
         ops.push(json!({"op": "add", "path": "/spec/serviceAccountName", "value": "default"}));
     }
 
+    // Only an agent has an outbound proxy to point at: a tool-mode sidecar
+    // serves the inbound side alone (nothing listens on its 15001).
     let mcp_env = json!({"name": MCP_URL_ENV, "value": MCP_URL});
-    for (i, container) in spec.containers.iter().enumerate() {
+    let app_containers = match mode {
+        Mode::Agent => spec.containers.as_slice(),
+        Mode::Tool => &[],
+    };
+    for (i, container) in app_containers.iter().enumerate() {
         match container.env.as_deref() {
             None => ops.push(json!({
                 "op": "add", "path": format!("/spec/containers/{i}/env"), "value": [mcp_env]
@@ -702,15 +708,21 @@ fn sidecar_container(
         limits.insert("cpu".into(), json!(format!("{cpu}m")));
     }
     limits.insert("memory".into(), json!(resources.memory_limit.to_string()));
+    // A tool-mode sidecar has no outbound proxy.
+    let ports: Vec<Value> = [
+        (mode == Mode::Agent).then_some(("mcp-outbound", OUTBOUND_PORT)),
+        Some(("mcp-inbound", INBOUND_PORT)),
+        Some(("chaperone-admin", ADMIN_PORT)),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|(name, port)| json!({"name": name, "containerPort": port, "protocol": "TCP"}))
+    .collect();
     let mut container = json!({
         "name": SIDECAR_NAME,
         "image": settings.image,
         "restartPolicy": "Always",
-        "ports": [
-            {"name": "mcp-outbound", "containerPort": OUTBOUND_PORT, "protocol": "TCP"},
-            {"name": "mcp-inbound", "containerPort": INBOUND_PORT, "protocol": "TCP"},
-            {"name": "chaperone-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
-        ],
+        "ports": ports,
         "env": [
             {"name": "CHAPERONE_MODE", "value": mode.as_str()},
             field("CHAPERONE_POD_NAME", "metadata.name"),
@@ -1305,6 +1317,21 @@ mod tests {
         assert_eq!(
             env_value(sidecars(&injected)[0], "CHAPERONE_MODE").as_deref(),
             Some("tool")
+        );
+        // No outbound proxy in tool mode: no port for it, no URL of it.
+        let ports: Vec<i32> = sidecars(&injected)[0]
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(ports, [INBOUND_PORT, ADMIN_PORT]);
+        let containers = &injected.spec.as_ref().unwrap().containers;
+        assert!(
+            containers
+                .iter()
+                .all(|c| env_value(c, MCP_URL_ENV).is_none()),
+            "a tool server is told of a proxy that does not exist"
         );
     }
 

@@ -1,0 +1,170 @@
+//! MCP on loopback for the end-to-end tests: rmcp servers (the demo's tool
+//! servers and worker app) on free ports, rmcp clients and their calls, the
+//! claims of the assertions tool servers record, and the audit trail's
+//! verification by the library and by `chaperonectl`.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, anyhow};
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use chaperone_audit::{VerifyOptions, VerifySummary, verify_log_with};
+use chaperone_demo::{SeenAssertions, serve_handler};
+use rmcp::{
+    RoleClient, ServiceExt,
+    model::{CallToolRequestParams, ClientConfig, JsonObject},
+    service::RunningService,
+    transport::{
+        StreamableHttpClientTransport, streamable_http_client::StreamableHttpClientTransportConfig,
+    },
+};
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+/// An rmcp client session.
+pub type McpClient = RunningService<RoleClient, ClientConfig>;
+
+/// A listener on a free loopback port (bind first, serve later: a pod's
+/// annotations or a sidecar may need the port before the server exists).
+pub async fn loopback_listener() -> Result<TcpListener> {
+    Ok(TcpListener::bind("127.0.0.1:0").await?)
+}
+
+/// Serves an MCP `handler` (streamable HTTP, path `/mcp`) on `listener`;
+/// returns its port.
+pub async fn serve_mcp<H>(listener: TcpListener, handler: H) -> Result<u16>
+where
+    H: rmcp::ServerHandler + Clone + Send + Sync + 'static,
+{
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        let _ = serve_handler(listener, handler).await;
+    });
+    Ok(port)
+}
+
+/// An MCP session with `url`, with `authorization` as the bearer token if given.
+pub async fn mcp_session(url: &str, authorization: Option<&str>) -> Result<McpClient> {
+    let mut config = StreamableHttpClientTransportConfig::with_uri(url.to_owned());
+    if let Some(token) = authorization {
+        config = config.auth_header(token.to_owned());
+    }
+    let transport = StreamableHttpClientTransport::from_config(config);
+    ClientConfig::default()
+        .serve(transport)
+        .await
+        .with_context(|| format!("opening an MCP session with {url}"))
+}
+
+/// `value` as a JSON object (empty when it is none).
+pub fn object(value: Value) -> JsonObject {
+    match value {
+        Value::Object(map) => map,
+        _ => JsonObject::new(),
+    }
+}
+
+/// Calls `tool` with `arguments`: `Ok(text)`, or `Err(text)` for an error
+/// result, a JSON-RPC error (a denial) or no answer within 20 s.
+pub async fn call(client: &McpClient, tool: &str, arguments: Value) -> Result<String, String> {
+    let request = CallToolRequestParams::new(tool.to_owned()).with_arguments(object(arguments));
+    match tokio::time::timeout(Duration::from_secs(20), client.call_tool(request)).await {
+        Ok(Ok(result)) => {
+            let text: Vec<String> = result
+                .content
+                .iter()
+                .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+                .collect();
+            if result.is_error == Some(true) {
+                Err(text.join("\n"))
+            } else {
+                Ok(text.join("\n"))
+            }
+        }
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("no answer to {tool} within 20 s")),
+    }
+}
+
+/// The names `tools/list` gives on `client`'s session, sorted.
+pub async fn tool_names(client: &McpClient) -> Result<Vec<String>> {
+    let mut names: Vec<String> = client
+        .list_all_tools()
+        .await?
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The claims of a JWT, unverified.
+pub fn claims_of(jwt: &str) -> Result<Value> {
+    let payload = jwt.split('.').nth(1).context("not a JWT")?;
+    Ok(serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload)?)?)
+}
+
+/// The newest assertion a recording tool server got.
+pub fn last_assertion(seen: &SeenAssertions) -> Option<String> {
+    seen.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .last()
+        .cloned()
+}
+
+/// Audit verification with nothing left dangling.
+pub const STRICT: VerifyOptions = VerifyOptions {
+    strict: true,
+    skip_other_lines: false,
+};
+
+/// Verifies `log` strictly with `chaperone_audit`.
+pub fn verify_strict(log: &str) -> Result<VerifySummary> {
+    verify_log_with(log, STRICT).map_err(|e| anyhow!("{e}"))
+}
+
+/// `chaperonectl` next to the test binary (`target/debug/chaperonectl`), or
+/// `$CHAPERONECTL`; `None` when it is not built.
+pub fn chaperonectl() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("CHAPERONECTL") {
+        return Some(path.into());
+    }
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.parent()?.join("chaperonectl");
+    path.is_file().then_some(path)
+}
+
+/// What `chaperonectl audit verify --strict` said of a log.
+#[derive(Debug)]
+pub struct CliVerdict {
+    /// Whether it exited 0.
+    pub success: bool,
+    /// Its stdout and stderr.
+    pub output: String,
+}
+
+/// Runs `chaperonectl audit verify --strict` on `log` (written to a temporary
+/// file); `None` when chaperonectl is not built (`cargo build -p chaperone-cli`).
+pub fn cli_verify_strict(log: &str) -> Result<Option<CliVerdict>> {
+    let Some(cli) = chaperonectl() else {
+        return Ok(None);
+    };
+    let dir = std::env::temp_dir().join(format!("chaperone-audit-{}", crate::unique_suffix()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("trail.log");
+    std::fs::write(&file, log)?;
+    let out = std::process::Command::new(&cli)
+        .args(["audit", "verify", "--strict"])
+        .arg(&file)
+        .output()
+        .with_context(|| format!("running {}", cli.display()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out?;
+    Ok(Some(CliVerdict {
+        success: out.status.success(),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }))
+}
