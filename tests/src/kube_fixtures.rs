@@ -310,6 +310,47 @@ impl SidecarStandIn {
         }
     }
 
+    /// The JWKS of the first key set (or snapshot update) for which `accept`
+    /// holds; fails after `timeout` or when the stream ends.
+    pub async fn key_set_where(
+        &mut self,
+        timeout: Duration,
+        accept: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let message = tokio::time::timeout(left, self.from_controller.message())
+                .await
+                .context("no such key set in time")??
+                .context("stream ended")?;
+            let jwks_json = match message.message {
+                Some(controller_message::Message::Keys(keys)) => keys.jwks_json,
+                Some(controller_message::Message::Snapshot(update)) => update.jwks_json,
+                None => continue,
+            };
+            let jwks: serde_json::Value = serde_json::from_str(&jwks_json)?;
+            if accept(&jwks) {
+                return Ok(jwks);
+            }
+        }
+    }
+
+    /// Registers the signing key `kid` (a fixed Ed25519 public key) for this
+    /// sidecar.
+    pub async fn send_key(&self, kid: &str) -> Result<()> {
+        let jwk = serde_json::json!({
+            "kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"
+        });
+        self.send(sidecar_message::Message::SigningKey(
+            chaperone_wire::v1::SigningKey {
+                kid: kid.to_owned(),
+                jwk_json: jwk.to_string(),
+            },
+        ))
+        .await
+    }
+
     /// Acknowledges `update` (version and hash).
     pub async fn ack(&self, update: &SnapshotUpdate) -> Result<()> {
         self.send(sidecar_message::Message::Ack(Ack {
@@ -342,6 +383,17 @@ pub struct InProcessController {
     pub webhook_port: u16,
     /// Where the controller wrote its CA (what sidecars trust).
     pub ca_file: PathBuf,
+}
+
+impl InProcessController {
+    /// Its snapshot endpoint, trusting the CA it wrote.
+    pub fn snapshot_endpoint(&self) -> Result<SnapshotEndpoint> {
+        Ok(SnapshotEndpoint {
+            port: self.grpc_port,
+            ca_pem: std::fs::read_to_string(&self.ca_file)
+                .with_context(|| format!("reading {}", self.ca_file.display()))?,
+        })
+    }
 }
 
 /// How [`start_controller_with`] runs the controller.

@@ -42,8 +42,24 @@ fn controller() -> &'static TestController {
     })
 }
 
+/// Two more replicas beside [`controller`], in the same namespace (they share
+/// its Lease and exchange sidecar state with it). Every test starts them (in
+/// [`setup`]), so no test's timing meets their start-up, and every status
+/// assertion holds whichever of the three leads.
+fn replicas() -> &'static (TestController, TestController) {
+    static REPLICAS: OnceLock<(TestController, TestController)> = OnceLock::new();
+    REPLICAS.get_or_init(|| {
+        let cp = ControlPlane::shared();
+        (
+            kube_fixtures::start_controller(cp, "replica-1"),
+            kube_fixtures::start_controller(cp, "replica-2"),
+        )
+    })
+}
+
 async fn setup() -> Result<(Client, String)> {
     controller();
+    replicas();
     let client = ControlPlane::shared().client().await?;
     let ns = create_namespace(&client, "ctl").await?;
     Ok((client, ns))
@@ -599,6 +615,76 @@ async fn a_sidecars_key_is_in_the_jwks_until_its_pod_is_deleted() -> Result<()> 
         matches!(&ended, Err(status) if status.code() == tonic::Code::Unauthenticated),
         "{ended:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_registered_with_one_replica_reaches_sidecars_of_another_until_its_pod_is_deleted()
+-> Result<()> {
+    let (client, ns) = setup().await?;
+    let (one, two) = replicas();
+    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+
+    // Agent sidecar A streams from replica 1 and registers its key there.
+    let a_token = pod_token(&client, &ns, "planner", "planner-a", "chaperone").await?;
+    let mut a = kube_fixtures::SidecarStandIn::connect(&one.snapshot_endpoint()?, &a_token).await?;
+    let update = a.next_snapshot(Duration::from_secs(5)).await?;
+    a.ack(&update).await?;
+    let a_kid = format!("planner-a-{ns}");
+    a.send_key(&a_kid).await?;
+
+    // A tool-mode sidecar and agent sidecar B stream from replica 2.
+    let tool_token =
+        tool_pod_token(&client, &ns, "orders-mcp", "orders-mcp-0", "chaperone").await?;
+    let mut tool =
+        kube_fixtures::SidecarStandIn::connect(&two.snapshot_endpoint()?, &tool_token).await?;
+    let b_token = pod_token(&client, &ns, "planner", "planner-b", "chaperone").await?;
+    let mut b = kube_fixtures::SidecarStandIn::connect(&two.snapshot_endpoint()?, &b_token).await?;
+    let update = b.next_snapshot(Duration::from_secs(5)).await?;
+    b.ack(&update).await?;
+
+    // Both get A's key from replica 2, named for A's agent and pod.
+    let has_a = |jwks: &serde_json::Value| jwks_kids(jwks).contains(&a_kid);
+    let jwks = tool.key_set_where(Duration::from_secs(5), has_a).await?;
+    let key = jwks["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|k| k["kid"] == a_kid.as_str())
+        .context("A's key")?;
+    assert_eq!(key["chaperone.dev/agent"], format!("{ns}/planner"));
+    assert_eq!(key["chaperone.dev/pod"], format!("{ns}/planner-a"));
+    // B's first snapshot may carry it already; if not, a later key set does.
+    let b_first: serde_json::Value = serde_json::from_str(&update.jwks_json)?;
+    if !has_a(&b_first) {
+        b.key_set_where(Duration::from_secs(5), has_a).await?;
+    }
+    assert!(http_get(two.admin_port, "/.well-known/jwks.json")?.contains(&a_kid));
+
+    // Whichever replica leads counts both sidecars, in sync: at most one of them
+    // streams from the leader.
+    let agents: Api<AgentIdentity> = Api::namespaced(client.clone(), &ns);
+    let status = eventually(Duration::from_secs(10), async || {
+        let status = agents.get("planner").await?.status.unwrap_or_default();
+        Ok((status.sidecars_connected == 2 && status.sidecars_in_sync == 2).then_some(status))
+    })
+    .await?;
+    assert!(status.out_of_sync_pods.is_empty(), "{status:?}");
+
+    // A's pod is deleted: its key leaves replica 2's key sets and JWKS.
+    Api::<Pod>::namespaced(client.clone(), &ns)
+        .delete("planner-a", &DeleteParams::default().grace_period(0))
+        .await?;
+    tool.key_set_where(Duration::from_secs(5), |jwks| !has_a(jwks))
+        .await?;
+    b.key_set_where(Duration::from_secs(5), |jwks| !has_a(jwks))
+        .await?;
+    assert!(!http_get(two.admin_port, "/.well-known/jwks.json")?.contains(&a_kid));
+    eventually(Duration::from_secs(10), async || {
+        let status = agents.get("planner").await?.status.unwrap_or_default();
+        Ok((status.sidecars_connected == 1).then_some(()))
+    })
+    .await?;
     Ok(())
 }
 

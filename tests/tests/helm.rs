@@ -508,6 +508,11 @@ fn controller_rbac_grants_exactly_what_it_uses() -> Result<()> {
         ("get", secret.as_str(), ns),
         ("update", secret.as_str(), ns),
         ("patch", webhook.as_str(), None),
+        ("list", "configmaps", ns),
+        ("watch", "configmaps", ns),
+        ("create", "configmaps", ns),
+        ("patch", "configmaps", ns),
+        ("get", "pods", ns),
     ];
     let denied = [
         ("update", "agentidentities.chaperone.dev", None),
@@ -524,6 +529,10 @@ fn controller_rbac_grants_exactly_what_it_uses() -> Result<()> {
         ("patch", "mutatingwebhookconfigurations/someone-else", None),
         ("create", "mutatingwebhookconfigurations", None),
         ("get", "configmaps", ns),
+        ("update", "configmaps", ns),
+        ("delete", "configmaps", ns),
+        ("list", "configmaps", other),
+        ("patch", "configmaps", other),
         ("create", "serviceaccounts/token", ns),
     ];
     let mut wrong = Vec::new();

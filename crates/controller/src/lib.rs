@@ -8,7 +8,8 @@
 //! (gRPC), [`auth`] (TokenReview → pod → AgentIdentity, or a tool-mode
 //! sidecar), [`sidecars`] (what the connected sidecars run), [`status`] (pure
 //! status computation + the leader's writer), [`leader`] (Lease), [`admin`]
-//! (/metrics, /healthz, /readyz, JWKS).
+//! (/metrics, /healthz, /readyz, JWKS), [`replica_exchange`] (the replicas
+//! share their sidecars' keys and state through ConfigMaps).
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod object_watch;
+pub mod replica_exchange;
 pub mod sidecars;
 pub mod snapshot_server;
 pub mod status;
@@ -68,7 +70,7 @@ pub fn init_logging(format: LogFormat) {
 pub struct Controller {
     /// The index.
     pub index: Arc<SharedIndex>,
-    /// The sidecars connected to this replica.
+    /// The sidecars connected to this replica (and the other replicas').
     pub sidecars: Arc<sidecars::SidecarRegistry>,
     /// Metrics.
     pub metrics: Arc<metrics::Metrics>,
@@ -142,6 +144,7 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
         () = object_watch::run(client.clone(), controller.index.clone()) => anyhow::bail!("object watches ended"),
         () = status::run_writer(client.clone(), controller.index.clone(), controller.sidecars.clone(), controller.metrics.clone(), leader_rx) => anyhow::bail!("status writer ended"),
         () = object_watch::watch_pod_deletions(client.clone(), controller.sidecars.clone()) => anyhow::bail!("pod watch ended"),
+        () = replica_exchange::run(client.clone(), args.namespace.clone(), args.pod_name.clone(), controller.sidecars.clone()) => anyhow::bail!("replica exchange ended"),
         () = status::run_expiry_ticker(controller.index.clone()) => anyhow::bail!("expiry ticker ended"),
         () = leader::run(client.clone(), args.namespace.clone(), args.lease_name.clone(), args.pod_name.clone(), leader_tx) => anyhow::bail!("leader election ended"),
         r = admin::serve(args.admin_addr, admin_state) => { r?; anyhow::bail!("admin server ended") }

@@ -248,7 +248,8 @@ pub fn model_object<K: Resource, S>(object: &K, spec: impl Fn(&K) -> S) -> Objec
 }
 
 /// Ends the snapshot streams of deleted pods, so their signing keys leave the
-/// JWKS even if the sidecar's connection lingers.
+/// JWKS even if the sidecar's connection lingers; a deleted pod connected to
+/// another replica leaves this replica's JWKS at once too.
 pub async fn watch_pod_deletions(client: Client, sidecars: Arc<crate::sidecars::SidecarRegistry>) {
     let api = Api::<k8s_openapi::api::core::v1::Pod>::all(client);
     let mut stream = watcher(api, watcher::Config::default())
@@ -256,14 +257,19 @@ pub async fn watch_pod_deletions(client: Client, sidecars: Arc<crate::sidecars::
         .boxed();
     while let Some(event) = stream.next().await {
         match event {
-            Ok(watcher::Event::Delete(pod)) => {
-                sidecars.evict(&pod.namespace().unwrap_or_default(), &pod.name_any());
-            }
+            Ok(watcher::Event::Delete(pod)) => pod_deleted(&sidecars, &pod),
             Ok(watcher::Event::Apply(pod)) if pod.metadata.deletion_timestamp.is_some() => {
-                sidecars.evict(&pod.namespace().unwrap_or_default(), &pod.name_any());
+                pod_deleted(&sidecars, &pod);
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "pod watch failed; retrying with backoff"),
         }
+    }
+}
+
+fn pod_deleted(sidecars: &crate::sidecars::SidecarRegistry, pod: &k8s_openapi::api::core::v1::Pod) {
+    sidecars.evict(&pod.namespace().unwrap_or_default(), &pod.name_any());
+    if let Some(uid) = &pod.metadata.uid {
+        sidecars.forget_peer_pod(uid, crate::unix_now());
     }
 }

@@ -5,6 +5,10 @@
 //! Tool-mode sidecars are recorded too (without an agent), so that deleting
 //! their pod ends their stream; they count for no AgentIdentity and their
 //! entries never carry a key.
+//!
+//! It also holds what the other controller replicas published of their agent
+//! sidecars ([`crate::replica_exchange`]): the JWKS and the status counts are
+//! the union of this replica's sidecars and theirs.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -50,7 +54,23 @@ pub struct SidecarRegistry {
     connections: std::sync::atomic::AtomicU64,
     /// Per open stream: its connection number and how to end it.
     closers: Mutex<BTreeMap<PodKey, StreamCloser>>,
+    /// The agent sidecars of the other replicas.
+    peers: Mutex<PeerView>,
 }
+
+/// What the other replicas published, less the pods deleted since.
+#[derive(Default)]
+struct PeerView {
+    /// Their agent sidecars by (namespace, pod); `connection` is meaningless.
+    sidecars: BTreeMap<PodKey, SidecarState>,
+    /// Uids of pods seen deleted, with when (unix seconds): their entries are
+    /// dropped at once, before the replica holding them publishes again.
+    deleted: BTreeMap<String, i64>,
+}
+
+/// How long a deleted pod's uid is remembered: longer than a replica takes
+/// to publish that its stream ended.
+const DELETED_POD_MEMORY_SECS: i64 = 300;
 
 impl SidecarRegistry {
     /// An empty registry.
@@ -147,6 +167,60 @@ impl SidecarRegistry {
         }
     }
 
+    /// Replaces the other replicas' agent sidecars (by namespace and pod) with
+    /// `sidecars`, leaving out pods seen deleted. Ticks [`Self::changes`] if
+    /// anything changed and [`Self::key_changes`] if their keys did.
+    pub fn set_peers(&self, sidecars: BTreeMap<PodKey, SidecarState>, now: i64) {
+        let (changed, keys_changed) = {
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            peers
+                .deleted
+                .retain(|_, at| now - *at < DELETED_POD_MEMORY_SECS);
+            let deleted = &peers.deleted;
+            let sidecars: BTreeMap<PodKey, SidecarState> = sidecars
+                .into_iter()
+                .filter(|(_, s)| s.agent.is_some() && !deleted.contains_key(&s.pod_uid))
+                .collect();
+            peers_differ(
+                std::mem::replace(&mut peers.sidecars, sidecars),
+                &peers.sidecars,
+            )
+        };
+        self.notify_peer_change(changed, keys_changed);
+    }
+
+    /// Forgets the other replicas' entry of a deleted pod (by uid) now, and
+    /// ignores it in what they publish for a while.
+    pub fn forget_peer_pod(&self, pod_uid: &str, now: i64) {
+        let (changed, keys_changed) = {
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            peers.deleted.insert(pod_uid.to_owned(), now);
+            let before = peers.sidecars.clone();
+            peers.sidecars.retain(|_, s| s.pod_uid != pod_uid);
+            peers_differ(before, &peers.sidecars)
+        };
+        self.notify_peer_change(changed, keys_changed);
+    }
+
+    fn notify_peer_change(&self, changed: bool, keys_changed: bool) {
+        if changed {
+            self.changed.send_modify(|n| *n += 1);
+        }
+        if keys_changed {
+            self.keys_changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// This replica's own agent sidecars, by (namespace, pod): what it
+    /// publishes to the other replicas.
+    pub fn own_agent_sidecars(&self) -> BTreeMap<PodKey, SidecarState> {
+        let map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter(|(_, s)| s.agent.is_some())
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect()
+    }
+
     /// Ticks on every change.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -157,16 +231,30 @@ impl SidecarRegistry {
         self.keys_changed.subscribe()
     }
 
-    /// The sidecars of `agent`: (pod, state).
+    /// The sidecars of `agent`, on this replica or another: (pod, state). A pod
+    /// both here and in another replica's (older) view counts once, as here.
     pub fn of_agent(&self, agent: &AgentKey) -> Vec<(String, SidecarState)> {
-        let map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter()
+        self.all_agent_sidecars()
+            .into_iter()
             .filter(|(_, s)| s.agent.as_ref() == Some(agent))
-            .map(|((_, pod), s)| (pod.clone(), s.clone()))
+            .map(|((_, pod), s)| (pod, s))
             .collect()
     }
 
-    /// Number of connected sidecars (agent and tool mode).
+    /// This replica's agent sidecars and the other replicas', one entry per
+    /// pod (this replica's wins).
+    fn all_agent_sidecars(&self) -> BTreeMap<PodKey, SidecarState> {
+        let mut all = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sidecars
+            .clone();
+        all.extend(self.own_agent_sidecars());
+        all
+    }
+
+    /// Number of sidecars connected to this replica (agent and tool mode).
     pub fn len(&self) -> usize {
         self.sidecars
             .lock()
@@ -179,29 +267,16 @@ impl SidecarRegistry {
         self.len() == 0
     }
 
-    /// The public keys of the live sidecars as a JWKS; each key names its agent
-    /// and pod so a verifier knows whose assertion it checks.
+    /// The public keys of the live agent sidecars of every replica as a JWKS,
+    /// one per kid; each key names its agent and pod so a verifier knows whose
+    /// assertion it checks. The one place the JWKS is built.
     pub fn jwks(&self) -> Value {
-        let map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
-        let keys: Vec<Value> = map
+        let mut kids = BTreeSet::new();
+        let keys: Vec<Value> = self
+            .all_agent_sidecars()
             .iter()
-            .filter_map(|((namespace, pod), state)| {
-                let (kid, jwk) = state.key.as_ref()?;
-                let agent = state.agent.as_ref()?;
-                let mut jwk = jwk.clone();
-                let object = jwk.as_object_mut()?;
-                object.insert("kid".into(), json!(kid));
-                object.insert("use".into(), json!("sig"));
-                object.insert(
-                    "chaperone.dev/agent".into(),
-                    json!(format!("{}/{}", agent.namespace, agent.name)),
-                );
-                object.insert(
-                    "chaperone.dev/pod".into(),
-                    json!(format!("{namespace}/{pod}")),
-                );
-                Some(jwk)
-            })
+            .filter_map(|((namespace, pod), state)| jwk_of(namespace, pod, state))
+            .filter(|jwk| kids.insert(jwk["kid"].as_str().unwrap_or_default().to_owned()))
             .collect();
         json!({ "keys": keys })
     }
@@ -217,6 +292,37 @@ impl SidecarRegistry {
         self.changed.send_modify(|n| *n += 1);
         result
     }
+}
+
+/// The JWKS entry of a sidecar's key: the public JWK with its `kid`, `use`,
+/// and the agent and pod it belongs to; `None` without a key or an agent.
+pub fn jwk_of(namespace: &str, pod: &str, state: &SidecarState) -> Option<Value> {
+    let (kid, jwk) = state.key.as_ref()?;
+    let agent = state.agent.as_ref()?;
+    let mut jwk = jwk.clone();
+    let object = jwk.as_object_mut()?;
+    object.insert("kid".into(), json!(kid));
+    object.insert("use".into(), json!("sig"));
+    object.insert(
+        "chaperone.dev/agent".into(),
+        json!(format!("{}/{}", agent.namespace, agent.name)),
+    );
+    object.insert(
+        "chaperone.dev/pod".into(),
+        json!(format!("{namespace}/{pod}")),
+    );
+    Some(jwk)
+}
+
+/// Whether the peer view changed at all, and whether its keys did.
+fn peers_differ(
+    before: BTreeMap<PodKey, SidecarState>,
+    after: &BTreeMap<PodKey, SidecarState>,
+) -> (bool, bool) {
+    let keys = |m: &BTreeMap<PodKey, SidecarState>| -> Vec<(PodKey, Option<(String, Value)>)> {
+        m.iter().map(|(k, s)| (k.clone(), s.key.clone())).collect()
+    };
+    (before != *after, keys(&before) != keys(after))
 }
 
 /// Removes a sidecar from the registry when its stream ends.
@@ -354,5 +460,83 @@ mod tests {
         let _new = registry.connect(&identity("p1"));
         drop(old);
         assert_eq!(registry.of_agent(&ObjectKey::new("ns", "planner")).len(), 1);
+    }
+
+    fn peer(pod: &str, kid: &str) -> SidecarState {
+        SidecarState {
+            agent: Some(ObjectKey::new("ns", "planner")),
+            pod_uid: format!("uid-{pod}"),
+            key: Some((kid.into(), json!({"kty": "OKP", "kid": kid}))),
+            ..Default::default()
+        }
+    }
+
+    fn peers(entries: &[(&str, &str)]) -> BTreeMap<PodKey, SidecarState> {
+        entries
+            .iter()
+            .map(|(pod, kid)| (("ns".to_owned(), (*pod).to_owned()), peer(pod, kid)))
+            .collect()
+    }
+
+    fn kids(registry: &SidecarRegistry) -> Vec<String> {
+        registry.jwks()["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_jwks_is_the_union_of_own_and_peer_keys_once_per_kid() {
+        let registry = SidecarRegistry::new();
+        let _own = registry.connect(&identity("p1"));
+        registry.update("ns", "p1", |s| {
+            s.key = Some(("k1".into(), json!({"kty": "OKP"})))
+        });
+        let mut key_changes = registry.key_changes();
+        key_changes.borrow_and_update();
+        registry.set_peers(peers(&[("p2", "k2"), ("p3", "k1")]), 0);
+        assert!(key_changes.has_changed().unwrap());
+        assert_eq!(kids(&registry), ["k1", "k2"]);
+        assert_eq!(registry.of_agent(&ObjectKey::new("ns", "planner")).len(), 3);
+        assert_eq!(registry.len(), 1, "len counts this replica's streams only");
+    }
+
+    #[test]
+    fn a_pod_here_and_in_a_peers_view_counts_once() {
+        let registry = SidecarRegistry::new();
+        let _own = registry.connect(&identity("p1"));
+        registry.set_peers(peers(&[("p1", "k-old")]), 0);
+        let of_agent = registry.of_agent(&ObjectKey::new("ns", "planner"));
+        assert_eq!(of_agent.len(), 1);
+        assert_eq!(of_agent[0].1.key, None, "this replica's entry wins");
+    }
+
+    #[test]
+    fn an_unchanged_peer_view_fires_no_key_change() {
+        let registry = SidecarRegistry::new();
+        registry.set_peers(peers(&[("p2", "k2")]), 0);
+        let mut key_changes = registry.key_changes();
+        key_changes.borrow_and_update();
+        registry.set_peers(peers(&[("p2", "k2")]), 1);
+        assert!(!key_changes.has_changed().unwrap());
+    }
+
+    #[test]
+    fn a_deleted_peer_pod_leaves_at_once_and_stays_out() {
+        let registry = SidecarRegistry::new();
+        registry.set_peers(peers(&[("p2", "k2")]), 0);
+        let mut key_changes = registry.key_changes();
+        key_changes.borrow_and_update();
+        registry.forget_peer_pod("uid-p2", 10);
+        assert!(key_changes.has_changed().unwrap());
+        assert!(kids(&registry).is_empty());
+        // The replica holding it has not published the end of its stream yet.
+        registry.set_peers(peers(&[("p2", "k2")]), 20);
+        assert!(kids(&registry).is_empty());
+        // Long after, a pod with that uid (impossible) would count again.
+        registry.set_peers(peers(&[("p2", "k2")]), 10 + DELETED_POD_MEMORY_SECS);
+        assert_eq!(kids(&registry), ["k2"]);
     }
 }

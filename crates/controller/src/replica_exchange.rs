@@ -1,0 +1,585 @@
+//! Sidecar state shared between controller replicas through ConfigMaps.
+//!
+//! A sidecar streams from one replica and registers its signing key there, but
+//! a sidecar verifying a delegated call may stream from another, and only the
+//! leader writes status. So each replica publishes its agent sidecars in one
+//! ConfigMap `chaperone-replica-<pod name>` in its own namespace, labelled
+//! `app.kubernetes.io/component=replica-state`:
+//!
+//! - `keys.json`: the JWKS entries of its sidecars' keys (the objects of
+//!   [`crate::sidecars::jwk_of`], with `kid`, `chaperone.dev/agent`,
+//!   `chaperone.dev/pod`);
+//! - `sidecars.json`: what the status writer reads of each sidecar (agent, pod,
+//!   acknowledged and rejected snapshot, tools seen);
+//! - `heartbeat`: when it was written, in unix seconds.
+//!
+//! It writes by server-side apply (field manager `chaperone-controller`) on
+//! startup, [`DEBOUNCE`] after a change, and every [`REFRESH`]. The ConfigMap
+//! is owned by the replica's Pod when the replica can read it, so deleting the
+//! pod deletes it.
+//!
+//! Every replica watches these ConfigMaps and hands the other replicas'
+//! sidecars to [`SidecarRegistry::set_peers`]: the JWKS (and its `KeySet`
+//! pushes) and the leader's status counts are the union over all replicas. A
+//! ConfigMap whose heartbeat is older than [`MAX_AGE`] (its writer stopped
+//! without its pod being deleted) counts for nothing; heartbeats are compared
+//! with the reader's clock, so replicas' clocks must agree to well within that.
+//! A pod seen deleted leaves the union at once
+//! ([`SidecarRegistry::forget_peer_pod`]).
+//!
+//! Size: a ConfigMap holds at most 1 MiB, and one sidecar takes about 500 bytes
+//! (more with a long tool inventory), so one replica can publish a few thousand
+//! sidecars. Above the limit it leaves out the tool inventories and warns; the
+//! keys and counts still go through up to about 2,000 sidecars per replica.
+//!
+//! The pure parts ([`publish`], [`config_map`], [`read_replica`],
+//! [`peer_sidecars`]) are separate from the two loops doing I/O ([`run`]).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use chaperone_policy::ObjectKey;
+use futures_util::StreamExt as _;
+use k8s_openapi::{
+    api::core::v1::{ConfigMap, Pod},
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, Patch, PatchParams},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::sidecars::{SidecarRegistry, SidecarState, jwk_of};
+
+/// The label (and its value) that marks the replicas' ConfigMaps.
+pub const COMPONENT_LABEL: (&str, &str) = ("app.kubernetes.io/component", "replica-state");
+/// How long after a change a replica writes its ConfigMap (changes in between
+/// are written together).
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// How often a replica rewrites its ConfigMap with a new heartbeat, and how
+/// often readers drop stale ones.
+pub const REFRESH: Duration = Duration::from_secs(30);
+/// A ConfigMap whose heartbeat is older than this (seconds) counts for nothing.
+pub const MAX_AGE: i64 = 120;
+/// The most a ConfigMap's data may hold.
+pub const MAX_BYTES: usize = 1024 * 1024;
+
+/// (namespace, pod).
+type PodKey = (String, String);
+
+/// The ConfigMap a replica named `pod_name` publishes.
+pub fn config_map_name(pod_name: &str) -> String {
+    format!("chaperone-replica-{pod_name}")
+}
+
+/// One sidecar as `sidecars.json` lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PublishedSidecar {
+    namespace: String,
+    pod: String,
+    pod_uid: String,
+    /// `namespace/name` of its AgentIdentity.
+    agent: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    acked_version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    acked_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rejected_version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rejected_error: Option<String>,
+    /// Tools seen in tools/list: [server, tool].
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    tools: BTreeSet<(String, String)>,
+}
+
+/// What a replica publishes, without its heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// `keys.json`.
+    pub keys_json: String,
+    /// `sidecars.json`.
+    pub sidecars_json: String,
+}
+
+/// The data of this replica's ConfigMap from its own agent sidecars; tool
+/// inventories are left out (with a warning) if they would not fit.
+pub fn publish(own: &BTreeMap<PodKey, SidecarState>) -> Published {
+    let published = publish_with_tools(own, true);
+    if published.keys_json.len() + published.sidecars_json.len() < MAX_BYTES - 1024 {
+        return published;
+    }
+    tracing::warn!(
+        sidecars = own.len(),
+        "the sidecars of this replica do not fit in one ConfigMap with their tool inventories; publishing them without (other replicas' statuses lack these tools)"
+    );
+    publish_with_tools(own, false)
+}
+
+fn publish_with_tools(own: &BTreeMap<PodKey, SidecarState>, tools: bool) -> Published {
+    let keys: Vec<Value> = own
+        .iter()
+        .filter_map(|((namespace, pod), state)| jwk_of(namespace, pod, state))
+        .collect();
+    let sidecars: Vec<PublishedSidecar> = own
+        .iter()
+        .filter_map(|((namespace, pod), state)| {
+            let agent = state.agent.as_ref()?;
+            Some(PublishedSidecar {
+                namespace: namespace.clone(),
+                pod: pod.clone(),
+                pod_uid: state.pod_uid.clone(),
+                agent: format!("{}/{}", agent.namespace, agent.name),
+                acked_version: state.acked.as_ref().map(|(v, _)| *v),
+                acked_hash: state.acked.as_ref().map(|(_, h)| h.clone()),
+                rejected_version: state.rejected.as_ref().map(|(v, _)| *v),
+                rejected_error: state.rejected.as_ref().map(|(_, e)| e.clone()),
+                tools: if tools {
+                    state.inventory.clone()
+                } else {
+                    BTreeSet::new()
+                },
+            })
+        })
+        .collect();
+    Published {
+        keys_json: serde_json::to_string(&keys).unwrap_or_else(|_| "[]".into()),
+        sidecars_json: serde_json::to_string(&sidecars).unwrap_or_else(|_| "[]".into()),
+    }
+}
+
+/// The ConfigMap `name` in `namespace` to apply: `published`, the heartbeat,
+/// the labels, and the owner (the replica's Pod) if known.
+pub fn config_map(
+    name: &str,
+    namespace: &str,
+    published: &Published,
+    heartbeat: i64,
+    owner: Option<OwnerReference>,
+) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([
+                (COMPONENT_LABEL.0.to_owned(), COMPONENT_LABEL.1.to_owned()),
+                (
+                    "app.kubernetes.io/part-of".to_owned(),
+                    "chaperone".to_owned(),
+                ),
+            ])),
+            owner_references: owner.map(|o| vec![o]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([
+            ("keys.json".to_owned(), published.keys_json.clone()),
+            ("sidecars.json".to_owned(), published.sidecars_json.clone()),
+            ("heartbeat".to_owned(), heartbeat.to_string()),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// What one replica published.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Replica {
+    /// When it last wrote, unix seconds.
+    pub heartbeat: i64,
+    /// Its agent sidecars, with their keys.
+    pub sidecars: BTreeMap<PodKey, SidecarState>,
+}
+
+/// A replica's ConfigMap that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidReplicaState {
+    /// A data key is missing.
+    #[error("data key {0} is missing")]
+    Missing(&'static str),
+    /// A data key is not what the writer writes.
+    #[error("data key {key} is invalid: {reason}")]
+    Invalid {
+        /// The data key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Reads a replica's ConfigMap. A key in `keys.json` joins the sidecar of the
+/// pod it names (`chaperone.dev/pod`); a key without one is ignored.
+pub fn read_replica(config_map: &ConfigMap) -> Result<Replica, InvalidReplicaState> {
+    let empty = BTreeMap::new();
+    let data = config_map.data.as_ref().unwrap_or(&empty);
+    let get = |key: &'static str| data.get(key).ok_or(InvalidReplicaState::Missing(key));
+    let invalid = |key: &'static str, reason: String| InvalidReplicaState::Invalid { key, reason };
+    let heartbeat = get("heartbeat")?
+        .parse::<i64>()
+        .map_err(|e| invalid("heartbeat", e.to_string()))?;
+    let published: Vec<PublishedSidecar> = serde_json::from_str(get("sidecars.json")?)
+        .map_err(|e| invalid("sidecars.json", e.to_string()))?;
+    let keys: Vec<Value> =
+        serde_json::from_str(get("keys.json")?).map_err(|e| invalid("keys.json", e.to_string()))?;
+    let mut sidecars = BTreeMap::new();
+    for sidecar in published {
+        let Some((agent_ns, agent_name)) = sidecar.agent.split_once('/') else {
+            return Err(invalid(
+                "sidecars.json",
+                format!("agent {:?} is not namespace/name", sidecar.agent),
+            ));
+        };
+        sidecars.insert(
+            (sidecar.namespace, sidecar.pod),
+            SidecarState {
+                agent: Some(ObjectKey::new(agent_ns, agent_name)),
+                pod_uid: sidecar.pod_uid,
+                connection: 0,
+                acked: sidecar.acked_version.zip(sidecar.acked_hash),
+                rejected: sidecar.rejected_version.zip(sidecar.rejected_error),
+                key: None,
+                inventory: sidecar.tools,
+            },
+        );
+    }
+    for jwk in keys {
+        let (Some(kid), Some((namespace, pod))) = (
+            jwk["kid"].as_str(),
+            jwk["chaperone.dev/pod"]
+                .as_str()
+                .and_then(|p| p.split_once('/')),
+        ) else {
+            continue;
+        };
+        if let Some(state) = sidecars.get_mut(&(namespace.to_owned(), pod.to_owned())) {
+            state.key = Some((kid.to_owned(), jwk.clone()));
+        }
+    }
+    Ok(Replica {
+        heartbeat,
+        sidecars,
+    })
+}
+
+/// The other replicas' sidecars: every replica's but `own_config_map`'s,
+/// leaving out replicas whose heartbeat is older than [`MAX_AGE`] at `now`. A
+/// pod two replicas list (it reconnected) is taken from the later heartbeat.
+pub fn peer_sidecars(
+    replicas: &BTreeMap<String, Replica>,
+    own_config_map: &str,
+    now: i64,
+) -> BTreeMap<PodKey, SidecarState> {
+    let mut live: Vec<&Replica> = replicas
+        .iter()
+        .filter(|(name, r)| name.as_str() != own_config_map && now - r.heartbeat <= MAX_AGE)
+        .map(|(_, r)| r)
+        .collect();
+    live.sort_by_key(|r| r.heartbeat);
+    let mut out = BTreeMap::new();
+    for replica in live {
+        out.extend(replica.sidecars.clone());
+    }
+    out
+}
+
+/// Publishes this replica's sidecars and follows the other replicas', until
+/// the process ends.
+pub async fn run(
+    client: Client,
+    namespace: String,
+    pod_name: String,
+    sidecars: Arc<SidecarRegistry>,
+) {
+    tokio::join!(
+        publish_own(
+            client.clone(),
+            namespace.clone(),
+            pod_name.clone(),
+            sidecars.clone()
+        ),
+        follow_peers(client, namespace, pod_name, sidecars),
+    );
+}
+
+async fn publish_own(
+    client: Client,
+    namespace: String,
+    pod_name: String,
+    sidecars: Arc<SidecarRegistry>,
+) {
+    let api = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
+    let name = config_map_name(&pod_name);
+    let params = PatchParams::apply(crate::status::FIELD_MANAGER).force();
+    // Outer None: not looked up yet (or the lookup failed).
+    let mut owner: Option<Option<OwnerReference>> = None;
+    let mut changes = sidecars.changes();
+    let mut written: Option<Published> = None;
+    let mut next_write = tokio::time::Instant::now();
+    loop {
+        if owner.is_none() {
+            owner = own_pod(&client, &namespace, &pod_name).await;
+        }
+        changes.borrow_and_update();
+        let published = publish(&sidecars.own_agent_sidecars());
+        if written.as_ref() != Some(&published) || tokio::time::Instant::now() >= next_write {
+            let object = config_map(
+                &name,
+                &namespace,
+                &published,
+                crate::unix_now(),
+                owner.clone().flatten(),
+            );
+            match api.patch(&name, &params, &Patch::Apply(&object)).await {
+                Ok(_) => {
+                    written = Some(published);
+                    next_write = tokio::time::Instant::now() + REFRESH;
+                }
+                Err(error) => {
+                    tracing::warn!(configmap = %name, %error, "publishing this replica's sidecars failed; retrying");
+                    written = None;
+                    next_write = tokio::time::Instant::now() + Duration::from_secs(1);
+                }
+            }
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            () = tokio::time::sleep_until(next_write) => {}
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+    }
+}
+
+/// This replica's Pod as an owner: `Some(None)` when it does not exist (a
+/// controller run outside a cluster), `None` when the lookup failed.
+async fn own_pod(
+    client: &Client,
+    namespace: &str,
+    pod_name: &str,
+) -> Option<Option<OwnerReference>> {
+    match Api::<Pod>::namespaced(client.clone(), namespace)
+        .get_opt(pod_name)
+        .await
+    {
+        Ok(Some(pod)) => Some(pod.metadata.uid.map(|uid| OwnerReference {
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            name: pod_name.to_owned(),
+            uid,
+            ..Default::default()
+        })),
+        Ok(None) => {
+            tracing::info!(
+                pod = pod_name,
+                "no Pod of this replica; its ConfigMap has no owner"
+            );
+            Some(None)
+        }
+        Err(error) => {
+            tracing::warn!(pod = pod_name, %error, "reading this replica's Pod failed; will retry");
+            None
+        }
+    }
+}
+
+async fn follow_peers(
+    client: Client,
+    namespace: String,
+    pod_name: String,
+    sidecars: Arc<SidecarRegistry>,
+) {
+    let api = Api::<ConfigMap>::namespaced(client, &namespace);
+    let own = config_map_name(&pod_name);
+    let config =
+        watcher::Config::default().labels(&format!("{}={}", COMPONENT_LABEL.0, COMPONENT_LABEL.1));
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut replicas: BTreeMap<String, Replica> = BTreeMap::new();
+    let mut listing: BTreeMap<String, Replica> = BTreeMap::new();
+    let mut refresh = tokio::time::interval(REFRESH);
+    loop {
+        tokio::select! {
+            event = stream.next() => match event {
+                None => return,
+                Some(Ok(watcher::Event::Init)) => listing.clear(),
+                Some(Ok(watcher::Event::InitApply(object))) => {
+                    insert(&mut listing, &object);
+                    continue;
+                }
+                Some(Ok(watcher::Event::InitDone)) => replicas = std::mem::take(&mut listing),
+                Some(Ok(watcher::Event::Apply(object))) => insert(&mut replicas, &object),
+                Some(Ok(watcher::Event::Delete(object))) => {
+                    replicas.remove(&object.metadata.name.unwrap_or_default());
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "watching the replicas' ConfigMaps failed; retrying with backoff");
+                    continue;
+                }
+            },
+            _ = refresh.tick() => {}
+        }
+        let now = crate::unix_now();
+        sidecars.set_peers(peer_sidecars(&replicas, &own, now), now);
+    }
+}
+
+fn insert(replicas: &mut BTreeMap<String, Replica>, object: &ConfigMap) {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    match read_replica(object) {
+        Ok(replica) => {
+            replicas.insert(name, replica);
+        }
+        Err(error) => {
+            tracing::warn!(configmap = %name, %error, "ignoring a replica's unreadable ConfigMap");
+            replicas.remove(&name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn sidecar(pod: &str, kid: Option<&str>) -> SidecarState {
+        SidecarState {
+            agent: Some(ObjectKey::new("ns", "planner")),
+            pod_uid: format!("uid-{pod}"),
+            connection: 7,
+            acked: Some((3, "h3".into())),
+            rejected: Some((4, "bad rule".into())),
+            key: kid.map(|k| {
+                (
+                    k.to_owned(),
+                    json!({"kty": "OKP", "crv": "Ed25519", "x": "abc"}),
+                )
+            }),
+            inventory: BTreeSet::from([("orders".into(), "refund".into())]),
+        }
+    }
+
+    fn own(pods: &[(&str, Option<&str>)]) -> BTreeMap<PodKey, SidecarState> {
+        pods.iter()
+            .map(|(pod, kid)| (("ns".to_owned(), (*pod).to_owned()), sidecar(pod, *kid)))
+            .collect()
+    }
+
+    fn replica_of(pods: &[(&str, Option<&str>)], heartbeat: i64) -> Replica {
+        let object = config_map(
+            "cm",
+            "chaperone-system",
+            &publish(&own(pods)),
+            heartbeat,
+            None,
+        );
+        read_replica(&object).unwrap()
+    }
+
+    #[test]
+    fn what_a_replica_publishes_reads_back_as_the_same_sidecars() {
+        let replica = replica_of(&[("p1", Some("k1")), ("p2", None)], 100);
+        assert_eq!(replica.heartbeat, 100);
+        let p1 = &replica.sidecars[&("ns".to_owned(), "p1".to_owned())];
+        let expected = sidecar("p1", Some("k1"));
+        assert_eq!(p1.agent, expected.agent);
+        assert_eq!(p1.pod_uid, "uid-p1");
+        assert_eq!(p1.acked, expected.acked);
+        assert_eq!(p1.rejected, expected.rejected);
+        assert_eq!(p1.inventory, expected.inventory);
+        let (kid, jwk) = p1.key.as_ref().unwrap();
+        assert_eq!(kid, "k1");
+        assert_eq!(jwk["chaperone.dev/pod"], "ns/p1");
+        assert_eq!(jwk["chaperone.dev/agent"], "ns/planner");
+        assert!(
+            replica.sidecars[&("ns".to_owned(), "p2".to_owned())]
+                .key
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn keys_json_holds_the_jwks_entries() {
+        let published = publish(&own(&[("p1", Some("k1"))]));
+        let keys: Vec<Value> = serde_json::from_str(&published.keys_json).unwrap();
+        assert_eq!(
+            keys,
+            vec![jwk_of("ns", "p1", &sidecar("p1", Some("k1"))).unwrap()]
+        );
+    }
+
+    #[test]
+    fn the_config_map_is_labelled_and_owned_when_the_pod_is_known() {
+        let owner = OwnerReference {
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            name: "controller-0".into(),
+            uid: "u".into(),
+            ..Default::default()
+        };
+        let published = publish(&BTreeMap::new());
+        let object = config_map("cm", "ns", &published, 1, Some(owner.clone()));
+        let labels = object.metadata.labels.unwrap();
+        assert_eq!(labels[COMPONENT_LABEL.0], COMPONENT_LABEL.1);
+        assert_eq!(labels["app.kubernetes.io/part-of"], "chaperone");
+        assert_eq!(object.metadata.owner_references, Some(vec![owner]));
+        let without = config_map("cm", "ns", &published, 1, None);
+        assert_eq!(without.metadata.owner_references, None);
+    }
+
+    #[test]
+    fn a_config_map_without_heartbeat_is_refused() {
+        let mut object = config_map("cm", "ns", &publish(&BTreeMap::new()), 1, None);
+        object.data.as_mut().unwrap().remove("heartbeat");
+        assert!(matches!(
+            read_replica(&object),
+            Err(InvalidReplicaState::Missing("heartbeat"))
+        ));
+    }
+
+    #[test]
+    fn peers_leave_out_this_replica_and_stale_replicas() {
+        let replicas = BTreeMap::from([
+            ("mine".to_owned(), replica_of(&[("a", Some("ka"))], 1000)),
+            ("fresh".to_owned(), replica_of(&[("b", Some("kb"))], 1000)),
+            (
+                "stale".to_owned(),
+                replica_of(&[("c", Some("kc"))], 1000 - MAX_AGE - 1),
+            ),
+        ]);
+        let peers = peer_sidecars(&replicas, "mine", 1000);
+        let pods: Vec<&str> = peers.keys().map(|(_, p)| p.as_str()).collect();
+        assert_eq!(pods, ["b"]);
+    }
+
+    #[test]
+    fn a_pod_listed_by_two_replicas_is_taken_from_the_later_heartbeat() {
+        let mut older = replica_of(&[("a", Some("old"))], 990);
+        older.sidecars.values_mut().for_each(|s| s.acked = None);
+        let replicas = BTreeMap::from([
+            ("r1".to_owned(), replica_of(&[("a", Some("new"))], 1000)),
+            ("r2".to_owned(), older),
+        ]);
+        let peers = peer_sidecars(&replicas, "mine", 1000);
+        assert_eq!(peers.len(), 1);
+        assert_eq!(
+            peers.values().next().unwrap().key.as_ref().unwrap().0,
+            "new"
+        );
+    }
+
+    #[test]
+    fn inventories_are_left_out_when_they_would_not_fit() {
+        let mut big = sidecar("p1", Some("k1"));
+        big.inventory = (0..40_000)
+            .map(|i| ("orders".to_owned(), format!("tool-with-a-long-name-{i:08}")))
+            .collect();
+        let published = publish(&BTreeMap::from([(("ns".into(), "p1".into()), big)]));
+        assert!(published.sidecars_json.len() < MAX_BYTES);
+        assert!(!published.sidecars_json.contains("tool-with-a-long-name"));
+        assert!(published.keys_json.contains("k1"));
+    }
+}
