@@ -58,6 +58,6 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 async fn jwks(State(state): State<AdminState>) -> impl IntoResponse {
     (
         [("content-type", "application/jwk-set+json")],
-        state.sidecars.jwks().to_string(),
+        state.sidecars.jwks_json().to_string(),
     )
 }

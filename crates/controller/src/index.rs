@@ -7,10 +7,15 @@
 //! A change recomputes only the agents it can affect (its namespace, plus the
 //! delegates downstream of grants from there), and a snapshot is republished only
 //! when its content hash changes.
+//!
+//! A published snapshot carries its own wire bytes, encoded by the first stream
+//! that sends it and shared by every other stream of that agent: N sidecars of one
+//! agent cost one serialisation per version, not N.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::Arc,
+    ops::Deref,
+    sync::{Arc, OnceLock},
 };
 
 use chaperone_policy::{
@@ -22,7 +27,40 @@ use tokio::sync::watch;
 
 /// The latest snapshot of one agent; `None` until it is first compiled, or after
 /// the AgentIdentity was deleted.
-pub type SnapshotRx = watch::Receiver<Option<Arc<Snapshot>>>;
+pub type SnapshotRx = watch::Receiver<Option<Arc<PublishedSnapshot>>>;
+
+/// A snapshot as the index publishes it, with its wire bytes encoded at most once.
+///
+/// Encoding is lazy: most agents of a large cluster may have no stream on this
+/// replica, and their bytes are never built. Dereferences to the [`Snapshot`].
+#[derive(Debug)]
+pub struct PublishedSnapshot {
+    snapshot: Snapshot,
+    bytes: OnceLock<Vec<u8>>,
+}
+
+impl PublishedSnapshot {
+    /// Wraps `snapshot`; nothing is encoded yet.
+    pub fn new(snapshot: Snapshot) -> Self {
+        Self {
+            snapshot,
+            bytes: OnceLock::new(),
+        }
+    }
+
+    /// [`Snapshot::to_bytes`], computed on the first call and shared after.
+    pub fn bytes(&self) -> &[u8] {
+        self.bytes.get_or_init(|| self.snapshot.to_bytes())
+    }
+}
+
+impl Deref for PublishedSnapshot {
+    type Target = Snapshot;
+
+    fn deref(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
 
 /// Every object seen, the per-agent snapshots and the per-object errors.
 pub struct Index {
@@ -39,7 +77,7 @@ pub struct Index {
 }
 
 struct AgentEntry {
-    tx: watch::Sender<Option<Arc<Snapshot>>>,
+    tx: watch::Sender<Option<Arc<PublishedSnapshot>>>,
 }
 
 impl Default for Index {
@@ -193,7 +231,7 @@ impl Index {
     }
 
     /// The current snapshot of `agent`.
-    pub fn snapshot(&self, agent: &AgentKey) -> Option<Arc<Snapshot>> {
+    pub fn snapshot(&self, agent: &AgentKey) -> Option<Arc<PublishedSnapshot>> {
         self.agents.get(agent).and_then(|e| e.tx.borrow().clone())
     }
 
@@ -325,7 +363,10 @@ impl Index {
                 .is_some_and(|s| s.hash == content.content_hash());
             if !unchanged {
                 self.last_version = next_version(self.last_version, now);
-                let snapshot = Arc::new(Snapshot::new(self.last_version, content));
+                let snapshot = Arc::new(PublishedSnapshot::new(Snapshot::new(
+                    self.last_version,
+                    content,
+                )));
                 entry.tx.send_replace(Some(snapshot));
             }
         }
@@ -696,6 +737,23 @@ mod tests {
         assert_eq!(index.objects().identities.len(), 2);
         let a3 = index.snapshot(&ObjectKey::new("a", "a3")).unwrap();
         assert_eq!(a3.content.tool_servers[0].name, "billing");
+    }
+
+    #[test]
+    fn a_published_snapshot_is_encoded_once_and_shared() {
+        let mut index = Index::new();
+        let planner = ObjectKey::new("a", "planner");
+        let (first, second) = (index.subscribe(&planner), index.subscribe(&planner));
+        index.apply_identity(identity("a", "planner"), NOW);
+        let (first, second) = (
+            first.borrow().clone().unwrap(),
+            second.borrow().clone().unwrap(),
+        );
+        // Both streams hold the same published value, hence the same bytes.
+        assert!(Arc::ptr_eq(&first, &second));
+        let bytes = first.bytes();
+        assert_eq!(bytes, first.to_bytes().as_slice());
+        assert!(std::ptr::eq(bytes, second.bytes()));
     }
 
     #[test]

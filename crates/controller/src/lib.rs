@@ -105,10 +105,11 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
     if let Some(path) = &args.ca_file {
         std::fs::write(path, &tls.ca_pem)?;
     }
+    let metrics = metrics::Metrics::new();
     let controller = Controller {
-        index: SharedIndex::new(),
+        index: SharedIndex::new(metrics.clone()),
         sidecars: sidecars::SidecarRegistry::new(),
-        metrics: metrics::Metrics::new(),
+        metrics,
     };
     let (leader_tx, leader_rx) = watch::channel(false);
     // AgentIdentities as Kubernetes objects, for the webhook and stream auth.

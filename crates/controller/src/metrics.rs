@@ -63,7 +63,7 @@ impl Metrics {
         };
         registry.register(
             "index_updates",
-            "Changes applied to the index (reconciles)",
+            "Changes that altered the index (watch events and expiry recomputes; an unchanged object coming back, such as our own status write, is not counted)",
             metrics.index_updates.clone(),
         );
         registry.register(
@@ -93,7 +93,7 @@ impl Metrics {
         );
         registry.register(
             "snapshot_version",
-            "Highest snapshot version compiled",
+            "Highest snapshot version published by the index (versions start from the wall clock in milliseconds)",
             metrics.snapshot_version.clone(),
         );
         registry.register(
@@ -153,7 +153,8 @@ impl Metrics {
         out
     }
 
-    /// A change reached the index.
+    /// A change altered the index; `highest_version` is the highest snapshot
+    /// version it has published so far.
     pub fn index_updated(&self, highest_version: u64) {
         self.index_updates.inc();
         self.snapshot_version

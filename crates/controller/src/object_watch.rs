@@ -17,7 +17,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use crate::{Error, index::Index};
+use crate::{Error, index::Index, metrics::Metrics};
 
 /// The index shared by the watch tasks, the snapshot server and the status
 /// writer, with a channel that ticks whenever it changed.
@@ -25,15 +25,17 @@ pub struct SharedIndex {
     index: Mutex<Index>,
     changed: watch::Sender<u64>,
     synced: watch::Sender<u8>,
+    metrics: Arc<Metrics>,
 }
 
 impl SharedIndex {
-    /// An empty shared index.
-    pub fn new() -> Arc<Self> {
+    /// An empty shared index that reports its changes to `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             index: Mutex::new(Index::new()),
             changed: watch::channel(0).0,
             synced: watch::channel(0).0,
+            metrics,
         })
     }
 
@@ -45,16 +47,21 @@ impl SharedIndex {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Applies `change` and tells the status writer.
+    /// Applies `change`, counts it and tells the status writer.
     pub fn update(&self, change: impl FnOnce(&mut Index)) {
-        let generation = {
+        let (generation, last_version) = {
             let mut index = self.lock();
             change(&mut index);
-            index.generation()
+            (index.generation(), index.last_version())
         };
-        // Only a real change wakes the status writer.
-        self.changed
+        // Only a real change is counted and wakes the status writer: an
+        // unchanged object (our own status write coming back) is neither.
+        let changed = self
+            .changed
             .send_if_modified(|current| std::mem::replace(current, generation) != generation);
+        if changed {
+            self.metrics.index_updated(last_version);
+        }
     }
 
     /// Ticks after every change.
@@ -271,5 +278,84 @@ fn pod_deleted(sidecars: &crate::sidecars::SidecarRegistry, pod: &k8s_openapi::a
     sidecars.evict(&pod.namespace().unwrap_or_default(), &pod.name_any());
     if let Some(uid) = &pod.metadata.uid {
         sidecars.forget_peer_pod(uid, crate::unix_now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chaperone_policy::model::{AgentIdentitySpec, AgentSelector, ObjectMeta};
+
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn identity(name: &str) -> Object<AgentIdentitySpec> {
+        Object {
+            api_version: model::API_VERSION.into(),
+            metadata: ObjectMeta {
+                name: name.into(),
+                namespace: Some("a".into()),
+                ..Default::default()
+            },
+            spec: AgentIdentitySpec {
+                selector: AgentSelector {
+                    service_account_name: name.into(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The value of the unlabelled metric `name` in the text exposition.
+    fn metric(metrics: &Metrics, name: &str) -> u64 {
+        let text = metrics.render();
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} not in {text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn changes_move_index_updates_and_snapshot_version_and_no_ops_do_not() {
+        let metrics = Metrics::new();
+        let shared = SharedIndex::new(metrics.clone());
+        assert_eq!(
+            metric(&metrics, "chaperone_controller_index_updates_total"),
+            0
+        );
+        assert_eq!(metric(&metrics, "chaperone_controller_snapshot_version"), 0);
+
+        shared.update(|index| index.apply_identity(identity("planner"), NOW));
+        let first = shared.lock().last_version();
+        assert!(first > 0);
+        assert_eq!(
+            metric(&metrics, "chaperone_controller_index_updates_total"),
+            1
+        );
+        assert_eq!(
+            metric(&metrics, "chaperone_controller_snapshot_version"),
+            first
+        );
+
+        // Our own status write coming back: the same object, not a change.
+        shared.update(|index| index.apply_identity(identity("planner"), NOW));
+        assert_eq!(
+            metric(&metrics, "chaperone_controller_index_updates_total"),
+            1
+        );
+
+        shared.update(|index| index.apply_identity(identity("worker"), NOW));
+        let second = shared.lock().last_version();
+        assert!(second > first);
+        assert_eq!(
+            metric(&metrics, "chaperone_controller_index_updates_total"),
+            2
+        );
+        assert_eq!(
+            metric(&metrics, "chaperone_controller_snapshot_version"),
+            second
+        );
     }
 }

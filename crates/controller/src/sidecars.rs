@@ -9,6 +9,9 @@
 //! It also holds what the other controller replicas published of their agent
 //! sidecars ([`crate::replica_exchange`]): the JWKS and the status counts are
 //! the union of this replica's sidecars and theirs.
+//!
+//! The JWKS JSON is built once per change of the key set and shared by every
+//! stream that sends it ([`SidecarRegistry::jwks_json`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -56,6 +59,9 @@ pub struct SidecarRegistry {
     closers: Mutex<BTreeMap<PodKey, StreamCloser>>,
     /// The agent sidecars of the other replicas.
     peers: Mutex<PeerView>,
+    /// [`SidecarRegistry::jwks`] as JSON; `None` after the key set changed,
+    /// until the next read rebuilds it.
+    jwks_json: Mutex<Option<Arc<str>>>,
 }
 
 /// What the other replicas published, less the pods deleted since.
@@ -119,7 +125,7 @@ impl SidecarRegistry {
         });
         if had_key {
             // A reconnect replaced an entry with a key: the key set changed.
-            self.keys_changed.send_modify(|n| *n += 1);
+            self.keys_changed();
         }
         let closer = Arc::new(tokio::sync::Notify::new());
         self.closers
@@ -163,7 +169,7 @@ impl SidecarRegistry {
                 })
         });
         if key_changed {
-            self.keys_changed.send_modify(|n| *n += 1);
+            self.keys_changed();
         }
     }
 
@@ -207,7 +213,7 @@ impl SidecarRegistry {
             self.changed.send_modify(|n| *n += 1);
         }
         if keys_changed {
-            self.keys_changed.send_modify(|n| *n += 1);
+            self.keys_changed();
         }
     }
 
@@ -279,6 +285,23 @@ impl SidecarRegistry {
             .filter(|jwk| kids.insert(jwk["kid"].as_str().unwrap_or_default().to_owned()))
             .collect();
         json!({ "keys": keys })
+    }
+
+    /// [`SidecarRegistry::jwks`] serialised, rebuilt only after the key set
+    /// changed: every stream sending the key set shares this one string.
+    pub fn jwks_json(&self) -> Arc<str> {
+        // Built under the cache's lock: an invalidation that lands meanwhile
+        // waits for it and then clears it, so a stale set is never kept.
+        let mut cached = self.jwks_json.lock().unwrap_or_else(|p| p.into_inner());
+        cached
+            .get_or_insert_with(|| self.jwks().to_string().into())
+            .clone()
+    }
+
+    /// The key set changed: drop the cached JWKS, then wake the streams.
+    fn keys_changed(&self) {
+        *self.jwks_json.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.keys_changed.send_modify(|n| *n += 1);
     }
 
     fn modify<T>(
@@ -366,7 +389,7 @@ impl Drop for ConnectionGuard {
         }
         drop(closers);
         if had_key {
-            self.registry.keys_changed.send_modify(|n| *n += 1);
+            self.registry.keys_changed();
         }
     }
 }
@@ -404,6 +427,28 @@ mod tests {
         drop(guard);
         assert!(key_changes.has_changed().unwrap());
         assert_eq!(registry.jwks()["keys"].as_array().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn the_jwks_json_is_shared_until_the_key_set_changes() {
+        let registry = SidecarRegistry::new();
+        let guard = registry.connect(&identity("p1"));
+        let empty = registry.jwks_json();
+        assert_eq!(&*empty, r#"{"keys":[]}"#);
+        // An inventory report changes no key: the same string is handed out.
+        registry.update("ns", "p1", |s| {
+            s.inventory.insert(("orders".into(), "get".into()));
+        });
+        assert!(Arc::ptr_eq(&empty, &registry.jwks_json()));
+        registry.update("ns", "p1", |s| {
+            s.key = Some(("k1".into(), json!({"kty": "OKP"})))
+        });
+        let with_key = registry.jwks_json();
+        assert_eq!(&*with_key, registry.jwks().to_string());
+        assert!(with_key.contains("\"k1\""));
+        assert!(Arc::ptr_eq(&with_key, &registry.jwks_json()));
+        drop(guard);
+        assert_eq!(&*registry.jwks_json(), r#"{"keys":[]}"#);
     }
 
     #[tokio::test]

@@ -11,7 +11,6 @@
 use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
 
 use chaperone_api::AgentIdentity;
-use chaperone_policy::Snapshot;
 use chaperone_wire::{
     SNAPSHOT_FORMAT_JSON,
     v1::{
@@ -29,6 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     audit_events::{AuditEvents, AuditSource},
     auth::{self, Peer, SidecarIdentity, ToolSidecarIdentity},
+    index::PublishedSnapshot,
     metrics::Metrics,
     object_watch::SharedIndex,
     sidecars::SidecarRegistry,
@@ -179,7 +179,7 @@ impl SnapshotServer {
                 }
                 changed = keys.changed() => {
                     if changed.is_err() { break; }
-                    let jwks_json = self.sidecars.jwks().to_string();
+                    let jwks_json = self.sidecars.jwks_json().to_string();
                     let message = ControllerMessage { message: Some(controller_message::Message::Keys(KeySet { jwks_json })) };
                     if tx.send(Ok(message)).await.is_err() { break; }
                 }
@@ -201,24 +201,26 @@ impl SnapshotServer {
         tracing::info!(agent = %identity.agent, pod = %identity.pod, "sidecar disconnected");
     }
 
+    /// The update for one stream: the snapshot's shared bytes and the shared
+    /// JWKS, copied into this stream's message (nothing is serialised here).
     fn snapshot_message(
         &self,
         identity: &SidecarIdentity,
-        snapshot: &Snapshot,
+        snapshot: &PublishedSnapshot,
     ) -> ControllerMessage {
         ControllerMessage {
             message: Some(controller_message::Message::Snapshot(SnapshotUpdate {
                 version: snapshot.version,
                 hash: snapshot.hash.clone(),
                 format: SNAPSHOT_FORMAT_JSON.to_owned(),
-                payload: snapshot.to_bytes(),
+                payload: snapshot.bytes().to_vec(),
                 identity: Some(v1::Identity {
                     namespace: identity.agent.namespace.clone(),
                     agent: identity.agent.name.clone(),
                     pod: identity.pod.clone(),
                     pod_uid: identity.pod_uid.clone(),
                 }),
-                jwks_json: self.sidecars.jwks().to_string(),
+                jwks_json: self.sidecars.jwks_json().to_string(),
             })),
         }
     }
@@ -302,16 +304,18 @@ impl SnapshotServer {
         // Marked seen before the first read: a change after it is sent again.
         keys.borrow_and_update();
         let mut pending = true;
-        let mut sent: Option<String> = None;
+        let mut sent: Option<Arc<str>> = None;
         let mut told_about_key = false;
         loop {
             if std::mem::take(&mut pending) {
-                let jwks_json = self.sidecars.jwks().to_string();
-                if sent.as_ref() != Some(&jwks_json) {
-                    sent = Some(jwks_json.clone());
+                let jwks_json = self.sidecars.jwks_json();
+                if sent.as_deref() != Some(&*jwks_json) {
                     let message = ControllerMessage {
-                        message: Some(controller_message::Message::Keys(KeySet { jwks_json })),
+                        message: Some(controller_message::Message::Keys(KeySet {
+                            jwks_json: jwks_json.to_string(),
+                        })),
                     };
+                    sent = Some(jwks_json);
                     if tx.send(Ok(message)).await.is_err() {
                         break;
                     }
