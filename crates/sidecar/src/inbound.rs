@@ -24,7 +24,6 @@
 //! `Chaperone-*` header the caller sends is dropped before forwarding, except
 //! that a verified assertion is passed on.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,7 +35,6 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::assertion::{ASSERTION_HEADER, Actor, random_id};
@@ -48,7 +46,7 @@ use crate::jsonrpc::{Payload, parse_payload};
 use crate::peer_keys::PeerKeyStore;
 use crate::proxy::{
     BoxError, CHAPERONE_SESSION, Gateway, ResponseBody, forward_headers, read_body,
-    strip_hop_by_hop,
+    serve_connections, strip_hop_by_hop,
 };
 use crate::refusal::{AuditUnavailable, InboundRefused, MethodNotAllowed, NoSnapshot, Refusal};
 use crate::session::{Delegation, SessionKey, SessionState, SharedSession, lock};
@@ -680,35 +678,11 @@ impl Inbound {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        tokio::pin!(shutdown);
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = &mut shutdown => return,
-            };
-            let (stream, _) = match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(error = %err, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
+        serve_connections("inbound", listener, shutdown, move |req| {
             let inbound = Arc::clone(&self);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let inbound = Arc::clone(&inbound);
-                    async move { Ok::<_, Infallible>(inbound.handle(req).await) }
-                });
-                if let Err(err) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(error = %err, "inbound connection ended with an error");
-                }
-            });
-        }
+            async move { inbound.handle(req).await }
+        })
+        .await;
     }
 }
 

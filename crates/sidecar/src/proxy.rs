@@ -712,6 +712,25 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    serve_connections("proxy", listener, shutdown, move |req| {
+        let gateway = Arc::clone(&gateway);
+        async move { gateway.handle(req).await }
+    })
+    .await;
+}
+
+/// Accepts connections on `listener` until `shutdown` resolves and serves each
+/// (HTTP/1.1, or HTTP/2 with prior knowledge) with `handle`; `side` names the
+/// listener in logs.
+pub(crate) async fn serve_connections<H, F>(
+    side: &'static str,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+    handle: H,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<ResponseBody>> + Send + 'static,
+{
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -721,23 +740,23 @@ pub async fn serve(
         let (stream, _) = match accepted {
             Ok(accepted) => accepted,
             Err(err) => {
-                tracing::warn!(error = %err, "accept failed");
+                tracing::warn!(side, error = %err, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
-        let gateway = Arc::clone(&gateway);
+        let handle = handle.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let gateway = Arc::clone(&gateway);
-                async move { Ok::<_, Infallible>(gateway.handle(req).await) }
+                let response = handle(req);
+                async move { Ok::<_, Infallible>(response.await) }
             });
             if let Err(err) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                tracing::debug!(error = %err, "connection ended with an error");
+                tracing::debug!(side, error = %err, "connection ended with an error");
             }
         });
     }
