@@ -172,6 +172,24 @@ impl Drop for TestSidecar {
 }
 
 impl TestSidecar {
+    /// Waits (up to 10 s) until this sidecar holds `of`'s signing key, as the
+    /// controller's key set delivers it.
+    pub async fn wait_for_key_of(&self, of: &TestSidecar) -> Result<()> {
+        let keys = std::sync::Arc::clone(self.sidecar.peer_keys());
+        let kid = of.sidecar.key_registration().kid.clone();
+        eventually(Duration::from_secs(10), async || {
+            Ok(keys.current().get(&kid).map(|_| ()))
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "{} never got the key of {}",
+                self.sidecar.pod_name(),
+                of.sidecar.pod_name()
+            )
+        })
+    }
+
     /// Starts a sidecar with `settings` on free loopback ports. With
     /// `settings.controller` it runs the snapshot stream (reconnecting after
     /// 50 ms doubling up to 500 ms) and ships its audit records; with

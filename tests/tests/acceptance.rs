@@ -709,19 +709,7 @@ async fn whole_chain_on_the_real_api_server() -> Result<()> {
         .with_context(|| format!("no snapshot for {}", sidecar.sidecar.pod_name()))?;
     }
     for (holder, of) in [(&worker, &planner), (&tool, &worker)] {
-        let keys = Arc::clone(holder.sidecar.peer_keys());
-        let kid = of.sidecar.key_registration().kid.clone();
-        eventually(Duration::from_secs(10), async || {
-            Ok(keys.current().get(&kid).map(|_| ()))
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "{} never got the key of {}",
-                holder.sidecar.pod_name(),
-                of.sidecar.pod_name()
-            )
-        })?;
+        holder.wait_for_key_of(of).await?;
     }
     for sidecar in [&planner, &worker] {
         assert_eq!(sidecar.ready_status().await, 200, "ready with a snapshot");

@@ -14,6 +14,7 @@ use chaperone_policy::Snapshot;
 use chaperone_testenv::{
     ControlPlane, create_namespace, kube_fixtures,
     kube_fixtures::{pod_token, tool_pod_token},
+    sidecar_fixtures::eventually,
 };
 use chaperone_wire::v1::{
     Ack, ControllerMessage, SidecarMessage, SnapshotUpdate, controller_message, sidecar_message,
@@ -106,23 +107,6 @@ fn policy(name: &str, agent: &str, tool: &str) -> serde_json::Value {
             "rules": [{ "name": "allow-tool", "action": "allow", "tools": [{ "server": "orders", "name": tool }] }]
         }
     })
-}
-
-/// Polls `check` until it returns Some, for at most `timeout`.
-async fn eventually<T>(
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        if Instant::now() > deadline {
-            bail!("condition not reached within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn condition<'a>(

@@ -445,19 +445,7 @@ async fn setup() -> Result<(Client, World)> {
         (&tool, &worker),
         (&tool, &helper),
     ] {
-        let keys = Arc::clone(holder.sidecar.peer_keys());
-        let kid = of.sidecar.key_registration().kid.clone();
-        eventually(Duration::from_secs(10), async || {
-            Ok(keys.current().get(&kid).map(|_| ()))
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "{} never got the key of {}",
-                holder.sidecar.pod_name(),
-                of.sidecar.pod_name()
-            )
-        })?;
+        holder.wait_for_key_of(of).await?;
     }
     Ok((
         client,
