@@ -6,53 +6,54 @@
 //! written as `serde_json` writes them. This does not rely on `serde_json`'s map
 //! order, which a `preserve_order` feature elsewhere in a build could change.
 
-use std::fmt::Write as _;
+use std::io::{self, Write};
 
 use aws_lc_rs::digest;
 use serde_json::Value;
 
-/// Appends the canonical form of `value` to `out`.
-pub fn write_canonical(value: &Value, out: &mut String) {
+/// Writes the canonical form of `value` to `out`.
+fn emit<W: Write>(value: &Value, out: &mut W) -> io::Result<()> {
     match value {
-        Value::Null => out.push_str("null"),
-        Value::Bool(true) => out.push_str("true"),
-        Value::Bool(false) => out.push_str("false"),
-        Value::Number(number) => {
-            let _ = write!(out, "{number}");
-        }
-        Value::String(text) => write_string(text, out),
+        Value::Null => out.write_all(b"null"),
+        Value::Bool(true) => out.write_all(b"true"),
+        Value::Bool(false) => out.write_all(b"false"),
+        Value::Number(number) => write!(out, "{number}"),
+        // Escaped exactly as `serde_json::to_string` escapes it.
+        Value::String(text) => serde_json::to_writer(&mut *out, text).map_err(io::Error::from),
         Value::Array(items) => {
-            out.push('[');
+            out.write_all(b"[")?;
             for (index, item) in items.iter().enumerate() {
                 if index > 0 {
-                    out.push(',');
+                    out.write_all(b",")?;
                 }
-                write_canonical(item, out);
+                emit(item, out)?;
             }
-            out.push(']');
+            out.write_all(b"]")
         }
         Value::Object(object) => {
             let mut entries: Vec<(&String, &Value)> = object.iter().collect();
             entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push('{');
+            out.write_all(b"{")?;
             for (index, (key, item)) in entries.into_iter().enumerate() {
                 if index > 0 {
-                    out.push(',');
+                    out.write_all(b",")?;
                 }
-                write_string(key, out);
-                out.push(':');
-                write_canonical(item, out);
+                serde_json::to_writer(&mut *out, key).map_err(io::Error::from)?;
+                out.write_all(b":")?;
+                emit(item, out)?;
             }
-            out.push('}');
+            out.write_all(b"}")
         }
     }
 }
 
-fn write_string(text: &str, out: &mut String) {
-    // Serialising a string cannot fail; fall back to an empty string regardless.
-    match serde_json::to_string(text) {
-        Ok(quoted) => out.push_str(&quoted),
-        Err(_) => out.push_str("\"\""),
+/// Appends the canonical form of `value` to `out`.
+pub fn write_canonical(value: &Value, out: &mut String) {
+    let mut bytes = Vec::with_capacity(128);
+    // Writing to a `Vec` cannot fail, and what is written is UTF-8 (JSON text
+    // produced from Rust strings).
+    if emit(value, &mut bytes).is_ok() {
+        out.push_str(&String::from_utf8_lossy(&bytes));
     }
 }
 
@@ -73,21 +74,50 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(bytes, &mut out);
+    out
+}
+
+fn push_hex(bytes: &[u8], out: &mut String) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for byte in bytes {
         out.push(char::from(DIGITS[usize::from(byte >> 4)]));
         out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
     }
-    out
+}
+
+/// Feeds what is written into a SHA-256 computation.
+struct Sha256Writer(digest::Context);
+
+impl Write for Sha256Writer {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `sha256:` and the lowercase hex SHA-256 of the canonical form of `value`
-/// (`arguments` absent counts as `{}`).
+/// (`arguments` absent counts as `{}`). The canonical form is hashed as it is
+/// written, never held whole.
 pub fn args_digest(value: Option<&Value>) -> String {
-    let empty = Value::Object(serde_json::Map::new());
-    let canonical = canonical(value.unwrap_or(&empty));
-    format!("sha256:{}", hex(&sha256(canonical.as_bytes())))
+    let mut hasher = Sha256Writer(digest::Context::new(&digest::SHA256));
+    match value {
+        // Hashing cannot fail.
+        Some(value) => {
+            let _ = emit(value, &mut hasher);
+        }
+        None => hasher.0.update(b"{}"),
+    }
+    let digest = hasher.0.finish();
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    push_hex(digest.as_ref(), &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -111,5 +141,15 @@ mod tests {
         assert_eq!(args_digest(Some(&a)), args_digest(Some(&b)));
         assert_ne!(args_digest(Some(&a)), args_digest(None));
         assert!(args_digest(None).starts_with("sha256:"));
+        // Streamed hashing gives the digest of the canonical text.
+        let expected = format!("sha256:{}", hex(&sha256(canonical(&a).as_bytes())));
+        assert_eq!(args_digest(Some(&a)), expected);
+        let empty = format!("sha256:{}", hex(&sha256(b"{}")));
+        assert_eq!(args_digest(None), empty);
+        let escaped = json!({"k\u{1}\"": "line\nbreak \u{2028} é"});
+        assert_eq!(
+            canonical(&escaped),
+            serde_json::to_string(&escaped).unwrap()
+        );
     }
 }

@@ -98,12 +98,40 @@ pub struct SessionHistory {
     tools: Vec<ToolCalls>,
 }
 
-/// Calls of one tool of one server.
+/// Calls of one tool of one server: server and tool names in one allocation
+/// (`server` is the first `server_len` bytes of `names`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ToolCalls {
-    server: Box<str>,
-    tool: Box<str>,
+    names: Box<str>,
+    server_len: u32,
     calls: u32,
+}
+
+impl ToolCalls {
+    fn new(server: &str, tool: &str) -> Self {
+        let mut names = String::with_capacity(server.len() + tool.len());
+        names.push_str(server);
+        names.push_str(tool);
+        Self {
+            names: names.into_boxed_str(),
+            // Server names are DNS labels (≤ 63 bytes); saturate for safety.
+            server_len: u32::try_from(server.len()).unwrap_or(u32::MAX),
+            calls: 1,
+        }
+    }
+
+    fn split(&self) -> (&str, &str) {
+        let at = usize::try_from(self.server_len).unwrap_or(usize::MAX);
+        self.names.split_at_checked(at).unwrap_or((&self.names, ""))
+    }
+
+    fn server(&self) -> &str {
+        self.split().0
+    }
+
+    fn tool(&self) -> &str {
+        self.split().1
+    }
 }
 
 impl SessionHistory {
@@ -142,21 +170,14 @@ impl SessionHistory {
                     // Grow by half, not from four: many sessions call one tool.
                     self.tools.reserve_exact((self.tools.len() / 2).max(1));
                 }
-                self.tools.insert(
-                    at,
-                    ToolCalls {
-                        server: server.into(),
-                        tool: tool.into(),
-                        calls: 1,
-                    },
-                );
+                self.tools.insert(at, ToolCalls::new(server, tool));
             }
         }
     }
 
     fn find(&self, server: &str, tool: &str) -> Result<usize, usize> {
         self.tools
-            .binary_search_by(|t| (&*t.server, &*t.tool).cmp(&(server, tool)))
+            .binary_search_by(|t| t.split().cmp(&(server, tool)))
     }
 
     /// Calls made so far.
@@ -178,7 +199,7 @@ impl SessionHistory {
     pub fn tool_name_calls(&self, tool: &str) -> u32 {
         self.tools
             .iter()
-            .filter(|t| &*t.tool == tool)
+            .filter(|t| t.tool() == tool)
             .fold(0u32, |sum, t| sum.saturating_add(t.calls))
     }
 
@@ -189,7 +210,7 @@ impl SessionHistory {
         let mut names: Vec<String> = self
             .tools
             .iter()
-            .map(|t| format!("{}/{}", t.server, t.tool))
+            .map(|t| format!("{}/{}", t.server(), t.tool()))
             .collect();
         names.sort();
         names
@@ -197,7 +218,7 @@ impl SessionHistory {
 
     /// Names of the tools called so far, sorted, without their servers.
     pub fn tool_names_called(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.tools.iter().map(|t| t.tool.to_string()).collect();
+        let mut names: Vec<String> = self.tools.iter().map(|t| t.tool().to_owned()).collect();
         names.sort();
         names.dedup();
         names
@@ -211,6 +232,20 @@ fn bump(count: &mut u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_tools_per_server_even_when_names_concatenate_alike() {
+        let mut history = SessionHistory::new();
+        history.record("ab", "c", EffectSet::EMPTY);
+        history.record("a", "bc", EffectSet::EMPTY);
+        history.record("a", "bc", EffectSet::EMPTY);
+        assert_eq!(history.tool_calls("ab", "c"), 1);
+        assert_eq!(history.tool_calls("a", "bc"), 2);
+        assert_eq!(history.tool_calls("abc", ""), 0);
+        assert_eq!(history.tool_name_calls("bc"), 2);
+        assert_eq!(history.tools_called(), vec!["a/bc", "ab/c"]);
+        assert_eq!(history.calls(), 3);
+    }
 
     #[test]
     fn absorbing_a_delegators_history_only_widens_it() {

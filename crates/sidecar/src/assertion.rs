@@ -14,7 +14,7 @@ use chaperone_policy::EffectSet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::canonical::{hex, sha256};
+use crate::canonical::sha256;
 
 /// The header carrying the assertion to the tool server.
 pub const ASSERTION_HEADER: &str = "chaperone-assertion";
@@ -177,19 +177,55 @@ impl AssertionSigner {
     }
 }
 
+/// A random 128-bit identifier as 32 lowercase hex digits, held inline (no
+/// allocation): session ids, correlation ids, `jti`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HexId([u8; 32]);
+
+impl HexId {
+    /// 16 fresh bytes from the system RNG.
+    pub fn random() -> Self {
+        let mut bytes = [0u8; 16];
+        if rand::fill(&mut bytes).is_err() {
+            // The system RNG failing is not recoverable in a meaningful way; fall
+            // back to a time-derived id so ids stay unique within this process.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            bytes = nanos.to_le_bytes();
+        }
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 32];
+        for (pair, byte) in text.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0x0f)];
+        }
+        Self(text)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for HexId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for HexId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HexId({})", self.as_str())
+    }
+}
+
 /// A random identifier: 16 bytes from the system RNG, lowercase hex.
 pub fn random_id() -> String {
-    let mut bytes = [0u8; 16];
-    if rand::fill(&mut bytes).is_err() {
-        // The system RNG failing is not recoverable in a meaningful way; fall back
-        // to a time-derived id so ids stay unique within this process.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        bytes = nanos.to_le_bytes();
-    }
-    hex(&bytes)
+    HexId::random().as_str().to_owned()
 }
 
 #[cfg(test)]
@@ -237,5 +273,8 @@ mod tests {
     fn random_ids_differ() {
         assert_ne!(random_id(), random_id());
         assert_eq!(random_id().len(), 32);
+        let id = HexId::random();
+        assert!(id.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(id.to_string().len(), 32);
     }
 }

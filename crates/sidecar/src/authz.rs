@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use chaperone_policy::{Decision, DecisionRequest, Engine, GrantKey, Verdict};
 use serde_json::{Value, json};
 
-use crate::assertion::{Actor, AssertionSigner, Claims, TaskContext, random_id};
+use crate::assertion::{Actor, AssertionSigner, Claims, HexId, TaskContext};
 use crate::audit::{AuditAgent, AuditLog, AuditRecord, AuditSession, rfc3339_millis};
 use crate::canonical::{args_digest, hex};
 use crate::inventory::{DiscoveredTool, ToolInventory};
@@ -249,7 +249,8 @@ impl Enforcer {
             at_unix_ms: now_ms,
         });
         let digest = args_digest(call.arguments);
-        let correlation = random_id();
+        let correlation = HexId::random();
+        let correlation = correlation.as_str();
         let prev = session.last_audit_hash.map(|h| hex(&h));
         let agent = engine.agent();
         let time = rfc3339_millis(now_ms);
@@ -262,7 +263,7 @@ impl Enforcer {
             },
             args: &digest,
             chain: delegation.as_ref().map_or(&[][..], |d| &d.audit_chain),
-            correlation: &correlation,
+            correlation,
             decision: label,
             initiator: delegation.as_ref().and_then(|d| d.initiator.as_deref()),
             latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
@@ -272,7 +273,7 @@ impl Enforcer {
             rule: &rule,
             server: &upstream.name,
             session: AuditSession {
-                chaperone: &session.chaperone_id,
+                chaperone: session.chaperone_id.as_str(),
                 mcp: call.mcp_session_id,
             },
             snapshot: active.version(),
@@ -308,7 +309,7 @@ impl Enforcer {
         }
         let iat = now_ms.div_euclid(1000);
         let lifetime = i64::from(active.snapshot.content.assertion.lifetime_seconds);
-        let jti = random_id();
+        let jti = HexId::random();
         let act = delegation
             .as_deref()
             .map(|d| onward_actor(&active.issuer, d, grant_used.as_ref()));
@@ -324,8 +325,8 @@ impl Enforcer {
             aud: &upstream.audience,
             exp: iat + lifetime,
             iat,
-            jti: &jti,
-            sid: &session.chaperone_id,
+            jti: jti.as_str(),
+            sid: session.chaperone_id.as_str(),
             tool: call.name,
             args: &digest,
             snap: active.version(),

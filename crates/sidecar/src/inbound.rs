@@ -37,7 +37,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
-use crate::assertion::{ASSERTION_HEADER, Actor, random_id};
+use crate::assertion::{ASSERTION_HEADER, Actor, HexId};
 use crate::audit::{AuditAgent, AuditRecord, AuditSession, rfc3339_millis};
 use crate::authz::{Governed, classify};
 use crate::canonical::{args_digest, hex};
@@ -473,7 +473,7 @@ impl Inbound {
         );
         let key = SessionKey::new(ORIGIN, &origin);
         let idle = idle_timeout(active);
-        let session = match self.gateway.delegated.get(&key, Instant::now(), idle) {
+        let session = match self.gateway.delegated.get(key, Instant::now(), idle) {
             Some(session) => session,
             None => {
                 let mut state = SessionState::new();
@@ -516,13 +516,14 @@ impl Inbound {
         claims: &VerifiedAssertion,
         open: impl FnOnce() -> SessionState,
     ) -> SharedSession {
-        let key = SessionKey::new(ORIGIN, &format!("{} {}", claims.iss, claims.sid));
+        let origin = format!("{} {}", claims.iss, claims.sid);
+        let key = SessionKey::new(ORIGIN, &origin);
         let idle = self
             .gateway
             .source
             .current()
             .map_or(Duration::from_secs(900), |a| idle_timeout(&a));
-        if let Some(session) = self.gateway.delegated.get(&key, Instant::now(), idle) {
+        if let Some(session) = self.gateway.delegated.get(key, Instant::now(), idle) {
             return session;
         }
         let (_, session) = self.gateway.open_delegated(open());
@@ -580,7 +581,8 @@ impl Inbound {
             ),
             None => ("", settings.pod_namespace.as_str()),
         };
-        let correlation = random_id();
+        let correlation = HexId::random();
+        let correlation = correlation.as_str();
         let prev = state.last_audit_hash.map(|h| hex(&h));
         let time = rfc3339_millis(now_ms);
         let delegation = state.delegation.clone();
@@ -593,7 +595,7 @@ impl Inbound {
             },
             args: &call.digest,
             chain: delegation.as_ref().map_or(&[][..], |d| &d.audit_chain),
-            correlation: &correlation,
+            correlation,
             decision,
             initiator: delegation.as_ref().and_then(|d| d.initiator.as_deref()),
             latency_us: 0,
@@ -603,7 +605,7 @@ impl Inbound {
             rule,
             server: &server,
             session: AuditSession {
-                chaperone: &state.chaperone_id,
+                chaperone: state.chaperone_id.as_str(),
                 mcp: "",
             },
             snapshot: active.map_or(0, |a| a.version()),
@@ -613,7 +615,7 @@ impl Inbound {
         match enforcer.audit.write(&record) {
             Ok(hash) => {
                 state.last_audit_hash = Some(hash);
-                Ok(correlation)
+                Ok(correlation.to_owned())
             }
             Err(err) => {
                 tracing::error!(error = %err, "audit record not written; refusing the call");

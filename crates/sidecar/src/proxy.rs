@@ -243,7 +243,7 @@ impl Gateway {
             Some(id) => {
                 let session = self
                     .sessions
-                    .get(&SessionKey::new(&upstream.name, id), now, idle)
+                    .get(SessionKey::new(&upstream.name, id), now, idle)
                     .ok_or(UnknownSession)?;
                 Ok(Some((session, id.to_owned())))
             }
@@ -251,7 +251,7 @@ impl Gateway {
             None => {
                 let session =
                     self.sessions
-                        .get_or_create(&SessionKey::new(&upstream.name, ""), now, idle);
+                        .get_or_create(SessionKey::new(&upstream.name, ""), now, idle);
                 self.metrics.sessions.set(self.sessions.len() as i64);
                 Ok(Some((session, String::new())))
             }
@@ -272,7 +272,7 @@ impl Gateway {
         let token = value.to_str().map_err(|_| UnknownDelegatedSession)?;
         self.delegated
             .get(
-                &SessionKey::new(DELEGATED, token.trim()),
+                SessionKey::new(DELEGATED, token.trim()),
                 Instant::now(),
                 Self::idle_timeout(active),
             )
@@ -294,7 +294,7 @@ impl Gateway {
     /// The inbound session `token`, if it is live.
     pub fn find_delegated(&self, token: &str, idle: Duration) -> Option<SharedSession> {
         self.delegated
-            .get(&SessionKey::new(DELEGATED, token), Instant::now(), idle)
+            .get(SessionKey::new(DELEGATED, token), Instant::now(), idle)
     }
 
     async fn post(
@@ -347,7 +347,7 @@ impl Gateway {
                         // server's session-less context.
                         let now = Instant::now();
                         let shared = self.sessions.get_or_create(
-                            &SessionKey::new(&upstream.name, ""),
+                            SessionKey::new(&upstream.name, ""),
                             now,
                             Self::idle_timeout(active),
                         );
@@ -512,7 +512,7 @@ impl Gateway {
         if let Some(id) = session_id(req.headers()) {
             let key = SessionKey::new(&upstream.name, id);
             self.sessions
-                .get(&key, Instant::now(), Self::idle_timeout(active))
+                .get(key, Instant::now(), Self::idle_timeout(active))
                 .ok_or(UnknownSession)?;
         }
         let mut request = Request::new(Full::new(Bytes::new()));
@@ -548,7 +548,7 @@ impl Gateway {
         if let Some(id) = sid
             && response.status().is_success()
         {
-            self.sessions.remove(&SessionKey::new(&upstream.name, &id));
+            self.sessions.remove(SessionKey::new(&upstream.name, &id));
             self.metrics.sessions.set(self.sessions.len() as i64);
         }
         let (mut rparts, rbody) = response.into_parts();

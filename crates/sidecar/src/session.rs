@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use chaperone_policy::{DelegationChain, EffectSet, GrantKey, SessionHistory};
 
-use crate::assertion::{Actor, random_id};
+use crate::assertion::{Actor, HexId};
 use crate::ratelimit::TokenBucket;
 
 /// Steps kept per session for inspection; the counts in [`SessionHistory`] stay
@@ -23,21 +23,21 @@ use crate::ratelimit::TokenBucket;
 pub const MAX_STEPS_KEPT: usize = 256;
 
 /// The key of a session: tool server and its `Mcp-Session-Id` (empty for servers
-/// that do not issue one).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionKey {
+/// that do not issue one). Borrowed: looking a session up allocates nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey<'a> {
     /// The tool server's name.
-    pub server: Arc<str>,
+    pub server: &'a str,
     /// The upstream's session id; empty for a stateless server.
-    pub mcp_session_id: Arc<str>,
+    pub mcp_session_id: &'a str,
 }
 
-impl SessionKey {
+impl<'a> SessionKey<'a> {
     /// The key of `server`'s session `mcp_session_id`.
-    pub fn new(server: &str, mcp_session_id: &str) -> Self {
+    pub fn new(server: &'a str, mcp_session_id: &'a str) -> Self {
         Self {
-            server: Arc::from(server),
-            mcp_session_id: Arc::from(mcp_session_id),
+            server,
+            mcp_session_id,
         }
     }
 }
@@ -81,7 +81,7 @@ impl StepDecision {
 #[derive(Debug)]
 pub struct SessionState {
     /// The Chaperone session id (assertions' `sid`, audit records).
-    pub chaperone_id: String,
+    pub chaperone_id: HexId,
     /// What session conditions read.
     pub history: SessionHistory,
     /// The most recent steps, oldest first.
@@ -142,7 +142,7 @@ impl SessionState {
     /// A new, empty session with a fresh Chaperone session id.
     pub fn new() -> Self {
         Self {
-            chaperone_id: random_id(),
+            chaperone_id: HexId::random(),
             history: SessionHistory::new(),
             steps: VecDeque::new(),
             last_audit_hash: None,
@@ -199,34 +199,84 @@ struct Slot {
     tick: u64,
 }
 
+/// The sessions of one tool server, by session id.
+type ServerSessions = HashMap<Arc<str>, Slot>;
+
 #[derive(Default)]
 struct Inner {
-    slots: HashMap<SessionKey, Slot>,
-    /// Least recently used first.
-    order: BTreeMap<u64, SessionKey>,
+    /// Sessions by server (each server name stored once), then by session id.
+    servers: HashMap<Arc<str>, ServerSessions>,
+    /// Least recently used first: server and session id of each tick.
+    order: BTreeMap<u64, (Arc<str>, Arc<str>)>,
+    len: usize,
     next_tick: u64,
 }
 
 impl Inner {
-    fn touch(&mut self, key: &SessionKey, now: Instant) -> Option<SharedSession> {
-        let tick = self.next_tick;
-        let slot = self.slots.get_mut(key)?;
-        self.order.remove(&slot.tick);
-        slot.tick = tick;
-        slot.last_used = now;
-        self.order.insert(tick, key.clone());
-        self.next_tick += 1;
-        Some(Arc::clone(&slot.session))
+    fn slot_mut(&mut self, key: SessionKey<'_>) -> Option<&mut Slot> {
+        self.servers
+            .get_mut(key.server)?
+            .get_mut(key.mcp_session_id)
     }
 
-    fn remove(&mut self, key: &SessionKey) -> bool {
-        match self.slots.remove(key) {
+    fn touch(&mut self, key: SessionKey<'_>, now: Instant) -> Option<SharedSession> {
+        let tick = self.next_tick;
+        let slot = self.slot_mut(key)?;
+        let old = std::mem::replace(&mut slot.tick, tick);
+        slot.last_used = now;
+        let session = Arc::clone(&slot.session);
+        if let Some(entry) = self.order.remove(&old) {
+            self.order.insert(tick, entry);
+        }
+        self.next_tick += 1;
+        Some(session)
+    }
+
+    fn remove(&mut self, key: SessionKey<'_>) -> bool {
+        let Some(sessions) = self.servers.get_mut(key.server) else {
+            return false;
+        };
+        match sessions.remove(key.mcp_session_id) {
             Some(slot) => {
                 self.order.remove(&slot.tick);
+                self.len -= 1;
                 true
             }
             None => false,
         }
+    }
+
+    fn evict_oldest(&mut self) -> bool {
+        let Some((_, (server, id))) = self.order.pop_first() else {
+            return false;
+        };
+        if let Some(sessions) = self.servers.get_mut(&server)
+            && sessions.remove(&id).is_some()
+        {
+            self.len -= 1;
+        }
+        true
+    }
+
+    fn insert(&mut self, key: SessionKey<'_>, session: SharedSession, now: Instant) {
+        let tick = self.next_tick;
+        self.next_tick += 1;
+        let server = match self.servers.get_key_value(key.server) {
+            Some((server, _)) => Arc::clone(server),
+            None => Arc::from(key.server),
+        };
+        let id: Arc<str> = Arc::from(key.mcp_session_id);
+        self.order
+            .insert(tick, (Arc::clone(&server), Arc::clone(&id)));
+        self.servers.entry(server).or_default().insert(
+            id,
+            Slot {
+                session,
+                last_used: now,
+                tick,
+            },
+        );
+        self.len += 1;
     }
 }
 
@@ -260,42 +310,31 @@ impl SessionStore {
 
     /// Creates (or resets) the session `key`, evicting the least recently used
     /// session if the store is full.
-    pub fn create(&self, key: SessionKey, now: Instant) -> SharedSession {
+    pub fn create(&self, key: SessionKey<'_>, now: Instant) -> SharedSession {
         self.insert(key, SessionState::new(), now)
     }
 
     /// Stores `state` under `key` (replacing any session there), evicting the
     /// least recently used session when full.
-    pub fn insert(&self, key: SessionKey, state: SessionState, now: Instant) -> SharedSession {
+    pub fn insert(&self, key: SessionKey<'_>, state: SessionState, now: Instant) -> SharedSession {
         self.insert_shared(key, Arc::new(Mutex::new(state)), now)
     }
 
     /// Stores a session already shared elsewhere under `key` as well.
     pub fn insert_shared(
         &self,
-        key: SessionKey,
+        key: SessionKey<'_>,
         session: SharedSession,
         now: Instant,
     ) -> SharedSession {
         let mut inner = self.inner();
-        inner.remove(&key);
-        while inner.slots.len() >= self.max_sessions {
-            let Some((_, oldest)) = inner.order.pop_first() else {
+        inner.remove(key);
+        while inner.len >= self.max_sessions {
+            if !inner.evict_oldest() {
                 break;
-            };
-            inner.slots.remove(&oldest);
+            }
         }
-        let tick = inner.next_tick;
-        inner.next_tick += 1;
-        inner.order.insert(tick, key.clone());
-        inner.slots.insert(
-            key,
-            Slot {
-                session: Arc::clone(&session),
-                last_used: now,
-                tick,
-            },
-        );
+        inner.insert(key, Arc::clone(&session), now);
         session
     }
 
@@ -303,15 +342,12 @@ impl SessionStore {
     /// `idle_timeout` (then it is forgotten).
     pub fn get(
         &self,
-        key: &SessionKey,
+        key: SessionKey<'_>,
         now: Instant,
         idle_timeout: Duration,
     ) -> Option<SharedSession> {
         let mut inner = self.inner();
-        let expired = match inner.slots.get(key) {
-            None => return None,
-            Some(slot) => now.saturating_duration_since(slot.last_used) > idle_timeout,
-        };
+        let expired = now.saturating_duration_since(inner.slot_mut(key)?.last_used) > idle_timeout;
         if expired {
             inner.remove(key);
             return None;
@@ -323,39 +359,44 @@ impl SessionStore {
     /// no session id).
     pub fn get_or_create(
         &self,
-        key: &SessionKey,
+        key: SessionKey<'_>,
         now: Instant,
         idle_timeout: Duration,
     ) -> SharedSession {
         match self.get(key, now, idle_timeout) {
             Some(session) => session,
-            None => self.create(key.clone(), now),
+            None => self.create(key, now),
         }
     }
 
     /// Forgets session `key` (the client ended it); whether it existed.
-    pub fn remove(&self, key: &SessionKey) -> bool {
+    pub fn remove(&self, key: SessionKey<'_>) -> bool {
         self.inner().remove(key)
     }
 
     /// Forgets every session idle longer than `idle_timeout`; how many.
     pub fn sweep(&self, now: Instant, idle_timeout: Duration) -> usize {
         let mut inner = self.inner();
-        let expired: Vec<SessionKey> = inner
-            .slots
-            .iter()
-            .filter(|(_, slot)| now.saturating_duration_since(slot.last_used) > idle_timeout)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in &expired {
-            inner.remove(key);
+        let mut expired_ticks = Vec::new();
+        for sessions in inner.servers.values_mut() {
+            sessions.retain(|_, slot| {
+                let keep = now.saturating_duration_since(slot.last_used) <= idle_timeout;
+                if !keep {
+                    expired_ticks.push(slot.tick);
+                }
+                keep
+            });
         }
-        expired.len()
+        for tick in &expired_ticks {
+            inner.order.remove(tick);
+        }
+        inner.len -= expired_ticks.len();
+        expired_ticks.len()
     }
 
     /// Sessions held.
     pub fn len(&self) -> usize {
-        self.inner().slots.len()
+        self.inner().len
     }
 
     /// Whether the store is empty.
@@ -375,7 +416,7 @@ mod tests {
         let store = SessionStore::new(10);
         assert!(
             store
-                .get(&SessionKey::new("s", "x"), Instant::now(), IDLE)
+                .get(SessionKey::new("s", "x"), Instant::now(), IDLE)
                 .is_none()
         );
         assert!(store.is_empty());
@@ -388,11 +429,11 @@ mod tests {
         store.create(SessionKey::new("s", "a"), now);
         store.create(SessionKey::new("s", "b"), now);
         // Touch "a" so that "b" is the least recently used.
-        assert!(store.get(&SessionKey::new("s", "a"), now, IDLE).is_some());
+        assert!(store.get(SessionKey::new("s", "a"), now, IDLE).is_some());
         store.create(SessionKey::new("s", "c"), now);
         assert_eq!(store.len(), 2);
-        assert!(store.get(&SessionKey::new("s", "b"), now, IDLE).is_none());
-        assert!(store.get(&SessionKey::new("s", "a"), now, IDLE).is_some());
+        assert!(store.get(SessionKey::new("s", "b"), now, IDLE).is_none());
+        assert!(store.get(SessionKey::new("s", "a"), now, IDLE).is_some());
     }
 
     #[test]
@@ -401,7 +442,7 @@ mod tests {
         let now = Instant::now();
         store.create(SessionKey::new("s", "a"), now);
         let later = now + Duration::from_secs(61);
-        assert!(store.get(&SessionKey::new("s", "a"), later, IDLE).is_none());
+        assert!(store.get(SessionKey::new("s", "a"), later, IDLE).is_none());
         assert!(store.is_empty());
     }
 

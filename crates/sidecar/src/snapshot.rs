@@ -43,7 +43,9 @@ pub fn agent_issuer(namespace: &str, name: &str) -> String {
 /// The policy in force: the snapshot, its engine and its routes.
 #[derive(Debug)]
 pub struct ActivePolicy {
-    /// The snapshot as received.
+    /// The snapshot as received, less the rules and tool classifications of
+    /// the agent and its delegators: the engine holds those, compiled, and a
+    /// second copy of a 1,000-tool policy would cost megabytes.
     pub snapshot: Snapshot,
     /// The compiled evaluator.
     pub engine: Engine,
@@ -151,8 +153,14 @@ impl SnapshotSource {
     }
 }
 
-fn convert(snapshot: Snapshot) -> Result<ActivePolicy, SnapshotRejected> {
+fn convert(mut snapshot: Snapshot) -> Result<ActivePolicy, SnapshotRejected> {
     let engine = Engine::new(&snapshot)?;
+    for authority in std::iter::once(&mut snapshot.content.authority)
+        .chain(snapshot.content.delegators.iter_mut())
+    {
+        authority.rules = Vec::new();
+        authority.classifications = Vec::new();
+    }
     let mut upstreams = HashMap::new();
     for server in &snapshot.content.tool_servers {
         let bad = |reason| SnapshotRejected::BadUpstream {
