@@ -937,6 +937,16 @@ impl ControllerProcess {
             .join("\n"))
     }
 
+    /// `chaperone_controller_status_patches_total`, all outcomes summed.
+    async fn status_patches(&self) -> Result<f64> {
+        let text = self.admin_get("/metrics").await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("chaperone_controller_status_patches_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
     async fn admin_get(&self, path: &str) -> Result<String> {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await?;
         stream
@@ -956,17 +966,21 @@ impl Drop for ControllerProcess {
     }
 }
 
-/// Waits until the controller uses under 5 % of a core over 2 s (its work
-/// queue, status writes included, is drained); returns how long that took.
+/// Waits until the controller uses under 5 % of a core over 2 s and wrote no
+/// status meanwhile (its work queue, status writes included, is drained: with
+/// several patches in flight the writer waits on the API server, not the CPU);
+/// returns how long that took.
 async fn settle(controller: &ControllerProcess, max: Duration) -> Result<Duration> {
     let started = Instant::now();
     let window = Duration::from_secs(2);
     loop {
         controller.ensure_running()?;
         let before = controller.cpu_seconds()?;
+        let patches_before = controller.status_patches().await?;
         tokio::time::sleep(window).await;
         let used = controller.cpu_seconds()? - before;
-        if used < 0.05 * window.as_secs_f64() {
+        let patched = controller.status_patches().await? != patches_before;
+        if used < 0.05 * window.as_secs_f64() && !patched {
             return Ok(started.elapsed().saturating_sub(window));
         }
         if started.elapsed() > max {

@@ -74,6 +74,11 @@ pub struct Index {
     last_version: u64,
     /// Bumped on every change that can alter a status.
     generation: u64,
+    /// Namespaces whose objects' statuses may have changed since the status
+    /// writer last took them ([`Index::take_status_dirty`]).
+    status_dirty: BTreeSet<String>,
+    /// Inside [`Index::batch`]: the namespaces to recompile at its end.
+    deferred: Option<BTreeSet<String>>,
 }
 
 struct AgentEntry {
@@ -97,6 +102,8 @@ impl Index {
             agent_errors: BTreeMap::new(),
             last_version: 0,
             generation: 0,
+            status_dirty: BTreeSet::new(),
+            deferred: None,
         }
     }
 
@@ -206,6 +213,18 @@ impl Index {
         self.recompute_all(now);
     }
 
+    /// Runs `changes` (any `apply_*`, `delete_*` and `reset_*` calls) and then
+    /// recompiles once, the union of what they affect, instead of once per
+    /// change: a burst of watch events costs one recompilation.
+    pub fn batch(&mut self, now: i64, changes: impl FnOnce(&mut Self)) {
+        let outer = self.deferred.replace(BTreeSet::new());
+        changes(self);
+        let namespaces = std::mem::replace(&mut self.deferred, outer).unwrap_or_default();
+        if !namespaces.is_empty() {
+            self.recompute(namespaces, now);
+        }
+    }
+
     /// Recompiles every agent: grants that expired since are dropped and reported.
     pub fn recompute_all(&mut self, now: i64) {
         let namespaces: BTreeSet<String> = self
@@ -266,6 +285,32 @@ impl Index {
         self.generation
     }
 
+    /// The namespaces whose objects' statuses may have changed since the last
+    /// call: the ones recompiled, and those of every agent recompiled with them.
+    /// A grant's status also reads its target's namespace (see
+    /// [`grant_namespaces`]); the status writer checks that one too.
+    pub fn take_status_dirty(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.status_dirty)
+    }
+
+    /// The AgentIdentity `key`, if the index has it.
+    pub fn identity(&self, key: &ObjectKey) -> Option<&Object<AgentIdentitySpec>> {
+        self.position(ObjectKind::AgentIdentity, key)
+            .map(|i| &self.objects.identities[i])
+    }
+
+    /// The ToolPolicy `key`, if the index has it.
+    pub fn policy(&self, key: &ObjectKey) -> Option<&Object<ToolPolicySpec>> {
+        self.position(ObjectKind::ToolPolicy, key)
+            .map(|i| &self.objects.policies[i])
+    }
+
+    /// The DelegationGrant `key`, if the index has it.
+    pub fn grant(&self, key: &ObjectKey) -> Option<&Object<DelegationGrantSpec>> {
+        self.position(ObjectKind::DelegationGrant, key)
+            .map(|i| &self.objects.grants[i])
+    }
+
     fn position(&self, kind: ObjectKind, key: &ObjectKey) -> Option<usize> {
         self.positions
             .get(&ObjectRef {
@@ -294,6 +339,10 @@ impl Index {
     /// Recompiles the agents of `namespaces` and every agent downstream of them
     /// through grants (a delegate's snapshot carries its delegators' rules).
     fn recompute(&mut self, namespaces: impl IntoIterator<Item = String>, now: i64) {
+        if let Some(deferred) = self.deferred.as_mut() {
+            deferred.extend(namespaces);
+            return;
+        }
         self.generation += 1;
         let namespaces: BTreeSet<String> = namespaces.into_iter().collect();
         let mut affected: BTreeSet<AgentKey> = self
@@ -324,29 +373,43 @@ impl Index {
             }
         }
 
+        self.status_dirty.extend(namespaces.iter().cloned());
+        self.status_dirty
+            .extend(affected.iter().map(|a| a.namespace.clone()));
+
         // Errors of objects in these namespaces are recomputed below.
         self.errors
             .retain(|r, _| !namespaces.contains(&r.key.namespace));
         let inventory = self.objects.inventory();
         let options = CompileOptions { version: 0, now };
-        for agent in affected {
-            let identity = self
-                .position(ObjectKind::AgentIdentity, &agent)
-                .map(|i| &self.objects.identities[i]);
+        let (existing, gone): (Vec<AgentKey>, Vec<AgentKey>) = affected
+            .into_iter()
+            .partition(|agent| self.position(ObjectKind::AgentIdentity, agent).is_some());
+        for agent in gone {
+            if let Some(entry) = self.agents.get(&agent) {
+                entry
+                    .tx
+                    .send_if_modified(|current| current.take().is_some());
+            }
+            self.agent_errors.remove(&agent);
+        }
+        // One compiler for all the agents of this change: it indexes the
+        // inventory once, not once per agent.
+        let compilations = chaperone_policy::compile_each(
+            existing.iter().filter_map(|agent| {
+                self.position(ObjectKind::AgentIdentity, agent)
+                    .map(|i| &self.objects.identities[i])
+            }),
+            &inventory,
+            &options,
+        );
+        for (agent, compilation) in existing.into_iter().zip(compilations) {
             let entry = self
                 .agents
                 .entry(agent.clone())
                 .or_insert_with(|| AgentEntry {
                     tx: watch::channel(None).0,
                 });
-            let Some(identity) = identity else {
-                entry
-                    .tx
-                    .send_if_modified(|current| current.take().is_some());
-                self.agent_errors.remove(&agent);
-                continue;
-            };
-            let compilation = chaperone_policy::compile(identity, &inventory, &options);
             self.agent_errors
                 .insert(agent.clone(), compilation.errors.clone());
             for error in compilation.errors {
@@ -383,12 +446,13 @@ impl Index {
                 }
             }
         }
+        let known: BTreeSet<AgentKey> = inventory.identities.iter().map(key_of).collect();
         for grant in inventory
             .grants
             .iter()
             .filter(|g| namespaces.contains(g.metadata.namespace_or_default()))
         {
-            if let Err(error) = chaperone_policy::check_grant(grant, inventory.identities, now) {
+            if let Err(error) = chaperone_policy::check_grant_among(grant, &known, now) {
                 let list = self.errors.entry(error.object.clone()).or_default();
                 if !list.contains(&error) {
                     list.push(error);
@@ -471,7 +535,9 @@ fn namespace_of<S>(object: &Object<S>) -> String {
     object.metadata.namespace_or_default().to_owned()
 }
 
-fn grant_namespaces(grant: &Object<DelegationGrantSpec>) -> Vec<String> {
+/// The namespaces a grant's compilation and status read: its own and its
+/// target's.
+pub fn grant_namespaces(grant: &Object<DelegationGrantSpec>) -> Vec<String> {
     let ns = namespace_of(grant);
     let to = grant
         .spec

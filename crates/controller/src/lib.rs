@@ -112,14 +112,23 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
         metrics,
     };
     let (leader_tx, leader_rx) = watch::channel(false);
-    // AgentIdentities as Kubernetes objects, for the webhook and stream auth.
+    // AgentIdentities as Kubernetes objects, for the webhook and stream auth;
+    // stored without what neither reads (managed fields, the last-applied
+    // annotation, the status this controller writes).
     let (identities, identity_writer) = kube::runtime::reflector::store();
     let identity_reflector = kube::runtime::reflector(
         identity_writer,
         kube::runtime::watcher(
             kube::Api::<chaperone_api::AgentIdentity>::all(client.clone()),
             Default::default(),
-        ),
+        )
+        .modify(|identity| {
+            identity.metadata.managed_fields = None;
+            if let Some(annotations) = identity.metadata.annotations.as_mut() {
+                annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+            identity.status = None;
+        }),
     )
     .default_backoff()
     .for_each(|_| std::future::ready(()));

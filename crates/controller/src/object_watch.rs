@@ -8,7 +8,7 @@ use std::{
 
 use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
 use chaperone_policy::model::{self, Object};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::ListParams,
@@ -151,39 +151,74 @@ async fn watch_kind<K>(
     let mut buffer: Vec<ModelObject> = Vec::new();
     let mut first_sync = true;
     while let Some(event) = stream.next().await {
-        let now = crate::unix_now();
-        match event {
-            Ok(watcher::Event::Apply(object)) => {
-                let object = to_model(&object);
-                shared.update(|index| apply(index, object, now));
-            }
-            Ok(watcher::Event::Delete(object)) => {
-                let key = chaperone_policy::ObjectKey::new(
-                    object.namespace().unwrap_or_else(|| "default".into()),
-                    object.name_any(),
-                );
-                shared.update(|index| match kind {
-                    Kind::Identity => index.delete_identity(&key, now),
-                    Kind::Policy => index.delete_policy(&key, now),
-                    Kind::Grant => index.delete_grant(&key, now),
-                });
-            }
-            Ok(watcher::Event::Init) => buffer.clear(),
-            Ok(watcher::Event::InitApply(object)) => buffer.push(to_model(&object)),
-            Ok(watcher::Event::InitDone) => {
-                let objects = std::mem::take(&mut buffer);
-                shared.update(|index| reset(index, kind, objects, now));
-                if first_sync {
-                    first_sync = false;
-                    shared.synced.send_modify(|n| *n += 1);
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "watch failed; retrying with backoff");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        // The events already received go in one batch: a burst of creates
+        // costs one recompilation per namespace, not one per object.
+        let mut events = vec![event];
+        while events.len() < MAX_BATCH {
+            match stream.next().now_or_never() {
+                Some(Some(event)) => events.push(event),
+                _ => break,
             }
         }
+        let now = crate::unix_now();
+        let mut changes: Vec<Change> = Vec::new();
+        for event in events {
+            match event {
+                Ok(watcher::Event::Apply(object)) => {
+                    changes.push(Change::Apply(Box::new(to_model(&object))));
+                }
+                Ok(watcher::Event::Delete(object)) => {
+                    changes.push(Change::Delete(chaperone_policy::ObjectKey::new(
+                        object.namespace().unwrap_or_else(|| "default".into()),
+                        object.name_any(),
+                    )))
+                }
+                Ok(watcher::Event::Init) => buffer.clear(),
+                Ok(watcher::Event::InitApply(object)) => buffer.push(to_model(&object)),
+                Ok(watcher::Event::InitDone) => {
+                    let objects = std::mem::take(&mut buffer);
+                    changes.push(Change::Reset(objects));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "watch failed; retrying with backoff");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let synced = changes.iter().any(|c| matches!(c, Change::Reset(_)));
+        if !changes.is_empty() {
+            shared.update(|index| {
+                index.batch(now, |index| {
+                    for change in changes {
+                        match change {
+                            Change::Apply(object) => apply(index, *object, now),
+                            Change::Delete(key) => match kind {
+                                Kind::Identity => index.delete_identity(&key, now),
+                                Kind::Policy => index.delete_policy(&key, now),
+                                Kind::Grant => index.delete_grant(&key, now),
+                            },
+                            Change::Reset(objects) => reset(index, kind, objects, now),
+                        }
+                    }
+                });
+            });
+        }
+        if synced && first_sync {
+            first_sync = false;
+            shared.synced.send_modify(|n| *n += 1);
+        }
     }
+}
+
+/// Watch events handled in one batch at most.
+const MAX_BATCH: usize = 1024;
+
+/// One watch event's change to the index, in the order received.
+enum Change {
+    Apply(Box<ModelObject>),
+    Delete(chaperone_policy::ObjectKey),
+    /// A complete re-list.
+    Reset(Vec<ModelObject>),
 }
 
 fn apply(index: &mut Index, object: ModelObject, now: i64) {
@@ -258,7 +293,8 @@ pub fn model_object<K: Resource, S>(object: &K, spec: impl Fn(&K) -> S) -> Objec
 /// JWKS even if the sidecar's connection lingers; a deleted pod connected to
 /// another replica leaves this replica's JWKS at once too.
 pub async fn watch_pod_deletions(client: Client, sidecars: Arc<crate::sidecars::SidecarRegistry>) {
-    let api = Api::<k8s_openapi::api::core::v1::Pod>::all(client);
+    // Metadata only: the name, uid and deletion timestamp are all it reads.
+    let api = Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Pod>>::all(client);
     let mut stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
@@ -274,7 +310,10 @@ pub async fn watch_pod_deletions(client: Client, sidecars: Arc<crate::sidecars::
     }
 }
 
-fn pod_deleted(sidecars: &crate::sidecars::SidecarRegistry, pod: &k8s_openapi::api::core::v1::Pod) {
+fn pod_deleted(
+    sidecars: &crate::sidecars::SidecarRegistry,
+    pod: &kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Pod>,
+) {
     sidecars.evict(&pod.namespace().unwrap_or_default(), &pod.name_any());
     if let Some(uid) = &pod.metadata.uid {
         sidecars.forget_peer_pod(uid, crate::unix_now());

@@ -62,6 +62,9 @@ pub struct SidecarRegistry {
     /// [`SidecarRegistry::jwks`] as JSON; `None` after the key set changed,
     /// until the next read rebuilds it.
     jwks_json: Mutex<Option<Arc<str>>>,
+    /// Agents whose sidecars changed since the status writer last took them
+    /// ([`SidecarRegistry::take_status_dirty`]).
+    status_dirty: Mutex<BTreeSet<AgentKey>>,
 }
 
 /// What the other replicas published, less the pods deleted since.
@@ -111,7 +114,7 @@ impl SidecarRegistry {
         let connection = self
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let had_key = self.modify(|map| {
+        let had_key = self.modify(&key, |map| {
             map.insert(
                 key.clone(),
                 SidecarState {
@@ -157,16 +160,16 @@ impl SidecarRegistry {
     /// Applies `change` to one sidecar's state. A tool-mode sidecar's entry
     /// keeps no key whatever `change` does.
     pub fn update(&self, namespace: &str, pod: &str, change: impl FnOnce(&mut SidecarState)) {
-        let key_changed = self.modify(|map| {
-            map.get_mut(&(namespace.to_owned(), pod.to_owned()))
-                .is_some_and(|state| {
-                    let before = state.key.clone();
-                    change(state);
-                    if state.agent.is_none() {
-                        state.key = None;
-                    }
-                    before != state.key
-                })
+        let key = (namespace.to_owned(), pod.to_owned());
+        let key_changed = self.modify(&key, |map| {
+            map.get_mut(&key).is_some_and(|state| {
+                let before = state.key.clone();
+                change(state);
+                if state.agent.is_none() {
+                    state.key = None;
+                }
+                before != state.key
+            })
         });
         if key_changed {
             self.keys_changed();
@@ -187,10 +190,9 @@ impl SidecarRegistry {
                 .into_iter()
                 .filter(|(_, s)| s.agent.is_some() && !deleted.contains_key(&s.pod_uid))
                 .collect();
-            peers_differ(
-                std::mem::replace(&mut peers.sidecars, sidecars),
-                &peers.sidecars,
-            )
+            let before = std::mem::replace(&mut peers.sidecars, sidecars);
+            self.mark_changed_agents(&before, &peers.sidecars);
+            peers_differ(before, &peers.sidecars)
         };
         self.notify_peer_change(changed, keys_changed);
     }
@@ -203,6 +205,7 @@ impl SidecarRegistry {
             peers.deleted.insert(pod_uid.to_owned(), now);
             let before = peers.sidecars.clone();
             peers.sidecars.retain(|_, s| s.pod_uid != pod_uid);
+            self.mark_changed_agents(&before, &peers.sidecars);
             peers_differ(before, &peers.sidecars)
         };
         self.notify_peer_change(changed, keys_changed);
@@ -240,11 +243,70 @@ impl SidecarRegistry {
     /// The sidecars of `agent`, on this replica or another: (pod, state). A pod
     /// both here and in another replica's (older) view counts once, as here.
     pub fn of_agent(&self, agent: &AgentKey) -> Vec<(String, SidecarState)> {
-        self.all_agent_sidecars()
-            .into_iter()
-            .filter(|(_, s)| s.agent.as_ref() == Some(agent))
-            .map(|((_, pod), s)| (pod, s))
-            .collect()
+        self.of_agents(&BTreeSet::from([agent.clone()]))
+            .remove(agent)
+            .unwrap_or_default()
+    }
+
+    /// [`SidecarRegistry::of_agent`] for several agents in one pass over the
+    /// registry; agents without a sidecar are left out.
+    pub fn of_agents(
+        &self,
+        agents: &BTreeSet<AgentKey>,
+    ) -> BTreeMap<AgentKey, Vec<(String, SidecarState)>> {
+        let wanted = |s: &SidecarState| s.agent.as_ref().is_some_and(|a| agents.contains(a));
+        let mut all: BTreeMap<PodKey, SidecarState> = {
+            let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            peers
+                .sidecars
+                .iter()
+                .filter(|(_, s)| wanted(s))
+                .map(|(k, s)| (k.clone(), s.clone()))
+                .collect()
+        };
+        {
+            let own = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
+            all.extend(
+                own.iter()
+                    .filter(|(_, s)| wanted(s))
+                    .map(|(k, s)| (k.clone(), s.clone())),
+            );
+        }
+        let mut by_agent: BTreeMap<AgentKey, Vec<(String, SidecarState)>> = BTreeMap::new();
+        for ((_, pod), state) in all {
+            if let Some(agent) = state.agent.clone() {
+                by_agent.entry(agent).or_default().push((pod, state));
+            }
+        }
+        by_agent
+    }
+
+    /// The agents whose sidecars (here or on another replica) changed since
+    /// the last call: the status writer recomputes only their statuses.
+    pub fn take_status_dirty(&self) -> BTreeSet<AgentKey> {
+        std::mem::take(&mut *self.status_dirty.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn mark_status_dirty(&self, agents: impl IntoIterator<Item = AgentKey>) {
+        self.status_dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(agents);
+    }
+
+    /// Marks the agents of the peer entries that differ between `before` and
+    /// `after`.
+    fn mark_changed_agents(
+        &self,
+        before: &BTreeMap<PodKey, SidecarState>,
+        after: &BTreeMap<PodKey, SidecarState>,
+    ) {
+        let changed = before
+            .iter()
+            .filter(|(k, s)| after.get(*k) != Some(*s))
+            .chain(after.iter().filter(|(k, s)| before.get(*k) != Some(*s)))
+            .filter_map(|(_, s)| s.agent.clone());
+        self.mark_status_dirty(changed);
     }
 
     /// This replica's agent sidecars and the other replicas', one entry per
@@ -304,14 +366,22 @@ impl SidecarRegistry {
         self.keys_changed.send_modify(|n| *n += 1);
     }
 
+    /// Applies `change`, which touches the entry of `pod` only, marks the
+    /// agent it had and the one it has for the status writer, and ticks
+    /// [`Self::changes`].
     fn modify<T>(
         &self,
+        pod: &PodKey,
         change: impl FnOnce(&mut BTreeMap<(String, String), SidecarState>) -> T,
     ) -> T {
-        let result = {
+        let (result, agents) = {
             let mut map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
-            change(&mut map)
+            let agent = |map: &BTreeMap<PodKey, SidecarState>| map.get(pod)?.agent.clone();
+            let before = agent(&map);
+            let result = change(&mut map);
+            (result, [before, agent(&map)])
         };
+        self.mark_status_dirty(agents.into_iter().flatten());
         self.changed.send_modify(|n| *n += 1);
         result
     }
@@ -365,7 +435,7 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let had_key = self.registry.modify(|map| {
+        let had_key = self.registry.modify(&self.key, |map| {
             // A reconnect of the same pod may already have replaced the entry.
             if map
                 .get(&self.key)
@@ -407,6 +477,22 @@ mod tests {
             pod_uid: format!("uid-{pod}"),
             service_account: "planner".into(),
         }
+    }
+
+    #[test]
+    fn connects_updates_and_disconnects_mark_the_agent_for_the_status_writer() {
+        let registry = SidecarRegistry::new();
+        let planner = BTreeSet::from([ObjectKey::new("ns", "planner")]);
+
+        let guard = registry.connect(&identity("p1"));
+        assert_eq!(registry.take_status_dirty(), planner);
+        assert!(registry.take_status_dirty().is_empty(), "taken once");
+
+        registry.update("ns", "p1", |s| s.acked = Some((1, "h".into())));
+        assert_eq!(registry.take_status_dirty(), planner);
+
+        drop(guard);
+        assert_eq!(registry.take_status_dirty(), planner);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! `chaperone-controller`) by the leader only.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
+    hash::{Hash, Hasher},
     sync::Arc,
     time::Duration,
 };
@@ -13,9 +14,10 @@ use chaperone_api::{
     OutOfSyncPod, ToolPolicy, ToolPolicyStatus,
 };
 use chaperone_policy::{
-    CompileError, CompileErrorReason, Engine, ObjectKind, ObjectRef,
-    model::{Object, ToolPolicySpec},
+    AgentKey, CompileError, CompileErrorReason, Engine, ObjectKey, ObjectKind, ObjectRef,
+    model::{AgentIdentitySpec, DelegationGrantSpec, Object, ToolPolicySpec},
 };
+use futures_util::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{
     Api, Client,
@@ -24,13 +26,18 @@ use kube::{
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::{index::Index, metrics::Metrics, object_watch::SharedIndex, sidecars::SidecarRegistry};
+use crate::{
+    index::{Index, grant_namespaces, key_of},
+    metrics::Metrics,
+    object_watch::SharedIndex,
+    sidecars::{SidecarRegistry, SidecarState},
+};
 
 /// The field manager of every status the controller writes.
 pub const FIELD_MANAGER: &str = "chaperone-controller";
 
 /// A condition without its transition time (filled in when written).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ConditionSpec {
     /// `Ready`, `Expired`, …
     pub type_: &'static str,
@@ -55,213 +62,352 @@ pub struct DesiredStatus {
     pub fields: Value,
 }
 
-/// Computes every object's status. Pure: the index, the sidecars of this replica
-/// and the time in, statuses out.
-pub fn desired_statuses(index: &Index, sidecars: &SidecarRegistry, now: i64) -> Vec<DesiredStatus> {
+/// How many pods `outOfSyncPods` lists at most: the count of all of them is
+/// `sidecarsConnected - sidecarsInSync`, and a list of a thousand pods would
+/// make every status write of a large agent a large one.
+pub const OUT_OF_SYNC_PODS_LISTED: usize = 20;
+
+impl DesiredStatus {
+    /// A hash of everything written: two statuses with the same fingerprint
+    /// need no second patch.
+    pub fn fingerprint(&self) -> u64 {
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.object.hash(&mut hasher);
+        self.generation.hash(&mut hasher);
+        self.conditions.hash(&mut hasher);
+        self.fields.to_string().hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+/// Every object of the index, for a pass that checks them all.
+pub fn all_objects(index: &Index) -> BTreeSet<ObjectRef> {
     let objects = index.objects();
-    let mut out = Vec::new();
+    let refs =
+        |kind, keys: Vec<ObjectKey>| keys.into_iter().map(move |key| ObjectRef { kind, key });
+    refs(
+        ObjectKind::AgentIdentity,
+        objects.identities.iter().map(key_of).collect(),
+    )
+    .chain(refs(
+        ObjectKind::ToolPolicy,
+        objects.policies.iter().map(key_of).collect(),
+    ))
+    .chain(refs(
+        ObjectKind::DelegationGrant,
+        objects.grants.iter().map(key_of).collect(),
+    ))
+    .collect()
+}
 
-    for identity in &objects.identities {
-        let key = crate::index::key_of(identity);
-        let object = ObjectRef {
+/// The objects whose status may read what changed: everything in
+/// `namespaces` (from [`Index::take_status_dirty`]), the grants that point
+/// into them, and the AgentIdentities of `agents` (whose sidecars changed).
+pub fn objects_to_check(
+    index: &Index,
+    namespaces: &BTreeSet<String>,
+    agents: &BTreeSet<AgentKey>,
+) -> BTreeSet<ObjectRef> {
+    let objects = index.objects();
+    let in_dirty = |ns: &str| namespaces.contains(ns);
+    let mut out: BTreeSet<ObjectRef> = agents
+        .iter()
+        .map(|agent| ObjectRef {
             kind: ObjectKind::AgentIdentity,
-            key: key.clone(),
-        };
-        let snapshot = index.snapshot(&key);
-        let mut status = AgentIdentityStatus::default();
-        let mut conditions = Vec::new();
-        match &snapshot {
-            Some(s) => {
-                status.snapshot_version = i64::try_from(s.version).ok();
-                status.snapshot_hash = Some(s.hash.clone());
-                let rules = s.content.authority.rules.len();
-                let policies: BTreeSet<&str> = s
-                    .content
-                    .authority
-                    .rules
-                    .iter()
-                    .map(|r| r.policy.as_str())
-                    .collect();
-                conditions.push(ConditionSpec {
-                    type_: "Ready",
-                    status: true,
-                    reason: "SnapshotServed",
-                    message: format!(
-                        "snapshot v{} serves {rules} rules from {} policies",
-                        s.version,
-                        policies.len()
-                    ),
-                });
-            }
-            None => conditions.push(ConditionSpec {
-                type_: "Ready",
-                status: false,
-                reason: "NotCompiled",
-                message: "no snapshot compiled yet".into(),
+            key: agent.clone(),
+        })
+        .collect();
+    if namespaces.is_empty() {
+        return out;
+    }
+    out.extend(
+        objects
+            .identities
+            .iter()
+            .filter(|o| in_dirty(o.metadata.namespace_or_default()))
+            .map(|o| ObjectRef {
+                kind: ObjectKind::AgentIdentity,
+                key: key_of(o),
             }),
-        }
-        let errors = index.agent_errors(&key);
-        conditions.push(if errors.is_empty() {
-            ConditionSpec {
-                type_: "PoliciesValid",
-                status: true,
-                reason: "AllCompiled",
-                message: "every policy and grant of this agent compiled".into(),
-            }
-        } else {
-            ConditionSpec {
-                type_: "PoliciesValid",
-                status: false,
-                reason: "ObjectsLeftOut",
-                message: describe_errors(errors),
-            }
-        });
-
-        let connected = sidecars.of_agent(&key);
-        let current_hash = snapshot.as_ref().map(|s| s.hash.as_str());
-        status.sidecars_connected = connected.len() as i32;
-        let mut inventory = BTreeSet::new();
-        for (pod, state) in &connected {
-            let in_sync = state
-                .acked
-                .as_ref()
-                .is_some_and(|(_, h)| Some(h.as_str()) == current_hash);
-            if in_sync {
-                status.sidecars_in_sync += 1;
-            } else {
-                status.out_of_sync_pods.push(OutOfSyncPod {
-                    name: pod.clone(),
-                    acked_version: state
-                        .acked
-                        .as_ref()
-                        .and_then(|(v, _)| i64::try_from(*v).ok()),
-                    error: state
-                        .rejected
-                        .as_ref()
-                        .map(|(v, e)| format!("rejected v{v}: {e}")),
-                });
-            }
-            inventory.extend(state.inventory.iter().cloned());
-        }
-        if !inventory.is_empty() {
-            let engine = snapshot.as_ref().and_then(|s| Engine::new(s).ok());
-            status.discovered_tools = inventory
-                .into_iter()
-                .map(|(server, name)| {
-                    let governed = engine.as_ref().is_some_and(|e| e.visible(&server, &name));
-                    DiscoveredTool {
-                        server,
-                        name,
-                        governed,
-                    }
-                })
-                .collect();
-            status.governed_tool_count = Some(
-                status
-                    .discovered_tools
-                    .iter()
-                    .filter(|t| t.governed)
-                    .count() as i32,
-            );
-        }
-        out.push(DesiredStatus {
-            object,
-            generation: identity.metadata.generation,
-            conditions,
-            fields: to_fields(&status),
-        });
-    }
-
-    for policy in &objects.policies {
-        let key = crate::index::key_of(policy);
-        let object = ObjectRef {
-            kind: ObjectKind::ToolPolicy,
-            key,
-        };
-        let errors = index.errors_of(&object);
-        let status = ToolPolicyStatus {
-            rule_count: Some(policy.spec.rules.len() as i32),
-            target_agent_count: Some(target_count(policy, &objects.identities) as i32),
-            ..Default::default()
-        };
-        let ready = if errors.is_empty() {
-            ConditionSpec {
-                type_: "Ready",
-                status: true,
-                reason: "Compiled",
-                message: format!("{} rules compiled", policy.spec.rules.len()),
-            }
-        } else {
-            ConditionSpec {
-                type_: "Ready",
-                status: false,
-                reason: "RuleInvalid",
-                message: describe_errors(errors),
-            }
-        };
-        out.push(DesiredStatus {
-            object,
-            generation: policy.metadata.generation,
-            conditions: vec![ready],
-            fields: to_fields(&status),
-        });
-    }
-
-    for grant in &objects.grants {
-        let key = crate::index::key_of(grant);
-        let object = ObjectRef {
-            kind: ObjectKind::DelegationGrant,
-            key,
-        };
-        let expires_at = chaperone_policy::grant_expires_at(&grant.spec, &grant.metadata, now).ok();
-        let status = DelegationGrantStatus {
-            expires_at: expires_at.map(rfc3339),
-            ..Default::default()
-        };
-        let conditions = match chaperone_policy::check_grant(grant, &objects.identities, now) {
-            Ok(at) => vec![
-                ConditionSpec {
-                    type_: "Ready",
-                    status: true,
-                    reason: "Active",
-                    message: format!("active until {}", rfc3339(at)),
-                },
-                ConditionSpec {
-                    type_: "Expired",
-                    status: false,
-                    reason: "Active",
-                    message: String::new(),
-                },
-            ],
-            Err(error) if matches!(*error.reason, CompileErrorReason::GrantExpired { .. }) => vec![
-                ConditionSpec {
-                    type_: "Ready",
-                    status: false,
-                    reason: "Expired",
-                    message: error.reason.to_string(),
-                },
-                ConditionSpec {
-                    type_: "Expired",
-                    status: true,
-                    reason: "Expired",
-                    message: error.reason.to_string(),
-                },
-            ],
-            Err(error) => vec![ConditionSpec {
-                type_: "Ready",
-                status: false,
-                reason: "Invalid",
-                message: error.reason.to_string(),
-            }],
-        };
-        out.push(DesiredStatus {
-            object,
-            generation: grant.metadata.generation,
-            conditions,
-            fields: to_fields(&status),
-        });
-    }
+    );
+    out.extend(
+        objects
+            .policies
+            .iter()
+            .filter(|o| in_dirty(o.metadata.namespace_or_default()))
+            .map(|o| ObjectRef {
+                kind: ObjectKind::ToolPolicy,
+                key: key_of(o),
+            }),
+    );
+    out.extend(
+        objects
+            .grants
+            .iter()
+            .filter(|o| grant_namespaces(o).iter().any(|ns| in_dirty(ns)))
+            .map(|o| ObjectRef {
+                kind: ObjectKind::DelegationGrant,
+                key: key_of(o),
+            }),
+    );
     out
+}
+
+/// Computes the statuses of `objects`; `None` for an object the index no
+/// longer has. Pure: the index, the sidecars of the AgentIdentities among
+/// `objects` ([`SidecarRegistry::of_agents`]) and the time in, statuses out.
+pub fn desired_statuses(
+    index: &Index,
+    sidecars: &BTreeMap<AgentKey, Vec<(String, SidecarState)>>,
+    objects: &[ObjectRef],
+    now: i64,
+) -> Vec<(ObjectRef, Option<DesiredStatus>)> {
+    let identities = &index.objects().identities;
+    // Built once for all the policies and grants among `objects`.
+    let mut by_namespace: BTreeMap<&str, Vec<&Object<AgentIdentitySpec>>> = BTreeMap::new();
+    let mut known: BTreeSet<AgentKey> = BTreeSet::new();
+    if objects.iter().any(|o| o.kind != ObjectKind::AgentIdentity) {
+        for identity in identities {
+            by_namespace
+                .entry(identity.metadata.namespace_or_default())
+                .or_default()
+                .push(identity);
+            known.insert(key_of(identity));
+        }
+    }
+    objects
+        .iter()
+        .map(|object| {
+            let key = &object.key;
+            let status = match object.kind {
+                ObjectKind::AgentIdentity => index.identity(key).map(|identity| {
+                    let connected = sidecars.get(key).map(Vec::as_slice).unwrap_or_default();
+                    identity_status(index, identity, connected)
+                }),
+                ObjectKind::ToolPolicy => index.policy(key).map(|policy| {
+                    let candidates = by_namespace
+                        .get(key.namespace.as_str())
+                        .map(Vec::as_slice)
+                        .unwrap_or_default();
+                    policy_status(index, policy, candidates)
+                }),
+                ObjectKind::DelegationGrant => index
+                    .grant(key)
+                    .map(|grant| grant_status(grant, &known, now)),
+            };
+            (object.clone(), status)
+        })
+        .collect()
+}
+
+fn identity_status(
+    index: &Index,
+    identity: &Object<AgentIdentitySpec>,
+    connected: &[(String, SidecarState)],
+) -> DesiredStatus {
+    let key = key_of(identity);
+    let snapshot = index.snapshot(&key);
+    let mut status = AgentIdentityStatus::default();
+    let mut conditions = Vec::new();
+    match &snapshot {
+        Some(s) => {
+            status.snapshot_version = i64::try_from(s.version).ok();
+            status.snapshot_hash = Some(s.hash.clone());
+            let rules = s.content.authority.rules.len();
+            let policies: BTreeSet<&str> = s
+                .content
+                .authority
+                .rules
+                .iter()
+                .map(|r| r.policy.as_str())
+                .collect();
+            conditions.push(ConditionSpec {
+                type_: "Ready",
+                status: true,
+                reason: "SnapshotServed",
+                message: format!(
+                    "snapshot v{} serves {rules} rules from {} policies",
+                    s.version,
+                    policies.len()
+                ),
+            });
+        }
+        None => conditions.push(ConditionSpec {
+            type_: "Ready",
+            status: false,
+            reason: "NotCompiled",
+            message: "no snapshot compiled yet".into(),
+        }),
+    }
+    let errors = index.agent_errors(&key);
+    conditions.push(if errors.is_empty() {
+        ConditionSpec {
+            type_: "PoliciesValid",
+            status: true,
+            reason: "AllCompiled",
+            message: "every policy and grant of this agent compiled".into(),
+        }
+    } else {
+        ConditionSpec {
+            type_: "PoliciesValid",
+            status: false,
+            reason: "ObjectsLeftOut",
+            message: describe_errors(errors),
+        }
+    });
+
+    let current_hash = snapshot.as_ref().map(|s| s.hash.as_str());
+    status.sidecars_connected = connected.len() as i32;
+    let mut inventory = BTreeSet::new();
+    for (pod, state) in connected {
+        let in_sync = state
+            .acked
+            .as_ref()
+            .is_some_and(|(_, h)| Some(h.as_str()) == current_hash);
+        if in_sync {
+            status.sidecars_in_sync += 1;
+        } else if status.out_of_sync_pods.len() < OUT_OF_SYNC_PODS_LISTED {
+            status.out_of_sync_pods.push(OutOfSyncPod {
+                name: pod.clone(),
+                acked_version: state
+                    .acked
+                    .as_ref()
+                    .and_then(|(v, _)| i64::try_from(*v).ok()),
+                error: state
+                    .rejected
+                    .as_ref()
+                    .map(|(v, e)| format!("rejected v{v}: {e}")),
+            });
+        }
+        inventory.extend(state.inventory.iter().cloned());
+    }
+    if !inventory.is_empty() {
+        let engine = snapshot.as_ref().and_then(|s| Engine::new(s).ok());
+        status.discovered_tools = inventory
+            .into_iter()
+            .map(|(server, name)| {
+                let governed = engine.as_ref().is_some_and(|e| e.visible(&server, &name));
+                DiscoveredTool {
+                    server,
+                    name,
+                    governed,
+                }
+            })
+            .collect();
+        status.governed_tool_count = Some(
+            status
+                .discovered_tools
+                .iter()
+                .filter(|t| t.governed)
+                .count() as i32,
+        );
+    }
+    DesiredStatus {
+        object: ObjectRef {
+            kind: ObjectKind::AgentIdentity,
+            key,
+        },
+        generation: identity.metadata.generation,
+        conditions,
+        fields: to_fields(&status),
+    }
+}
+
+/// `same_namespace`: the AgentIdentities of the policy's namespace.
+fn policy_status(
+    index: &Index,
+    policy: &Object<ToolPolicySpec>,
+    same_namespace: &[&Object<AgentIdentitySpec>],
+) -> DesiredStatus {
+    let object = ObjectRef {
+        kind: ObjectKind::ToolPolicy,
+        key: key_of(policy),
+    };
+    let errors = index.errors_of(&object);
+    let status = ToolPolicyStatus {
+        rule_count: Some(policy.spec.rules.len() as i32),
+        target_agent_count: Some(target_count(policy, same_namespace) as i32),
+        ..Default::default()
+    };
+    let ready = if errors.is_empty() {
+        ConditionSpec {
+            type_: "Ready",
+            status: true,
+            reason: "Compiled",
+            message: format!("{} rules compiled", policy.spec.rules.len()),
+        }
+    } else {
+        ConditionSpec {
+            type_: "Ready",
+            status: false,
+            reason: "RuleInvalid",
+            message: describe_errors(errors),
+        }
+    };
+    DesiredStatus {
+        object,
+        generation: policy.metadata.generation,
+        conditions: vec![ready],
+        fields: to_fields(&status),
+    }
+}
+
+/// `known`: the keys of every AgentIdentity.
+fn grant_status(
+    grant: &Object<DelegationGrantSpec>,
+    known: &BTreeSet<AgentKey>,
+    now: i64,
+) -> DesiredStatus {
+    let expires_at = chaperone_policy::grant_expires_at(&grant.spec, &grant.metadata, now).ok();
+    let status = DelegationGrantStatus {
+        expires_at: expires_at.map(rfc3339),
+        ..Default::default()
+    };
+    let conditions = match chaperone_policy::check_grant_among(grant, known, now) {
+        Ok(at) => vec![
+            ConditionSpec {
+                type_: "Ready",
+                status: true,
+                reason: "Active",
+                message: format!("active until {}", rfc3339(at)),
+            },
+            ConditionSpec {
+                type_: "Expired",
+                status: false,
+                reason: "Active",
+                message: String::new(),
+            },
+        ],
+        Err(error) if matches!(*error.reason, CompileErrorReason::GrantExpired { .. }) => vec![
+            ConditionSpec {
+                type_: "Ready",
+                status: false,
+                reason: "Expired",
+                message: error.reason.to_string(),
+            },
+            ConditionSpec {
+                type_: "Expired",
+                status: true,
+                reason: "Expired",
+                message: error.reason.to_string(),
+            },
+        ],
+        Err(error) => vec![ConditionSpec {
+            type_: "Ready",
+            status: false,
+            reason: "Invalid",
+            message: error.reason.to_string(),
+        }],
+    };
+    DesiredStatus {
+        object: ObjectRef {
+            kind: ObjectKind::DelegationGrant,
+            key: key_of(grant),
+        },
+        generation: grant.metadata.generation,
+        conditions,
+        fields: to_fields(&status),
+    }
 }
 
 /// The next instant (unix seconds) a status changes by itself: the earliest
@@ -281,14 +427,13 @@ fn describe_errors(errors: &[CompileError]) -> String {
     text.join("; ")
 }
 
+/// `same_namespace`: the AgentIdentities of the policy's namespace.
 fn target_count(
     policy: &Object<ToolPolicySpec>,
-    identities: &[Object<chaperone_policy::model::AgentIdentitySpec>],
+    same_namespace: &[&Object<AgentIdentitySpec>],
 ) -> usize {
-    let ns = policy.metadata.namespace_or_default();
-    identities
+    same_namespace
         .iter()
-        .filter(|i| i.metadata.namespace_or_default() == ns)
         .filter(
             |i| match (&policy.spec.target_refs, &policy.spec.agent_selector) {
                 (Some(refs), _) => refs.iter().any(|r| r.name == i.metadata.name),
@@ -317,6 +462,37 @@ fn to_fields<T: serde::Serialize>(status: &T) -> Value {
     value
 }
 
+/// Status patches in flight at once: enough to hide the API server's latency,
+/// few enough not to crowd out the watches and the sidecars' streams.
+const PATCHES_IN_FLIGHT: usize = 8;
+
+/// Objects computed per lock of the index: bounds both how long the snapshot
+/// server may wait for the lock and the statuses held at once.
+const CHUNK: usize = 256;
+
+/// When each condition (type, status) of a written status took that status.
+type Transitions = Vec<(&'static str, bool, Time)>;
+
+/// What the writer remembers of a status it wrote.
+struct Written {
+    fingerprint: u64,
+    transitions: Transitions,
+}
+
+/// The leader's status writer: it recomputes only the objects that the index
+/// or the sidecar registry marked as changed ([`Index::take_status_dirty`],
+/// [`SidecarRegistry::take_status_dirty`]), and patches only the statuses
+/// that differ from what it last wrote.
+struct StatusWriter {
+    client: Client,
+    metrics: Arc<Metrics>,
+    written: HashMap<ObjectRef, Written>,
+    /// Objects to compute (and patch if changed), including failed patches.
+    pending: BTreeSet<ObjectRef>,
+    /// Check every object on the next pass (a new leader; the start).
+    everything: bool,
+}
+
 /// Writes statuses while `leader` is true; every replica runs it, only the
 /// leader writes.
 pub async fn run_writer(
@@ -326,75 +502,153 @@ pub async fn run_writer(
     metrics: Arc<Metrics>,
     mut leader: watch::Receiver<bool>,
 ) {
-    let mut written: BTreeMap<ObjectRef, (DesiredStatus, Vec<Condition>)> = BTreeMap::new();
+    let mut writer = StatusWriter {
+        client,
+        metrics,
+        written: HashMap::new(),
+        pending: BTreeSet::new(),
+        everything: true,
+    };
     let mut index_changes = index.changes();
     let mut sidecar_changes = sidecars.changes();
     loop {
-        if *leader.borrow_and_update() && index.is_synced() {
-            let now = crate::unix_now();
-            let desired = desired_statuses(&index.lock(), &sidecars, now);
-            let live: BTreeSet<ObjectRef> = desired.iter().map(|d| d.object.clone()).collect();
-            written.retain(|k, _| live.contains(k));
-            for status in desired {
-                if written
-                    .get(&status.object)
-                    .is_some_and(|(prev, _)| *prev == status)
-                {
-                    continue;
-                }
-                let previous = written
-                    .get(&status.object)
-                    .map(|(_, c)| c.as_slice())
-                    .unwrap_or_default();
-                let conditions = with_transition_times(&status, previous);
-                match patch_status(&client, &status, &conditions).await {
-                    Ok(()) => {
-                        metrics.status_patched(true);
-                        written.insert(status.object.clone(), (status, conditions));
-                    }
-                    Err(error) => {
-                        metrics.status_patched(false);
-                        tracing::warn!(object = %status.object, %error, "writing status failed; will retry");
-                    }
-                }
-            }
-        } else if !*leader.borrow() {
+        let leading = *leader.borrow_and_update();
+        // Taken on every replica, so a follower's marks do not pile up.
+        let namespaces = index.lock().take_status_dirty();
+        let agents = sidecars.take_status_dirty();
+        if !leading {
             // A new leader starts from the API server's view.
-            written.clear();
+            writer.written.clear();
+            writer.pending.clear();
+            writer.everything = true;
+        } else if index.is_synced() {
+            {
+                let index = index.lock();
+                let objects = if std::mem::take(&mut writer.everything) {
+                    all_objects(&index)
+                } else {
+                    objects_to_check(&index, &namespaces, &agents)
+                };
+                writer.pending.extend(objects);
+            }
+            writer.write_pending(&index, &sidecars, &leader).await;
         }
-        let wake = {
-            let index = index.lock();
-            let now = crate::unix_now();
-            next_expiry(&index, now).map(|at| Duration::from_secs((at - now).max(0) as u64 + 1))
-        }
-        .unwrap_or(Duration::from_secs(30))
-        .min(Duration::from_secs(30));
+        // Failed patches stay pending and are retried after a pause.
+        let wait = if writer.pending.is_empty() {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(1)
+        };
         tokio::select! {
             _ = index_changes.changed() => {}
             _ = sidecar_changes.changed() => {}
             _ = leader.changed() => {}
-            _ = tokio::time::sleep(wake) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         // Coalesce bursts of changes into one pass.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-fn with_transition_times(status: &DesiredStatus, previous: &[Condition]) -> Vec<Condition> {
+impl StatusWriter {
+    /// Computes the pending objects' statuses a chunk at a time and patches
+    /// the changed ones, [`PATCHES_IN_FLIGHT`] at once, while still leader.
+    async fn write_pending(
+        &mut self,
+        index: &SharedIndex,
+        sidecars: &SidecarRegistry,
+        leader: &watch::Receiver<bool>,
+    ) {
+        let mut failed = Vec::new();
+        while !self.pending.is_empty() && *leader.borrow() {
+            let chunk: Vec<ObjectRef> = std::iter::from_fn(|| self.pending.pop_first())
+                .take(CHUNK)
+                .collect();
+            let agents: BTreeSet<AgentKey> = chunk
+                .iter()
+                .filter(|o| o.kind == ObjectKind::AgentIdentity)
+                .map(|o| o.key.clone())
+                .collect();
+            let connected = if agents.is_empty() {
+                BTreeMap::new()
+            } else {
+                sidecars.of_agents(&agents)
+            };
+            let desired = desired_statuses(&index.lock(), &connected, &chunk, crate::unix_now());
+            drop(connected);
+            let mut patches = Vec::new();
+            for (object, status) in desired {
+                let Some(status) = status else {
+                    self.written.remove(&object);
+                    continue;
+                };
+                let fingerprint = status.fingerprint();
+                let previous = self.written.get(&object);
+                if previous.is_some_and(|w| w.fingerprint == fingerprint) {
+                    continue;
+                }
+                let previous = previous.map(|w| w.transitions.as_slice());
+                let conditions = with_transition_times(&status, previous.unwrap_or_default());
+                patches.push((status, conditions, fingerprint));
+            }
+            let client = &self.client;
+            let results: Vec<_> = futures_util::stream::iter(patches)
+                .map(|(status, conditions, fingerprint)| async move {
+                    let result = patch_status(client, &status, &conditions).await;
+                    (status, conditions, fingerprint, result)
+                })
+                .buffer_unordered(PATCHES_IN_FLIGHT)
+                .collect()
+                .await;
+            for (status, conditions, fingerprint, result) in results {
+                match result {
+                    Ok(()) => {
+                        self.metrics.status_patched(true);
+                        let transitions = status
+                            .conditions
+                            .iter()
+                            .zip(conditions)
+                            .map(|(c, written)| (c.type_, c.status, written.last_transition_time))
+                            .collect();
+                        self.written.insert(
+                            status.object,
+                            Written {
+                                fingerprint,
+                                transitions,
+                            },
+                        );
+                    }
+                    Err(error) => {
+                        self.metrics.status_patched(false);
+                        tracing::warn!(object = %status.object, %error, "writing status failed; will retry");
+                        failed.push(status.object);
+                    }
+                }
+            }
+        }
+        self.pending.extend(failed);
+    }
+}
+
+/// The conditions to write: a condition keeps its transition time while its
+/// type keeps its status.
+fn with_transition_times(
+    status: &DesiredStatus,
+    previous: &[(&'static str, bool, Time)],
+) -> Vec<Condition> {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     status
         .conditions
         .iter()
         .map(|c| {
-            let status_text = if c.status { "True" } else { "False" };
             let last_transition_time = previous
                 .iter()
-                .find(|p| p.type_ == c.type_ && p.status == status_text)
-                .map(|p| p.last_transition_time.clone())
+                .find(|(type_, status, _)| *type_ == c.type_ && *status == c.status)
+                .map(|(_, _, at)| at.clone())
                 .unwrap_or_else(|| now.clone());
             Condition {
                 type_: c.type_.to_owned(),
-                status: status_text.to_owned(),
+                status: if c.status { "True" } else { "False" }.to_owned(),
                 reason: c.reason.to_owned(),
                 message: c.message.clone(),
                 observed_generation: status.generation,
@@ -457,5 +711,162 @@ pub async fn run_expiry_ticker(index: Arc<SharedIndex>) {
             // A new or changed grant may expire sooner: compute the wait again.
             changed = changes.changed() => if changed.is_err() { return },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chaperone_policy::model::{
+        AgentRef, AgentSelector, NamespacedAgentRef, ObjectMeta, ToolMatch,
+    };
+
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn meta(ns: &str, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: name.into(),
+            namespace: Some(ns.into()),
+            generation: Some(1),
+            ..Default::default()
+        }
+    }
+
+    fn identity(ns: &str, name: &str) -> Object<AgentIdentitySpec> {
+        Object {
+            api_version: chaperone_policy::model::API_VERSION.into(),
+            metadata: meta(ns, name),
+            spec: AgentIdentitySpec {
+                selector: AgentSelector {
+                    service_account_name: name.into(),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        }
+    }
+
+    /// A grant in `ns` from `from` to `to_ns/to`.
+    fn grant(ns: &str, from: &str, to_ns: &str, to: &str) -> Object<DelegationGrantSpec> {
+        Object {
+            api_version: chaperone_policy::model::API_VERSION.into(),
+            metadata: meta(ns, &format!("{from}-to-{to}")),
+            spec: DelegationGrantSpec {
+                from: AgentRef { name: from.into() },
+                to: NamespacedAgentRef {
+                    name: to.into(),
+                    namespace: Some(to_ns.into()),
+                },
+                tools: vec![ToolMatch {
+                    server: "*".into(),
+                    name: Some("*".into()),
+                    effect: None,
+                }],
+                expires_at: Some("2030-01-01T00:00:00Z".into()),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn key(ns: &str, name: &str) -> ObjectKey {
+        ObjectKey::new(ns, name)
+    }
+
+    #[test]
+    fn a_grant_is_checked_again_when_its_target_namespace_changes() {
+        let mut index = Index::new();
+        index.apply_grant(grant("a", "planner", "b", "worker"), NOW);
+        index.take_status_dirty();
+
+        let objects = objects_to_check(&index, &BTreeSet::from(["b".to_owned()]), &BTreeSet::new());
+
+        assert!(objects.contains(&ObjectRef {
+            kind: ObjectKind::DelegationGrant,
+            key: key("a", "planner-to-worker"),
+        }));
+    }
+
+    #[test]
+    fn changes_mark_only_the_namespaces_they_can_affect() {
+        let mut index = Index::new();
+        index.apply_identity(identity("a", "planner"), NOW);
+        index.apply_identity(identity("b", "worker"), NOW);
+        index.take_status_dirty();
+
+        index.apply_identity(identity("a", "reviewer"), NOW);
+
+        assert_eq!(index.take_status_dirty(), BTreeSet::from(["a".to_owned()]));
+        assert!(index.take_status_dirty().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn out_of_sync_pods_are_listed_up_to_the_cap_and_all_counted() {
+        let mut index = Index::new();
+        index.apply_identity(identity("a", "planner"), NOW);
+        let agent = key("a", "planner");
+        let pods: Vec<(String, SidecarState)> = (0..OUT_OF_SYNC_PODS_LISTED + 5)
+            .map(|i| {
+                let state = SidecarState {
+                    agent: Some(agent.clone()),
+                    acked: Some((1, "an older hash".into())),
+                    ..Default::default()
+                };
+                (format!("pod-{i}"), state)
+            })
+            .collect();
+        let sidecars = BTreeMap::from([(agent.clone(), pods)]);
+        let object = ObjectRef {
+            kind: ObjectKind::AgentIdentity,
+            key: agent,
+        };
+
+        let statuses = desired_statuses(&index, &sidecars, &[object], NOW);
+
+        let status = statuses[0].1.as_ref().expect("the identity exists");
+        assert_eq!(
+            status.fields["sidecarsConnected"],
+            json!(OUT_OF_SYNC_PODS_LISTED + 5)
+        );
+        assert_eq!(status.fields["sidecarsInSync"], json!(0));
+        assert_eq!(
+            status.fields["outOfSyncPods"].as_array().map(Vec::len),
+            Some(OUT_OF_SYNC_PODS_LISTED)
+        );
+    }
+
+    #[test]
+    fn a_deleted_object_has_no_status() {
+        let index = Index::new();
+        let object = ObjectRef {
+            kind: ObjectKind::ToolPolicy,
+            key: key("a", "gone"),
+        };
+
+        let statuses = desired_statuses(&index, &BTreeMap::new(), &[object], NOW);
+
+        assert!(statuses[0].1.is_none());
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_while_its_status_holds() {
+        let index = Index::new();
+        let status = policy_status(
+            &index,
+            &Object {
+                api_version: chaperone_policy::model::API_VERSION.into(),
+                metadata: meta("a", "p"),
+                spec: Default::default(),
+            },
+            &[],
+        );
+        let then = Time(k8s_openapi::jiff::Timestamp::from_second(NOW).unwrap());
+        let ready = status.conditions[0].status;
+
+        let kept = with_transition_times(&status, &[("Ready", ready, then.clone())]);
+        let moved = with_transition_times(&status, &[("Ready", !ready, then.clone())]);
+
+        assert_eq!(kept[0].last_transition_time, then);
+        assert_ne!(moved[0].last_transition_time, then);
     }
 }

@@ -206,6 +206,24 @@ pub fn compile(
     Compilation { snapshot, errors }
 }
 
+/// [`compile`] for each of `identities` with one compiler: the inventory is
+/// indexed, and each policy and grant checked, once for all of them rather
+/// than once per identity.
+pub fn compile_each<'i>(
+    identities: impl IntoIterator<Item = &'i Object<AgentIdentitySpec>>,
+    inventory: &Inventory<'_>,
+    options: &CompileOptions,
+) -> Vec<Compilation> {
+    let mut compiler = Compiler::new(inventory, options);
+    identities
+        .into_iter()
+        .map(|identity| {
+            let (snapshot, errors) = compiler.snapshot(identity);
+            Compilation { snapshot, errors }
+        })
+        .collect()
+}
+
 /// Compiles every AgentIdentity of the inventory, and reports every broken
 /// object once (also those no agent reads).
 pub fn compile_all(inventory: &Inventory<'_>, options: &CompileOptions) -> InventoryCompilation {
@@ -249,7 +267,17 @@ pub fn check_grant(
     now: i64,
 ) -> Result<i64, CompileError> {
     let known: BTreeSet<AgentKey> = identities.iter().map(key_of).collect();
-    snapshot_grant(grant, &known, now).map(|g| g.expires_at)
+    check_grant_among(grant, &known, now)
+}
+
+/// [`check_grant`] against the keys of the known identities, for callers that
+/// check many grants: the set is built once, not once per grant.
+pub fn check_grant_among(
+    grant: &Object<DelegationGrantSpec>,
+    known: &BTreeSet<AgentKey>,
+    now: i64,
+) -> Result<i64, CompileError> {
+    snapshot_grant(grant, known, now).map(|g| g.expires_at)
 }
 
 fn key_of<S>(object: &Object<S>) -> ObjectKey {

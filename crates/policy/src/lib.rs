@@ -28,7 +28,8 @@ mod snapshot;
 
 pub use compile::{
     Compilation, CompileError, CompileErrorReason, CompileOptions, Inventory, InventoryCompilation,
-    ObjectKind, ObjectRef, ObjectSet, check_grant, check_policy, compile, compile_all,
+    ObjectKind, ObjectRef, ObjectSet, check_grant, check_grant_among, check_policy, compile,
+    compile_all, compile_each,
 };
 pub use conditions::{ConditionError, REGEX_SIZE_LIMIT};
 pub use decision::{
