@@ -25,6 +25,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::client::UpstreamClient;
+use crate::snapshot::AGENT_ISSUER_PREFIX;
 use crate::verify::CLOCK_SKEW_SECONDS;
 
 /// Shortest time between two fetches of one JWKS URL.
@@ -61,6 +62,13 @@ pub enum InitiatorRefused {
     /// The user claim is missing or empty.
     #[error("initiator token has no user in claim {0:?}")]
     NoUser(String),
+    /// The user is written like an agent identity: as `sub` of onward
+    /// assertions it would read as that agent.
+    #[error(
+        "initiator token user {0:?} starts with {prefix:?}, which names agents; a user cannot take an agent's name",
+        prefix = AGENT_ISSUER_PREFIX
+    )]
+    AgentName(String),
 }
 
 /// The verified user of an initiator token.
@@ -157,6 +165,9 @@ impl InitiatorVerifier {
             .and_then(Value::as_str)
             .filter(|u| !u.is_empty())
             .ok_or_else(|| InitiatorRefused::NoUser(issuer.user_claim.clone()))?;
+        if user.starts_with(AGENT_ISSUER_PREFIX) {
+            return Err(InitiatorRefused::AgentName(user.to_owned()));
+        }
         Ok(VerifiedInitiator {
             issuer: issuer.issuer.clone(),
             user: user.to_owned(),

@@ -288,6 +288,22 @@ async fn a_task_delegated_from_planner_to_worker_to_a_verifying_tool() {
     .await;
     assert_eq!(raw.status, http::StatusCode::UNAUTHORIZED, "{}", raw.body);
     assert!(error_of(&raw).contains("inbound/initiator"), "{}", raw.body);
+    // A user named like an agent would read as that agent in onward
+    // assertions: refused, with the reason.
+    let raw = post_raw(
+        &a_inbound,
+        &[(
+            "authorization",
+            &format!(
+                "Bearer {}",
+                issuer.token("chaperone:agent:shop/worker", "planner")
+            ),
+        )],
+        tools_call("plan", json!({})),
+    )
+    .await;
+    assert_eq!(raw.status, http::StatusCode::UNAUTHORIZED, "{}", raw.body);
+    assert!(error_of(&raw).contains("names agents"), "{}", raw.body);
 
     // 2. The planner app hands work to the worker through its sidecar.
     let a_out = format!("http://{}/worker", a.proxy);
