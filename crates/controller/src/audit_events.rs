@@ -122,11 +122,17 @@ pub fn classify(record: &str) -> AuditOutcome {
     } else {
         fields.chain.join(" → ")
     };
+    // Rules are `policy/rule`; anything else is a fixed reason of the engine
+    // or the sidecar (`no rule allows`, `session.maxCalls`, …), not a rule name.
+    let decided_by = if fields.rule.contains('/') {
+        format!("by rule {}", fields.rule)
+    } else {
+        format!("({})", or_none(&fields.rule))
+    };
     let mut note = format!(
-        "tool {}/{} {verdict} by rule {}: {}; session {}; chain: {chain}; correlation {}",
+        "tool {}/{} {verdict} {decided_by}: {}; session {}; chain: {chain}; correlation {}",
         fields.server,
         fields.tool,
-        or_none(&fields.rule),
         fields.reason,
         or_none(&fields.session.chaperone),
         or_none(&fields.correlation),
@@ -446,7 +452,7 @@ mod tests {
         assert_eq!(action, "Call orders/refund (support/no-refunds)");
         for part in [
             "orders/refund",
-            "support/no-refunds",
+            "denied by rule support/no-refunds",
             "session s1",
             "chain: ns/planner → ns/worker",
             "c1",
@@ -470,6 +476,19 @@ mod tests {
             note.contains("chain: default/planner → default/billing-worker"),
             "{note}"
         );
+    }
+
+    #[test]
+    fn a_default_denial_is_not_called_a_rule() {
+        let record = r#"{"decision":"deny","rule":"no rule allows","server":"s","tool":"t","reason":"no rule allows this call","chain":[],"session":{"chaperone":"s4"}}"#;
+        let AuditOutcome::Denied { note, .. } = classify(record) else {
+            panic!("not a denial")
+        };
+        assert!(
+            note.starts_with("tool s/t denied (no rule allows): no rule allows this call;"),
+            "{note}"
+        );
+        assert!(!note.contains("by rule"), "{note}");
     }
 
     #[test]
