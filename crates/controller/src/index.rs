@@ -556,40 +556,17 @@ pub fn inventory(objects: &ObjectSet) -> Inventory<'_> {
 #[cfg(test)]
 mod tests {
     use chaperone_policy::model::{
-        AgentIdentitySpec, AgentRef, AgentSelector, DelegationGrantSpec, NamespacedAgentRef,
-        ObjectMeta, Rule, RuleAction, ToolMatch, ToolPolicySpec, ToolServer,
+        AgentRef, DelegationGrantSpec, Rule, RuleAction, ToolMatch, ToolPolicySpec,
     };
 
     use super::*;
+    use crate::test_objects::{grant as grant_to, identity, meta};
 
     const NOW: i64 = 1_800_000_000;
 
-    fn meta(ns: &str, name: &str) -> ObjectMeta {
-        ObjectMeta {
-            name: name.into(),
-            namespace: Some(ns.into()),
-            ..Default::default()
-        }
-    }
-
-    fn identity(ns: &str, name: &str) -> Object<AgentIdentitySpec> {
-        Object {
-            api_version: "chaperone.dev/v1alpha1".into(),
-            metadata: meta(ns, name),
-            spec: AgentIdentitySpec {
-                selector: AgentSelector {
-                    service_account_name: name.into(),
-                    ..Default::default()
-                },
-                tool_servers: vec![ToolServer {
-                    name: "orders".into(),
-                    url: "http://o".into(),
-                    audience: None,
-                    agent: None,
-                }],
-                ..Default::default()
-            },
-        }
+    /// A grant to an agent of the grant's own namespace.
+    fn grant(ns: &str, name: &str, from: &str, to: &str) -> Object<DelegationGrantSpec> {
+        grant_to(ns, name, from, None, to)
     }
 
     fn policy(ns: &str, name: &str, agent: &str, tool: &str) -> Object<ToolPolicySpec> {
@@ -608,27 +585,6 @@ mod tests {
                     }],
                     ..Default::default()
                 }],
-                ..Default::default()
-            },
-        }
-    }
-
-    fn grant(ns: &str, name: &str, from: &str, to: &str) -> Object<DelegationGrantSpec> {
-        Object {
-            api_version: "chaperone.dev/v1alpha1".into(),
-            metadata: meta(ns, name),
-            spec: DelegationGrantSpec {
-                from: AgentRef { name: from.into() },
-                to: NamespacedAgentRef {
-                    name: to.into(),
-                    namespace: None,
-                },
-                tools: vec![ToolMatch {
-                    server: "*".into(),
-                    name: Some("*".into()),
-                    effect: None,
-                }],
-                expires_at: Some("2030-01-01T00:00:00Z".into()),
                 ..Default::default()
             },
         }

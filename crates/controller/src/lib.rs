@@ -26,6 +26,8 @@ pub mod replica_exchange;
 pub mod sidecars;
 pub mod snapshot_server;
 pub mod status;
+#[cfg(test)]
+mod test_objects;
 pub mod webhook;
 
 use std::sync::Arc;

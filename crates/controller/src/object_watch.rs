@@ -322,28 +322,14 @@ fn pod_deleted(
 
 #[cfg(test)]
 mod tests {
-    use chaperone_policy::model::{AgentIdentitySpec, AgentSelector, ObjectMeta};
+    use chaperone_policy::model::AgentIdentitySpec;
 
     use super::*;
 
     const NOW: i64 = 1_800_000_000;
 
     fn identity(name: &str) -> Object<AgentIdentitySpec> {
-        Object {
-            api_version: model::API_VERSION.into(),
-            metadata: ObjectMeta {
-                name: name.into(),
-                namespace: Some("a".into()),
-                ..Default::default()
-            },
-            spec: AgentIdentitySpec {
-                selector: AgentSelector {
-                    service_account_name: name.into(),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        }
+        crate::test_objects::identity("a", name)
     }
 
     /// The value of the unlabelled metric `name` in the text exposition.

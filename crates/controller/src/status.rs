@@ -716,57 +716,14 @@ pub async fn run_expiry_ticker(index: Arc<SharedIndex>) {
 
 #[cfg(test)]
 mod tests {
-    use chaperone_policy::model::{
-        AgentRef, AgentSelector, NamespacedAgentRef, ObjectMeta, ToolMatch,
-    };
-
     use super::*;
+    use crate::test_objects::{self, identity, meta};
 
     const NOW: i64 = 1_800_000_000;
 
-    fn meta(ns: &str, name: &str) -> ObjectMeta {
-        ObjectMeta {
-            name: name.into(),
-            namespace: Some(ns.into()),
-            generation: Some(1),
-            ..Default::default()
-        }
-    }
-
-    fn identity(ns: &str, name: &str) -> Object<AgentIdentitySpec> {
-        Object {
-            api_version: chaperone_policy::model::API_VERSION.into(),
-            metadata: meta(ns, name),
-            spec: AgentIdentitySpec {
-                selector: AgentSelector {
-                    service_account_name: name.into(),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        }
-    }
-
     /// A grant in `ns` from `from` to `to_ns/to`.
     fn grant(ns: &str, from: &str, to_ns: &str, to: &str) -> Object<DelegationGrantSpec> {
-        Object {
-            api_version: chaperone_policy::model::API_VERSION.into(),
-            metadata: meta(ns, &format!("{from}-to-{to}")),
-            spec: DelegationGrantSpec {
-                from: AgentRef { name: from.into() },
-                to: NamespacedAgentRef {
-                    name: to.into(),
-                    namespace: Some(to_ns.into()),
-                },
-                tools: vec![ToolMatch {
-                    server: "*".into(),
-                    name: Some("*".into()),
-                    effect: None,
-                }],
-                expires_at: Some("2030-01-01T00:00:00Z".into()),
-                ..Default::default()
-            },
-        }
+        test_objects::grant(ns, &format!("{from}-to-{to}"), from, Some(to_ns), to)
     }
 
     fn key(ns: &str, name: &str) -> ObjectKey {
