@@ -122,6 +122,41 @@ pub fn verify_strict(log: &str) -> Result<VerifySummary> {
     verify_log_with(log, STRICT).map_err(|e| anyhow!("{e}"))
 }
 
+/// Two damaged copies of an audit log: the first allowed record of `tool`
+/// turned into a denial, and that record removed.
+#[derive(Debug)]
+pub struct TamperedLogs {
+    /// The decision edited.
+    pub edited: String,
+    /// The record removed.
+    pub removed: String,
+}
+
+/// Damages `log` at the first allowed record of `tool` (see [`TamperedLogs`]);
+/// an error when there is none.
+pub fn tamper(log: &str, tool: &str) -> Result<TamperedLogs> {
+    let allowed = "\"decision\":\"allow\"";
+    let named = format!("\"tool\":{}", Value::from(tool));
+    let lines: Vec<&str> = log.lines().collect();
+    let victim = lines
+        .iter()
+        .position(|l| l.contains(allowed) && l.contains(&named))
+        .with_context(|| format!("no allowed {tool} record in the log"))?;
+    let mut edited = String::with_capacity(log.len());
+    let mut removed = String::with_capacity(log.len());
+    for (i, line) in lines.iter().enumerate() {
+        if i == victim {
+            edited.push_str(&line.replace(allowed, "\"decision\":\"deny\""));
+        } else {
+            edited.push_str(line);
+            removed.push_str(line);
+            removed.push('\n');
+        }
+        edited.push('\n');
+    }
+    Ok(TamperedLogs { edited, removed })
+}
+
 /// `chaperonectl` next to the test binary (`target/debug/chaperonectl`), or
 /// `$CHAPERONECTL`; `None` when it is not built.
 pub fn chaperonectl() -> Option<PathBuf> {

@@ -41,8 +41,8 @@ use chaperone_testenv::{
         delegation_grant, tool_policy,
     },
     mcp_fixtures::{
-        call, claims_of, cli_verify_strict, last_assertion, loopback_listener, mcp_session,
-        serve_mcp, tool_names, verify_strict,
+        TamperedLogs, call, claims_of, cli_verify_strict, last_assertion, loopback_listener,
+        mcp_session, serve_mcp, tamper, tool_names, verify_strict,
     },
     sidecar_fixtures::{TestSidecar, eventually, write_token},
 };
@@ -955,31 +955,12 @@ async fn whole_chain_on_the_real_api_server() -> Result<()> {
     assert!(summary.cross_session_links >= 2, "{summary:?}");
     // Tampering with a record that has a successor in its session breaks the
     // chain: A's first allowed order read, turned into a denial.
-    let lines: Vec<&str> = combined.lines().collect();
-    let victim = lines
-        .iter()
-        .position(|l| l.contains("\"decision\":\"allow\"") && l.contains("\"tool\":\"get_order\""))
-        .context("no allowed order read in the trail")?;
-    let tampered: String = lines
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let line = if i == victim {
-                l.replace("\"decision\":\"allow\"", "\"decision\":\"deny\"")
-            } else {
-                (*l).to_owned()
-            };
-            line + "\n"
-        })
-        .collect();
+    let TamperedLogs {
+        edited: tampered,
+        removed,
+    } = tamper(&combined, "get_order")?;
     let broken = verify_strict(&tampered).expect_err("a tampered trail verified");
     eprintln!("the tampered trail: {broken}");
-    let removed: String = lines
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != victim)
-        .map(|(_, l)| format!("{l}\n"))
-        .collect();
     assert!(
         verify_strict(&removed).is_err(),
         "a trail missing a record verified"

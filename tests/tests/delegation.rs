@@ -32,8 +32,8 @@ use chaperone_testenv::{
     ControlPlane, create_namespace,
     kube_fixtures::{self, agent_identity, agent_subject, delegation_grant, tool_policy},
     mcp_fixtures::{
-        McpClient, STRICT, call, chaperonectl, claims_of, last_assertion, loopback_listener,
-        mcp_session, object, serve_mcp,
+        McpClient, STRICT, TamperedLogs, call, claims_of, cli_verify_strict, last_assertion,
+        loopback_listener, mcp_session, object, serve_mcp, tamper,
     },
     sidecar_fixtures::{
         TestSidecar, controller_settings, eventually, http_request_async, json_post, status_code,
@@ -914,68 +914,24 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     // Tampering with a record that has a successor breaks the chain: the
     // decision of the worker's allowed credit turned into a denial, or the
     // record removed.
-    let lines: Vec<&str> = combined.lines().collect();
-    let victim = lines
-        .iter()
-        .position(|l| {
-            l.contains("\"decision\":\"allow\"") && l.contains("\"tool\":\"issue_credit\"")
-        })
-        .context("no allowed credit in the log")?;
-    let edited: String = lines
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let line = if i == victim {
-                l.replace("\"decision\":\"allow\"", "\"decision\":\"deny\"")
-            } else {
-                (*l).to_owned()
-            };
-            line + "\n"
-        })
-        .collect();
+    let TamperedLogs { edited, removed } = tamper(&combined, "issue_credit")?;
     let edit = verify_log_with(&edited, STRICT).expect_err("an edited log verified");
     assert!(edit.to_string().contains("before line"), "{edit}");
-    let removed: String = lines
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != victim)
-        .map(|(_, l)| format!("{l}\n"))
-        .collect();
     assert!(
         verify_log_with(&removed, STRICT).is_err(),
         "a log missing a record verified"
     );
     // The same through the CLI, when it is built in this target directory.
-    let dir = tempfile::tempdir()?;
-    let (good, bad) = (dir.path().join("trail.log"), dir.path().join("edited.log"));
-    std::fs::write(&good, &combined)?;
-    std::fs::write(&bad, &edited)?;
-    if let Some(cli) = chaperonectl() {
-        let run = |file: &std::path::Path| {
-            std::process::Command::new(&cli)
-                .args(["audit", "verify", "--strict"])
-                .arg(file)
-                .output()
-        };
-        let ok = run(&good)?;
-        assert!(
-            ok.status.success(),
-            "{}",
-            String::from_utf8_lossy(&ok.stderr)
-        );
-        let failed = run(&bad)?;
-        assert!(
-            !failed.status.success(),
-            "chaperonectl verified an edited log"
-        );
-        eprintln!(
-            "chaperonectl audit verify: {}",
-            String::from_utf8_lossy(&ok.stdout).trim()
-        );
-    } else {
-        eprintln!(
+    match cli_verify_strict(&combined)? {
+        Some(ok) => {
+            assert!(ok.success, "chaperonectl refused the log: {}", ok.output);
+            let bad = cli_verify_strict(&edited)?.context("chaperonectl vanished")?;
+            assert!(!bad.success, "chaperonectl verified an edited log");
+            eprintln!("chaperonectl audit verify: {}", ok.output.trim());
+        }
+        None => eprintln!(
             "chaperonectl not built in this target directory (cargo build -p chaperone-cli); verified with chaperone_audit only"
-        );
+        ),
     }
     eprintln!(
         "delegation end to end: {} audit records, {:?}",
