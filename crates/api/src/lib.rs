@@ -111,7 +111,9 @@ pub struct AgentIdentityStatus {
     /// Connected sidecars that acknowledged the current snapshot.
     #[serde(default)]
     pub sidecars_in_sync: i32,
-    /// Pods whose sidecar runs an older snapshot or rejected the current one.
+    /// Pods whose sidecar runs an older snapshot or rejected the current one:
+    /// at most 20 are listed (`sidecarsConnected` − `sidecarsInSync` counts
+    /// them all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub out_of_sync_pods: Vec<OutOfSyncPod>,
     /// Tools the sidecars saw in `tools/list` results.
