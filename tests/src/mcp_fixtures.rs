@@ -5,7 +5,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chaperone_audit::{VerifyOptions, VerifySummary, verify_log_with};
 use chaperone_demo::{SeenAssertions, serve_handler};
@@ -155,6 +155,37 @@ pub fn tamper(log: &str, tool: &str) -> Result<TamperedLogs> {
         edited.push('\n');
     }
     Ok(TamperedLogs { edited, removed })
+}
+
+/// Checks that `log` verifies strictly and that editing or removing the first
+/// allowed record of `tool` is caught, by `chaperone_audit` and by
+/// `chaperonectl` when it is built; returns the verifier's complaint about the
+/// edited copy.
+pub fn assert_tampering_detected(log: &str, tool: &str) -> Result<String> {
+    verify_strict(log)?;
+    let TamperedLogs { edited, removed } = tamper(log, tool)?;
+    let Err(complaint) = verify_strict(&edited) else {
+        bail!("an edited log verified");
+    };
+    if verify_strict(&removed).is_ok() {
+        bail!("a log missing a record verified");
+    }
+    match cli_verify_strict(log)? {
+        Some(ok) => {
+            if !ok.success {
+                bail!("chaperonectl refused the log: {}", ok.output);
+            }
+            let bad = cli_verify_strict(&edited)?.context("chaperonectl vanished")?;
+            if bad.success {
+                bail!("chaperonectl verified an edited log");
+            }
+            eprintln!("chaperonectl audit verify --strict: {}", ok.output.trim());
+        }
+        None => eprintln!(
+            "chaperonectl not built in this target directory (cargo build -p chaperone-cli); verified with chaperone_audit only"
+        ),
+    }
+    Ok(complaint.to_string())
 }
 
 /// `chaperonectl` next to the test binary (`target/debug/chaperonectl`), or

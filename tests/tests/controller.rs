@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
 use chaperone_policy::Snapshot;
+use chaperone_testenv::kube_fixtures::apply;
 use chaperone_testenv::{
     ControlPlane, create_namespace, kube_fixtures,
     kube_fixtures::{pod_token, tool_pod_token},
@@ -21,10 +22,7 @@ use chaperone_wire::v1::{
     snapshot_service_client::SnapshotServiceClient,
 };
 use k8s_openapi::api::core::v1::Pod;
-use kube::{
-    Api, Client,
-    api::{DeleteParams, Patch, PatchParams},
-};
+use kube::{Api, Client, api::DeleteParams};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -64,27 +62,6 @@ async fn setup() -> Result<(Client, String)> {
     let client = ControlPlane::shared().client().await?;
     let ns = create_namespace(&client, "ctl").await?;
     Ok((client, ns))
-}
-
-async fn apply<K>(client: &Client, ns: &str, object: serde_json::Value) -> Result<()>
-where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let name = object["metadata"]["name"]
-        .as_str()
-        .context("name")?
-        .to_owned();
-    Api::<K>::namespaced(client.clone(), ns)
-        .patch(
-            &name,
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&object),
-        )
-        .await?;
-    Ok(())
 }
 
 fn agent(name: &str) -> serde_json::Value {

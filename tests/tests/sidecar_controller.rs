@@ -14,6 +14,7 @@ use std::{
 use anyhow::{Context, Result};
 use chaperone_api::{AgentIdentity, ToolPolicy};
 use chaperone_sidecar::Settings;
+use chaperone_testenv::kube_fixtures::apply;
 use chaperone_testenv::{
     ControlPlane, create_namespace, free_port, kube_fixtures,
     sidecar_fixtures::{
@@ -21,10 +22,7 @@ use chaperone_testenv::{
         json_post, status_code, write_token,
     },
 };
-use kube::{
-    Api, Client,
-    api::{DeleteParams, Patch, PatchParams},
-};
+use kube::{Api, Client, api::DeleteParams};
 use rmcp::{
     ErrorData, RoleClient, RoleServer, ServerHandler, ServiceExt,
     model::{
@@ -65,27 +63,6 @@ async fn setup() -> Result<(Client, String)> {
     let client = ControlPlane::shared().client().await?;
     let ns = create_namespace(&client, "sc").await?;
     Ok((client, ns))
-}
-
-async fn apply<K>(client: &Client, ns: &str, object: serde_json::Value) -> Result<()>
-where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let name = object["metadata"]["name"]
-        .as_str()
-        .context("name")?
-        .to_owned();
-    Api::<K>::namespaced(client.clone(), ns)
-        .patch(
-            &name,
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&object),
-        )
-        .await?;
-    Ok(())
 }
 
 fn agent(name: &str, upstream: SocketAddr) -> serde_json::Value {
