@@ -4,6 +4,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/chaperone/snapshot/v1/snapshot.proto";
     println!("cargo:rerun-if-changed={proto}");
     let descriptors = protox::compile([proto], ["proto"])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // The controller sends one agent's snapshot bytes to each of its
+        // sidecars: shared, not copied per stream.
+        .bytes(".chaperone.snapshot.v1.SnapshotUpdate.payload")
+        .compile_fds(descriptors)?;
     Ok(())
 }

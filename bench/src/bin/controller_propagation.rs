@@ -239,7 +239,15 @@ async fn propagation(
 
     let cpu_before = controller.cpu_seconds()?;
     let started = Instant::now();
-    let connected = connect_all(&controller.endpoint, tokens, options.connect_concurrency).await?;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let connected = connect_all(
+        &controller.endpoint,
+        tokens,
+        options.connect_concurrency,
+        &events_tx,
+    )
+    .await?;
+    drop(events_tx);
     let connect = started.elapsed();
     let cpu_connect = controller.cpu_seconds()? - cpu_before;
     let connect_retries = connected.iter().map(|c| c.retries).sum();
@@ -253,14 +261,6 @@ async fn propagation(
     settle(controller, Duration::from_secs(120)).await?;
     let memory_connected = controller.memory()?;
     println!("controller with {n} sidecars: {memory_connected}");
-
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let _listeners: Vec<AbortOnDrop> = connected
-        .into_iter()
-        .enumerate()
-        .map(|(stream, c)| AbortOnDrop(tokio::spawn(listen(stream, c.sidecar, events_tx.clone()))))
-        .collect();
-    drop(events_tx);
 
     let agents: Api<AgentIdentity> = Api::namespaced(client.clone(), &ns);
     let cpu_before = controller.cpu_seconds()?;
@@ -422,7 +422,8 @@ impl Propagation {
     }
 }
 
-/// Forwards every snapshot a stand-in receives, ACKing it at once.
+/// Reads everything a stand-in receives, as a sidecar does, ACKing each
+/// snapshot at once and forwarding its receipt (while anyone listens).
 async fn listen(
     stream: usize,
     mut sidecar: SidecarStandIn,
@@ -440,9 +441,7 @@ async fn listen(
             received,
             acked,
         };
-        if events.send(receipt).is_err() {
-            return Ok(());
-        }
+        let _ = events.send(receipt);
     }
 }
 
@@ -565,7 +564,15 @@ async fn memory(options: &Options, client: &Client, controller: &ControllerProce
     );
     let cpu_before = controller.cpu_seconds()?;
     let started = Instant::now();
-    let connected = connect_all(&controller.endpoint, tokens, options.connect_concurrency).await?;
+    // The stand-ins keep reading, as sidecars do; nobody needs their receipts.
+    let (events_tx, _) = mpsc::unbounded_channel();
+    let connected = connect_all(
+        &controller.endpoint,
+        tokens,
+        options.connect_concurrency,
+        &events_tx,
+    )
+    .await?;
     let took = started.elapsed();
     let each: Vec<Duration> = connected.iter().map(|c| c.took).collect();
     let p = Percentiles::of(&each);
@@ -602,9 +609,10 @@ async fn memory(options: &Options, client: &Client, controller: &ControllerProce
 
 // ------------------------------------------------------------------- sidecars
 
-/// A stream that has received and ACKed its first snapshot.
+/// A stream that has received and ACKed its first snapshot, read from then on
+/// by its [`listen`] task.
 struct Connected {
-    sidecar: SidecarStandIn,
+    _listener: AbortOnDrop,
     version: u64,
     took: Duration,
     retries: usize,
@@ -629,15 +637,17 @@ async fn pods_and_tokens(
 }
 
 /// Opens a stream per token, `concurrency` at a time, each until its first
-/// snapshot is ACKed. A refusal the controller calls transient (`UNAVAILABLE`)
-/// is retried up to five times.
+/// snapshot is ACKed, then hands it to a [`listen`] task sending to `events`
+/// (stream numbers are the tokens' positions). A refusal the controller calls
+/// transient (`UNAVAILABLE`) is retried up to five times.
 async fn connect_all(
     endpoint: &SnapshotEndpoint,
     tokens: Vec<String>,
     concurrency: usize,
+    events: &mpsc::UnboundedSender<Receipt>,
 ) -> Result<Vec<Connected>> {
-    stream::iter(tokens)
-        .map(|token| async move {
+    stream::iter(tokens.into_iter().enumerate())
+        .map(|(stream, token)| async move {
             let started = Instant::now();
             let mut retries = 0;
             let mut sidecar = loop {
@@ -652,8 +662,9 @@ async fn connect_all(
             };
             let update = sidecar.next_snapshot(Duration::from_secs(60)).await?;
             sidecar.ack(&update).await?;
+            let listener = tokio::spawn(listen(stream, sidecar, events.clone()));
             Ok(Connected {
-                sidecar,
+                _listener: AbortOnDrop(listener),
                 version: update.version,
                 took: started.elapsed(),
                 retries,

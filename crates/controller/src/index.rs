@@ -8,19 +8,22 @@
 //! delegates downstream of grants from there), and a snapshot is republished only
 //! when its content hash changes.
 //!
-//! A published snapshot carries its own wire bytes, encoded by the first stream
-//! that sends it and shared by every other stream of that agent: N sidecars of one
-//! agent cost one serialisation per version, not N.
+//! A published snapshot is kept as its wire bytes only (plus version, hash and
+//! the two counts the status shows), encoded once when it is published and
+//! shared by every stream of that agent. The compiled form is about three times
+//! larger than its JSON and is dropped after encoding; the status writer decodes
+//! the bytes on the rare occasions it needs the rules themselves.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    ops::Deref,
-    sync::{Arc, OnceLock},
+    sync::Arc,
 };
+
+use bytes::Bytes;
 
 use chaperone_policy::{
     AgentKey, CompileError, CompileOptions, Inventory, ObjectKey, ObjectKind, ObjectRef, ObjectSet,
-    Snapshot,
+    Snapshot, SnapshotBytesError,
     model::{AgentIdentitySpec, DelegationGrantSpec, Object, ToolPolicySpec},
 };
 use tokio::sync::watch;
@@ -29,36 +32,43 @@ use tokio::sync::watch;
 /// the AgentIdentity was deleted.
 pub type SnapshotRx = watch::Receiver<Option<Arc<PublishedSnapshot>>>;
 
-/// A snapshot as the index publishes it, with its wire bytes encoded at most once.
-///
-/// Encoding is lazy: most agents of a large cluster may have no stream on this
-/// replica, and their bytes are never built. Dereferences to the [`Snapshot`].
+/// A snapshot as the index publishes it: its wire bytes (what every stream of
+/// the agent sends), its version and hash, and the counts the status reports.
 #[derive(Debug)]
 pub struct PublishedSnapshot {
-    snapshot: Snapshot,
-    bytes: OnceLock<Vec<u8>>,
+    /// [`Snapshot::version`].
+    pub version: u64,
+    /// [`Snapshot::hash`].
+    pub hash: String,
+    /// Rules in the agent's own authority.
+    pub rules: usize,
+    /// Distinct ToolPolicies those rules come from.
+    pub policies: usize,
+    bytes: Bytes,
 }
 
 impl PublishedSnapshot {
-    /// Wraps `snapshot`; nothing is encoded yet.
-    pub fn new(snapshot: Snapshot) -> Self {
+    /// Encodes `snapshot` ([`Snapshot::to_bytes`]) and keeps what the status needs.
+    pub fn new(snapshot: &Snapshot) -> Self {
+        let rules = &snapshot.content.authority.rules;
+        let policies: BTreeSet<&str> = rules.iter().map(|r| r.policy.as_str()).collect();
         Self {
-            snapshot,
-            bytes: OnceLock::new(),
+            version: snapshot.version,
+            hash: snapshot.hash.clone(),
+            rules: rules.len(),
+            policies: policies.len(),
+            bytes: Bytes::from(snapshot.to_bytes()),
         }
     }
 
-    /// [`Snapshot::to_bytes`], computed on the first call and shared after.
-    pub fn bytes(&self) -> &[u8] {
-        self.bytes.get_or_init(|| self.snapshot.to_bytes())
+    /// The wire bytes, shared (cloning is a reference count).
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
     }
-}
 
-impl Deref for PublishedSnapshot {
-    type Target = Snapshot;
-
-    fn deref(&self) -> &Snapshot {
-        &self.snapshot
+    /// The snapshot decoded from its bytes.
+    pub fn decode(&self) -> Result<Snapshot, SnapshotBytesError> {
+        Snapshot::from_bytes(&self.bytes)
     }
 }
 
@@ -426,7 +436,7 @@ impl Index {
                 .is_some_and(|s| s.hash == content.content_hash());
             if !unchanged {
                 self.last_version = next_version(self.last_version, now);
-                let snapshot = Arc::new(PublishedSnapshot::new(Snapshot::new(
+                let snapshot = Arc::new(PublishedSnapshot::new(&Snapshot::new(
                     self.last_version,
                     content,
                 )));
@@ -594,7 +604,9 @@ mod tests {
         index
             .snapshot(agent)
             .map(|s| {
-                s.content
+                s.decode()
+                    .unwrap()
+                    .content
                     .authority
                     .rules
                     .iter()
@@ -683,6 +695,8 @@ mod tests {
             rx.borrow_and_update()
                 .as_ref()
                 .unwrap()
+                .decode()
+                .unwrap()
                 .content
                 .grants_received
                 .len(),
@@ -693,6 +707,8 @@ mod tests {
         assert!(
             rx.borrow_and_update()
                 .as_ref()
+                .unwrap()
+                .decode()
                 .unwrap()
                 .content
                 .grants_received
@@ -758,11 +774,11 @@ mod tests {
         index.apply_identity(moved, NOW);
         assert_eq!(index.objects().identities.len(), 2);
         let a3 = index.snapshot(&ObjectKey::new("a", "a3")).unwrap();
-        assert_eq!(a3.content.tool_servers[0].name, "billing");
+        assert_eq!(a3.decode().unwrap().content.tool_servers[0].name, "billing");
     }
 
     #[test]
-    fn a_published_snapshot_is_encoded_once_and_shared() {
+    fn a_published_snapshot_is_its_encoding_shared_by_every_stream() {
         let mut index = Index::new();
         let planner = ObjectKey::new("a", "planner");
         let (first, second) = (index.subscribe(&planner), index.subscribe(&planner));
@@ -773,9 +789,14 @@ mod tests {
         );
         // Both streams hold the same published value, hence the same bytes.
         assert!(Arc::ptr_eq(&first, &second));
-        let bytes = first.bytes();
-        assert_eq!(bytes, first.to_bytes().as_slice());
-        assert!(std::ptr::eq(bytes, second.bytes()));
+        let decoded = first.decode().unwrap();
+        assert!(decoded.hash_is_valid());
+        assert_eq!(
+            (decoded.version, &decoded.hash),
+            (first.version, &first.hash)
+        );
+        assert_eq!(first.bytes().as_ref(), decoded.to_bytes().as_slice());
+        assert_eq!(first.bytes().as_ptr(), second.bytes().as_ptr());
     }
 
     #[test]

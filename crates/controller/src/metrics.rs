@@ -180,13 +180,13 @@ impl Metrics {
     }
 
     /// A sidecar connected; the gauge goes down when the guard drops.
-    pub fn sidecar_connected(self: &Arc<Self>) -> impl Drop + use<> {
+    pub fn sidecar_connected(self: &Arc<Self>) -> GaugeGuard {
         self.sidecars_connected.inc();
         GaugeGuard(self.sidecars_connected.clone())
     }
 
     /// A tool-mode sidecar connected; the gauge goes down when the guard drops.
-    pub fn tool_sidecar_connected(self: &Arc<Self>) -> impl Drop + use<> {
+    pub fn tool_sidecar_connected(self: &Arc<Self>) -> GaugeGuard {
         self.tool_sidecars_connected.inc();
         GaugeGuard(self.tool_sidecars_connected.clone())
     }
@@ -208,7 +208,8 @@ impl Metrics {
     }
 }
 
-struct GaugeGuard(Gauge);
+/// Decrements its gauge when dropped (a connection counted while it lasts).
+pub struct GaugeGuard(Gauge);
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {

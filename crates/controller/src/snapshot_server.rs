@@ -7,8 +7,22 @@
 //! carries only the key set: a `KeySet` on connect and after every change of the
 //! live sidecars' keys, never a snapshot. It takes audit batches back; ACK/NACK,
 //! inventory and signing keys do not apply to it and are ignored.
+//!
+//! Each stream is two halves: an [`Outbox`] that builds the next message only
+//! when tonic asks for it (so when HTTP/2 flow control lets one through), and a
+//! task reading what the sidecar sends. A sidecar that reads slowly therefore
+//! holds at most one message in the controller, and it gets the latest snapshot
+//! and key set rather than a backlog of every version in between. Key sets
+//! carry every live key and change with every sidecar that comes or goes, so a
+//! stream sends at most one per [`KEY_SET_MIN_INTERVAL`] (the first change after
+//! a quiet period at once).
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use chaperone_api::AgentIdentity;
 use chaperone_wire::{
@@ -21,18 +35,20 @@ use chaperone_wire::{
 };
 use futures_util::Stream;
 use kube::{Client, runtime::reflector::Store};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     audit_events::{AuditEvents, AuditSource},
     auth::{self, Peer, SidecarIdentity, ToolSidecarIdentity},
-    index::PublishedSnapshot,
-    metrics::Metrics,
+    index::{PublishedSnapshot, SnapshotRx},
+    metrics::{GaugeGuard, Metrics},
     object_watch::SharedIndex,
-    sidecars::SidecarRegistry,
+    sidecars::{ConnectionGuard, SidecarRegistry},
 };
+
+/// The shortest time between two key sets on one stream.
+pub const KEY_SET_MIN_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The gRPC service.
 #[derive(Clone)]
@@ -123,104 +139,322 @@ impl SnapshotService for SnapshotServer {
             tracing::info!(error = %e, "refused a snapshot stream");
             Status::new(e.grpc_code(), e.to_string())
         })?;
-        let (tx, rx) = mpsc::channel(8);
-        match peer {
+        let (reader_alive, reader_done) = oneshot::channel();
+        let inbound = request.into_inner();
+        let outbox = match peer {
             Peer::Agent(identity) => {
                 tracing::info!(agent = %identity.agent, pod = %identity.pod, "sidecar connected");
-                tokio::spawn(self.clone().stream(identity, request.into_inner(), tx));
+                let identity = Arc::new(identity);
+                let sent_at = Arc::new(Mutex::new(None));
+                let agent = AgentSnapshots::new(
+                    self.index.lock().subscribe(&identity.agent),
+                    Arc::clone(&identity),
+                    Arc::clone(&sent_at),
+                );
+                let outbox = Outbox::new(
+                    self.clone(),
+                    self.sidecars.connect(&identity),
+                    self.metrics.sidecar_connected(),
+                    Some(agent),
+                    reader_done,
+                    &identity.pod,
+                );
+                tokio::spawn(self.clone().read_agent_stream(
+                    identity,
+                    inbound,
+                    sent_at,
+                    reader_alive,
+                ));
+                outbox
             }
             Peer::Tool(identity) => {
                 tracing::info!(namespace = %identity.namespace, pod = %identity.pod, "tool-mode sidecar connected (key set only)");
-                tokio::spawn(self.clone().tool_stream(identity, request.into_inner(), tx));
+                let outbox = Outbox::new(
+                    self.clone(),
+                    self.sidecars.connect_tool(&identity),
+                    self.metrics.tool_sidecar_connected(),
+                    None,
+                    reader_done,
+                    &identity.pod,
+                );
+                tokio::spawn(
+                    self.clone()
+                        .read_tool_stream(identity, inbound, reader_alive),
+                );
+                outbox
+            }
+        };
+        let stream = futures_util::stream::unfold(outbox, |mut outbox| async move {
+            outbox.next().await.map(|message| (message, outbox))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// One agent's snapshots as one stream sees them.
+struct AgentSnapshots {
+    rx: SnapshotRx,
+    identity: Arc<SidecarIdentity>,
+    /// Not yet sent.
+    pending: Option<Arc<PublishedSnapshot>>,
+    /// The version last sent and when (for the push latency on its ACK).
+    sent_at: Arc<Mutex<Option<(u64, Instant)>>>,
+}
+
+impl AgentSnapshots {
+    fn new(
+        mut rx: SnapshotRx,
+        identity: Arc<SidecarIdentity>,
+        sent_at: Arc<Mutex<Option<(u64, Instant)>>>,
+    ) -> Self {
+        // The current snapshot first; `changed()` then fires for each new one.
+        let pending = rx.borrow_and_update().clone();
+        Self {
+            rx,
+            identity,
+            pending,
+            sent_at,
+        }
+    }
+
+    /// The next snapshot: `Ok(None)` when the AgentIdentity is gone, `Err` when
+    /// the index is.
+    async fn changed(
+        this: &mut Option<Self>,
+    ) -> Result<Option<Arc<PublishedSnapshot>>, watch::error::RecvError> {
+        match this {
+            Some(agent) => {
+                agent.rx.changed().await?;
+                Ok(agent.rx.borrow_and_update().clone())
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// When a stream may send the key set: at once after a quiet period, otherwise
+/// [`KEY_SET_MIN_INTERVAL`] after the previous one, with every change in
+/// between folded into that one.
+#[derive(Debug)]
+struct KeySetPacer {
+    /// The key set changed since it was last sent.
+    pending: bool,
+    /// No key set before this instant.
+    not_before: Instant,
+}
+
+impl KeySetPacer {
+    fn new(pending: bool, now: Instant) -> Self {
+        Self {
+            pending,
+            not_before: now,
+        }
+    }
+
+    /// The key set changed.
+    fn changed(&mut self) {
+        self.pending = true;
+    }
+
+    /// The key set went out (alone or inside a snapshot update) at `now`.
+    fn sent(&mut self, now: Instant) {
+        self.pending = false;
+        self.not_before = now + KEY_SET_MIN_INTERVAL;
+    }
+
+    /// Whether a key set is due at `now`.
+    fn due(&self, now: Instant) -> bool {
+        self.pending && now >= self.not_before
+    }
+
+    /// When the pending key set will be due; `None` when none is pending.
+    fn wake_at(&self) -> Option<Instant> {
+        self.pending.then_some(self.not_before)
+    }
+}
+
+/// What one stream sends, built when tonic asks for the next message (see the
+/// module documentation). Holds the stream's registration: dropping it (the
+/// stream ended or the sidecar went away) unregisters the sidecar.
+struct Outbox {
+    server: SnapshotServer,
+    /// `None` on a tool-mode stream (key sets only).
+    agent: Option<AgentSnapshots>,
+    keys: watch::Receiver<u64>,
+    /// The key set last sent, alone or inside a snapshot update.
+    keys_sent: Option<Arc<str>>,
+    keys_pacer: KeySetPacer,
+    connection: ConnectionGuard,
+    _gauge: GaugeGuard,
+    /// Resolves when the task reading the sidecar's messages has ended.
+    reader_done: oneshot::Receiver<()>,
+    pod: String,
+    finished: bool,
+}
+
+impl Outbox {
+    /// The outbox of a stream registered as `connection`: an agent's snapshots
+    /// and key sets, or (with `agent` `None`) key sets only, the first at once.
+    fn new(
+        server: SnapshotServer,
+        connection: ConnectionGuard,
+        gauge: GaugeGuard,
+        agent: Option<AgentSnapshots>,
+        reader_done: oneshot::Receiver<()>,
+        pod: &str,
+    ) -> Self {
+        let mut keys = server.sidecars.key_changes();
+        keys.borrow_and_update();
+        Self {
+            keys_pacer: KeySetPacer::new(agent.is_none(), Instant::now()),
+            server,
+            agent,
+            keys,
+            keys_sent: None,
+            connection,
+            _gauge: gauge,
+            reader_done,
+            pod: pod.to_owned(),
+            finished: false,
+        }
+    }
+
+    /// The next message to send; `None` ends the stream.
+    async fn next(&mut self) -> Option<Result<ControllerMessage, Status>> {
+        if self.finished {
+            return None;
+        }
+        loop {
+            if let Some(agent) = self.agent.as_mut()
+                && let Some(snapshot) = agent.pending.take()
+            {
+                // The update carries the current key set: nothing else is due.
+                self.keys.borrow_and_update();
+                self.keys_pacer.sent(Instant::now());
+                let jwks_json = self.server.sidecars.jwks_json();
+                let message =
+                    SnapshotServer::snapshot_message(&agent.identity, &snapshot, &jwks_json);
+                self.keys_sent = Some(jwks_json);
+                *agent.sent_at.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((snapshot.version, Instant::now()));
+                return Some(Ok(message));
+            }
+            let now = Instant::now();
+            if self.keys_pacer.due(now) {
+                let jwks_json = self.server.sidecars.jwks_json();
+                self.keys_pacer.sent(now);
+                if self.keys_sent.as_deref() != Some(&*jwks_json) {
+                    let message = ControllerMessage {
+                        message: Some(controller_message::Message::Keys(KeySet {
+                            jwks_json: jwks_json.to_string(),
+                        })),
+                    };
+                    self.keys_sent = Some(jwks_json);
+                    return Some(Ok(message));
+                }
+            }
+            let keys_due = self.keys_pacer.wake_at();
+            tokio::select! {
+                changed = AgentSnapshots::changed(&mut self.agent) => match (changed, self.agent.as_mut()) {
+                    (Ok(Some(snapshot)), Some(agent)) => agent.pending = Some(snapshot),
+                    (Ok(None), Some(agent)) => {
+                        self.finished = true;
+                        return Some(Err(Status::not_found(format!(
+                            "AgentIdentity {} was deleted or no longer exists: drop the snapshot and deny every call",
+                            agent.identity.agent
+                        ))));
+                    }
+                    _ => {
+                        self.finished = true;
+                        return None;
+                    }
+                },
+                changed = self.keys.changed() => {
+                    if changed.is_err() {
+                        self.finished = true;
+                        return None;
+                    }
+                    self.keys.borrow_and_update();
+                    self.keys_pacer.changed();
+                }
+                () = sleep_until_some(keys_due) => {}
+                () = self.connection.evicted() => {
+                    self.finished = true;
+                    return Some(Err(Status::unauthenticated(format!("pod {} was deleted", self.pod))));
+                }
+                _ = &mut self.reader_done => {
+                    self.finished = true;
+                    return None;
+                }
             }
         }
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        match &self.agent {
+            Some(agent) => {
+                tracing::info!(agent = %agent.identity.agent, pod = %self.pod, "sidecar disconnected")
+            }
+            None => tracing::info!(pod = %self.pod, "tool-mode sidecar disconnected"),
+        }
+    }
+}
+
+/// Resolves at `at`, or never when there is no `at`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
 impl SnapshotServer {
-    /// One sidecar's stream: push snapshots and key sets, take its reports.
-    async fn stream(
+    /// Reads one sidecar's messages (ACK/NACK, key, inventory, audit) until the
+    /// sidecar stops sending or its outbox is dropped.
+    async fn read_agent_stream(
         self,
-        identity: SidecarIdentity,
+        identity: Arc<SidecarIdentity>,
         mut inbound: Streaming<SidecarMessage>,
-        tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+        sent_at: Arc<Mutex<Option<(u64, Instant)>>>,
+        mut alive: oneshot::Sender<()>,
     ) {
-        let connection = self.sidecars.connect(&identity);
-        let _gauge = self.metrics.sidecar_connected();
-        let mut snapshots = self.index.lock().subscribe(&identity.agent);
-        let mut keys = self.sidecars.key_changes();
-        let mut sent_at: Option<(u64, Instant)> = None;
-        // The current snapshot first; `changed()` then fires for each new one.
-        let mut pending = snapshots.borrow_and_update().clone();
-        keys.borrow_and_update();
         loop {
-            if let Some(snapshot) = pending.take() {
-                let message = self.snapshot_message(&identity, &snapshot);
-                sent_at = Some((snapshot.version, Instant::now()));
-                if tx.send(Ok(message)).await.is_err() {
-                    break;
-                }
-            }
             tokio::select! {
-                changed = snapshots.changed() => {
-                    if changed.is_err() { break; }
-                    let next = snapshots.borrow_and_update().clone();
-                    match next {
-                        Some(snapshot) => pending = Some(snapshot),
-                        None => {
-                            let _ = tx.send(Err(Status::not_found(format!(
-                                "AgentIdentity {} was deleted or no longer exists: drop the snapshot and deny every call",
-                                identity.agent
-                            )))).await;
-                            break;
-                        }
-                    }
-                }
-                changed = keys.changed() => {
-                    if changed.is_err() { break; }
-                    let jwks_json = self.sidecars.jwks_json().to_string();
-                    let message = ControllerMessage { message: Some(controller_message::Message::Keys(KeySet { jwks_json })) };
-                    if tx.send(Ok(message)).await.is_err() { break; }
-                }
                 message = inbound.message() => match message {
-                    Ok(Some(message)) => self.on_sidecar_message(&identity, message, &mut sent_at),
+                    Ok(Some(message)) => self.on_sidecar_message(&identity, message, &sent_at),
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(pod = %identity.pod, %status, "sidecar stream error");
                         break;
                     }
                 },
-                _ = tx.closed() => break,
-                () = connection.evicted() => {
-                    let _ = tx.send(Err(Status::unauthenticated(format!("pod {} was deleted", identity.pod)))).await;
-                    break;
-                }
+                () = alive.closed() => break,
             }
         }
-        tracing::info!(agent = %identity.agent, pod = %identity.pod, "sidecar disconnected");
     }
 
     /// The update for one stream: the snapshot's shared bytes and the shared
-    /// JWKS, copied into this stream's message (nothing is serialised here).
+    /// JWKS (nothing is serialised here).
     fn snapshot_message(
-        &self,
         identity: &SidecarIdentity,
         snapshot: &PublishedSnapshot,
+        jwks_json: &str,
     ) -> ControllerMessage {
         ControllerMessage {
             message: Some(controller_message::Message::Snapshot(SnapshotUpdate {
                 version: snapshot.version,
                 hash: snapshot.hash.clone(),
                 format: SNAPSHOT_FORMAT_JSON.to_owned(),
-                payload: snapshot.bytes().to_vec(),
+                payload: snapshot.bytes().clone(),
                 identity: Some(v1::Identity {
                     namespace: identity.agent.namespace.clone(),
                     agent: identity.agent.name.clone(),
                     pod: identity.pod.clone(),
                     pod_uid: identity.pod_uid.clone(),
                 }),
-                jwks_json: self.sidecars.jwks_json().to_string(),
+                jwks_json: jwks_json.to_owned(),
             })),
         }
     }
@@ -229,7 +463,7 @@ impl SnapshotServer {
         &self,
         identity: &SidecarIdentity,
         message: SidecarMessage,
-        sent_at: &mut Option<(u64, Instant)>,
+        sent_at: &Mutex<Option<(u64, Instant)>>,
     ) {
         let (namespace, pod) = (identity.agent.namespace.as_str(), identity.pod.as_str());
         match message.message {
@@ -237,7 +471,11 @@ impl SnapshotServer {
                 tracing::debug!(pod, version = hello.snapshot_version, "sidecar hello");
             }
             Some(sidecar_message::Message::Ack(ack)) => {
-                if let Some((version, at)) = sent_at.take_if(|(v, _)| *v == ack.version) {
+                let acked = sent_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take_if(|(v, _)| *v == ack.version);
+                if let Some((version, at)) = acked {
                     self.metrics.push_acked(version, at.elapsed());
                 }
                 self.sidecars.update(namespace, pod, |s| {
@@ -290,43 +528,17 @@ impl SnapshotServer {
         }
     }
 
-    /// One tool-mode sidecar's stream: the key set on connect and on every
-    /// change, never a snapshot; its audit batches become Events on its pod.
-    async fn tool_stream(
+    /// Reads one tool-mode sidecar's messages (audit batches; the rest is
+    /// ignored) until it stops sending or its outbox is dropped.
+    async fn read_tool_stream(
         self,
         identity: ToolSidecarIdentity,
         mut inbound: Streaming<SidecarMessage>,
-        tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+        mut alive: oneshot::Sender<()>,
     ) {
-        let connection = self.sidecars.connect_tool(&identity);
-        let _gauge = self.metrics.tool_sidecar_connected();
-        let mut keys = self.sidecars.key_changes();
-        // Marked seen before the first read: a change after it is sent again.
-        keys.borrow_and_update();
-        let mut pending = true;
-        let mut sent: Option<Arc<str>> = None;
         let mut told_about_key = false;
         loop {
-            if std::mem::take(&mut pending) {
-                let jwks_json = self.sidecars.jwks_json();
-                if sent.as_deref() != Some(&*jwks_json) {
-                    let message = ControllerMessage {
-                        message: Some(controller_message::Message::Keys(KeySet {
-                            jwks_json: jwks_json.to_string(),
-                        })),
-                    };
-                    sent = Some(jwks_json);
-                    if tx.send(Ok(message)).await.is_err() {
-                        break;
-                    }
-                }
-            }
             tokio::select! {
-                changed = keys.changed() => {
-                    if changed.is_err() { break; }
-                    keys.borrow_and_update();
-                    pending = true;
-                }
                 message = inbound.message() => match message {
                     Ok(Some(message)) => self.on_tool_message(&identity, message, &mut told_about_key),
                     Ok(None) => break,
@@ -335,14 +547,9 @@ impl SnapshotServer {
                         break;
                     }
                 },
-                _ = tx.closed() => break,
-                () = connection.evicted() => {
-                    let _ = tx.send(Err(Status::unauthenticated(format!("pod {} was deleted", identity.pod)))).await;
-                    break;
-                }
+                () = alive.closed() => break,
             }
         }
-        tracing::info!(namespace = %identity.namespace, pod = %identity.pod, "tool-mode sidecar disconnected");
     }
 
     fn on_tool_message(
@@ -398,5 +605,38 @@ impl SnapshotServer {
             }
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_sets_go_out_at_once_after_a_quiet_period_and_bursts_fold_into_one() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut pacer = KeySetPacer::new(false, t0);
+        assert!(!pacer.due(t0), "nothing changed");
+        assert_eq!(pacer.wake_at(), None);
+        // A change after a quiet period goes out at once.
+        pacer.changed();
+        assert!(pacer.due(t0));
+        pacer.sent(t0);
+        // A burst right after waits for the interval, as one key set.
+        for n in [10, 20, 30] {
+            pacer.changed();
+            assert!(!pacer.due(ms(n)), "sent {n} ms after the previous one");
+        }
+        assert_eq!(pacer.wake_at(), Some(t0 + KEY_SET_MIN_INTERVAL));
+        let at = t0 + KEY_SET_MIN_INTERVAL;
+        assert!(pacer.due(at));
+        pacer.sent(at);
+        assert!(
+            !pacer.due(at + KEY_SET_MIN_INTERVAL),
+            "the burst went out once"
+        );
+        // A tool-mode stream starts with its key set due.
+        assert!(KeySetPacer::new(true, t0).due(t0));
     }
 }

@@ -213,22 +213,14 @@ fn identity_status(
         Some(s) => {
             status.snapshot_version = i64::try_from(s.version).ok();
             status.snapshot_hash = Some(s.hash.clone());
-            let rules = s.content.authority.rules.len();
-            let policies: BTreeSet<&str> = s
-                .content
-                .authority
-                .rules
-                .iter()
-                .map(|r| r.policy.as_str())
-                .collect();
+            let (rules, policies) = (s.rules, s.policies);
             conditions.push(ConditionSpec {
                 type_: "Ready",
                 status: true,
                 reason: "SnapshotServed",
                 message: format!(
                     "snapshot v{} serves {rules} rules from {} policies",
-                    s.version,
-                    policies.len()
+                    s.version, policies
                 ),
             });
         }
@@ -282,7 +274,11 @@ fn identity_status(
         inventory.extend(state.inventory.iter().cloned());
     }
     if !inventory.is_empty() {
-        let engine = snapshot.as_ref().and_then(|s| Engine::new(s).ok());
+        // The rules are needed here only: decoded from the published bytes.
+        let engine = snapshot
+            .as_ref()
+            .and_then(|s| s.decode().ok())
+            .and_then(|s| Engine::new(&s).ok());
         status.discovered_tools = inventory
             .into_iter()
             .map(|(server, name)| {

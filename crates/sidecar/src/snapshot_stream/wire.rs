@@ -185,7 +185,7 @@ pub(crate) mod fixtures {
             version: snapshot.version,
             hash: snapshot.hash.clone(),
             format: SNAPSHOT_FORMAT_JSON.to_owned(),
-            payload: snapshot.to_bytes(),
+            payload: snapshot.to_bytes().into(),
             identity: Some(v1::Identity {
                 namespace: "shop".into(),
                 agent: "planner".into(),
@@ -223,7 +223,7 @@ mod tests {
     #[test]
     fn refuses_a_payload_that_is_not_json() {
         let mut update = update(&snapshot(1));
-        update.payload = b"{not json".to_vec();
+        update.payload = bytes::Bytes::from_static(b"{not json");
         assert!(matches!(
             SnapshotOffer::try_from(update),
             Err(InvalidUpdate::Malformed(_))
