@@ -584,7 +584,14 @@ async fn a_key_registered_with_one_replica_reaches_sidecars_of_another_until_its
 -> Result<()> {
     let (client, ns) = setup().await?;
     let (one, two) = replicas();
-    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+    // The planner may call the worker: the worker's sidecars need its keys.
+    let mut planner = agent("planner");
+    planner["spec"]["toolServers"]
+        .as_array_mut()
+        .context("toolServers")?
+        .push(json!({ "name": "worker", "url": "http://worker.agents.svc:15006/mcp", "agent": "worker" }));
+    apply::<AgentIdentity>(&client, &ns, planner).await?;
+    apply::<AgentIdentity>(&client, &ns, agent("worker")).await?;
 
     // Agent sidecar A streams from replica 1 and registers its key there.
     let a_token = pod_token(&client, &ns, "planner", "planner-a", "chaperone").await?;
@@ -594,17 +601,23 @@ async fn a_key_registered_with_one_replica_reaches_sidecars_of_another_until_its
     let a_kid = format!("planner-a-{ns}");
     a.send_key(&a_kid).await?;
 
-    // A tool-mode sidecar and agent sidecar B stream from replica 2.
+    // A tool-mode sidecar, worker sidecar B and a second planner sidecar P
+    // stream from replica 2.
     let tool_token =
         tool_pod_token(&client, &ns, "orders-mcp", "orders-mcp-0", "chaperone").await?;
     let mut tool =
         kube_fixtures::SidecarStandIn::connect(&two.snapshot_endpoint()?, &tool_token).await?;
-    let b_token = pod_token(&client, &ns, "planner", "planner-b", "chaperone").await?;
+    let b_token = pod_token(&client, &ns, "worker", "worker-b", "chaperone").await?;
     let mut b = kube_fixtures::SidecarStandIn::connect(&two.snapshot_endpoint()?, &b_token).await?;
     let update = b.next_snapshot(Duration::from_secs(5)).await?;
     b.ack(&update).await?;
+    let p_token = pod_token(&client, &ns, "planner", "planner-b", "chaperone").await?;
+    let mut p = kube_fixtures::SidecarStandIn::connect(&two.snapshot_endpoint()?, &p_token).await?;
+    let p_first = p.next_snapshot(Duration::from_secs(5)).await?;
+    p.ack(&p_first).await?;
 
-    // Both get A's key from replica 2, named for A's agent and pod.
+    // The tool sidecar and the worker get A's key from replica 2, named for
+    // A's agent and pod.
     let has_a = |jwks: &serde_json::Value| jwks_kids(jwks).contains(&a_kid);
     let jwks = tool.key_set_where(Duration::from_secs(5), has_a).await?;
     let key = jwks["keys"]
@@ -621,6 +634,9 @@ async fn a_key_registered_with_one_replica_reaches_sidecars_of_another_until_its
         b.key_set_where(Duration::from_secs(5), has_a).await?;
     }
     assert!(http_get(two.admin_port, "/.well-known/jwks.json")?.contains(&a_kid));
+    // Nobody lists the planner as an agent to call: its sidecars get no keys.
+    let p_keys: serde_json::Value = serde_json::from_str(&p_first.jwks_json)?;
+    assert!(jwks_kids(&p_keys).is_empty(), "{p_keys}");
 
     // Whichever replica leads counts both sidecars, in sync: at most one of them
     // streams from the leader.

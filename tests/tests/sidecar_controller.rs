@@ -316,12 +316,36 @@ async fn registers_its_key_and_reports_tools_and_audit() -> Result<()> {
     })
     .await?;
     assert!(jwks.contains("Ed25519"), "{jwks}");
-    // And the snapshot stream hands the key set back to the sidecar.
+    // The stream hands the sidecar the keys of the agents that may call it,
+    // and only those: a caller's sidecar (a stand-in) registers its key.
+    let mut caller = agent("caller", upstream);
+    caller["spec"]["toolServers"]
+        .as_array_mut()
+        .context("toolServers")?
+        .push(json!({ "name": "lister", "url": "http://lister.agents.svc:15006/mcp", "agent": "lister" }));
+    apply::<AgentIdentity>(&client, &ns, caller).await?;
+    let caller_token = kube_fixtures::pod_token(
+        &client,
+        &ns,
+        "caller",
+        "caller-0",
+        kube_fixtures::SIDECAR_AUDIENCE,
+    )
+    .await?;
+    let caller_sidecar =
+        kube_fixtures::SidecarStandIn::connect(&controller().snapshot_endpoint()?, &caller_token)
+            .await?;
+    let caller_kid = format!("caller-0-{ns}");
+    caller_sidecar.send_key(&caller_kid).await?;
     let peer_keys = Arc::clone(sidecar.sidecar.peer_keys());
     eventually(Duration::from_secs(5), async || {
-        Ok(peer_keys.current().get(&kid).map(|_| ()))
+        Ok(peer_keys.current().get(&caller_kid).map(|_| ()))
     })
     .await?;
+    assert!(
+        peer_keys.current().get(&kid).is_none(),
+        "the lister does not call itself: its own key is not among its peers'"
+    );
 
     // tools/list through the sidecar: every tool ends up in discoveredTools.
     let mcp = mcp_client(&sidecar).await?;

@@ -662,6 +662,9 @@ async fn connect_all(
             };
             let update = sidecar.next_snapshot(Duration::from_secs(60)).await?;
             sidecar.ack(&update).await?;
+            // As a sidecar does: its signing key joins the JWKS every stream
+            // carries.
+            sidecar.send_key(&format!("bench-{stream}")).await?;
             let listener = tokio::spawn(listen(stream, sidecar, events.clone()));
             Ok(Connected {
                 _listener: AbortOnDrop(listener),

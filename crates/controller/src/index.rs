@@ -89,6 +89,9 @@ pub struct Index {
     status_dirty: BTreeSet<String>,
     /// Inside [`Index::batch`]: the namespaces to recompile at its end.
     deferred: Option<BTreeSet<String>>,
+    /// Ticks whenever the AgentIdentities change, hence possibly who calls
+    /// whom ([`Index::callers_of`]).
+    identities_changed: watch::Sender<u64>,
 }
 
 struct AgentEntry {
@@ -114,6 +117,7 @@ impl Index {
             generation: 0,
             status_dirty: BTreeSet::new(),
             deferred: None,
+            identities_changed: watch::channel(0).0,
         }
     }
 
@@ -130,6 +134,7 @@ impl Index {
         ) {
             return;
         }
+        self.identities_changed.send_modify(|n| *n += 1);
         self.recompute([namespace], now);
     }
 
@@ -173,6 +178,7 @@ impl Index {
             ObjectKind::AgentIdentity,
             key,
         );
+        self.identities_changed.send_modify(|n| *n += 1);
         self.recompute([key.namespace.clone()], now);
     }
 
@@ -206,6 +212,7 @@ impl Index {
     pub fn reset_identities(&mut self, objects: Vec<Object<AgentIdentitySpec>>, now: i64) {
         self.objects.identities = objects;
         self.reindex();
+        self.identities_changed.send_modify(|n| *n += 1);
         self.recompute_all(now);
     }
 
@@ -257,6 +264,30 @@ impl Index {
             })
             .tx
             .subscribe()
+    }
+
+    /// The agents whose sidecars may call `agent`'s inbound side: those whose
+    /// AgentIdentity lists it as an `agent:` tool server (same namespace).
+    /// Their keys are the only ones `agent`'s sidecars need.
+    pub fn callers_of(&self, agent: &AgentKey) -> BTreeSet<AgentKey> {
+        self.objects
+            .identities
+            .iter()
+            .filter(|caller| {
+                caller.metadata.namespace_or_default() == agent.namespace
+                    && caller
+                        .spec
+                        .tool_servers
+                        .iter()
+                        .any(|server| server.agent.as_deref() == Some(agent.name.as_str()))
+            })
+            .map(key_of)
+            .collect()
+    }
+
+    /// Ticks whenever the AgentIdentities change (so may [`Index::callers_of`]).
+    pub fn identity_changes(&self) -> watch::Receiver<u64> {
+        self.identities_changed.subscribe()
     }
 
     /// The current snapshot of `agent`.
@@ -760,6 +791,32 @@ mod tests {
             key: ObjectKey::new("a", "good"),
         };
         assert!(index.errors_of(&good_ref).is_empty());
+    }
+
+    #[test]
+    fn callers_are_the_agents_listing_an_agent_as_a_tool_server_in_its_namespace() {
+        let mut index = Index::new();
+        let calling = |ns: &str, name: &str| {
+            let mut caller = identity(ns, name);
+            caller.spec.tool_servers[0].agent = Some("worker".into());
+            caller
+        };
+        index.apply_identity(calling("a", "planner"), NOW);
+        index.apply_identity(identity("a", "worker"), NOW);
+        index.apply_identity(calling("b", "planner"), NOW);
+        let worker = ObjectKey::new("a", "worker");
+        assert_eq!(
+            index.callers_of(&worker),
+            BTreeSet::from([ObjectKey::new("a", "planner")])
+        );
+        assert!(index.callers_of(&ObjectKey::new("a", "planner")).is_empty());
+        let changes = index.identity_changes();
+        index.delete_identity(&ObjectKey::new("a", "planner"), NOW);
+        assert!(
+            changes.has_changed().unwrap(),
+            "streams re-read their callers"
+        );
+        assert!(index.callers_of(&worker).is_empty());
     }
 
     #[test]

@@ -309,19 +309,6 @@ impl SidecarRegistry {
         self.mark_status_dirty(changed);
     }
 
-    /// This replica's agent sidecars and the other replicas', one entry per
-    /// pod (this replica's wins).
-    fn all_agent_sidecars(&self) -> BTreeMap<PodKey, SidecarState> {
-        let mut all = self
-            .peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sidecars
-            .clone();
-        all.extend(self.own_agent_sidecars());
-        all
-    }
-
     /// Number of sidecars connected to this replica (agent and tool mode).
     pub fn len(&self) -> usize {
         self.sidecars
@@ -339,13 +326,49 @@ impl SidecarRegistry {
     /// one per kid; each key names its agent and pod so a verifier knows whose
     /// assertion it checks. The one place the JWKS is built.
     pub fn jwks(&self) -> Value {
+        self.jwks_where(|_| true)
+    }
+
+    /// [`SidecarRegistry::jwks`] of the sidecars of `agents` only, serialised:
+    /// what one agent's sidecars need to verify their callers.
+    pub fn jwks_json_of(&self, agents: &BTreeSet<AgentKey>) -> String {
+        if agents.is_empty() {
+            return json!({ "keys": [] }).to_string();
+        }
+        self.jwks_where(|agent| agents.contains(agent)).to_string()
+    }
+
+    /// The keys of the agent sidecars (this replica's first, then the other
+    /// replicas' not also here) whose agent passes `wanted`, one per kid.
+    fn jwks_where(&self, wanted: impl Fn(&AgentKey) -> bool) -> Value {
         let mut kids = BTreeSet::new();
-        let keys: Vec<Value> = self
-            .all_agent_sidecars()
+        let mut keys = Vec::new();
+        let mut add = |(namespace, pod): &PodKey, state: &SidecarState| {
+            if state.agent.as_ref().is_some_and(&wanted)
+                && let Some(jwk) = jwk_of(namespace, pod, state)
+                && kids.insert(jwk["kid"].as_str().unwrap_or_default().to_owned())
+            {
+                keys.push(jwk);
+            }
+        };
+        // One lock at a time; this replica's view of a pod wins.
+        let own: BTreeSet<PodKey> = {
+            let map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
+            map.iter().for_each(|(pod, state)| add(pod, state));
+            map.keys().cloned().collect()
+        };
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers
+            .sidecars
             .iter()
-            .filter_map(|((namespace, pod), state)| jwk_of(namespace, pod, state))
-            .filter(|jwk| kids.insert(jwk["kid"].as_str().unwrap_or_default().to_owned()))
-            .collect();
+            .filter(|(pod, _)| !own.contains(*pod))
+            .for_each(|(pod, state)| add(pod, state));
+        drop(peers);
+        keys.sort_by(|a, b| {
+            a["chaperone.dev/pod"]
+                .as_str()
+                .cmp(&b["chaperone.dev/pod"].as_str())
+        });
         json!({ "keys": keys })
     }
 

@@ -12,10 +12,15 @@
 //! when tonic asks for it (so when HTTP/2 flow control lets one through), and a
 //! task reading what the sidecar sends. A sidecar that reads slowly therefore
 //! holds at most one message in the controller, and it gets the latest snapshot
-//! and key set rather than a backlog of every version in between. Key sets
-//! carry every live key and change with every sidecar that comes or goes, so a
-//! stream sends at most one per [`KEY_SET_MIN_INTERVAL`] (the first change after
-//! a quiet period at once).
+//! and key set rather than a backlog of every version in between.
+//!
+//! An agent's sidecar gets only the keys of the agents that may call it (whose
+//! AgentIdentity lists it as an `agent:` tool server): its inbound side accepts
+//! no other assertion, and a cluster-wide key set would make every message
+//! grow with the number of sidecars and every sidecar start a broadcast to all.
+//! Tool-mode sidecars get every live key. Key sets change as sidecars come and
+//! go, so a stream sends at most one per [`KEY_SET_MIN_INTERVAL`] (the first
+//! change after a quiet period at once).
 
 use std::{
     net::SocketAddr,
@@ -281,8 +286,10 @@ struct Outbox {
     /// `None` on a tool-mode stream (key sets only).
     agent: Option<AgentSnapshots>,
     keys: watch::Receiver<u64>,
+    /// Ticks when the AgentIdentities (hence who calls this agent) change.
+    callers: watch::Receiver<u64>,
     /// The key set last sent, alone or inside a snapshot update.
-    keys_sent: Option<Arc<str>>,
+    keys_sent: Option<String>,
     keys_pacer: KeySetPacer,
     connection: ConnectionGuard,
     _gauge: GaugeGuard,
@@ -305,7 +312,10 @@ impl Outbox {
     ) -> Self {
         let mut keys = server.sidecars.key_changes();
         keys.borrow_and_update();
+        let mut callers = server.index.lock().identity_changes();
+        callers.borrow_and_update();
         Self {
+            callers,
             keys_pacer: KeySetPacer::new(agent.is_none(), Instant::now()),
             server,
             agent,
@@ -331,7 +341,7 @@ impl Outbox {
                 // The update carries the current key set: nothing else is due.
                 self.keys.borrow_and_update();
                 self.keys_pacer.sent(Instant::now());
-                let jwks_json = self.server.sidecars.jwks_json();
+                let jwks_json = self.server.jwks_json_for(Some(&agent.identity.agent));
                 let message =
                     SnapshotServer::snapshot_message(&agent.identity, &snapshot, &jwks_json);
                 self.keys_sent = Some(jwks_json);
@@ -341,15 +351,14 @@ impl Outbox {
             }
             let now = Instant::now();
             if self.keys_pacer.due(now) {
-                let jwks_json = self.server.sidecars.jwks_json();
+                let agent = self.agent.as_ref().map(|a| &a.identity.agent);
+                let jwks_json = self.server.jwks_json_for(agent);
                 self.keys_pacer.sent(now);
-                if self.keys_sent.as_deref() != Some(&*jwks_json) {
+                if self.keys_sent.as_ref() != Some(&jwks_json) {
+                    self.keys_sent = Some(jwks_json.clone());
                     let message = ControllerMessage {
-                        message: Some(controller_message::Message::Keys(KeySet {
-                            jwks_json: jwks_json.to_string(),
-                        })),
+                        message: Some(controller_message::Message::Keys(KeySet { jwks_json })),
                     };
-                    self.keys_sent = Some(jwks_json);
                     return Some(Ok(message));
                 }
             }
@@ -375,6 +384,14 @@ impl Outbox {
                         return None;
                     }
                     self.keys.borrow_and_update();
+                    self.keys_pacer.changed();
+                }
+                changed = self.callers.changed(), if self.agent.is_some() => {
+                    if changed.is_err() {
+                        self.finished = true;
+                        return None;
+                    }
+                    self.callers.borrow_and_update();
                     self.keys_pacer.changed();
                 }
                 () = sleep_until_some(keys_due) => {}
@@ -432,6 +449,20 @@ impl SnapshotServer {
                 },
                 () = alive.closed() => break,
             }
+        }
+    }
+
+    /// The key set a stream carries: for an agent's sidecar the keys of the
+    /// agents that may call it ([`crate::index::Index::callers_of`]), the only
+    /// assertions its inbound side accepts; for a tool-mode sidecar (`None`),
+    /// which any agent may call, every live key.
+    fn jwks_json_for(&self, agent: Option<&chaperone_policy::AgentKey>) -> String {
+        match agent {
+            Some(agent) => {
+                let callers = self.index.lock().callers_of(agent);
+                self.sidecars.jwks_json_of(&callers)
+            }
+            None => self.sidecars.jwks_json().to_string(),
         }
     }
 
