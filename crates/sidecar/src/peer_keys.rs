@@ -1,6 +1,8 @@
-//! The public keys of the other live sidecars (a JWKS the controller sends in
-//! each snapshot update and in `KeySet` updates), kept so that inbound delegated
-//! calls can have their assertions verified. Parsed at the edge into
+//! The public keys of the live sidecars that may call this one (a JWKS the
+//! controller sends in each snapshot update and in `KeySet` updates: the
+//! sidecars of agents listing this agent as an `agent:` tool server, or every
+//! agent sidecar for a tool-mode sidecar), kept so that inbound delegated calls
+//! can have their assertions verified. Parsed at the edge into
 //! [`PeerKeys`]; a JWKS that does not parse is refused with [`InvalidJwks`] and the
 //! previous key set stays.
 
