@@ -131,7 +131,8 @@ impl Sidecar {
         &self.gateway.source
     }
 
-    /// The public keys of the live sidecars, as the controller last sent them
+    /// The public keys of the live sidecars that may call this one, as the
+    /// controller last sent them
     /// (for verifying delegated calls' assertions).
     pub fn peer_keys(&self) -> &Arc<PeerKeyStore> {
         &self.peer_keys

@@ -7,7 +7,7 @@
 //! - takes each `SnapshotUpdate`, converts it at the edge ([`wire`]) and puts it
 //!   in force, answering ACK, or NACK with the typed error (the last good
 //!   snapshot stays in force);
-//! - keeps the live sidecars' keys from snapshots and `KeySet` updates
+//! - keeps its callers' sidecars' keys from snapshots and `KeySet` updates
 //!   ([`crate::peer_keys`]) for delegation verification;
 //! - sends its signing key once per stream, its tool inventory when it changes
 //!   (at most every [`INVENTORY_INTERVAL`]), and its audit records in batches with
