@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The controller sends one agent's snapshot bytes to each of its
         // sidecars: shared, not copied per stream.
         .bytes(".chaperone.snapshot.v1.SnapshotUpdate.payload")
+        // Smaller per-stream buffers (see `SnapshotCodec`).
+        .codec_path("crate::SnapshotCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }
