@@ -14,11 +14,12 @@ pub mod v1 {
 /// The format name of snapshot payloads this contract carries.
 pub const SNAPSHOT_FORMAT_JSON: &str = "chaperone.snapshot.v1+json";
 
-/// The codec of the snapshot stream: protobuf (prost) with 1 KiB initial
-/// buffers instead of tonic's 8 KiB. A controller keeps one encode and one
-/// decode buffer per sidecar stream for the stream's lifetime, and most
-/// messages (ACKs, keys, inventories, small snapshots) are far smaller; a larger
-/// message grows its buffer as needed.
+/// The codec of the snapshot stream: protobuf (prost) with a 1 KiB initial
+/// decode buffer instead of tonic's 8 KiB. A controller keeps one per sidecar
+/// stream for the stream's lifetime, and what sidecars send (ACKs, keys,
+/// inventories, audit batches) is mostly far smaller; a larger message grows it
+/// as needed. Encoding keeps tonic's settings: its buffer grows to the largest
+/// message sent either way.
 #[derive(Debug, Clone)]
 pub struct SnapshotCodec<T, U>(std::marker::PhantomData<(T, U)>);
 
@@ -28,11 +29,10 @@ impl<T, U> Default for SnapshotCodec<T, U> {
     }
 }
 
-/// [`SnapshotCodec`]'s buffers: 1 KiB to start with; encoded messages are
-/// handed to HTTP/2 once 32 KiB are pending (tonic's default).
-fn buffers() -> tonic::codec::BufferSettings {
-    tonic::codec::BufferSettings::new(1024, 32 * 1024)
-}
+/// [`SnapshotCodec`]'s initial decode buffer.
+const DECODE_BUFFER_BYTES: usize = 1024;
+/// Encoded bytes pending before they are handed to HTTP/2 (tonic's default).
+const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
 
 impl<T, U> tonic::codec::Codec for SnapshotCodec<T, U>
 where
@@ -45,10 +45,13 @@ where
     type Decoder = tonic_prost::ProstDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstEncoder::new(buffers())
+        tonic_prost::ProstEncoder::default()
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::new(buffers())
+        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::new(
+            DECODE_BUFFER_BYTES,
+            YIELD_THRESHOLD_BYTES,
+        ))
     }
 }
