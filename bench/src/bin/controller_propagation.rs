@@ -239,15 +239,8 @@ async fn propagation(
 
     let cpu_before = controller.cpu_seconds()?;
     let started = Instant::now();
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let connected = connect_all(
-        &controller.endpoint,
-        tokens,
-        options.connect_concurrency,
-        &events_tx,
-    )
-    .await?;
-    drop(events_tx);
+    let (connected, mut events) =
+        connect_all(&controller.endpoint, tokens, options.connect_concurrency).await?;
     let connect = started.elapsed();
     let cpu_connect = controller.cpu_seconds()? - cpu_before;
     let connect_retries = connected.iter().map(|c| c.retries).sum();
@@ -565,14 +558,8 @@ async fn memory(options: &Options, client: &Client, controller: &ControllerProce
     let cpu_before = controller.cpu_seconds()?;
     let started = Instant::now();
     // The stand-ins keep reading, as sidecars do; nobody needs their receipts.
-    let (events_tx, _) = mpsc::unbounded_channel();
-    let connected = connect_all(
-        &controller.endpoint,
-        tokens,
-        options.connect_concurrency,
-        &events_tx,
-    )
-    .await?;
+    let (connected, _) =
+        connect_all(&controller.endpoint, tokens, options.connect_concurrency).await?;
     let took = started.elapsed();
     let each: Vec<Duration> = connected.iter().map(|c| c.took).collect();
     let p = Percentiles::of(&each);
@@ -637,16 +624,18 @@ async fn pods_and_tokens(
 }
 
 /// Opens a stream per token, `concurrency` at a time, each until its first
-/// snapshot is ACKed, then hands it to a [`listen`] task sending to `events`
-/// (stream numbers are the tokens' positions). A refusal the controller calls
-/// transient (`UNAVAILABLE`) is retried up to five times.
+/// snapshot is ACKed, then hands it to a [`listen`] task; returns the streams
+/// and the receipts of the snapshots they receive after that (stream numbers
+/// are the tokens' positions). A refusal the controller calls transient
+/// (`UNAVAILABLE`) is retried up to five times.
 async fn connect_all(
     endpoint: &SnapshotEndpoint,
     tokens: Vec<String>,
     concurrency: usize,
-    events: &mpsc::UnboundedSender<Receipt>,
-) -> Result<Vec<Connected>> {
-    stream::iter(tokens.into_iter().enumerate())
+) -> Result<(Vec<Connected>, mpsc::UnboundedReceiver<Receipt>)> {
+    let (events_tx, receipts) = mpsc::unbounded_channel();
+    let events = &events_tx;
+    let connected = stream::iter(tokens.into_iter().enumerate())
         .map(|(stream, token)| async move {
             let started = Instant::now();
             let mut retries = 0;
@@ -675,7 +664,8 @@ async fn connect_all(
         })
         .buffer_unordered(concurrency)
         .try_collect()
-        .await
+        .await?;
+    Ok((connected, receipts))
 }
 
 /// Aborts its task when dropped.
