@@ -120,36 +120,32 @@ pub fn objects_to_check(
     if namespaces.is_empty() {
         return out;
     }
-    out.extend(
-        objects
-            .identities
-            .iter()
-            .filter(|o| in_dirty(o.metadata.namespace_or_default()))
-            .map(|o| ObjectRef {
-                kind: ObjectKind::AgentIdentity,
+    /// The objects of `kind` in `list` for which `dirty` holds.
+    fn dirty_refs<'a, S>(
+        kind: ObjectKind,
+        list: &'a [Object<S>],
+        dirty: impl Fn(&Object<S>) -> bool + 'a,
+    ) -> impl Iterator<Item = ObjectRef> + 'a {
+        list.iter()
+            .filter(move |o| dirty(o))
+            .map(move |o| ObjectRef {
+                kind,
                 key: key_of(o),
-            }),
-    );
-    out.extend(
-        objects
-            .policies
-            .iter()
-            .filter(|o| in_dirty(o.metadata.namespace_or_default()))
-            .map(|o| ObjectRef {
-                kind: ObjectKind::ToolPolicy,
-                key: key_of(o),
-            }),
-    );
-    out.extend(
-        objects
-            .grants
-            .iter()
-            .filter(|o| grant_namespaces(o).iter().any(|ns| in_dirty(ns)))
-            .map(|o| ObjectRef {
-                kind: ObjectKind::DelegationGrant,
-                key: key_of(o),
-            }),
-    );
+            })
+    }
+    out.extend(dirty_refs(
+        ObjectKind::AgentIdentity,
+        &objects.identities,
+        |o| in_dirty(o.metadata.namespace_or_default()),
+    ));
+    out.extend(dirty_refs(ObjectKind::ToolPolicy, &objects.policies, |o| {
+        in_dirty(o.metadata.namespace_or_default())
+    }));
+    out.extend(dirty_refs(
+        ObjectKind::DelegationGrant,
+        &objects.grants,
+        |o| grant_namespaces(o).iter().any(|ns| in_dirty(ns)),
+    ));
     out
 }
 
