@@ -619,6 +619,12 @@ impl<'a> Compiler<'a> {
             assertion: identity.spec.assertion.clone().unwrap_or_default(),
             session: identity.spec.session.clone().unwrap_or_default(),
             initiators: identity.spec.initiators.clone(),
+            passthrough_methods: {
+                let mut methods = identity.spec.passthrough_methods.clone();
+                methods.sort();
+                methods.dedup();
+                methods
+            },
             authority,
             grants_received: received.into_values().collect(),
             grants_given: given,

@@ -70,6 +70,18 @@ pub struct AgentIdentitySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub initiators: Vec<InitiatorIssuer>,
+
+    /// JSON-RPC methods the sidecar forwards ungoverned besides the MCP methods
+    /// it knows (for a tool server's own extension methods). Every other
+    /// unknown method is refused. Methods the sidecar governs (`tools/call`,
+    /// the list methods, `resources/read`, `prompts/get`, …) cannot be listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 128)))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(m, !(m in ['tools/call', 'tools/list', 'resources/read', 'resources/list', 'resources/templates/list', 'resources/subscribe', 'resources/unsubscribe', 'prompts/get', 'prompts/list']))",
+        "message": "passthroughMethods cannot list a method the sidecar governs (tools/call, the list methods, resources/read|subscribe|unsubscribe, prompts/get)"
+    }]))]
+    pub passthrough_methods: Vec<String>,
 }
 
 /// Selects the pods of an agent: by ServiceAccount, optionally narrowed by labels.

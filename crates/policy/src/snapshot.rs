@@ -48,6 +48,10 @@ pub struct SnapshotContent {
     pub session: SessionSettings,
     /// Trusted issuers of initiator tokens.
     pub initiators: Vec<InitiatorIssuer>,
+    /// Extra JSON-RPC methods forwarded ungoverned (the AgentIdentity's
+    /// `passthroughMethods`), sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passthrough_methods: Vec<String>,
     /// The agent's own rules and classifications.
     pub authority: AgentAuthority,
     /// Valid grants to this agent, and (transitively, up to the deepest chain
