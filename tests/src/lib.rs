@@ -19,6 +19,7 @@
 pub mod chart;
 pub mod kube_fixtures;
 pub mod mcp_fixtures;
+pub mod mcp_servers;
 pub mod pki;
 pub mod sidecar_fixtures;
 pub mod tools;

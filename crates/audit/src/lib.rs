@@ -5,17 +5,24 @@
 //!
 //! - [`canonical`], [`sha256`], [`hex`], [`args_digest`]: canonical JSON (sorted
 //!   keys, no whitespace) and digests of it.
-//! - [`record_hash`]: the hash the next record of a chain carries in `prev`.
-//! - [`verify_log`] / [`verify_log_with`]: check the hash chains of a log holding
-//!   the records of one or several sessions (and agents), interleaved.
+//! - [`record_hash`]: the hash the next record of a session carries in `prev`,
+//!   and the next record of its sidecar in `prevSeq`;
+//!   [`checkpoint_signing_input`]: what a checkpoint's signature signs.
+//! - [`verify_log`] / [`verify_log_with`] / [`verify_log_signed`]: check a log
+//!   holding the records of one or several sidecars (and sessions),
+//!   interleaved: each sidecar's sequence and signed checkpoints (with
+//!   [`SidecarKeys`] from a JWKS), each session's hash chain.
 
 #![forbid(unsafe_code)]
 
 mod canonical;
+mod keys;
 mod verify;
 
 pub use canonical::{args_digest, canonical, hex, sha256, write_canonical};
+pub use keys::{JwksError, SidecarKeys};
 pub use verify::{
-    ExternalLink, Malformed, VerifyError, VerifyOptions, VerifySummary, record_hash, verify_log,
+    CHECKPOINT_KIND, ExternalLink, Malformed, NoKey, SidecarTrail, VerifyError, VerifyOptions,
+    VerifySummary, checkpoint_signing_input, record_hash, verify_log, verify_log_signed,
     verify_log_with,
 };

@@ -1,15 +1,21 @@
 //! `chaperonectl audit`: check sidecar audit logs offline.
 //!
-//! - `verify FILE`: the hash chain of every session, and the links between the
-//!   trails of delegating and delegated agents; exits non-zero at the first
-//!   record that is missing, modified, out of order or replayed.
+//! - `verify FILE [--jwks FILE_OR_URL] [--strict]`: each sidecar's sequence
+//!   and signed checkpoints, the hash chain of every session, and the links
+//!   between the trails of delegating and delegated agents; exits non-zero at
+//!   the first record that is missing, modified, out of order, replayed,
+//!   ambiguous or made up, and warns of what it cannot prove.
 
 use std::fs;
 use std::io::Read as _;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use chaperone_audit::{VerifyOptions, VerifySummary, verify_log_with};
+use chaperone_audit::{
+    SidecarKeys, SidecarTrail, VerifyOptions, VerifySummary, verify_log_signed, verify_log_with,
+};
+
+use crate::jwks;
 
 /// Arguments of `chaperonectl audit`.
 #[derive(clap::Args)]
@@ -20,25 +26,39 @@ pub struct AuditArgs {
 
 #[derive(clap::Subcommand)]
 enum AuditCommand {
-    /// Verify the hash chains of an audit log.
+    /// Verify that an audit log is complete and unmodified.
     ///
     /// FILE holds sidecar audit lines, e.g. `kubectl logs POD -c chaperone-proxy`,
-    /// possibly the logs of several agents concatenated. Audit records are the
-    /// JSON objects with a `session.chaperone` string and a `decision`; every
-    /// other line (the sidecar's tracing lines, plain text) is skipped and
-    /// counted as skipped. Lines prefixed by `kubectl logs --timestamps` are not
-    /// records: leave that flag out.
+    /// possibly the logs of several sidecars concatenated. Audit records are the
+    /// JSON objects with a `session.chaperone` string and a `decision`, and the
+    /// checkpoints (`"kind":"checkpoint"`); every other line (the sidecar's
+    /// tracing lines, plain text) is skipped and counted as skipped. Lines
+    /// prefixed by `kubectl logs --timestamps` are not records: leave that flag
+    /// out. Every record is read as strict JSON: a duplicate or case-colliding
+    /// key is an error.
     ///
-    /// Each record's `prev` must be the SHA-256 of the canonical JSON of its
-    /// session's previous record. A session's first record has `prev` null, or
-    /// the hash of a record of another session in FILE (a cross-agent link: the
-    /// delegating agent's record), or a hash of no record in FILE (an external
-    /// link: the delegating agent's log is not part of FILE; listed on stderr,
-    /// an error with --strict).
+    /// Each sidecar numbers its records 1, 2, 3, … (`seq`, across its sessions)
+    /// and links each to its previous one (`prevSeq`, a SHA-256); every 100
+    /// records, every few seconds and at shutdown it writes a checkpoint signed
+    /// with its Ed25519 key (`kid`). Each record's `prev` must be the SHA-256 of
+    /// its session's previous record; a session's first record has `prev` null,
+    /// or the hash of a record of another session in FILE (a cross-agent link:
+    /// the delegating agent's record), or a hash of no record in FILE (an
+    /// external link: the delegating agent's log is not part of FILE).
     ///
-    /// Prints a one-line summary and exits 0 when every chain holds; otherwise
-    /// exits non-zero naming the first line whose link is broken (a record
-    /// missing or modified before it), out of order, or replayed.
+    /// With --jwks (the sidecars' public keys: the controller serves them at
+    /// `/.well-known/jwks.json` while the sidecars run), the checkpoints'
+    /// signatures are checked: then every record up to a sidecar's last
+    /// checkpoint is proven present, unmodified and in order. Without it only
+    /// the structure is checked.
+    ///
+    /// Prints a summary (one line, then one per sidecar) and exits 0 when
+    /// everything holds; warns on stderr of what is not proven: records after a
+    /// sidecar's last checkpoint (which could be cut off or added without a
+    /// trace), checkpoints not verified (no key), external links. Exits
+    /// non-zero naming the first line where a record is missing, modified, out
+    /// of order, replayed, ambiguous, or a checkpoint is forged — and, with
+    /// --strict, where anything is not proven.
     Verify(VerifyArgs),
 }
 
@@ -47,8 +67,14 @@ enum AuditCommand {
 struct VerifyArgs {
     /// The audit log; `-` reads standard input.
     file: PathBuf,
-    /// Treat an external link (a session's first record linking to a record
-    /// not in FILE) as an error.
+    /// The sidecars' public keys (JWKS): a file, or an http(s) URL such as
+    /// the controller's `/.well-known/jwks.json`. Repeat for several.
+    #[arg(long, value_name = "FILE_OR_URL")]
+    jwks: Vec<String>,
+    /// Accept only what is proven: records after a sidecar's last checkpoint,
+    /// checkpoints whose signature was not checked (no --jwks, or no key for
+    /// the sidecar) and external links (a session's first record linking to a
+    /// record not in FILE) are errors.
     #[arg(long)]
     strict: bool,
 }
@@ -61,6 +87,11 @@ pub fn run(args: &AuditArgs) -> Result<()> {
 }
 
 fn verify(args: &VerifyArgs) -> Result<()> {
+    let keys = if args.jwks.is_empty() {
+        None
+    } else {
+        Some(jwks::load(&args.jwks)?)
+    };
     let (name, bytes) = if args.file.as_os_str() == "-" {
         let mut bytes = Vec::new();
         std::io::stdin()
@@ -73,42 +104,129 @@ fn verify(args: &VerifyArgs) -> Result<()> {
         (name, bytes)
     };
     // A line that is not UTF-8 is not a record as written; made lossy, it is
-    // skipped, or it fails its session's next link.
+    // skipped, or it breaks its sidecar's next link.
     let text = String::from_utf8_lossy(&bytes);
     let options = VerifyOptions {
         strict: args.strict,
         skip_other_lines: true,
     };
-    let summary = match verify_log_with(&text, options) {
+    let verified = match &keys {
+        Some(keys) => verify_log_signed(&text, options, keys),
+        None => verify_log_with(&text, options),
+    };
+    let summary = match verified {
         Ok(summary) => summary,
         Err(error) => bail!("{name}: {error}"),
     };
-    if summary.records == 0 {
+    if summary.records == 0 && summary.checkpoints == 0 {
         bail!(
             "{name}: no audit records ({} skipped)",
             count(summary.skipped, "other line")
         );
     }
     println!("ok: {}", describe(&summary));
-    for link in &summary.external_links {
-        eprintln!(
-            "external link: line {}: session {} starts from {}, a record not in {name}",
-            link.line, link.session, link.prev
-        );
+    for trail in &summary.sidecars {
+        println!("{}", describe_trail(trail, keys.as_ref()));
+    }
+    for warning in warnings(&summary, keys.as_ref(), &name) {
+        eprintln!("warning: {warning}");
     }
     Ok(())
+}
+
+/// What the log does not prove, one line each.
+fn warnings(summary: &VerifySummary, keys: Option<&SidecarKeys>, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if keys.is_none() && summary.checkpoints > 0 {
+        out.push(
+            "checkpoint signatures not checked (no --jwks): the structure holds, but whoever \
+             could write the log could have rewritten it"
+                .to_owned(),
+        );
+    }
+    for trail in &summary.sidecars {
+        let sidecar = sidecar_name(trail, keys);
+        if keys.is_some() && trail.unverified > 0 {
+            out.push(format!(
+                "{sidecar}: no key for it in the JWKS: {} not verified",
+                count(trail.unverified, "checkpoint")
+            ));
+        }
+        if let Some(line) = trail.first_uncovered_line {
+            out.push(format!(
+                "{sidecar}: {} from line {line} on not covered by a checkpoint: records after \
+                 a sidecar's last checkpoint can be cut off or added without a trace",
+                count(trail.uncovered, "record")
+            ));
+        }
+    }
+    for link in &summary.external_links {
+        out.push(format!(
+            "external link: line {}: session {} starts from {}, a record not in {name}",
+            link.line, link.session, link.prev
+        ));
+    }
+    out
 }
 
 /// The summary line after `ok: `.
 fn describe(summary: &VerifySummary) -> String {
     format!(
-        "{}, {}, {}, {}, {} skipped",
+        "{}, {}, {}, {}, {}, {}, {} skipped",
         count(summary.records, "record"),
+        count(summary.checkpoints, "checkpoint"),
         count(summary.sessions, "session"),
+        count(summary.sidecars.len(), "sidecar"),
         count(summary.cross_session_links, "cross-agent link"),
         count(summary.external_links.len(), "external link"),
         count(summary.skipped, "other line"),
     )
+}
+
+/// `sidecar KID (POD)`.
+fn sidecar_name(trail: &SidecarTrail, keys: Option<&SidecarKeys>) -> String {
+    let pod = trail
+        .pod
+        .as_deref()
+        .or_else(|| keys.and_then(|keys| keys.pod_of(&trail.kid)));
+    match pod {
+        Some(pod) => format!("sidecar {} ({pod})", trail.kid),
+        None => format!("sidecar {}", trail.kid),
+    }
+}
+
+/// One sidecar's line of the summary.
+fn describe_trail(trail: &SidecarTrail, keys: Option<&SidecarKeys>) -> String {
+    let seq = match trail.last_seq {
+        1 => "seq 1".to_owned(),
+        last => format!("seq 1-{last}"),
+    };
+    let mut line = format!(
+        "{}: {seq}, {}, {}",
+        sidecar_name(trail, keys),
+        count(trail.records, "record"),
+        count(trail.checkpoints, "checkpoint"),
+    );
+    if trail.checkpoints > 0 {
+        if trail.unverified == 0 {
+            line.push_str(" (signatures verified)");
+        } else if keys.is_none() {
+            line.push_str(" (signatures not checked)");
+        } else {
+            line.push_str(" (no key: not verified)");
+        }
+    }
+    if trail.uncovered > 0 {
+        line.push_str(&format!(
+            ", {} not covered",
+            count(trail.uncovered, "record")
+        ));
+    } else if trail.closed {
+        line.push_str(", closed by its final checkpoint");
+    } else {
+        line.push_str(", all covered");
+    }
+    line
 }
 
 fn count(n: usize, noun: &str) -> String {

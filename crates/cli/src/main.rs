@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod audit;
 mod crds;
+mod jwks;
 mod policy;
 
 /// Chaperone's command-line tool.
@@ -19,7 +20,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Verify the hash chains of sidecar audit logs offline.
+    /// Verify sidecar audit logs offline: complete, unmodified, in order.
     Audit(audit::AuditArgs),
     /// Print the YAML of all Chaperone CustomResourceDefinitions.
     Crds(crds::CrdsArgs),

@@ -8,7 +8,9 @@
 //! next summary), never silent.
 //!
 //! Tool-mode sidecars have no AgentIdentity: their denials and summaries go on
-//! their Pod only.
+//! their Pod only. The audit trail's signed checkpoints (`kind` `checkpoint`)
+//! come in the same batches; they are for offline verification and make no
+//! Event.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -44,6 +46,8 @@ const SUMMARY_TOOLS: usize = 20;
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct AuditFields {
+    /// Absent for a decision; `checkpoint` for a checkpoint of the trail.
+    pub kind: String,
     /// `allow`, `deny` or `wouldDeny`.
     pub decision: String,
     /// The deciding rule.
@@ -90,6 +94,8 @@ pub enum AuditOutcome {
         /// `server/tool`.
         tool: String,
     },
+    /// A checkpoint of the sidecar's audit trail: nothing to show.
+    Checkpoint,
     /// Not a decision record this reads.
     Unreadable,
 }
@@ -99,6 +105,9 @@ pub fn classify(record: &str) -> AuditOutcome {
     let Ok(fields) = serde_json::from_str::<AuditFields>(record) else {
         return AuditOutcome::Unreadable;
     };
+    if fields.kind == "checkpoint" {
+        return AuditOutcome::Checkpoint;
+    }
     let (reason, verdict) = match fields.decision.as_str() {
         "allow" => {
             return AuditOutcome::Allowed {
@@ -363,6 +372,7 @@ async fn run(
                                 publish(&recorder, &metrics, &event, &agent_ref).await;
                             }
                         }
+                        AuditOutcome::Checkpoint => {}
                         AuditOutcome::Unreadable => metrics.audit_unreadable(),
                     }
                 }
@@ -545,6 +555,10 @@ mod tests {
             AuditOutcome::Allowed { tool: "a/b".into() }
         );
         assert_eq!(classify("not json"), AuditOutcome::Unreadable);
+        assert_eq!(
+            classify(r#"{"final":false,"kid":"k","kind":"checkpoint","records":3,"seq":4}"#),
+            AuditOutcome::Checkpoint
+        );
         assert_eq!(
             classify(r#"{"decision":"maybe"}"#),
             AuditOutcome::Unreadable

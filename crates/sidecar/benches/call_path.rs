@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use chaperone_sidecar::assertion::{AssertionSigner, Claims, TaskContext};
 use chaperone_sidecar::audit::{AuditLog, AuditOutput};
 use chaperone_sidecar::authz::{CallRequest, Enforcer, Governed, PodIdentity, classify};
+use chaperone_sidecar::methods::Era;
 use chaperone_sidecar::canonical::args_digest;
 use chaperone_sidecar::inventory::ToolInventory;
 use chaperone_sidecar::jsonrpc::{Message, Payload, parse_payload};
@@ -91,13 +92,15 @@ fn main() -> anyhow::Result<()> {
         .get("echo")
         .ok_or_else(|| anyhow::anyhow!("no echo server"))?;
     let metrics = Arc::new(Metrics::new());
+    let signer = AssertionSigner::generate()?;
     let enforcer = Enforcer {
-        signer: AssertionSigner::generate()?,
         audit: AuditLog::new(
             AuditOutput::Writer(Box::new(Sink)),
             None,
             metrics.audit_dropped.clone(),
+            signer.clone(),
         ),
+        signer,
         agent_limits: AgentRateLimits::default(),
         metrics: Arc::clone(&metrics),
         pod: PodIdentity {
@@ -108,7 +111,7 @@ fn main() -> anyhow::Result<()> {
     let Payload::Single(message) = parse_payload(&body, LIMIT)? else {
         anyhow::bail!("not a single message");
     };
-    let Governed::Call { name, arguments } = classify(&message) else {
+    let Governed::Call { name, arguments } = classify(&message, Era::Both, &[]) else {
         anyhow::bail!("not a call");
     };
     let id = match &message {

@@ -4,7 +4,11 @@
 //! The key pair is generated at start, parsed once, and never leaves the process;
 //! its public half is registered with the controller ([`KeyRegistration`]), which
 //! serves it in a JWKS. The JWS is written by hand over aws-lc-rs: a JWT library
-//! would re-encode the header and re-parse the key on every call.
+//! would re-encode the header and re-parse the key on every call. The same key
+//! signs the audit trail's checkpoints ([`AssertionSigner::sign_detached`]), so
+//! the JWKS that verifies assertions also verifies audit logs.
+
+use std::sync::Arc;
 
 use aws_lc_rs::rand;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
@@ -113,9 +117,11 @@ pub struct Claims<'a> {
     pub ctx: &'a TaskContext,
 }
 
-/// Signs assertions with this sidecar's Ed25519 key.
+/// Signs assertions (and audit checkpoints) with this sidecar's Ed25519 key.
+/// Clones share the key.
+#[derive(Clone)]
 pub struct AssertionSigner {
-    key_pair: Ed25519KeyPair,
+    key_pair: Arc<Ed25519KeyPair>,
     /// base64url of the JOSE header, with a trailing `.`.
     encoded_header: String,
     registration: KeyRegistration,
@@ -148,7 +154,7 @@ impl AssertionSigner {
         let mut encoded_header = URL_SAFE_NO_PAD.encode(header.to_string());
         encoded_header.push('.');
         Ok(Self {
-            key_pair,
+            key_pair: Arc::new(key_pair),
             encoded_header,
             registration: KeyRegistration {
                 kid,
@@ -174,6 +180,14 @@ impl AssertionSigner {
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut token);
         token
+    }
+
+    /// The Ed25519 signature of `bytes`, base64url without padding: a detached
+    /// signature (audit checkpoints sign their canonical JSON with it). A JSON
+    /// text starts with `{`, which no compact JWS signing input does, so the
+    /// two uses cannot stand in for each other.
+    pub fn sign_detached(&self, bytes: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(self.key_pair.sign(bytes).as_ref())
     }
 }
 
@@ -267,6 +281,22 @@ mod tests {
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
         assert_eq!(payload["snap"], 3);
         assert_eq!(signer.registration().jwk["kid"], signer.registration().kid);
+    }
+
+    #[test]
+    fn detached_signatures_verify_with_the_registered_key() {
+        let signer = AssertionSigner::generate().unwrap();
+        let signature = URL_SAFE_NO_PAD
+            .decode(signer.clone().sign_detached(b"{\"kind\":\"checkpoint\"}"))
+            .unwrap();
+        let public = aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ED25519,
+            signer.registration().public_key,
+        );
+        public
+            .verify(b"{\"kind\":\"checkpoint\"}", &signature)
+            .unwrap();
+        assert!(public.verify(b"{}", &signature).is_err());
     }
 
     #[test]

@@ -1,22 +1,42 @@
 //! Audit: one JSON line per decision, written to stdout before the response goes
-//! back, hash-linked per session, and queued (bounded) for shipping to the
-//! controller.
+//! back, and queued (bounded) for shipping to the controller.
 //!
-//! Canonical form: the record's fields are declared in byte order of their names
-//! and nothing in it is a float, so the line as written is the canonical JSON of
-//! the record ([`crate::canonical`]); `prev` is the SHA-256 of the previous line
-//! of the same session. [`verify_log`] (from `chaperone_audit`, also behind
-//! `chaperonectl audit verify`) checks a log.
+//! Every line is in two hash chains: its session's (`prev`: the SHA-256 of the
+//! session's previous line) and its sidecar's (`seq` 1, 2, 3, … across all
+//! sessions, and `prevSeq`: the SHA-256 of the sidecar's previous line). Every
+//! `checkpoint_every` decisions, on [`AuditLog::checkpoint`] (the sidecar's
+//! timer) and at shutdown ([`AuditLog::close`]) the sidecar appends a
+//! checkpoint to its chain: `kind` `checkpoint`, the count of decisions so
+//! far, the time, and `sig`, its Ed25519 signature (the assertion key, whose
+//! `kid` every line names) over the checkpoint's canonical JSON without `sig`.
+//! A verifier with the sidecar's public key (the JWKS) so proves that no line
+//! up to the checkpoint was left out, changed, reordered or made up.
+//!
+//! `seq`, `prevSeq` and `kid` are assigned here under one lock, which also
+//! covers writing the line: lines reach the output in `seq` order, whatever
+//! the sessions' concurrency.
+//!
+//! Canonical form: the lines' fields are declared in byte order of their names
+//! and nothing in them is a float, so a line as written is the canonical JSON of
+//! the record ([`crate::canonical`]), and its SHA-256 is its record hash.
+//! [`verify_log`] (from `chaperone_audit`, also behind `chaperonectl audit
+//! verify`) checks a log.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use chaperone_audit::CHECKPOINT_KIND;
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::canonical::sha256;
+use crate::assertion::AssertionSigner;
+use crate::canonical::{hex, sha256};
+
+/// Default of how many decisions a checkpoint covers at most.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 100;
 
 /// The agent a record is about.
 #[derive(Clone, Debug, Serialize)]
@@ -38,9 +58,9 @@ pub struct AuditSession<'a> {
     pub mcp: &'a str,
 }
 
-/// One decision. Fields are declared in byte order of their JSON names (see the
-/// module docs); keep it so.
-#[derive(Clone, Debug, Serialize)]
+/// One decision, as the call path knows it; [`AuditLog::write`] adds the
+/// sidecar's `kid`, `seq` and `prevSeq`.
+#[derive(Clone, Debug)]
 pub struct AuditRecord<'a> {
     /// Who decided.
     pub agent: AuditAgent<'a>,
@@ -54,10 +74,8 @@ pub struct AuditRecord<'a> {
     pub decision: &'a str,
     /// The verified user who initiated the task; absent when the chain's origin
     /// agent did.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub initiator: Option<&'a str>,
     /// Time the decision took, in microseconds.
-    #[serde(rename = "latencyUs")]
     pub latency_us: u64,
     /// The JSON-RPC method (`tools/call`, `resources/read`, …).
     pub method: &'a str,
@@ -79,6 +97,84 @@ pub struct AuditRecord<'a> {
     pub tool: &'a str,
 }
 
+/// A decision line: the record and its place in the sidecar's chain. Fields
+/// are declared in byte order of their JSON names (see the module docs); keep
+/// it so.
+#[derive(Serialize)]
+struct DecisionLine<'r, 'a> {
+    agent: &'r AuditAgent<'a>,
+    args: &'a str,
+    chain: &'a [String],
+    correlation: &'a str,
+    decision: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    initiator: Option<&'a str>,
+    /// The sidecar's key id.
+    kid: &'r str,
+    #[serde(rename = "latencyUs")]
+    latency_us: u64,
+    method: &'a str,
+    prev: Option<&'a str>,
+    /// Hex SHA-256 of the sidecar's previous line; `null` for `seq` 1.
+    #[serde(rename = "prevSeq")]
+    prev_seq: Option<&'r str>,
+    reason: &'a str,
+    rule: &'a str,
+    /// The line's number in the sidecar's chain, from 1.
+    seq: u64,
+    server: &'a str,
+    session: &'r AuditSession<'a>,
+    snapshot: u64,
+    time: &'a str,
+    tool: &'a str,
+}
+
+impl<'r, 'a> DecisionLine<'r, 'a> {
+    fn new(record: &'r AuditRecord<'a>, kid: &'r str, seq: u64, prev_seq: Option<&'r str>) -> Self {
+        Self {
+            agent: &record.agent,
+            args: record.args,
+            chain: record.chain,
+            correlation: record.correlation,
+            decision: record.decision,
+            initiator: record.initiator,
+            kid,
+            latency_us: record.latency_us,
+            method: record.method,
+            prev: record.prev,
+            prev_seq,
+            reason: record.reason,
+            rule: record.rule,
+            seq,
+            server: record.server,
+            session: &record.session,
+            snapshot: record.snapshot,
+            time: record.time,
+            tool: record.tool,
+        }
+    }
+}
+
+/// A checkpoint line. Fields in byte order of their JSON names; `sig` is left
+/// out for the bytes it signs.
+#[derive(Serialize)]
+struct CheckpointLine<'a> {
+    /// Written at shutdown: nothing of this sidecar follows.
+    #[serde(rename = "final")]
+    is_final: bool,
+    kid: &'a str,
+    kind: &'static str,
+    /// Hex SHA-256 of the last line it covers.
+    #[serde(rename = "prevSeq")]
+    prev_seq: Option<&'a str>,
+    /// Decisions the sidecar has written so far.
+    records: u64,
+    seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sig: Option<&'a str>,
+    time: &'a str,
+}
+
 /// Where audit lines go besides the shipping queue.
 pub enum AuditOutput {
     /// The process's standard output (the Kubernetes log).
@@ -92,52 +188,177 @@ pub enum AuditOutput {
 #[error("audit record could not be written: {0}")]
 pub struct AuditWriteError(#[from] std::io::Error);
 
-/// Writes and ships audit records.
+/// The sidecar's chain so far, and where it goes.
+struct Trail {
+    out: Box<dyn Write + Send>,
+    /// `seq` of the last line written (0: none yet).
+    seq: u64,
+    /// SHA-256 of the last line written.
+    last: Option<[u8; 32]>,
+    /// Decisions written.
+    records: u64,
+    /// Decisions written since the last checkpoint.
+    uncovered: u64,
+    /// The final checkpoint is written: nothing more may be.
+    closed: bool,
+}
+
+/// Writes and ships audit records and checkpoints.
 pub struct AuditLog {
-    out: Mutex<Box<dyn Write + Send>>,
+    trail: Mutex<Trail>,
     ship: Option<mpsc::Sender<Arc<str>>>,
     dropped: Counter,
+    signer: AssertionSigner,
+    checkpoint_every: u64,
 }
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditLog")
+            .field("kid", &self.kid())
             .field("shipping", &self.ship.is_some())
+            .field("checkpoint_every", &self.checkpoint_every)
             .finish_non_exhaustive()
     }
 }
 
 impl AuditLog {
-    /// An audit log writing to `output`; with `ship`, every line is also queued
-    /// there (a full queue drops the line and counts it in `dropped`).
+    /// An audit log writing to `output` whose checkpoints `signer` signs (one
+    /// every [`DEFAULT_CHECKPOINT_EVERY`] decisions at most); with `ship`,
+    /// every line is also queued there (a full queue drops the line and counts
+    /// it in `dropped`).
     pub fn new(
         output: AuditOutput,
         ship: Option<mpsc::Sender<Arc<str>>>,
         dropped: Counter,
+        signer: AssertionSigner,
     ) -> Self {
         let out: Box<dyn Write + Send> = match output {
             AuditOutput::Stdout => Box::new(std::io::stdout()),
             AuditOutput::Writer(writer) => writer,
         };
         Self {
-            out: Mutex::new(out),
+            trail: Mutex::new(Trail {
+                out,
+                seq: 0,
+                last: None,
+                records: 0,
+                uncovered: 0,
+                closed: false,
+            }),
             ship,
             dropped,
+            signer,
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
         }
     }
 
-    /// Writes `record` and returns its hash (the next record's `prev`).
+    /// A checkpoint after at most `every` decisions (at least 1).
+    pub fn with_checkpoint_every(mut self, every: u64) -> Self {
+        self.checkpoint_every = every.max(1);
+        self
+    }
+
+    /// The key id every line names.
+    pub fn kid(&self) -> &str {
+        &self.signer.registration().kid
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Trail> {
+        self.trail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `record` as the sidecar's next line and returns its hash (the
+    /// next record of its session's `prev`); writes a checkpoint after it when
+    /// `checkpoint_every` decisions are uncovered. Fails once the log is
+    /// closed.
     pub fn write(&self, record: &AuditRecord<'_>) -> Result<[u8; 32], AuditWriteError> {
-        let mut line = serde_json::to_string(record).map_err(std::io::Error::other)?;
+        let mut trail = self.lock();
+        if trail.closed {
+            return Err(std::io::Error::other(
+                "the audit trail is closed: the sidecar is shutting down",
+            )
+            .into());
+        }
+        let seq = trail.seq + 1;
+        let prev_seq = trail.last.map(|hash| hex(&hash));
+        let line = DecisionLine::new(record, self.kid(), seq, prev_seq.as_deref());
+        let line = serde_json::to_string(&line).map_err(std::io::Error::other)?;
+        let hash = self.append(&mut trail, line)?;
+        trail.records += 1;
+        trail.uncovered += 1;
+        if trail.uncovered >= self.checkpoint_every
+            && let Err(err) = self.append_checkpoint(&mut trail, false)
+        {
+            // The decision is written; the next checkpoint covers it.
+            tracing::error!(error = %err, "audit checkpoint not written");
+        }
+        Ok(hash)
+    }
+
+    /// Writes a checkpoint if decisions were written since the last one;
+    /// returns whether it did.
+    pub fn checkpoint(&self) -> Result<bool, AuditWriteError> {
+        let mut trail = self.lock();
+        if trail.closed || trail.uncovered == 0 {
+            return Ok(false);
+        }
+        self.append_checkpoint(&mut trail, false)?;
+        Ok(true)
+    }
+
+    /// Writes the final checkpoint (also when nothing is uncovered: it says
+    /// the trail ends here) and closes the log: later [`AuditLog::write`]s
+    /// fail, so their calls are refused. Closing twice does nothing.
+    pub fn close(&self) -> Result<(), AuditWriteError> {
+        let mut trail = self.lock();
+        if trail.closed {
+            return Ok(());
+        }
+        // Closed even if the checkpoint fails: nothing may follow the end.
+        let written = self.append_checkpoint(&mut trail, true);
+        trail.closed = true;
+        written
+    }
+
+    /// Signs and appends a checkpoint covering every line so far.
+    fn append_checkpoint(&self, trail: &mut Trail, is_final: bool) -> Result<(), AuditWriteError> {
+        let prev_seq = trail.last.map(|hash| hex(&hash));
+        let time = rfc3339_millis(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        );
+        let mut checkpoint = CheckpointLine {
+            is_final,
+            kid: self.kid(),
+            kind: CHECKPOINT_KIND,
+            prev_seq: prev_seq.as_deref(),
+            records: trail.records,
+            seq: trail.seq + 1,
+            sig: None,
+            time: &time,
+        };
+        let unsigned = serde_json::to_vec(&checkpoint).map_err(std::io::Error::other)?;
+        let sig = self.signer.sign_detached(&unsigned);
+        checkpoint.sig = Some(&sig);
+        let line = serde_json::to_string(&checkpoint).map_err(std::io::Error::other)?;
+        self.append(trail, line)?;
+        trail.uncovered = 0;
+        Ok(())
+    }
+
+    /// Writes `line` as the next of the chain, ships it, and returns its hash.
+    fn append(&self, trail: &mut Trail, mut line: String) -> Result<[u8; 32], AuditWriteError> {
         let hash = sha256(line.as_bytes());
         line.push('\n');
-        {
-            let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-            out.write_all(line.as_bytes())?;
-            out.flush()?;
-        }
+        trail.out.write_all(line.as_bytes())?;
+        trail.out.flush()?;
+        trail.seq += 1;
+        trail.last = Some(hash);
         if let Some(ship) = &self.ship {
             line.pop();
+            // Queued under the lock too, so the controller gets `seq` order.
             if ship.try_send(Arc::from(line)).is_err() {
                 self.dropped.inc();
             }
@@ -174,11 +395,20 @@ pub fn rfc3339_millis(unix_ms: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use chaperone_audit::{SidecarKeys, VerifyOptions, verify_log_signed};
+    use serde_json::Value;
+
     use super::*;
-    use crate::canonical::{canonical, hex};
+    use crate::canonical::canonical;
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Shared {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
 
     impl Write for Shared {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -189,6 +419,11 @@ mod tests {
             Ok(())
         }
     }
+
+    const STRICT: VerifyOptions = VerifyOptions {
+        strict: true,
+        skip_other_lines: false,
+    };
 
     fn record<'a>(session: &'a str, prev: Option<&'a str>, tool: &'a str) -> AuditRecord<'a> {
         AuditRecord {
@@ -218,35 +453,148 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_written_line_is_canonical() {
-        let line = serde_json::to_string(&record("s1", None, "t")).unwrap();
-        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(canonical(&value), line);
-    }
-
-    #[test]
-    fn records_chain_per_session_and_verify() {
+    /// A log writing to a buffer, and the keys that verify it.
+    fn log_to_buffer(every: u64) -> (AuditLog, Shared, SidecarKeys) {
         let buffer = Shared::default();
+        let signer = AssertionSigner::generate().unwrap();
+        let mut keys = SidecarKeys::new();
+        let registration = signer.registration();
+        keys.insert(registration.kid.clone(), registration.public_key);
         let log = AuditLog::new(
             AuditOutput::Writer(Box::new(buffer.clone())),
             None,
             Counter::default(),
+            signer,
+        )
+        .with_checkpoint_every(every);
+        (log, buffer, keys)
+    }
+
+    #[test]
+    fn written_lines_are_canonical() {
+        let (log, buffer, _) = log_to_buffer(100);
+        let mut with_initiator = record("s1", None, "t");
+        with_initiator.initiator = Some("alice");
+        with_initiator.chain = &[];
+        log.write(&with_initiator).unwrap();
+        log.write(&record("s2", None, "t")).unwrap();
+        log.close().unwrap();
+        let text = buffer.text();
+        for line in text.lines() {
+            let value: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(canonical(&value), line);
+        }
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["kind"], "checkpoint");
+        assert_eq!(
+            (last["seq"].as_u64(), last["records"].as_u64()),
+            (Some(3), Some(2))
         );
+        assert_eq!(last["kid"], log.kid());
+    }
+
+    #[test]
+    fn records_chain_per_session_and_per_sidecar_and_verify() {
+        let (log, buffer, keys) = log_to_buffer(100);
         let h1 = hex(&log.write(&record("s1", None, "a")).unwrap());
         log.write(&record("s2", None, "b")).unwrap();
         log.write(&record("s1", Some(&h1), "c")).unwrap();
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(verify_log(&text).map(|summary| summary.records), Ok(3));
+        log.close().unwrap();
+        let text = buffer.text();
+        let summary = verify_log_signed(&text, STRICT, &keys).unwrap();
+        assert_eq!((summary.records, summary.checkpoints), (3, 1));
+        assert!(summary.sidecars[0].closed);
         let tampered = text.replacen("\"tool\":\"a\"", "\"tool\":\"x\"", 1);
         assert!(matches!(
-            verify_log(&tampered),
-            Err(VerifyError::BrokenLink {
-                line: 3,
-                previous: 1,
-                ..
-            })
+            verify_log_signed(&tampered, STRICT, &keys),
+            Err(VerifyError::BrokenSeqLink { line: 2, .. })
         ));
+    }
+
+    #[test]
+    fn a_checkpoint_follows_every_n_decisions() {
+        let (log, buffer, keys) = log_to_buffer(2);
+        for tool in ["a", "b", "c", "d", "e"] {
+            log.write(&record(tool, None, tool)).unwrap();
+        }
+        let text = buffer.text();
+        let kinds: Vec<bool> = text
+            .lines()
+            .map(|l| l.contains("\"kind\":\"checkpoint\""))
+            .collect();
+        assert_eq!(kinds, [false, false, true, false, false, true, false]);
+        let summary = verify_log_signed(&text, VerifyOptions::default(), &keys).unwrap();
+        assert_eq!((summary.checkpoints, summary.uncovered()), (2, 1));
+        assert_eq!(summary.sidecars[0].verified, 2);
+    }
+
+    #[test]
+    fn timer_checkpoints_only_cover_something() {
+        let (log, buffer, keys) = log_to_buffer(100);
+        assert!(!log.checkpoint().unwrap());
+        log.write(&record("s", None, "a")).unwrap();
+        assert!(log.checkpoint().unwrap());
+        assert!(!log.checkpoint().unwrap());
+        let summary = verify_log_signed(&buffer.text(), STRICT, &keys).unwrap();
+        assert_eq!((summary.records, summary.checkpoints), (1, 1));
+    }
+
+    #[test]
+    fn closing_ends_the_trail_and_refuses_later_records() {
+        let (log, buffer, keys) = log_to_buffer(100);
+        log.close().unwrap();
+        log.close().unwrap();
+        assert!(log.write(&record("s", None, "a")).is_err());
+        assert!(!log.checkpoint().unwrap());
+        let summary = verify_log_signed(&buffer.text(), STRICT, &keys).unwrap();
+        assert_eq!((summary.records, summary.checkpoints), (0, 1));
+        assert!(summary.sidecars[0].closed);
+    }
+
+    #[test]
+    fn concurrent_sessions_form_one_sequence_in_line_order() {
+        let (log, buffer, keys) = log_to_buffer(7);
+        let log = Arc::new(log);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    let session = format!("s{t}");
+                    let mut prev: Option<String> = None;
+                    for _ in 0..50 {
+                        let hash = log.write(&record(&session, prev.as_deref(), "t")).unwrap();
+                        prev = Some(hex(&hash));
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        log.close().unwrap();
+        let summary = verify_log_signed(&buffer.text(), STRICT, &keys).unwrap();
+        assert_eq!((summary.records, summary.sessions), (400, 8));
+        assert_eq!(summary.checkpoints, 400 / 7 + 1);
+    }
+
+    #[test]
+    fn lines_are_shipped_in_sequence_order() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let buffer = Shared::default();
+        let log = AuditLog::new(
+            AuditOutput::Writer(Box::new(buffer.clone())),
+            Some(tx),
+            Counter::default(),
+            AssertionSigner::generate().unwrap(),
+        );
+        log.write(&record("s", None, "a")).unwrap();
+        log.close().unwrap();
+        let mut shipped = String::new();
+        while let Ok(line) = rx.try_recv() {
+            shipped.push_str(&line);
+            shipped.push('\n');
+        }
+        assert_eq!(shipped, buffer.text());
     }
 
     #[test]
@@ -257,6 +605,7 @@ mod tests {
             AuditOutput::Writer(Box::new(std::io::sink())),
             Some(tx),
             dropped.clone(),
+            AssertionSigner::generate().unwrap(),
         );
         log.write(&record("s", None, "a")).unwrap();
         log.write(&record("s", None, "b")).unwrap();

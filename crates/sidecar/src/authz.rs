@@ -20,6 +20,7 @@ use crate::audit::{AuditAgent, AuditLog, AuditRecord, AuditSession, rfc3339_mill
 use crate::canonical::{args_digest, hex};
 use crate::inventory::{DiscoveredTool, ToolInventory};
 use crate::jsonrpc::{self, Id, Message};
+use crate::methods::{self, Era, Handling};
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::ratelimit::AgentRateLimits;
 use crate::refusal::AuditUnavailable;
@@ -44,17 +45,52 @@ pub enum Governed<'a> {
     },
     /// A call whose params cannot be read: refused without forwarding.
     Malformed(&'static str),
+    /// A method the sidecar does not forward: unknown (and not listed in the
+    /// AgentIdentity's `passthroughMethods`), or not part of the message's
+    /// protocol era. Refused without forwarding.
+    NotForwarded(String),
     /// A list whose result is filtered.
     List,
     /// Passes through (initialize, ping, notifications, responses, …).
     Pass,
 }
 
-/// Classifies a client-to-server message.
-pub fn classify(message: &Message) -> Governed<'_> {
+/// The protocol era a message declares: its
+/// `params._meta["io.modelcontextprotocol/protocolVersion"]`, else the
+/// request's `MCP-Protocol-Version` header; [`Era::Both`] when neither says.
+pub fn message_era(message: &Message, header_version: Option<&str>) -> Era {
+    let declared = message
+        .params()
+        .and_then(|p| p.get("_meta"))
+        .and_then(|m| m.get(PROTOCOL_VERSION_META))
+        .and_then(Value::as_str)
+        .or(header_version);
+    declared.map_or(Era::Both, methods::era_of)
+}
+
+/// The `_meta` key of a request's protocol version (2026-07-28).
+pub const PROTOCOL_VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
+
+/// Classifies a client-to-server message of protocol era `era`; `passthrough`
+/// lists the extra methods the AgentIdentity forwards ungoverned.
+pub fn classify<'a>(message: &'a Message, era: Era, passthrough: &[String]) -> Governed<'a> {
     let Some(method) = message.method() else {
         return Governed::Pass;
     };
+    let Some(known) = methods::lookup(method) else {
+        return if passthrough.iter().any(|m| m == method) {
+            Governed::Pass
+        } else {
+            Governed::NotForwarded(format!(
+                "method {method:?} is not an MCP method Chaperone governs or forwards (list it in the AgentIdentity's passthroughMethods to forward it)"
+            ))
+        };
+    };
+    if !known.exists_in(era) {
+        return Governed::NotForwarded(format!(
+            "method {method:?} does not exist in the protocol revision this request declares"
+        ));
+    }
     let params = message.params();
     let string = |key: &str| params.and_then(|p| p.get(key)).and_then(Value::as_str);
     let arguments = params.and_then(|p| p.get("arguments"));
@@ -63,32 +99,34 @@ pub fn classify(message: &Message) -> Governed<'_> {
     {
         return Governed::Malformed("params.arguments must be an object");
     }
-    match method {
-        "tools/call" => match string("name") {
-            Some(name) => Governed::Call {
-                name: name.to_owned(),
-                arguments,
+    match known.handling {
+        Handling::Pass => Governed::Pass,
+        Handling::List => Governed::List,
+        Handling::Call => match method {
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                match string("uri") {
+                    Some(uri) => Governed::Call {
+                        name: format!("{RESOURCE_PREFIX}{uri}"),
+                        arguments: None,
+                    },
+                    None => Governed::Malformed("params.uri must be a string"),
+                }
+            }
+            "prompts/get" => match string("name") {
+                Some(name) => Governed::Call {
+                    name: format!("{PROMPT_PREFIX}{name}"),
+                    arguments,
+                },
+                None => Governed::Malformed("params.name must be a string"),
             },
-            None => Governed::Malformed("params.name must be a string"),
-        },
-        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => match string("uri") {
-            Some(uri) => Governed::Call {
-                name: format!("{RESOURCE_PREFIX}{uri}"),
-                arguments: None,
+            _ => match string("name") {
+                Some(name) => Governed::Call {
+                    name: name.to_owned(),
+                    arguments,
+                },
+                None => Governed::Malformed("params.name must be a string"),
             },
-            None => Governed::Malformed("params.uri must be a string"),
         },
-        "prompts/get" => match string("name") {
-            Some(name) => Governed::Call {
-                name: format!("{PROMPT_PREFIX}{name}"),
-                arguments,
-            },
-            None => Governed::Malformed("params.name must be a string"),
-        },
-        "tools/list" | "resources/list" | "resources/templates/list" | "prompts/list" => {
-            Governed::List
-        }
-        _ => Governed::Pass,
     }
 }
 
@@ -101,6 +139,53 @@ pub struct CallOutcome {
     pub assertion: Option<String>,
     /// The JSON-RPC error to answer with when not forwarded.
     pub error: Option<Value>,
+}
+
+/// The parts of an audit record that vary by decision (see
+/// [`Enforcer::write_record`]).
+#[derive(Debug)]
+pub struct RecordEntry<'a> {
+    /// The JSON-RPC method.
+    pub method: &'a str,
+    /// The policy name of the tool (empty when none).
+    pub tool: &'a str,
+    /// The tool server (or `inbound:<caller>`).
+    pub server: &'a str,
+    /// `sha256:<hex>` of the canonical arguments.
+    pub args_digest: &'a str,
+    /// `allow`, `deny` or `wouldDeny`.
+    pub decision: &'a str,
+    /// The rule, or a fixed reason such as `protocol`.
+    pub rule: &'a str,
+    /// Why.
+    pub reason: &'a str,
+    /// The upstream's session id (empty if none).
+    pub mcp_session_id: &'a str,
+    /// Time the decision took.
+    pub latency_us: u64,
+    /// When, in Unix milliseconds.
+    pub now_ms: i64,
+}
+
+/// A message refused before policy (see [`Enforcer::refuse_message`]).
+#[derive(Debug)]
+pub struct RefusedMessage<'a> {
+    /// The request id (`None` for a notification or an unreadable body).
+    pub id: Option<&'a Id>,
+    /// The JSON-RPC method (empty when unknown).
+    pub method: &'a str,
+    /// The tool it named, if readable.
+    pub tool: &'a str,
+    /// The tool server.
+    pub server: &'a str,
+    /// The upstream's session id (empty if none).
+    pub mcp_session_id: &'a str,
+    /// The fixed rule name: `protocol`.
+    pub rule: &'a str,
+    /// Why, for the caller and the audit record.
+    pub reason: &'a str,
+    /// The JSON-RPC error code.
+    pub code: i64,
 }
 
 /// Who this sidecar is, for audit records.
@@ -249,47 +334,25 @@ impl Enforcer {
             at_unix_ms: now_ms,
         });
         let digest = args_digest(call.arguments);
-        let correlation = HexId::random();
-        let correlation = correlation.as_str();
-        let prev = session.last_audit_hash.map(|h| hex(&h));
-        let agent = engine.agent();
-        let time = rfc3339_millis(now_ms);
         let latency = started.elapsed();
-        let record = AuditRecord {
-            agent: AuditAgent {
-                name: &agent.name,
-                namespace: &agent.namespace,
-                pod: &self.pod.pod,
+        let (correlation, record_hash) = self.write_record(
+            Some(active),
+            "",
+            session,
+            &RecordEntry {
+                method: call.method,
+                tool: call.name,
+                server: &upstream.name,
+                args_digest: &digest,
+                decision: label,
+                rule: &rule,
+                reason: &reason,
+                mcp_session_id: call.mcp_session_id,
+                latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+                now_ms,
             },
-            args: &digest,
-            chain: delegation.as_ref().map_or(&[][..], |d| &d.audit_chain),
-            correlation,
-            decision: label,
-            initiator: delegation.as_ref().and_then(|d| d.initiator.as_deref()),
-            latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
-            method: call.method,
-            prev: prev.as_deref(),
-            reason: &reason,
-            rule: &rule,
-            server: &upstream.name,
-            session: AuditSession {
-                chaperone: session.chaperone_id.as_str(),
-                mcp: call.mcp_session_id,
-            },
-            snapshot: active.version(),
-            time: &time,
-            tool: call.name,
-        };
-        let record_hash = match self.audit.write(&record) {
-            Ok(hash) => {
-                session.last_audit_hash = Some(hash);
-                hash
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "audit record not written; refusing the call");
-                return Err(AuditUnavailable);
-            }
-        };
+        )?;
+        let correlation = correlation.as_str();
         self.metrics
             .decisions
             .get_or_create(&DecisionLabels { result: label })
@@ -337,6 +400,110 @@ impl Enforcer {
             assertion: Some(assertion),
             error: None,
         })
+    }
+
+    /// Writes the audit record of one decision in `session` (linked to the
+    /// session's previous record) and returns its correlation id and hash.
+    /// `namespace` names the agent when there is no snapshot (`active`).
+    pub fn write_record(
+        &self,
+        active: Option<&ActivePolicy>,
+        namespace: &str,
+        session: &mut SessionState,
+        entry: &RecordEntry<'_>,
+    ) -> Result<(String, [u8; 32]), AuditUnavailable> {
+        let (name, namespace) = match active {
+            Some(a) => (
+                a.engine.agent().name.as_str(),
+                a.engine.agent().namespace.as_str(),
+            ),
+            None => ("", namespace),
+        };
+        let correlation = HexId::random();
+        let prev = session.last_audit_hash.map(|h| hex(&h));
+        let time = rfc3339_millis(entry.now_ms);
+        let delegation = session.delegation.as_deref();
+        let record = AuditRecord {
+            agent: AuditAgent {
+                name,
+                namespace,
+                pod: &self.pod.pod,
+            },
+            args: entry.args_digest,
+            chain: delegation.map_or(&[][..], |d| &d.audit_chain),
+            correlation: correlation.as_str(),
+            decision: entry.decision,
+            initiator: delegation.and_then(|d| d.initiator.as_deref()),
+            latency_us: entry.latency_us,
+            method: entry.method,
+            prev: prev.as_deref(),
+            reason: entry.reason,
+            rule: entry.rule,
+            server: entry.server,
+            session: AuditSession {
+                chaperone: session.chaperone_id.as_str(),
+                mcp: entry.mcp_session_id,
+            },
+            snapshot: active.map_or(0, ActivePolicy::version),
+            time: &time,
+            tool: entry.tool,
+        };
+        match self.audit.write(&record) {
+            Ok(hash) => {
+                session.last_audit_hash = Some(hash);
+                Ok((correlation.as_str().to_owned(), hash))
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "audit record not written; refusing the call");
+                Err(AuditUnavailable)
+            }
+        }
+    }
+
+    /// Audits a message refused before any rule was consulted (malformed
+    /// params, a method not forwarded, an unreadable body) and returns the
+    /// JSON-RPC error to answer it with.
+    pub fn refuse_message(
+        &self,
+        active: Option<&ActivePolicy>,
+        namespace: &str,
+        session: &mut SessionState,
+        refused: &RefusedMessage<'_>,
+    ) -> Result<Value, AuditUnavailable> {
+        let (correlation, _) = self.write_record(
+            active,
+            namespace,
+            session,
+            &RecordEntry {
+                method: refused.method,
+                tool: refused.tool,
+                server: refused.server,
+                args_digest: &args_digest(None),
+                decision: StepDecision::Deny.as_str(),
+                rule: refused.rule,
+                reason: refused.reason,
+                mcp_session_id: refused.mcp_session_id,
+                latency_us: 0,
+                now_ms: unix_ms(),
+            },
+        )?;
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                result: StepDecision::Deny.as_str(),
+            })
+            .inc();
+        let message = format!(
+            "Chaperone refused this message: {} (correlation id {correlation})",
+            refused.reason
+        );
+        let data = json!({"rule": refused.rule, "correlationId": correlation});
+        Ok(jsonrpc::error_response(
+            refused.id,
+            refused.code,
+            &message,
+            Some(data),
+        ))
     }
 
     /// Filters a list result (`tools`, `resources`, `resourceTemplates`,
@@ -490,6 +657,10 @@ mod tests {
         classify_message(serde_json::from_str(text).unwrap()).unwrap()
     }
 
+    fn classify(m: &Message) -> Governed<'_> {
+        super::classify(m, Era::Both, &[])
+    }
+
     #[test]
     fn classifies_calls_lists_and_pass_through() {
         let m = message(
@@ -518,5 +689,35 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":[1]}}"#,
         );
         assert!(matches!(classify(&m), Governed::Malformed(_)));
+    }
+
+    #[test]
+    fn refuses_methods_it_does_not_know_unless_listed() {
+        let m = message(r#"{"jsonrpc":"2.0","id":1,"method":"admin/delete_everything"}"#);
+        assert!(matches!(classify(&m), Governed::NotForwarded(_)));
+        let listed = ["admin/delete_everything".to_owned()];
+        assert_eq!(super::classify(&m, Era::Both, &listed), Governed::Pass);
+    }
+
+    #[test]
+    fn refuses_methods_of_another_era() {
+        let m = message(
+            r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#,
+        );
+        let era = message_era(&m, None);
+        assert_eq!(era, Era::Stateless);
+        assert!(matches!(
+            super::classify(&m, era, &[]),
+            Governed::NotForwarded(_)
+        ));
+        let m = message(r#"{"jsonrpc":"2.0","id":1,"method":"subscriptions/listen"}"#);
+        assert!(matches!(
+            super::classify(&m, message_era(&m, Some("2025-06-18")), &[]),
+            Governed::NotForwarded(_)
+        ));
+        assert_eq!(
+            super::classify(&m, message_era(&m, Some("2026-07-28")), &[]),
+            Governed::Pass
+        );
     }
 }

@@ -37,25 +37,26 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
-use crate::assertion::{ASSERTION_HEADER, Actor, HexId};
-use crate::audit::{AuditAgent, AuditRecord, AuditSession, rfc3339_millis};
-use crate::authz::{Governed, classify};
+use crate::assertion::{ASSERTION_HEADER, Actor};
+use crate::authz::{Governed, RecordEntry, classify, message_era};
 use crate::canonical::{args_digest, hex};
 use crate::initiator::InitiatorVerifier;
 use crate::jsonrpc::{Payload, parse_payload};
 use crate::peer_keys::PeerKeyStore;
-use crate::proxy::{
-    BoxError, CHAPERONE_SESSION, Gateway, ResponseBody, forward_headers, read_body,
-    serve_connections, strip_hop_by_hop,
+use crate::intake::{
+    MCP_PROTOCOL_VERSION, check_body_headers, check_path_suffix, forward_headers,
+    single_header, strip_hop_by_hop,
 };
-use crate::refusal::{AuditUnavailable, InboundRefused, MethodNotAllowed, NoSnapshot, Refusal};
+use crate::listener::{ConnectionLimits, serve_connections};
+use crate::proxy::{BoxError, CHAPERONE_SESSION, Gateway, ResponseBody, read_body};
+use crate::refusal::{
+    AuditUnavailable, InboundRefused, MethodNotAllowed, MethodNotForwarded, NoSnapshot, Refusal,
+};
 use crate::session::{Delegation, SessionKey, SessionState, SharedSession, lock};
 use crate::settings::SidecarMode;
 use crate::snapshot::{AGENT_ISSUER_PREFIX, ActivePolicy};
 use crate::verify::{ReplayCache, VerifiedAssertion, verify_assertion};
 
-/// Most assertion ids remembered for replay detection.
-pub const REPLAY_CACHE_CAPACITY: usize = 100_000;
 /// Key space, in the delegated-session store, of the caller sessions already
 /// handed a session here.
 const ORIGIN: &str = "chaperone-origin";
@@ -119,11 +120,14 @@ impl Inbound {
         upstream: http::Uri,
         mode: SidecarMode,
     ) -> Self {
-        let initiators = InitiatorVerifier::new(gateway.client.clone());
+        let settings = &gateway.settings;
+        let initiators = InitiatorVerifier::new(gateway.client.clone())
+            .with_max_token_lifetime(settings.initiator_max_token_lifetime);
+        let replay = ReplayCache::new(settings.replay_cache_per_issuer);
         Self {
             gateway,
             peer_keys,
-            replay: ReplayCache::new(REPLAY_CACHE_CAPACITY),
+            replay,
             initiators,
             upstream,
             mode,
@@ -134,7 +138,13 @@ impl Inbound {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         match self.route(req).await {
             Ok(response) => response,
-            Err(refusal) => self.gateway.refuse(&refusal),
+            Err(refusal) => {
+                // Inbound refusals audit themselves, with the caller.
+                if !matches!(refusal, Refusal::InboundRefused(_)) {
+                    self.gateway.audit_refusal("inbound", &refusal);
+                }
+                self.gateway.refuse(&refusal)
+            }
         }
     }
 
@@ -150,14 +160,20 @@ impl Inbound {
             return Err(NoSnapshot.into());
         }
         let (parts, body) = req.into_parts();
+        check_path_suffix(parts.uri.path())?;
         let uri = self.target(parts.uri.path_and_query());
         let authority = self.upstream.authority().cloned().ok_or(MethodNotAllowed)?;
-        let mut headers = forward_headers(&parts.headers, &authority);
+        let mut headers = forward_headers(&parts.headers, &authority, parts.method == Method::POST);
         let body = match parts.method {
             Method::POST => {
+                check_body_headers(&parts.headers)?;
+                let header_version = single_header(&parts.headers, &MCP_PROTOCOL_VERSION)?;
                 let limit = self.gateway.settings.max_body_bytes;
                 let bytes = read_body(&parts.headers, body, limit).await?;
-                let calls = governed_calls(&bytes, limit)?;
+                let passthrough = active
+                    .as_deref()
+                    .map_or(&[][..], |a| &a.snapshot.content.passthrough_methods[..]);
+                let calls = governed_calls(&bytes, limit, header_version, passthrough)?;
                 self.admit(active.as_deref(), &parts.headers, &calls, &mut headers)
                     .await?;
                 bytes
@@ -485,10 +501,10 @@ impl Inbound {
                     caller: None,
                     audit_chain: Vec::new(),
                 }));
-                let (_, session) = self.gateway.open_delegated(state);
-                self.gateway
-                    .delegated
-                    .insert_shared(key, Arc::clone(&session), Instant::now());
+                // The user's share of the store: one user cannot push
+                // another's (or a calling agent's) sessions out.
+                let caller = format!("user:{}:{}", user.issuer, user.user);
+                let (_, session) = self.gateway.open_delegated(&caller, Some(key), state);
                 session
             }
         };
@@ -526,10 +542,9 @@ impl Inbound {
         if let Some(session) = self.gateway.delegated.get(key, Instant::now(), idle) {
             return session;
         }
-        let (_, session) = self.gateway.open_delegated(open());
-        self.gateway
-            .delegated
-            .insert_shared(key, Arc::clone(&session), Instant::now());
+        // The calling agent's share of the store: a peer opening many
+        // sessions forgets only its own oldest ones.
+        let (_, session) = self.gateway.open_delegated(&claims.iss, Some(key), open());
         session
     }
 
@@ -572,60 +587,29 @@ impl Inbound {
         now_ms: i64,
         caller: &str,
     ) -> Result<String, AuditUnavailable> {
-        let enforcer = &self.gateway.enforcer;
-        let settings = &self.gateway.settings;
-        let (name, namespace) = match active {
-            Some(a) => (
-                a.engine.agent().name.as_str(),
-                a.engine.agent().namespace.as_str(),
-            ),
-            None => ("", settings.pod_namespace.as_str()),
-        };
-        let correlation = HexId::random();
-        let correlation = correlation.as_str();
-        let prev = state.last_audit_hash.map(|h| hex(&h));
-        let time = rfc3339_millis(now_ms);
-        let delegation = state.delegation.clone();
         let server = format!("inbound:{caller}");
-        let record = AuditRecord {
-            agent: AuditAgent {
-                name,
-                namespace,
-                pod: &enforcer.pod.pod,
-            },
-            args: &call.digest,
-            chain: delegation.as_ref().map_or(&[][..], |d| &d.audit_chain),
-            correlation,
-            decision,
-            initiator: delegation.as_ref().and_then(|d| d.initiator.as_deref()),
-            latency_us: 0,
-            method: &call.method,
-            prev: prev.as_deref(),
-            reason,
-            rule,
-            server: &server,
-            session: AuditSession {
-                chaperone: state.chaperone_id.as_str(),
-                mcp: "",
-            },
-            snapshot: active.map_or(0, |a| a.version()),
-            time: &time,
-            tool: &call.name,
-        };
-        match enforcer.audit.write(&record) {
-            Ok(hash) => {
-                state.last_audit_hash = Some(hash);
-                Ok(correlation.to_owned())
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "audit record not written; refusing the call");
-                Err(AuditUnavailable)
-            }
-        }
+        self.gateway
+            .enforcer
+            .write_record(
+                active,
+                &self.gateway.settings.pod_namespace,
+                state,
+                &RecordEntry {
+                    method: &call.method,
+                    tool: &call.name,
+                    server: &server,
+                    args_digest: &call.digest,
+                    decision,
+                    rule,
+                    reason,
+                    mcp_session_id: "",
+                    latency_us: 0,
+                    now_ms,
+                },
+            )
+            .map(|(correlation, _)| correlation)
     }
 
-    /// Audits a refusal (in a session of its own, linked to the caller's record
-    /// when the assertion verified) and builds the refusal.
     fn refuse(
         &self,
         active: Option<&ActivePolicy>,
@@ -680,7 +664,9 @@ impl Inbound {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        serve_connections("inbound", listener, shutdown, move |req| {
+        let limits = ConnectionLimits::inbound(&self.gateway.settings);
+        let metrics = Arc::clone(&self.gateway.metrics);
+        serve_connections("inbound", limits, metrics, listener, shutdown, move |req| {
             let inbound = Arc::clone(&self);
             async move { inbound.handle(req).await }
         })
@@ -708,14 +694,19 @@ fn parse_hash(claims: &VerifiedAssertion) -> Option<[u8; 32]> {
 }
 
 /// The governed calls of a body (parsed strictly).
-fn governed_calls(bytes: &[u8], limit: usize) -> Result<Vec<InboundCall>, Refusal> {
+fn governed_calls(
+    bytes: &[u8],
+    limit: usize,
+    header_version: Option<&str>,
+    passthrough: &[String],
+) -> Result<Vec<InboundCall>, Refusal> {
     let messages = match parse_payload(bytes, limit)? {
         Payload::Single(message) => vec![message],
         Payload::Batch(messages) => messages,
     };
     let mut calls = Vec::new();
     for message in &messages {
-        match classify(message) {
+        match classify(message, message_era(message, header_version), passthrough) {
             Governed::Call { name, arguments } => calls.push(InboundCall {
                 method: message.method().unwrap_or_default().to_owned(),
                 name,
@@ -724,6 +715,7 @@ fn governed_calls(bytes: &[u8], limit: usize) -> Result<Vec<InboundCall>, Refusa
             Governed::Malformed(why) => {
                 return Err(crate::jsonrpc::ParseError::InvalidMessage(why).into());
             }
+            Governed::NotForwarded(why) => return Err(MethodNotForwarded(why).into()),
             Governed::List | Governed::Pass => {}
         }
     }
@@ -760,7 +752,7 @@ mod tests {
         let body = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"x":1}}},
             {"jsonrpc":"2.0","id":2,"method":"tools/list"},
             {"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
-        let calls = governed_calls(body, 1 << 20).unwrap();
+        let calls = governed_calls(body, 1 << 20, None, &[]).unwrap();
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].name, "a");
         assert_eq!(
@@ -768,7 +760,9 @@ mod tests {
             args_digest(Some(&serde_json::json!({"x": 1})))
         );
         let malformed = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":1}}"#;
-        assert!(governed_calls(malformed, 1 << 20).is_err());
+        assert!(governed_calls(malformed, 1 << 20, None, &[]).is_err());
+        let unknown = br#"{"jsonrpc":"2.0","id":1,"method":"admin/drop"}"#;
+        assert!(governed_calls(unknown, 1 << 20, None, &[]).is_err());
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //! must be a trusted issuer; the header's algorithm must be asymmetric; the
 //! `kid` must be in that issuer's JWKS (inline, or fetched from its URL, cached
 //! and refetched at most every [`JWKS_REFETCH_INTERVAL`] when a key is
-//! unknown); the signature, `exp` and `aud` must verify; the user claim must be
-//! a non-empty string. Any failure refuses the request: an invalid initiator
+//! unknown); the signature, `exp` and `aud` must verify; `nbf` and `iat`, when
+//! present, must not lie in the future (beyond [`INITIATOR_CLOCK_SKEW_SECONDS`]);
+//! the token's lifetime (`exp - iat`, or `exp - now` without `iat`) must not
+//! exceed the sidecar's maximum; the user claim must be a non-empty string.
+//! Any failure refuses the request, naming its reason: an invalid initiator
 //! token is never ignored.
 
 use std::collections::HashMap;
@@ -32,6 +35,12 @@ use crate::verify::CLOCK_SKEW_SECONDS;
 pub const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
+/// Clock skew tolerated between an initiator issuer and this node for `nbf`
+/// and `iat`, seconds (`exp` keeps the sidecars' own, smaller skew).
+pub const INITIATOR_CLOCK_SKEW_SECONDS: i64 = 30;
+/// Longest lifetime of an initiator token unless the sidecar is told
+/// otherwise ([`crate::settings::ENV_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS`]).
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// Why an initiator token was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -59,6 +68,33 @@ pub enum InitiatorRefused {
     /// Signature, expiry, audience or issuer did not verify.
     #[error("initiator token does not verify: {0}")]
     Invalid(String),
+    /// `nbf` lies in the future.
+    #[error("initiator token is not valid yet (nbf {nbf}, now {now}, unix seconds)")]
+    NotYetValid {
+        /// The token's `nbf`.
+        nbf: i64,
+        /// This node's time.
+        now: i64,
+    },
+    /// `iat` lies in the future.
+    #[error("initiator token is issued in the future (iat {iat}, now {now}, unix seconds)")]
+    IssuedInFuture {
+        /// The token's `iat`.
+        iat: i64,
+        /// This node's time.
+        now: i64,
+    },
+    /// Valid for longer than the maximum.
+    #[error("initiator token lifetime of {lifetime} s exceeds the maximum of {max} s")]
+    LifetimeTooLong {
+        /// `exp - iat` (or `exp - now` without `iat`), seconds.
+        lifetime: i64,
+        /// The maximum, seconds.
+        max: u64,
+    },
+    /// A time claim that is not a NumericDate, or `exp` before `iat`.
+    #[error("initiator token time claims are invalid: {0}")]
+    BadTimeClaim(&'static str),
     /// The user claim is missing or empty.
     #[error("initiator token has no user in claim {0:?}")]
     NoUser(String),
@@ -89,6 +125,7 @@ struct CachedJwks {
 pub struct InitiatorVerifier {
     client: UpstreamClient,
     fetched: Mutex<HashMap<String, CachedJwks>>,
+    max_lifetime: Duration,
 }
 
 impl std::fmt::Debug for InitiatorVerifier {
@@ -114,13 +151,77 @@ fn unverified_issuer(token: &str) -> Result<String, InitiatorRefused> {
         .ok_or(InitiatorRefused::Malformed("no iss claim"))
 }
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A NumericDate claim: `Ok(None)` when absent; whole seconds (fractions cut).
+fn numeric_date(
+    claims: &Value,
+    name: &str,
+    bad: &'static str,
+) -> Result<Option<i64>, InitiatorRefused> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(value) => value
+            .as_i64()
+            .or_else(|| value.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+            .map(Some)
+            .ok_or(InitiatorRefused::BadTimeClaim(bad)),
+    }
+}
+
+/// The checks of a token's validity period that the JWT library leaves out:
+/// `nbf` and `iat` not in the future (beyond the skew), and a lifetime
+/// within `max_lifetime`. `exp` itself was verified with the signature.
+fn check_validity(
+    claims: &Value,
+    now: i64,
+    max_lifetime: Duration,
+) -> Result<(), InitiatorRefused> {
+    let exp = numeric_date(claims, "exp", "exp is not a NumericDate")?
+        .ok_or(InitiatorRefused::BadTimeClaim("exp is missing"))?;
+    let nbf = numeric_date(claims, "nbf", "nbf is not a NumericDate")?;
+    let iat = numeric_date(claims, "iat", "iat is not a NumericDate")?;
+    if let Some(nbf) = nbf
+        && nbf > now.saturating_add(INITIATOR_CLOCK_SKEW_SECONDS)
+    {
+        return Err(InitiatorRefused::NotYetValid { nbf, now });
+    }
+    if let Some(iat) = iat {
+        if iat > now.saturating_add(INITIATOR_CLOCK_SKEW_SECONDS) {
+            return Err(InitiatorRefused::IssuedInFuture { iat, now });
+        }
+        if exp < iat {
+            return Err(InitiatorRefused::BadTimeClaim("exp is before iat"));
+        }
+    }
+    let lifetime = exp.saturating_sub(iat.unwrap_or(now));
+    let max = max_lifetime.as_secs();
+    if lifetime > i64::try_from(max).unwrap_or(i64::MAX) {
+        return Err(InitiatorRefused::LifetimeTooLong { lifetime, max });
+    }
+    Ok(())
+}
+
 impl InitiatorVerifier {
-    /// A verifier fetching JWKS URLs with `client`.
+    /// A verifier fetching JWKS URLs with `client`, accepting tokens valid
+    /// for at most [`DEFAULT_MAX_TOKEN_LIFETIME`].
     pub fn new(client: UpstreamClient) -> Self {
         Self {
             client,
             fetched: Mutex::new(HashMap::new()),
+            max_lifetime: DEFAULT_MAX_TOKEN_LIFETIME,
         }
+    }
+
+    /// The same verifier accepting tokens valid for at most `max_lifetime`.
+    pub fn with_max_token_lifetime(mut self, max_lifetime: Duration) -> Self {
+        self.max_lifetime = max_lifetime;
+        self
     }
 
     /// Verifies `token` against the trusted `issuers`, at `now` (unix seconds).
@@ -159,6 +260,7 @@ impl InitiatorVerifier {
         validation.leeway = CLOCK_SKEW_SECONDS as u64;
         let data = jsonwebtoken::decode::<Value>(token, &key, &validation)
             .map_err(|e| InitiatorRefused::Invalid(e.to_string()))?;
+        check_validity(&data.claims, unix_now(), self.max_lifetime)?;
         let user = data
             .claims
             .get(&issuer.user_claim)
@@ -232,5 +334,96 @@ impl InitiatorVerifier {
             .map_err(|e| e.to_string())?
             .to_bytes();
         serde_json::from_slice(&body).map_err(|e| format!("not a JWKS: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: i64 = 2_000_000_000;
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn accepts_a_token_valid_now_for_less_than_the_maximum() {
+        let claims = json!({"iat": NOW, "nbf": NOW, "exp": NOW + 300});
+        assert_eq!(check_validity(&claims, NOW, HOUR), Ok(()));
+        // A little skew either way is tolerated.
+        let claims = json!({"iat": NOW + 20, "nbf": NOW + 25, "exp": NOW + 300});
+        assert_eq!(check_validity(&claims, NOW, HOUR), Ok(()));
+        let claims = json!({"iat": NOW as f64 + 0.5, "exp": NOW + 60});
+        assert_eq!(check_validity(&claims, NOW, HOUR), Ok(()));
+    }
+
+    #[test]
+    fn refuses_a_token_not_valid_yet() {
+        let claims = json!({"iat": NOW, "nbf": NOW + 120, "exp": NOW + 300});
+        assert_eq!(
+            check_validity(&claims, NOW, HOUR),
+            Err(InitiatorRefused::NotYetValid {
+                nbf: NOW + 120,
+                now: NOW
+            })
+        );
+    }
+
+    #[test]
+    fn refuses_a_token_issued_in_the_future() {
+        let claims = json!({"iat": NOW + 86_400, "exp": NOW + 86_400 + 60});
+        let refused = check_validity(&claims, NOW, HOUR).unwrap_err();
+        assert_eq!(
+            refused,
+            InitiatorRefused::IssuedInFuture {
+                iat: NOW + 86_400,
+                now: NOW
+            }
+        );
+        assert!(refused.to_string().contains("issued in the future"));
+    }
+
+    #[test]
+    fn refuses_a_token_living_longer_than_the_maximum() {
+        let claims = json!({"iat": NOW, "exp": NOW + 3601});
+        let refused = check_validity(&claims, NOW, HOUR).unwrap_err();
+        assert_eq!(
+            refused,
+            InitiatorRefused::LifetimeTooLong {
+                lifetime: 3601,
+                max: 3600
+            }
+        );
+        assert!(refused.to_string().contains("exceeds the maximum"));
+        // Without iat the lifetime left counts.
+        let claims = json!({"exp": NOW + 7200});
+        assert!(matches!(
+            check_validity(&claims, NOW, HOUR),
+            Err(InitiatorRefused::LifetimeTooLong { lifetime: 7200, .. })
+        ));
+        let claims = json!({"exp": NOW + 600});
+        assert_eq!(check_validity(&claims, NOW, HOUR), Ok(()));
+        // An old iat cannot hide a long lifetime.
+        let claims = json!({"iat": NOW - 86_400, "exp": NOW + 60});
+        assert!(matches!(
+            check_validity(&claims, NOW, HOUR),
+            Err(InitiatorRefused::LifetimeTooLong { .. })
+        ));
+        // The maximum is the sidecar's setting.
+        let claims = json!({"iat": NOW, "exp": NOW + 600});
+        assert!(check_validity(&claims, NOW, Duration::from_secs(300)).is_err());
+    }
+
+    #[test]
+    fn refuses_time_claims_that_are_not_numeric_dates() {
+        let claims = json!({"iat": "yesterday", "exp": NOW + 60});
+        assert_eq!(
+            check_validity(&claims, NOW, HOUR),
+            Err(InitiatorRefused::BadTimeClaim("iat is not a NumericDate"))
+        );
+        let claims = json!({"iat": NOW, "exp": NOW - 10});
+        assert_eq!(
+            check_validity(&claims, NOW, HOUR),
+            Err(InitiatorRefused::BadTimeClaim("exp is before iat"))
+        );
     }
 }

@@ -3,13 +3,16 @@
 //! A gateway that reads a message differently from the upstream server is a bypass
 //! (a "parser differential"): if the sidecar saw the last of two `name` keys and
 //! the server the first, a denied tool could be called under an allowed name. So
-//! this parser refuses anything two JSON parsers could disagree on: duplicate
-//! object keys (at any depth), invalid UTF-8, lone surrogates, trailing data, and
-//! bodies over the configured limit. What it cannot parse is never forwarded.
+//! bodies are read with [`chaperone_json`], which refuses anything two mainstream
+//! JSON readers could disagree on (duplicate or case-colliding keys, inexact
+//! numbers, invalid UTF-8, lone surrogates, trailing data, oversize bodies), and
+//! messages must be plain JSON-RPC 2.0 envelopes: no members besides `jsonrpc`,
+//! `id`, `method`, `params` (requests and notifications) or `jsonrpc`, `id`,
+//! `result`, `error` (responses). What it cannot parse is never forwarded.
 
-use std::fmt;
+use std::ops::Range;
 
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use chaperone_json::{JsonError, Limits};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
@@ -17,6 +20,10 @@ use thiserror::Error;
 pub const PARSE_ERROR: i64 = -32700;
 /// JSON-RPC error code: the JSON is not a valid request object.
 pub const INVALID_REQUEST: i64 = -32600;
+/// JSON-RPC error code: the method does not exist (or is not forwarded).
+pub const METHOD_NOT_FOUND: i64 = -32601;
+/// JSON-RPC error code: the params of a known method cannot be read.
+pub const INVALID_PARAMS: i64 = -32602;
 /// JSON-RPC error code: internal error (used for "no snapshot yet" and upstream failures).
 pub const INTERNAL_ERROR: i64 = -32603;
 /// JSON-RPC error code of a call refused by policy (implementation-defined range).
@@ -29,135 +36,42 @@ pub const NOT_READY: i64 = -32003;
 /// Why a body could not be read as JSON-RPC.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ParseError {
-    /// The body is larger than the configured limit.
-    #[error("message body exceeds the limit of {limit} bytes")]
-    TooLarge {
-        /// The limit, in bytes.
-        limit: usize,
-    },
-    /// The body is not UTF-8.
-    #[error("message body is not valid UTF-8")]
-    InvalidUtf8,
-    /// An object repeats a key.
-    #[error("duplicate object key {key:?} in message")]
-    DuplicateKey {
-        /// The repeated key.
-        key: String,
-    },
-    /// The body is not JSON.
-    #[error("message body is not valid JSON: {0}")]
-    Syntax(String),
+    /// The body is not strict JSON (see [`chaperone_json`]).
+    #[error(transparent)]
+    Json(#[from] JsonError),
     /// The JSON is not a JSON-RPC 2.0 message.
     #[error("not a JSON-RPC 2.0 message: {0}")]
     InvalidMessage(&'static str),
+    /// The message has a member JSON-RPC 2.0 does not define.
+    #[error("not a JSON-RPC 2.0 message: unknown member {0:?}")]
+    UnknownMember(String),
 }
 
 impl ParseError {
     /// The JSON-RPC error code of this refusal.
     pub fn code(&self) -> i64 {
         match self {
-            ParseError::InvalidMessage(_) => INVALID_REQUEST,
-            _ => PARSE_ERROR,
+            ParseError::InvalidMessage(_) | ParseError::UnknownMember(_) => INVALID_REQUEST,
+            ParseError::Json(_) => PARSE_ERROR,
+        }
+    }
+
+    /// A short label for metrics and audit records.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ParseError::Json(JsonError::TooLarge { .. }) => "too_large",
+            ParseError::Json(JsonError::DuplicateKey { .. }) => "duplicate_key",
+            ParseError::Json(JsonError::CaseCollision { .. }) => "case_colliding_keys",
+            ParseError::Json(JsonError::AmbiguousNumber { .. }) => "ambiguous_number",
+            ParseError::Json(_) => "unparseable",
+            ParseError::InvalidMessage(_) | ParseError::UnknownMember(_) => "invalid_message",
         }
     }
 }
 
-/// Parses `bytes` as one JSON value, refusing duplicate keys anywhere in it.
+/// Parses `bytes` as one JSON value, strictly (see [`chaperone_json`]).
 pub fn parse_strict(bytes: &[u8], limit: usize) -> Result<Value, ParseError> {
-    if bytes.len() > limit {
-        return Err(ParseError::TooLarge { limit });
-    }
-    // serde_json checks UTF-8 inside strings only; check the whole body so that
-    // no byte outside a string can be read differently either.
-    let text = std::str::from_utf8(bytes).map_err(|_| ParseError::InvalidUtf8)?;
-    let mut de = serde_json::Deserializer::from_str(text);
-    let value = StrictSeed.deserialize(&mut de).map_err(classify)?;
-    de.end().map_err(classify)?;
-    Ok(value)
-}
-
-const DUPLICATE_MARKER: &str = "chaperone-duplicate-key:";
-
-fn classify(err: serde_json::Error) -> ParseError {
-    let text = err.to_string();
-    match text.find(DUPLICATE_MARKER) {
-        Some(at) => {
-            let rest = &text[at + DUPLICATE_MARKER.len()..];
-            let key = rest.split(" at line").next().unwrap_or(rest).to_owned();
-            ParseError::DuplicateKey { key }
-        }
-        None => ParseError::Syntax(text),
-    }
-}
-
-struct StrictSeed;
-
-impl<'de> DeserializeSeed<'de> for StrictSeed {
-    type Value = Value;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
-        deserializer.deserialize_any(StrictVisitor)
-    }
-}
-
-struct StrictVisitor;
-
-impl<'de> Visitor<'de> for StrictVisitor {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
-        serde_json::Number::from_f64(v)
-            .map(Value::Number)
-            .ok_or_else(|| E::custom("non-finite number"))
-    }
-
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
-    }
-
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
-    }
-
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
-        while let Some(item) = seq.next_element_seed(StrictSeed)? {
-            items.push(item);
-        }
-        Ok(Value::Array(items))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut object = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if object.contains_key(&key) {
-                return Err(de::Error::custom(format_args!("{DUPLICATE_MARKER}{key}")));
-            }
-            let value = map.next_value_seed(StrictSeed)?;
-            object.insert(key, value);
-        }
-        Ok(Value::Object(object))
-    }
+    Ok(chaperone_json::parse(bytes, Limits::bytes(limit))?)
 }
 
 /// A JSON-RPC request or notification id.
@@ -222,9 +136,26 @@ pub enum Payload {
     Batch(Vec<Message>),
 }
 
+/// A POST body, parsed: its messages and, for a batch, each message's bytes
+/// in the body (so a batch that loses members is forwarded as the remaining
+/// members' original bytes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Body {
+    /// The messages.
+    pub payload: Payload,
+    /// For a batch, each message's byte range in the body.
+    pub spans: Vec<Range<usize>>,
+}
+
 /// Parses a POST body into JSON-RPC messages, strictly.
 pub fn parse_payload(bytes: &[u8], limit: usize) -> Result<Payload, ParseError> {
-    match parse_strict(bytes, limit)? {
+    parse_body(bytes, limit).map(|body| body.payload)
+}
+
+/// Parses a POST body into JSON-RPC messages, strictly, keeping batch spans.
+pub fn parse_body(bytes: &[u8], limit: usize) -> Result<Body, ParseError> {
+    let document = chaperone_json::parse_document(bytes, Limits::bytes(limit))?;
+    let payload = match document.value {
         Value::Array(items) => {
             if items.is_empty() {
                 return Err(ParseError::InvalidMessage("empty batch"));
@@ -233,10 +164,39 @@ pub fn parse_payload(bytes: &[u8], limit: usize) -> Result<Payload, ParseError> 
                 .into_iter()
                 .map(classify_message)
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(Payload::Batch(messages))
+            Payload::Batch(messages)
         }
-        value => Ok(Payload::Single(classify_message(value)?)),
+        value => Payload::Single(classify_message(value)?),
+    };
+    Ok(Body {
+        payload,
+        spans: document.item_spans,
+    })
+}
+
+/// The body that forwards the members `kept` (indices into the batch) of a
+/// body parsed by [`parse_body`]: the original bytes when all are kept, else a
+/// batch of the kept members' original bytes.
+pub fn forwarded_body(bytes: &bytes::Bytes, body: &Body, kept: &[usize]) -> bytes::Bytes {
+    let total = match &body.payload {
+        Payload::Single(_) => 1,
+        Payload::Batch(messages) => messages.len(),
+    };
+    if kept.len() == total || body.spans.is_empty() {
+        return bytes.clone();
     }
+    let mut out = Vec::with_capacity(bytes.len());
+    out.push(b'[');
+    for (n, index) in kept.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        if let Some(span) = body.spans.get(*index) {
+            out.extend_from_slice(&bytes[span.clone()]);
+        }
+    }
+    out.push(b']');
+    bytes::Bytes::from(out)
 }
 
 /// Classifies one parsed value as a JSON-RPC 2.0 message.
@@ -246,6 +206,21 @@ pub fn classify_message(value: Value) -> Result<Message, ParseError> {
             "a message must be a JSON object",
         ));
     };
+    let is_call = object.contains_key("method");
+    if is_call && (object.contains_key("result") || object.contains_key("error")) {
+        return Err(ParseError::InvalidMessage(
+            "a message cannot carry both a method and a result or error",
+        ));
+    }
+    let defined = |key: &str| match key {
+        "jsonrpc" | "id" => true,
+        "method" | "params" => is_call,
+        "result" | "error" => !is_call,
+        _ => false,
+    };
+    if let Some(unknown) = object.keys().find(|key| !defined(key)) {
+        return Err(ParseError::UnknownMember(unknown.clone()));
+    }
     if object.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
         return Err(ParseError::InvalidMessage("\"jsonrpc\" must be \"2.0\""));
     }
@@ -329,9 +304,9 @@ mod tests {
         let body = br#"{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call"}"#;
         assert_eq!(
             parse_payload(body, LIMIT),
-            Err(ParseError::DuplicateKey {
+            Err(ParseError::Json(JsonError::DuplicateKey {
                 key: "method".to_owned()
-            })
+            }))
         );
     }
 
@@ -340,7 +315,7 @@ mod tests {
         let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"x":1,"x":2}}}"#;
         assert!(matches!(
             parse_payload(body, LIMIT),
-            Err(ParseError::DuplicateKey { key }) if key == "x"
+            Err(ParseError::Json(JsonError::DuplicateKey { key })) if key == "x"
         ));
     }
 
@@ -350,14 +325,14 @@ mod tests {
         let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","n\u0061me":"b"}}"#;
         assert!(matches!(
             parse_payload(body, LIMIT),
-            Err(ParseError::DuplicateKey { .. })
+            Err(ParseError::Json(JsonError::DuplicateKey { .. }))
         ));
     }
 
     #[test]
     fn rejects_invalid_utf8() {
         let body = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\",\"x\":\"\xff\"}";
-        assert_eq!(parse_payload(body, LIMIT), Err(ParseError::InvalidUtf8));
+        assert_eq!(parse_payload(body, LIMIT), Err(ParseError::Json(JsonError::InvalidUtf8)));
     }
 
     #[test]
@@ -365,7 +340,7 @@ mod tests {
         let body = br#"{"jsonrpc":"2.0","id":1,"method":"ping","x":"\ud800"}"#;
         assert!(matches!(
             parse_payload(body, LIMIT),
-            Err(ParseError::Syntax(_))
+            Err(ParseError::Json(JsonError::Syntax { .. }))
         ));
     }
 
@@ -374,7 +349,7 @@ mod tests {
         let body = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
         assert_eq!(
             parse_payload(body, 10),
-            Err(ParseError::TooLarge { limit: 10 })
+            Err(ParseError::Json(JsonError::TooLarge { limit: 10 }))
         );
     }
 
@@ -383,7 +358,7 @@ mod tests {
         let body = br#"{"jsonrpc":"2.0","id":1,"method":"ping"} {"x":1}"#;
         assert!(matches!(
             parse_payload(body, LIMIT),
-            Err(ParseError::Syntax(_))
+            Err(ParseError::Json(JsonError::Syntax { .. }))
         ));
     }
 
@@ -412,5 +387,46 @@ mod tests {
         assert!(matches!(messages[0], Message::Request { .. }));
         assert!(matches!(messages[1], Message::Notification { .. }));
         assert!(matches!(messages[2], Message::Response { .. }));
+    }
+
+    #[test]
+    fn rejects_case_colliding_keys_and_unknown_members() {
+        let body = br#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call"}"#;
+        assert!(matches!(
+            parse_payload(body, LIMIT),
+            Err(ParseError::Json(JsonError::CaseCollision { .. }))
+        ));
+        let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"amount":50,"AMOUNT":1000000}}}"#;
+        assert!(matches!(
+            parse_payload(body, LIMIT),
+            Err(ParseError::Json(JsonError::CaseCollision { .. }))
+        ));
+        let body = r#"{"jsonrpc":"2.0","id":1,"method":"ping","paramſ":{}}"#;
+        assert!(matches!(
+            parse_payload(body.as_bytes(), LIMIT),
+            Err(ParseError::UnknownMember(m)) if m == "paramſ"
+        ));
+        let body = br#"{"jsonrpc":"2.0","id":1,"method":"ping","result":{}}"#;
+        assert!(matches!(
+            parse_payload(body, LIMIT),
+            Err(ParseError::InvalidMessage(_))
+        ));
+        let body = br#"{"jsonrpc":"2.0","id":1,"result":{},"params":{}}"#;
+        assert!(matches!(
+            parse_payload(body, LIMIT),
+            Err(ParseError::UnknownMember(m)) if m == "params"
+        ));
+    }
+
+    #[test]
+    fn forwards_the_kept_members_of_a_batch_byte_for_byte() {
+        let text = br#"[ {"jsonrpc":"2.0","id":123456789,"method":"a"} , {"jsonrpc":"2.0","id":2.50,"method":"b"},{"jsonrpc":"2.0","id":"x","method":"c"}]"#;
+        let bytes = bytes::Bytes::from_static(text);
+        let body = parse_body(text, LIMIT).unwrap();
+        assert_eq!(forwarded_body(&bytes, &body, &[0, 1, 2]), bytes);
+        assert_eq!(
+            &forwarded_body(&bytes, &body, &[1, 2])[..],
+            &br#"[{"jsonrpc":"2.0","id":2.50,"method":"b"},{"jsonrpc":"2.0","id":"x","method":"c"}]"#[..]
+        );
     }
 }

@@ -27,10 +27,14 @@ pub mod authz;
 pub mod backoff;
 pub mod canonical;
 pub mod client;
+pub mod delegated;
 pub mod inbound;
 pub mod initiator;
+pub mod intake;
 pub mod inventory;
 pub mod jsonrpc;
+pub mod listener;
+pub mod methods;
 pub mod metrics;
 pub mod peer_keys;
 pub mod proxy;
@@ -103,9 +107,13 @@ impl Sidecar {
         } else {
             (None, None)
         };
+        // One key signs the assertions and the audit trail's checkpoints.
+        let signer = AssertionSigner::generate()?;
+        let audit = AuditLog::new(audit, ship, metrics.audit_dropped.clone(), signer.clone())
+            .with_checkpoint_every(settings.audit_checkpoint_every);
         let enforcer = Enforcer {
-            signer: AssertionSigner::generate()?,
-            audit: AuditLog::new(audit, ship, metrics.audit_dropped.clone()),
+            signer,
+            audit,
             agent_limits: AgentRateLimits::default(),
             metrics: Arc::clone(&metrics),
             pod: PodIdentity {
@@ -226,13 +234,36 @@ impl Sidecar {
         .await;
     }
 
-    /// Forgets idle sessions every `every`, and keeps the snapshot-version and
-    /// session gauges current; runs until dropped.
+    /// Writes a signed audit checkpoint if decisions were written since the
+    /// last one; returns whether it did. [`Sidecar::maintain`] calls it every
+    /// `audit_checkpoint_interval`.
+    pub fn checkpoint_audit(&self) -> Result<bool, audit::AuditWriteError> {
+        self.gateway.enforcer.audit.checkpoint()
+    }
+
+    /// Writes the final audit checkpoint and closes the audit trail: calls
+    /// decided afterwards are refused (they could not be audited). For
+    /// shutdown.
+    pub fn close_audit(&self) -> Result<(), audit::AuditWriteError> {
+        self.gateway.enforcer.audit.close()
+    }
+
+    /// Forgets idle sessions every `every`, keeps the snapshot-version and
+    /// session gauges current, and writes an audit checkpoint every
+    /// `audit_checkpoint_interval` when decisions are uncovered; runs until
+    /// dropped.
     pub async fn maintain(&self, every: Duration) {
         let mut versions = self.gateway.source.subscribe();
         let mut tick = tokio::time::interval(every);
+        let mut checkpoint = tokio::time::interval(self.gateway.settings.audit_checkpoint_interval);
+        checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = checkpoint.tick() => {
+                    if let Err(err) = self.checkpoint_audit() {
+                        tracing::error!(error = %err, "audit checkpoint not written");
+                    }
+                }
                 changed = versions.changed() => {
                     if changed.is_err() {
                         return;

@@ -97,9 +97,7 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    let shutdown = shutdown_signal();
     let maintain = sidecar.clone();
     tokio::spawn(async move { maintain.maintain(Duration::from_secs(10)).await });
     let admin_sidecar = sidecar.clone();
@@ -120,11 +118,37 @@ async fn main() -> anyhow::Result<()> {
                 () = shutdown => {}
                 _ = serving => {}
             }
+            close_audit(&sidecar);
             return Ok(());
         }
     }
     if let Some(proxy) = proxy {
         sidecar.serve_proxy(proxy, shutdown).await;
     }
+    close_audit(&sidecar);
     Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM (how the kubelet stops a container).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Ends the audit trail with the final signed checkpoint.
+fn close_audit(sidecar: &Sidecar) {
+    match sidecar.close_audit() {
+        Ok(()) => tracing::info!("stopping: audit trail closed with a final checkpoint"),
+        Err(err) => tracing::error!(error = %err, "stopping: final audit checkpoint not written"),
+    }
 }

@@ -21,6 +21,23 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// Label of the per-listener connection metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `proxy` (the agent's side) or `inbound`.
+    pub listener: &'static str,
+}
+
+/// Labels of a connection closed by a timeout.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionTimeoutLabels {
+    /// `proxy` or `inbound`.
+    pub listener: &'static str,
+    /// `header` (a request's head too slow), `idle` (no request in flight for
+    /// too long) or `keepalive` (an HTTP/2 peer that stopped answering pings).
+    pub timeout: &'static str,
+}
+
 /// Every metric the sidecar exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -40,6 +57,12 @@ pub struct Metrics {
     pub audit_dropped: Counter,
     /// Requests refused before any decision (parse errors, limits, no snapshot).
     pub refused: Family<RefusalLabels, Counter>,
+    /// Connections open now, per listener.
+    pub connections_open: Family<ListenerLabels, Gauge>,
+    /// Connections closed at once because the listener held its maximum.
+    pub connections_refused: Family<ListenerLabels, Counter>,
+    /// Connections closed by a timeout, per listener and timeout.
+    pub connections_timed_out: Family<ConnectionTimeoutLabels, Counter>,
 }
 
 impl Metrics {
@@ -85,6 +108,24 @@ impl Metrics {
             "Requests refused before a decision, by reason",
             refused.clone(),
         );
+        let connections_open = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "connections_open",
+            "Connections open now, per listener",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed on accept because the listener held its maximum",
+            connections_refused.clone(),
+        );
+        let connections_timed_out = Family::<ConnectionTimeoutLabels, Counter>::default();
+        registry.register(
+            "connections_timed_out",
+            "Connections closed by a timeout, per listener and timeout (header, idle, keepalive)",
+            connections_timed_out.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -94,6 +135,9 @@ impl Metrics {
             sessions,
             audit_dropped,
             refused,
+            connections_open,
+            connections_refused,
+            connections_timed_out,
         }
     }
 

@@ -10,7 +10,6 @@
 //! the same session checks. Every `Chaperone-*` header the agent sends is
 //! dropped.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,15 +19,21 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use chaperone_json::JsonError;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::assertion::ASSERTION_HEADER;
 use crate::assertion::random_id;
-use crate::authz::{CallRequest, Enforcer, Governed, classify};
+use crate::authz::{CallRequest, Enforcer, Governed, RefusedMessage, classify, message_era};
 use crate::client::UpstreamClient;
-use crate::jsonrpc::{self, Message, ParseError, Payload, parse_payload, parse_strict};
+use crate::delegated::DelegatedSessions;
+use crate::intake::{
+    MCP_PROTOCOL_VERSION, MCP_SESSION_ID, check_body_headers, check_path_suffix,
+    forward_headers, is_encoded, single_header, strip_hop_by_hop,
+};
+use crate::jsonrpc::{self, Message, ParseError, Payload, forwarded_body, parse_body, parse_strict};
+use crate::listener::{ConnectionLimits, serve_connections};
 use crate::metrics::{Metrics, RefusalLabels};
 use crate::refusal::{
     MethodNotAllowed, NoSnapshot, Refusal, UnknownDelegatedSession, UnknownServer, UnknownSession,
@@ -44,13 +49,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body of every response the proxy sends.
 pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
-const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
 /// The header that names an inbound-opened session to the agent, which sends
 /// it back with the calls it makes for that task.
 pub const CHAPERONE_SESSION: HeaderName = HeaderName::from_static("chaperone-session");
 /// Key space of inbound-opened sessions in their store.
 const DELEGATED: &str = "chaperone-session";
-const JSON_RPC_INVALID_PARAMS: i64 = -32602;
+/// The rule name of refusals made before policy (malformed or unknown
+/// messages, unreadable requests) in audit records and errors.
+const PROTOCOL_RULE: &str = "protocol";
 
 /// The proxy: snapshot, sessions, enforcement and the upstream client.
 pub struct Gateway {
@@ -61,14 +67,17 @@ pub struct Gateway {
     /// Sessions.
     pub sessions: SessionStore,
     /// Sessions opened at the inbound side (delegated or user-initiated), by
-    /// their `Chaperone-Session` token.
-    pub delegated: SessionStore,
+    /// their `Chaperone-Session` token, in shares per caller.
+    pub delegated: DelegatedSessions,
     /// Decisions, audit, assertions.
     pub enforcer: Enforcer,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// The HTTP(S) client towards tool servers and the pod's own endpoint.
     pub client: UpstreamClient,
+    /// The audit chain of requests refused before any session was known
+    /// (unreadable bodies, unknown servers, unsupported media types).
+    pub refusals: SharedSession,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -93,50 +102,11 @@ pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response<Respo
     response
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
-
-/// Copies the agent's headers for the upstream: no hop-by-hop headers, no
-/// `Host`/`Content-Length` (set anew), and none of the `Chaperone-*` headers.
-pub(crate) fn forward_headers(src: &HeaderMap, authority: &http::uri::Authority) -> HeaderMap {
-    let mut dst = HeaderMap::with_capacity(src.len() + 2);
-    for (name, value) in src {
-        if is_hop_by_hop(name)
-            || name == header::HOST
-            || name == header::CONTENT_LENGTH
-            || name.as_str().starts_with("chaperone-")
-        {
-            continue;
-        }
-        dst.append(name.clone(), value.clone());
-    }
-    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-        dst.insert(header::HOST, host);
-    }
-    dst
-}
-
 fn content_type_is(headers: &HeaderMap, prefix: &str) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with(prefix))
-}
-
-fn session_id(headers: &HeaderMap) -> Option<&str> {
-    headers.get(&MCP_SESSION_ID).and_then(|v| v.to_str().ok())
 }
 
 /// Splits `/<server>/<rest>` into the server and `/<rest>` (possibly empty).
@@ -159,21 +129,57 @@ impl Gateway {
     ) -> Self {
         Self {
             sessions: SessionStore::new(settings.max_sessions),
-            delegated: SessionStore::new(settings.max_sessions),
+            delegated: DelegatedSessions::new(
+                settings.max_sessions,
+                settings.max_delegated_sessions_per_caller,
+            ),
             settings,
             source,
             enforcer,
             metrics,
             client,
+            refusals: Arc::new(std::sync::Mutex::new(SessionState::new())),
         }
     }
 
     /// Handles one request; never fails (refusals become responses).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+        let server = split_path(req.uri().path()).0.to_owned();
         match self.route(req).await {
             Ok(response) => response,
-            Err(refusal) => self.refuse(&refusal),
+            Err(refusal) => {
+                self.audit_refusal(&server, &refusal);
+                self.refuse(&refusal)
+            }
         }
+    }
+
+    /// Writes the audit record of a request refused as a whole (every refusal
+    /// is audited; a failing audit log is logged, the refusal stands).
+    pub(crate) fn audit_refusal(&self, server: &str, refusal: &Refusal) {
+        if matches!(refusal, Refusal::AuditUnavailable(_)) {
+            return;
+        }
+        let active = self.source.current();
+        let reason = refusal.to_string();
+        let rule = format!("{PROTOCOL_RULE}/{}", refusal.label());
+        let mut state = lock(&self.refusals);
+        // The error it returns is already logged; the request is refused anyway.
+        let _ = self.enforcer.refuse_message(
+            active.as_deref(),
+            &self.settings.pod_namespace,
+            &mut state,
+            &RefusedMessage {
+                id: None,
+                method: "",
+                tool: "",
+                server,
+                mcp_session_id: "",
+                rule: &rule,
+                reason: &reason,
+                code: refusal.code(),
+            },
+        );
     }
 
     /// The response of a refusal (counted by reason).
@@ -204,6 +210,7 @@ impl Gateway {
             .upstreams
             .get(server)
             .ok_or_else(|| UnknownServer(server.to_owned()))?;
+        check_path_suffix(rest)?;
         let mut url = String::with_capacity(upstream.base_url.len() + rest.len() + 16);
         url.push_str(&upstream.base_url);
         url.push_str(rest);
@@ -234,12 +241,12 @@ impl Gateway {
         &self,
         active: &ActivePolicy,
         upstream: &Upstream,
-        headers: &HeaderMap,
+        mcp_session_id: Option<&str>,
         initializing: bool,
     ) -> Result<Option<(SharedSession, String)>, Refusal> {
         let now = Instant::now();
         let idle = Self::idle_timeout(active);
-        match session_id(headers) {
+        match mcp_session_id {
             Some(id) => {
                 let session = self
                     .sessions
@@ -280,14 +287,28 @@ impl Gateway {
             .ok_or_else(|| UnknownDelegatedSession.into())
     }
 
-    /// Opens a session at the inbound side and returns its `Chaperone-Session`
+    /// Opens a session at the inbound side for `caller` (the calling agent or
+    /// the initiating user, whose share of the store it counts against), also
+    /// filed under `origin` when given, and returns its `Chaperone-Session`
     /// token (unguessable: 128 random bits).
-    pub fn open_delegated(&self, mut state: SessionState) -> (String, SharedSession) {
+    pub fn open_delegated(
+        &self,
+        caller: &str,
+        origin: Option<SessionKey<'_>>,
+        mut state: SessionState,
+    ) -> (String, SharedSession) {
         let token = random_id();
         state.handle = Some(token.clone());
-        let shared =
-            self.delegated
-                .insert(SessionKey::new(DELEGATED, &token), state, Instant::now());
+        let token_key = SessionKey::new(DELEGATED, &token);
+        let with_origin;
+        let keys: &[SessionKey<'_>] = match origin {
+            Some(origin) => {
+                with_origin = [token_key, origin];
+                &with_origin
+            }
+            None => std::slice::from_ref(&token_key),
+        };
+        let shared = self.delegated.open(caller, keys, state, Instant::now());
         (token, shared)
     }
 
@@ -306,15 +327,24 @@ impl Gateway {
     ) -> Result<Response<ResponseBody>, Refusal> {
         let limit = self.settings.max_body_bytes;
         let (parts, body) = req.into_parts();
+        check_body_headers(&parts.headers)?;
+        let mcp_session_id = single_header(&parts.headers, &MCP_SESSION_ID)?;
+        let header_version = single_header(&parts.headers, &MCP_PROTOCOL_VERSION)?;
         let bytes = read_body(&parts.headers, body, limit).await?;
-        let payload = parse_payload(&bytes, limit)?;
-        let (messages, batch) = match payload {
-            Payload::Single(message) => (vec![message], false),
-            Payload::Batch(messages) => (messages, true),
+        let parsed = parse_body(&bytes, limit)?;
+        let (messages, batch) = match &parsed.payload {
+            Payload::Single(message) => (std::slice::from_ref(message), false),
+            Payload::Batch(messages) => (&messages[..], true),
         };
-        let initializing = messages.iter().any(|m| m.method() == Some("initialize"));
-        let mut session = self.session_for(active, upstream, &parts.headers, initializing)?;
+        let initializing = messages
+            .iter()
+            .any(|m| matches!(m, Message::Request { method, .. } if method == "initialize"));
+        if initializing && batch {
+            return Err(ParseError::InvalidMessage("initialize must be sent alone, not in a batch").into());
+        }
+        let mut session = self.session_for(active, upstream, mcp_session_id, initializing)?;
         let delegated = self.delegated_session(active, &parts.headers)?;
+        let passthrough = &active.snapshot.content.passthrough_methods;
 
         let mut forwarded: Vec<usize> = Vec::with_capacity(messages.len());
         let mut local: Vec<Value> = Vec::new();
@@ -325,40 +355,29 @@ impl Gateway {
                 Message::Request { id, .. } => Some(id),
                 _ => None,
             };
-            match classify(message) {
-                Governed::Pass => forwarded.push(index),
-                Governed::List => {
-                    lists = true;
-                    forwarded.push(index);
-                }
-                Governed::Malformed(why) => {
-                    if id.is_some() {
-                        local.push(jsonrpc::error_response(
-                            id,
-                            JSON_RPC_INVALID_PARAMS,
-                            why,
-                            None,
-                        ));
-                    }
-                }
+            let era = message_era(message, header_version);
+            let governed = classify(message, era, passthrough);
+            if matches!(governed, Governed::Pass | Governed::List) {
+                lists |= governed == Governed::List;
+                forwarded.push(index);
+                continue;
+            }
+            let (mcp_shared, mcp_id) = session.get_or_insert_with(|| {
+                // A message batched with `initialize`: decide it in the
+                // server's session-less context.
+                let shared = self.sessions.get_or_create(
+                    SessionKey::new(&upstream.name, ""),
+                    Instant::now(),
+                    Self::idle_timeout(active),
+                );
+                (shared, String::new())
+            });
+            // Inside a delegated (or user-initiated) session the task's
+            // history decides, not the connection's.
+            let shared = delegated.as_ref().unwrap_or(mcp_shared);
+            let method = message.method().unwrap_or_default();
+            let (code, reason) = match governed {
                 Governed::Call { name, arguments } => {
-                    if session.is_none() {
-                        // A call batched with `initialize`: decide it in the
-                        // server's session-less context.
-                        let now = Instant::now();
-                        let shared = self.sessions.get_or_create(
-                            SessionKey::new(&upstream.name, ""),
-                            now,
-                            Self::idle_timeout(active),
-                        );
-                        session = Some((shared, String::new()));
-                    }
-                    let Some((mcp_shared, mcp_id)) = session.as_ref() else {
-                        continue;
-                    };
-                    // Inside a delegated (or user-initiated) session the task's
-                    // history decides, not the connection's.
-                    let shared = delegated.as_ref().unwrap_or(mcp_shared);
                     let outcome = {
                         let mut state = lock(shared);
                         self.enforcer.decide_call(
@@ -366,7 +385,7 @@ impl Gateway {
                             upstream,
                             &mut state,
                             &CallRequest {
-                                method: message.method().unwrap_or_default(),
+                                method,
                                 id,
                                 name: &name,
                                 arguments,
@@ -382,7 +401,34 @@ impl Gateway {
                     {
                         local.push(error);
                     }
+                    continue;
                 }
+                Governed::Malformed(why) => (jsonrpc::INVALID_PARAMS, why.to_owned()),
+                Governed::NotForwarded(why) => (jsonrpc::METHOD_NOT_FOUND, why),
+                Governed::Pass | Governed::List => continue,
+            };
+            let tool = message
+                .params()
+                .and_then(|p| p.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let error = self.enforcer.refuse_message(
+                Some(active),
+                "",
+                &mut lock(shared),
+                &RefusedMessage {
+                    id,
+                    method,
+                    tool,
+                    server: &upstream.name,
+                    mcp_session_id: mcp_id,
+                    rule: PROTOCOL_RULE,
+                    reason: &reason,
+                    code,
+                },
+            )?;
+            if id.is_some() {
+                local.push(error);
             }
         }
 
@@ -398,14 +444,9 @@ impl Gateway {
                 json_response(StatusCode::OK, &first)
             });
         }
-        let body = if forwarded.len() == messages.len() {
-            bytes
-        } else {
-            let kept: Vec<&Value> = forwarded.iter().map(|i| messages[*i].raw()).collect();
-            Bytes::from(serde_json::to_vec(&kept).unwrap_or_default())
-        };
+        let body = forwarded_body(&bytes, &parsed, &forwarded);
 
-        let mut headers = forward_headers(&parts.headers, &upstream.authority);
+        let mut headers = forward_headers(&parts.headers, &upstream.authority, true);
         if !assertions.is_empty()
             && let Ok(value) = HeaderValue::from_str(&assertions.join(", "))
         {
@@ -421,13 +462,25 @@ impl Gateway {
         strip_hop_by_hop(&mut rparts.headers);
         if initializing
             && rparts.status.is_success()
-            && let Some(id) = session_id(&rparts.headers)
+            && let Ok(Some(id)) = single_header(&rparts.headers, &MCP_SESSION_ID)
         {
-            self.sessions
-                .create(SessionKey::new(&upstream.name, id), Instant::now());
+            // An existing session of that id keeps its history.
+            self.sessions.get_or_create(
+                SessionKey::new(&upstream.name, id),
+                Instant::now(),
+                Self::idle_timeout(active),
+            );
             self.metrics.sessions.set(self.sessions.len() as i64);
         }
-        if content_type_is(&rparts.headers, "text/event-stream") {
+        let sse = content_type_is(&rparts.headers, "text/event-stream");
+        if (sse || lists) && is_encoded(&rparts.headers) {
+            return Err(UpstreamResponseRefused(format!(
+                "tool server {:?} compressed a response the sidecar must read (it was asked for Accept-Encoding: identity)",
+                upstream.name
+            ))
+            .into());
+        }
+        if sse {
             let mut prefix = String::new();
             for error in &local {
                 prefix.push_str("event: message\ndata: ");
@@ -438,14 +491,24 @@ impl Gateway {
             let body = self.rewrite_sse(rbody, &upstream.name, prefix);
             return Ok(Response::from_parts(rparts, body));
         }
-        if content_type_is(&rparts.headers, "application/json") && (lists || !local.is_empty()) {
+        // A list result is filtered whatever the Content-Type says (a client
+        // may read JSON from `text/plain` or no type at all); a list response
+        // the sidecar cannot read is refused, never passed.
+        if lists || (!local.is_empty() && content_type_is(&rparts.headers, "application/json")) {
             let limit = self.settings.max_response_bytes;
+            let status = rparts.status;
+            let unreadable = |why: String| {
+                UpstreamResponseRefused(format!(
+                    "tool server {:?} answered HTTP {status} with a body the sidecar cannot read: {why}",
+                    upstream.name
+                ))
+            };
             let bytes = match Limited::new(rbody, limit).collect().await {
                 Ok(collected) => collected.to_bytes(),
-                Err(err) => return Err(UpstreamResponseRefused(err.to_string()).into()),
+                Err(err) => return Err(unreadable(err.to_string()).into()),
             };
-            let mut value = parse_strict(&bytes, limit)
-                .map_err(|err| UpstreamResponseRefused(err.to_string()))?;
+            let mut value =
+                parse_strict(&bytes, limit).map_err(|err| unreadable(err.to_string()))?;
             match &mut value {
                 Value::Array(items) => {
                     for item in items.iter_mut() {
@@ -464,6 +527,11 @@ impl Gateway {
                 }
             }
             rparts.headers.remove(header::CONTENT_LENGTH);
+            rparts.headers.remove(header::CONTENT_ENCODING);
+            rparts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             return Ok(Response::from_parts(rparts, full(value.to_string())));
         }
         if !local.is_empty() && rparts.status == StatusCode::ACCEPTED {
@@ -509,7 +577,7 @@ impl Gateway {
         upstream: &Upstream,
         uri: http::Uri,
     ) -> Result<Response<ResponseBody>, Refusal> {
-        if let Some(id) = session_id(req.headers()) {
+        if let Some(id) = single_header(req.headers(), &MCP_SESSION_ID)? {
             let key = SessionKey::new(&upstream.name, id);
             self.sessions
                 .get(key, Instant::now(), Self::idle_timeout(active))
@@ -517,11 +585,18 @@ impl Gateway {
         }
         let mut request = Request::new(Full::new(Bytes::new()));
         *request.uri_mut() = uri;
-        *request.headers_mut() = forward_headers(req.headers(), &upstream.authority);
+        *request.headers_mut() = forward_headers(req.headers(), &upstream.authority, false);
         let response = self.send(request, upstream).await?;
         let (mut rparts, rbody) = response.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
         if content_type_is(&rparts.headers, "text/event-stream") {
+            if is_encoded(&rparts.headers) {
+                return Err(UpstreamResponseRefused(format!(
+                    "tool server {:?} compressed an event stream the sidecar must read",
+                    upstream.name
+                ))
+                .into());
+            }
             rparts.headers.remove(header::CONTENT_LENGTH);
             let body = self.rewrite_sse(rbody, &upstream.name, String::new());
             return Ok(Response::from_parts(rparts, body));
@@ -539,11 +614,11 @@ impl Gateway {
         upstream: &Upstream,
         uri: http::Uri,
     ) -> Result<Response<ResponseBody>, Refusal> {
-        let sid = session_id(req.headers()).map(str::to_owned);
+        let sid = single_header(req.headers(), &MCP_SESSION_ID)?.map(str::to_owned);
         let mut request = Request::new(Full::new(Bytes::new()));
         *request.method_mut() = Method::DELETE;
         *request.uri_mut() = uri;
-        *request.headers_mut() = forward_headers(req.headers(), &upstream.authority);
+        *request.headers_mut() = forward_headers(req.headers(), &upstream.authority, false);
         let response = self.send(request, upstream).await?;
         if let Some(id) = sid
             && response.status().is_success()
@@ -605,26 +680,14 @@ pub(crate) async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || ParseError::Json(JsonError::TooLarge { limit });
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ParseError::TooLarge { limit }.into());
+        return Err(too_large().into());
     }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => {
-            Err(ParseError::TooLarge { limit }.into())
-        }
-        Err(_) => Err(ParseError::Syntax("the request body could not be read".to_owned()).into()),
-    }
-}
-
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let names: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_hop_by_hop(name))
-        .cloned()
-        .collect();
-    for name in names {
-        headers.remove(name);
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(too_large().into()),
+        Err(_) => Err(ParseError::InvalidMessage("the request body could not be read").into()),
     }
 }
 
@@ -649,8 +712,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 impl EventRewrite for ListRewriter {
     fn wants(&self, raw: &[u8]) -> bool {
-        // Quick scan: a list result names one of the list keys in quotes.
-        QUOTED_LIST_KEYS.iter().any(|key| contains(raw, key))
+        // Quick scan: a list result names one of the list keys in quotes, or
+        // spells it with a `\u` escape (no list key has a shorter escape).
+        contains(raw, b"\\u") || QUOTED_LIST_KEYS.iter().any(|key| contains(raw, key))
     }
 
     fn rewrite(&mut self, data: &str) -> Result<Option<String>, String> {
@@ -712,54 +776,13 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    serve_connections("proxy", listener, shutdown, move |req| {
+    let limits = ConnectionLimits::proxy(&gateway.settings);
+    let metrics = Arc::clone(&gateway.metrics);
+    serve_connections("proxy", limits, metrics, listener, shutdown, move |req| {
         let gateway = Arc::clone(&gateway);
         async move { gateway.handle(req).await }
     })
     .await;
-}
-
-/// Accepts connections on `listener` until `shutdown` resolves and serves each
-/// (HTTP/1.1, or HTTP/2 with prior knowledge) with `handle`; `side` names the
-/// listener in logs.
-pub(crate) async fn serve_connections<H, F>(
-    side: &'static str,
-    listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()>,
-    handle: H,
-) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = Response<ResponseBody>> + Send + 'static,
-{
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = &mut shutdown => return,
-        };
-        let (stream, _) = match accepted {
-            Ok(accepted) => accepted,
-            Err(err) => {
-                tracing::warn!(side, error = %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let response = handle(req);
-                async move { Ok::<_, Infallible>(response.await) }
-            });
-            if let Err(err) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(side, error = %err, "connection ended with an error");
-            }
-        });
-    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 use http::StatusCode;
 use thiserror::Error;
 
+use chaperone_json::JsonError;
+
 use crate::jsonrpc::{self, ParseError};
 
 /// No snapshot yet: everything is refused until the first one (fail closed).
@@ -52,6 +54,25 @@ pub struct MethodNotAllowed;
 #[derive(Debug, Error)]
 #[error(transparent)]
 pub struct Unparseable(#[from] pub ParseError);
+
+/// The request body is not `application/json` in UTF-8, or is compressed: a
+/// server honouring another charset or encoding would read other bytes than
+/// the sidecar decided on.
+#[derive(Debug, Error)]
+#[error("unsupported media type: {0}; send Content-Type: application/json (UTF-8) without Content-Encoding")]
+pub struct UnsupportedMediaType(pub String);
+
+/// The request is ambiguous at the HTTP level (a repeated header the sidecar
+/// decides on, a path with dot segments or encoded separators).
+#[derive(Debug, Error)]
+#[error("ambiguous request: {0}")]
+pub struct AmbiguousRequest(pub String);
+
+/// A JSON-RPC method the sidecar does not forward (unknown and not in the
+/// AgentIdentity's `passthroughMethods`, or not of the request's protocol era).
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct MethodNotForwarded(pub String);
 
 /// The tool server could not be reached.
 #[derive(Debug, Error)]
@@ -102,6 +123,15 @@ pub enum Refusal {
     /// See [`InboundRefused`].
     #[error(transparent)]
     InboundRefused(#[from] InboundRefused),
+    /// See [`UnsupportedMediaType`].
+    #[error(transparent)]
+    UnsupportedMediaType(#[from] UnsupportedMediaType),
+    /// See [`AmbiguousRequest`].
+    #[error(transparent)]
+    AmbiguousRequest(#[from] AmbiguousRequest),
+    /// See [`MethodNotForwarded`].
+    #[error(transparent)]
+    MethodNotForwarded(#[from] MethodNotForwarded),
 }
 
 impl From<ParseError> for Refusal {
@@ -117,10 +147,13 @@ impl Refusal {
             Refusal::NoSnapshot(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UnknownServer(_) | Refusal::UnknownSession(_) => StatusCode::NOT_FOUND,
             Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Refusal::Unparseable(Unparseable(ParseError::TooLarge { .. })) => {
+            Refusal::Unparseable(Unparseable(ParseError::Json(JsonError::TooLarge { .. }))) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            Refusal::Unparseable(_) => StatusCode::BAD_REQUEST,
+            Refusal::Unparseable(_)
+            | Refusal::AmbiguousRequest(_)
+            | Refusal::MethodNotForwarded(_) => StatusCode::BAD_REQUEST,
+            Refusal::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::UpstreamUnavailable(_) | Refusal::UpstreamResponseRefused(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -137,7 +170,10 @@ impl Refusal {
             Refusal::NoSnapshot(_) => jsonrpc::NOT_READY,
             Refusal::UnknownServer(_)
             | Refusal::UnknownSession(_)
-            | Refusal::MethodNotAllowed(_) => jsonrpc::INVALID_REQUEST,
+            | Refusal::MethodNotAllowed(_)
+            | Refusal::UnsupportedMediaType(_)
+            | Refusal::AmbiguousRequest(_) => jsonrpc::INVALID_REQUEST,
+            Refusal::MethodNotForwarded(_) => jsonrpc::METHOD_NOT_FOUND,
             Refusal::Unparseable(Unparseable(err)) => err.code(),
             Refusal::UpstreamUnavailable(_)
             | Refusal::UpstreamResponseRefused(_)
@@ -155,9 +191,10 @@ impl Refusal {
             Refusal::UnknownServer(_) => "unknown_server",
             Refusal::UnknownSession(_) => "unknown_session",
             Refusal::MethodNotAllowed(_) => "method_not_allowed",
-            Refusal::Unparseable(Unparseable(ParseError::TooLarge { .. })) => "too_large",
-            Refusal::Unparseable(Unparseable(ParseError::DuplicateKey { .. })) => "duplicate_key",
-            Refusal::Unparseable(_) => "unparseable",
+            Refusal::Unparseable(Unparseable(err)) => err.label(),
+            Refusal::UnsupportedMediaType(_) => "unsupported_media_type",
+            Refusal::AmbiguousRequest(_) => "ambiguous_request",
+            Refusal::MethodNotForwarded(_) => "method_not_forwarded",
             Refusal::UpstreamUnavailable(_) => "upstream_unavailable",
             Refusal::UpstreamResponseRefused(_) => "upstream_response_refused",
             Refusal::AuditUnavailable(_) => "audit_unavailable",
@@ -180,14 +217,16 @@ mod tests {
     fn maps_refusals_to_statuses_and_codes() {
         let r = Refusal::from(NoSnapshot);
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let r = Refusal::from(ParseError::TooLarge { limit: 1 });
+        let r = Refusal::from(ParseError::Json(JsonError::TooLarge { limit: 1 }));
         assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        let r = Refusal::from(ParseError::DuplicateKey { key: "a".into() });
+        let r = Refusal::from(ParseError::Json(JsonError::DuplicateKey { key: "a".into() }));
         assert_eq!(
             (r.status(), r.code()),
             (StatusCode::BAD_REQUEST, jsonrpc::PARSE_ERROR)
         );
         let r = Refusal::from(ParseError::InvalidMessage("x"));
         assert_eq!(r.code(), jsonrpc::INVALID_REQUEST);
+        let r = Refusal::from(UnsupportedMediaType("charset utf-7".into()));
+        assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
 }

@@ -19,6 +19,11 @@ pub const ENV_MAX_RESPONSE_BYTES: &str = "CHAPERONE_MAX_RESPONSE_BYTES";
 pub const ENV_MAX_SESSIONS: &str = "CHAPERONE_MAX_SESSIONS";
 /// Capacity of the audit shipping queue, records.
 pub const ENV_AUDIT_QUEUE: &str = "CHAPERONE_AUDIT_QUEUE";
+/// Most audit decisions a signed checkpoint follows, records.
+pub const ENV_AUDIT_CHECKPOINT_EVERY: &str = "CHAPERONE_AUDIT_CHECKPOINT_EVERY";
+/// How often a signed audit checkpoint covers the decisions written since the
+/// last one, milliseconds.
+pub const ENV_AUDIT_CHECKPOINT_INTERVAL_MS: &str = "CHAPERONE_AUDIT_CHECKPOINT_INTERVAL_MS";
 /// The pod's name (downward API).
 pub const ENV_POD_NAME: &str = "CHAPERONE_POD_NAME";
 /// The pod's namespace (downward API).
@@ -56,6 +61,29 @@ pub const ENV_INBOUND_AUDIENCES: &str = "CHAPERONE_INBOUND_AUDIENCES";
 /// JWKS URLs, besides the system's roots.
 pub const ENV_UPSTREAM_CA_FILE: &str = "CHAPERONE_UPSTREAM_CA_FILE";
 
+/// Longest a request's head may take to arrive on the proxy or inbound
+/// listener, counted from the connection's accept (first request) or from the
+/// first byte of a later one, milliseconds. Slower connections are closed.
+pub const ENV_HEADER_READ_TIMEOUT_MS: &str = "CHAPERONE_HEADER_READ_TIMEOUT_MS";
+/// Longest a proxy or inbound connection may stay open with no request in
+/// flight, milliseconds (a streaming response is in flight until it ends).
+pub const ENV_CONNECTION_IDLE_TIMEOUT_MS: &str = "CHAPERONE_CONNECTION_IDLE_TIMEOUT_MS";
+/// Most connections the agent-facing proxy holds at once.
+pub const ENV_MAX_CONNECTIONS: &str = "CHAPERONE_MAX_CONNECTIONS";
+/// Most connections the inbound side holds at once.
+pub const ENV_INBOUND_MAX_CONNECTIONS: &str = "CHAPERONE_INBOUND_MAX_CONNECTIONS";
+/// Most unexpired assertion ids the inbound side remembers per issuing agent
+/// (replay detection); beyond it that agent's new assertions are refused.
+pub const ENV_REPLAY_CACHE_PER_ISSUER: &str = "CHAPERONE_REPLAY_CACHE_PER_ISSUER";
+/// Most sessions the inbound side holds per calling agent (or initiating
+/// user); beyond it that caller's least recently used session is forgotten.
+pub const ENV_MAX_DELEGATED_SESSIONS_PER_CALLER: &str =
+    "CHAPERONE_MAX_DELEGATED_SESSIONS_PER_CALLER";
+/// Longest validity an initiator token may have (`exp - iat`, or `exp - now`
+/// without `iat`), seconds.
+pub const ENV_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS: &str =
+    "CHAPERONE_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS";
+
 /// Default of [`ENV_TOKEN_FILE`]: where the injected token volume is mounted.
 pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/chaperone/token";
 /// Default of [`ENV_CA_FILE`].
@@ -76,6 +104,11 @@ pub struct Settings {
     pub max_sessions: usize,
     /// Audit shipping queue capacity; default 4,096.
     pub audit_queue: usize,
+    /// A signed audit checkpoint after at most this many decisions; default 100.
+    pub audit_checkpoint_every: u64,
+    /// A signed audit checkpoint this often when decisions were written since
+    /// the last one; default 5 s.
+    pub audit_checkpoint_interval: Duration,
     /// Pod name; default empty.
     pub pod_name: String,
     /// Pod namespace; default empty.
@@ -96,6 +129,23 @@ pub struct Settings {
     pub inbound_audiences: Vec<String>,
     /// Extra CA bundle for HTTPS upstreams.
     pub upstream_ca_file: Option<PathBuf>,
+    /// Time a request's head may take on the proxy and inbound listeners;
+    /// default 10 s.
+    pub header_read_timeout: Duration,
+    /// Time a proxy or inbound connection may stay open with no request in
+    /// flight; default 60 s.
+    pub connection_idle_timeout: Duration,
+    /// Connections the proxy holds at once; default 1,024.
+    pub max_connections: usize,
+    /// Connections the inbound side holds at once; default 512.
+    pub inbound_max_connections: usize,
+    /// Unexpired assertion ids remembered per issuing agent; default 10,000.
+    pub replay_cache_per_issuer: usize,
+    /// Inbound-opened sessions held per calling agent or initiating user;
+    /// default 10,000 ([`Settings::max_sessions`] bounds them all together).
+    pub max_delegated_sessions_per_caller: usize,
+    /// Longest validity of an initiator token; default 1 h.
+    pub initiator_max_token_lifetime: Duration,
 }
 
 /// Where the sidecar sits.
@@ -173,6 +223,8 @@ impl Default for Settings {
             max_response_bytes: 16 << 20,
             max_sessions: 100_000,
             audit_queue: 4096,
+            audit_checkpoint_every: crate::audit::DEFAULT_CHECKPOINT_EVERY,
+            audit_checkpoint_interval: Duration::from_secs(5),
             pod_name: String::new(),
             pod_namespace: String::new(),
             connect_timeout: Duration::from_secs(5),
@@ -182,6 +234,13 @@ impl Default for Settings {
             inbound_upstream: None,
             inbound_audiences: Vec::new(),
             upstream_ca_file: None,
+            header_read_timeout: Duration::from_secs(10),
+            connection_idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            inbound_max_connections: 512,
+            replay_cache_per_issuer: 10_000,
+            max_delegated_sessions_per_caller: 10_000,
+            initiator_max_token_lifetime: Duration::from_secs(3600),
         }
     }
 }
@@ -229,9 +288,41 @@ impl Settings {
         if let Some(v) = lookup(ENV_AUDIT_QUEUE) {
             settings.audit_queue = positive(ENV_AUDIT_QUEUE, v)?;
         }
+        if let Some(v) = lookup(ENV_AUDIT_CHECKPOINT_EVERY) {
+            settings.audit_checkpoint_every = positive(ENV_AUDIT_CHECKPOINT_EVERY, v)? as u64;
+        }
+        if let Some(v) = lookup(ENV_AUDIT_CHECKPOINT_INTERVAL_MS) {
+            let ms: usize = positive(ENV_AUDIT_CHECKPOINT_INTERVAL_MS, v)?;
+            settings.audit_checkpoint_interval = Duration::from_millis(ms as u64);
+        }
         if let Some(v) = lookup(ENV_CONNECT_TIMEOUT_MS) {
             let ms: usize = positive(ENV_CONNECT_TIMEOUT_MS, v)?;
             settings.connect_timeout = Duration::from_millis(ms as u64);
+        }
+        if let Some(v) = lookup(ENV_HEADER_READ_TIMEOUT_MS) {
+            let ms: usize = positive(ENV_HEADER_READ_TIMEOUT_MS, v)?;
+            settings.header_read_timeout = Duration::from_millis(ms as u64);
+        }
+        if let Some(v) = lookup(ENV_CONNECTION_IDLE_TIMEOUT_MS) {
+            let ms: usize = positive(ENV_CONNECTION_IDLE_TIMEOUT_MS, v)?;
+            settings.connection_idle_timeout = Duration::from_millis(ms as u64);
+        }
+        if let Some(v) = lookup(ENV_MAX_CONNECTIONS) {
+            settings.max_connections = positive(ENV_MAX_CONNECTIONS, v)?;
+        }
+        if let Some(v) = lookup(ENV_INBOUND_MAX_CONNECTIONS) {
+            settings.inbound_max_connections = positive(ENV_INBOUND_MAX_CONNECTIONS, v)?;
+        }
+        if let Some(v) = lookup(ENV_REPLAY_CACHE_PER_ISSUER) {
+            settings.replay_cache_per_issuer = positive(ENV_REPLAY_CACHE_PER_ISSUER, v)?;
+        }
+        if let Some(v) = lookup(ENV_MAX_DELEGATED_SESSIONS_PER_CALLER) {
+            settings.max_delegated_sessions_per_caller =
+                positive(ENV_MAX_DELEGATED_SESSIONS_PER_CALLER, v)?;
+        }
+        if let Some(v) = lookup(ENV_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS) {
+            let seconds: usize = positive(ENV_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS, v)?;
+            settings.initiator_max_token_lifetime = Duration::from_secs(seconds as u64);
         }
         if let Some(v) = lookup(ENV_POD_NAME) {
             settings.pod_name = v;
@@ -357,8 +448,57 @@ mod tests {
         .unwrap();
         assert_eq!(settings.max_body_bytes, 2048);
         assert_eq!(settings.pod_name, "agent-0");
+        let settings = Settings::from_lookup(|name| match name {
+            ENV_AUDIT_CHECKPOINT_EVERY => Some("10".to_owned()),
+            ENV_AUDIT_CHECKPOINT_INTERVAL_MS => Some("250".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(settings.audit_checkpoint_every, 10);
+        assert_eq!(
+            settings.audit_checkpoint_interval,
+            Duration::from_millis(250)
+        );
+        assert!(
+            Settings::from_lookup(|name| (name == ENV_AUDIT_CHECKPOINT_EVERY).then(|| "0".into()))
+                .is_err()
+        );
         let err = Settings::from_lookup(|name| (name == ENV_MAX_SESSIONS).then(|| "0".to_owned()));
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn reads_listener_and_abuse_limits() {
+        let settings = Settings::from_lookup(|name| match name {
+            ENV_HEADER_READ_TIMEOUT_MS => Some("300".to_owned()),
+            ENV_CONNECTION_IDLE_TIMEOUT_MS => Some("2000".to_owned()),
+            ENV_MAX_CONNECTIONS => Some("8".to_owned()),
+            ENV_INBOUND_MAX_CONNECTIONS => Some("4".to_owned()),
+            ENV_REPLAY_CACHE_PER_ISSUER => Some("16".to_owned()),
+            ENV_MAX_DELEGATED_SESSIONS_PER_CALLER => Some("32".to_owned()),
+            ENV_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS => Some("600".to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(settings.header_read_timeout, Duration::from_millis(300));
+        assert_eq!(settings.connection_idle_timeout, Duration::from_secs(2));
+        assert_eq!(settings.max_connections, 8);
+        assert_eq!(settings.inbound_max_connections, 4);
+        assert_eq!(settings.replay_cache_per_issuer, 16);
+        assert_eq!(settings.max_delegated_sessions_per_caller, 32);
+        assert_eq!(
+            settings.initiator_max_token_lifetime,
+            Duration::from_secs(600)
+        );
+        for name in [
+            ENV_HEADER_READ_TIMEOUT_MS,
+            ENV_MAX_CONNECTIONS,
+            ENV_REPLAY_CACHE_PER_ISSUER,
+            ENV_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS,
+        ] {
+            let err = Settings::from_lookup(|n| (n == name).then(|| "0".to_owned()));
+            assert_eq!(err.map_err(|e| e.name), Err(name));
+        }
     }
 
     #[test]

@@ -13,11 +13,14 @@
 //!    seconds of clock skew allowed);
 //! 7. the `act` chain, if any, names `iss` as its current actor and is no deeper
 //!    than delegation allows;
-//! 8. `jti` not seen before (bounded replay cache; entries leave when their
-//!    assertion expires).
+//! 8. `jti` not seen before (a replay cache bounded per issuing agent;
+//!    entries leave when their assertion expires). An agent whose share is
+//!    full of unexpired assertions has its new ones refused until some expire;
+//!    other agents' shares are untouched.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use aws_lc_rs::signature::{ED25519, UnparsedPublicKey};
 use base64::Engine as _;
@@ -87,9 +90,17 @@ pub enum AssertionRefused {
     /// The `jti` was seen before.
     #[error("assertion {0:?} was already used (replay)")]
     Replayed(String),
-    /// The replay cache is full of unexpired assertions.
-    #[error("too many assertions in flight; retry shortly")]
-    ReplayCacheFull,
+    /// The issuer's share of the replay cache is full of unexpired
+    /// assertions.
+    #[error(
+        "replay cache share of issuer {issuer:?} is full ({capacity} unexpired assertions); its new assertions are refused until some expire"
+    )]
+    ReplayShareFull {
+        /// The issuing agent.
+        issuer: String,
+        /// The share's size.
+        capacity: usize,
+    },
 }
 
 /// The claims of a verified assertion.
@@ -139,43 +150,121 @@ struct Header {
     kid: Option<String>,
 }
 
-/// Remembers the `jti`s of accepted assertions until they expire.
+/// Seconds between sweeps of every share (shares of agents that stopped
+/// calling are emptied by them).
+const REPLAY_SWEEP_SECONDS: i64 = 60;
+
+/// The ids one issuer's accepted assertions used, until they expire.
+#[derive(Debug, Default)]
+struct IssuerShare {
+    /// `jti` → `exp`.
+    seen: HashMap<Arc<str>, i64>,
+    /// (`exp`, `jti`), soonest expiry first.
+    expiries: BinaryHeap<Reverse<(i64, Arc<str>)>>,
+}
+
+impl IssuerShare {
+    /// Forgets the ids whose assertions can no longer be presented.
+    fn forget_expired(&mut self, now: i64) {
+        while let Some(Reverse((exp, _))) = self.expiries.peek() {
+            if *exp + CLOCK_SKEW_SECONDS >= now {
+                break;
+            }
+            if let Some(Reverse((exp, jti))) = self.expiries.pop()
+                && self.seen.get(&jti) == Some(&exp)
+            {
+                self.seen.remove(&jti);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shares {
+    by_issuer: HashMap<String, IssuerShare>,
+    next_sweep: i64,
+}
+
+/// Remembers the `jti`s of accepted assertions until they expire, in one
+/// bounded share per issuing agent: an agent that fills its share (any holder
+/// of a live sidecar key can mint assertions) has its own new assertions
+/// refused, never another agent's. Memory stays within the share size times
+/// the agents whose keys this side accepts.
 #[derive(Debug)]
 pub struct ReplayCache {
-    seen: Mutex<HashMap<String, i64>>,
-    capacity: usize,
+    shares: Mutex<Shares>,
+    per_issuer: usize,
 }
 
 impl ReplayCache {
-    /// A cache holding at most `capacity` unexpired ids.
-    pub fn new(capacity: usize) -> Self {
+    /// A cache holding at most `per_issuer` unexpired ids of each issuer.
+    pub fn new(per_issuer: usize) -> Self {
         Self {
-            seen: Mutex::new(HashMap::new()),
-            capacity: capacity.max(1),
+            shares: Mutex::new(Shares::default()),
+            per_issuer: per_issuer.max(1),
         }
     }
 
-    /// Records `jti` (valid until `exp`); refuses one seen before.
-    pub fn check_and_record(&self, jti: &str, exp: i64, now: i64) -> Result<(), AssertionRefused> {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(until) = seen.get(jti)
-            && *until + CLOCK_SKEW_SECONDS >= now
-        {
+    fn shares(&self) -> std::sync::MutexGuard<'_, Shares> {
+        self.shares.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `issuer`'s `jti` (valid until `exp`); refuses one seen before,
+    /// and any new one while `issuer`'s share is full of unexpired ids.
+    pub fn check_and_record(
+        &self,
+        issuer: &str,
+        jti: &str,
+        exp: i64,
+        now: i64,
+    ) -> Result<(), AssertionRefused> {
+        let mut shares = self.shares();
+        if now >= shares.next_sweep {
+            shares.next_sweep = now + REPLAY_SWEEP_SECONDS;
+            shares.by_issuer.retain(|_, share| {
+                share.forget_expired(now);
+                !share.seen.is_empty()
+            });
+        }
+        if !shares.by_issuer.contains_key(issuer) {
+            shares
+                .by_issuer
+                .insert(issuer.to_owned(), IssuerShare::default());
+        }
+        let Some(share) = shares.by_issuer.get_mut(issuer) else {
+            return Err(AssertionRefused::Replayed(jti.to_owned()));
+        };
+        share.forget_expired(now);
+        if share.seen.contains_key(jti) {
             return Err(AssertionRefused::Replayed(jti.to_owned()));
         }
-        if seen.len() >= self.capacity {
-            seen.retain(|_, until| *until + CLOCK_SKEW_SECONDS >= now);
-            if seen.len() >= self.capacity {
-                return Err(AssertionRefused::ReplayCacheFull);
-            }
+        if share.seen.len() >= self.per_issuer {
+            return Err(AssertionRefused::ReplayShareFull {
+                issuer: issuer.to_owned(),
+                capacity: self.per_issuer,
+            });
         }
-        seen.insert(jti.to_owned(), exp);
+        let jti: Arc<str> = Arc::from(jti);
+        share.seen.insert(Arc::clone(&jti), exp);
+        share.expiries.push(Reverse((exp, jti)));
         Ok(())
     }
 
-    /// Ids held now.
+    /// Ids held now, of every issuer.
     pub fn len(&self) -> usize {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.shares()
+            .by_issuer
+            .values()
+            .map(|share| share.seen.len())
+            .sum()
+    }
+
+    /// Ids held now of `issuer`.
+    pub fn held_by(&self, issuer: &str) -> usize {
+        self.shares()
+            .by_issuer
+            .get(issuer)
+            .map_or(0, |share| share.seen.len())
     }
 
     /// Whether none are held.
@@ -273,7 +362,7 @@ pub fn verify_assertion(
             return Err(AssertionRefused::ChainTooDeep(depth));
         }
     }
-    replay.check_and_record(&claims.jti, claims.exp, now)?;
+    replay.check_and_record(&claims.iss, &claims.jti, claims.exp, now)?;
     Ok(claims)
 }
 
@@ -374,15 +463,77 @@ mod tests {
     }
 
     #[test]
-    fn replay_cache_is_bounded_and_forgets_expired_ids() {
+    fn replay_share_is_bounded_and_forgets_expired_ids() {
         let cache = ReplayCache::new(2);
-        cache.check_and_record("a", NOW + 10, NOW).unwrap();
-        cache.check_and_record("b", NOW + 10, NOW).unwrap();
+        cache.check_and_record("p", "a", NOW + 10, NOW).unwrap();
+        cache.check_and_record("p", "b", NOW + 10, NOW).unwrap();
         assert_eq!(
-            cache.check_and_record("c", NOW + 10, NOW),
-            Err(AssertionRefused::ReplayCacheFull)
+            cache.check_and_record("p", "c", NOW + 10, NOW),
+            Err(AssertionRefused::ReplayShareFull {
+                issuer: "p".into(),
+                capacity: 2
+            })
         );
-        cache.check_and_record("c", NOW + 100, NOW + 60).unwrap();
+        cache
+            .check_and_record("p", "c", NOW + 100, NOW + 60)
+            .unwrap();
+        assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn one_issuer_filling_its_share_blocks_only_itself() {
+        let cache = ReplayCache::new(3);
+        cache
+            .check_and_record("victim", "v1", NOW + 60, NOW)
+            .unwrap();
+        for i in 0..3 {
+            cache
+                .check_and_record("attacker", &format!("x{i}"), NOW + 300, NOW)
+                .unwrap();
+        }
+        let refused = cache.check_and_record("attacker", "x3", NOW + 300, NOW);
+        let Err(AssertionRefused::ReplayShareFull { issuer, .. }) = &refused else {
+            panic!("{refused:?}");
+        };
+        assert_eq!(issuer, "attacker");
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains("share of issuer \"attacker\" is full")
+        );
+        // The victim's entries stay (its replays are still caught) and it can
+        // keep calling.
+        assert_eq!(
+            cache.check_and_record("victim", "v1", NOW + 60, NOW + 1),
+            Err(AssertionRefused::Replayed("v1".into()))
+        );
+        cache
+            .check_and_record("victim", "v2", NOW + 60, NOW)
+            .unwrap();
+        assert_eq!(cache.held_by("victim"), 2);
+        assert_eq!(cache.held_by("attacker"), 3);
+    }
+
+    #[test]
+    fn the_same_id_from_two_issuers_is_two_assertions() {
+        let cache = ReplayCache::new(3);
+        cache.check_and_record("a", "j", NOW + 60, NOW).unwrap();
+        cache.check_and_record("b", "j", NOW + 60, NOW).unwrap();
+        assert_eq!(
+            cache.check_and_record("a", "j", NOW + 60, NOW),
+            Err(AssertionRefused::Replayed("j".into()))
+        );
+    }
+
+    #[test]
+    fn idle_issuers_shares_are_swept() {
+        let cache = ReplayCache::new(3);
+        cache.check_and_record("gone", "g", NOW + 10, NOW).unwrap();
+        cache
+            .check_and_record("other", "o", NOW + 1000, NOW + REPLAY_SWEEP_SECONDS)
+            .unwrap();
+        assert_eq!(cache.held_by("gone"), 0);
         assert_eq!(cache.len(), 1);
     }
 }

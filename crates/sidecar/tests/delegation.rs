@@ -207,15 +207,19 @@ impl Issuer {
     }
 
     fn token(&self, email: &str, audience: &str) -> String {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
-        header.kid = Some("login-1".into());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs();
         let claims = json!({"iss": "https://login.example", "aud": audience, "email": email,
             "sub": "u-1", "iat": now, "exp": now + 300});
-        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+        self.sign(&claims)
+    }
+
+    fn sign(&self, claims: &Value) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.kid = Some("login-1".into());
+        jsonwebtoken::encode(&header, claims, &self.key).unwrap()
     }
 }
 
@@ -304,6 +308,37 @@ async fn a_task_delegated_from_planner_to_worker_to_a_verifying_tool() {
     .await;
     assert_eq!(raw.status, http::StatusCode::UNAUTHORIZED, "{}", raw.body);
     assert!(error_of(&raw).contains("names agents"), "{}", raw.body);
+    // Tokens valid only later, issued a day ahead, or living longer than the
+    // sidecar's maximum (1 h) are refused, each with its reason.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let user = |extra: Value| {
+        let mut claims = json!({"iss": "https://login.example", "aud": "planner",
+            "email": "alice@example.com", "iat": now, "exp": now + 300});
+        for (k, v) in extra.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        format!("Bearer {}", issuer.sign(&claims))
+    };
+    for (extra, reason) in [
+        (json!({"nbf": now + 120}), "not valid yet"),
+        (
+            json!({"iat": now + 86_400, "exp": now + 86_400 + 300}),
+            "issued in the future",
+        ),
+        (json!({"exp": now + 86_400}), "exceeds the maximum"),
+    ] {
+        let raw = post_raw(
+            &a_inbound,
+            &[("authorization", &user(extra))],
+            tools_call("plan", json!({})),
+        )
+        .await;
+        assert_eq!(raw.status, http::StatusCode::UNAUTHORIZED, "{}", raw.body);
+        assert!(error_of(&raw).contains(reason), "{reason}: {}", raw.body);
+    }
 
     // 2. The planner app hands work to the worker through its sidecar.
     let a_out = format!("http://{}/worker", a.proxy);

@@ -1,0 +1,671 @@
+//! The sidecar's HTTP listeners, the agent-facing proxy (`:15001`) and the
+//! inbound side (`:15006`): accepting connections and serving HTTP/1.1, or
+//! HTTP/2 with prior knowledge, under limits a peer cannot stretch.
+//!
+//! - **Connection cap**, one per listener: when a listener holds its maximum, a
+//!   new connection is accepted and reset at once (counted in
+//!   `chaperone_sidecar_connections_refused_total`). Accept-and-reset rather
+//!   than leaving it in the kernel's backlog: the caller fails fast and can
+//!   retry, the backlog never fills with an attacker's connections that would
+//!   be served first once a slot frees, and no descriptor is held. One cap per
+//!   listener, so that connections piled on the inbound side can never use up
+//!   the descriptors the agent's own proxy connections (and their upstream
+//!   connections) need.
+//! - **Header-read timeout**: a request's head must be complete within the
+//!   timeout, counted from the accept for a connection's first request and
+//!   from the first byte of each later HTTP/1 request (slow-loris connections
+//!   are closed).
+//! - **Idle timeout**: a connection with no request in flight for that long is
+//!   closed (HTTP/2 with a GOAWAY). A request is in flight from its head until
+//!   its response body has ended, so SSE streams (GET streams, streamed POST
+//!   responses) are never cut, however quiet.
+//! - HTTP/2 keep-alive pings every idle timeout find peers that went away;
+//!   one that does not answer within the header-read timeout is closed.
+//!
+//! Request bodies are bounded in size by their readers, not in time here.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::metrics::{ConnectionTimeoutLabels, ListenerLabels, Metrics};
+use crate::proxy::{BoxError, ResponseBody};
+use crate::settings::Settings;
+
+/// The limits one listener serves its connections under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Longest a request's head may take.
+    pub header_read_timeout: Duration,
+    /// Longest a connection may stay open with no request in flight.
+    pub idle_timeout: Duration,
+    /// Most connections held at once.
+    pub max_connections: usize,
+}
+
+impl ConnectionLimits {
+    /// The limits of the agent-facing proxy.
+    pub fn proxy(settings: &Settings) -> Self {
+        Self {
+            header_read_timeout: settings.header_read_timeout,
+            idle_timeout: settings.connection_idle_timeout,
+            max_connections: settings.max_connections,
+        }
+    }
+
+    /// The limits of the inbound side.
+    pub fn inbound(settings: &Settings) -> Self {
+        Self {
+            header_read_timeout: settings.header_read_timeout,
+            idle_timeout: settings.connection_idle_timeout,
+            max_connections: settings.inbound_max_connections,
+        }
+    }
+}
+
+/// Which timeout closed a connection (the `timeout` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expiry {
+    Header,
+    Idle,
+}
+
+impl Expiry {
+    fn label(self) -> &'static str {
+        match self {
+            Expiry::Header => "header",
+            Expiry::Idle => "idle",
+        }
+    }
+}
+
+/// What one connection is doing, for its timeouts.
+#[derive(Debug)]
+struct Activity {
+    state: Mutex<ActivityState>,
+    /// Set while the next byte read would start a request's head: the fast
+    /// path of every read.
+    awaiting_head: AtomicBool,
+    /// Wakes the connection's watchdog when a deadline may have moved.
+    changed: Notify,
+}
+
+#[derive(Debug)]
+struct ActivityState {
+    /// Requests whose responses have not ended.
+    in_flight: usize,
+    /// When the last request in flight ended (or the accept).
+    idle_since: Instant,
+    /// When the head now being read began; `None` while idle or busy.
+    head_started: Option<Instant>,
+    /// An HTTP/2 connection: bytes while idle are frames (pings, window
+    /// updates), not the start of a request's head.
+    http2: bool,
+}
+
+impl Activity {
+    /// A connection accepted at `now`: its first head is due within the
+    /// header-read timeout from now.
+    fn new(now: Instant) -> Self {
+        Self {
+            state: Mutex::new(ActivityState {
+                in_flight: 0,
+                idle_since: now,
+                head_started: Some(now),
+                http2: false,
+            }),
+            awaiting_head: AtomicBool::new(false),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ActivityState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes arrived from the peer.
+    fn on_read(&self) {
+        if self.awaiting_head.swap(false, Ordering::AcqRel) {
+            let mut state = self.lock();
+            if state.in_flight == 0 && state.head_started.is_none() && !state.http2 {
+                state.head_started = Some(Instant::now());
+                drop(state);
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    /// A request's head arrived.
+    fn request_started(&self, version: Version) {
+        let mut state = self.lock();
+        state.in_flight += 1;
+        state.head_started = None;
+        state.http2 |= version == Version::HTTP_2;
+        self.awaiting_head.store(false, Ordering::Release);
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// A request's response ended (or was abandoned).
+    fn request_ended(&self) {
+        let mut state = self.lock();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if state.in_flight == 0 {
+            state.idle_since = Instant::now();
+            state.head_started = None;
+            self.awaiting_head.store(!state.http2, Ordering::Release);
+        }
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// The next deadline: `None` while a request is in flight.
+    fn deadline(&self, limits: &ConnectionLimits) -> Option<(Instant, Expiry)> {
+        let state = self.lock();
+        if state.in_flight > 0 {
+            return None;
+        }
+        Some(match state.head_started {
+            Some(started) => (started + limits.header_read_timeout, Expiry::Header),
+            None => (state.idle_since + limits.idle_timeout, Expiry::Idle),
+        })
+    }
+
+    /// Resolves when the connection has outlived one of its timeouts.
+    async fn expired(&self, limits: &ConnectionLimits) -> Expiry {
+        loop {
+            // `notify_one` leaves a permit when nobody waits: a change made
+            // between reading the deadline and waiting is not lost.
+            let changed = self.changed.notified();
+            match self.deadline(limits) {
+                None => changed.await,
+                Some((at, _)) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {
+                            if let Some((at, expiry)) = self.deadline(limits)
+                                && at <= Instant::now()
+                            {
+                                return expiry;
+                            }
+                        }
+                        () = changed => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Marks a request in flight until dropped (with its response body).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn enter(activity: &Arc<Activity>, version: Version) -> Self {
+        activity.request_started(version);
+        Self(Arc::clone(activity))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+/// A response body that keeps its request in flight until it ends.
+struct InFlightBody {
+    inner: ResponseBody,
+    _in_flight: InFlight,
+}
+
+impl Body for InFlightBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A TCP stream that tells its [`Activity`] when bytes arrive.
+struct WatchedStream {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for WatchedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.on_read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for WatchedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The HTTP/1 and HTTP/2 settings of a listener's connections.
+fn connection_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The watchdog enforces the header-read and idle timeouts; hyper's own
+    // head timer (which starts when a connection goes idle) is only a
+    // backstop that can never fire first.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout + limits.idle_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.idle_timeout)
+        .keep_alive_timeout(limits.header_read_timeout);
+    builder
+}
+
+/// Accepts connections on `listener` until `shutdown` resolves and serves each
+/// (HTTP/1.1, or HTTP/2 with prior knowledge) with `handle` under `limits`;
+/// `side` names the listener in logs and metrics.
+pub(crate) async fn serve_connections<H, F>(
+    side: &'static str,
+    limits: ConnectionLimits,
+    metrics: Arc<Metrics>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    handle: H,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let builder = connection_builder(&limits);
+    let labels = ListenerLabels { listener: side };
+    let open = metrics.connections_open.get_or_create(&labels).clone();
+    let refused = metrics.connections_refused.get_or_create(&labels).clone();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => return,
+        };
+        let (stream, _) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of descriptors, most likely: back off instead of spinning.
+                tracing::warn!(side, error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            refused.inc();
+            // A reset, not a FIN: nothing lingers, the caller fails at once.
+            let _ = stream.set_zero_linger();
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        open.inc();
+        let connection = Connection {
+            side,
+            limits,
+            metrics: Arc::clone(&metrics),
+            open: open.clone(),
+            _permit: permit,
+        };
+        let builder = builder.clone();
+        let handle = handle.clone();
+        tokio::spawn(async move { connection.serve(&builder, stream, handle).await });
+    }
+}
+
+/// One accepted connection, holding its slot of the listener's cap (and its
+/// count in the open-connections gauge) until dropped.
+struct Connection {
+    side: &'static str,
+    limits: ConnectionLimits,
+    metrics: Arc<Metrics>,
+    open: Gauge,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+impl Connection {
+    fn timed_out(&self, timeout: &'static str) {
+        self.metrics
+            .connections_timed_out
+            .get_or_create(&ConnectionTimeoutLabels {
+                listener: self.side,
+                timeout,
+            })
+            .inc();
+    }
+
+    async fn serve<H, F>(
+        &self,
+        builder: &auto::Builder<TokioExecutor>,
+        stream: TcpStream,
+        handle: H,
+    ) where
+        H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+        F: Future<Output = Response<ResponseBody>> + Send + 'static,
+    {
+        let side = self.side;
+        let activity = Arc::new(Activity::new(Instant::now()));
+        let io = TokioIo::new(WatchedStream {
+            inner: stream,
+            activity: Arc::clone(&activity),
+        });
+        let watched = Arc::clone(&activity);
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let in_flight = InFlight::enter(&watched, req.version());
+            let response = handle(req);
+            async move {
+                let response = response.await;
+                Ok::<_, Infallible>(response.map(|inner| InFlightBody {
+                    inner,
+                    _in_flight: in_flight,
+                }))
+            }
+        });
+        let connection = builder.serve_connection(io, service);
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            expiry = activity.expired(&self.limits) => {
+                self.timed_out(expiry.label());
+                tracing::debug!(side, timeout = expiry.label(), "connection timed out");
+                if expiry == Expiry::Header {
+                    // A head still arriving: nothing to finish, drop it.
+                    return;
+                }
+                // Nothing in flight: HTTP/2 peers get a GOAWAY, HTTP/1
+                // connections close; a peer that does not let go is dropped.
+                connection.as_mut().graceful_shutdown();
+                let grace = self.limits.header_read_timeout;
+                match tokio::time::timeout(grace, connection.as_mut()).await {
+                    Ok(result) => result,
+                    Err(_) => return,
+                }
+            }
+        };
+        if let Err(err) = result {
+            let timed_out = err
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout);
+            if timed_out {
+                let http2 = activity.lock().http2;
+                self.timed_out(if http2 { "keepalive" } else { "header" });
+            }
+            tracing::debug!(side, error = %err, "connection ended with an error");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::full;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const LIMITS: ConnectionLimits = ConnectionLimits {
+        header_read_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(600),
+        max_connections: 4,
+    };
+
+    /// A listener answering `/` with "ok" and `/stream` with two chunks
+    /// 1.5 s apart (longer than every timeout of [`LIMITS`]).
+    async fn start(limits: ConnectionLimits) -> (SocketAddr, Arc<Metrics>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let served = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            serve_connections(
+                "proxy",
+                limits,
+                served,
+                listener,
+                std::future::pending(),
+                |req: Request<Incoming>| async move {
+                    if req.uri().path() != "/stream" {
+                        return Response::new(full("ok"));
+                    }
+                    let chunks = futures_util::stream::unfold(0, |n| async move {
+                        match n {
+                            0 => Some((Ok(Frame::data(Bytes::from("first\n"))), 1)),
+                            1 => {
+                                tokio::time::sleep(Duration::from_millis(1500)).await;
+                                Some((Ok(Frame::data(Bytes::from("second\n"))), 2))
+                            }
+                            _ => None,
+                        }
+                    });
+                    Response::new(StreamBody::new(chunks).boxed_unsync())
+                },
+            )
+            .await;
+        });
+        (addr, metrics)
+    }
+
+    fn timed_out(metrics: &Metrics, timeout: &'static str) -> u64 {
+        metrics
+            .connections_timed_out
+            .get_or_create(&ConnectionTimeoutLabels {
+                listener: "proxy",
+                timeout,
+            })
+            .get()
+    }
+
+    /// Reads until the peer closes; the time that took.
+    async fn until_closed(stream: &mut (impl AsyncRead + Unpin)) -> Duration {
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return started.elapsed(),
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("the connection was not closed"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn closes_a_head_sent_byte_by_byte_after_the_header_timeout() {
+        let (addr, metrics) = start(LIMITS).await;
+        let (mut read, mut write) = TcpStream::connect(addr).await.unwrap().into_split();
+        tokio::spawn(async move {
+            for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: yes\r\n" {
+                if write.write_all(&[*byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let elapsed = until_closed(&mut read).await;
+        assert!(
+            elapsed > Duration::from_millis(250) && elapsed < Duration::from_millis(800),
+            "{elapsed:?}"
+        );
+        assert_eq!(timed_out(&metrics, "header"), 1);
+    }
+
+    #[tokio::test]
+    async fn closes_a_connection_that_never_sends_a_head() {
+        let (addr, metrics) = start(LIMITS).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let elapsed = until_closed(&mut stream).await;
+        assert!(elapsed < Duration::from_millis(550), "{elapsed:?}");
+        assert_eq!(timed_out(&metrics, "header"), 1);
+    }
+
+    #[tokio::test]
+    async fn closes_an_idle_keep_alive_connection_after_the_idle_timeout() {
+        let (addr, metrics) = start(LIMITS).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"\r\n\r\nok") {
+            let mut buf = [0u8; 1024];
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        // Idle now: longer than the header timeout is fine, the idle timeout is not.
+        let elapsed = until_closed(&mut stream).await;
+        assert!(
+            elapsed > Duration::from_millis(450) && elapsed < Duration::from_millis(1200),
+            "{elapsed:?}"
+        );
+        assert_eq!(timed_out(&metrics, "idle"), 1);
+        assert_eq!(timed_out(&metrics, "header"), 0);
+    }
+
+    async fn stream_outlives_the_timeouts(http2: bool) {
+        let (addr, metrics) = start(LIMITS).await;
+        let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+            .http2_only(http2)
+            .build(HttpConnector::new());
+        let response = client
+            .request(
+                Request::get(format!("http://{addr}/stream"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"first\nsecond\n");
+        assert_eq!(timed_out(&metrics, "idle"), 0);
+        assert_eq!(timed_out(&metrics, "header"), 0);
+        // Once the stream has ended the connection is idle, and closed.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(timed_out(&metrics, "idle"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_http1_stream_is_not_cut_by_the_idle_timeout() {
+        stream_outlives_the_timeouts(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_quiet_http2_stream_is_not_cut_by_the_idle_timeout() {
+        stream_outlives_the_timeouts(true).await;
+    }
+
+    #[tokio::test]
+    async fn resets_connections_beyond_the_cap_and_serves_the_rest() {
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 4,
+        };
+        let (addr, metrics) = start(limits).await;
+        let labels = ListenerLabels { listener: "proxy" };
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let open = metrics.connections_open.get_or_create(&labels).clone();
+        while open.get() < 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..3 {
+            let mut extra = TcpStream::connect(addr).await.unwrap();
+            until_closed(&mut extra).await;
+        }
+        let refused = metrics.connections_refused.get_or_create(&labels).get();
+        assert_eq!(refused, 3);
+        assert_eq!(open.get(), 4);
+        // A freed slot serves the next connection.
+        drop(held.pop());
+        while open.get() > 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
+}

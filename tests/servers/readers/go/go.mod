@@ -1,0 +1,3 @@
+module chaperone.dev/tests/servers/readers/go
+
+go 1.25

@@ -1,0 +1,491 @@
+//! Real, third-party MCP tool servers (and JSON readers) for the adversarial
+//! tests: what a tool server behind the sidecar actually EXECUTED, as its own
+//! SDK understood the message.
+//!
+//! The programs live in `tests/servers/` (see its README) and `make tools`
+//! installs them once into `<tools dir>/mcp-servers/<key>/`, `<key>` a hash of
+//! their sources and pinned versions (`scripts/tools.sh mcp-servers-key`).
+//! [`spawn`] starts one on a free loopback port with a fresh exec log and
+//! waits until it is ready; [`RunningServer::executed`] reads what it ran.
+//! [`read_with_go`] and [`read_with_js`] show how Go's `encoding/json` and
+//! Node's `JSON.parse` read raw bodies.
+//!
+//! Every server serves `echo {text}`, `delete_user {id}`, `transfer {to,
+//! amount}` and `get_order {id}`; each executed call is one exec-log line:
+//! `{"tool", "arguments" (as the SDK bound them), "arguments_text" (each bound
+//! value as the language holds it), "raw_arguments" (before binding), "sdk"
+//! ("typescript@1.17.5", "mcp-go@v1.6.0", "python@2.3.0"), "transport"}`.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+use crate::{free_port, tools::tools_dir, unique_suffix};
+
+const VERSIONS: &str = include_str!("../../scripts/tool-versions.env");
+
+/// How long a server may take to print its readiness line (Python's SDK
+/// alone imports in about a second; a busy test machine is slower).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A third-party MCP server `make tools` installs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ServerKind {
+    /// `@modelcontextprotocol/sdk` 1.17.x, Streamable HTTP (`/mcp`); its
+    /// transport decodes the body with the request's charset.
+    TsStreamable117,
+    /// The newest 1.x `@modelcontextprotocol/sdk`, Streamable HTTP (`/mcp`).
+    TsStreamableLatest,
+    /// The newest 1.x `@modelcontextprotocol/sdk`, legacy HTTP+SSE:
+    /// `GET /sse` opens the stream, whose `endpoint` event names
+    /// `/messages?sessionId=…` for the POSTs.
+    TsSse,
+    /// `github.com/mark3labs/mcp-go`, Streamable HTTP (`/mcp`), typed
+    /// argument binding (`BindArguments` into Go structs).
+    McpGo,
+    /// The official Python SDK (`mcp` on PyPI, `MCPServer`), Streamable HTTP (`/mcp`).
+    Python,
+}
+
+/// How a server carries MCP over HTTP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Streamable HTTP: POST (and GET/DELETE) on one endpoint, `Mcp-Session-Id`.
+    StreamableHttp,
+    /// The legacy HTTP+SSE transport.
+    Sse,
+}
+
+impl ServerKind {
+    /// Every kind, for tests that run the same attack against each.
+    pub const ALL: [ServerKind; 5] = [
+        ServerKind::TsStreamable117,
+        ServerKind::TsStreamableLatest,
+        ServerKind::TsSse,
+        ServerKind::McpGo,
+        ServerKind::Python,
+    ];
+
+    /// The SDK: `"typescript"`, `"mcp-go"` or `"python"`.
+    pub fn sdk(self) -> &'static str {
+        match self {
+            ServerKind::TsStreamable117 | ServerKind::TsStreamableLatest | ServerKind::TsSse => {
+                "typescript"
+            }
+            ServerKind::McpGo => "mcp-go",
+            ServerKind::Python => "python",
+        }
+    }
+
+    /// The SDK version `scripts/tool-versions.env` pins (and the exec log's
+    /// `sdk` field carries after the `@`).
+    pub fn version(self) -> &'static str {
+        let key = match self {
+            ServerKind::TsStreamable117 => "MCP_TS_SDK_117_VERSION",
+            ServerKind::TsStreamableLatest | ServerKind::TsSse => "MCP_TS_SDK_LATEST_VERSION",
+            ServerKind::McpGo => "MCP_GO_VERSION",
+            ServerKind::Python => "MCP_PY_VERSION",
+        };
+        pinned(key).unwrap_or("unknown")
+    }
+
+    /// `"<sdk>@<version>"`, as in the exec log's `sdk` field.
+    pub fn sdk_version(self) -> String {
+        format!("{}@{}", self.sdk(), self.version())
+    }
+
+    /// The transport this kind is spoken to with.
+    pub fn transport(self) -> Transport {
+        match self {
+            ServerKind::TsSse => Transport::Sse,
+            _ => Transport::StreamableHttp,
+        }
+    }
+
+    /// A short name for file names and messages.
+    pub fn slug(self) -> &'static str {
+        match self {
+            ServerKind::TsStreamable117 => "ts-1.17",
+            ServerKind::TsStreamableLatest => "ts-latest",
+            ServerKind::TsSse => "ts-latest-sse",
+            ServerKind::McpGo => "mcp-go",
+            ServerKind::Python => "python",
+        }
+    }
+
+    /// The program and its arguments, from the install directory.
+    fn command(self, dir: &Path) -> (PathBuf, Vec<PathBuf>) {
+        match self {
+            ServerKind::TsStreamable117 => ("node".into(), vec![dir.join("ts-1.17/server.mjs")]),
+            ServerKind::TsStreamableLatest | ServerKind::TsSse => {
+                ("node".into(), vec![dir.join("ts-latest/server.mjs")])
+            }
+            ServerKind::McpGo => (dir.join("go/mcp-server"), vec![]),
+            ServerKind::Python => (
+                dir.join("python/venv/bin/python"),
+                vec![dir.join("python/server.py")],
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for ServerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({:?})", self.sdk_version(), self.transport())
+    }
+}
+
+fn pinned(key: &str) -> Option<&'static str> {
+    VERSIONS
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim())
+}
+
+/// The install directory of the current `tests/servers/` sources:
+/// `$CHAPERONE_MCP_SERVERS` if set, else `<tools dir>/mcp-servers/<key>`
+/// with `<key>` from `scripts/tools.sh mcp-servers-key`. Fails with a
+/// message that says to run `make tools` when it is not (completely) there.
+pub fn install_dir() -> Result<PathBuf> {
+    static KEY: OnceLock<Result<String, String>> = OnceLock::new();
+    let dir = match std::env::var_os("CHAPERONE_MCP_SERVERS") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let key = KEY
+                .get_or_init(|| install_key().map_err(|e| format!("{e:#}")))
+                .as_ref()
+                .map_err(|e| anyhow!("{e}"))?;
+            tools_dir()?.join("mcp-servers").join(key)
+        }
+    };
+    if !dir.join(".complete").is_file() {
+        bail!(
+            "the MCP test servers for the current tests/servers/ are not installed at {}: run `make tools` first (it installs them into the tools cache)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+fn install_key() -> Result<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tools.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("mcp-servers-key")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} mcp-servers-key", script.display()))?;
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() || key.is_empty() {
+        bail!(
+            "{} mcp-servers-key failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(key)
+}
+
+/// A server started by [`spawn`]; killed (and its files removed, unless
+/// `CHAPERONE_KEEP_FILES` is set) on drop.
+pub struct RunningServer {
+    kind: ServerKind,
+    port: u16,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    dir: PathBuf,
+    exec_log: PathBuf,
+    output: PathBuf,
+    startup: Duration,
+}
+
+/// Starts `kind` on a free loopback port with a fresh, empty exec log in its
+/// own temporary directory and waits (blocking, typically 0.1–2 s) until it
+/// accepts connections. The server also exits by itself when the test
+/// process ends (it watches its stdin).
+pub fn spawn(kind: ServerKind) -> Result<RunningServer> {
+    let install = install_dir()?;
+    let mut last_error = None;
+    // A port that was free a moment ago may be taken by the time the server
+    // binds it: then try another.
+    for _ in 0..3 {
+        match spawn_once(kind, &install) {
+            Ok(server) => return Ok(server),
+            Err(SpawnError::PortTaken(e)) => last_error = Some(e),
+            Err(SpawnError::Other(e)) => return Err(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| anyhow!("{kind} did not start")))
+}
+
+/// Starts `kinds` side by side (a test that needs several servers waits
+/// for the slowest, not the sum); in the order given.
+pub fn spawn_all(kinds: &[ServerKind]) -> Result<Vec<RunningServer>> {
+    std::thread::scope(|scope| {
+        let starts: Vec<_> = kinds
+            .iter()
+            .map(|&kind| scope.spawn(move || spawn(kind)))
+            .collect();
+        starts
+            .into_iter()
+            .map(|start| {
+                start
+                    .join()
+                    .map_err(|_| anyhow!("starting a server panicked"))?
+            })
+            .collect()
+    })
+}
+
+enum SpawnError {
+    PortTaken(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for SpawnError {
+    fn from(e: anyhow::Error) -> Self {
+        SpawnError::Other(e)
+    }
+}
+
+impl From<std::io::Error> for SpawnError {
+    fn from(e: std::io::Error) -> Self {
+        SpawnError::Other(e.into())
+    }
+}
+
+fn spawn_once(kind: ServerKind, install: &Path) -> Result<RunningServer, SpawnError> {
+    let dir =
+        std::env::temp_dir().join(format!("chaperone-mcp-{}-{}", kind.slug(), unique_suffix()));
+    fs::create_dir_all(&dir)?;
+    let exec_log = dir.join("exec.jsonl");
+    fs::write(&exec_log, "")?;
+    let output = dir.join("server.log");
+    let port = free_port()?;
+    let (program, args) = kind.command(install);
+    let output_file = fs::File::create(&output)?;
+    let started = Instant::now();
+    let child = Command::new(&program)
+        .args(&args)
+        .arg(port.to_string())
+        .env("PORT", port.to_string())
+        .env("MCP_EXEC_LOG", &exec_log)
+        .env("MCP_EXIT_ON_STDIN_EOF", "1")
+        .stdin(Stdio::piped())
+        .stdout(output_file.try_clone()?)
+        .stderr(output_file)
+        .spawn()
+        .with_context(|| format!("starting {kind}: {}", program.display()));
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e.into());
+        }
+    };
+    let stdin = child.stdin.take();
+    let mut server = RunningServer {
+        kind,
+        port,
+        child,
+        stdin,
+        dir,
+        exec_log,
+        output,
+        startup: Duration::ZERO,
+    };
+    let deadline = started + START_TIMEOUT;
+    loop {
+        if server.log().lines().any(|l| l.starts_with("ready ")) {
+            server.startup = started.elapsed();
+            return Ok(server);
+        }
+        if let Some(status) = server.child.try_wait()? {
+            let log = server.log();
+            let e = anyhow!("{kind} exited ({status}) before it was ready; its output:\n{log}");
+            let taken = log.contains("cannot listen")
+                || log.to_ascii_lowercase().contains("address already in use");
+            return Err(if taken {
+                SpawnError::PortTaken(e)
+            } else {
+                SpawnError::Other(e)
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(SpawnError::Other(anyhow!(
+                "{kind} not ready after {START_TIMEOUT:?}; its output:\n{}",
+                server.log()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl RunningServer {
+    /// Which server this is.
+    pub fn kind(&self) -> ServerKind {
+        self.kind
+    }
+
+    /// Its loopback port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The MCP endpoint: `…/mcp` (Streamable HTTP), or `…/sse` (the SSE
+    /// stream, for [`Transport::Sse`]; POST to [`Self::message_path`]).
+    pub fn url(&self) -> String {
+        match self.kind.transport() {
+            Transport::StreamableHttp => format!("{}/mcp", self.base_url()),
+            Transport::Sse => format!("{}/sse", self.base_url()),
+        }
+    }
+
+    /// For SSE, the path the stream's `endpoint` event will name (with
+    /// `?sessionId=…` appended by the server); `None` for Streamable HTTP.
+    pub fn message_path(&self) -> Option<&'static str> {
+        (self.kind.transport() == Transport::Sse).then_some("/messages")
+    }
+
+    /// How long the server took from spawn to its readiness line.
+    pub fn startup(&self) -> Duration {
+        self.startup
+    }
+
+    /// The exec log: one JSON value per executed tool call, in order. A
+    /// line that is not JSON (never expected) comes back as a JSON string.
+    pub fn executed(&self) -> Vec<Value> {
+        fs::read_to_string(&self.exec_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|_| Value::String(l.to_owned())))
+            .collect()
+    }
+
+    /// The exec log's path.
+    pub fn exec_log_path(&self) -> &Path {
+        &self.exec_log
+    }
+
+    /// What the server printed so far (stdout and stderr), for messages.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.output).unwrap_or_default()
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.stdin.take();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::env::var_os("CHAPERONE_KEEP_FILES").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// How Go's `encoding/json` reads each body: one JSON value per body,
+/// `{"map": R, "struct": R}` where `map` is a decode into `map[string]any`
+/// with `UseNumber` (`{"ok":true,"value":V,"numbers":{POINTER:TEXT}}`) and
+/// `struct` a decode into `struct{Method string; Params struct{Name string;
+/// Arguments map[string]any}}` (`{"ok":true,"method","name","arguments",
+/// "numbers"}`: case-insensitive field names, the last matching key wins);
+/// a failed reading is `{"ok":false,"error":E}`. `numbers` maps the JSON
+/// pointer of every number (from the document, or from `arguments`) to its
+/// text as Go holds it (the `json.Number` text; float64 by `strconv` 'g' -1).
+pub fn read_with_go<B: AsRef<[u8]>>(bodies: &[B]) -> Result<Vec<Value>> {
+    let program = install_dir()?.join("readers/go-reader");
+    run_reader(Command::new(program), bodies)
+}
+
+/// How Node reads each body (`TextDecoder` UTF-8, as the TypeScript SDK
+/// does, then `JSON.parse`): one JSON value per body,
+/// `{"ok":true,"value":V,"method":M,"name":N,"arguments":A,"numbers":{POINTER:TEXT}}`
+/// (`M` = `V.method`, `N` = `V.params.name`, `A` = `V.params.arguments`, null
+/// when absent; numbers by `String(n)`) or `{"ok":false,"error":E}`.
+pub fn read_with_js<B: AsRef<[u8]>>(bodies: &[B]) -> Result<Vec<Value>> {
+    let mut command = Command::new("node");
+    command.arg(install_dir()?.join("readers/reader.mjs"));
+    run_reader(command, bodies)
+}
+
+fn run_reader<B: AsRef<[u8]>>(mut command: Command, bodies: &[B]) -> Result<Vec<Value>> {
+    use base64::{Engine as _, engine::general_purpose::STANDARD};
+    let mut input = String::new();
+    for body in bodies {
+        input.push_str(&STANDARD.encode(body.as_ref()));
+        input.push('\n');
+    }
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting the JSON reader {:?}", command.get_program()))?;
+    let mut stdin = child.stdin.take().context("reader stdin")?;
+    // Write from a thread: the reader answers while it reads.
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .context("reader stdout")?
+        .read_to_string(&mut stdout)?;
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    let status = child.wait()?;
+    writer
+        .join()
+        .map_err(|_| anyhow!("reader input thread panicked"))?
+        .context("writing to the JSON reader")?;
+    if !status.success() {
+        bail!(
+            "the JSON reader {:?} failed ({status}): {stderr}",
+            command.get_program()
+        );
+    }
+    let readings = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<Vec<Value>, _>>()
+        .context("the JSON reader printed a line that is not JSON")?;
+    if readings.len() != bodies.len() {
+        bail!(
+            "the JSON reader gave {} readings for {} bodies",
+            readings.len(),
+            bodies.len()
+        );
+    }
+    Ok(readings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_pinned() {
+        for kind in ServerKind::ALL {
+            assert_ne!(kind.version(), "unknown", "{kind:?}");
+        }
+        assert!(ServerKind::TsStreamable117.version().starts_with("1.17."));
+        assert!(ServerKind::McpGo.version().starts_with('v'));
+    }
+}
