@@ -13,7 +13,8 @@ use anyhow::{Context, Result, bail, ensure};
 use chaperone_testenv::{
     mcp_fixtures::{call, mcp_session},
     mcp_servers::{
-        RunningServer, ServerKind, Transport, read_with_go, read_with_js, spawn, spawn_all,
+        RunningServer, ServerKind, Transport, http, jsonrpc_answer, next_event, read_with_go,
+        read_with_js, spawn, spawn_all,
     },
 };
 use serde_json::{Value, json};
@@ -107,34 +108,6 @@ fn sse_call(port: u16, tool: &str, arguments: Value) -> Result<String> {
     }
 }
 
-/// The next server-sent event: (event name, data).
-fn next_event(events: &mut impl BufRead) -> Result<(String, String)> {
-    let (mut kind, mut data) = (String::from("message"), String::new());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if events
-            .read_line(&mut line)
-            .context("reading the SSE stream")?
-            == 0
-        {
-            bail!("the SSE stream ended");
-        }
-        let line = line.trim_end_matches(['\r', '\n']);
-        if line.is_empty() {
-            if !data.is_empty() {
-                return Ok((kind, data));
-            }
-            continue;
-        }
-        if let Some(v) = line.strip_prefix("event:") {
-            kind = v.trim().to_owned();
-        } else if let Some(v) = line.strip_prefix("data:") {
-            data.push_str(v.strip_prefix(' ').unwrap_or(v));
-        }
-    }
-}
-
 /// The one executed call in `server`'s exec log.
 fn only_execution(server: &RunningServer) -> Value {
     let executed = server.executed();
@@ -191,69 +164,6 @@ async fn mcp_go_runs_transfer() -> Result<()> {
 #[tokio::test]
 async fn python_runs_transfer() -> Result<()> {
     transfer_executes(ServerKind::Python).await
-}
-
-/// An HTTP answer: status, headers (lowercase names), body.
-type Answer = (u16, Vec<(String, String)>, String);
-
-/// One HTTP/1.0 request (no chunking; the answer ends at its
-/// Content-Length, else when the server closes): (status, headers with
-/// lowercase names, body).
-fn http(port: u16, request_head: &str, body: &[u8]) -> Result<Answer> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-    stream.write_all(
-        format!(
-            "{request_head}\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
-    )?;
-    stream.write_all(body)?;
-    let mut answer = BufReader::new(stream);
-    let mut line = String::new();
-    answer.read_line(&mut line)?;
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no status line: {line:?}"))?;
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        answer.read_line(&mut line)?;
-        let Some((name, value)) = line.trim_end().split_once(':') else {
-            break;
-        };
-        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
-    }
-    let length = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse::<usize>().ok());
-    let mut body = Vec::new();
-    match length {
-        Some(n) => {
-            body.resize(n, 0);
-            answer.read_exact(&mut body)?;
-        }
-        None => {
-            answer.read_to_end(&mut body)?;
-        }
-    }
-    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// The JSON-RPC message in a Streamable HTTP answer (JSON or an SSE stream).
-fn jsonrpc_answer(body: &str) -> Result<Value> {
-    if let Ok(message) = serde_json::from_str(body) {
-        return Ok(message);
-    }
-    body.lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
-        .find(|m| m.get("result").is_some() || m.get("error").is_some())
-        .with_context(|| format!("no JSON-RPC answer in {body:?}"))
 }
 
 /// Initializes a Streamable HTTP session on `port` by hand, then POSTs the

@@ -53,7 +53,12 @@ async fn fake_server(answer: Answer) -> FakeServer {
                     let answer = answer.clone();
                     let recorded_bodies = Arc::clone(&recorded_bodies);
                     async move {
-                        let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
                         recorded_bodies.lock().unwrap().push(body);
                         let mut response =
                             http::Response::new(Full::new(Bytes::from(answer.body.clone())));
@@ -224,7 +229,10 @@ async fn passes_compressed_responses_it_need_not_read() {
     let body = br#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}}"#;
     let server = fake_server(answer(
         200,
-        &[("content-type", "application/json"), ("content-encoding", "br")],
+        &[
+            ("content-type", "application/json"),
+            ("content-encoding", "br"),
+        ],
         body,
     ))
     .await;
@@ -266,7 +274,12 @@ async fn forwards_the_kept_members_of_a_batch_byte_for_byte() {
     assert_eq!(response.status, 200, "{}", response.body);
     let value = response.json();
     let items = value.as_array().unwrap();
-    assert!(items.iter().any(|i| i["error"]["data"]["rule"] == "no rule allows"), "{value}");
+    assert!(
+        items
+            .iter()
+            .any(|i| i["error"]["data"]["rule"] == "no rule allows"),
+        "{value}"
+    );
     let bodies = server.bodies.lock().unwrap();
     assert_eq!(&bodies[0][..], format!("[{allowed}]").as_bytes());
 }

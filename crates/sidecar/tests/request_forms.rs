@@ -18,13 +18,18 @@ use hyper_util::rt::TokioExecutor;
 async fn post_exact(url: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let mut request = http::Request::post(url).header("accept", "application/json, text/event-stream");
+    let mut request =
+        http::Request::post(url).header("accept", "application/json, text/event-stream");
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
     let response = tokio::time::timeout(
         Duration::from_secs(10),
-        client.request(request.body(Full::new(Bytes::copy_from_slice(body))).unwrap()),
+        client.request(
+            request
+                .body(Full::new(Bytes::copy_from_slice(body)))
+                .unwrap(),
+        ),
     )
     .await
     .unwrap()
@@ -51,7 +56,11 @@ fn audited(harness: &Harness, prefix: &str) -> Vec<serde_json::Value> {
         .audit
         .records()
         .into_iter()
-        .filter(|r| r["rule"].as_str().is_some_and(|rule| rule.starts_with(prefix)))
+        .filter(|r| {
+            r["rule"]
+                .as_str()
+                .is_some_and(|rule| rule.starts_with(prefix))
+        })
         .collect()
 }
 
@@ -60,15 +69,22 @@ async fn refuses_bodies_in_other_charsets_or_encodings() {
     let harness = Harness::start(true, true).await;
     // As UTF-8 this reads as an allowed `get_order`; a server honouring UTF-7
     // decodes `+ACI-` as a quote and sees another `name`.
-    let utf7 = call("get_order", r#"{"id":"1+ACIAfQAsACI-name+ACI-:+ACI-delete_all"}"#);
+    let utf7 = call(
+        "get_order",
+        r#"{"id":"1+ACIAfQAsACI-name+ACI-:+ACI-delete_all"}"#,
+    );
     for content_type in [
         "application/json; charset=utf-7",
         "application/json; charset=UTF-16",
         "application/json;charset=iso-8859-1",
         "text/plain",
     ] {
-        let (status, body) =
-            post_exact(&harness.url(), &[("content-type", content_type)], utf7.as_bytes()).await;
+        let (status, body) = post_exact(
+            &harness.url(),
+            &[("content-type", content_type)],
+            utf7.as_bytes(),
+        )
+        .await;
         assert_eq!(status, 415, "{content_type}: {body}");
         assert!(body.contains("unsupported media type"), "{body}");
     }
@@ -135,14 +151,32 @@ async fn refuses_unknown_envelope_members_and_ambiguous_numbers() {
 async fn compares_numbers_as_every_reader_reads_them() {
     let harness = Harness::start(true, true).await;
     // Above 100 for every reader: denied by `lessThanOrEqual: 100`.
-    let response = post_raw(&harness.url(), &[], call("refund", r#"{"amount":100.00000000000001}"#)).await;
-    assert_eq!(response.json()["error"]["data"]["rule"], "no rule allows", "{}", response.body);
+    let response = post_raw(
+        &harness.url(),
+        &[],
+        call("refund", r#"{"amount":100.00000000000001}"#),
+    )
+    .await;
+    assert_eq!(
+        response.json()["error"]["data"]["rule"],
+        "no rule allows",
+        "{}",
+        response.body
+    );
     assert_eq!(calls_seen(&harness), 0);
     // Exactly 100, however written: allowed, forwarded as written.
     for amount in ["100", "100.0", "1.00E+2"] {
-        let response =
-            post_raw(&harness.url(), &[], call("refund", &format!(r#"{{"amount":{amount}}}"#))).await;
-        assert!(response.json()["result"].is_object(), "{amount}: {}", response.body);
+        let response = post_raw(
+            &harness.url(),
+            &[],
+            call("refund", &format!(r#"{{"amount":{amount}}}"#)),
+        )
+        .await;
+        assert!(
+            response.json()["result"].is_object(),
+            "{amount}: {}",
+            response.body
+        );
     }
     assert_eq!(calls_seen(&harness), 3, "the rate limit allows three");
 }
@@ -156,7 +190,10 @@ async fn refuses_and_audits_methods_it_does_not_know() {
     assert_eq!(value["id"], 9);
     assert_eq!(value["error"]["code"], -32601);
     assert!(
-        value["error"]["message"].as_str().unwrap().contains("passthroughMethods"),
+        value["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("passthroughMethods"),
         "{value}"
     );
     let records = audited(&harness, "protocol");
@@ -180,7 +217,12 @@ async fn forwards_methods_the_identity_lists() {
     let body = r#"{"jsonrpc":"2.0","id":9,"method":"vendor/stats"}"#;
     let response = post_raw(&harness.url(), &[], body).await;
     // rmcp answers an unknown method itself: the sidecar forwarded it.
-    assert_eq!(response.json()["error"]["code"], -32601, "{}", response.body);
+    assert_eq!(
+        response.json()["error"]["code"],
+        -32601,
+        "{}",
+        response.body
+    );
     assert!(audited(&harness, "protocol").is_empty());
 }
 
