@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use chaperone_sidecar::{Settings, standalone};
 use chaperone_testenv::mcp_servers::{
-    RunningServer, ServerKind, Transport, http, jsonrpc_answer, next_event, spawn,
+    Answer, RunningServer, ServerKind, Transport, http, jsonrpc_answer, next_event, spawn,
 };
 use chaperone_testenv::sidecar_fixtures::TestSidecar;
 use serde_json::{Value, json};
@@ -149,12 +149,7 @@ impl Session {
 
     /// POSTs `body` with `content_type` (none when `None`) and extra header
     /// lines.
-    fn post_raw(
-        &self,
-        content_type: Option<&str>,
-        body: &[u8],
-        extra: &[&str],
-    ) -> Result<(u16, Vec<(String, String)>, String)> {
+    fn post_raw(&self, content_type: Option<&str>, body: &[u8], extra: &[&str]) -> Result<Answer> {
         self.post_to(&self.post_path, content_type, body, extra)
     }
 
@@ -164,7 +159,7 @@ impl Session {
         content_type: Option<&str>,
         body: &[u8],
         extra: &[&str],
-    ) -> Result<(u16, Vec<(String, String)>, String)> {
+    ) -> Result<Answer> {
         let mut head = format!("POST {path} HTTP/1.0\r\n{ACCEPT}");
         if let Some(content_type) = content_type {
             head.push_str(&format!("\r\nContent-Type: {content_type}"));
