@@ -91,6 +91,9 @@ pub fn classify<'a>(message: &'a Message, era: Era, passthrough: &[String]) -> G
             "method {method:?} does not exist in the protocol revision this request declares"
         ));
     }
+    if method == "initialize" && !matches!(message, Message::Request { .. }) {
+        return Governed::Malformed("initialize must be a request (with an id)");
+    }
     let params = message.params();
     let string = |key: &str| params.and_then(|p| p.get(key)).and_then(Value::as_str);
     let arguments = params.and_then(|p| p.get("arguments"));

@@ -1,8 +1,11 @@
-//! List results are filtered whatever form the tool server answers in: JSON
+//! What a tool server sees and answers, against a fake server that answers
+//! every request one canned way. List results are filtered whatever form the
+//! tool server answers in: JSON
 //! under any Content-Type or none, SSE with escaped keys; a list response the
 //! sidecar cannot read (compressed, not strict JSON, an error page) is refused
 //! with 502, never passed to the agent. And what a tool server receives of a
-//! batch that lost members is the kept members' bytes as the agent sent them.
+//! batch that lost members is the kept members' bytes as the agent sent them;
+//! and a session's history survives whatever the server answers.
 
 mod common;
 
@@ -282,4 +285,43 @@ async fn forwards_the_kept_members_of_a_batch_byte_for_byte() {
     );
     let bodies = server.bodies.lock().unwrap();
     assert_eq!(&bodies[0][..], format!("[{allowed}]").as_bytes());
+}
+
+#[tokio::test]
+async fn keeps_session_history_across_an_initialize_notification() {
+    // The server answers everything with success and the same session id, as
+    // it would to a real `initialize`.
+    let server = fake_server(answer(
+        200,
+        &[
+            ("content-type", "application/json"),
+            ("mcp-session-id", "s1"),
+        ],
+        br#"{"jsonrpc":"2.0","id":1,"result":{}}"#,
+    ))
+    .await;
+    let (url, audit, _dir) = sidecar_for(&server).await;
+    let initialize = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"x","version":"1"}}}"#;
+    post_raw(&url, &[], initialize).await;
+    let headers = [("mcp-session-id", "s1")];
+    let read = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"read_customer","arguments":{"id":"c1"}}}"#;
+    post_raw(&url, &headers, read).await;
+    // A notification named `initialize` once made the sidecar start the
+    // session afresh when the server answered with its id.
+    let batch = r#"[{"jsonrpc":"2.0","method":"initialize","params":{}},{"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
+    post_raw(&url, &headers, batch).await;
+    let mail = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"send_email","arguments":{"to":"x@example.com"}}}"#;
+    let response = post_raw(&url, &headers, mail).await;
+    assert!(
+        response.body.contains("no-exfiltration"),
+        "the session guard still sees the earlier read: {}",
+        response.body
+    );
+    assert!(
+        audit
+            .records()
+            .iter()
+            .any(|r| r["rule"] == "protocol" && r["method"] == "initialize"),
+        "the initialize notification was refused and audited"
+    );
 }
