@@ -47,7 +47,7 @@ fn call(name: &str, arguments: &str) -> String {
 
 /// The number of `tools/call` requests the tool server received.
 fn calls_seen(harness: &Harness) -> usize {
-    harness.upstream.seen.lock().unwrap().len()
+    calls_seen_by(&harness.upstream)
 }
 
 /// The audit records whose rule starts with `prefix`.
@@ -289,4 +289,62 @@ async fn forwards_no_header_posing_as_the_sidecars() {
     assert_ne!(headers.get("chaperone-assertion").unwrap(), "forged");
     assert_eq!(headers.get("accept-encoding").unwrap(), "identity");
     assert_eq!(headers.get("content-type").unwrap(), "application/json");
+}
+
+#[tokio::test]
+async fn a_tool_mode_sidecar_reads_what_its_tool_reads() {
+    use chaperone_sidecar::{AuditOutput, Settings, Sidecar, SidecarMode};
+    let tool = common::start_upstream(true).await;
+    let audit = common::AuditBuffer::default();
+    let settings = Settings {
+        mode: SidecarMode::Tool,
+        inbound_upstream: Some(format!("http://{}", tool.addr).parse().unwrap()),
+        inbound_audiences: vec!["billing-tool".to_owned()],
+        ..Settings::default()
+    };
+    let sidecar = Sidecar::new(
+        settings,
+        AuditOutput::Writer(Box::new(audit.clone())),
+        false,
+    )
+    .unwrap();
+    let inbound = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", inbound.local_addr().unwrap());
+    tokio::spawn(async move { sidecar.serve_inbound(inbound, std::future::pending()).await });
+
+    // A `ping` in UTF-8 needs no assertion; in UTF-7 it hides a call.
+    let ping =
+        r#"{"jsonrpc":"2.0","id":1,"method":"ping","x":"+ACIALAAi-method+ACI-:+ACI-tools/call"}"#;
+    let (status, body) = post_exact(
+        &url,
+        &[("content-type", "application/json; charset=utf-7")],
+        ping.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 415, "{body}");
+    let unknown =
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/execute","params":{"name":"delete_all"}}"#;
+    let (status, body) = post_exact(
+        &url,
+        &[("content-type", "application/json")],
+        unknown.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("passthroughMethods"), "{body}");
+    let call = call("delete_all", "{}");
+    let (status, body) = post_exact(
+        &url,
+        &[("content-type", "application/json")],
+        call.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(calls_seen_by(&tool), 0, "nothing reached the tool");
+    let records = audit.records();
+    assert_eq!(records.len(), 3, "every refusal audited: {records:#?}");
+}
+
+fn calls_seen_by(upstream: &common::Upstream) -> usize {
+    upstream.seen.lock().unwrap().len()
 }
