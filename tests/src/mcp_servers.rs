@@ -29,9 +29,11 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-use crate::{free_port, tools::tools_dir, unique_suffix};
-
-const VERSIONS: &str = include_str!("../../scripts/tool-versions.env");
+use crate::{
+    free_port,
+    tools::{pinned, tools_dir},
+    unique_suffix,
+};
 
 /// How long a server may take to print its readiness line (Python's SDK
 /// alone imports in about a second; a busy test machine is slower).
@@ -142,14 +144,6 @@ impl std::fmt::Display for ServerKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({:?})", self.sdk_version(), self.transport())
     }
-}
-
-fn pinned(key: &str) -> Option<&'static str> {
-    VERSIONS
-        .lines()
-        .filter_map(|line| line.split_once('='))
-        .find(|(k, _)| k.trim() == key)
-        .map(|(_, v)| v.trim())
 }
 
 /// The install directory of the current `tests/servers/` sources:

@@ -94,6 +94,11 @@ pub fn tools_dir() -> Result<PathBuf> {
     Ok(cache.join("chaperone").join("tools"))
 }
 
+/// The version `key` pins in `scripts/tool-versions.env`.
+pub fn pinned(key: &str) -> Option<&'static str> {
+    version_of(VERSIONS, key)
+}
+
 fn version_of<'a>(file: &'a str, key: &str) -> Option<&'a str> {
     file.lines()
         .filter_map(|line| line.split_once('='))
