@@ -241,9 +241,20 @@ echo
 echo "  What billing saw: the worker's assertions name the planner (sub; the act chain holds both agents):"
 grep -h 'tools/call' "$work/billing.log" | sed -E 's/^.*(INFO|WARN) .*tools\/call /  /' | head -n 4
 if "$bin/chaperonectl" audit --help >/dev/null 2>&1; then
-  say "chaperonectl audit verify: the planner's and the worker's audit logs form one trail"
+  say "chaperonectl audit verify: the planner's and the worker's audit logs form one proven trail"
+  # The sidecars' public keys (the controller lists the connected ones), then
+  # both sidecars stopped: each ends its trail with a signed final checkpoint.
+  curl -sf "http://127.0.0.1:$admin_port/.well-known/jwks.json" > "$work/jwks.json" \
+    || fail "the controller's JWKS (/.well-known/jwks.json)" "$work/controller.log"
+  for i in "${!names[@]}"; do
+    case "${names[$i]}" in
+      planner-sidecar|billing-worker-sidecar)
+        kill -TERM "${pids[$i]}" 2>/dev/null || true
+        wait "${pids[$i]}" 2>/dev/null || true ;;
+    esac
+  done
   cat "$work/planner-audit.log" "$work/billing-worker-audit.log" > "$work/delegation-trail.log"
-  "$bin/chaperonectl" audit verify --strict "$work/delegation-trail.log"
+  "$bin/chaperonectl" audit verify --strict --jwks "$work/jwks.json" "$work/delegation-trail.log"
 fi
 
 # The sidecar reports the tools it saw in tools/list; wait until both servers' are in.

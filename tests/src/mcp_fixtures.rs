@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use chaperone_audit::{VerifyOptions, VerifySummary, verify_log_with};
+use chaperone_audit::{SidecarKeys, VerifyOptions, VerifySummary, verify_log_signed};
 use chaperone_demo::{SeenAssertions, serve_handler};
 use rmcp::{
     RoleClient, ServiceExt,
@@ -111,15 +111,25 @@ pub fn last_assertion(seen: &SeenAssertions) -> Option<String> {
         .cloned()
 }
 
-/// Audit verification with nothing left dangling.
+/// Audit verification with nothing left dangling or unproven.
 pub const STRICT: VerifyOptions = VerifyOptions {
     strict: true,
     skip_other_lines: false,
 };
 
-/// Verifies `log` strictly with `chaperone_audit`.
-pub fn verify_strict(log: &str) -> Result<VerifySummary> {
-    verify_log_with(log, STRICT).map_err(|e| anyhow!("{e}"))
+/// The JWKS of `sidecars`' keys: what verifies their audit checkpoints.
+pub fn jwks_of<'a>(sidecars: impl IntoIterator<Item = &'a chaperone_sidecar::Sidecar>) -> Value {
+    let keys: Vec<Value> = sidecars
+        .into_iter()
+        .map(|sidecar| sidecar.key_registration().jwk.clone())
+        .collect();
+    serde_json::json!({ "keys": keys })
+}
+
+/// Verifies `log` strictly with `chaperone_audit` and the keys of `jwks`.
+pub fn verify_strict(log: &str, jwks: &Value) -> Result<VerifySummary> {
+    let keys = SidecarKeys::from_jwks(jwks.to_string().as_bytes())?;
+    verify_log_signed(log, STRICT, &keys).map_err(|e| anyhow!("{e}"))
 }
 
 /// Two damaged copies of an audit log: the first allowed record of `tool`
@@ -157,25 +167,25 @@ pub fn tamper(log: &str, tool: &str) -> Result<TamperedLogs> {
     Ok(TamperedLogs { edited, removed })
 }
 
-/// Checks that `log` verifies strictly and that editing or removing the first
-/// allowed record of `tool` is caught, by `chaperone_audit` and by
-/// `chaperonectl` when it is built; returns the verifier's complaint about the
-/// edited copy.
-pub fn assert_tampering_detected(log: &str, tool: &str) -> Result<String> {
-    verify_strict(log)?;
+/// Checks that `log` verifies strictly with the keys of `jwks` and that
+/// editing or removing the first allowed record of `tool` is caught, by
+/// `chaperone_audit` and by `chaperonectl` when it is built; returns the
+/// verifier's complaint about the edited copy.
+pub fn assert_tampering_detected(log: &str, tool: &str, jwks: &Value) -> Result<String> {
+    verify_strict(log, jwks)?;
     let TamperedLogs { edited, removed } = tamper(log, tool)?;
-    let Err(complaint) = verify_strict(&edited) else {
+    let Err(complaint) = verify_strict(&edited, jwks) else {
         bail!("an edited log verified");
     };
-    if verify_strict(&removed).is_ok() {
+    if verify_strict(&removed, jwks).is_ok() {
         bail!("a log missing a record verified");
     }
-    match cli_verify_strict(log)? {
+    match cli_verify_strict(log, jwks)? {
         Some(ok) => {
             if !ok.success {
                 bail!("chaperonectl refused the log: {}", ok.output);
             }
-            let bad = cli_verify_strict(&edited)?.context("chaperonectl vanished")?;
+            let bad = cli_verify_strict(&edited, jwks)?.context("chaperonectl vanished")?;
             if bad.success {
                 bail!("chaperonectl verified an edited log");
             }
@@ -208,9 +218,10 @@ pub struct CliVerdict {
     pub output: String,
 }
 
-/// Runs `chaperonectl audit verify --strict` on `log` (written to a temporary
-/// file); `None` when chaperonectl is not built (`cargo build -p chaperone-cli`).
-pub fn cli_verify_strict(log: &str) -> Result<Option<CliVerdict>> {
+/// Runs `chaperonectl audit verify --strict --jwks` on `log` and `jwks`
+/// (written to temporary files); `None` when chaperonectl is not built
+/// (`cargo build -p chaperone-cli`).
+pub fn cli_verify_strict(log: &str, jwks: &Value) -> Result<Option<CliVerdict>> {
     let Some(cli) = chaperonectl() else {
         return Ok(None);
     };
@@ -218,8 +229,11 @@ pub fn cli_verify_strict(log: &str) -> Result<Option<CliVerdict>> {
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("trail.log");
     std::fs::write(&file, log)?;
+    let keys = dir.join("jwks.json");
+    std::fs::write(&keys, jwks.to_string())?;
     let out = std::process::Command::new(&cli)
-        .args(["audit", "verify", "--strict"])
+        .args(["audit", "verify", "--strict", "--jwks"])
+        .arg(&keys)
         .arg(&file)
         .output()
         .with_context(|| format!("running {}", cli.display()));

@@ -41,8 +41,8 @@ use chaperone_testenv::{
         delegation_grant, tool_policy,
     },
     mcp_fixtures::{
-        assert_tampering_detected, call, claims_of, last_assertion, loopback_listener, mcp_session,
-        serve_mcp, tool_names, verify_strict,
+        assert_tampering_detected, call, claims_of, jwks_of, last_assertion, loopback_listener,
+        mcp_session, serve_mcp, tool_names, verify_strict,
     },
     sidecar_fixtures::{TestSidecar, eventually, write_token},
 };
@@ -944,18 +944,27 @@ async fn whole_chain_on_the_real_api_server() -> Result<()> {
     let _ = delegate.cancel().await;
 
     // --- 7. The trail across the three sidecars verifies. ------------------
-    // Callers first: B's delegated session links to A's records, the tool's
-    // records to B's; strict, so nothing may dangle.
-    let combined: String = [&planner, &worker, &tool]
-        .iter()
-        .map(|s| s.audit.text())
-        .collect();
-    let summary = verify_strict(&combined)?;
-    assert_eq!(summary.records, combined.lines().count(), "{summary:?}");
+    // Each sidecar ends its trail with a signed final checkpoint (what it
+    // does at shutdown). Callers first: B's delegated session links to A's
+    // records, the tool's records to B's; strict, so nothing may dangle or be
+    // unproven.
+    let sidecars = [&planner, &worker, &tool];
+    for s in sidecars {
+        s.sidecar.close_audit()?;
+    }
+    let combined: String = sidecars.iter().map(|s| s.audit.text()).collect();
+    let jwks = jwks_of(sidecars.iter().map(|s| &s.sidecar));
+    let summary = verify_strict(&combined, &jwks)?;
+    assert_eq!(
+        summary.records + summary.checkpoints,
+        combined.lines().count(),
+        "{summary:?}"
+    );
+    assert!(summary.sidecars.iter().all(|t| t.closed), "{summary:?}");
     assert!(summary.cross_session_links >= 2, "{summary:?}");
-    // Tampering with a record that has a successor in its session breaks the
-    // chain: A's first allowed order read, turned into a denial.
-    let broken = assert_tampering_detected(&combined, "get_order")?;
+    // Tampering with a record breaks its sidecar's chain: A's first allowed
+    // order read, turned into a denial.
+    let broken = assert_tampering_detected(&combined, "get_order", &jwks)?;
     eprintln!("the tampered trail: {broken}");
     eprintln!(
         "acceptance: {} audit records, {:?} in all",

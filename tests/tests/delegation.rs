@@ -25,15 +25,14 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
-use chaperone_audit::verify_log_with;
 use chaperone_demo::{SeenAssertions, ToolServer, ToolSet, WorkerApp};
 use chaperone_sidecar::{Settings, SidecarMode};
 use chaperone_testenv::{
     ControlPlane, create_namespace,
     kube_fixtures::{self, agent_identity, agent_subject, delegation_grant, tool_policy},
     mcp_fixtures::{
-        McpClient, STRICT, assert_tampering_detected, call, claims_of, last_assertion,
-        loopback_listener, mcp_session, object, serve_mcp,
+        McpClient, assert_tampering_detected, call, claims_of, jwks_of, last_assertion,
+        loopback_listener, mcp_session, object, serve_mcp, verify_strict,
     },
     sidecar_fixtures::{
         TestSidecar, controller_settings, eventually, http_request_async, json_post, status_code,
@@ -896,14 +895,22 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     assert!(events.contains("issue_credit"), "{events}");
 
     // --- One verifiable trail across the agents. ---------------------------
-    // Callers first; every delegated session's first record links to its
-    // caller's record, so with all four logs nothing may dangle (strict).
-    let combined = [&world.planner, &world.worker, &world.helper, &world.tool]
-        .iter()
-        .map(|s| s.audit.text())
-        .collect::<String>();
-    let summary = verify_log_with(&combined, STRICT).map_err(|e| anyhow::anyhow!("{e}"))?;
-    assert_eq!(summary.records, combined.lines().count(), "{summary:?}");
+    // Each sidecar ends its trail with a signed final checkpoint (what it
+    // does at shutdown). Callers first; every delegated session's first
+    // record links to its caller's record, so with all four logs nothing may
+    // dangle or be unproven (strict).
+    let sidecars = [&world.planner, &world.worker, &world.helper, &world.tool];
+    for s in sidecars {
+        s.sidecar.close_audit()?;
+    }
+    let combined = sidecars.iter().map(|s| s.audit.text()).collect::<String>();
+    let jwks = jwks_of(sidecars.iter().map(|s| &s.sidecar));
+    let summary = verify_strict(&combined, &jwks)?;
+    assert_eq!(
+        summary.records + summary.checkpoints,
+        combined.lines().count(),
+        "{summary:?}"
+    );
     // Worker from planner (alice, bob, the probe), helper from worker (the
     // refusal and the hop), tool from worker and from helper.
     assert!(summary.cross_session_links >= 6, "{summary:?}");
@@ -914,7 +921,7 @@ async fn planner_worker_billing_end_to_end() -> Result<()> {
     // Tampering with a record that has a successor breaks the chain: the
     // decision of the worker's allowed credit turned into a denial, or the
     // record removed.
-    let edit = assert_tampering_detected(&combined, "issue_credit")?;
+    let edit = assert_tampering_detected(&combined, "issue_credit", &jwks)?;
     assert!(edit.contains("before line"), "{edit}");
     eprintln!(
         "delegation end to end: {} audit records, {:?}",

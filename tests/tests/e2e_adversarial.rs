@@ -380,6 +380,17 @@ async fn attacks_do_not_execute(kind: ServerKind) -> Result<()> {
             &[],
         )?;
         ensure!(status == 400, "{kind}: dot segments: {status} {answer}");
+        // Routing headers that name another tool than the body: a server or
+        // gateway routing on them would run it.
+        let (status, _, answer) = session.post_raw(
+            Some("application/json"),
+            body.as_bytes(),
+            &["Mcp-Method: tools/call", "Mcp-Name: delete_user"],
+        )?;
+        ensure!(
+            status == 400,
+            "{kind}: Mcp-Name mismatch: {status} {answer}"
+        );
         if let Some(session_id) = &session.session_id {
             let (status, _, answer) = session.post_raw(
                 Some("application/json"),
@@ -420,7 +431,7 @@ async fn attacks_do_not_execute(kind: ServerKind) -> Result<()> {
     // HTTP-level refusal.
     let records = sidecar.audit.records();
     let denials = records.iter().filter(|r| r["decision"] == "deny").count();
-    let expected = attacks().len() + 1 + usize::from(kind.transport() == Transport::StreamableHttp);
+    let expected = attacks().len() + 2 + usize::from(kind.transport() == Transport::StreamableHttp);
     assert_eq!(
         denials, expected,
         "{kind}: audit records of denials: {records:#?}"

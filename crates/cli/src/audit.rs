@@ -12,7 +12,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use chaperone_audit::{
-    SidecarKeys, SidecarTrail, VerifyOptions, VerifySummary, verify_log_signed, verify_log_with,
+    NoKey, SidecarKeys, SidecarTrail, VerifyError, VerifyOptions, VerifySummary, verify_log_signed,
+    verify_log_with,
 };
 
 use crate::jwks;
@@ -116,6 +117,11 @@ fn verify(args: &VerifyArgs) -> Result<()> {
     };
     let summary = match verified {
         Ok(summary) => summary,
+        Err(
+            error @ VerifyError::Unverified {
+                why: NoKey::NoKeys, ..
+            },
+        ) => bail!("{name}: {error}; pass the sidecars' keys with --jwks"),
         Err(error) => bail!("{name}: {error}"),
     };
     if summary.records == 0 && summary.checkpoints == 0 {

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use chaperone_policy::model::{API_VERSION, Document};
 use chaperone_policy::{
-    CompileError, CompileOptions, DecisionRequest, DelegationChain, DelegationLink, Engine,
-    ObjectKey, ObjectKind, ObjectRef, ObjectSet, SessionHistory, Snapshot, Verdict, compile_all,
+    CompileError, CompileOptions, DOCUMENT_FILE_EXTENSIONS, DecisionRequest, DelegationChain,
+    DelegationLink, DocumentSet, Engine, ObjectKey, SessionHistory, Snapshot, Verdict, compile_all,
+    parse_documents,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -41,8 +41,9 @@ struct ExplainArgs {
     /// CR YAML files (AgentIdentity, ToolPolicy, DelegationGrant; multi-document).
     #[arg(short = 'f', long = "file", required = true)]
     files: Vec<PathBuf>,
-    /// The calling agent, `namespace/name` (or `name` in `default`); may be
-    /// omitted when the files hold one AgentIdentity.
+    /// The calling agent, `namespace/name` (or `name` when only one
+    /// AgentIdentity has that name); may be omitted when the files hold one
+    /// AgentIdentity.
     #[arg(long)]
     agent: Option<String>,
     /// The tool server; may be omitted with `--tool server/tool` or when the
@@ -76,8 +77,8 @@ struct ExplainArgs {
 struct TestArgs {
     /// The test file: a YAML list of calls with expected decisions.
     file: PathBuf,
-    /// CR YAML files; default: every other `.yaml`/`.yml` file of the test
-    /// file's directory that holds Chaperone resources.
+    /// CR YAML files; default: every other `.yaml`/`.yml`/`.json` file of the
+    /// test file's directory that holds Chaperone resources.
     #[arg(short = 'f', long = "file")]
     files: Vec<PathBuf>,
 }
@@ -90,90 +91,19 @@ pub fn run(args: &PolicyArgs) -> Result<()> {
     }
 }
 
-/// Objects read from files, remembering which file each came from.
-struct LoadedObjects {
-    set: ObjectSet,
-    sources: BTreeMap<ObjectRef, PathBuf>,
-}
-
-fn object_ref(kind: ObjectKind, meta: &chaperone_policy::model::ObjectMeta) -> ObjectRef {
-    ObjectRef {
-        kind,
-        key: ObjectKey::new(meta.namespace_or_default(), meta.name.clone()),
-    }
-}
-
-/// Reads the Chaperone documents of a YAML file; other kinds are skipped.
-fn read_documents(path: &Path) -> Result<Vec<Document>> {
-    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let values: Vec<Value> = serde_saphyr::from_multiple(&text)
-        .with_context(|| format!("{}: not valid YAML", path.display()))?;
-    let mut documents = Vec::new();
-    for (index, value) in values.into_iter().enumerate() {
-        let kind = value
-            .get("kind")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        if !matches!(
-            kind.as_str(),
-            "AgentIdentity" | "ToolPolicy" | "DelegationGrant"
-        ) {
-            continue;
-        }
-        let name = value
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("<unnamed>")
-            .to_owned();
-        let api_version = value
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        if api_version != API_VERSION {
-            bail!(
-                "{}: {kind} {name} (document {}): apiVersion {api_version:?} is not {API_VERSION}",
-                path.display(),
-                index + 1
-            );
-        }
-        let document: Document = serde_json::from_value(value).with_context(|| {
-            format!("{}: {kind} {name} (document {})", path.display(), index + 1)
-        })?;
-        documents.push(document);
-    }
-    Ok(documents)
-}
-
-fn load(files: &[PathBuf]) -> Result<LoadedObjects> {
-    let mut loaded = LoadedObjects {
-        set: ObjectSet::default(),
-        sources: BTreeMap::new(),
-    };
+/// Reads the CR files into one [`DocumentSet`] (its rules: foreign kinds
+/// skipped, apiVersion checked, each object once).
+fn load(files: &[PathBuf]) -> Result<DocumentSet> {
+    let mut documents = DocumentSet::new();
     for path in files {
-        for document in read_documents(path)? {
-            let reference = match &document {
-                Document::AgentIdentity(o) => object_ref(ObjectKind::AgentIdentity, &o.metadata),
-                Document::ToolPolicy(o) => object_ref(ObjectKind::ToolPolicy, &o.metadata),
-                Document::DelegationGrant(o) => {
-                    object_ref(ObjectKind::DelegationGrant, &o.metadata)
-                }
-            };
-            if let Some(first) = loaded.sources.insert(reference.clone(), path.clone()) {
-                bail!(
-                    "{}: {reference} is already defined in {}",
-                    path.display(),
-                    first.display()
-                );
-            }
-            loaded.set.extend([document]);
-        }
+        let text =
+            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        documents.add(&path.display().to_string(), &text)?;
     }
-    if loaded.set.identities.is_empty() {
+    if documents.objects().identities.is_empty() {
         bail!("no AgentIdentity in {}", display_paths(files));
     }
-    Ok(loaded)
+    Ok(documents)
 }
 
 fn display_paths(files: &[PathBuf]) -> String {
@@ -184,21 +114,23 @@ fn display_paths(files: &[PathBuf]) -> String {
         .join(", ")
 }
 
-fn describe_error(loaded: &LoadedObjects, error: &CompileError) -> String {
-    match loaded.sources.get(&error.object) {
-        Some(path) => format!("{}: {error}", path.display()),
+fn describe_error(loaded: &DocumentSet, error: &CompileError) -> String {
+    match loaded.file_of(&error.object) {
+        Some(file) => format!("{file}: {error}"),
         None => error.to_string(),
     }
 }
 
-/// Compiled engines by agent, and the compile errors (located).
+/// The files' objects, their compiled engines by agent, and the compile errors
+/// (located).
 struct CompiledFiles {
+    documents: DocumentSet,
     engines: BTreeMap<ObjectKey, (Snapshot, Engine)>,
     errors: Vec<String>,
 }
 
-fn compile_files(loaded: &LoadedObjects, now: i64) -> Result<CompiledFiles> {
-    let compiled = compile_all(&loaded.set.inventory(), &CompileOptions { version: 1, now });
+fn compile_files(documents: DocumentSet, now: i64) -> Result<CompiledFiles> {
+    let compiled = compile_all(&documents.inventory(), &CompileOptions { version: 1, now });
     let mut engines = BTreeMap::new();
     for snapshot in compiled.snapshots {
         let engine = Engine::new(&snapshot)
@@ -208,38 +140,31 @@ fn compile_files(loaded: &LoadedObjects, now: i64) -> Result<CompiledFiles> {
     let errors = compiled
         .errors
         .iter()
-        .map(|e| describe_error(loaded, e))
+        .map(|e| describe_error(&documents, e))
         .collect();
-    Ok(CompiledFiles { engines, errors })
+    Ok(CompiledFiles {
+        documents,
+        engines,
+        errors,
+    })
 }
 
+/// The engine of `agent` (`namespace/name`, or a name only one AgentIdentity
+/// has; may be omitted when the files hold one).
 fn pick_agent<'a>(
     compiled: &'a CompiledFiles,
     agent: Option<&str>,
 ) -> Result<(&'a Snapshot, &'a Engine)> {
-    let key = match agent {
-        Some(agent) => ObjectKey::parse(agent, "default"),
-        None if compiled.engines.len() == 1 => compiled
-            .engines
-            .keys()
-            .next()
-            .cloned()
-            .ok_or_else(|| anyhow!("no agent"))?,
-        None => bail!(
-            "the files define several agents ({}): name one with agent",
-            compiled
-                .engines
-                .keys()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
+    let identity = compiled.documents.agent(agent)?;
+    let key = ObjectKey::new(
+        identity.metadata.namespace_or_default(),
+        identity.metadata.name.clone(),
+    );
     compiled
         .engines
         .get(&key)
         .map(|(s, e)| (s, e))
-        .ok_or_else(|| anyhow!("no AgentIdentity {key} in the files"))
+        .ok_or_else(|| anyhow!("AgentIdentity {key} did not compile"))
 }
 
 /// Splits `server/tool` or fills the server in from the agent's only server.
@@ -315,8 +240,7 @@ fn unix_now() -> i64 {
 
 fn explain(args: &ExplainArgs) -> Result<()> {
     let now = args.now.unwrap_or_else(unix_now);
-    let loaded = load(&args.files)?;
-    let compiled = compile_files(&loaded, now)?;
+    let compiled = compile_files(load(&args.files)?, now)?;
     for error in &compiled.errors {
         eprintln!("warning: left out: {error}");
     }
@@ -397,7 +321,8 @@ fn explain(args: &ExplainArgs) -> Result<()> {
 struct PolicyTestCase {
     /// What the case checks.
     name: String,
-    /// `namespace/name` of the calling agent (optional with one agent).
+    /// The calling agent, `namespace/name` or a name only one AgentIdentity
+    /// has (optional with one agent).
     #[serde(default)]
     agent: Option<String>,
     /// The tool server (optional: `tool: server/tool`, or the agent's only one).
@@ -435,14 +360,25 @@ fn cr_files_beside(test_file: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();
-        let is_yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        let is_cr_file = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| DOCUMENT_FILE_EXTENSIONS.contains(&e));
         let same = fs::canonicalize(&path).ok() == fs::canonicalize(test_file).ok();
-        if is_yaml && !same && !read_documents(&path).unwrap_or_default().is_empty() {
+        if is_cr_file && !same && holds_chaperone_documents(&path) {
             files.push(path);
         }
     }
     files.sort();
     Ok(files)
+}
+
+/// Whether `path` is a CR file with at least one Chaperone document (a file
+/// that cannot be read or is refused counts as none).
+fn holds_chaperone_documents(path: &Path) -> bool {
+    fs::read_to_string(path).is_ok_and(|text| {
+        parse_documents(&path.display().to_string(), &text).is_ok_and(|d| !d.is_empty())
+    })
 }
 
 fn test(args: &TestArgs) -> Result<()> {
@@ -456,8 +392,7 @@ fn test(args: &TestArgs) -> Result<()> {
         args.files.clone()
     };
     let now = unix_now();
-    let loaded = load(&files)?;
-    let compiled = compile_files(&loaded, now)?;
+    let compiled = compile_files(load(&files)?, now)?;
     for error in &compiled.errors {
         eprintln!("error: {error}");
     }

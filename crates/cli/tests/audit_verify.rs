@@ -220,7 +220,9 @@ fn without_keys_the_structure_is_checked_and_strict_refuses() {
     assert!(!ok);
     assert!(
         stderr.contains("line 5: checkpoint of sidecar")
-            && stderr.contains("cannot be verified: no keys given (strict)"),
+            && stderr.contains(
+                "cannot be verified: no keys given (strict); pass the sidecars' keys with --jwks"
+            ),
         "stderr: {stderr}"
     );
 }

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
-use crate::{metrics::Metrics, object_watch::SharedIndex, sidecars::SidecarRegistry};
+use crate::{index::SharedIndex, metrics::Metrics, sidecars::SidecarRegistry};
 
 /// What the admin endpoints read.
 #[derive(Clone)]

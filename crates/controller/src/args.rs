@@ -1,11 +1,22 @@
-//! Command-line flags and environment of `chaperone-controller`, in one place.
+//! Command-line flags and environment of `chaperone-controller`, in one place,
+//! and the settings built from them: the webhook's
+//! [`InjectionSettings::from_args`] and the certificates' [`CertConfig::from_args`].
+//! The modules they configure take those settings and never read [`Args`].
 //!
 //! Values clap cannot check alone (quantities, policies spelled as Kubernetes
-//! spells them) are kept as text here and checked at startup by the settings
-//! they feed ([`crate::webhook::InjectionSettings::from_args`]), with an
-//! [`InvalidSetting`] error that names the variable, the flag and the reason.
+//! spells them) are kept as text in [`Args`] and checked at startup when the
+//! settings are built, with an [`InvalidSetting`] error that names the
+//! variable, the flag and the reason.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use crate::{
+    certs::{CertConfig, CertSource, Lifetimes, service_sans},
+    webhook::{
+        InjectionSettings, ProxyResources,
+        quantity::{parse_cpu, parse_memory},
+    },
+};
 
 /// Settings of the controller; every flag can also be given as an environment
 /// variable (the Helm chart uses both).
@@ -205,3 +216,143 @@ impl Args {
         })
     }
 }
+
+impl InjectionSettings {
+    /// Settings from the controller's flags (the chart's
+    /// `CHAPERONE_SIDECAR_*` and `CHAPERONE_WEBHOOK_FAILURE_POLICY`); `ca_pem`
+    /// is filled in from the controller's current certificate. A value that
+    /// cannot be used is an error naming its variable, so that the controller
+    /// refuses to start rather than inject sidecars it was not asked for.
+    pub fn from_args(args: &Args) -> Result<Self, InvalidSetting> {
+        let mut settings = Self::new(
+            &args.sidecar_image,
+            args.controller_address(),
+            &args.namespace,
+        );
+        settings.image_pull_policy = args
+            .sidecar_image_pull_policy
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(|v| match v {
+                "Always" | "IfNotPresent" | "Never" => Ok(v.to_string()),
+                _ => Err(InvalidSetting::new(
+                    "CHAPERONE_SIDECAR_IMAGE_PULL_POLICY",
+                    "sidecar-image-pull-policy",
+                    v,
+                    "expected Always, IfNotPresent or Never (as Kubernetes spells them), or empty for the cluster's default",
+                )),
+            })
+            .transpose()?;
+        settings.resources = sidecar_resources(args)?;
+        settings.failure_policy = args.webhook_failure_policy.parse().map_err(|reason| {
+            InvalidSetting::new(
+                "CHAPERONE_WEBHOOK_FAILURE_POLICY",
+                "webhook-failure-policy",
+                &args.webhook_failure_policy,
+                reason,
+            )
+        })?;
+        Ok(settings)
+    }
+}
+
+/// The default sidecar resources of the controller's flags, each quantity
+/// checked on its own (so the error names its variable), then together.
+fn sidecar_resources(args: &Args) -> Result<ProxyResources, InvalidSetting> {
+    /// (variable, flag, value, parser).
+    type Quantity<'a> = (
+        &'static str,
+        &'static str,
+        Option<&'a str>,
+        fn(&str) -> Result<u64, String>,
+    );
+    let settings: [Quantity<'_>; 4] = [
+        (
+            "CHAPERONE_SIDECAR_CPU_REQUEST",
+            "sidecar-cpu-request",
+            args.sidecar_cpu_request.as_deref(),
+            parse_cpu,
+        ),
+        (
+            "CHAPERONE_SIDECAR_CPU_LIMIT",
+            "sidecar-cpu-limit",
+            args.sidecar_cpu_limit.as_deref(),
+            parse_cpu,
+        ),
+        (
+            "CHAPERONE_SIDECAR_MEMORY_REQUEST",
+            "sidecar-memory-request",
+            args.sidecar_memory_request.as_deref(),
+            parse_memory,
+        ),
+        (
+            "CHAPERONE_SIDECAR_MEMORY_LIMIT",
+            "sidecar-memory-limit",
+            args.sidecar_memory_limit.as_deref(),
+            parse_memory,
+        ),
+    ];
+    for (env, flag, value, parse) in settings {
+        if let Some(value) = value.filter(|v| !v.trim().is_empty()) {
+            match parse(value) {
+                Ok(0) => {
+                    return Err(InvalidSetting::new(env, flag, value, "must be above zero"));
+                }
+                Ok(_) => {}
+                Err(reason) => return Err(InvalidSetting::new(env, flag, value, reason)),
+            }
+        }
+    }
+    ProxyResources::from_quantities(
+        args.sidecar_cpu_request.as_deref(),
+        args.sidecar_cpu_limit.as_deref(),
+        args.sidecar_memory_request.as_deref(),
+        args.sidecar_memory_limit.as_deref(),
+    )
+    .map_err(|reason| {
+        let (env, flag, value) = if reason.starts_with("memory") {
+            (
+                "CHAPERONE_SIDECAR_MEMORY_LIMIT",
+                "sidecar-memory-limit",
+                args.sidecar_memory_limit.clone(),
+            )
+        } else {
+            (
+                "CHAPERONE_SIDECAR_CPU_LIMIT",
+                "sidecar-cpu-limit",
+                args.sidecar_cpu_limit.clone(),
+            )
+        };
+        InvalidSetting::new(env, flag, value.unwrap_or_default(), reason)
+    })
+}
+
+impl CertConfig {
+    /// The configuration the controller's flags describe: SANs for its Service
+    /// ([`service_sans`]) plus `--extra-san`, default lifetimes, hourly checks;
+    /// with `--external-tls`, an externally issued Secret re-read every five
+    /// minutes (one GET) so that cert-manager's rotations are picked up soon.
+    pub fn from_args(args: &Args) -> Self {
+        let source = if args.external_tls {
+            CertSource::External
+        } else {
+            CertSource::SelfManaged
+        };
+        Self {
+            namespace: args.namespace.clone(),
+            secret_name: args.tls_secret.clone(),
+            sans: service_sans(&args.service_name, &args.namespace, &args.extra_sans),
+            lifetimes: Lifetimes::default(),
+            renew_interval: match source {
+                CertSource::SelfManaged => Duration::from_secs(3600),
+                CertSource::External => Duration::from_secs(300),
+            },
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "args_tests.rs"]
+mod tests;

@@ -14,6 +14,8 @@ use k8s_openapi::api::{
 };
 use kube::{Api, Client, api::PostParams, runtime::reflector::Store};
 
+use crate::pod_selection::{inject_annotation, selects};
+
 /// The audience sidecar tokens must be minted for.
 pub const TOKEN_AUDIENCE: &str = "chaperone";
 
@@ -232,7 +234,7 @@ pub fn peer_of_pod(
     let agent = identities
         .iter()
         .filter(|identity| identity.metadata.namespace.as_deref() == Some(namespace.as_str()))
-        .filter(|identity| crate::webhook::mutate::selects(identity, &service_account, &labels))
+        .filter(|identity| selects(&identity.spec.0.selector, &service_account, &labels))
         .filter_map(|identity| identity.metadata.name.clone())
         .min()
         .ok_or_else(|| AuthError::NoAgentIdentity {
@@ -251,9 +253,7 @@ pub fn peer_of_pod(
 /// Whether a pod's annotations ask for a tool-mode sidecar (the webhook's
 /// reading of `chaperone.dev/inject`: trimmed, case-insensitive).
 fn is_tool_pod(annotations: Option<&BTreeMap<String, String>>) -> bool {
-    annotations
-        .and_then(|a| a.get(crate::webhook::mutate::INJECT_ANNOTATION))
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("tool"))
+    inject_annotation(annotations).as_deref() == Some("tool")
 }
 
 /// `system:serviceaccount:<namespace>:<name>` → (namespace, name).

@@ -6,10 +6,14 @@
 //! The pieces, each a module: [`index`] (a pure state machine from objects to
 //! snapshots), [`object_watch`] (the watches feeding it), [`snapshot_server`]
 //! (gRPC), [`auth`] (TokenReview → pod → AgentIdentity, or a tool-mode
-//! sidecar), [`sidecars`] (what the connected sidecars run), [`status`] (pure
+//! sidecar), [`pod_selection`] (which agent a pod is, for the webhook and
+//! [`auth`]), [`sidecars`] (what the connected sidecars run), [`status`] (pure
 //! status computation + the leader's writer), [`leader`] (Lease), [`admin`]
 //! (/metrics, /healthz, /readyz, JWKS), [`replica_exchange`] (the replicas
-//! share their sidecars' keys and state through ConfigMaps).
+//! share their sidecars' keys and state through ConfigMaps), [`webhook`]
+//! (sidecar injection), [`certs`] (the controller's CA and serving
+//! certificate). [`Args`] holds the flags and builds the settings of the
+//! webhook and the certificates from them.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +26,7 @@ pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod object_watch;
+pub mod pod_selection;
 pub mod replica_exchange;
 pub mod sidecars;
 pub mod snapshot_server;
@@ -78,7 +83,7 @@ pub struct Controller {
     pub metrics: Arc<metrics::Metrics>,
 }
 
-pub use object_watch::SharedIndex;
+pub use index::SharedIndex;
 
 /// Runs the controller until it fails or is stopped.
 pub async fn run(args: Args) -> anyhow::Result<()> {

@@ -1,10 +1,7 @@
 //! Watches the three Chaperone kinds and feeds the [`Index`]: the thin I/O shell
 //! around it. Converts each CR into the policy model's `Object` at this edge.
 
-use std::{
-    sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
 use chaperone_policy::model::{self, Object};
@@ -15,65 +12,11 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
 
-use crate::{Error, index::Index, metrics::Metrics};
-
-/// The index shared by the watch tasks, the snapshot server and the status
-/// writer, with a channel that ticks whenever it changed.
-pub struct SharedIndex {
-    index: Mutex<Index>,
-    changed: watch::Sender<u64>,
-    synced: watch::Sender<u8>,
-    metrics: Arc<Metrics>,
-}
-
-impl SharedIndex {
-    /// An empty shared index that reports its changes to `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self {
-            index: Mutex::new(Index::new()),
-            changed: watch::channel(0).0,
-            synced: watch::channel(0).0,
-            metrics,
-        })
-    }
-
-    /// Locks the index for reading; changes go through [`SharedIndex::update`],
-    /// which also wakes the status writer.
-    pub fn lock(&self) -> MutexGuard<'_, Index> {
-        self.index
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Applies `change`, counts it and tells the status writer.
-    pub fn update(&self, change: impl FnOnce(&mut Index)) {
-        let (generation, last_version) = {
-            let mut index = self.lock();
-            change(&mut index);
-            (index.generation(), index.last_version())
-        };
-        // Only a real change is counted and wakes the status writer: an
-        // unchanged object (our own status write coming back) is neither.
-        let changed = self
-            .changed
-            .send_if_modified(|current| std::mem::replace(current, generation) != generation);
-        if changed {
-            self.metrics.index_updated(last_version);
-        }
-    }
-
-    /// Ticks after every change.
-    pub fn changes(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-
-    /// True once all three kinds have been listed.
-    pub fn is_synced(&self) -> bool {
-        *self.synced.borrow() >= 3
-    }
-}
+use crate::{
+    Error,
+    index::{Index, SharedIndex},
+};
 
 /// Fails fast, with what to do, when the CRDs are not installed.
 pub async fn check_crds_installed(client: &Client) -> Result<(), Error> {
@@ -205,7 +148,7 @@ async fn watch_kind<K>(
         }
         if synced && first_sync {
             first_sync = false;
-            shared.synced.send_modify(|n| *n += 1);
+            shared.kind_synced();
         }
     }
 }
@@ -317,70 +260,5 @@ fn pod_deleted(
     sidecars.evict(&pod.namespace().unwrap_or_default(), &pod.name_any());
     if let Some(uid) = &pod.metadata.uid {
         sidecars.forget_peer_pod(uid, crate::unix_now());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use chaperone_policy::model::AgentIdentitySpec;
-
-    use super::*;
-
-    const NOW: i64 = 1_800_000_000;
-
-    fn identity(name: &str) -> Object<AgentIdentitySpec> {
-        crate::test_objects::identity("a", name)
-    }
-
-    /// The value of the unlabelled metric `name` in the text exposition.
-    fn metric(metrics: &Metrics, name: &str) -> u64 {
-        let text = metrics.render();
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("{name} not in {text}"))
-            .parse()
-            .unwrap()
-    }
-
-    #[test]
-    fn changes_move_index_updates_and_snapshot_version_and_no_ops_do_not() {
-        let metrics = Metrics::new();
-        let shared = SharedIndex::new(metrics.clone());
-        assert_eq!(
-            metric(&metrics, "chaperone_controller_index_updates_total"),
-            0
-        );
-        assert_eq!(metric(&metrics, "chaperone_controller_snapshot_version"), 0);
-
-        shared.update(|index| index.apply_identity(identity("planner"), NOW));
-        let first = shared.lock().last_version();
-        assert!(first > 0);
-        assert_eq!(
-            metric(&metrics, "chaperone_controller_index_updates_total"),
-            1
-        );
-        assert_eq!(
-            metric(&metrics, "chaperone_controller_snapshot_version"),
-            first
-        );
-
-        // Our own status write coming back: the same object, not a change.
-        shared.update(|index| index.apply_identity(identity("planner"), NOW));
-        assert_eq!(
-            metric(&metrics, "chaperone_controller_index_updates_total"),
-            1
-        );
-
-        shared.update(|index| index.apply_identity(identity("worker"), NOW));
-        let second = shared.lock().last_version();
-        assert!(second > first);
-        assert_eq!(
-            metric(&metrics, "chaperone_controller_index_updates_total"),
-            2
-        );
-        assert_eq!(
-            metric(&metrics, "chaperone_controller_snapshot_version"),
-            second
-        );
     }
 }

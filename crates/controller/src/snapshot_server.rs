@@ -1,7 +1,9 @@
 //! The snapshot gRPC server (`chaperone.snapshot.v1.SnapshotService/Watch`):
 //! authenticates each sidecar's stream, sends its agent's snapshot on connect and
 //! every new version after, and takes ACK/NACK, signing keys, tool inventory and
-//! audit batches back. Served by every replica from its own index.
+//! audit batches back. Served by every replica from its own index. What goes
+//! over the wire is converted in [`wire`]: sidecar messages into typed
+//! reports, snapshots and key sets into messages.
 //!
 //! A tool-mode sidecar's stream (pod annotated `chaperone.dev/inject: "tool"`)
 //! carries only the key set: a `KeySet` on connect and after every change of the
@@ -30,13 +32,9 @@ use std::{
 };
 
 use chaperone_api::AgentIdentity;
-use chaperone_wire::{
-    SNAPSHOT_FORMAT_JSON,
-    v1::{
-        self, ControllerMessage, KeySet, SidecarMessage, SnapshotUpdate, controller_message,
-        sidecar_message,
-        snapshot_service_server::{SnapshotService, SnapshotServiceServer},
-    },
+use chaperone_wire::v1::{
+    ControllerMessage, SidecarMessage,
+    snapshot_service_server::{SnapshotService, SnapshotServiceServer},
 };
 use futures_util::Stream;
 use kube::{Client, runtime::reflector::Store};
@@ -46,11 +44,14 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     audit_events::{AuditEvents, AuditSource},
     auth::{self, Peer, SidecarIdentity, ToolSidecarIdentity},
-    index::{PublishedSnapshot, SnapshotRx},
+    index::{PublishedSnapshot, SharedIndex, SnapshotRx},
     metrics::{GaugeGuard, Metrics},
-    object_watch::SharedIndex,
     sidecars::{ConnectionGuard, SidecarRegistry},
 };
+
+pub mod wire;
+
+use wire::{InvalidSidecarMessage, SidecarReport};
 
 /// The shortest time between two key sets on one stream.
 pub const KEY_SET_MIN_INTERVAL: Duration = Duration::from_millis(250);
@@ -342,8 +343,7 @@ impl Outbox {
                 self.keys.borrow_and_update();
                 self.keys_pacer.sent(Instant::now());
                 let jwks_json = self.server.jwks_json_for(Some(&agent.identity.agent));
-                let message =
-                    SnapshotServer::snapshot_message(&agent.identity, &snapshot, &jwks_json);
+                let message = wire::snapshot_message(&agent.identity, &snapshot, &jwks_json);
                 self.keys_sent = Some(jwks_json);
                 *agent.sent_at.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((snapshot.version, Instant::now()));
@@ -356,10 +356,7 @@ impl Outbox {
                 self.keys_pacer.sent(now);
                 if self.keys_sent.as_ref() != Some(&jwks_json) {
                     self.keys_sent = Some(jwks_json.clone());
-                    let message = ControllerMessage {
-                        message: Some(controller_message::Message::Keys(KeySet { jwks_json })),
-                    };
-                    return Some(Ok(message));
+                    return Some(Ok(wire::key_set_message(jwks_json)));
                 }
             }
             let keys_due = self.keys_pacer.wake_at();
@@ -466,30 +463,6 @@ impl SnapshotServer {
         }
     }
 
-    /// The update for one stream: the snapshot's shared bytes and the shared
-    /// JWKS (nothing is serialised here).
-    fn snapshot_message(
-        identity: &SidecarIdentity,
-        snapshot: &PublishedSnapshot,
-        jwks_json: &str,
-    ) -> ControllerMessage {
-        ControllerMessage {
-            message: Some(controller_message::Message::Snapshot(SnapshotUpdate {
-                version: snapshot.version,
-                hash: snapshot.hash.clone(),
-                format: SNAPSHOT_FORMAT_JSON.to_owned(),
-                payload: snapshot.bytes().clone(),
-                identity: Some(v1::Identity {
-                    namespace: identity.agent.namespace.clone(),
-                    agent: identity.agent.name.clone(),
-                    pod: identity.pod.clone(),
-                    pod_uid: identity.pod_uid.clone(),
-                }),
-                jwks_json: jwks_json.to_owned(),
-            })),
-        }
-    }
-
     fn on_sidecar_message(
         &self,
         identity: &SidecarIdentity,
@@ -497,11 +470,24 @@ impl SnapshotServer {
         sent_at: &Mutex<Option<(u64, Instant)>>,
     ) {
         let (namespace, pod) = (identity.agent.namespace.as_str(), identity.pod.as_str());
-        match message.message {
-            Some(sidecar_message::Message::Hello(hello)) => {
-                tracing::debug!(pod, version = hello.snapshot_version, "sidecar hello");
+        let report = match SidecarReport::try_from(message) {
+            Ok(report) => report,
+            Err(error) => {
+                match error {
+                    InvalidSidecarMessage::Unknown => {
+                        tracing::debug!(pod, %error, "sidecar message ignored")
+                    }
+                    _ => tracing::warn!(pod, %error, "sidecar message ignored"),
+                }
+                return;
             }
-            Some(sidecar_message::Message::Ack(ack)) => {
+        };
+        match report {
+            SidecarReport::Hello(hello) => {
+                let version = hello.snapshot.map_or(0, |s| s.version);
+                tracing::debug!(pod, version, "sidecar hello");
+            }
+            SidecarReport::Ack(ack) => {
                 let acked = sent_at
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -514,35 +500,23 @@ impl SnapshotServer {
                     s.rejected = None;
                 });
             }
-            Some(sidecar_message::Message::Nack(nack)) => {
-                tracing::warn!(pod, version = nack.version, error = %nack.error, "sidecar rejected a snapshot");
+            SidecarReport::Nack { snapshot, error } => {
+                tracing::warn!(pod, version = snapshot.version, %error, "sidecar rejected a snapshot");
                 self.metrics.push_rejected();
                 self.sidecars.update(namespace, pod, |s| {
-                    s.rejected = Some((nack.version, nack.error))
+                    s.rejected = Some((snapshot.version, error))
                 });
             }
-            Some(sidecar_message::Message::SigningKey(key)) => {
-                match serde_json::from_str::<serde_json::Value>(&key.jwk_json) {
-                    Ok(jwk) if jwk.is_object() && !key.kid.is_empty() => {
-                        self.sidecars
-                            .update(namespace, pod, |s| s.key = Some((key.kid, jwk)));
-                    }
-                    _ => tracing::warn!(
-                        pod,
-                        "sidecar sent a signing key that is not a JWK object with a kid; ignored"
-                    ),
-                }
-            }
-            Some(sidecar_message::Message::Inventory(inventory)) => {
+            SidecarReport::SigningKey(key) => {
                 self.sidecars.update(namespace, pod, |s| {
-                    s.inventory = inventory
-                        .tools
-                        .into_iter()
-                        .map(|t| (t.server, t.name))
-                        .collect();
+                    s.key = Some((key.kid, serde_json::Value::Object(key.jwk)))
                 });
             }
-            Some(sidecar_message::Message::Audit(batch)) => {
+            SidecarReport::Inventory(inventory) => {
+                self.sidecars
+                    .update(namespace, pod, |s| s.inventory = inventory);
+            }
+            SidecarReport::Audit(batch) => {
                 self.metrics
                     .audit_received(batch.records.len() as u64, batch.dropped);
                 if batch.dropped > 0 {
@@ -555,7 +529,6 @@ impl SnapshotServer {
                 self.audit
                     .submit(AuditSource::Agent(identity.clone()), batch.records);
             }
-            None => {}
         }
     }
 
@@ -590,14 +563,30 @@ impl SnapshotServer {
         told_about_key: &mut bool,
     ) {
         let (namespace, pod) = (identity.namespace.as_str(), identity.pod.as_str());
-        match message.message {
-            Some(sidecar_message::Message::Hello(hello)) => {
+        let report = match SidecarReport::try_from(message) {
+            Ok(report) => report,
+            // Tool sidecars sign nothing: an unusable key is as ignored as a good one.
+            Err(
+                InvalidSidecarMessage::KeyWithoutKid | InvalidSidecarMessage::KeyNotAJwk { .. },
+            ) if !std::mem::replace(told_about_key, true) => {
+                tracing::info!(
+                    namespace,
+                    pod,
+                    "tool-mode sidecar sent a signing key; ignored: tool sidecars verify assertions and sign none, so their keys never enter the JWKS"
+                );
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(namespace, pod, %error, "tool sidecar message ignored");
+                return;
+            }
+        };
+        match report {
+            SidecarReport::Hello(hello) => {
                 tracing::debug!(namespace, pod, version = %hello.sidecar_version, "tool sidecar hello");
             }
             // Logged once per stream: a sidecar sends its key on every connect.
-            Some(sidecar_message::Message::SigningKey(key))
-                if !std::mem::replace(told_about_key, true) =>
-            {
+            SidecarReport::SigningKey(key) if !std::mem::replace(told_about_key, true) => {
                 tracing::info!(
                     namespace,
                     pod,
@@ -605,22 +594,22 @@ impl SnapshotServer {
                     "tool-mode sidecar sent a signing key; ignored: tool sidecars verify assertions and sign none, so their keys never enter the JWKS"
                 );
             }
-            Some(sidecar_message::Message::SigningKey(_)) => {}
-            Some(sidecar_message::Message::Ack(_) | sidecar_message::Message::Nack(_)) => {
+            SidecarReport::SigningKey(_) => {}
+            SidecarReport::Ack(_) | SidecarReport::Nack { .. } => {
                 tracing::debug!(
                     namespace,
                     pod,
                     "tool-mode sidecar acknowledged a snapshot it was never sent; ignored"
                 );
             }
-            Some(sidecar_message::Message::Inventory(_)) => {
+            SidecarReport::Inventory(_) => {
                 tracing::debug!(
                     namespace,
                     pod,
                     "tool-mode sidecar sent a tool inventory; ignored (inventories are per agent)"
                 );
             }
-            Some(sidecar_message::Message::Audit(batch)) => {
+            SidecarReport::Audit(batch) => {
                 self.metrics
                     .audit_received(batch.records.len() as u64, batch.dropped);
                 if batch.dropped > 0 {
@@ -634,7 +623,6 @@ impl SnapshotServer {
                 self.audit
                     .submit(AuditSource::Tool(identity.clone()), batch.records);
             }
-            None => {}
         }
     }
 }

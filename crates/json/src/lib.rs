@@ -92,7 +92,9 @@ pub enum JsonError {
         key: String,
     },
     /// Two keys of one object are equal under Unicode case folding.
-    #[error("object keys {first:?} and {second:?} differ only by letter case; readers that fold case see one key")]
+    #[error(
+        "object keys {first:?} and {second:?} differ only by letter case; readers that fold case see one key"
+    )]
     CaseCollision {
         /// The earlier key.
         first: String,
@@ -101,7 +103,9 @@ pub enum JsonError {
     },
     /// A number that readers hold differently (not exactly a double, or an
     /// integer beyond 2^53, or out of range).
-    #[error("number {text} is read differently by different JSON readers (not exactly representable)")]
+    #[error(
+        "number {text} is read differently by different JSON readers (not exactly representable)"
+    )]
     AmbiguousNumber {
         /// The number's text (shortened when long).
         text: String,
@@ -111,7 +115,9 @@ pub enum JsonError {
     NulCharacter,
     /// An object has a `__proto__` key, which JavaScript code that copies
     /// objects with assignment reads as the object's prototype.
-    #[error("an object has a \"__proto__\" key, which JavaScript object copies read as a prototype")]
+    #[error(
+        "an object has a \"__proto__\" key, which JavaScript object copies read as a prototype"
+    )]
     ProtoKey,
 }
 
@@ -541,7 +547,10 @@ impl Decimal {
             };
             // Saturate: such exponents make the double 0 or infinite, which
             // never equals a nonzero decimal anyway.
-            sign * digits.parse::<i64>().unwrap_or(i64::MAX / 4).min(i64::MAX / 4)
+            sign * digits
+                .parse::<i64>()
+                .unwrap_or(i64::MAX / 4)
+                .min(i64::MAX / 4)
         };
         let (whole, fraction) = match mantissa.find('.') {
             Some(at) => (&mantissa[..at], &mantissa[at + 1..]),

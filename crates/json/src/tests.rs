@@ -10,7 +10,10 @@ fn strict(text: &str) -> Result<Value, JsonError> {
 #[test]
 fn reads_what_serde_json_reads_for_plain_documents() {
     let text = r#" {"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"get","arguments":{"a":[1,-2,0.5,true,null,"x\n\u00e9\ud83d\ude00"]}}} "#;
-    assert_eq!(strict(text).unwrap(), serde_json::from_str::<Value>(text).unwrap());
+    assert_eq!(
+        strict(text).unwrap(),
+        serde_json::from_str::<Value>(text).unwrap()
+    );
 }
 
 #[test]
@@ -157,13 +160,29 @@ fn folds_like_go_for_its_special_orbits() {
 /// and numbers in several spellings.
 fn document() -> impl Strategy<Value = String> {
     let key = prop::sample::select(vec![
-        "amount", "AMOUNT", "Amount", "name", "n\\u0061me", "param\\u017f", "params", "\\u212a",
-        "k", "x",
+        "amount",
+        "AMOUNT",
+        "Amount",
+        "name",
+        "n\\u0061me",
+        "param\\u017f",
+        "params",
+        "\\u212a",
+        "k",
+        "x",
     ])
     .prop_map(str::to_owned);
     let number = prop::sample::select(vec![
-        "1", "100", "100.0", "1e2", "100.00000000000001", "100.000000000000001", "0.1", "9007199254740993",
-        "1E400", "5e-324",
+        "1",
+        "100",
+        "100.0",
+        "1e2",
+        "100.00000000000001",
+        "100.000000000000001",
+        "0.1",
+        "9007199254740993",
+        "1E400",
+        "5e-324",
     ])
     .prop_map(str::to_owned);
     let leaf = prop_oneof![
@@ -177,8 +196,10 @@ fn document() -> impl Strategy<Value = String> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(","))),
             prop::collection::vec((key.clone(), inner), 0..4).prop_map(|kv| {
-                let members: Vec<String> =
-                    kv.into_iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                let members: Vec<String> = kv
+                    .into_iter()
+                    .map(|(k, v)| format!("\"{k}\":{v}"))
+                    .collect();
                 format!("{{{}}}", members.join(","))
             }),
         ]

@@ -280,7 +280,8 @@ pub fn check_grant_among(
     snapshot_grant(grant, known, now).map(|g| g.expires_at)
 }
 
-fn key_of<S>(object: &Object<S>) -> ObjectKey {
+/// The namespace and name of an object (`default` when it has no namespace).
+pub(crate) fn key_of<S>(object: &Object<S>) -> ObjectKey {
     ObjectKey::new(
         object.metadata.namespace_or_default(),
         object.metadata.name.clone(),

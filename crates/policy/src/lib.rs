@@ -7,6 +7,8 @@
 //! - [`Engine::new`]: a snapshot turned into indexes and compiled matchers.
 //! - [`Engine::decide`]: a [`DecisionRequest`] in, a [`Decision`] out;
 //!   [`Engine::visible`] for `tools/list` filtering, by the same rules.
+//! - [`DocumentSet`]: CR YAML or JSON text in, checked objects out, and the
+//!   agent picked: the one loader of policy files.
 //!
 //! Decision semantics (DESIGN.md): any matching deny denies; else any matching
 //! allow allows; else deny. Conditions that cannot be evaluated (missing or
@@ -18,6 +20,7 @@
 mod compile;
 mod conditions;
 mod decision;
+mod documents;
 mod engine;
 mod expiry;
 mod expression;
@@ -36,6 +39,9 @@ pub use decision::{
     AgentKey, DecidingRule, Decision, DecisionRequest, DelegationChain, DelegationLink, GrantKey,
     ObjectKey, RateLimitRef, Reason, Verdict,
 };
+pub use documents::{
+    AgentChoiceError, DOCUMENT_FILE_EXTENSIONS, DocumentError, DocumentSet, parse_documents,
+};
 pub use engine::{
     Engine, Explanation, InvalidSnapshot, RuleError, RuleExplanation, RuleOutcome, ToolMatchError,
     decide, visible,
@@ -48,6 +54,6 @@ pub use expression::CEL_VARIABLES;
 pub use glob::{glob_matches, is_glob};
 pub use session::{EffectSet, SessionHistory};
 pub use snapshot::{
-    AgentAuthority, SNAPSHOT_FORMAT, Snapshot, SnapshotBytesError, SnapshotContent, SnapshotGrant,
-    SnapshotRateLimit, SnapshotRule,
+    AgentAuthority, SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_JSON, Snapshot, SnapshotBytesError,
+    SnapshotContent, SnapshotGrant, SnapshotRateLimit, SnapshotRule,
 };

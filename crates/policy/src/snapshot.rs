@@ -14,8 +14,28 @@ use crate::model::{
     SessionSettings, ToolClassification, ToolMatch, ToolServer,
 };
 
-/// Version of the snapshot's data format; bumped on incompatible changes.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// The snapshot format version as a literal: the one definition that both
+/// [`SNAPSHOT_FORMAT`] and [`SNAPSHOT_FORMAT_JSON`] are built from (`concat!`
+/// takes literals only).
+macro_rules! snapshot_format_version {
+    () => {
+        1
+    };
+}
+
+/// Version of the snapshot's data format; bumped on incompatible changes. The
+/// compiler stamps it into [`SnapshotContent::format`] and
+/// [`crate::Engine::new`] refuses any other. The single home of the snapshot
+/// contract's version: `chaperone-wire` carries the bytes and depends on no
+/// policy type, and this crate must not depend on gRPC.
+pub const SNAPSHOT_FORMAT: u32 = snapshot_format_version!();
+
+/// The name of [`Snapshot::to_bytes`]'s format (JSON of this version) in the
+/// wire contract's `SnapshotUpdate.format`: the controller sends it and the
+/// sidecar refuses an update with any other. Pinned, with the bytes, by
+/// `crates/wire/tests/fixtures/snapshot-v1.json`.
+pub const SNAPSHOT_FORMAT_JSON: &str =
+    concat!("chaperone.snapshot.v", snapshot_format_version!(), "+json");
 
 /// A versioned, content-hashed snapshot of one agent's policy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -55,6 +55,11 @@ pub enum Governed<'a> {
     Pass,
 }
 
+/// The `params` members the sidecar reads (all lower case): a member folding
+/// to one of them but spelled otherwise would be read as it by case-folding
+/// servers (Go's `encoding/json`) and not by the sidecar.
+const READ_PARAMS: [&str; 4] = ["name", "arguments", "uri", "_meta"];
+
 /// The protocol era a message declares: its
 /// `params._meta["io.modelcontextprotocol/protocolVersion"]`, else the
 /// request's `MCP-Protocol-Version` header; [`Era::Both`] when neither says.
@@ -95,6 +100,16 @@ pub fn classify<'a>(message: &'a Message, era: Era, passthrough: &[String]) -> G
         return Governed::Malformed("initialize must be a request (with an id)");
     }
     let params = message.params();
+    if let Some(Value::Object(members)) = params
+        && members.keys().any(|key| {
+            let folded = chaperone_json::fold_key(key);
+            READ_PARAMS.contains(&folded.as_ref()) && !READ_PARAMS.contains(&key.as_str())
+        })
+    {
+        return Governed::Malformed(
+            "params has a member spelled like name, arguments, uri or _meta in another letter case",
+        );
+    }
     let string = |key: &str| params.and_then(|p| p.get(key)).and_then(Value::as_str);
     let arguments = params.and_then(|p| p.get("arguments"));
     if let Some(args) = arguments
@@ -547,13 +562,21 @@ impl Enforcer {
     }
 
     /// Filters `message` if it is a JSON-RPC response carrying a list result;
-    /// whether it changed shape (callers re-encode only then).
+    /// whether it changed shape (callers re-encode only then). A message whose
+    /// list shape is spelled in another letter case (`Result`, `TOOLS`, an
+    /// item's `Name`) is refused: a case-folding client would read a list the
+    /// filter did not see.
     pub fn filter_response(
         &self,
         active: &ActivePolicy,
         server: &str,
         message: &mut Value,
-    ) -> bool {
+    ) -> Result<bool, String> {
+        if let Some(key) = case_variant_list_key(message) {
+            return Err(format!(
+                "a list result spells {key:?} in another letter case; case-folding clients would read it unfiltered"
+            ));
+        }
         let is_list = message
             .get("result")
             .and_then(Value::as_object)
@@ -563,13 +586,105 @@ impl Enforcer {
                     .any(|k| r.get(*k).is_some_and(Value::is_array))
             });
         if !is_list || message.get("method").is_some() {
-            return false;
+            return Ok(false);
         }
         if let Some(result) = message.get_mut("result") {
             self.filter_list_result(active, server, result);
         }
-        true
+        Ok(true)
     }
+}
+
+impl Enforcer {
+    /// Filters the list results in the data of one server-sent event (one
+    /// message or a batch, read strictly): the new data when it changed,
+    /// `None` when it passes as it came, an error (the stream is cut) when the
+    /// data cannot be read or spells a list in another letter case.
+    pub fn filter_event(
+        &self,
+        active: &ActivePolicy,
+        server: &str,
+        data: &str,
+        limit: usize,
+    ) -> Result<Option<String>, String> {
+        let mut value = jsonrpc::parse_strict(data.as_bytes(), limit).map_err(|e| e.to_string())?;
+        let changed = match &mut value {
+            Value::Array(items) => {
+                // Every item is filtered: no short-circuit.
+                let mut changed = false;
+                for item in items.iter_mut() {
+                    changed |= self.filter_response(active, server, item)?;
+                }
+                changed
+            }
+            single => self.filter_response(active, server, single)?,
+        };
+        Ok(changed.then(|| value.to_string()))
+    }
+}
+
+/// Whether a server-sent event's raw bytes may hold a list result, so that it
+/// must be read and filtered: it names a list key in any ASCII letter case,
+/// or has a `\u` escape (no list key has a shorter escape) or a non-ASCII
+/// character (which may fold to an ASCII letter, `ſ`). Everything else passes
+/// unread.
+pub fn may_hold_list(raw: &[u8]) -> bool {
+    const STEMS: [&[u8]; 3] = [b"tool", b"resource", b"prompt"];
+    !raw.is_ascii()
+        || raw.windows(2).any(|w| w == b"\\u")
+        || STEMS.iter().any(|stem| {
+            raw.windows(stem.len())
+                .any(|w| w.eq_ignore_ascii_case(stem))
+        })
+}
+
+/// The keys a list response is read by, at each level: the message, its
+/// result, and each listed item.
+const LIST_SHAPE_KEYS: [&str; 8] = [
+    "result",
+    "tools",
+    "resources",
+    "resourcetemplates",
+    "prompts",
+    "name",
+    "uri",
+    "uritemplate",
+];
+
+/// A key of `message`, its result or a listed item that folds to one of
+/// [`LIST_SHAPE_KEYS`] without being spelled as the protocol spells it.
+fn case_variant_list_key(message: &Value) -> Option<String> {
+    let variant = |object: &serde_json::Map<String, Value>| {
+        object.keys().find_map(|key| {
+            let folded = chaperone_json::fold_key(key);
+            let exact = matches!(
+                key.as_str(),
+                "result"
+                    | "tools"
+                    | "resources"
+                    | "resourceTemplates"
+                    | "prompts"
+                    | "name"
+                    | "uri"
+                    | "uriTemplate"
+            );
+            (!exact && LIST_SHAPE_KEYS.contains(&folded.as_ref())).then(|| key.clone())
+        })
+    };
+    let message = message.as_object()?;
+    if let Some(key) = variant(message) {
+        return Some(key);
+    }
+    let result = message.get("result")?.as_object()?;
+    if let Some(key) = variant(result) {
+        return Some(key);
+    }
+    LIST_KEYS
+        .iter()
+        .filter_map(|k| result.get(*k)?.as_array())
+        .flatten()
+        .filter_map(Value::as_object)
+        .find_map(variant)
 }
 
 /// Decides `request` in a session: the agent's own (no delegation), or a
@@ -692,6 +807,40 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":[1]}}"#,
         );
         assert!(matches!(classify(&m), Governed::Malformed(_)));
+    }
+
+    #[test]
+    fn refuses_params_a_case_folding_server_reads_otherwise() {
+        for params in [
+            r#"{"name":"t","Arguments":{"amount":5000}}"#,
+            r#"{"name":"t","ARGUMENTS":{}}"#,
+            r#"{"Name":"t"}"#,
+            r#"{"uri":"file:///a","URI":"file:///b"}"#,
+        ] {
+            let m = message(&format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{params}}}"#
+            ));
+            assert!(matches!(classify(&m), Governed::Malformed(_)), "{params}");
+        }
+    }
+
+    #[test]
+    fn refuses_list_results_spelled_in_another_case() {
+        for text in [
+            r#"{"jsonrpc":"2.0","id":1,"Result":{"tools":[]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"TOOLS":[{"name":"x"}]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"toolſ":[{"name":"x"}]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"Name":"x"}]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"resourceTemplates":[{"URITemplate":"x"}]}}"#,
+        ] {
+            let value: Value = serde_json::from_str(text).unwrap();
+            assert!(case_variant_list_key(&value).is_some(), "{text}");
+        }
+        let value: Value = serde_json::from_str(
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"x","inputSchema":{"Name":1}}],"nextCursor":"c"}}"#,
+        )
+        .unwrap();
+        assert_eq!(case_variant_list_key(&value), None);
     }
 
     #[test]

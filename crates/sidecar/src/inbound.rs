@@ -41,14 +41,14 @@ use crate::assertion::{ASSERTION_HEADER, Actor};
 use crate::authz::{Governed, RecordEntry, classify, message_era};
 use crate::canonical::{args_digest, hex};
 use crate::initiator::InitiatorVerifier;
-use crate::jsonrpc::{Payload, parse_payload};
-use crate::peer_keys::PeerKeyStore;
 use crate::intake::{
-    MCP_PROTOCOL_VERSION, check_body_headers, check_path_suffix, forward_headers,
-    single_header, strip_hop_by_hop,
+    MCP_PROTOCOL_VERSION, check_body_headers, check_path_suffix, check_routing_headers,
+    forward_headers, single_header, strip_hop_by_hop,
 };
+use crate::jsonrpc::{Payload, parse_payload};
 use crate::listener::{ConnectionLimits, serve_connections};
-use crate::proxy::{BoxError, CHAPERONE_SESSION, Gateway, ResponseBody, read_body};
+use crate::peer_keys::PeerKeyStore;
+use crate::proxy::{BoxError, CHAPERONE_SESSION, Gateway, ResponseBody, read_body, routed_name};
 use crate::refusal::{
     AuditUnavailable, InboundRefused, MethodNotAllowed, MethodNotForwarded, NoSnapshot, Refusal,
 };
@@ -167,13 +167,12 @@ impl Inbound {
         let body = match parts.method {
             Method::POST => {
                 check_body_headers(&parts.headers)?;
-                let header_version = single_header(&parts.headers, &MCP_PROTOCOL_VERSION)?;
                 let limit = self.gateway.settings.max_body_bytes;
                 let bytes = read_body(&parts.headers, body, limit).await?;
                 let passthrough = active
                     .as_deref()
                     .map_or(&[][..], |a| &a.snapshot.content.passthrough_methods[..]);
-                let calls = governed_calls(&bytes, limit, header_version, passthrough)?;
+                let calls = governed_calls(&bytes, limit, &parts.headers, passthrough)?;
                 self.admit(active.as_deref(), &parts.headers, &calls, &mut headers)
                     .await?;
                 bytes
@@ -697,12 +696,19 @@ fn parse_hash(claims: &VerifiedAssertion) -> Option<[u8; 32]> {
 fn governed_calls(
     bytes: &[u8],
     limit: usize,
-    header_version: Option<&str>,
+    headers: &http::HeaderMap,
     passthrough: &[String],
 ) -> Result<Vec<InboundCall>, Refusal> {
+    let header_version = single_header(headers, &MCP_PROTOCOL_VERSION)?;
     let messages = match parse_payload(bytes, limit)? {
-        Payload::Single(message) => vec![message],
-        Payload::Batch(messages) => messages,
+        Payload::Single(message) => {
+            check_routing_headers(headers, message.method(), routed_name(&message))?;
+            vec![message]
+        }
+        Payload::Batch(messages) => {
+            check_routing_headers(headers, None, None)?;
+            messages
+        }
     };
     let mut calls = Vec::new();
     for message in &messages {
@@ -752,7 +758,7 @@ mod tests {
         let body = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"x":1}}},
             {"jsonrpc":"2.0","id":2,"method":"tools/list"},
             {"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
-        let calls = governed_calls(body, 1 << 20, None, &[]).unwrap();
+        let calls = governed_calls(body, 1 << 20, &http::HeaderMap::new(), &[]).unwrap();
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].name, "a");
         assert_eq!(
@@ -760,9 +766,9 @@ mod tests {
             args_digest(Some(&serde_json::json!({"x": 1})))
         );
         let malformed = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":1}}"#;
-        assert!(governed_calls(malformed, 1 << 20, None, &[]).is_err());
+        assert!(governed_calls(malformed, 1 << 20, &http::HeaderMap::new(), &[]).is_err());
         let unknown = br#"{"jsonrpc":"2.0","id":1,"method":"admin/drop"}"#;
-        assert!(governed_calls(unknown, 1 << 20, None, &[]).is_err());
+        assert!(governed_calls(unknown, 1 << 20, &http::HeaderMap::new(), &[]).is_err());
     }
 
     #[test]

@@ -55,9 +55,9 @@ pub fn check_body_headers(headers: &HeaderMap) -> Result<(), UnsupportedMediaTyp
 }
 
 fn check_media_type(value: &HeaderValue) -> Result<(), UnsupportedMediaType> {
-    let text = value.to_str().map_err(|_| {
-        UnsupportedMediaType("Content-Type is not ASCII".to_owned())
-    })?;
+    let text = value
+        .to_str()
+        .map_err(|_| UnsupportedMediaType("Content-Type is not ASCII".to_owned()))?;
     let mut parts = text.split(';');
     let media = parts.next().unwrap_or("").trim();
     if !media.eq_ignore_ascii_case("application/json") {
@@ -105,6 +105,35 @@ pub fn single_header<'a>(
         .map_err(|_| AmbiguousRequest(format!("header {name} is not ASCII")))
 }
 
+/// `Mcp-Method` (protocol revision 2026-07-28): the request's method.
+pub const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
+/// `Mcp-Name` (protocol revision 2026-07-28): the tool, resource or prompt
+/// the request names.
+pub const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
+
+/// Refuses routing headers (`Mcp-Method`, `Mcp-Name`) that say something else
+/// than the body does: a server or gateway that routes on them would run
+/// another method or tool than the sidecar decided on. `method` and `name` are
+/// the body's (`None` for a batch, which carries no routing headers).
+pub fn check_routing_headers(
+    headers: &HeaderMap,
+    method: Option<&str>,
+    name: Option<&str>,
+) -> Result<(), AmbiguousRequest> {
+    for (header, body) in [(&MCP_METHOD, method), (&MCP_NAME, name)] {
+        let Some(value) = single_header(headers, header)? else {
+            continue;
+        };
+        if body != Some(value) {
+            return Err(AmbiguousRequest(format!(
+                "header {header} is {value:?} but the body says {}",
+                body.map_or_else(|| "nothing".to_owned(), |b| format!("{b:?}"))
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a path suffix (after the tool server's name) that a server could
 /// resolve to another resource than the one named: dot segments, encoded
 /// slashes, backslashes or dots, and NUL.
@@ -120,7 +149,10 @@ pub fn check_path_suffix(rest: &str) -> Result<(), AmbiguousRequest> {
             "path {rest:?} has encoded separators, dots or a backslash"
         )));
     }
-    if rest.split('/').any(|segment| segment == "." || segment == "..") {
+    if rest
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
         return Err(AmbiguousRequest(format!("path {rest:?} has dot segments")));
     }
     Ok(())
@@ -230,7 +262,10 @@ mod tests {
             "application/json-seq",
             "application/x-www-form-urlencoded",
         ] {
-            assert!(check_body_headers(&with_type(refused)).is_err(), "{refused}");
+            assert!(
+                check_body_headers(&with_type(refused)).is_err(),
+                "{refused}"
+            );
         }
         assert!(check_body_headers(&HeaderMap::new()).is_err());
         let mut headers = with_type("application/json");
@@ -251,6 +286,20 @@ mod tests {
         assert_eq!(single_header(&headers, &MCP_SESSION_ID).unwrap(), Some("a"));
         headers.append(MCP_SESSION_ID, HeaderValue::from_static("b"));
         assert!(single_header(&headers, &MCP_SESSION_ID).is_err());
+    }
+
+    #[test]
+    fn refuses_routing_headers_that_disagree_with_the_body() {
+        let mut headers = HeaderMap::new();
+        assert!(check_routing_headers(&headers, Some("tools/call"), Some("echo")).is_ok());
+        headers.insert(MCP_METHOD, HeaderValue::from_static("tools/call"));
+        headers.insert(MCP_NAME, HeaderValue::from_static("echo"));
+        assert!(check_routing_headers(&headers, Some("tools/call"), Some("echo")).is_ok());
+        assert!(check_routing_headers(&headers, Some("tools/call"), Some("delete")).is_err());
+        assert!(check_routing_headers(&headers, Some("ping"), None).is_err());
+        assert!(check_routing_headers(&headers, None, None).is_err());
+        headers.append(MCP_NAME, HeaderValue::from_static("echo"));
+        assert!(check_routing_headers(&headers, Some("tools/call"), Some("echo")).is_err());
     }
 
     #[test]

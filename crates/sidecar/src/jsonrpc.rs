@@ -332,7 +332,10 @@ mod tests {
     #[test]
     fn rejects_invalid_utf8() {
         let body = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\",\"x\":\"\xff\"}";
-        assert_eq!(parse_payload(body, LIMIT), Err(ParseError::Json(JsonError::InvalidUtf8)));
+        assert_eq!(
+            parse_payload(body, LIMIT),
+            Err(ParseError::Json(JsonError::InvalidUtf8))
+        );
     }
 
     #[test]

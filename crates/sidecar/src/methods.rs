@@ -68,7 +68,11 @@ pub const CLIENT_METHODS: &[KnownMethod] = &[
     row("logging/setLevel", Era::Legacy, Handling::Pass),
     row("notifications/cancelled", Era::Both, Handling::Pass),
     row("notifications/progress", Era::Both, Handling::Pass),
-    row("notifications/roots/list_changed", Era::Legacy, Handling::Pass),
+    row(
+        "notifications/roots/list_changed",
+        Era::Legacy,
+        Handling::Pass,
+    ),
     // Tasks (2025-11-25 core; the `io.modelcontextprotocol/tasks` extension
     // from 2026-07-28): the task's call was decided when it was created.
     row("tasks/get", Era::Both, Handling::Pass),

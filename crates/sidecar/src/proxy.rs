@@ -14,25 +14,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use chaperone_json::JsonError;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use chaperone_json::JsonError;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::assertion::ASSERTION_HEADER;
 use crate::assertion::random_id;
-use crate::authz::{CallRequest, Enforcer, Governed, RefusedMessage, classify, message_era};
+use crate::authz::{
+    CallRequest, Enforcer, Governed, RefusedMessage, classify, may_hold_list, message_era,
+};
 use crate::client::UpstreamClient;
 use crate::delegated::DelegatedSessions;
 use crate::intake::{
     MCP_PROTOCOL_VERSION, MCP_SESSION_ID, check_body_headers, check_path_suffix,
-    forward_headers, is_encoded, single_header, strip_hop_by_hop,
+    check_routing_headers, forward_headers, is_encoded, single_header, strip_hop_by_hop,
 };
-use crate::jsonrpc::{self, Message, ParseError, Payload, forwarded_body, parse_body, parse_strict};
+use crate::jsonrpc::{
+    self, Message, ParseError, Payload, forwarded_body, parse_body, parse_strict,
+};
 use crate::listener::{ConnectionLimits, serve_connections};
 use crate::metrics::{Metrics, RefusalLabels};
 use crate::refusal::{
@@ -336,11 +340,20 @@ impl Gateway {
             Payload::Single(message) => (std::slice::from_ref(message), false),
             Payload::Batch(messages) => (&messages[..], true),
         };
+        let routed = (!batch).then(|| &messages[0]);
+        check_routing_headers(
+            &parts.headers,
+            routed.and_then(Message::method),
+            routed.and_then(routed_name),
+        )?;
         let initializing = messages
             .iter()
             .any(|m| matches!(m, Message::Request { method, .. } if method == "initialize"));
         if initializing && batch {
-            return Err(ParseError::InvalidMessage("initialize must be sent alone, not in a batch").into());
+            return Err(ParseError::InvalidMessage(
+                "initialize must be sent alone, not in a batch",
+            )
+            .into());
         }
         let mut session = self.session_for(active, upstream, mcp_session_id, initializing)?;
         let delegated = self.delegated_session(active, &parts.headers)?;
@@ -509,16 +522,20 @@ impl Gateway {
             };
             let mut value =
                 parse_strict(&bytes, limit).map_err(|err| unreadable(err.to_string()))?;
+            let filter = |message: &mut Value| {
+                self.enforcer
+                    .filter_response(active, &upstream.name, message)
+                    .map_err(&unreadable)
+            };
             match &mut value {
                 Value::Array(items) => {
                     for item in items.iter_mut() {
-                        self.enforcer.filter_response(active, &upstream.name, item);
+                        filter(item)?;
                     }
                     items.extend(local);
                 }
                 single => {
-                    self.enforcer
-                        .filter_response(active, &upstream.name, single);
+                    filter(single)?;
                     if !local.is_empty() {
                         let mut items = vec![single.take()];
                         items.extend(local);
@@ -670,6 +687,16 @@ impl Gateway {
     }
 }
 
+/// The name `Mcp-Name` carries for `message`: `params.name` (tools, prompts)
+/// or `params.uri` (resources).
+pub(crate) fn routed_name(message: &Message) -> Option<&str> {
+    let params = message.params()?;
+    params
+        .get("name")
+        .or_else(|| params.get("uri"))
+        .and_then(Value::as_str)
+}
+
 /// Reads a request body of at most `limit` bytes.
 pub(crate) async fn read_body(
     headers: &HeaderMap,
@@ -698,23 +725,9 @@ struct ListRewriter {
     server: String,
 }
 
-/// [`crate::authz::LIST_KEYS`], quoted as they appear in JSON.
-const QUOTED_LIST_KEYS: [&[u8]; 4] = [
-    b"\"tools\"",
-    b"\"resources\"",
-    b"\"resourceTemplates\"",
-    b"\"prompts\"",
-];
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 impl EventRewrite for ListRewriter {
     fn wants(&self, raw: &[u8]) -> bool {
-        // Quick scan: a list result names one of the list keys in quotes, or
-        // spells it with a `\u` escape (no list key has a shorter escape).
-        contains(raw, b"\\u") || QUOTED_LIST_KEYS.iter().any(|key| contains(raw, key))
+        may_hold_list(raw)
     }
 
     fn rewrite(&mut self, data: &str) -> Result<Option<String>, String> {
@@ -724,20 +737,9 @@ impl EventRewrite for ListRewriter {
             .current()
             .ok_or_else(|| "no policy snapshot".to_owned())?;
         let limit = self.gateway.settings.max_response_bytes;
-        let mut value = parse_strict(data.as_bytes(), limit).map_err(|e| e.to_string())?;
-        let enforcer = &self.gateway.enforcer;
-        let changed = match &mut value {
-            Value::Array(items) => {
-                // Every item is filtered: no short-circuit.
-                let mut changed = false;
-                for item in items.iter_mut() {
-                    changed |= enforcer.filter_response(&active, &self.server, item);
-                }
-                changed
-            }
-            single => enforcer.filter_response(&active, &self.server, single),
-        };
-        Ok(changed.then(|| value.to_string()))
+        self.gateway
+            .enforcer
+            .filter_event(&active, &self.server, data, limit)
     }
 }
 

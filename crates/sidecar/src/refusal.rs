@@ -59,7 +59,9 @@ pub struct Unparseable(#[from] pub ParseError);
 /// server honouring another charset or encoding would read other bytes than
 /// the sidecar decided on.
 #[derive(Debug, Error)]
-#[error("unsupported media type: {0}; send Content-Type: application/json (UTF-8) without Content-Encoding")]
+#[error(
+    "unsupported media type: {0}; send Content-Type: application/json (UTF-8) without Content-Encoding"
+)]
 pub struct UnsupportedMediaType(pub String);
 
 /// The request is ambiguous at the HTTP level (a repeated header the sidecar
@@ -219,7 +221,9 @@ mod tests {
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         let r = Refusal::from(ParseError::Json(JsonError::TooLarge { limit: 1 }));
         assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        let r = Refusal::from(ParseError::Json(JsonError::DuplicateKey { key: "a".into() }));
+        let r = Refusal::from(ParseError::Json(JsonError::DuplicateKey {
+            key: "a".into(),
+        }));
         assert_eq!(
             (r.status(), r.code()),
             (StatusCode::BAD_REQUEST, jsonrpc::PARSE_ERROR)

@@ -1,16 +1,17 @@
 //! Standalone mode (`--policy-dir DIR`): compile the CR YAML files of a directory
 //! into this agent's snapshot, with no controller and no cluster, and recompile
 //! when a file changes (polling modification times about once a second). For
-//! development and demos; a broken edit keeps the last good snapshot.
+//! development and demos; a broken edit keeps the last good snapshot. The files
+//! are read by [`chaperone_policy::DocumentSet`], as `chaperonectl policy` reads
+//! them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chaperone_policy::model::{
-    AgentIdentitySpec, DelegationGrantSpec, Document, Object, ToolPolicySpec,
+use chaperone_policy::{
+    AgentChoiceError, CompileOptions, DOCUMENT_FILE_EXTENSIONS, DocumentError, DocumentSet, compile,
 };
-use chaperone_policy::{CompileOptions, Inventory, compile};
 use thiserror::Error;
 
 use crate::snapshot::{SnapshotRejected, SnapshotSource};
@@ -26,17 +27,19 @@ pub enum PolicyDirError {
         /// Why.
         source: std::io::Error,
     },
-    /// A file is not Chaperone CR YAML.
-    #[error("parsing {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        message: String,
-    },
+    /// A file's documents were refused ([`chaperone_policy::DocumentSet`]'s rules).
+    #[error(transparent)]
+    Documents(#[from] DocumentError),
     /// No AgentIdentity, or several and none chosen.
-    #[error("{0}")]
-    Identity(String),
+    #[error("{}: {reason}{hint}", dir.display())]
+    Identity {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        reason: AgentChoiceError,
+        /// What to do about it.
+        hint: &'static str,
+    },
     /// The snapshot was refused.
     #[error(transparent)]
     Rejected(#[from] SnapshotRejected),
@@ -55,7 +58,7 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyDirError> {
             .extension()
             .and_then(|e| e.to_str())
             .unwrap_or_default();
-        if path.is_file() && matches!(ext, "yaml" | "yml" | "json") {
+        if path.is_file() && DOCUMENT_FILE_EXTENSIONS.contains(&ext) {
             files.push(path);
         }
     }
@@ -75,78 +78,48 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
         .collect()
 }
 
-/// Reads every document of the directory.
-pub fn read_documents(dir: &Path) -> Result<Vec<Document>, PolicyDirError> {
-    let mut documents = Vec::new();
+/// Reads every CR file of the directory.
+pub fn read_documents(dir: &Path) -> Result<DocumentSet, PolicyDirError> {
+    let mut documents = DocumentSet::new();
     for path in policy_files(dir)? {
         let text = std::fs::read_to_string(&path).map_err(|source| PolicyDirError::Read {
             path: path.clone(),
             source,
         })?;
-        let parsed: Vec<Document> =
-            serde_saphyr::from_multiple(&text).map_err(|err| PolicyDirError::Parse {
-                path: path.clone(),
-                message: err.to_string(),
-            })?;
-        documents.extend(parsed);
+        documents.add(&path.display().to_string(), &text)?;
     }
     Ok(documents)
 }
 
-/// Compiles the directory's snapshot for `agent` (an AgentIdentity name, needed
-/// only when the directory holds several) at `version` and puts it in force.
+/// Compiles the directory's snapshot for `agent` (`namespace/name`, or a name
+/// only one AgentIdentity has; needed only when the directory holds several)
+/// at `version` and puts it in force.
 pub fn load(
     dir: &Path,
     agent: Option<&str>,
     version: u64,
     source: &SnapshotSource,
 ) -> Result<u64, PolicyDirError> {
-    let mut identities: Vec<Object<AgentIdentitySpec>> = Vec::new();
-    let mut policies: Vec<Object<ToolPolicySpec>> = Vec::new();
-    let mut grants: Vec<Object<DelegationGrantSpec>> = Vec::new();
-    for document in read_documents(dir)? {
-        match document {
-            Document::AgentIdentity(o) => identities.push(o),
-            Document::ToolPolicy(o) => policies.push(o),
-            Document::DelegationGrant(o) => grants.push(o),
-        }
-    }
-    let identity = match agent {
-        Some(name) => identities
-            .iter()
-            .find(|i| i.metadata.name == name)
-            .ok_or_else(|| {
-                PolicyDirError::Identity(format!(
-                    "no AgentIdentity named {name:?} in {}",
-                    dir.display()
-                ))
-            })?,
-        None => match identities.as_slice() {
-            [only] => only,
-            [] => {
-                return Err(PolicyDirError::Identity(format!(
-                    "no AgentIdentity in {}",
-                    dir.display()
-                )));
-            }
-            _ => {
-                return Err(PolicyDirError::Identity(
-                    "several AgentIdentities: choose one with --agent".to_owned(),
-                ));
-            }
-        },
-    };
+    let documents = read_documents(dir)?;
+    let identity = documents
+        .agent(agent)
+        .map_err(|reason| PolicyDirError::Identity {
+            dir: dir.to_owned(),
+            hint: match reason {
+                AgentChoiceError::Several(_) | AgentChoiceError::Ambiguous { .. } => {
+                    " with --agent (CHAPERONE_AGENT)"
+                }
+                _ => "",
+            },
+            reason,
+        })?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0);
     let compilation = compile(
         identity,
-        &Inventory {
-            identities: &identities,
-            policies: &policies,
-            grants: &grants,
-        },
+        &documents.inventory(),
         &CompileOptions { version, now },
     );
     for error in &compilation.errors {
@@ -180,5 +153,97 @@ pub async fn watch(
             last = Some(current);
         }
         tokio::time::sleep(poll).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(namespace: &str, name: &str) -> String {
+        format!(
+            "apiVersion: chaperone.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  selector: {{serviceAccountName: {name}}}\n"
+        )
+    }
+
+    fn directory(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    fn loaded_agent(source: &SnapshotSource) -> String {
+        source.current().unwrap().snapshot.content.agent.to_string()
+    }
+
+    #[test]
+    fn loads_the_only_agent_and_skips_other_kinds() {
+        let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: planner}\n";
+        let dir = directory(&[
+            (
+                "agent.yaml",
+                &format!("{deployment}---\n{}", identity("shop", "planner")),
+            ),
+            ("notes.txt", "not a CR file"),
+        ]);
+        let source = SnapshotSource::new();
+        assert_eq!(load(dir.path(), None, 3, &source).unwrap(), 3);
+        assert_eq!(loaded_agent(&source), "shop/planner");
+    }
+
+    #[test]
+    fn picks_the_agent_by_name_or_namespace_and_name() {
+        let dir = directory(&[
+            ("a.yaml", &identity("shop", "planner")),
+            ("b.yaml", &identity("lab", "worker")),
+        ]);
+        let source = SnapshotSource::new();
+        load(dir.path(), Some("worker"), 1, &source).unwrap();
+        assert_eq!(loaded_agent(&source), "lab/worker");
+        load(dir.path(), Some("shop/planner"), 2, &source).unwrap();
+        assert_eq!(loaded_agent(&source), "shop/planner");
+    }
+
+    #[test]
+    fn several_agents_need_a_choice() {
+        let dir = directory(&[
+            ("a.yaml", &identity("shop", "planner")),
+            ("b.yaml", &identity("shop", "worker")),
+        ]);
+        let error = load(dir.path(), None, 1, &SnapshotSource::new()).unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                PolicyDirError::Identity {
+                    reason: AgentChoiceError::Several(_),
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .ends_with("with --agent (CHAPERONE_AGENT)"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn refuses_an_object_defined_twice() {
+        let dir = directory(&[
+            ("a.yaml", &identity("shop", "planner")),
+            ("b.json", &identity("shop", "planner")),
+        ]);
+        let error = load(dir.path(), None, 1, &SnapshotSource::new()).unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                PolicyDirError::Documents(DocumentError::Duplicate { .. })
+            ),
+            "{error}"
+        );
     }
 }

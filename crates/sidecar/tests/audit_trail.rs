@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chaperone_audit::{SidecarKeys, VerifyError, VerifyOptions, verify_log_signed};
 use chaperone_sidecar::Settings;
-use common::{Harness, call};
+use common::{Harness, call, post_raw, raw_initialize};
 use serde_json::{Value, json};
 
 const STRICT: VerifyOptions = VerifyOptions {
@@ -72,25 +72,36 @@ async fn the_trail_of_a_real_sidecar_proves_itself_complete() {
     );
     maintain.abort();
 
-    // Shutdown: the final checkpoint, and no decision after it.
+    // Shutdown: the final checkpoint, and no decision after it: a call that
+    // can no longer be audited is refused.
+    let sid = raw_initialize(&harness.url()).await.unwrap();
     harness.sidecar.close_audit().unwrap();
-    call(&b, "get_order", json!({})).await.unwrap_err();
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_order"}}"#;
+    let headers = [
+        ("mcp-session-id", sid.as_str()),
+        ("mcp-protocol-version", "2025-06-18"),
+    ];
+    let refused = post_raw(&harness.url(), &headers, body).await;
+    assert_eq!(refused.status, http::StatusCode::SERVICE_UNAVAILABLE);
     let text = harness.audit.text();
     let summary = verify_log_signed(&text, STRICT, &keys).unwrap();
     assert_eq!((summary.records, summary.checkpoints), (5, 3));
     assert!(summary.sidecars[0].closed);
 
-    // Each record is covered: deleting or editing any one of them is caught.
+    // Each line is covered: deleting or editing any one of them is caught.
     let lines: Vec<&str> = text.lines().collect();
     for victim in 0..lines.len() {
         let mut deleted = lines.clone();
         deleted.remove(victim);
         let deleted = deleted.join("\n");
-        assert!(
-            verify_log_signed(&deleted, VerifyOptions::default(), &keys).is_err(),
-            "line {} deleted unnoticed",
-            victim + 1
-        );
+        let verified = verify_log_signed(&deleted, VerifyOptions::default(), &keys);
+        if victim + 1 == lines.len() {
+            // The final checkpoint is after the last one before it: without
+            // it the trail is whole up to line 7, but no longer closed.
+            assert!(!verified.unwrap().sidecars[0].closed);
+        } else {
+            assert!(verified.is_err(), "line {} deleted unnoticed", victim + 1);
+        }
         let mut edited = lines.clone();
         let changed = lines[victim].replacen("\"seq\":", "\"seq\": ", 1).replacen(
             "\"time\":\"",

@@ -201,6 +201,22 @@ async fn refuses_list_responses_it_cannot_read() {
             ),
         ),
         (
+            "list key in another case",
+            answer(
+                200,
+                &[("content-type", "application/json")],
+                br#"{"jsonrpc":"2.0","id":1,"result":{"TOOLS":[{"name":"delete_all"}]}}"#,
+            ),
+        ),
+        (
+            "result key in another case",
+            answer(
+                200,
+                &[("content-type", "text/plain")],
+                br#"{"jsonrpc":"2.0","id":1,"Result":{"tools":[{"name":"delete_all"}]}}"#,
+            ),
+        ),
+        (
             "duplicate keys",
             answer(
                 200,
@@ -324,4 +340,54 @@ async fn keeps_session_history_across_an_initialize_notification() {
             .any(|r| r["rule"] == "protocol" && r["method"] == "initialize"),
         "the initialize notification was refused and audited"
     );
+}
+
+#[tokio::test]
+async fn cuts_sse_lists_spelled_in_another_case() {
+    for spelled in [r#""TOOLS""#, "\"tool\u{017f}\"", r#""Tools""#] {
+        let event = format!(
+            "event: message\ndata: {}\n\n",
+            LISTED.replace("\"tools\"", spelled)
+        );
+        let server = fake_server(answer(
+            200,
+            &[("content-type", "text/event-stream")],
+            event.as_bytes(),
+        ))
+        .await;
+        let (url, _audit, _dir) = sidecar_for(&server).await;
+        // The sidecar cuts the stream at the refused event (here the first,
+        // so nothing at all arrives): read whatever did.
+        let port = url
+            .split(':')
+            .nth(2)
+            .and_then(|p| p.split('/').next())
+            .unwrap();
+        let received = common_http_post(port.parse().unwrap(), "/shop", LIST).await;
+        assert_eq!(server.seen.lock().unwrap().len(), 1, "the list was asked for");
+        assert!(
+            !received.contains("delete_all"),
+            "{spelled}: a list a case-folding client reads reached it unfiltered: {received}"
+        );
+    }
+}
+
+/// A raw HTTP/1.0 POST; whatever arrived before the connection ended.
+async fn common_http_post(port: u16, path: &str, body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.0\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut received),
+    )
+    .await;
+    String::from_utf8_lossy(&received).into_owned()
 }

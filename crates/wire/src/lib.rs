@@ -2,6 +2,13 @@
 //! `proto/chaperone/snapshot/v1/snapshot.proto`. Only generated types (and the
 //! codec they are sent with) live here; each side converts them into its own
 //! types.
+//!
+//! A `SnapshotUpdate`'s payload is a `chaperone_policy::Snapshot` as JSON: its
+//! format version and the label in `SnapshotUpdate.format` are defined once,
+//! as `chaperone_policy::SNAPSHOT_FORMAT` and `SNAPSHOT_FORMAT_JSON` (this
+//! crate knows no policy type, and the policy core must not depend on gRPC).
+//! `tests/fixtures/snapshot-v1.json` is the golden update that the controller's
+//! encoder and the sidecar's decoder are both tested against.
 
 #![forbid(unsafe_code)]
 
@@ -10,9 +17,6 @@ pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("chaperone.snapshot.v1");
 }
-
-/// The format name of snapshot payloads this contract carries.
-pub const SNAPSHOT_FORMAT_JSON: &str = "chaperone.snapshot.v1+json";
 
 /// The codec of the snapshot stream: protobuf (prost) with a 1 KiB initial
 /// decode buffer instead of tonic's 8 KiB. A controller keeps one per sidecar

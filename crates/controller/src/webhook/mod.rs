@@ -1,10 +1,15 @@
 //! The sidecar-injection mutating admission webhook.
 //!
-//! [`mutate`] decides and builds the JSON patch (pure); [`server`] serves it over
-//! HTTPS at `POST /inject` with the controller's self-managed certificate.
-//! [`run_webhook`] wires both for the controller binary.
+//! [`mutate`] decides and builds the JSON patch (pure) with the
+//! [`injection_settings`] it is given (built from the flags in `args.rs`);
+//! [`quantity`] reads the Kubernetes quantities of resource settings and
+//! annotations; [`server`] serves the patch over HTTPS at `POST /inject` with
+//! the controller's self-managed certificate. [`run_webhook`] wires them for
+//! the controller binary.
 
+pub mod injection_settings;
 pub mod mutate;
+pub mod quantity;
 pub mod server;
 
 use std::sync::Arc;
@@ -18,9 +23,8 @@ use kube::{
 };
 use tokio::sync::watch;
 
-pub use mutate::{
-    Decision, FailurePolicy, InjectionError, InjectionOutcome, InjectionSettings, injection_patch,
-};
+pub use injection_settings::{Bounds, FailurePolicy, InjectionSettings, ProxyResources};
+pub use mutate::{Decision, InjectionError, InjectionOutcome, injection_patch};
 pub use server::{BoundWebhook, ReviewRecord, WebhookError, WebhookState, bind, router, serve};
 
 use crate::certs::TlsMaterial;

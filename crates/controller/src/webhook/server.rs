@@ -29,7 +29,10 @@ use kube::{
 };
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::mutate::{Decision, FailurePolicy, InjectionSettings, injection_patch};
+use super::{
+    injection_settings::{FailurePolicy, InjectionSettings},
+    mutate::{Decision, injection_patch},
+};
 use crate::certs::{self, TlsMaterial};
 
 /// Largest AdmissionReview accepted, bytes (the API server's object limit is

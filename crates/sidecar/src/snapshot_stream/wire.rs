@@ -3,8 +3,7 @@
 //! [`InvalidUpdate`] whose text goes back to the controller as the NACK's error.
 //! Pure; no I/O.
 
-use chaperone_policy::{Snapshot, SnapshotBytesError};
-use chaperone_wire::SNAPSHOT_FORMAT_JSON;
+use chaperone_policy::{SNAPSHOT_FORMAT_JSON, Snapshot, SnapshotBytesError};
 use chaperone_wire::v1::{self, SnapshotUpdate};
 use thiserror::Error;
 
@@ -154,8 +153,7 @@ impl From<&DiscoveredTool> for v1::DiscoveredTool {
 #[cfg(test)]
 pub(crate) mod fixtures {
     use chaperone_policy::model::{AgentIdentitySpec, Object};
-    use chaperone_policy::{CompileOptions, Inventory, Snapshot, compile};
-    use chaperone_wire::SNAPSHOT_FORMAT_JSON;
+    use chaperone_policy::{CompileOptions, Inventory, SNAPSHOT_FORMAT_JSON, Snapshot, compile};
     use chaperone_wire::v1::{self, SnapshotUpdate};
 
     /// A compiled snapshot of agent `shop/planner` at `version`.
@@ -287,5 +285,106 @@ mod tests {
         let mut update = update(&snapshot(1));
         update.jwks_json = String::new();
         assert!(SnapshotOffer::try_from(update).unwrap().peer_keys.is_none());
+    }
+
+    /// The golden update of `crates/wire/tests/fixtures/snapshot-v1.json` (the
+    /// controller's encoder is tested against the same file), as the sidecar
+    /// receives it. The payload's keys come out sorted: a decoder must not
+    /// care, and the hash (over the content in its declared order) still pins
+    /// the layout.
+    fn golden_update() -> SnapshotUpdate {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../wire/tests/fixtures/snapshot-v1.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let text_of = |pointer: &str| {
+            golden
+                .pointer(pointer)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        SnapshotUpdate {
+            version: golden["version"].as_u64().unwrap(),
+            hash: text_of("/hash"),
+            format: text_of("/format"),
+            payload: serde_json::to_vec(&golden["payload"]).unwrap().into(),
+            identity: Some(v1::Identity {
+                namespace: text_of("/identity/namespace"),
+                agent: text_of("/identity/agent"),
+                pod: text_of("/identity/pod"),
+                pod_uid: text_of("/identity/podUid"),
+            }),
+            jwks_json: golden["jwks"].to_string(),
+        }
+    }
+
+    #[test]
+    fn decodes_the_golden_snapshot_update() {
+        use chaperone_policy::model::EnforcementMode;
+
+        let offer = SnapshotOffer::try_from(golden_update()).unwrap();
+        let snapshot = &offer.snapshot;
+        assert_eq!(snapshot.version, 7);
+        let content = &snapshot.content;
+        assert_eq!(content.format, chaperone_policy::SNAPSHOT_FORMAT);
+        assert_eq!(content.agent.to_string(), "shop/planner");
+        assert_eq!(content.mode, EnforcementMode::DryRun);
+        let servers: Vec<_> = content
+            .tool_servers
+            .iter()
+            .map(|s| (s.name.as_str(), s.agent.as_deref()))
+            .collect();
+        assert_eq!(servers, [("orders", None), ("worker", Some("worker"))]);
+        assert_eq!(content.assertion.lifetime_seconds, 30);
+        assert_eq!(
+            (
+                content.session.idle_timeout_seconds,
+                content.session.max_calls
+            ),
+            (600, 50)
+        );
+        assert_eq!(content.initiators[0].issuer, "https://login.example.com");
+        assert_eq!(content.passthrough_methods, ["acme/ping", "acme/stats"]);
+        let rules: Vec<_> = content
+            .authority
+            .rules
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "call-worker",
+                "no-refund-after-export",
+                "read-orders",
+                "small-refunds",
+                "users-only"
+            ]
+        );
+        let limit = content.authority.rules[3].rate_limit.as_ref().unwrap();
+        assert_eq!(
+            (limit.id.as_str(), limit.calls, limit.period_seconds),
+            ("shop/planner/small-refunds", 5, 60)
+        );
+        assert_eq!(
+            content.grants_received[0].grant.to_string(),
+            "shop/frontdesk-to-planner"
+        );
+        assert_eq!(
+            content.grants_given[0].grant.to_string(),
+            "shop/planner-to-worker"
+        );
+        assert_eq!(content.delegators[0].agent.to_string(), "shop/frontdesk");
+        let identity = offer.identity.unwrap();
+        assert_eq!(
+            (identity.pod.as_str(), identity.pod_uid.as_str()),
+            ("planner-0", "0c6f8e2e-planner-0")
+        );
+        let keys = offer.peer_keys.unwrap();
+        let key = keys.get("frontdesk-0-1").unwrap();
+        assert_eq!(key["chaperone.dev/agent"], "shop/frontdesk");
+        chaperone_policy::Engine::new(snapshot).expect("the golden snapshot can be put in force");
     }
 }

@@ -1,0 +1,274 @@
+//! Tests of the controller's wire edge, and the encoder against the golden
+//! snapshot update of `crates/wire/tests/fixtures/snapshot-v1.json`.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use chaperone_policy::{CompileOptions, DocumentSet, ObjectKey, Snapshot, compile};
+use chaperone_wire::v1::sidecar_message::Message;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::sidecars::SidecarRegistry;
+
+fn message(message: Message) -> SidecarMessage {
+    SidecarMessage {
+        message: Some(message),
+    }
+}
+
+#[test]
+fn converts_a_signing_key() {
+    let report = SidecarReport::try_from(message(Message::SigningKey(v1::SigningKey {
+        kid: "k1".into(),
+        jwk_json: r#"{"kty":"OKP","crv":"Ed25519","x":"abc"}"#.into(),
+    })))
+    .unwrap();
+    let SidecarReport::SigningKey(key) = report else {
+        panic!("{report:?}");
+    };
+    assert_eq!(key.kid, "k1");
+    assert_eq!(key.jwk["crv"], "Ed25519");
+}
+
+#[test]
+fn refuses_a_signing_key_without_a_kid() {
+    let key = v1::SigningKey {
+        kid: String::new(),
+        jwk_json: r#"{"kty":"OKP"}"#.into(),
+    };
+    assert!(matches!(
+        SigningKey::try_from(key),
+        Err(InvalidSidecarMessage::KeyWithoutKid)
+    ));
+}
+
+#[test]
+fn refuses_a_signing_key_that_is_not_a_jwk_object() {
+    for jwk_json in ["not json", "[]", r#""OKP""#] {
+        let key = v1::SigningKey {
+            kid: "k1".into(),
+            jwk_json: jwk_json.into(),
+        };
+        assert!(
+            matches!(
+                SigningKey::try_from(key),
+                Err(InvalidSidecarMessage::KeyNotAJwk { .. })
+            ),
+            "{jwk_json}"
+        );
+    }
+}
+
+#[test]
+fn an_empty_message_is_unknown() {
+    assert!(matches!(
+        SidecarReport::try_from(SidecarMessage { message: None }),
+        Err(InvalidSidecarMessage::Unknown)
+    ));
+}
+
+#[test]
+fn a_hello_without_a_snapshot_names_none() {
+    let hello = Hello::from(v1::Hello {
+        sidecar_version: "0.1.0".into(),
+        snapshot_version: 0,
+        snapshot_hash: String::new(),
+    });
+    assert_eq!(hello.snapshot, None);
+    let hello = Hello::from(v1::Hello {
+        sidecar_version: "0.1.0".into(),
+        snapshot_version: 3,
+        snapshot_hash: "ab".into(),
+    });
+    assert_eq!(
+        hello.snapshot,
+        Some(SnapshotRef {
+            version: 3,
+            hash: "ab".into()
+        })
+    );
+}
+
+#[test]
+fn an_inventory_is_deduplicated() {
+    let tool = |server: &str, name: &str| v1::DiscoveredTool {
+        server: server.into(),
+        name: name.into(),
+    };
+    let report = SidecarReport::try_from(message(Message::Inventory(v1::ToolInventory {
+        tools: vec![
+            tool("orders", "refund"),
+            tool("orders", "get_order"),
+            tool("orders", "refund"),
+        ],
+    })))
+    .unwrap();
+    let expected = BTreeSet::from([
+        ("orders".to_owned(), "get_order".to_owned()),
+        ("orders".to_owned(), "refund".to_owned()),
+    ]);
+    assert_eq!(report, SidecarReport::Inventory(expected));
+}
+
+#[test]
+fn carries_acks_nacks_and_audit_batches() {
+    let ack = SidecarReport::try_from(message(Message::Ack(v1::Ack {
+        version: 4,
+        hash: "h".into(),
+    })))
+    .unwrap();
+    assert_eq!(
+        ack,
+        SidecarReport::Ack(SnapshotRef {
+            version: 4,
+            hash: "h".into()
+        })
+    );
+    let nack = SidecarReport::try_from(message(Message::Nack(v1::Nack {
+        version: 5,
+        hash: "h".into(),
+        error: "bad".into(),
+    })))
+    .unwrap();
+    assert!(
+        matches!(nack, SidecarReport::Nack { snapshot, error } if snapshot.version == 5 && error == "bad")
+    );
+    let audit = SidecarReport::try_from(message(Message::Audit(v1::AuditBatch {
+        records: vec!["{}".into()],
+        dropped: 2,
+    })))
+    .unwrap();
+    assert_eq!(
+        audit,
+        SidecarReport::Audit(AuditBatch {
+            records: vec!["{}".into()],
+            dropped: 2
+        })
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The golden snapshot update
+// ---------------------------------------------------------------------------
+
+/// `crates/wire/tests/fixtures`: the contract's fixtures live with the contract.
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../wire/tests/fixtures")
+}
+
+/// Compile time of the golden snapshot (2023-11-14T22:13:20Z).
+const GOLDEN_NOW: i64 = 1_700_000_000;
+
+/// Agent `shop/planner`'s snapshot of `snapshot-v1.crs.yaml`, version 7.
+fn golden_snapshot() -> Snapshot {
+    let path = fixtures().join("snapshot-v1.crs.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut documents = DocumentSet::new();
+    documents.add(&path.display().to_string(), &text).unwrap();
+    let identity = documents.agent(Some("shop/planner")).unwrap();
+    let compilation = compile(
+        identity,
+        &documents.inventory(),
+        &CompileOptions {
+            version: 7,
+            now: GOLDEN_NOW,
+        },
+    );
+    assert_eq!(compilation.errors, [], "the fixture's CRs compile cleanly");
+    compilation.snapshot
+}
+
+/// The key set the planner's sidecars get: the key of its caller's sidecar
+/// (`shop/frontdesk`), as the registry publishes it.
+fn golden_jwks() -> String {
+    let registry = SidecarRegistry::new();
+    let caller = ObjectKey::new("shop", "frontdesk");
+    let _connection = registry.connect(&SidecarIdentity {
+        agent: caller.clone(),
+        pod: "frontdesk-0".into(),
+        pod_uid: "7a1f4c52-frontdesk-0".into(),
+        service_account: "frontdesk".into(),
+    });
+    registry.update("shop", "frontdesk-0", |s| {
+        s.key = Some((
+            "frontdesk-0-1".into(),
+            json!({"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}),
+        ));
+    });
+    registry.jwks_json_of(&BTreeSet::from([caller]))
+}
+
+/// The golden file's shape: the fields of a `SnapshotUpdate`, with the JSON
+/// that `payload` and `jwks_json` hold written out as JSON.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GoldenUpdate {
+    format: String,
+    version: u64,
+    hash: String,
+    identity: GoldenIdentity,
+    jwks: Value,
+    payload: Snapshot,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GoldenIdentity {
+    namespace: String,
+    agent: String,
+    pod: String,
+    pod_uid: String,
+}
+
+#[test]
+fn encodes_the_golden_snapshot_update() {
+    let identity = SidecarIdentity {
+        agent: ObjectKey::new("shop", "planner"),
+        pod: "planner-0".into(),
+        pod_uid: "0c6f8e2e-planner-0".into(),
+        service_account: "planner".into(),
+    };
+    let snapshot = PublishedSnapshot::new(&golden_snapshot());
+    let message = snapshot_message(&identity, &snapshot, &golden_jwks());
+    let Some(controller_message::Message::Snapshot(update)) = message.message else {
+        panic!("not a snapshot update: {message:?}");
+    };
+    let sent_identity = update.identity.unwrap();
+    let encoded = GoldenUpdate {
+        format: update.format,
+        version: update.version,
+        hash: update.hash,
+        identity: GoldenIdentity {
+            namespace: sent_identity.namespace,
+            agent: sent_identity.agent,
+            pod: sent_identity.pod,
+            pod_uid: sent_identity.pod_uid,
+        },
+        jwks: serde_json::from_str(&update.jwks_json).unwrap(),
+        payload: Snapshot::from_bytes(&update.payload).unwrap(),
+    };
+    let path = fixtures().join("snapshot-v1.json");
+    if std::env::var_os("CHAPERONE_BLESS").is_some() {
+        let text = serde_json::to_string_pretty(&encoded).unwrap() + "\n";
+        std::fs::write(&path, text).unwrap();
+    }
+    let golden: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let payload: Value = serde_json::from_slice(&update.payload).unwrap();
+    assert_eq!(
+        payload,
+        golden["payload"],
+        "the payload bytes differ from {}",
+        path.display()
+    );
+    let encoded = serde_json::to_value(&encoded).unwrap();
+    assert!(
+        encoded == golden,
+        "the encoded update differs from {}: a change of the snapshot contract. If intended (bump \
+         SNAPSHOT_FORMAT and add a new fixture when old sidecars cannot read it), rerun with \
+         CHAPERONE_BLESS=1 and review the diff.\nencoded: {}",
+        path.display(),
+        serde_json::to_string_pretty(&encoded).unwrap()
+    );
+}

@@ -1,0 +1,125 @@
+//! Tests of the desired statuses and of the writer's transition times.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chaperone_policy::{
+    ObjectKey, ObjectKind, ObjectRef,
+    model::{DelegationGrantSpec, Object},
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use serde_json::json;
+
+use super::{desired::policy_status, writer::with_transition_times, *};
+use crate::{
+    index::Index,
+    sidecars::SidecarState,
+    test_objects::{self, identity, meta},
+};
+
+const NOW: i64 = 1_800_000_000;
+
+/// A grant in `ns` from `from` to `to_ns/to`.
+fn grant(ns: &str, from: &str, to_ns: &str, to: &str) -> Object<DelegationGrantSpec> {
+    test_objects::grant(ns, &format!("{from}-to-{to}"), from, Some(to_ns), to)
+}
+
+fn key(ns: &str, name: &str) -> ObjectKey {
+    ObjectKey::new(ns, name)
+}
+
+#[test]
+fn a_grant_is_checked_again_when_its_target_namespace_changes() {
+    let mut index = Index::new();
+    index.apply_grant(grant("a", "planner", "b", "worker"), NOW);
+    index.take_status_dirty();
+
+    let objects = objects_to_check(&index, &BTreeSet::from(["b".to_owned()]), &BTreeSet::new());
+
+    assert!(objects.contains(&ObjectRef {
+        kind: ObjectKind::DelegationGrant,
+        key: key("a", "planner-to-worker"),
+    }));
+}
+
+#[test]
+fn changes_mark_only_the_namespaces_they_can_affect() {
+    let mut index = Index::new();
+    index.apply_identity(identity("a", "planner"), NOW);
+    index.apply_identity(identity("b", "worker"), NOW);
+    index.take_status_dirty();
+
+    index.apply_identity(identity("a", "reviewer"), NOW);
+
+    assert_eq!(index.take_status_dirty(), BTreeSet::from(["a".to_owned()]));
+    assert!(index.take_status_dirty().is_empty(), "taken once");
+}
+
+#[test]
+fn out_of_sync_pods_are_listed_up_to_the_cap_and_all_counted() {
+    let mut index = Index::new();
+    index.apply_identity(identity("a", "planner"), NOW);
+    let agent = key("a", "planner");
+    let pods: Vec<(String, SidecarState)> = (0..OUT_OF_SYNC_PODS_LISTED + 5)
+        .map(|i| {
+            let state = SidecarState {
+                agent: Some(agent.clone()),
+                acked: Some((1, "an older hash".into())),
+                ..Default::default()
+            };
+            (format!("pod-{i}"), state)
+        })
+        .collect();
+    let sidecars = BTreeMap::from([(agent.clone(), pods)]);
+    let object = ObjectRef {
+        kind: ObjectKind::AgentIdentity,
+        key: agent,
+    };
+
+    let statuses = desired_statuses(&index, &sidecars, &[object], NOW);
+
+    let status = statuses[0].1.as_ref().expect("the identity exists");
+    assert_eq!(
+        status.fields["sidecarsConnected"],
+        json!(OUT_OF_SYNC_PODS_LISTED + 5)
+    );
+    assert_eq!(status.fields["sidecarsInSync"], json!(0));
+    assert_eq!(
+        status.fields["outOfSyncPods"].as_array().map(Vec::len),
+        Some(OUT_OF_SYNC_PODS_LISTED)
+    );
+}
+
+#[test]
+fn a_deleted_object_has_no_status() {
+    let index = Index::new();
+    let object = ObjectRef {
+        kind: ObjectKind::ToolPolicy,
+        key: key("a", "gone"),
+    };
+
+    let statuses = desired_statuses(&index, &BTreeMap::new(), &[object], NOW);
+
+    assert!(statuses[0].1.is_none());
+}
+
+#[test]
+fn a_condition_keeps_its_transition_time_while_its_status_holds() {
+    let index = Index::new();
+    let status = policy_status(
+        &index,
+        &Object {
+            api_version: chaperone_policy::model::API_VERSION.into(),
+            metadata: meta("a", "p"),
+            spec: Default::default(),
+        },
+        &[],
+    );
+    let then = Time(k8s_openapi::jiff::Timestamp::from_second(NOW).unwrap());
+    let ready = status.conditions[0].status;
+
+    let kept = with_transition_times(&status, &[("Ready", ready, then.clone())]);
+    let moved = with_transition_times(&status, &[("Ready", !ready, then.clone())]);
+
+    assert_eq!(kept[0].last_transition_time, then);
+    assert_ne!(moved[0].last_transition_time, then);
+}
