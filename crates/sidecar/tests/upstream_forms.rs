@@ -364,7 +364,11 @@ async fn cuts_sse_lists_spelled_in_another_case() {
             .and_then(|p| p.split('/').next())
             .unwrap();
         let received = common_http_post(port.parse().unwrap(), "/shop", LIST).await;
-        assert_eq!(server.seen.lock().unwrap().len(), 1, "the list was asked for");
+        assert_eq!(
+            server.seen.lock().unwrap().len(),
+            1,
+            "the list was asked for"
+        );
         assert!(
             !received.contains("delete_all"),
             "{spelled}: a list a case-folding client reads reached it unfiltered: {received}"
