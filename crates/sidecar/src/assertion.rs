@@ -21,7 +21,7 @@ use thiserror::Error;
 use crate::canonical::sha256;
 
 /// The header carrying the assertion to the tool server.
-pub const ASSERTION_HEADER: &str = "chaperone-assertion";
+pub use chaperone_wire::sidecar_env::ASSERTION_HEADER;
 
 /// The signing key could not be created.
 #[derive(Debug, Error)]

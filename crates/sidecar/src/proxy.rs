@@ -55,7 +55,8 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// The header that names an inbound-opened session to the agent, which sends
 /// it back with the calls it makes for that task.
-pub const CHAPERONE_SESSION: HeaderName = HeaderName::from_static("chaperone-session");
+pub const CHAPERONE_SESSION: HeaderName =
+    HeaderName::from_static(chaperone_wire::sidecar_env::SESSION_HEADER);
 /// Key space of inbound-opened sessions in their store.
 const DELEGATED: &str = "chaperone-session";
 /// The rule name of refusals made before policy (malformed or unknown

@@ -12,6 +12,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod sidecar_env;
+
 /// `chaperone.snapshot.v1`: the snapshot stream.
 pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -5,6 +5,7 @@
 //! The settings come from [`super::injection_settings`]; the quantities of
 //! the resource annotations are read by [`super::quantity`].
 
+use chaperone_wire::sidecar_env;
 use std::collections::BTreeMap;
 
 use chaperone_api::AgentIdentity;
@@ -25,18 +26,18 @@ pub const INJECTION_LABEL: &str = "chaperone.dev/injection";
 pub const SIDECAR_NAME: &str = "chaperone-proxy";
 /// Name of the projected ServiceAccount token volume.
 pub const TOKEN_VOLUME: &str = "chaperone-token";
-/// Where the sidecar finds its ServiceAccount token (audience `chaperone`).
-pub const TOKEN_DIR: &str = "/var/run/secrets/chaperone";
 /// The variable that tells app containers where their MCP proxy is.
-pub const MCP_URL_ENV: &str = "CHAPERONE_MCP_URL";
+pub use chaperone_wire::sidecar_env::ENV_MCP_URL as MCP_URL_ENV;
 /// Its value: the sidecar's outbound port on loopback.
-pub const MCP_URL: &str = "http://127.0.0.1:15001";
+pub use chaperone_wire::sidecar_env::MCP_URL;
+/// Where the sidecar finds its ServiceAccount token (audience `chaperone`).
+pub use chaperone_wire::sidecar_env::TOKEN_DIR;
 /// The sidecar's outbound MCP port (agent → tools).
-pub const OUTBOUND_PORT: i32 = 15001;
+pub const OUTBOUND_PORT: i32 = sidecar_env::OUTBOUND_PORT as i32;
 /// The sidecar's inbound port (delegated calls, or calls to a tool server).
-pub const INBOUND_PORT: i32 = 15006;
+pub const INBOUND_PORT: i32 = sidecar_env::INBOUND_PORT as i32;
 /// The sidecar's admin port (`/ready`, `/metrics`).
-pub const ADMIN_PORT: i32 = 15090;
+pub const ADMIN_PORT: i32 = sidecar_env::ADMIN_PORT as i32;
 
 /// Annotation naming the pod's own MCP port (1–65535) that the sidecar's
 /// inbound listener (:15006) fronts: delegated calls (agent mode) or calls to the
@@ -49,10 +50,10 @@ pub const INBOUND_PORT_ANNOTATION: &str = "chaperone.dev/inbound-port";
 /// `CHAPERONE_INBOUND_AUDIENCES`): the audience the calling agents'
 /// AgentIdentities name for this server. Required in tool mode.
 pub const AUDIENCE_ANNOTATION: &str = "chaperone.dev/audience";
-/// Sidecar variable: where the inbound listener forwards verified calls.
-pub const INBOUND_UPSTREAM_ENV: &str = "CHAPERONE_INBOUND_UPSTREAM";
 /// Sidecar variable: extra audiences the inbound listener accepts.
-pub const INBOUND_AUDIENCES_ENV: &str = "CHAPERONE_INBOUND_AUDIENCES";
+pub use chaperone_wire::sidecar_env::ENV_INBOUND_AUDIENCES as INBOUND_AUDIENCES_ENV;
+/// Sidecar variable: where the inbound listener forwards verified calls.
+pub use chaperone_wire::sidecar_env::ENV_INBOUND_UPSTREAM as INBOUND_UPSTREAM_ENV;
 
 /// Annotation overriding the sidecar's CPU request.
 pub const CPU_ANNOTATION: &str = "chaperone.dev/proxy-cpu";
@@ -424,14 +425,12 @@ fn sidecar_container(
         "restartPolicy": "Always",
         "ports": ports,
         "env": [
-            {"name": "CHAPERONE_MODE", "value": mode.as_str()},
-            field("CHAPERONE_POD_NAME", "metadata.name"),
-            field("CHAPERONE_POD_NAMESPACE", "metadata.namespace"),
-            field("CHAPERONE_POD_UID", "metadata.uid"),
-            field("CHAPERONE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
-            {"name": "CHAPERONE_CONTROLLER_ADDRESS", "value": settings.controller_address},
-            {"name": "CHAPERONE_TOKEN_FILE", "value": format!("{TOKEN_DIR}/token")},
-            {"name": "CHAPERONE_CA_PEM", "value": settings.ca_pem},
+            {"name": sidecar_env::ENV_MODE, "value": mode.as_str()},
+            field(sidecar_env::ENV_POD_NAME, "metadata.name"),
+            field(sidecar_env::ENV_POD_NAMESPACE, "metadata.namespace"),
+            {"name": sidecar_env::ENV_CONTROLLER_ADDRESS, "value": settings.controller_address},
+            {"name": sidecar_env::ENV_TOKEN_FILE, "value": sidecar_env::TOKEN_FILE},
+            {"name": sidecar_env::ENV_CA_PEM, "value": settings.ca_pem},
         ],
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},

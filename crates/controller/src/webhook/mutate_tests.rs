@@ -156,8 +156,6 @@ fn annotated_pod_gets_a_native_sidecar() {
         [
             ("CHAPERONE_POD_NAME", "metadata.name"),
             ("CHAPERONE_POD_NAMESPACE", "metadata.namespace"),
-            ("CHAPERONE_POD_UID", "metadata.uid"),
-            ("CHAPERONE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
         ]
     );
     assert_eq!(
