@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use chaperone_sidecar::{AuditOutput, Settings, Sidecar, SidecarMode, SnapshotStream, standalone};
+use chaperone_sidecar::{AuditOutput, Listeners, Settings, Sidecar, SidecarMode, SnapshotFeed};
 use clap::Parser;
 
 /// Chaperone's gateway sidecar: MCP-aware enforcement in front of tool servers.
@@ -74,58 +74,34 @@ async fn main() -> anyhow::Result<()> {
     let sidecar = Sidecar::new(settings, AuditOutput::Stdout, controller.is_some())?;
     let key = sidecar.key_registration();
     tracing::info!(kid = %key.kid, "assertion key generated");
-    match (controller, args.policy_dir) {
+    let feed = match (controller, args.policy_dir) {
         (Some(controller), _) => {
             tracing::info!(
                 address = %controller.address,
                 server_name = %controller.server_name,
                 "controller mode: refusing every call until the first snapshot arrives"
             );
-            tokio::spawn(SnapshotStream::new(sidecar.clone(), controller).run());
+            SnapshotFeed::Controller(controller)
         }
-        (None, Some(dir)) => {
-            tokio::spawn(standalone::watch(
-                dir,
-                args.agent,
-                std::sync::Arc::clone(sidecar.snapshots()),
-                Duration::from_secs(1),
-            ));
-        }
+        (None, Some(dir)) => SnapshotFeed::PolicyDir {
+            dir,
+            agent: args.agent,
+        },
         (None, None) => {
             tracing::warn!(
                 "neither CHAPERONE_CONTROLLER_ADDRESS nor --policy-dir: refusing every call (not ready)"
             );
+            SnapshotFeed::Nothing
         }
-    }
-    let shutdown = shutdown_signal();
-    let maintain = sidecar.clone();
-    tokio::spawn(async move { maintain.maintain(Duration::from_secs(10)).await });
-    let admin_sidecar = sidecar.clone();
-    tokio::spawn(async move {
-        admin_sidecar
-            .serve_admin(admin, std::future::pending())
-            .await
-    });
-    if let Some(listener) = inbound {
-        let inbound_sidecar = sidecar.clone();
-        let serving = tokio::spawn(async move {
-            inbound_sidecar
-                .serve_inbound(listener, std::future::pending())
-                .await
-        });
-        if proxy.is_none() {
-            tokio::select! {
-                () = shutdown => {}
-                _ = serving => {}
-            }
-            close_audit(&sidecar);
-            return Ok(());
-        }
-    }
-    if let Some(proxy) = proxy {
-        sidecar.serve_proxy(proxy, shutdown).await;
-    }
-    close_audit(&sidecar);
+    };
+    let listeners = Listeners {
+        proxy,
+        inbound,
+        admin,
+    };
+    sidecar
+        .run(listeners, feed, Duration::from_secs(10), shutdown_signal())
+        .await?;
     Ok(())
 }
 
@@ -143,12 +119,4 @@ async fn shutdown_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
-}
-
-/// Ends the audit trail with the final signed checkpoint.
-fn close_audit(sidecar: &Sidecar) {
-    match sidecar.close_audit() {
-        Ok(()) => tracing::info!("stopping: audit trail closed with a final checkpoint"),
-        Err(err) => tracing::error!(error = %err, "stopping: final audit checkpoint not written"),
-    }
 }
