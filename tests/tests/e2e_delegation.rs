@@ -1,4 +1,5 @@
-//! Issue #7's acceptance test: delegation end to end on the real API server.
+//! Delegation end to end on a real API server: user → planner → worker → a
+//! verifying tool, with the in-process controller.
 //!
 //! ```text
 //!  user token (test issuer, JWKS served here)

@@ -1,4 +1,5 @@
-//! Issue #8's acceptance test: the whole chain on a real API server.
+//! End to end on a real API server: the chart installed, the controller as its
+//! Deployment's pod, injected sidecars, MCP clients and tools, delegation.
 //!
 //! ```text
 //!  helm template charts/chaperone | kubectl apply        (CRDs, RBAC, Services, Deployment, webhook)

@@ -1,0 +1,141 @@
+use serde_json::json;
+
+use super::*;
+
+fn sidecar(pod: &str, kid: Option<&str>) -> SidecarState {
+    SidecarState {
+        agent: Some(ObjectKey::new("ns", "planner")),
+        pod_uid: format!("uid-{pod}"),
+        connection: 7,
+        acked: Some((3, "h3".into())),
+        rejected: Some((4, "bad rule".into())),
+        key: kid.map(|k| {
+            (
+                k.to_owned(),
+                json!({"kty": "OKP", "crv": "Ed25519", "x": "abc"}),
+            )
+        }),
+        inventory: BTreeSet::from([("orders".into(), "refund".into())]),
+    }
+}
+
+fn own(pods: &[(&str, Option<&str>)]) -> BTreeMap<PodKey, SidecarState> {
+    pods.iter()
+        .map(|(pod, kid)| (("ns".to_owned(), (*pod).to_owned()), sidecar(pod, *kid)))
+        .collect()
+}
+
+fn replica_of(pods: &[(&str, Option<&str>)], heartbeat: i64) -> Replica {
+    let object = config_map(
+        "cm",
+        "chaperone-system",
+        &publish(&own(pods)),
+        heartbeat,
+        None,
+    );
+    read_replica(&object).unwrap()
+}
+
+#[test]
+fn what_a_replica_publishes_reads_back_as_the_same_sidecars() {
+    let replica = replica_of(&[("p1", Some("k1")), ("p2", None)], 100);
+    assert_eq!(replica.heartbeat, 100);
+    let p1 = &replica.sidecars[&("ns".to_owned(), "p1".to_owned())];
+    let expected = sidecar("p1", Some("k1"));
+    assert_eq!(p1.agent, expected.agent);
+    assert_eq!(p1.pod_uid, "uid-p1");
+    assert_eq!(p1.acked, expected.acked);
+    assert_eq!(p1.rejected, expected.rejected);
+    assert_eq!(p1.inventory, expected.inventory);
+    let (kid, jwk) = p1.key.as_ref().unwrap();
+    assert_eq!(kid, "k1");
+    assert_eq!(jwk["chaperone.dev/pod"], "ns/p1");
+    assert_eq!(jwk["chaperone.dev/agent"], "ns/planner");
+    assert!(
+        replica.sidecars[&("ns".to_owned(), "p2".to_owned())]
+            .key
+            .is_none()
+    );
+}
+
+#[test]
+fn keys_json_holds_the_jwks_entries() {
+    let published = publish(&own(&[("p1", Some("k1"))]));
+    let keys: Vec<Value> = serde_json::from_str(&published.keys_json).unwrap();
+    assert_eq!(
+        keys,
+        vec![jwk_of("ns", "p1", &sidecar("p1", Some("k1"))).unwrap()]
+    );
+}
+
+#[test]
+fn the_config_map_is_labelled_and_owned_when_the_pod_is_known() {
+    let owner = OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: "controller-0".into(),
+        uid: "u".into(),
+        ..Default::default()
+    };
+    let published = publish(&BTreeMap::new());
+    let object = config_map("cm", "ns", &published, 1, Some(owner.clone()));
+    let labels = object.metadata.labels.unwrap();
+    assert_eq!(labels[COMPONENT_LABEL.0], COMPONENT_LABEL.1);
+    assert_eq!(labels["app.kubernetes.io/part-of"], "chaperone");
+    assert_eq!(object.metadata.owner_references, Some(vec![owner]));
+    let without = config_map("cm", "ns", &published, 1, None);
+    assert_eq!(without.metadata.owner_references, None);
+}
+
+#[test]
+fn a_config_map_without_heartbeat_is_refused() {
+    let mut object = config_map("cm", "ns", &publish(&BTreeMap::new()), 1, None);
+    object.data.as_mut().unwrap().remove("heartbeat");
+    assert!(matches!(
+        read_replica(&object),
+        Err(InvalidReplicaState::Missing("heartbeat"))
+    ));
+}
+
+#[test]
+fn peers_leave_out_this_replica_and_stale_replicas() {
+    let replicas = BTreeMap::from([
+        ("mine".to_owned(), replica_of(&[("a", Some("ka"))], 1000)),
+        ("fresh".to_owned(), replica_of(&[("b", Some("kb"))], 1000)),
+        (
+            "stale".to_owned(),
+            replica_of(&[("c", Some("kc"))], 1000 - MAX_AGE - 1),
+        ),
+    ]);
+    let peers = peer_sidecars(&replicas, "mine", 1000);
+    let pods: Vec<&str> = peers.keys().map(|(_, p)| p.as_str()).collect();
+    assert_eq!(pods, ["b"]);
+}
+
+#[test]
+fn a_pod_listed_by_two_replicas_is_taken_from_the_later_heartbeat() {
+    let mut older = replica_of(&[("a", Some("old"))], 990);
+    older.sidecars.values_mut().for_each(|s| s.acked = None);
+    let replicas = BTreeMap::from([
+        ("r1".to_owned(), replica_of(&[("a", Some("new"))], 1000)),
+        ("r2".to_owned(), older),
+    ]);
+    let peers = peer_sidecars(&replicas, "mine", 1000);
+    assert_eq!(peers.len(), 1);
+    assert_eq!(
+        peers.values().next().unwrap().key.as_ref().unwrap().0,
+        "new"
+    );
+}
+
+#[test]
+fn inventories_are_left_out_when_they_would_not_fit() {
+    let mut big = sidecar("p1", Some("k1"));
+    big.inventory = (0..40_000)
+        .map(|i| ("orders".to_owned(), format!("tool-with-a-long-name-{i:08}")))
+        .collect();
+    let published = publish(&BTreeMap::from([(("ns".into(), "p1".into()), big)]));
+    assert!(published.sidecars_json.len() < MAX_BYTES);
+    assert!(!published.sidecars_json.contains("tool-with-a-long-name"));
+    assert!(published.keys_json.contains("k1"));
+}

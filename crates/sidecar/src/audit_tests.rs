@@ -1,0 +1,225 @@
+use chaperone_audit::{SidecarKeys, VerifyOptions, verify_log_signed};
+use serde_json::Value;
+
+use super::*;
+use crate::canonical::canonical;
+
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Shared {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const STRICT: VerifyOptions = VerifyOptions {
+    strict: true,
+    skip_other_lines: false,
+};
+
+fn record<'a>(session: &'a str, prev: Option<&'a str>, tool: &'a str) -> AuditRecord<'a> {
+    AuditRecord {
+        agent: AuditAgent {
+            name: "a",
+            namespace: "ns",
+            pod: "p",
+        },
+        args: "sha256:00",
+        chain: &[],
+        correlation: "c",
+        decision: "allow",
+        initiator: None,
+        latency_us: 3,
+        method: "tools/call",
+        prev,
+        reason: "an allow rule matched \"x\"",
+        rule: "p/r",
+        server: "s",
+        session: AuditSession {
+            chaperone: session,
+            mcp: "m",
+        },
+        snapshot: 1,
+        time: "2026-01-01T00:00:00.000Z",
+        tool,
+    }
+}
+
+/// A log writing to a buffer, and the keys that verify it.
+fn log_to_buffer(every: u64) -> (AuditLog, Shared, SidecarKeys) {
+    let buffer = Shared::default();
+    let signer = AssertionSigner::generate().unwrap();
+    let mut keys = SidecarKeys::new();
+    let registration = signer.registration();
+    keys.insert(registration.kid.clone(), registration.public_key);
+    let log = AuditLog::new(
+        AuditOutput::Writer(Box::new(buffer.clone())),
+        None,
+        Counter::default(),
+        signer,
+    )
+    .with_checkpoint_every(every);
+    (log, buffer, keys)
+}
+
+#[test]
+fn written_lines_are_canonical() {
+    let (log, buffer, _) = log_to_buffer(100);
+    let mut with_initiator = record("s1", None, "t");
+    with_initiator.initiator = Some("alice");
+    with_initiator.chain = &[];
+    log.write(&with_initiator).unwrap();
+    log.write(&record("s2", None, "t")).unwrap();
+    log.close().unwrap();
+    let text = buffer.text();
+    for line in text.lines() {
+        let value: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(canonical(&value), line);
+    }
+    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["kind"], "checkpoint");
+    assert_eq!(
+        (last["seq"].as_u64(), last["records"].as_u64()),
+        (Some(3), Some(2))
+    );
+    assert_eq!(last["kid"], log.kid());
+}
+
+#[test]
+fn records_chain_per_session_and_per_sidecar_and_verify() {
+    let (log, buffer, keys) = log_to_buffer(100);
+    let h1 = hex(&log.write(&record("s1", None, "a")).unwrap());
+    log.write(&record("s2", None, "b")).unwrap();
+    log.write(&record("s1", Some(&h1), "c")).unwrap();
+    log.close().unwrap();
+    let text = buffer.text();
+    let summary = verify_log_signed(&text, STRICT, &keys).unwrap();
+    assert_eq!((summary.records, summary.checkpoints), (3, 1));
+    assert!(summary.sidecars[0].closed);
+    let tampered = text.replacen("\"tool\":\"a\"", "\"tool\":\"x\"", 1);
+    assert!(matches!(
+        verify_log_signed(&tampered, STRICT, &keys),
+        Err(VerifyError::BrokenSeqLink { line: 2, .. })
+    ));
+}
+
+#[test]
+fn a_checkpoint_follows_every_n_decisions() {
+    let (log, buffer, keys) = log_to_buffer(2);
+    for tool in ["a", "b", "c", "d", "e"] {
+        log.write(&record(tool, None, tool)).unwrap();
+    }
+    let text = buffer.text();
+    let kinds: Vec<bool> = text
+        .lines()
+        .map(|l| l.contains("\"kind\":\"checkpoint\""))
+        .collect();
+    assert_eq!(kinds, [false, false, true, false, false, true, false]);
+    let summary = verify_log_signed(&text, VerifyOptions::default(), &keys).unwrap();
+    assert_eq!((summary.checkpoints, summary.uncovered()), (2, 1));
+    assert_eq!(summary.sidecars[0].verified, 2);
+}
+
+#[test]
+fn timer_checkpoints_only_cover_something() {
+    let (log, buffer, keys) = log_to_buffer(100);
+    assert!(!log.checkpoint().unwrap());
+    log.write(&record("s", None, "a")).unwrap();
+    assert!(log.checkpoint().unwrap());
+    assert!(!log.checkpoint().unwrap());
+    let summary = verify_log_signed(&buffer.text(), STRICT, &keys).unwrap();
+    assert_eq!((summary.records, summary.checkpoints), (1, 1));
+}
+
+#[test]
+fn closing_ends_the_trail_and_refuses_later_records() {
+    let (log, buffer, keys) = log_to_buffer(100);
+    log.close().unwrap();
+    log.close().unwrap();
+    assert!(log.write(&record("s", None, "a")).is_err());
+    assert!(!log.checkpoint().unwrap());
+    let summary = verify_log_signed(&buffer.text(), STRICT, &keys).unwrap();
+    assert_eq!((summary.records, summary.checkpoints), (0, 1));
+    assert!(summary.sidecars[0].closed);
+}
+
+#[test]
+fn concurrent_sessions_form_one_sequence_in_line_order() {
+    let (log, buffer, keys) = log_to_buffer(7);
+    let log = Arc::new(log);
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let session = format!("s{t}");
+                let mut prev: Option<String> = None;
+                for _ in 0..50 {
+                    let hash = log.write(&record(&session, prev.as_deref(), "t")).unwrap();
+                    prev = Some(hex(&hash));
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    log.close().unwrap();
+    let summary = verify_log_signed(&buffer.text(), STRICT, &keys).unwrap();
+    assert_eq!((summary.records, summary.sessions), (400, 8));
+    assert_eq!(summary.checkpoints, 400 / 7 + 1);
+}
+
+#[test]
+fn lines_are_shipped_in_sequence_order() {
+    let (tx, mut rx) = mpsc::channel(16);
+    let buffer = Shared::default();
+    let log = AuditLog::new(
+        AuditOutput::Writer(Box::new(buffer.clone())),
+        Some(tx),
+        Counter::default(),
+        AssertionSigner::generate().unwrap(),
+    );
+    log.write(&record("s", None, "a")).unwrap();
+    log.close().unwrap();
+    let mut shipped = String::new();
+    while let Ok(line) = rx.try_recv() {
+        shipped.push_str(&line);
+        shipped.push('\n');
+    }
+    assert_eq!(shipped, buffer.text());
+}
+
+#[test]
+fn full_shipping_queue_counts_drops() {
+    let (tx, _rx) = mpsc::channel(1);
+    let dropped = Counter::default();
+    let log = AuditLog::new(
+        AuditOutput::Writer(Box::new(std::io::sink())),
+        Some(tx),
+        dropped.clone(),
+        AssertionSigner::generate().unwrap(),
+    );
+    log.write(&record("s", None, "a")).unwrap();
+    log.write(&record("s", None, "b")).unwrap();
+    assert_eq!(dropped.get(), 1);
+}
+
+#[test]
+fn formats_rfc3339() {
+    assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
+    assert_eq!(
+        rfc3339_millis(1_700_000_000_123),
+        "2023-11-14T22:13:20.123Z"
+    );
+}
