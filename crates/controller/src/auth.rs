@@ -14,7 +14,7 @@ use k8s_openapi::api::{
 };
 use kube::{Api, Client, api::PostParams, runtime::reflector::Store};
 
-use crate::pod_selection::{inject_annotation, selects};
+use crate::pod_selection::inject_annotation;
 
 /// The audience sidecar tokens must be minted for.
 pub const TOKEN_AUDIENCE: &str = "chaperone";
@@ -234,7 +234,7 @@ pub fn peer_of_pod(
     let agent = identities
         .iter()
         .filter(|identity| identity.metadata.namespace.as_deref() == Some(namespace.as_str()))
-        .filter(|identity| selects(&identity.spec.0.selector, &service_account, &labels))
+        .filter(|identity| identity.spec.0.selector.selects(&service_account, &labels))
         .filter_map(|identity| identity.metadata.name.clone())
         .min()
         .ok_or_else(|| AuthError::NoAgentIdentity {

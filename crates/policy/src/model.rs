@@ -97,6 +97,19 @@ pub struct AgentSelector {
     pub match_labels: BTreeMap<String, String>,
 }
 
+impl AgentSelector {
+    /// Whether this selector selects a pod running as `service_account` with
+    /// `labels` (same namespace assumed): the ServiceAccount matches and the
+    /// pod carries every label of `matchLabels`.
+    pub fn selects(&self, service_account: &str, labels: &BTreeMap<String, String>) -> bool {
+        self.service_account_name == service_account
+            && self
+                .match_labels
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
 /// An upstream MCP server reachable through the sidecar.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

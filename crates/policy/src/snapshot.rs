@@ -5,7 +5,7 @@
 //! [`crate::Engine`] to decide calls.
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use chaperone_audit::{hex, sha256};
 use thiserror::Error;
 
 use crate::decision::{AgentKey, GrantKey};
@@ -176,13 +176,7 @@ impl SnapshotContent {
 
     /// SHA-256 of the canonical bytes, lowercase hex.
     pub fn content_hash(&self) -> String {
-        let digest = Sha256::digest(self.canonical_bytes());
-        let mut hex = String::with_capacity(64);
-        for byte in digest.iter() {
-            hex.push(char::from_digit(u32::from(byte >> 4), 16).unwrap_or('0'));
-            hex.push(char::from_digit(u32::from(byte & 0xf), 16).unwrap_or('0'));
-        }
-        hex
+        hex(&sha256(&self.canonical_bytes()))
     }
 }
 

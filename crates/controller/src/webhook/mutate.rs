@@ -17,7 +17,7 @@ use super::{
     quantity::{parse_cpu, parse_memory},
 };
 pub use crate::pod_selection::INJECT_ANNOTATION;
-use crate::pod_selection::{inject_annotation, selects};
+use crate::pod_selection::inject_annotation;
 
 /// Namespace label that turns injection on for every pod that does not say
 /// `"false"`: value `enabled`.
@@ -289,7 +289,7 @@ pub fn injection_patch(
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         let matched = identities.iter().map(AsRef::as_ref).any(|identity| {
             identity.metadata.namespace.as_deref() == Some(namespace)
-                && selects(&identity.spec.0.selector, service_account, &labels)
+                && identity.spec.0.selector.selects(service_account, &labels)
         });
         if !matched {
             warnings.push(format!(
