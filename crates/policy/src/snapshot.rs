@@ -4,8 +4,8 @@
 //! and the same [`Snapshot::hash`]. The sidecar turns it into an
 //! [`crate::Engine`] to decide calls.
 
-use serde::{Deserialize, Serialize};
 use chaperone_audit::{hex, sha256};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::decision::{AgentKey, GrantKey};
