@@ -168,7 +168,13 @@ impl Inbound {
             Method::POST => {
                 check_body_headers(&parts.headers)?;
                 let limit = self.gateway.settings.max_body_bytes;
-                let bytes = read_body(&parts.headers, body, limit).await?;
+                let bytes = read_body(
+                    &parts.headers,
+                    body,
+                    limit,
+                    self.gateway.settings.header_read_timeout,
+                )
+                .await?;
                 let passthrough = active
                     .as_deref()
                     .map_or(&[][..], |a| &a.snapshot.content.passthrough_methods[..]);

@@ -40,8 +40,8 @@ use crate::jsonrpc::{
 use crate::listener::{ConnectionLimits, serve_connections};
 use crate::metrics::{Metrics, RefusalLabels};
 use crate::refusal::{
-    MethodNotAllowed, NoSnapshot, Refusal, UnknownDelegatedSession, UnknownServer, UnknownSession,
-    UpstreamResponseRefused, UpstreamUnavailable,
+    MethodNotAllowed, NoSnapshot, Refusal, SlowBody, UnknownDelegatedSession, UnknownServer,
+    UnknownSession, UpstreamResponseRefused, UpstreamUnavailable,
 };
 use crate::session::{SessionKey, SessionState, SessionStore, SharedSession, lock};
 use crate::settings::Settings;
@@ -335,7 +335,13 @@ impl Gateway {
         check_body_headers(&parts.headers)?;
         let mcp_session_id = single_header(&parts.headers, &MCP_SESSION_ID)?;
         let header_version = single_header(&parts.headers, &MCP_PROTOCOL_VERSION)?;
-        let bytes = read_body(&parts.headers, body, limit).await?;
+        let bytes = read_body(
+            &parts.headers,
+            body,
+            limit,
+            self.settings.header_read_timeout,
+        )
+        .await?;
         let parsed = parse_body(&bytes, limit)?;
         let (messages, batch) = match &parsed.payload {
             Payload::Single(message) => (std::slice::from_ref(message), false),
@@ -698,11 +704,12 @@ pub(crate) fn routed_name(message: &Message) -> Option<&str> {
         .and_then(Value::as_str)
 }
 
-/// Reads a request body of at most `limit` bytes.
+/// Reads a request body of at most `limit` bytes that arrives within `within`.
 pub(crate) async fn read_body(
     headers: &HeaderMap,
     body: Incoming,
     limit: usize,
+    within: Duration,
 ) -> Result<Bytes, Refusal> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -712,7 +719,10 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large().into());
     }
-    match Limited::new(body, limit).collect().await {
+    let read = tokio::time::timeout(within, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| SlowBody(within))?;
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(too_large().into()),
         Err(_) => Err(ParseError::InvalidMessage("the request body could not be read").into()),

@@ -76,6 +76,13 @@ pub struct AmbiguousRequest(pub String);
 #[error("{0}")]
 pub struct MethodNotForwarded(pub String);
 
+/// The request body did not arrive in time: a body trickled after its head
+/// would hold a connection (and a slot of the listener's cap) for as long as
+/// the sender likes.
+#[derive(Debug, Error)]
+#[error("the request body did not arrive within {0:?}")]
+pub struct SlowBody(pub std::time::Duration);
+
 /// The tool server could not be reached.
 #[derive(Debug, Error)]
 #[error("tool server {0:?} is unavailable")]
@@ -134,6 +141,9 @@ pub enum Refusal {
     /// See [`MethodNotForwarded`].
     #[error(transparent)]
     MethodNotForwarded(#[from] MethodNotForwarded),
+    /// See [`SlowBody`].
+    #[error(transparent)]
+    SlowBody(#[from] SlowBody),
 }
 
 impl From<ParseError> for Refusal {
@@ -156,6 +166,7 @@ impl Refusal {
             | Refusal::AmbiguousRequest(_)
             | Refusal::MethodNotForwarded(_) => StatusCode::BAD_REQUEST,
             Refusal::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Refusal::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             Refusal::UpstreamUnavailable(_) | Refusal::UpstreamResponseRefused(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -174,7 +185,8 @@ impl Refusal {
             | Refusal::UnknownSession(_)
             | Refusal::MethodNotAllowed(_)
             | Refusal::UnsupportedMediaType(_)
-            | Refusal::AmbiguousRequest(_) => jsonrpc::INVALID_REQUEST,
+            | Refusal::AmbiguousRequest(_)
+            | Refusal::SlowBody(_) => jsonrpc::INVALID_REQUEST,
             Refusal::MethodNotForwarded(_) => jsonrpc::METHOD_NOT_FOUND,
             Refusal::Unparseable(Unparseable(err)) => err.code(),
             Refusal::UpstreamUnavailable(_)
@@ -197,6 +209,7 @@ impl Refusal {
             Refusal::UnsupportedMediaType(_) => "unsupported_media_type",
             Refusal::AmbiguousRequest(_) => "ambiguous_request",
             Refusal::MethodNotForwarded(_) => "method_not_forwarded",
+            Refusal::SlowBody(_) => "slow_body",
             Refusal::UpstreamUnavailable(_) => "upstream_unavailable",
             Refusal::UpstreamResponseRefused(_) => "upstream_response_refused",
             Refusal::AuditUnavailable(_) => "audit_unavailable",

@@ -114,6 +114,42 @@ async fn slow_loris_connections_are_closed_while_a_normal_call_succeeds() {
 }
 
 #[tokio::test]
+async fn a_body_trickled_after_its_head_is_refused_in_time() {
+    let settings = Settings {
+        header_read_timeout: Duration::from_millis(300),
+        ..Settings::default()
+    };
+    let harness = Harness::start_with(true, true, settings).await;
+    let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_order","arguments":{"id":"o-1"}}}"#;
+    let mut stream = TcpStream::connect(harness.addr).await.unwrap();
+    let head = format!(
+        "POST /shop HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body[..10]).await.unwrap();
+    // The rest would come one byte a second; the sidecar answers first.
+    let started = Instant::now();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .expect("answered within 5 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(harness.upstream.seen.lock().unwrap().is_empty());
+    assert!(
+        harness
+            .audit
+            .records()
+            .iter()
+            .any(|r| r["rule"] == "protocol/slow_body"),
+        "the refusal is audited"
+    );
+}
+
+#[tokio::test]
 async fn idle_connections_piled_on_the_inbound_side_do_not_starve_the_proxy() {
     const CAP: usize = 8;
     const EXTRA: usize = 6;
