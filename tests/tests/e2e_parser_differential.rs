@@ -614,31 +614,6 @@ fn sidecar(case: &Case) -> Outcome {
 
 // ---- comparison -------------------------------------------------------------
 
-/// Numbers equal as numbers: integers exactly, else as doubles.
-fn same_number(a: &serde_json::Number, b: &serde_json::Number) -> bool {
-    match (a.as_i64(), b.as_i64(), a.as_u64(), b.as_u64()) {
-        (Some(x), Some(y), _, _) => x == y,
-        (_, _, Some(x), Some(y)) => x == y,
-        _ => a.as_f64() == b.as_f64(),
-    }
-}
-
-/// Structural equality, numbers compared numerically.
-fn same_value(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => same_number(x, y),
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_value(p, q))
-        }
-        (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| same_value(v, w)))
-        }
-        _ => a == b,
-    }
-}
-
 /// Every number a reader reported (`numbers`: JSON pointer → its text) is,
 /// read as a double, the sidecar's number at that pointer in `held`.
 fn numbers_agree(numbers: &Value, held: &Value, reader: &str, problems: &mut Vec<String>) {
@@ -669,7 +644,7 @@ fn compare_document(
     decided: &Decided,
     problems: &mut Vec<String>,
 ) {
-    if !same_value(value, &decided.raw) {
+    if !chaperone_json::same_meaning(value, &decided.raw) {
         problems.push(format!(
             "{reader} reads {value} where the sidecar read {}",
             decided.raw
@@ -700,7 +675,7 @@ fn compare_document(
         let their_arguments = params.and_then(|p| p.get("arguments"));
         let agree = match (their_arguments, arguments) {
             (None, None) => true,
-            (Some(a), Some(b)) => same_value(a, b),
+            (Some(a), Some(b)) => chaperone_json::same_meaning(a, b),
             _ => false,
         };
         if !agree {
@@ -742,7 +717,7 @@ fn compare_go_struct(reading: &Value, decided: &Decided, problems: &mut Vec<Stri
     let bound = &reading["arguments"];
     let agree = match arguments {
         None => bound.is_null(),
-        Some(ours) => same_value(bound, ours),
+        Some(ours) => chaperone_json::same_meaning(bound, ours),
     };
     if !agree {
         problems.push(format!(

@@ -195,6 +195,32 @@ fn fold_once(s: &str) -> String {
         .collect()
 }
 
+/// Whether `a` and `b` mean the same to a JSON reader: equal structure, with
+/// numbers compared as numbers (integers exactly, others as doubles), so
+/// `100`, `100.0` and `1e2` are one value.
+pub fn same_meaning(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => same_number(x, y),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_meaning(p, q))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_meaning(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+fn same_number(a: &Number, b: &Number) -> bool {
+    match (a.as_i64(), b.as_i64(), a.as_u64(), b.as_u64()) {
+        (Some(x), Some(y), _, _) => x == y,
+        (_, _, Some(x), Some(y)) => x == y,
+        _ => a.as_f64() == b.as_f64(),
+    }
+}
+
 /// 2^53: integers up to this magnitude are exact in every reader.
 const MAX_SAFE_INTEGER: u64 = 1 << 53;
 

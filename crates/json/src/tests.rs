@@ -150,6 +150,15 @@ fn records_the_spans_of_top_level_items() {
 }
 
 #[test]
+fn compares_numbers_by_meaning() {
+    assert!(same_meaning(&json!({"a": [100]}), &json!({"a": [100.0]})));
+    assert!(same_meaning(&json!(-0), &json!(0.0)));
+    assert!(!same_meaning(&json!(100), &json!(100.5)));
+    assert!(!same_meaning(&json!({"a": 1}), &json!({"a": 1, "b": 2})));
+    assert!(!same_meaning(&json!("1"), &json!(1)));
+}
+
+#[test]
 fn folds_like_go_for_its_special_orbits() {
     assert_eq!(fold_key("Kelvin\u{212a}"), "kelvink");
     assert_eq!(fold_key("param\u{017f}"), "params");
