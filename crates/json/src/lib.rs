@@ -91,14 +91,15 @@ pub enum JsonError {
         /// The repeated key.
         key: String,
     },
-    /// Two keys of one object are equal under Unicode case folding.
+    /// Two keys of one object are equal under Unicode case folding (named in
+    /// byte order).
     #[error(
         "object keys {first:?} and {second:?} differ only by letter case; readers that fold case see one key"
     )]
     CaseCollision {
-        /// The earlier key.
+        /// One key.
         first: String,
-        /// The later key.
+        /// The other.
         second: String,
     },
     /// A number that readers hold differently (not exactly a double, or an
@@ -221,6 +222,27 @@ fn same_number(a: &Number, b: &Number) -> bool {
     }
 }
 
+/// Refuses an object two of whose keys fold alike. Folding borrows for the
+/// common all-lowercase ASCII key, so this allocates one small list per object
+/// of two or more keys.
+fn check_case_collisions(object: &Map<String, Value>) -> Result<(), JsonError> {
+    if object.len() < 2 {
+        return Ok(());
+    }
+    let mut folds: Vec<(Cow<'_, str>, &str)> = object
+        .keys()
+        .map(|key| (fold_key(key), key.as_str()))
+        .collect();
+    folds.sort_unstable();
+    match folds.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        Some(pair) => Err(JsonError::CaseCollision {
+            first: pair[0].1.to_owned(),
+            second: pair[1].1.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// 2^53: integers up to this magnitude are exact in every reader.
 const MAX_SAFE_INTEGER: u64 = 1 << 53;
 
@@ -314,7 +336,6 @@ impl<'a> Parser<'a> {
         }
         self.at += 1;
         let mut object = Map::new();
-        let mut folded: Vec<(String, String)> = Vec::new();
         self.skip_ws();
         if self.peek() == Some(b'}') {
             self.at += 1;
@@ -339,20 +360,13 @@ impl<'a> Parser<'a> {
             if object.contains_key(&key) {
                 return Err(JsonError::DuplicateKey { key });
             }
-            let fold = fold_key(&key);
-            if let Some((_, first)) = folded.iter().find(|(f, _)| *f == fold) {
-                return Err(JsonError::CaseCollision {
-                    first: first.clone(),
-                    second: key,
-                });
-            }
-            folded.push((fold.into_owned(), key.clone()));
             object.insert(key, value);
             self.skip_ws();
             match self.peek() {
                 Some(b',') => self.at += 1,
                 Some(b'}') => {
                     self.at += 1;
+                    check_case_collisions(&object)?;
                     return Ok(Value::Object(object));
                 }
                 _ => return Err(self.syntax("expected ',' or '}' in an object")),

@@ -41,14 +41,18 @@ fn refuses_keys_equal_under_case_folding() {
         ("\u{03c3}", "\u{03c2}"),
     ] {
         let text = format!(r#"{{"outer":[{{"{first}":1,"{second}":2}}]}}"#);
-        assert_eq!(
-            strict(&text),
-            Err(JsonError::CaseCollision {
-                first: first.into(),
-                second: second.into()
-            }),
-            "{first} / {second}"
-        );
+        let Err(JsonError::CaseCollision {
+            first: a,
+            second: b,
+        }) = strict(&text)
+        else {
+            panic!("{first} / {second} not refused");
+        };
+        let mut named = [a, b];
+        named.sort();
+        let mut expected = [first.to_owned(), second.to_owned()];
+        expected.sort();
+        assert_eq!(named, expected);
     }
     assert!(strict(r#"{"a":1,"b":2,"A1":3}"#).is_ok());
 }
