@@ -7,7 +7,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -91,37 +91,8 @@ pub fn status_code(response: &str) -> u16 {
         .unwrap_or(0)
 }
 
-/// Audit records a sidecar writes (its "stdout").
-#[derive(Clone, Default)]
-pub struct AuditBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for AuditBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl AuditBuffer {
-    /// Everything written so far.
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
-    }
-
-    /// The records written so far, parsed.
-    pub fn records(&self) -> Vec<serde_json::Value> {
-        self.text()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-}
+/// What a sidecar wrote to its audit log, in memory.
+pub use chaperone_sidecar::audit::AuditBuffer;
 
 /// Controller-mode settings: dial the snapshot server at `address` (TLS name
 /// `localhost`, CA in `ca_file`) with the pod token in `token_file`.

@@ -7,41 +7,28 @@ use std::collections::HashMap;
 use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 
 use chaperone_audit::checkpoint_signing_input;
 use chaperone_sidecar::assertion::AssertionSigner;
-use chaperone_sidecar::audit::{AuditAgent, AuditLog, AuditOutput, AuditRecord, AuditSession};
+use chaperone_sidecar::audit::{
+    AuditAgent, AuditBuffer, AuditLog, AuditOutput, AuditRecord, AuditSession,
+};
 use chaperone_sidecar::canonical::{canonical, hex, sha256};
 use prometheus_client::metrics::counter::Counter;
 use serde_json::{Value, json};
-
-/// What one sidecar wrote.
-#[derive(Clone, Default)]
-struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Buffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// One sidecar's audit log, written by the sidecar's writer.
 struct TestSidecar {
     pod: &'static str,
     log: AuditLog,
     jwk: Value,
-    out: Buffer,
+    out: AuditBuffer,
     sessions: HashMap<String, String>,
 }
 
 impl TestSidecar {
     fn new(pod: &'static str, checkpoint_every: u64) -> Self {
-        let out = Buffer::default();
+        let out = AuditBuffer::default();
         let signer = AssertionSigner::generate().unwrap();
         let jwk = signer.registration().jwk.clone();
         let log = AuditLog::new(
@@ -97,7 +84,7 @@ impl TestSidecar {
     }
 
     fn text(&self) -> String {
-        String::from_utf8(self.out.0.lock().unwrap().clone()).unwrap()
+        self.out.text()
     }
 }
 

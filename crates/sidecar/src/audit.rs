@@ -183,6 +183,46 @@ pub enum AuditOutput {
     Writer(Box<dyn Write + Send>),
 }
 
+/// An in-memory audit output for tests and benchmarks: hand a clone to
+/// [`AuditOutput::Writer`], read what was written from another.
+#[derive(Clone, Debug, Default)]
+pub struct AuditBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl AuditBuffer {
+    fn bytes(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes()).into_owned()
+    }
+
+    /// The lines written so far that parse as JSON.
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        self.text()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// Forgets what was written.
+    pub fn clear(&self) {
+        self.bytes().clear();
+    }
+}
+
+impl Write for AuditBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.bytes().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The audit line could not be written: the call is refused (fail closed).
 #[derive(Debug, Error)]
 #[error("audit record could not be written: {0}")]

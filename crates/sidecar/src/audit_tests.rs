@@ -4,25 +4,6 @@ use serde_json::Value;
 use super::*;
 use crate::canonical::canonical;
 
-#[derive(Clone, Default)]
-struct Shared(Arc<Mutex<Vec<u8>>>);
-
-impl Shared {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-}
-
-impl Write for Shared {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 const STRICT: VerifyOptions = VerifyOptions {
     strict: true,
     skip_other_lines: false,
@@ -57,8 +38,8 @@ fn record<'a>(session: &'a str, prev: Option<&'a str>, tool: &'a str) -> AuditRe
 }
 
 /// A log writing to a buffer, and the keys that verify it.
-fn log_to_buffer(every: u64) -> (AuditLog, Shared, SidecarKeys) {
-    let buffer = Shared::default();
+fn log_to_buffer(every: u64) -> (AuditLog, AuditBuffer, SidecarKeys) {
+    let buffer = AuditBuffer::default();
     let signer = AssertionSigner::generate().unwrap();
     let mut keys = SidecarKeys::new();
     let registration = signer.registration();
@@ -183,7 +164,7 @@ fn concurrent_sessions_form_one_sequence_in_line_order() {
 #[test]
 fn lines_are_shipped_in_sequence_order() {
     let (tx, mut rx) = mpsc::channel(16);
-    let buffer = Shared::default();
+    let buffer = AuditBuffer::default();
     let log = AuditLog::new(
         AuditOutput::Writer(Box::new(buffer.clone())),
         Some(tx),

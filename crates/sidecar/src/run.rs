@@ -131,30 +131,16 @@ impl Sidecar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::AuditBuffer;
     use crate::{AuditOutput, Settings};
 
     async fn bind() -> TcpListener {
         TcpListener::bind("127.0.0.1:0").await.unwrap()
     }
 
-    /// An audit output the test can read.
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Buffer {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn stops_on_shutdown_and_closes_the_audit_trail() {
-        let audit = Buffer::default();
+        let audit = AuditBuffer::default();
         let sidecar = Sidecar::new(
             Settings::default(),
             AuditOutput::Writer(Box::new(audit.clone())),
@@ -177,9 +163,8 @@ mod tests {
             )
             .await;
         assert!(outcome.is_ok(), "{outcome:?}");
-        let written = String::from_utf8(audit.0.lock().unwrap().clone()).unwrap();
-        let last: serde_json::Value =
-            serde_json::from_str(written.lines().last().expect("a final checkpoint")).unwrap();
+        let records = audit.records();
+        let last = records.last().expect("a final checkpoint");
         assert_eq!(last["kind"], "checkpoint");
         assert_eq!(last["final"], true);
     }

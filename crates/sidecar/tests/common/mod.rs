@@ -192,30 +192,7 @@ spec:
 "#;
 
 /// A shared, inspectable audit sink.
-#[derive(Clone, Default)]
-pub struct AuditBuffer(pub Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for AuditBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl AuditBuffer {
-    pub fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-    pub fn records(&self) -> Vec<serde_json::Value> {
-        self.text()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-}
+pub use chaperone_sidecar::audit::AuditBuffer;
 
 /// The sidecar under test.
 pub struct Harness {
