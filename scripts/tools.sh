@@ -243,13 +243,13 @@ install_mcp_servers() {
   CURRENT_STEP="mcp-servers: Python venv (mcp $MCP_PY_VERSION)"
   step "Python mcp $MCP_PY_VERSION: venv and pip install"
   mkdir -p "$dir/python"
-  cp "$MCP_SRC/python/server.py" "$MCP_SRC/python/requirements.txt" "$dir/python/"
+  cp "$MCP_SRC"/python/*.py "$MCP_SRC/python/requirements.txt" "$dir/python/"
   python3 -m venv "$dir/python/venv" \
     || fail "python3 -m venv failed (on Debian/Ubuntu: apt-get install python3-venv)"
   "$dir/python/venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$dir/python/requirements.txt" >&2 \
     || fail "pip install -r tests/servers/python/requirements.txt failed; see above (is PyPI reachable?)"
-  "$dir/python/venv/bin/python" -m compileall -q "$dir/python/server.py" >/dev/null \
-    || fail "the Python server does not compile"
+  "$dir/python/venv/bin/python" -m compileall -q "$dir"/python/*.py >/dev/null \
+    || fail "the Python test programs do not compile"
 
   {
     echo "MCP_TS_SDK_117_VERSION=$MCP_TS_SDK_117_VERSION"

@@ -15,6 +15,10 @@
 //! `{"tool", "arguments" (as the SDK bound them), "arguments_text" (each bound
 //! value as the language holds it), "raw_arguments" (before binding), "sdk"
 //! ("typescript@1.17.5", "mcp-go@v1.6.0", "python@2.3.0"), "transport"}`.
+//!
+//! For MCP 2026-07-28, [`spawn_python_stateless`] runs the Python SDK's server
+//! in its stateless mode (JSON or SSE answers) and [`PythonClient`] drives the
+//! SDK's own client through a script of steps.
 
 use std::{
     fs,
@@ -208,12 +212,17 @@ pub struct RunningServer {
 /// accepts connections. The server also exits by itself when the test
 /// process ends (it watches its stdin).
 pub fn spawn(kind: ServerKind) -> Result<RunningServer> {
+    spawn_with_env(kind, &[])
+}
+
+/// [`spawn`] with extra environment variables for the server.
+fn spawn_with_env(kind: ServerKind, env: &[(&str, &str)]) -> Result<RunningServer> {
     let install = install_dir()?;
     let mut last_error = None;
     // A port that was free a moment ago may be taken by the time the server
     // binds it: then try another.
     for _ in 0..3 {
-        match spawn_once(kind, &install) {
+        match spawn_once(kind, &install, env) {
             Ok(server) => return Ok(server),
             Err(SpawnError::PortTaken(e)) => last_error = Some(e),
             Err(SpawnError::Other(e)) => return Err(e),
@@ -258,7 +267,11 @@ impl From<std::io::Error> for SpawnError {
     }
 }
 
-fn spawn_once(kind: ServerKind, install: &Path) -> Result<RunningServer, SpawnError> {
+fn spawn_once(
+    kind: ServerKind,
+    install: &Path,
+    env: &[(&str, &str)],
+) -> Result<RunningServer, SpawnError> {
     let dir =
         std::env::temp_dir().join(format!("chaperone-mcp-{}-{}", kind.slug(), unique_suffix()));
     fs::create_dir_all(&dir)?;
@@ -275,6 +288,7 @@ fn spawn_once(kind: ServerKind, install: &Path) -> Result<RunningServer, SpawnEr
         .env("PORT", port.to_string())
         .env("MCP_EXEC_LOG", &exec_log)
         .env("MCP_EXIT_ON_STDIN_EOF", "1")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(output_file.try_clone()?)
         .stderr(output_file)
@@ -562,6 +576,192 @@ pub fn next_event(events: &mut impl BufRead) -> Result<(String, String)> {
         } else if let Some(v) = line.strip_prefix("data:") {
             data.push_str(v.strip_prefix(' ').unwrap_or(v));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// MCP 2026-07-28 on the official Python SDK: its stateless server and its
+// client (`tests/servers/python/client.py`), for the end-to-end tests of the
+// stateless revision.
+
+/// How long one run of the Python client may take (it starts in about a
+/// second; each step is a round trip or a few).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the Python SDK server answers POSTs in stateless mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PythonResponses {
+    /// `application/json` bodies (`MCP_JSON_RESPONSE=1`).
+    Json,
+    /// `text/event-stream` bodies.
+    Sse,
+}
+
+/// Starts the Python SDK server in its stateless Streamable HTTP mode
+/// (`MCP_STATELESS=1`: no `Mcp-Session-Id`; both protocol eras served per
+/// request) with `responses`; see [`spawn`].
+pub fn spawn_python_stateless(responses: PythonResponses) -> Result<RunningServer> {
+    let json = match responses {
+        PythonResponses::Json => "1",
+        PythonResponses::Sse => "0",
+    };
+    spawn_with_env(
+        ServerKind::Python,
+        &[("MCP_STATELESS", "1"), ("MCP_JSON_RESPONSE", json)],
+    )
+}
+
+/// The Python SDK client's `mode`: how it picks the protocol revision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientMode {
+    /// `server/discover`, falling back to the `initialize` handshake.
+    Auto,
+    /// Revision 2026-07-28 without a probe.
+    Stateless,
+    /// The `initialize` handshake (revisions up to 2025-11-25).
+    Legacy,
+}
+
+impl ClientMode {
+    /// Every mode.
+    pub const ALL: [ClientMode; 3] = [ClientMode::Auto, ClientMode::Stateless, ClientMode::Legacy];
+
+    /// The SDK's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientMode::Auto => "auto",
+            ClientMode::Stateless => "2026-07-28",
+            ClientMode::Legacy => "legacy",
+        }
+    }
+
+    /// Whether the client speaks revision 2026-07-28 in this mode (to a
+    /// server that does).
+    pub fn is_stateless(self) -> bool {
+        self != ClientMode::Legacy
+    }
+}
+
+/// One run of the Python SDK client against a Streamable HTTP endpoint: a
+/// script of steps (see `tests/servers/python/client.py` for the step and
+/// outcome shapes).
+#[derive(Clone, Debug)]
+pub struct PythonClient {
+    mode: ClientMode,
+    url: String,
+    headers: Vec<(String, String)>,
+    tasks: bool,
+}
+
+/// What a [`PythonClient`] run printed: the connection line and one outcome
+/// per step, in order.
+#[derive(Clone, Debug)]
+pub struct ClientRun {
+    /// `{"op": "connect", "ok", "protocolVersion"}` or the connect failure.
+    pub connect: Value,
+    /// One outcome per step that ran.
+    pub steps: Vec<Value>,
+}
+
+impl PythonClient {
+    /// A client in `mode` for the endpoint `url`.
+    pub fn new(mode: ClientMode, url: impl Into<String>) -> Self {
+        Self {
+            mode,
+            url: url.into(),
+            headers: Vec::new(),
+            tasks: false,
+        }
+    }
+
+    /// Sends the HTTP header `name: value` on every request.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Declares the `io.modelcontextprotocol/tasks` extension on every
+    /// request, and polls the tasks tools/call creates until they end.
+    pub fn with_tasks(mut self) -> Self {
+        self.tasks = true;
+        self
+    }
+
+    /// Runs `steps` (blocking; at most a minute) and returns what the client
+    /// printed. Fails when the client cannot run or prints something else
+    /// than one JSON line per step after its connection line; a failed
+    /// connection is a [`ClientRun`] with no steps.
+    pub fn run(&self, steps: &[Value]) -> Result<ClientRun> {
+        let python = install_dir()?.join("python");
+        let mut command = Command::new(python.join("venv/bin/python"));
+        command
+            .arg(python.join("client.py"))
+            .arg(self.mode.as_str())
+            .arg(&self.url);
+        for (name, value) in &self.headers {
+            command.arg(format!("--header={name}: {value}"));
+        }
+        if self.tasks {
+            command.arg("--tasks");
+        }
+        command.arg(serde_json::to_string(steps)?);
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting the Python client {:?}", command.get_program()))?;
+        let mut stdout = child.stdout.take().context("client stdout")?;
+        let mut stderr = child.stderr.take().context("client stderr")?;
+        let out = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text);
+            text
+        });
+        let err = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let deadline = Instant::now() + CLIENT_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let stdout = out.join().unwrap_or_default();
+        let stderr = err.join().unwrap_or_default();
+        let Some(status) = status else {
+            bail!(
+                "the Python client ({}) did not finish within {CLIENT_TIMEOUT:?}; it printed:\n{stdout}\n{stderr}",
+                self.mode.as_str()
+            );
+        };
+        let mut lines = stdout
+            .lines()
+            .map(serde_json::from_str::<Value>)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| {
+                format!("the Python client printed a line that is not JSON:\n{stdout}\n{stderr}")
+            })?
+            .into_iter();
+        let Some(connect) = lines.next() else {
+            bail!("the Python client printed nothing ({status}):\n{stderr}");
+        };
+        let outcomes: Vec<Value> = lines.collect();
+        if !status.success() || (connect["ok"] == true && outcomes.len() != steps.len()) {
+            bail!("the Python client failed ({status}):\n{stdout}\n{stderr}");
+        }
+        Ok(ClientRun {
+            connect,
+            steps: outcomes,
+        })
     }
 }
 

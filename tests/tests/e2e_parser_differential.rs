@@ -561,7 +561,7 @@ fn sidecar(case: &Case) -> Outcome {
         let method = message.method().unwrap_or_default().to_owned();
         let call = match classify(message, message_era(message, None), &[]) {
             Governed::Malformed(_) | Governed::NotForwarded(_) => continue,
-            Governed::Pass | Governed::List => None,
+            Governed::Pass | Governed::List | Governed::Task { .. } => None,
             Governed::Call { name, arguments } => Some(match method.as_str() {
                 "prompts/get" => Call {
                     field: "name",

@@ -1,15 +1,34 @@
-//! Canonical JSON and SHA-256 digests of it.
+//! Canonical JSON (RFC 8785, the JSON Canonicalization Scheme) and SHA-256
+//! digests of it.
 //!
 //! The argument digest in assertions and audit records, and the hash chain of
-//! audit records, must not depend on key order or whitespace: object keys are
-//! sorted by their UTF-8 bytes, no whitespace is written, strings and numbers are
-//! written as `serde_json` writes them. This does not rely on `serde_json`'s map
-//! order, which a `preserve_order` feature elsewhere in a build could change.
+//! audit records, must not depend on key order, whitespace or how a number was
+//! spelled, and a tool server in any language must be able to recompute them
+//! with an off-the-shelf JCS library. So the form is exactly RFC 8785:
+//! - object members sorted by their names as UTF-16 code units (not UTF-8
+//!   bytes: a name with a character above U+FFFF sorts before one in
+//!   U+E000..U+FFFF);
+//! - every number is the IEEE double it denotes, written as ECMAScript's
+//!   `Number.prototype.toString` writes it (`1e2` and `100.0` as `100`, `-0`
+//!   as `0`, `1e21` as `1e+21`), integers included;
+//! - strings escape only `"`, `\` and the control characters (`\b` `\t` `\n`
+//!   `\f` `\r`, the others as lowercase `\u00xx`); everything else is written
+//!   as its UTF-8;
+//! - no whitespace.
+//!
+//! This does not rely on `serde_json`'s map order, which a `preserve_order`
+//! feature elsewhere in a build could change, nor on its number or string
+//! formatting.
 
+use std::fmt::Write as _;
 use std::io::{self, Write};
 
 use aws_lc_rs::digest;
-use serde_json::Value;
+use serde_json::{Number, Value};
+
+/// What the `argsAlg` claim of an assertion names: `args` is [`args_digest`],
+/// SHA-256 of the RFC 8785 form of the call's arguments.
+pub const ARGS_DIGEST_ALG: &str = "sha256-rfc8785";
 
 /// Writes the canonical form of `value` to `out`.
 fn emit<W: Write>(value: &Value, out: &mut W) -> io::Result<()> {
@@ -17,9 +36,8 @@ fn emit<W: Write>(value: &Value, out: &mut W) -> io::Result<()> {
         Value::Null => out.write_all(b"null"),
         Value::Bool(true) => out.write_all(b"true"),
         Value::Bool(false) => out.write_all(b"false"),
-        Value::Number(number) => write!(out, "{number}"),
-        // Escaped exactly as `serde_json::to_string` escapes it.
-        Value::String(text) => serde_json::to_writer(&mut *out, text).map_err(io::Error::from),
+        Value::Number(number) => emit_number(number, out),
+        Value::String(text) => emit_string(text, out),
         Value::Array(items) => {
             out.write_all(b"[")?;
             for (index, item) in items.iter().enumerate() {
@@ -32,13 +50,14 @@ fn emit<W: Write>(value: &Value, out: &mut W) -> io::Result<()> {
         }
         Value::Object(object) => {
             let mut entries: Vec<(&String, &Value)> = object.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            // Names are unique, so an unstable sort is deterministic.
+            entries.sort_unstable_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
             out.write_all(b"{")?;
             for (index, (key, item)) in entries.into_iter().enumerate() {
                 if index > 0 {
                     out.write_all(b",")?;
                 }
-                serde_json::to_writer(&mut *out, key).map_err(io::Error::from)?;
+                emit_string(key, out)?;
                 out.write_all(b":")?;
                 emit(item, out)?;
             }
@@ -47,11 +66,243 @@ fn emit<W: Write>(value: &Value, out: &mut W) -> io::Result<()> {
     }
 }
 
+/// The double a JSON number denotes: integers held as `u64`/`i64` are
+/// rounded to the nearest double, as every JCS implementation reads them.
+fn as_double(number: &Number) -> f64 {
+    if let Some(n) = number.as_u64() {
+        n as f64
+    } else if let Some(n) = number.as_i64() {
+        n as f64
+    } else {
+        number.as_f64().unwrap_or(f64::NAN)
+    }
+}
+
+/// Writes `number` as ECMAScript's `Number.prototype.toString` writes the
+/// double it denotes (RFC 8785 §3.2.2.3).
+fn emit_number<W: Write>(number: &Number, out: &mut W) -> io::Result<()> {
+    // Integers up to 2^53 are doubles exactly, and below 10^21 ECMAScript
+    // writes them as their digits.
+    const EXACT: u64 = 1 << 53;
+    if let Some(n) = number.as_u64().filter(|n| *n <= EXACT) {
+        return write!(out, "{n}");
+    }
+    if let Some(n) = number.as_i64().filter(|n| n.unsigned_abs() <= EXACT) {
+        return write!(out, "{n}");
+    }
+    emit_double(as_double(number), out)
+}
+
+fn emit_double<W: Write>(value: f64, out: &mut W) -> io::Result<()> {
+    if value == 0.0 {
+        // Both zeros.
+        return out.write_all(b"0");
+    }
+    if !value.is_finite() {
+        // A `serde_json::Number` cannot hold one; JCS has no form for it.
+        return out.write_all(b"null");
+    }
+    if value < 0.0 {
+        out.write_all(b"-")?;
+    }
+    let (digits, n) = shortest_digits(value.abs());
+    // ECMAScript's layout of value = 0.d1…dk × 10^n (k digits, n the position
+    // of the decimal point).
+    let digits = digits.as_bytes();
+    let k = i32::try_from(digits.len()).unwrap_or(0);
+    if k <= n && n <= 21 {
+        out.write_all(digits)?;
+        for _ in 0..n - k {
+            out.write_all(b"0")?;
+        }
+        Ok(())
+    } else if 0 < n && n <= 21 {
+        let (whole, fraction) = digits.split_at(n.unsigned_abs() as usize);
+        out.write_all(whole)?;
+        out.write_all(b".")?;
+        out.write_all(fraction)
+    } else if -6 < n && n <= 0 {
+        out.write_all(b"0.")?;
+        for _ in 0..-n {
+            out.write_all(b"0")?;
+        }
+        out.write_all(digits)
+    } else {
+        let (first, rest) = digits.split_at(1);
+        out.write_all(first)?;
+        if !rest.is_empty() {
+            out.write_all(b".")?;
+            out.write_all(rest)?;
+        }
+        let sign = if n - 1 < 0 { '-' } else { '+' };
+        write!(out, "e{sign}{}", (n - 1).unsigned_abs())
+    }
+}
+
+/// The digits ECMAScript picks for the positive finite `value` (the fewest
+/// that read back as `value`; of those, the closest to it; of two as close,
+/// the even one) and `n`, the position of the decimal point: value =
+/// 0.digits × 10^n.
+fn shortest_digits(value: f64) -> (Digits, i32) {
+    // Rust's `{:e}` without a precision writes the fewest digits that read
+    // back as `value`, the closest where several are as short; but of two as
+    // close it takes the larger (1424953923781206.25 as …06.3), where
+    // ECMAScript takes the even one (…06.2).
+    let mut text = Digits::default();
+    let _ = write!(text, "{value:e}");
+    let (mantissa, exponent) = text
+        .as_str()
+        .split_once('e')
+        .unwrap_or((text.as_str(), "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    let mut digits = Digits::default();
+    for byte in mantissa.bytes().filter(u8::is_ascii_digit) {
+        digits.push(byte);
+    }
+    let n = exponent + 1;
+    if let Some(even) = even_of_a_tie(value, digits.as_str(), n) {
+        digits = even;
+    }
+    (digits, n)
+}
+
+/// When `value` lies exactly halfway between the k-digit `digits` (point at
+/// `n`) and its neighbour at the last digit, and that neighbour is even and
+/// reads back as `value`: the neighbour.
+fn even_of_a_tie(value: f64, digits: &str, n: i32) -> Option<Digits> {
+    let shortest: u64 = digits.parse().ok()?;
+    if shortest.is_multiple_of(2) {
+        return None;
+    }
+    // The exact value's significant digits; where they do not fit 128 bits
+    // they are far more than k + 1 ≤ 18.
+    let exact = significant_digits(value)?;
+    let k = u32::try_from(digits.len()).ok()?;
+    // A tie: the exact value has one digit more than the shortest, a 5.
+    if exact % 10 != 5 || exact.checked_ilog10()? != k {
+        return None;
+    }
+    let below = u64::try_from(exact / 10).ok()?;
+    let other = if shortest == below { below + 1 } else { below };
+    let mut candidate = Digits::default();
+    let _ = write!(candidate, "{other}");
+    // Same length (not 99…9 + 1), and it must read back as `value` (the
+    // rounding interval is narrower below a power of two).
+    if candidate.as_str().len() != digits.len() {
+        return None;
+    }
+    let point = n - i32::try_from(k).ok()?;
+    let mut check = Digits::default();
+    let _ = write!(check, "{other}e{point}");
+    (check.as_str().parse::<f64>().ok()? == value).then_some(candidate)
+}
+
+/// The significant digits of the exact decimal value of `value` (positive,
+/// finite) as an integer, when they end in 5 or the value is not an integer;
+/// `None` when they would not fit 128 bits, or end in an even digit.
+fn significant_digits(value: f64) -> Option<u128> {
+    let bits = value.to_bits();
+    let biased = i32::try_from((bits >> 52) & 0x7ff).ok()?;
+    let fraction = bits & ((1 << 52) - 1);
+    let (mut f, mut q) = if biased == 0 {
+        (fraction, -1074)
+    } else {
+        (fraction | (1 << 52), biased - 1075)
+    };
+    // value = f × 2^q, f odd.
+    let zeros = f.trailing_zeros();
+    f >>= zeros;
+    q += i32::try_from(zeros).ok()?;
+    let f = u128::from(f);
+    if q < 0 {
+        // f × 2^q = f × 5^-q × 10^q, and f × 5^-q is odd.
+        f.checked_mul(5u128.checked_pow(q.unsigned_abs())?)
+    } else {
+        // f × 2^q ends in 5 only as (f / 5^q) × 10^q with f / 5^q odd; any
+        // other integer's last non-zero digit is even.
+        let five = 5u128.checked_pow(q.unsigned_abs())?;
+        f.is_multiple_of(five).then(|| f / five)
+    }
+}
+
+/// A number's digits, held inline: at most 32 ASCII bytes.
+#[derive(Default)]
+struct Digits {
+    bytes: [u8; 32],
+    len: usize,
+}
+
+impl Digits {
+    fn push(&mut self, byte: u8) {
+        if let Some(slot) = self.bytes.get_mut(self.len) {
+            *slot = byte;
+            self.len += 1;
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl std::fmt::Write for Digits {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        if self.len + text.len() > self.bytes.len() {
+            return Err(std::fmt::Error);
+        }
+        text.bytes().for_each(|b| self.push(b));
+        Ok(())
+    }
+}
+
+/// Writes `text` as a JSON string the way RFC 8785 (ECMAScript's
+/// `JSON.stringify`) escapes it.
+fn emit_string<W: Write>(text: &str, out: &mut W) -> io::Result<()> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.write_all(b"\"")?;
+    let bytes = text.as_bytes();
+    let mut plain = 0;
+    for (at, &byte) in bytes.iter().enumerate() {
+        let short: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x08 => b"\\b",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            0x0c => b"\\f",
+            b'\r' => b"\\r",
+            0x00..=0x1f => b"",
+            // Every byte of a multi-byte UTF-8 sequence is 0x80 or above.
+            _ => continue,
+        };
+        out.write_all(&bytes[plain..at])?;
+        plain = at + 1;
+        if short.is_empty() {
+            out.write_all(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(byte >> 4)],
+                HEX[usize::from(byte & 0xf)],
+            ])?;
+        } else {
+            out.write_all(short)?;
+        }
+    }
+    out.write_all(&bytes[plain..])?;
+    out.write_all(b"\"")
+}
+
 /// Appends the canonical form of `value` to `out`.
 pub fn write_canonical(value: &Value, out: &mut String) {
     let mut bytes = Vec::with_capacity(128);
-    // Writing to a `Vec` cannot fail, and what is written is UTF-8 (JSON text
-    // produced from Rust strings).
+    // Writing to a `Vec` cannot fail, and what is written is UTF-8 (Rust
+    // strings, escapes and ASCII).
     if emit(value, &mut bytes).is_ok() {
         out.push_str(&String::from_utf8_lossy(&bytes));
     }
@@ -102,8 +353,8 @@ impl Write for Sha256Writer {
 }
 
 /// `sha256:` and the lowercase hex SHA-256 of the canonical form of `value`
-/// (`arguments` absent counts as `{}`). The canonical form is hashed as it is
-/// written, never held whole.
+/// (`arguments` absent counts as `{}`): the algorithm [`ARGS_DIGEST_ALG`]
+/// names. The canonical form is hashed as it is written, never held whole.
 pub fn args_digest(value: Option<&Value>) -> String {
     let mut hasher = Sha256Writer(digest::Context::new(&digest::SHA256));
     match value {
@@ -121,35 +372,5 @@ pub fn args_digest(value: Option<&Value>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn sorts_keys_at_every_depth() {
-        let value = json!({"b": 1, "a": {"d": [1, {"z": null, "y": true}], "c": "x"}});
-        assert_eq!(
-            canonical(&value),
-            r#"{"a":{"c":"x","d":[1,{"y":true,"z":null}]},"b":1}"#
-        );
-    }
-
-    #[test]
-    fn digest_ignores_key_order() {
-        let a = json!({"amount": 10, "order": "o-1"});
-        let b = json!({"order": "o-1", "amount": 10});
-        assert_eq!(args_digest(Some(&a)), args_digest(Some(&b)));
-        assert_ne!(args_digest(Some(&a)), args_digest(None));
-        assert!(args_digest(None).starts_with("sha256:"));
-        // Streamed hashing gives the digest of the canonical text.
-        let expected = format!("sha256:{}", hex(&sha256(canonical(&a).as_bytes())));
-        assert_eq!(args_digest(Some(&a)), expected);
-        let empty = format!("sha256:{}", hex(&sha256(b"{}")));
-        assert_eq!(args_digest(None), empty);
-        let escaped = json!({"k\u{1}\"": "line\nbreak \u{2028} é"});
-        assert_eq!(
-            canonical(&escaped),
-            serde_json::to_string(&escaped).unwrap()
-        );
-    }
-}
+#[path = "canonical_tests.rs"]
+mod tests;

@@ -3,8 +3,9 @@
 //! audit logs. Pure: no I/O, no async. The sidecar writes records with it and
 //! `chaperonectl audit verify` checks them with it.
 //!
-//! - [`canonical`], [`sha256`], [`hex`], [`args_digest`]: canonical JSON (sorted
-//!   keys, no whitespace) and digests of it.
+//! - [`canonical`], [`sha256`], [`hex`], [`args_digest`]: canonical JSON (RFC
+//!   8785, the JSON Canonicalization Scheme) and digests of it;
+//!   [`ARGS_DIGEST_ALG`] names the argument digest in assertions.
 //! - [`record_hash`]: the hash the next record of a session carries in `prev`,
 //!   and the next record of its sidecar in `prevSeq`;
 //!   [`checkpoint_signing_input`]: what a checkpoint's signature signs.
@@ -19,7 +20,7 @@ mod canonical;
 mod keys;
 mod verify;
 
-pub use canonical::{args_digest, canonical, hex, sha256, write_canonical};
+pub use canonical::{ARGS_DIGEST_ALG, args_digest, canonical, hex, sha256, write_canonical};
 pub use keys::{JwksError, SidecarKeys};
 pub use verify::{
     CHECKPOINT_KIND, ExternalLink, Malformed, NoKey, SidecarTrail, VerifyError, VerifyOptions,

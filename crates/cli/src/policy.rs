@@ -14,8 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow, bail};
 use chaperone_policy::{
     CompileError, CompileOptions, DOCUMENT_FILE_EXTENSIONS, DecisionRequest, DelegationChain,
-    DelegationLink, DocumentSet, Engine, ObjectKey, SessionHistory, Snapshot, Verdict, compile_all,
-    parse_documents,
+    DelegationLink, DocumentSet, Engine, ObjectKey, ScopeHints, ScopeKind, SessionHistory,
+    Snapshot, Verdict, compile_all, parse_documents, resolve_scope, trace_id_of,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -193,10 +193,32 @@ fn resolve_server(
 
 /// One earlier call of the session.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct SessionStep {
     server: String,
     tool: String,
+    /// The trace it was made in (a `traceparent` or any label), if any.
+    #[serde(default)]
+    trace: Option<String>,
+    /// The MCP session it was made in, if any.
+    #[serde(default)]
+    mcp_session: Option<String>,
+}
+
+impl SessionStep {
+    fn hints(&self) -> ScopeHints<'_> {
+        scope_hints(self.trace.as_deref(), self.mcp_session.as_deref())
+    }
+}
+
+/// The scope hints of a call made in `trace` and `mcp_session` (a valid
+/// `traceparent` stands for its trace id, anything else for itself).
+fn scope_hints<'a>(trace: Option<&'a str>, mcp_session: Option<&'a str>) -> ScopeHints<'a> {
+    ScopeHints {
+        task: None,
+        trace: trace.map(|t| trace_id_of(t).unwrap_or(t)),
+        mcp_session,
+    }
 }
 
 /// One hop of a delegation chain.
@@ -208,6 +230,10 @@ struct ChainHop {
 }
 
 fn history(engine: &Engine, steps: &[SessionStep]) -> SessionHistory {
+    history_of(engine, steps.iter())
+}
+
+fn history_of<'a>(engine: &Engine, steps: impl Iterator<Item = &'a SessionStep>) -> SessionHistory {
     let mut history = SessionHistory::new();
     for step in steps {
         history.record(
@@ -333,9 +359,20 @@ struct PolicyTestCase {
     /// The call's arguments.
     #[serde(default)]
     arguments: Option<Value>,
-    /// Earlier calls of the session.
+    /// Earlier calls of the agent, each optionally in a `trace` or
+    /// `mcpSession`: the ones in the same session scope as this call (by the
+    /// agent's `session.scope`) make its history.
     #[serde(default)]
     session: Vec<SessionStep>,
+    /// The trace this call is made in (a `traceparent` or any label).
+    #[serde(default)]
+    trace: Option<String>,
+    /// The MCP session this call is made in.
+    #[serde(default)]
+    mcp_session: Option<String>,
+    /// The expected session scope: `task`, `trace`, `mcpSession` or `agent`.
+    #[serde(default)]
+    scope: Option<String>,
     /// The delegation chain, origin first.
     #[serde(default)]
     delegation: Vec<ChainHop>,
@@ -428,8 +465,37 @@ fn run_case(compiled: &CompiledFiles, case: &PolicyTestCase, now: i64) -> Result
     let (server, tool) = resolve_server(snapshot, case.server.as_deref(), &case.tool)?;
     let empty = Value::Object(serde_json::Map::new());
     let arguments = case.arguments.as_ref().unwrap_or(&empty);
-    let session = history(engine, &case.session);
     let chain = delegation_chain(&case.delegation);
+    // A delegated call is made in its task, which every step of the case
+    // belongs to; otherwise the steps in the call's own scope count.
+    let mode = snapshot.content.session.scope;
+    let (kind, key) = if chain.links.is_empty() {
+        resolve_scope(
+            mode,
+            scope_hints(case.trace.as_deref(), case.mcp_session.as_deref()),
+        )
+    } else {
+        (ScopeKind::Task, "")
+    };
+    if let Some(expected) = &case.scope
+        && expected != kind.as_str()
+    {
+        return Ok(Some(format!(
+            "expected session scope {expected}, got {}{}",
+            kind.as_str(),
+            if key.is_empty() {
+                String::new()
+            } else {
+                format!(" {key:?}")
+            }
+        )));
+    }
+    let session = history_of(
+        engine,
+        case.session.iter().filter(|step| {
+            kind == ScopeKind::Task || resolve_scope(mode, step.hints()) == (kind, key)
+        }),
+    );
     let request = DecisionRequest {
         server: &server,
         tool: &tool,

@@ -73,6 +73,8 @@ impl TestSidecar {
             session: AuditSession {
                 chaperone: session,
                 mcp: "",
+                scope: "agent",
+                key: "",
             },
             snapshot: 1,
             time: "2026-01-01T00:00:00.000Z",

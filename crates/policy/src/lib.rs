@@ -26,6 +26,7 @@ mod expiry;
 mod expression;
 pub mod glob;
 pub mod model;
+mod scope;
 mod session;
 mod snapshot;
 
@@ -52,6 +53,7 @@ pub use expiry::{
 };
 pub use expression::CEL_VARIABLES;
 pub use glob::{glob_matches, is_glob};
+pub use scope::{ScopeHints, ScopeKind, resolve_scope, trace_id_of};
 pub use session::{EffectSet, SessionHistory};
 pub use snapshot::{
     AgentAuthority, SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_JSON, Snapshot, SnapshotBytesError,

@@ -187,6 +187,16 @@ pub struct SessionSettings {
     #[serde(default = "default_max_calls")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub max_calls: u32,
+
+    /// Which calls share one session history (session conditions, session
+    /// rate limits, `maxCalls`, audit chains). `auto` (default): a delegated
+    /// task (`Chaperone-Session`), else the W3C trace (`traceparent` in the
+    /// request's `_meta` or header), else the MCP session (`Mcp-Session-Id`),
+    /// else the pod. `agent`: every call of the pod outside a delegated task
+    /// shares the pod's one history, so an agent cannot start an empty history
+    /// by starting a new trace or MCP session.
+    #[serde(default, skip_serializing_if = "SessionScopeMode::is_auto")]
+    pub scope: SessionScopeMode,
 }
 
 impl Default for SessionSettings {
@@ -194,7 +204,27 @@ impl Default for SessionSettings {
         Self {
             idle_timeout_seconds: DEFAULT_SESSION_IDLE_TIMEOUT_SECONDS,
             max_calls: DEFAULT_SESSION_MAX_CALLS,
+            scope: SessionScopeMode::Auto,
         }
+    }
+}
+
+/// How the sidecar picks the session a call belongs to (see
+/// [`SessionSettings::scope`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SessionScopeMode {
+    /// Task, else trace, else MCP session, else the pod.
+    #[default]
+    Auto,
+    /// Task, else the pod: one history for all of the pod's own calls.
+    Agent,
+}
+
+impl SessionScopeMode {
+    /// Whether this is the default, [`SessionScopeMode::Auto`].
+    pub fn is_auto(&self) -> bool {
+        *self == SessionScopeMode::Auto
     }
 }
 

@@ -175,6 +175,22 @@ impl SessionHistory {
         }
     }
 
+    /// Takes back one call of `tool` on `server` that did not happen after all
+    /// (the server answered `input_required`; the retry is recorded when it is
+    /// made). The effects seen stay: they only make later decisions stricter.
+    /// A call not recorded is not taken back.
+    pub fn unrecord(&mut self, server: &str, tool: &str) {
+        let Ok(at) = self.find(server, tool) else {
+            return;
+        };
+        self.calls = self.calls.saturating_sub(1);
+        let entry = &mut self.tools[at];
+        entry.calls = entry.calls.saturating_sub(1);
+        if entry.calls == 0 {
+            self.tools.remove(at);
+        }
+    }
+
     fn find(&self, server: &str, tool: &str) -> Result<usize, usize> {
         self.tools
             .binary_search_by(|t| t.split().cmp(&(server, tool)))
@@ -232,6 +248,24 @@ fn bump(count: &mut u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unrecords_a_call_that_did_not_happen() {
+        let mut history = SessionHistory::new();
+        let effects = EffectSet::of(&[Effect::Destructive]);
+        history.record("s", "a", effects);
+        history.record("s", "a", EffectSet::EMPTY);
+        history.unrecord("s", "a");
+        assert_eq!((history.calls(), history.tool_calls("s", "a")), (1, 1));
+        history.unrecord("s", "a");
+        assert_eq!((history.calls(), history.tool_calls("s", "a")), (0, 0));
+        assert!(history.tools_called().is_empty());
+        assert_eq!(history.effects_seen(), effects, "effects seen stay");
+        // Nothing recorded: nothing taken back.
+        history.record("s", "b", EffectSet::EMPTY);
+        history.unrecord("s", "a");
+        assert_eq!(history.calls(), 1);
+    }
 
     #[test]
     fn counts_tools_per_server_even_when_names_concatenate_alike() {

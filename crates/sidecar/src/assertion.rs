@@ -20,8 +20,14 @@ use thiserror::Error;
 
 use crate::canonical::sha256;
 
+/// What `argsAlg` says: `args` is SHA-256 of the RFC 8785 form of the
+/// arguments.
+pub use crate::canonical::ARGS_DIGEST_ALG;
 /// The header carrying the assertion to the tool server.
 pub use chaperone_wire::sidecar_env::ASSERTION_HEADER;
+
+/// The claim naming how `args` was computed.
+pub const ARGS_ALG_CLAIM: &str = "argsAlg";
 
 /// The signing key could not be created.
 #[derive(Debug, Error)]
@@ -87,15 +93,18 @@ pub struct TaskContext {
     pub prev: String,
 }
 
-/// The claims of one assertion.
-#[derive(Clone, Debug, Serialize)]
+/// The claims of one assertion. Serialised in this order, with `argsAlg`
+/// ([`ARGS_DIGEST_ALG`]) after `args`: how `args` was computed, so a tool
+/// server knows to recompute it as SHA-256 of the RFC 8785 form of the call's
+/// arguments ([`crate::canonical::args_digest`], the only digest this sidecar
+/// makes).
+#[derive(Clone, Debug)]
 pub struct Claims<'a> {
     /// The agent's identity (`chaperone:agent:<namespace>/<name>`).
     pub iss: &'a str,
     /// The initiating principal (a user, or the chain's first agent).
     pub sub: &'a str,
     /// The delegation chain, current actor outermost; absent for own sessions.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub act: Option<&'a Actor>,
     /// The tool server's audience.
     pub aud: &'a str,
@@ -109,12 +118,38 @@ pub struct Claims<'a> {
     pub sid: &'a str,
     /// The tool called.
     pub tool: &'a str,
-    /// SHA-256 of the canonical arguments (`sha256:<hex>`).
+    /// SHA-256 of the canonical arguments (`sha256:<hex>`), from
+    /// [`crate::canonical::args_digest`].
     pub args: &'a str,
     /// The snapshot version that allowed the call.
     pub snap: u64,
     /// The caller's session so far.
     pub ctx: &'a TaskContext,
+}
+
+impl Serialize for Claims<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let fields = if self.act.is_some() { 13 } else { 12 };
+        let mut claims = serializer.serialize_struct("Claims", fields)?;
+        claims.serialize_field("iss", self.iss)?;
+        claims.serialize_field("sub", self.sub)?;
+        match self.act {
+            Some(act) => claims.serialize_field("act", act)?,
+            None => claims.skip_field("act")?,
+        }
+        claims.serialize_field("aud", self.aud)?;
+        claims.serialize_field("exp", &self.exp)?;
+        claims.serialize_field("iat", &self.iat)?;
+        claims.serialize_field("jti", self.jti)?;
+        claims.serialize_field("sid", self.sid)?;
+        claims.serialize_field("tool", self.tool)?;
+        claims.serialize_field("args", self.args)?;
+        claims.serialize_field(ARGS_ALG_CLAIM, ARGS_DIGEST_ALG)?;
+        claims.serialize_field("snap", &self.snap)?;
+        claims.serialize_field("ctx", self.ctx)?;
+        claims.end()
+    }
 }
 
 /// Signs assertions (and audit checkpoints) with this sidecar's Ed25519 key.
@@ -280,6 +315,30 @@ mod tests {
         let payload: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
         assert_eq!(payload["snap"], 3);
+        assert_eq!(payload["argsAlg"], "sha256-rfc8785");
+        assert!(payload.get("act").is_none());
+        // The claims in their documented order, `argsAlg` after `args`.
+        let names: Vec<&str> = {
+            let text = std::str::from_utf8(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap())
+                .unwrap()
+                .to_owned();
+            let mut at: Vec<(usize, &str)> = [
+                "iss", "sub", "aud", "exp", "iat", "jti", "sid", "tool", "args", "argsAlg", "snap",
+                "ctx",
+            ]
+            .into_iter()
+            .map(|name| (text.find(&format!("\"{name}\":")).unwrap(), name))
+            .collect();
+            at.sort();
+            at.into_iter().map(|(_, name)| name).collect()
+        };
+        assert_eq!(
+            names,
+            [
+                "iss", "sub", "aud", "exp", "iat", "jti", "sid", "tool", "args", "argsAlg", "snap",
+                "ctx"
+            ]
+        );
         assert_eq!(signer.registration().jwk["kid"], signer.registration().kid);
     }
 

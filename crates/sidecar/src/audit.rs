@@ -54,8 +54,15 @@ pub struct AuditAgent<'a> {
 pub struct AuditSession<'a> {
     /// Chaperone session id.
     pub chaperone: &'a str,
+    /// The key of its scope: the trace id, the MCP session id, the task's
+    /// Chaperone session id; empty for the agent.
+    pub key: &'a str,
     /// The upstream's `Mcp-Session-Id` (empty if none).
     pub mcp: &'a str,
+    /// The session scope the decision was made in: `task`, `trace`,
+    /// `mcpSession`, `agent` or `unscoped` (see
+    /// [`chaperone_policy::resolve_scope`]).
+    pub scope: &'a str,
 }
 
 /// One decision, as the call path knows it; [`AuditLog::write`] adds the

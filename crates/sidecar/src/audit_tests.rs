@@ -30,6 +30,8 @@ fn record<'a>(session: &'a str, prev: Option<&'a str>, tool: &'a str) -> AuditRe
         session: AuditSession {
             chaperone: session,
             mcp: "m",
+            scope: "mcpSession",
+            key: "m",
         },
         snapshot: 1,
         time: "2026-01-01T00:00:00.000Z",

@@ -49,16 +49,24 @@ pub enum Governed<'a> {
     /// AgentIdentity's `passthroughMethods`), or not part of the message's
     /// protocol era. Refused without forwarding.
     NotForwarded(String),
+    /// A request about a task (`tasks/get`, …): forwarded only when a call
+    /// of the same session created that task.
+    Task {
+        /// The task it names (`params.taskId`).
+        task_id: &'a str,
+    },
     /// A list whose result is filtered.
     List,
     /// Passes through (initialize, ping, notifications, responses, …).
     Pass,
 }
 
-/// The `params` members the sidecar reads (all lower case): a member folding
-/// to one of them but spelled otherwise would be read as it by case-folding
-/// servers (Go's `encoding/json`) and not by the sidecar.
-const READ_PARAMS: [&str; 4] = ["name", "arguments", "uri", "_meta"];
+/// The `params` members the sidecar reads: a member folding to one of them
+/// but spelled otherwise would be read as it by case-folding servers (Go's
+/// `encoding/json`) and not by the sidecar.
+const READ_PARAMS: [&str; 5] = ["name", "arguments", "uri", "_meta", "taskId"];
+/// [`READ_PARAMS`] case-folded.
+const READ_PARAMS_FOLDED: [&str; 5] = ["name", "arguments", "uri", "_meta", "taskid"];
 
 /// The protocol era a message declares: its
 /// `params._meta["io.modelcontextprotocol/protocolVersion"]`, else the
@@ -103,11 +111,11 @@ pub fn classify<'a>(message: &'a Message, era: Era, passthrough: &[String]) -> G
     if let Some(Value::Object(members)) = params
         && members.keys().any(|key| {
             let folded = chaperone_json::fold_key(key);
-            READ_PARAMS.contains(&folded.as_ref()) && !READ_PARAMS.contains(&key.as_str())
+            READ_PARAMS_FOLDED.contains(&folded.as_ref()) && !READ_PARAMS.contains(&key.as_str())
         })
     {
         return Governed::Malformed(
-            "params has a member spelled like name, arguments, uri or _meta in another letter case",
+            "params has a member spelled like name, arguments, uri, _meta or taskId in another letter case",
         );
     }
     let string = |key: &str| params.and_then(|p| p.get(key)).and_then(Value::as_str);
@@ -120,6 +128,13 @@ pub fn classify<'a>(message: &'a Message, era: Era, passthrough: &[String]) -> G
     match known.handling {
         Handling::Pass => Governed::Pass,
         Handling::List => Governed::List,
+        Handling::Task => match string("taskId") {
+            Some(task_id) if matches!(message, Message::Request { .. }) => {
+                Governed::Task { task_id }
+            }
+            Some(_) => Governed::Malformed("a task method must be a request (with an id)"),
+            None => Governed::Malformed("params.taskId must be a string"),
+        },
         Handling::Call => match method {
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
                 match string("uri") {
@@ -461,6 +476,8 @@ impl Enforcer {
             session: AuditSession {
                 chaperone: session.chaperone_id.as_str(),
                 mcp: entry.mcp_session_id,
+                scope: session.scope.as_str(),
+                key: &session.scope_key,
             },
             snapshot: active.map_or(0, ActivePolicy::version),
             time: &time,
@@ -559,6 +576,11 @@ impl Enforcer {
         filter("resources", "uri", RESOURCE_PREFIX);
         filter("resourceTemplates", "uriTemplate", RESOURCE_PREFIX);
         filter("prompts", "name", PROMPT_PREFIX);
+        // A filtered list holds for this agent and this snapshot only: no
+        // shared cache may keep it, and no client may keep it past a policy
+        // change (2026-07-28 `CacheableResult`).
+        result.insert("ttlMs".to_owned(), Value::from(0));
+        result.insert("cacheScope".to_owned(), Value::from("private"));
     }
 
     /// Filters `message` if it is a JSON-RPC response carrying a list result;
@@ -640,7 +662,7 @@ pub fn may_hold_list(raw: &[u8]) -> bool {
 
 /// The keys a list response is read by, at each level: the message, its
 /// result, and each listed item.
-const LIST_SHAPE_KEYS: [&str; 8] = [
+const LIST_SHAPE_KEYS: [&str; 10] = [
     "result",
     "tools",
     "resources",
@@ -649,6 +671,8 @@ const LIST_SHAPE_KEYS: [&str; 8] = [
     "name",
     "uri",
     "uritemplate",
+    "ttlms",
+    "cachescope",
 ];
 
 /// A key of `message`, its result or a listed item that folds to one of
@@ -667,6 +691,8 @@ fn case_variant_list_key(message: &Value) -> Option<String> {
                     | "name"
                     | "uri"
                     | "uriTemplate"
+                    | "ttlMs"
+                    | "cacheScope"
             );
             (!exact && LIST_SHAPE_KEYS.contains(&folded.as_ref())).then(|| key.clone())
         })

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use chaperone_policy::{
-    AgentKey, DelegationChain, DelegationLink, GrantKey, ObjectKey, SessionHistory,
+    AgentKey, DelegationChain, DelegationLink, GrantKey, ObjectKey, ScopeKind, SessionHistory,
 };
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
@@ -42,13 +42,16 @@ use crate::authz::{Governed, RecordEntry, classify, message_era};
 use crate::canonical::{args_digest, hex};
 use crate::initiator::InitiatorVerifier;
 use crate::intake::{
-    MCP_PROTOCOL_VERSION, check_body_headers, check_path_suffix, check_routing_headers,
+    BodyRouting, MCP_PROTOCOL_VERSION, check_body_headers, check_header_binding, check_path_suffix,
     forward_headers, single_header, strip_hop_by_hop,
 };
-use crate::jsonrpc::{Payload, parse_payload};
+use crate::jsonrpc::{Message, Payload, parse_payload};
 use crate::listener::{ConnectionLimits, serve_connections};
 use crate::peer_keys::PeerKeyStore;
-use crate::proxy::{BoxError, CHAPERONE_SESSION, Gateway, ResponseBody, read_body, routed_name};
+use crate::proxy::{
+    BoxError, CHAPERONE_SESSION, Gateway, ResponseBody, meta_protocol_version, read_body,
+    request_id, routed_name,
+};
 use crate::refusal::{
     AuditUnavailable, InboundRefused, MethodNotAllowed, MethodNotForwarded, NoSnapshot, Refusal,
 };
@@ -624,7 +627,7 @@ impl Inbound {
         reason: String,
         unauthenticated: bool,
     ) -> Refusal {
-        let mut state = SessionState::new();
+        let mut state = SessionState::scoped(ScopeKind::Unscoped, "");
         state.last_audit_hash = claims.and_then(parse_hash);
         let caller = claims.map_or("unverified", |c| c.iss.as_str());
         let rule = format!("inbound/{rule}");
@@ -706,16 +709,20 @@ fn governed_calls(
     passthrough: &[String],
 ) -> Result<Vec<InboundCall>, Refusal> {
     let header_version = single_header(headers, &MCP_PROTOCOL_VERSION)?;
-    let messages = match parse_payload(bytes, limit)? {
-        Payload::Single(message) => {
-            check_routing_headers(headers, message.method(), routed_name(&message))?;
-            vec![message]
-        }
-        Payload::Batch(messages) => {
-            check_routing_headers(headers, None, None)?;
-            messages
-        }
+    let (messages, batch) = match parse_payload(bytes, limit)? {
+        Payload::Single(message) => (vec![message], false),
+        Payload::Batch(messages) => (messages, true),
     };
+    let routed = (!batch).then(|| &messages[0]);
+    check_header_binding(
+        headers,
+        &BodyRouting {
+            method: routed.and_then(Message::method),
+            name: routed.and_then(routed_name),
+            id: routed.and_then(request_id),
+            meta_version: messages.iter().find_map(meta_protocol_version),
+        },
+    )?;
     let mut calls = Vec::new();
     for message in &messages {
         match classify(message, message_era(message, header_version), passthrough) {
@@ -728,7 +735,8 @@ fn governed_calls(
                 return Err(crate::jsonrpc::ParseError::InvalidMessage(why).into());
             }
             Governed::NotForwarded(why) => return Err(MethodNotForwarded(why).into()),
-            Governed::List | Governed::Pass => {}
+            // A task's call was decided (and verified) when it was created.
+            Governed::List | Governed::Pass | Governed::Task { .. } => {}
         }
     }
     Ok(calls)

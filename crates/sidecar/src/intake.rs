@@ -21,7 +21,9 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::refusal::{AmbiguousRequest, UnsupportedMediaType};
+use crate::jsonrpc::Id;
+use crate::methods::{Era, era_of};
+use crate::refusal::{AmbiguousRequest, HeaderMismatch, UnsupportedMediaType};
 
 /// `Mcp-Session-Id` (protocol revisions up to 2025-11-25).
 pub const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
@@ -105,33 +107,150 @@ pub fn single_header<'a>(
         .map_err(|_| AmbiguousRequest(format!("header {name} is not ASCII")))
 }
 
+/// W3C `traceparent`: the trace a request belongs to (a session scope).
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 /// `Mcp-Method` (protocol revision 2026-07-28): the request's method.
 pub const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
 /// `Mcp-Name` (protocol revision 2026-07-28): the tool, resource or prompt
 /// the request names.
 pub const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
 
-/// Refuses routing headers (`Mcp-Method`, `Mcp-Name`) that say something else
-/// than the body does: a server or gateway that routes on them would run
-/// another method or tool than the sidecar decided on. `method` and `name` are
-/// the body's (`None` for a batch, which carries no routing headers).
-pub fn check_routing_headers(
+/// What a body says that MCP's request headers mirror (see
+/// [`check_header_binding`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BodyRouting<'a> {
+    /// The single message's method; `None` for a batch.
+    pub method: Option<&'a str>,
+    /// Its `params.name` (tools, prompts), `params.uri` (resources) or
+    /// `params.taskId` (the tasks extension's `tasks/*`).
+    pub name: Option<&'a str>,
+    /// Its id when it is a request (the error answers it); `None` for a
+    /// notification, a response or a batch.
+    pub id: Option<&'a Id>,
+    /// The protocol revision its `_meta` declares
+    /// (`io.modelcontextprotocol/protocolVersion`); for a batch, the first
+    /// any member declares.
+    pub meta_version: Option<&'a str>,
+}
+
+/// The methods whose requests must carry `Mcp-Name` (revision 2026-07-28).
+const NAMED_METHODS: [&str; 3] = ["tools/call", "resources/read", "prompts/get"];
+
+/// Checks the request headers MCP 2026-07-28 binds to the body, and refuses
+/// (`HeaderMismatch`, -32020) a request a server or gateway routing on the
+/// headers would read differently from the sidecar, which decides on the body:
+/// - `Mcp-Method` and `Mcp-Name` (Base64 sentinel `=?base64?…?=` decoded)
+///   must equal the body's method and name/uri whenever they are sent, in
+///   either era; a batch carries neither;
+/// - when the header `MCP-Protocol-Version` or the body's `_meta` declares
+///   2026-07-28 or later, both must be present and equal, `Mcp-Method` is
+///   required on every request and `Mcp-Name` on `tools/call`,
+///   `resources/read` and `prompts/get`, and the body is a single message.
+pub fn check_header_binding(
     headers: &HeaderMap,
-    method: Option<&str>,
-    name: Option<&str>,
-) -> Result<(), AmbiguousRequest> {
-    for (header, body) in [(&MCP_METHOD, method), (&MCP_NAME, name)] {
-        let Some(value) = single_header(headers, header)? else {
-            continue;
-        };
-        if body != Some(value) {
-            return Err(AmbiguousRequest(format!(
-                "header {header} is {value:?} but the body says {}",
-                body.map_or_else(|| "nothing".to_owned(), |b| format!("{b:?}"))
-            )));
+    body: &BodyRouting<'_>,
+) -> Result<(), HeaderMismatch> {
+    let mismatch = |reason: String| HeaderMismatch {
+        reason,
+        id: body.id.cloned(),
+    };
+    let single = |name: &HeaderName| single_header(headers, name).map_err(|e| mismatch(e.0));
+    let header_version = single(&MCP_PROTOCOL_VERSION)?;
+    let stateless = [header_version, body.meta_version]
+        .into_iter()
+        .flatten()
+        .any(|v| era_of(v) == Era::Stateless);
+    let header_method = single(&MCP_METHOD)?;
+    let header_name = single(&MCP_NAME)?;
+    let Some(method) = body.method else {
+        if header_method.is_some() || header_name.is_some() {
+            return Err(mismatch(
+                "a batch carries no Mcp-Method or Mcp-Name header".to_owned(),
+            ));
+        }
+        if stateless {
+            return Err(mismatch(
+                "revision 2026-07-28 sends one message per POST, not a batch".to_owned(),
+            ));
+        }
+        return Ok(());
+    };
+    let request = body.id.is_some();
+    if stateless {
+        match (header_version, body.meta_version) {
+            (Some(h), Some(b)) if h != b => {
+                return Err(mismatch(format!(
+                    "header MCP-Protocol-Version is {h:?} but the body's _meta says {b:?}"
+                )));
+            }
+            (None, _) => {
+                return Err(mismatch(
+                    "header MCP-Protocol-Version is missing (required from revision 2026-07-28)"
+                        .to_owned(),
+                ));
+            }
+            (Some(h), None) if request => {
+                return Err(mismatch(format!(
+                    "header MCP-Protocol-Version is {h:?} but the body's _meta declares no protocolVersion"
+                )));
+            }
+            _ => {}
         }
     }
+    match header_method {
+        Some(value) if value != method => {
+            return Err(mismatch(format!(
+                "header Mcp-Method is {value:?} but the body's method is {method:?}"
+            )));
+        }
+        None if stateless && request => {
+            return Err(mismatch(
+                "header Mcp-Method is missing (required from revision 2026-07-28)".to_owned(),
+            ));
+        }
+        _ => {}
+    }
+    match header_name {
+        Some(value) => {
+            let decoded = decode_header_value(value).ok_or_else(|| {
+                mismatch(format!(
+                    "header Mcp-Name {value:?} is not valid Base64 UTF-8"
+                ))
+            })?;
+            if body.name != Some(decoded.as_ref()) {
+                return Err(mismatch(format!(
+                    "header Mcp-Name is {decoded:?} but the body names {}",
+                    body.name
+                        .map_or_else(|| "nothing".to_owned(), |n| format!("{n:?}"))
+                )));
+            }
+        }
+        None if stateless && request && NAMED_METHODS.contains(&method) => {
+            return Err(mismatch(format!(
+                "header Mcp-Name is missing (required on {method} from revision 2026-07-28)"
+            )));
+        }
+        None => {}
+    }
     Ok(())
+}
+
+/// A header value in MCP's encoding: as is, or the UTF-8 text of a Base64
+/// sentinel `=?base64?…?=` (standard alphabet, padded); `None` when a sentinel
+/// does not decode.
+pub fn decode_header_value(value: &str) -> Option<std::borrow::Cow<'_, str>> {
+    use base64::Engine as _;
+    let Some(encoded) = value
+        .strip_prefix("=?base64?")
+        .and_then(|v| v.strip_suffix("?="))
+    else {
+        return Some(std::borrow::Cow::Borrowed(value));
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    String::from_utf8(bytes).ok().map(std::borrow::Cow::Owned)
 }
 
 /// Refuses a path suffix (after the tool server's name) that a server could
@@ -288,18 +407,119 @@ mod tests {
         assert!(single_header(&headers, &MCP_SESSION_ID).is_err());
     }
 
+    fn routing<'a>(method: &'a str, name: Option<&'a str>, id: Option<&'a Id>) -> BodyRouting<'a> {
+        BodyRouting {
+            method: Some(method),
+            name,
+            id,
+            meta_version: None,
+        }
+    }
+
     #[test]
     fn refuses_routing_headers_that_disagree_with_the_body() {
+        let id = serde_json::json!(1);
+        let call = routing("tools/call", Some("echo"), Some(&id));
         let mut headers = HeaderMap::new();
-        assert!(check_routing_headers(&headers, Some("tools/call"), Some("echo")).is_ok());
+        assert!(check_header_binding(&headers, &call).is_ok());
         headers.insert(MCP_METHOD, HeaderValue::from_static("tools/call"));
         headers.insert(MCP_NAME, HeaderValue::from_static("echo"));
-        assert!(check_routing_headers(&headers, Some("tools/call"), Some("echo")).is_ok());
-        assert!(check_routing_headers(&headers, Some("tools/call"), Some("delete")).is_err());
-        assert!(check_routing_headers(&headers, Some("ping"), None).is_err());
-        assert!(check_routing_headers(&headers, None, None).is_err());
+        assert!(check_header_binding(&headers, &call).is_ok());
+        let other = routing("tools/call", Some("delete"), Some(&id));
+        let refused = check_header_binding(&headers, &other).unwrap_err();
+        assert_eq!(refused.id, Some(id.clone()));
+        assert!(refused.reason.contains("Mcp-Name"), "{}", refused.reason);
+        assert!(check_header_binding(&headers, &routing("ping", None, Some(&id))).is_err());
+        assert!(check_header_binding(&headers, &BodyRouting::default()).is_err());
         headers.append(MCP_NAME, HeaderValue::from_static("echo"));
-        assert!(check_routing_headers(&headers, Some("tools/call"), Some("echo")).is_err());
+        assert!(check_header_binding(&headers, &call).is_err());
+    }
+
+    #[test]
+    fn decodes_base64_names_before_comparing() {
+        let id = serde_json::json!(1);
+        let mut headers = HeaderMap::new();
+        headers.insert(MCP_METHOD, HeaderValue::from_static("tools/call"));
+        // "héllo" in the sentinel form.
+        headers.insert(MCP_NAME, HeaderValue::from_static("=?base64?aMOpbGxv?="));
+        assert!(
+            check_header_binding(&headers, &routing("tools/call", Some("héllo"), Some(&id)))
+                .is_ok()
+        );
+        assert!(
+            check_header_binding(
+                &headers,
+                &routing("tools/call", Some("=?base64?aMOpbGxv?="), Some(&id))
+            )
+            .is_err()
+        );
+        headers.insert(MCP_NAME, HeaderValue::from_static("=?base64?!!?="));
+        assert!(
+            check_header_binding(&headers, &routing("tools/call", Some("x"), Some(&id))).is_err()
+        );
+    }
+
+    #[test]
+    fn binds_headers_and_body_from_revision_2026_07_28() {
+        let id = serde_json::json!(7);
+        let modern = |method: &'static str, name: Option<&'static str>| BodyRouting {
+            method: Some(method),
+            name,
+            id: Some(&id),
+            meta_version: Some("2026-07-28"),
+        };
+        let mut headers = HeaderMap::new();
+        // Nothing mirrored: every required header is missing.
+        let refused =
+            check_header_binding(&headers, &modern("tools/call", Some("echo"))).unwrap_err();
+        assert!(
+            refused.reason.contains("MCP-Protocol-Version"),
+            "{}",
+            refused.reason
+        );
+        headers.insert(MCP_PROTOCOL_VERSION, HeaderValue::from_static("2026-07-28"));
+        let refused =
+            check_header_binding(&headers, &modern("tools/call", Some("echo"))).unwrap_err();
+        assert!(
+            refused.reason.contains("Mcp-Method is missing"),
+            "{}",
+            refused.reason
+        );
+        headers.insert(MCP_METHOD, HeaderValue::from_static("tools/call"));
+        let refused =
+            check_header_binding(&headers, &modern("tools/call", Some("echo"))).unwrap_err();
+        assert!(
+            refused.reason.contains("Mcp-Name is missing"),
+            "{}",
+            refused.reason
+        );
+        headers.insert(MCP_NAME, HeaderValue::from_static("echo"));
+        assert!(check_header_binding(&headers, &modern("tools/call", Some("echo"))).is_ok());
+        // Versions must agree, and a modern header needs a modern body.
+        headers.insert(MCP_PROTOCOL_VERSION, HeaderValue::from_static("2026-09-01"));
+        assert!(check_header_binding(&headers, &modern("tools/call", Some("echo"))).is_err());
+        headers.insert(MCP_PROTOCOL_VERSION, HeaderValue::from_static("2026-07-28"));
+        let legacy_body = BodyRouting {
+            meta_version: None,
+            ..modern("tools/call", Some("echo"))
+        };
+        assert!(check_header_binding(&headers, &legacy_body).is_err());
+        // tools/list needs Mcp-Method only.
+        headers.remove(MCP_NAME);
+        headers.insert(MCP_METHOD, HeaderValue::from_static("tools/list"));
+        assert!(check_header_binding(&headers, &modern("tools/list", None)).is_ok());
+        // A legacy request needs none of them.
+        let mut legacy = HeaderMap::new();
+        legacy.insert(MCP_PROTOCOL_VERSION, HeaderValue::from_static("2025-06-18"));
+        assert!(
+            check_header_binding(&legacy, &routing("tools/call", Some("echo"), Some(&id))).is_ok()
+        );
+        // No modern batches.
+        let batch = BodyRouting {
+            meta_version: Some("2026-07-28"),
+            ..BodyRouting::default()
+        };
+        assert!(check_header_binding(&headers, &batch).is_err());
     }
 
     #[test]

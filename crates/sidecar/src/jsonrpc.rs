@@ -32,6 +32,9 @@ pub const POLICY_DENIED: i64 = -32001;
 pub const LIMIT_EXCEEDED: i64 = -32002;
 /// JSON-RPC error code while the sidecar has no snapshot (fail closed).
 pub const NOT_READY: i64 = -32003;
+/// MCP `HeaderMismatch` (revision 2026-07-28): the request's MCP headers are
+/// missing or disagree with its body.
+pub const HEADER_MISMATCH: i64 = -32020;
 
 /// Why a body could not be read as JSON-RPC.
 #[derive(Debug, Error, PartialEq, Eq)]

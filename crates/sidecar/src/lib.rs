@@ -36,6 +36,8 @@ pub mod jsonrpc;
 pub mod listener;
 pub mod methods;
 pub mod metrics;
+pub mod oauth;
+pub mod outcome;
 pub mod peer_keys;
 pub mod proxy;
 pub mod ratelimit;

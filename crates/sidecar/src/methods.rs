@@ -24,6 +24,9 @@ pub enum Handling {
     List,
     /// Forwarded ungoverned: lifecycle, utilities, notifications.
     Pass,
+    /// Forwarded when it names (`params.taskId`) a task a call of the same
+    /// session created through the sidecar.
+    Task,
 }
 
 /// One row of the table.
@@ -74,11 +77,14 @@ pub const CLIENT_METHODS: &[KnownMethod] = &[
         Handling::Pass,
     ),
     // Tasks (2025-11-25 core; the `io.modelcontextprotocol/tasks` extension
-    // from 2026-07-28): the task's call was decided when it was created.
-    row("tasks/get", Era::Both, Handling::Pass),
-    row("tasks/list", Era::Both, Handling::Pass),
-    row("tasks/result", Era::Both, Handling::Pass),
-    row("tasks/cancel", Era::Both, Handling::Pass),
+    // from 2026-07-28, which drops `tasks/list` and `tasks/result` and adds
+    // `tasks/update`): the task's call was decided when it was created; a
+    // session may only reach the tasks its own calls created.
+    row("tasks/get", Era::Both, Handling::Task),
+    row("tasks/update", Era::Stateless, Handling::Task),
+    row("tasks/result", Era::Legacy, Handling::Task),
+    row("tasks/cancel", Era::Both, Handling::Task),
+    row("tasks/list", Era::Legacy, Handling::Pass),
 ];
 
 /// The row of `method`, if the sidecar knows it.

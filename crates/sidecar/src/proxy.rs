@@ -13,6 +13,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chaperone_policy::{ScopeHints, ScopeKind, resolve_scope, trace_id_of};
+
 use bytes::Bytes;
 use chaperone_json::JsonError;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -20,30 +22,37 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use serde::de::IgnoredAny;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::assertion::ASSERTION_HEADER;
 use crate::assertion::random_id;
 use crate::authz::{
-    CallRequest, Enforcer, Governed, RefusedMessage, classify, may_hold_list, message_era,
+    CallRequest, Enforcer, Governed, PROTOCOL_VERSION_META, RefusedMessage, classify,
+    may_hold_list, message_era,
 };
 use crate::client::UpstreamClient;
 use crate::delegated::DelegatedSessions;
 use crate::intake::{
-    MCP_PROTOCOL_VERSION, MCP_SESSION_ID, check_body_headers, check_path_suffix,
-    check_routing_headers, forward_headers, is_encoded, single_header, strip_hop_by_hop,
+    BodyRouting, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, TRACEPARENT, check_body_headers,
+    check_header_binding, check_path_suffix, forward_headers, is_encoded, single_header,
+    strip_hop_by_hop,
 };
 use crate::jsonrpc::{
-    self, Message, ParseError, Payload, forwarded_body, parse_body, parse_strict,
+    self, Id, Message, ParseError, Payload, forwarded_body, parse_body, parse_strict,
 };
 use crate::listener::{ConnectionLimits, serve_connections};
+use crate::methods::Era;
 use crate::metrics::{Metrics, RefusalLabels};
+use crate::outcome::{CallWatch, PendingCall, WatchedBody};
 use crate::refusal::{
     MethodNotAllowed, NoSnapshot, Refusal, SlowBody, UnknownDelegatedSession, UnknownServer,
     UnknownSession, UpstreamResponseRefused, UpstreamUnavailable,
 };
-use crate::session::{SessionKey, SessionState, SessionStore, SharedSession, lock};
+use crate::session::{
+    AGENT_SPACE, SessionKey, SessionState, SessionStore, SharedSession, TRACE_SPACE, lock,
+};
 use crate::settings::Settings;
 use crate::snapshot::{ActivePolicy, SnapshotSource, Upstream};
 use crate::sse::{EventRewrite, RewritingSseBody};
@@ -83,6 +92,8 @@ pub struct Gateway {
     /// The audit chain of requests refused before any session was known
     /// (unreadable bodies, unknown servers, unsupported media types).
     pub refusals: SharedSession,
+    /// Where tool servers said their OAuth protected resource metadata is.
+    pub metadata_locations: crate::oauth::MetadataLocations,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -143,7 +154,11 @@ impl Gateway {
             enforcer,
             metrics,
             client,
-            refusals: Arc::new(std::sync::Mutex::new(SessionState::new())),
+            refusals: Arc::new(std::sync::Mutex::new(SessionState::scoped(
+                ScopeKind::Unscoped,
+                "",
+            ))),
+            metadata_locations: Default::default(),
         }
     }
 
@@ -210,6 +225,11 @@ impl Gateway {
         req: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, Refusal> {
         let active = self.source.current().ok_or(NoSnapshot)?;
+        if req.method() == Method::GET
+            && let Some((server, rest)) = crate::oauth::metadata_route(req.uri().path())
+        {
+            return Ok(crate::oauth::serve_metadata(self, &active, &req, server, rest).await);
+        }
         let (server, rest) = split_path(req.uri().path());
         let upstream = active
             .upstreams
@@ -226,12 +246,15 @@ impl Gateway {
         let uri: http::Uri = url
             .parse()
             .map_err(|_| UpstreamUnavailable(upstream.name.clone()))?;
-        match *req.method() {
+        let requested = crate::oauth::RequestedUrl::of(&req);
+        let mut response = match *req.method() {
             Method::POST => self.post(req, &active, upstream, uri).await,
             Method::GET => self.get(req, &active, upstream, uri).await,
             Method::DELETE => self.delete(req, &active, upstream, uri).await,
             _ => Err(MethodNotAllowed.into()),
-        }
+        }?;
+        crate::oauth::map_challenges(self, &requested, upstream, response.headers_mut());
+        Ok(response)
     }
 
     fn idle_timeout(active: &ActivePolicy) -> Duration {
@@ -240,34 +263,62 @@ impl Gateway {
         ))
     }
 
-    /// The session a request with `headers` belongs to: `Ok(None)` for an
-    /// `initialize` without a session id (created when the upstream answers).
-    fn session_for(
+    /// The MCP session a request names with `Mcp-Session-Id`, which must be
+    /// one the upstream issued through the sidecar (`None` when it names
+    /// none).
+    fn mcp_session(
         &self,
         active: &ActivePolicy,
         upstream: &Upstream,
         mcp_session_id: Option<&str>,
-        initializing: bool,
     ) -> Result<Option<(SharedSession, String)>, Refusal> {
-        let now = Instant::now();
-        let idle = Self::idle_timeout(active);
-        match mcp_session_id {
-            Some(id) => {
-                let session = self
-                    .sessions
-                    .get(SessionKey::new(&upstream.name, id), now, idle)
-                    .ok_or(UnknownSession)?;
-                Ok(Some((session, id.to_owned())))
-            }
-            None if initializing => Ok(None),
-            None => {
-                let session =
-                    self.sessions
-                        .get_or_create(SessionKey::new(&upstream.name, ""), now, idle);
-                self.metrics.sessions.set(self.sessions.len() as i64);
-                Ok(Some((session, String::new())))
-            }
-        }
+        let Some(id) = mcp_session_id else {
+            return Ok(None);
+        };
+        let session = self
+            .sessions
+            .get(
+                SessionKey::new(&upstream.name, id),
+                Instant::now(),
+                Self::idle_timeout(active),
+            )
+            .ok_or(UnknownSession)?;
+        Ok(Some((session, id.to_owned())))
+    }
+
+    /// The session a message outside any delegated task is decided in, by the
+    /// agent's scope mode: its trace, else its MCP session, else the pod
+    /// (see [`chaperone_policy::resolve_scope`]).
+    fn scoped_session(
+        &self,
+        active: &ActivePolicy,
+        mcp: Option<&(SharedSession, String)>,
+        trace: Option<&str>,
+    ) -> SharedSession {
+        let hints = ScopeHints {
+            task: None,
+            trace,
+            mcp_session: mcp.map(|(_, id)| id.as_str()),
+        };
+        let (kind, key) = resolve_scope(active.snapshot.content.session.scope, hints);
+        let (space, key) = match (kind, mcp) {
+            (ScopeKind::McpSession, Some((session, _))) => return Arc::clone(session),
+            (ScopeKind::Trace, _) => (TRACE_SPACE, key),
+            _ => (AGENT_SPACE, ""),
+        };
+        let kind = if space == TRACE_SPACE {
+            ScopeKind::Trace
+        } else {
+            ScopeKind::Agent
+        };
+        let session = self.sessions.get_or_create(
+            SessionKey::new(space, key),
+            kind,
+            Instant::now(),
+            Self::idle_timeout(active),
+        );
+        self.metrics.sessions.set(self.sessions.len() as i64);
+        session
     }
 
     /// The session named by the agent's `Chaperone-Session` header, if it sent
@@ -304,6 +355,10 @@ impl Gateway {
     ) -> (String, SharedSession) {
         let token = random_id();
         state.handle = Some(token.clone());
+        // Its scope key is its Chaperone session id: the token is a secret and
+        // is never written down.
+        state.scope = ScopeKind::Task;
+        state.scope_key = state.chaperone_id.as_str().into();
         let token_key = SessionKey::new(DELEGATED, &token);
         let with_origin;
         let keys: &[SessionKey<'_>] = match origin {
@@ -348,10 +403,14 @@ impl Gateway {
             Payload::Batch(messages) => (&messages[..], true),
         };
         let routed = (!batch).then(|| &messages[0]);
-        check_routing_headers(
+        check_header_binding(
             &parts.headers,
-            routed.and_then(Message::method),
-            routed.and_then(routed_name),
+            &BodyRouting {
+                method: routed.and_then(Message::method),
+                name: routed.and_then(routed_name),
+                id: routed.and_then(request_id),
+                meta_version: messages.iter().find_map(meta_protocol_version),
+            },
         )?;
         let initializing = messages
             .iter()
@@ -362,19 +421,19 @@ impl Gateway {
             )
             .into());
         }
-        let mut session = self.session_for(active, upstream, mcp_session_id, initializing)?;
+        let mcp = self.mcp_session(active, upstream, mcp_session_id)?;
+        let mcp_id = mcp.as_ref().map_or("", |(_, id)| id.as_str());
         let delegated = self.delegated_session(active, &parts.headers)?;
+        let header_trace = single_header(&parts.headers, &TRACEPARENT)?.and_then(trace_id_of);
         let passthrough = &active.snapshot.content.passthrough_methods;
 
         let mut forwarded: Vec<usize> = Vec::with_capacity(messages.len());
         let mut local: Vec<Value> = Vec::new();
         let mut assertions: Vec<String> = Vec::new();
+        let mut watch = CallWatch::default();
         let mut lists = false;
         for (index, message) in messages.iter().enumerate() {
-            let id = match message {
-                Message::Request { id, .. } => Some(id),
-                _ => None,
-            };
+            let id = request_id(message);
             let era = message_era(message, header_version);
             let governed = classify(message, era, passthrough);
             if matches!(governed, Governed::Pass | Governed::List) {
@@ -382,24 +441,22 @@ impl Gateway {
                 forwarded.push(index);
                 continue;
             }
-            let (mcp_shared, mcp_id) = session.get_or_insert_with(|| {
-                // A message batched with `initialize`: decide it in the
-                // server's session-less context.
-                let shared = self.sessions.get_or_create(
-                    SessionKey::new(&upstream.name, ""),
-                    Instant::now(),
-                    Self::idle_timeout(active),
-                );
-                (shared, String::new())
-            });
-            // Inside a delegated (or user-initiated) session the task's
-            // history decides, not the connection's.
-            let shared = delegated.as_ref().unwrap_or(mcp_shared);
+            // Inside a delegated (or user-initiated) task the task's history
+            // decides; otherwise the scope the agent's mode picks.
+            let shared = match &delegated {
+                Some(task) => Arc::clone(task),
+                None => {
+                    let trace = meta_traceparent(message)
+                        .and_then(trace_id_of)
+                        .or(header_trace);
+                    self.scoped_session(active, mcp.as_ref(), trace)
+                }
+            };
             let method = message.method().unwrap_or_default();
             let (code, reason) = match governed {
                 Governed::Call { name, arguments } => {
                     let outcome = {
-                        let mut state = lock(shared);
+                        let mut state = lock(&shared);
                         self.enforcer.decide_call(
                             active,
                             upstream,
@@ -416,12 +473,37 @@ impl Gateway {
                     if outcome.forward {
                         forwarded.push(index);
                         assertions.extend(outcome.assertion);
+                        // Results that change the session: `input_required`
+                        // (2026-07-28) and task handles (both eras).
+                        if let Some(id) = id
+                            && (era == Era::Stateless || has_param(message, "task"))
+                        {
+                            watch.push(PendingCall {
+                                id: id.clone(),
+                                session: Arc::clone(&shared),
+                                server: upstream.name.clone(),
+                                tool: name,
+                            });
+                        }
                     } else if let Some(error) = outcome.error
                         && id.is_some()
                     {
                         local.push(error);
                     }
                     continue;
+                }
+                Governed::Task { task_id } => {
+                    if lock(&shared).owns_task(task_id) {
+                        forwarded.push(index);
+                        continue;
+                    }
+                    (
+                        jsonrpc::INVALID_PARAMS,
+                        format!(
+                            "task {task_id:?} was not created through this sidecar in this session (scope {})",
+                            lock(&shared).scope.as_str()
+                        ),
+                    )
                 }
                 Governed::Malformed(why) => (jsonrpc::INVALID_PARAMS, why.to_owned()),
                 Governed::NotForwarded(why) => (jsonrpc::METHOD_NOT_FOUND, why),
@@ -435,7 +517,7 @@ impl Gateway {
             let error = self.enforcer.refuse_message(
                 Some(active),
                 "",
-                &mut lock(shared),
+                &mut lock(&shared),
                 &RefusedMessage {
                     id,
                     method,
@@ -487,6 +569,7 @@ impl Gateway {
             // An existing session of that id keeps its history.
             self.sessions.get_or_create(
                 SessionKey::new(&upstream.name, id),
+                ScopeKind::McpSession,
                 Instant::now(),
                 Self::idle_timeout(active),
             );
@@ -508,7 +591,7 @@ impl Gateway {
                 prefix.push_str("\n\n");
             }
             rparts.headers.remove(header::CONTENT_LENGTH);
-            let body = self.rewrite_sse(rbody, &upstream.name, prefix);
+            let body = self.rewrite_sse(rbody, &upstream.name, prefix, watch);
             return Ok(Response::from_parts(rparts, body));
         }
         // A list result is filtered whatever the Content-Type says (a client
@@ -527,8 +610,19 @@ impl Gateway {
                 Ok(collected) => collected.to_bytes(),
                 Err(err) => return Err(unreadable(err.to_string()).into()),
             };
+            if !status.is_success() && serde_json::from_slice::<IgnoredAny>(&bytes).is_err() {
+                // An HTTP error no JSON reader can take a result from (an
+                // OAuth 401 challenge, an error page): its status and headers
+                // are the answer, unless local denials must be answered too.
+                return Ok(if local.is_empty() {
+                    Response::from_parts(rparts, full(bytes))
+                } else {
+                    with_local_denials(local, &forwarded, messages, batch, &upstream.name, status)
+                });
+            }
             let mut value =
                 parse_strict(&bytes, limit).map_err(|err| unreadable(err.to_string()))?;
+            watch.observe(&value);
             let filter = |message: &mut Value| {
                 self.enforcer
                     .filter_response(active, &upstream.name, message)
@@ -566,27 +660,21 @@ impl Gateway {
         if !local.is_empty() {
             // The tool server answered something that is neither JSON nor SSE
             // (an HTTP error page): the local denials must not be lost with it.
-            // Each forwarded request gets an error naming the server's status.
-            let message = format!(
-                "tool server {:?} answered HTTP {} to this batch",
-                upstream.name, rparts.status
-            );
-            for index in &forwarded {
-                if let Message::Request { id, .. } = &messages[*index] {
-                    local.push(jsonrpc::error_response(
-                        Some(id),
-                        jsonrpc::INTERNAL_ERROR,
-                        &message,
-                        None,
-                    ));
-                }
-            }
-            let body = if batch {
-                Value::Array(local)
-            } else {
-                local.into_iter().next().unwrap_or(Value::Null)
-            };
-            return Ok(json_response(StatusCode::OK, &body));
+            return Ok(with_local_denials(
+                local,
+                &forwarded,
+                messages,
+                batch,
+                &upstream.name,
+                rparts.status,
+            ));
+        }
+        if !watch.is_empty() {
+            let body = WatchedBody::new(rbody, watch);
+            return Ok(Response::from_parts(
+                rparts,
+                body.map_err(BoxError::from).boxed_unsync(),
+            ));
         }
         Ok(Response::from_parts(
             rparts,
@@ -622,7 +710,7 @@ impl Gateway {
                 .into());
             }
             rparts.headers.remove(header::CONTENT_LENGTH);
-            let body = self.rewrite_sse(rbody, &upstream.name, String::new());
+            let body = self.rewrite_sse(rbody, &upstream.name, String::new(), CallWatch::default());
             return Ok(Response::from_parts(rparts, body));
         }
         Ok(Response::from_parts(
@@ -674,10 +762,17 @@ impl Gateway {
         Ok(response)
     }
 
-    fn rewrite_sse(self: &Arc<Self>, body: Incoming, server: &str, prefix: String) -> ResponseBody {
+    fn rewrite_sse(
+        self: &Arc<Self>,
+        body: Incoming,
+        server: &str,
+        prefix: String,
+        watch: CallWatch,
+    ) -> ResponseBody {
         let rewriter = ListRewriter {
             gateway: Arc::clone(self),
             server: server.to_owned(),
+            watch,
         };
         let body = RewritingSseBody::new(body, rewriter, self.settings.max_response_bytes)
             .map_err(BoxError::from);
@@ -694,14 +789,79 @@ impl Gateway {
     }
 }
 
-/// The name `Mcp-Name` carries for `message`: `params.name` (tools, prompts)
-/// or `params.uri` (resources).
+/// The answer to a body some of whose messages the sidecar denied, when the
+/// tool server answered the rest with HTTP `status` and nothing JSON-RPC:
+/// the denials, and for each forwarded request an error naming that status.
+fn with_local_denials(
+    mut local: Vec<Value>,
+    forwarded: &[usize],
+    messages: &[Message],
+    batch: bool,
+    server: &str,
+    status: StatusCode,
+) -> Response<ResponseBody> {
+    let message = format!("tool server {server:?} answered HTTP {status} to this batch");
+    for index in forwarded {
+        if let Message::Request { id, .. } = &messages[*index] {
+            local.push(jsonrpc::error_response(
+                Some(id),
+                jsonrpc::INTERNAL_ERROR,
+                &message,
+                None,
+            ));
+        }
+    }
+    let body = if batch {
+        Value::Array(local)
+    } else {
+        local.into_iter().next().unwrap_or(Value::Null)
+    };
+    json_response(StatusCode::OK, &body)
+}
+
+/// The name `Mcp-Name` carries for `message`: `params.taskId` on the tasks
+/// extension's methods (`tasks/get`, …), otherwise `params.name` (tools,
+/// prompts) or `params.uri` (resources).
 pub(crate) fn routed_name(message: &Message) -> Option<&str> {
     let params = message.params()?;
-    params
-        .get("name")
-        .or_else(|| params.get("uri"))
+    let named = if message.method().is_some_and(|m| m.starts_with("tasks/")) {
+        params.get("taskId")
+    } else {
+        params.get("name").or_else(|| params.get("uri"))
+    };
+    named.and_then(Value::as_str)
+}
+
+/// The id of `message` when it is a request.
+pub(crate) fn request_id(message: &Message) -> Option<&Id> {
+    match message {
+        Message::Request { id, .. } => Some(id),
+        _ => None,
+    }
+}
+
+/// A string member of `message`'s `params._meta`.
+fn meta_str<'a>(message: &'a Message, key: &str) -> Option<&'a str> {
+    message
+        .params()?
+        .get("_meta")?
+        .get(key)
         .and_then(Value::as_str)
+}
+
+/// The protocol revision `message`'s `_meta` declares (2026-07-28).
+pub(crate) fn meta_protocol_version(message: &Message) -> Option<&str> {
+    meta_str(message, PROTOCOL_VERSION_META)
+}
+
+/// The W3C `traceparent` in `message`'s `_meta` (2026-07-28, SEP-414).
+fn meta_traceparent(message: &Message) -> Option<&str> {
+    meta_str(message, "traceparent")
+}
+
+/// Whether `message`'s params have a member `key`.
+fn has_param(message: &Message, key: &str) -> bool {
+    message.params().is_some_and(|p| p.get(key).is_some())
 }
 
 /// Reads a request body of at most `limit` bytes that arrives within `within`.
@@ -730,18 +890,24 @@ pub(crate) async fn read_body(
 }
 
 /// Filters list results in SSE events with the snapshot in force when each event
-/// arrives.
+/// arrives, and reads the outcomes of watched calls.
 struct ListRewriter {
     gateway: Arc<Gateway>,
     server: String,
+    watch: CallWatch,
 }
 
 impl EventRewrite for ListRewriter {
     fn wants(&self, raw: &[u8]) -> bool {
-        may_hold_list(raw)
+        may_hold_list(raw) || self.watch.wants(raw)
     }
 
     fn rewrite(&mut self, data: &str) -> Result<Option<String>, String> {
+        // Read before the event is handed on: a retry cannot overtake it.
+        self.watch.observe_bytes(data.as_bytes());
+        if !may_hold_list(data.as_bytes()) {
+            return Ok(None);
+        }
         let active = self
             .gateway
             .source

@@ -76,6 +76,18 @@ pub struct AmbiguousRequest(pub String);
 #[error("{0}")]
 pub struct MethodNotForwarded(pub String);
 
+/// The request's MCP headers (`MCP-Protocol-Version`, `Mcp-Method`,
+/// `Mcp-Name`) are missing or say something else than its body (MCP
+/// `HeaderMismatch`, -32020).
+#[derive(Debug, Error)]
+#[error("header mismatch: {reason}")]
+pub struct HeaderMismatch {
+    /// What disagrees.
+    pub reason: String,
+    /// The request's id, answered in the error.
+    pub id: Option<jsonrpc::Id>,
+}
+
 /// The request body did not arrive in time: a body trickled after its head
 /// would hold a connection (and a slot of the listener's cap) for as long as
 /// the sender likes.
@@ -144,6 +156,9 @@ pub enum Refusal {
     /// See [`SlowBody`].
     #[error(transparent)]
     SlowBody(#[from] SlowBody),
+    /// See [`HeaderMismatch`].
+    #[error(transparent)]
+    HeaderMismatch(#[from] HeaderMismatch),
 }
 
 impl From<ParseError> for Refusal {
@@ -164,7 +179,8 @@ impl Refusal {
             }
             Refusal::Unparseable(_)
             | Refusal::AmbiguousRequest(_)
-            | Refusal::MethodNotForwarded(_) => StatusCode::BAD_REQUEST,
+            | Refusal::MethodNotForwarded(_)
+            | Refusal::HeaderMismatch(_) => StatusCode::BAD_REQUEST,
             Refusal::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
             Refusal::UpstreamUnavailable(_) | Refusal::UpstreamResponseRefused(_) => {
@@ -188,6 +204,7 @@ impl Refusal {
             | Refusal::AmbiguousRequest(_)
             | Refusal::SlowBody(_) => jsonrpc::INVALID_REQUEST,
             Refusal::MethodNotForwarded(_) => jsonrpc::METHOD_NOT_FOUND,
+            Refusal::HeaderMismatch(_) => jsonrpc::HEADER_MISMATCH,
             Refusal::Unparseable(Unparseable(err)) => err.code(),
             Refusal::UpstreamUnavailable(_)
             | Refusal::UpstreamResponseRefused(_)
@@ -210,6 +227,7 @@ impl Refusal {
             Refusal::AmbiguousRequest(_) => "ambiguous_request",
             Refusal::MethodNotForwarded(_) => "method_not_forwarded",
             Refusal::SlowBody(_) => "slow_body",
+            Refusal::HeaderMismatch(_) => "header_mismatch",
             Refusal::UpstreamUnavailable(_) => "upstream_unavailable",
             Refusal::UpstreamResponseRefused(_) => "upstream_response_refused",
             Refusal::AuditUnavailable(_) => "audit_unavailable",
@@ -220,7 +238,11 @@ impl Refusal {
 
     /// The JSON-RPC error body of the refusal (id unknown: `null`).
     pub fn body(&self) -> serde_json::Value {
-        jsonrpc::error_response(None, self.code(), &self.to_string(), None)
+        let id = match self {
+            Refusal::HeaderMismatch(m) => m.id.as_ref(),
+            _ => None,
+        };
+        jsonrpc::error_response(id, self.code(), &self.to_string(), None)
     }
 }
 

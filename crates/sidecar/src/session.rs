@@ -1,19 +1,22 @@
-//! Session context: per MCP session (the upstream's `Mcp-Session-Id`, per tool
-//! server) the ordered steps taken, the history session conditions read, the
-//! per-session rate-limit counters and the audit hash chain, under a Chaperone
-//! session id of its own.
+//! Session context: per session scope (a delegated task, a W3C trace, an MCP
+//! session of one tool server, or the agent pod: see
+//! [`chaperone_policy::resolve_scope`]) the ordered steps taken, the history
+//! session conditions read, the per-session rate-limit counters, the tasks it
+//! created and the audit hash chain, under a Chaperone session id of its own.
 //!
 //! The store is bounded: sessions idle longer than the agent's idle timeout are
 //! forgotten, and beyond the configured maximum (100,000 by default) the least
-//! recently used session is evicted. Sessions are created only when the upstream
-//! issues an id in answer to `initialize` through the sidecar, so an agent cannot
-//! start a fresh, empty history by inventing an id.
+//! recently used session is evicted. MCP sessions are created only when the
+//! upstream issues an id in answer to `initialize` through the sidecar, so an
+//! agent cannot start a fresh, empty history by inventing an MCP session id;
+//! trace sessions are created by the first call of a trace (an agent that must
+//! not start fresh histories has `session.scope: agent`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use chaperone_policy::{DelegationChain, EffectSet, GrantKey, SessionHistory};
+use chaperone_policy::{DelegationChain, EffectSet, GrantKey, ScopeKind, SessionHistory};
 
 use crate::assertion::{Actor, HexId};
 use crate::ratelimit::TokenBucket;
@@ -22,8 +25,20 @@ use crate::ratelimit::TokenBucket;
 /// exact beyond it.
 pub const MAX_STEPS_KEPT: usize = 256;
 
-/// The key of a session: tool server and its `Mcp-Session-Id` (empty for servers
-/// that do not issue one). Borrowed: looking a session up allocates nothing.
+/// Task ids kept per session (tasks it created that it may poll); the oldest
+/// is forgotten beyond it.
+pub const MAX_TASKS_KEPT: usize = 256;
+
+/// Key space of trace sessions in the store (not a DNS label, so never a tool
+/// server's name).
+pub const TRACE_SPACE: &str = ":trace";
+/// Key space of the agent pod's own session.
+pub const AGENT_SPACE: &str = ":agent";
+
+/// The key of a session: a key space (a tool server's name for its MCP
+/// sessions, [`TRACE_SPACE`], [`AGENT_SPACE`]) and the key in it (the
+/// `Mcp-Session-Id`, the trace id, empty for the agent). Borrowed: looking a
+/// session up allocates nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SessionKey<'a> {
     /// The tool server's name.
@@ -95,6 +110,14 @@ pub struct SessionState {
     /// For a session another agent delegated (or a user initiated) at the
     /// inbound side: who, under which grants. `None` for the agent's own.
     pub delegation: Option<Arc<Delegation>>,
+    /// The kind of scope this session is ([`ScopeKind`]).
+    pub scope: ScopeKind,
+    /// Its key in that scope: the trace id, the MCP session id, the task's
+    /// Chaperone session id; empty for the agent scope.
+    pub scope_key: Box<str>,
+    /// Tasks created by calls of this session (tasks extension or 2025-11-25
+    /// tasks), newest last: the ones it may poll, update or cancel.
+    pub tasks: VecDeque<Box<str>>,
 }
 
 /// How a session opened at the inbound side came to be.
@@ -139,8 +162,14 @@ impl Default for SessionState {
 }
 
 impl SessionState {
-    /// A new, empty session with a fresh Chaperone session id.
+    /// A new, empty session of the agent scope with a fresh Chaperone session
+    /// id.
     pub fn new() -> Self {
+        Self::scoped(ScopeKind::Agent, "")
+    }
+
+    /// A new, empty session of scope `kind` under `key`.
+    pub fn scoped(kind: ScopeKind, key: &str) -> Self {
         Self {
             chaperone_id: HexId::random(),
             history: SessionHistory::new(),
@@ -149,7 +178,26 @@ impl SessionState {
             rate_limits: Vec::new(),
             handle: None,
             delegation: None,
+            scope: kind,
+            scope_key: key.into(),
+            tasks: VecDeque::new(),
         }
+    }
+
+    /// Remembers that this session created task `id`.
+    pub fn add_task(&mut self, id: &str) {
+        if self.owns_task(id) {
+            return;
+        }
+        if self.tasks.len() == MAX_TASKS_KEPT {
+            self.tasks.pop_front();
+        }
+        self.tasks.push_back(id.into());
+    }
+
+    /// Whether this session created task `id` (and still remembers it).
+    pub fn owns_task(&self, id: &str) -> bool {
+        self.tasks.iter().any(|t| &**t == id)
     }
 
     /// Appends a step, forgetting the oldest beyond [`MAX_STEPS_KEPT`].
@@ -308,10 +356,11 @@ impl SessionStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Creates (or resets) the session `key`, evicting the least recently used
-    /// session if the store is full.
-    pub fn create(&self, key: SessionKey<'_>, now: Instant) -> SharedSession {
-        self.insert(key, SessionState::new(), now)
+    /// Creates (or resets) the session `key`, of scope `kind` keyed by
+    /// `key.mcp_session_id`, evicting the least recently used session if the
+    /// store is full.
+    pub fn create(&self, key: SessionKey<'_>, kind: ScopeKind, now: Instant) -> SharedSession {
+        self.insert(key, SessionState::scoped(kind, key.mcp_session_id), now)
     }
 
     /// Stores `state` under `key` (replacing any session there), evicting the
@@ -355,17 +404,17 @@ impl SessionStore {
         inner.touch(key, now)
     }
 
-    /// The session `key`, created if unknown or expired (for servers that issue
-    /// no session id).
+    /// The session `key`, created (of scope `kind`) if unknown or expired.
     pub fn get_or_create(
         &self,
         key: SessionKey<'_>,
+        kind: ScopeKind,
         now: Instant,
         idle_timeout: Duration,
     ) -> SharedSession {
         match self.get(key, now, idle_timeout) {
             Some(session) => session,
-            None => self.create(key, now),
+            None => self.create(key, kind, now),
         }
     }
 
@@ -426,11 +475,11 @@ mod tests {
     fn evicts_the_least_recently_used_session() {
         let store = SessionStore::new(2);
         let now = Instant::now();
-        store.create(SessionKey::new("s", "a"), now);
-        store.create(SessionKey::new("s", "b"), now);
+        store.create(SessionKey::new("s", "a"), ScopeKind::McpSession, now);
+        store.create(SessionKey::new("s", "b"), ScopeKind::McpSession, now);
         // Touch "a" so that "b" is the least recently used.
         assert!(store.get(SessionKey::new("s", "a"), now, IDLE).is_some());
-        store.create(SessionKey::new("s", "c"), now);
+        store.create(SessionKey::new("s", "c"), ScopeKind::McpSession, now);
         assert_eq!(store.len(), 2);
         assert!(store.get(SessionKey::new("s", "b"), now, IDLE).is_none());
         assert!(store.get(SessionKey::new("s", "a"), now, IDLE).is_some());
@@ -440,7 +489,7 @@ mod tests {
     fn forgets_idle_sessions() {
         let store = SessionStore::new(10);
         let now = Instant::now();
-        store.create(SessionKey::new("s", "a"), now);
+        store.create(SessionKey::new("s", "a"), ScopeKind::McpSession, now);
         let later = now + Duration::from_secs(61);
         assert!(store.get(SessionKey::new("s", "a"), later, IDLE).is_none());
         assert!(store.is_empty());
@@ -450,8 +499,23 @@ mod tests {
     fn sessions_get_distinct_chaperone_ids() {
         let store = SessionStore::new(10);
         let now = Instant::now();
-        let a = store.create(SessionKey::new("s", "a"), now);
-        let b = store.create(SessionKey::new("s", "b"), now);
+        let a = store.create(SessionKey::new("s", "a"), ScopeKind::McpSession, now);
+        let b = store.create(SessionKey::new("s", "b"), ScopeKind::McpSession, now);
         assert_ne!(lock(&a).chaperone_id, lock(&b).chaperone_id);
+        assert_eq!(lock(&a).scope, ScopeKind::McpSession);
+        assert_eq!(&*lock(&a).scope_key, "a");
+    }
+
+    #[test]
+    fn remembers_its_newest_tasks() {
+        let mut state = SessionState::new();
+        for n in 0..=MAX_TASKS_KEPT {
+            state.add_task(&format!("t{n}"));
+        }
+        state.add_task("t1");
+        assert_eq!(state.tasks.len(), MAX_TASKS_KEPT);
+        assert!(!state.owns_task("t0"), "the oldest is forgotten");
+        assert!(state.owns_task("t1") && state.owns_task(&format!("t{MAX_TASKS_KEPT}")));
+        assert!(!state.owns_task("other"));
     }
 }

@@ -6,8 +6,11 @@
 //! 2. the `kid` is a live sidecar's key in the JWKS the controller sent, an
 //!    Ed25519 JWK that names its agent (`chaperone.dev/agent`);
 //! 3. the signature verifies;
-//! 4. the claims parse; `iss` is the key's agent (a sidecar cannot speak for
-//!    another agent);
+//! 4. the claims parse; `argsAlg`, if present, is `sha256-rfc8785` (the
+//!    digest the caller of [`verify_assertion`] recomputes and compares with
+//!    `args`; an assertion without it is from a sidecar that computed `args`
+//!    before the claim existed); `iss` is the key's agent (a sidecar cannot
+//!    speak for another agent);
 //! 5. `aud` is one this side accepts;
 //! 6. not expired, not issued in the future, lifetime within the maximum (a few
 //!    seconds of clock skew allowed);
@@ -29,7 +32,7 @@ use chaperone_policy::model::{MAX_ASSERTION_LIFETIME_SECONDS, MAX_DELEGATION_DEP
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::assertion::{Actor, TaskContext};
+use crate::assertion::{ARGS_DIGEST_ALG, Actor, TaskContext};
 use crate::peer_keys::PeerKeys;
 use crate::snapshot::AGENT_ISSUER_PREFIX;
 
@@ -59,6 +62,11 @@ pub enum AssertionRefused {
     /// The claims are not an assertion's.
     #[error("assertion claims are malformed: {0}")]
     Claims(String),
+    /// `args` was computed some other way than this side recomputes it.
+    #[error(
+        "assertion argsAlg {0:?} is not accepted: only \"sha256-rfc8785\" (SHA-256 of the RFC 8785 form of the arguments) is recomputed here"
+    )]
+    ArgsAlgorithm(String),
     /// `iss` is not the agent the key belongs to.
     #[error("assertion issuer {iss:?} is not the key's agent {key_agent:?}")]
     IssuerMismatch {
@@ -127,6 +135,9 @@ pub struct VerifiedAssertion {
     pub tool: String,
     /// SHA-256 of the canonical arguments.
     pub args: String,
+    /// How `args` was computed: [`ARGS_DIGEST_ALG`], or absent (the same).
+    #[serde(default, rename = "argsAlg")]
+    pub args_alg: Option<String>,
     /// The caller's snapshot version.
     pub snap: u64,
     /// The caller's session so far.
@@ -332,6 +343,11 @@ pub fn verify_assertion(
         .and_then(|bytes| {
             serde_json::from_slice(&bytes).map_err(|e| AssertionRefused::Claims(e.to_string()))
         })?;
+    if let Some(alg) = claims.args_alg.as_deref()
+        && alg != ARGS_DIGEST_ALG
+    {
+        return Err(AssertionRefused::ArgsAlgorithm(alg.to_owned()));
+    }
     if claims.iss.strip_prefix(AGENT_ISSUER_PREFIX) != Some(key_agent) {
         return Err(AssertionRefused::IssuerMismatch {
             iss: claims.iss,

@@ -92,6 +92,65 @@ fn refuses_each_failure_with_its_reason() {
     assert_eq!(replay.len(), 0);
 }
 
+/// `genuine`'s claims with `argsAlg` set to `alg` (removed for `None`) and
+/// a fresh `jti`, signed by `signer`.
+fn with_args_alg(signer: &AssertionSigner, genuine: &str, alg: Option<&str>, jti: &str) -> String {
+    let payload = genuine.split('.').nth(1).unwrap();
+    let mut claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    let object = claims.as_object_mut().unwrap();
+    match alg {
+        Some(alg) => object.insert("argsAlg".into(), alg.into()),
+        None => object.remove("argsAlg"),
+    };
+    object.insert("jti".into(), jti.into());
+    let header = genuine.split('.').next().unwrap();
+    let signed = format!(
+        "{header}.{}",
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap())
+    );
+    let signature = signer.sign_detached(signed.as_bytes());
+    format!("{signed}.{signature}")
+}
+
+#[test]
+fn accepts_the_rfc_8785_digest_or_none_named() {
+    let signer = AssertionSigner::generate().unwrap();
+    let keys = keys_for(&signer, "ns/a");
+    let aud = vec!["chaperone:agent:ns/b".to_owned()];
+    let replay = ReplayCache::new(10);
+    let genuine = token(&signer, "chaperone:agent:ns/a", &aud[0], "j1", NOW);
+    let claims = verify_assertion(&genuine, &keys, &aud, &replay, NOW).unwrap();
+    assert_eq!(claims.args_alg.as_deref(), Some("sha256-rfc8785"));
+    let unnamed = with_args_alg(&signer, &genuine, None, "j2");
+    let claims = verify_assertion(&unnamed, &keys, &aud, &replay, NOW).unwrap();
+    assert_eq!(claims.args_alg, None);
+}
+
+#[test]
+fn refuses_an_args_digest_of_another_algorithm() {
+    let signer = AssertionSigner::generate().unwrap();
+    let keys = keys_for(&signer, "ns/a");
+    let aud = vec!["chaperone:agent:ns/b".to_owned()];
+    let replay = ReplayCache::new(10);
+    let genuine = token(&signer, "chaperone:agent:ns/a", &aud[0], "j1", NOW);
+    for (at, alg) in ["sha256-utf8-sorted", "SHA256-RFC8785", ""]
+        .into_iter()
+        .enumerate()
+    {
+        let other = with_args_alg(&signer, &genuine, Some(alg), &format!("j{}", at + 2));
+        let refused = verify_assertion(&other, &keys, &aud, &replay, NOW);
+        assert_eq!(refused, Err(AssertionRefused::ArgsAlgorithm(alg.into())));
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains("only \"sha256-rfc8785\"")
+        );
+    }
+    assert_eq!(replay.len(), 0);
+}
+
 #[test]
 fn replay_share_is_bounded_and_forgets_expired_ids() {
     let cache = ReplayCache::new(2);

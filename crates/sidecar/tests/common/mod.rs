@@ -304,6 +304,7 @@ pub async fn call(
 }
 
 /// A raw HTTP response.
+#[derive(Debug)]
 pub struct Raw {
     pub status: http::StatusCode,
     pub headers: http::HeaderMap,
