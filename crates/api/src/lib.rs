@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 pub use chaperone_policy::model;
 
+pub mod approval;
+pub use approval::{ToolCallApproval, ToolCallApprovalSpec, ToolCallApprovalStatus};
+
 /// The API group of every Chaperone resource.
 pub const GROUP: &str = "chaperone.dev";
 /// The served and stored version.
@@ -190,6 +193,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         AgentIdentity::crd(),
         ToolPolicy::crd(),
         DelegationGrant::crd(),
+        ToolCallApproval::crd(),
     ]
     .into_iter()
     .map(without_unknown_formats)
