@@ -327,7 +327,7 @@ impl SidecarStandIn {
             let jwks_json = match message.message {
                 Some(controller_message::Message::Keys(keys)) => keys.jwks_json,
                 Some(controller_message::Message::Snapshot(update)) => update.jwks_json,
-                None => continue,
+                Some(controller_message::Message::Approval(_)) | None => continue,
             };
             let jwks: serde_json::Value = serde_json::from_str(&jwks_json)?;
             if accept(&jwks) {

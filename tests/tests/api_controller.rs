@@ -168,6 +168,9 @@ impl SidecarStandIn {
                         return Ok(jwks);
                     }
                 }
+                controller_message::Message::Approval(status) => {
+                    bail!("a tool-mode stream received approval {}", status.name)
+                }
                 controller_message::Message::Snapshot(update) => {
                     bail!("a tool-mode stream received snapshot {}", update.version)
                 }
@@ -754,6 +757,9 @@ async fn a_tool_pods_token_gets_the_key_set_and_never_a_snapshot() -> Result<()>
         match tool.next_message(left).await {
             Ok(controller_message::Message::Snapshot(update)) => {
                 bail!("a tool-mode stream received snapshot {}", update.version)
+            }
+            Ok(controller_message::Message::Approval(status)) => {
+                bail!("a tool-mode stream received approval {}", status.name)
             }
             Ok(controller_message::Message::Keys(_)) => {}
             Err(_) => break,

@@ -17,7 +17,8 @@
 //! the sessions' concurrency.
 //!
 //! Canonical form: the lines' fields are declared in byte order of their names
-//! and nothing in them is a float, so a line as written is the canonical JSON of
+//! and nothing in them is a float or an integer beyond 2^53 (RFC 8785 writes
+//! numbers as ECMAScript does), so a line as written is the canonical JSON of
 //! the record ([`crate::canonical`]), and its SHA-256 is its record hash.
 //! [`verify_log`] (from `chaperone_audit`, also behind `chaperonectl audit
 //! verify`) checks a log.

@@ -370,6 +370,8 @@ impl SnapshotStream {
                 }
                 None
             }
+            // TODO(#17, helper C): route to the waiting call.
+            controller_message::Message::Approval(_) => None,
         }
     }
 

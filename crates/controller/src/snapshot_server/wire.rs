@@ -122,7 +122,10 @@ impl TryFrom<SidecarMessage> for SidecarReport {
                 records: batch.records,
                 dropped: batch.dropped,
             }),
-            None => return Err(InvalidSidecarMessage::Unknown),
+            // TODO(#17, helper B1): approval requests; refused until handled.
+            Some(Message::ApprovalRequest(_) | Message::ApprovalRelease(_)) | None => {
+                return Err(InvalidSidecarMessage::Unknown);
+            }
         })
     }
 }
