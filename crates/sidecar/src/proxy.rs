@@ -22,7 +22,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use serde::de::IgnoredAny;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
@@ -610,12 +609,18 @@ impl Gateway {
                 Ok(collected) => collected.to_bytes(),
                 Err(err) => return Err(unreadable(err.to_string()).into()),
             };
-            if !status.is_success() && serde_json::from_slice::<IgnoredAny>(&bytes).is_err() {
-                // An HTTP error no JSON reader can take a result from (an
-                // OAuth 401 challenge, an error page): its status and headers
-                // are the answer, unless local denials must be answered too.
+            let challenge = matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+                && rparts.headers.contains_key(header::WWW_AUTHENTICATE);
+            if challenge && parse_strict(&bytes, limit).is_err() {
+                // An authentication challenge (OAuth 401/403) whose body the
+                // sidecar cannot read: its status and `WWW-Authenticate` are
+                // the answer, the body goes (no reader can take a list from
+                // it), and local denials are answered too.
                 return Ok(if local.is_empty() {
-                    Response::from_parts(rparts, full(bytes))
+                    rparts.headers.remove(header::CONTENT_LENGTH);
+                    rparts.headers.remove(header::CONTENT_ENCODING);
+                    rparts.headers.remove(header::CONTENT_TYPE);
+                    Response::from_parts(rparts, full(Bytes::new()))
                 } else {
                     with_local_denials(local, &forwarded, messages, batch, &upstream.name, status)
                 });

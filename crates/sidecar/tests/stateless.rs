@@ -536,13 +536,13 @@ async fn filtered_lists_are_private_and_not_cached() {
 }
 
 #[tokio::test]
-async fn an_http_error_without_json_passes_with_its_status_and_headers() {
+async fn an_auth_challenge_without_json_passes_with_its_status_and_headers() {
     let (harness, _) = harness(AUTO).await;
     let unauthorized = [("x-test-unauthorized", "1")];
     let list = modern(1, "tools/list", json!({}), None);
     let raw = send(&harness, &list, &unauthorized).await;
     assert_eq!(raw.status, 401, "{raw:?}");
-    assert_eq!(raw.body, "Unauthorized");
+    assert_eq!(raw.body, "", "a body the sidecar cannot read goes");
     assert_eq!(
         raw.headers.get("www-authenticate").unwrap(),
         "Bearer realm=\"mcp\""
