@@ -11,8 +11,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use chaperone_wire::v1::{
-    Ack, ControllerMessage, SidecarMessage, SnapshotUpdate, controller_message, sidecar_message,
-    snapshot_service_client::SnapshotServiceClient,
+    Ack, ApprovalStatus, ControllerMessage, SidecarMessage, SnapshotUpdate, controller_message,
+    sidecar_message, snapshot_service_client::SnapshotServiceClient,
 };
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
@@ -336,6 +336,22 @@ impl SidecarStandIn {
         }
     }
 
+    /// The next approval status, skipping snapshots and key sets; fails
+    /// after `timeout` or when the stream ends.
+    pub async fn next_approval(&mut self, timeout: Duration) -> Result<ApprovalStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let message = tokio::time::timeout(left, self.from_controller.message())
+                .await
+                .context("no approval status in time")??
+                .context("stream ended")?;
+            if let Some(controller_message::Message::Approval(status)) = message.message {
+                return Ok(status);
+            }
+        }
+    }
+
     /// Registers the signing key `kid` (a fixed Ed25519 public key) for this
     /// sidecar.
     pub async fn send_key(&self, kid: &str) -> Result<()> {
@@ -383,9 +399,31 @@ pub struct InProcessController {
     pub webhook_port: u16,
     /// Where the controller wrote its CA (what sidecars trust).
     pub ca_file: PathBuf,
+    /// Stops it ([`InProcessController::stop`]).
+    stop: std::sync::Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
 }
 
 impl InProcessController {
+    /// Stops the controller as a crash or a restart would (its runtime and
+    /// every task on it are dropped, its listeners closed) and waits until its
+    /// ports are closed. Its clones see it stopped too.
+    pub fn stop(&self) -> Result<()> {
+        let sender = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(sender) = sender {
+            let _ = sender.send(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while admin_ready(self.admin_port)
+            || std::net::TcpStream::connect(("127.0.0.1", self.grpc_port)).is_ok()
+        {
+            if Instant::now() > deadline {
+                bail!("the controller did not stop within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     /// Its snapshot endpoint, trusting the CA it wrote.
     pub fn snapshot_endpoint(&self) -> Result<SnapshotEndpoint> {
         Ok(SnapshotEndpoint {
@@ -469,6 +507,7 @@ pub fn start_controller_with(
         .unwrap_or_else(|| admin_kubeconfig.clone());
     let create_namespace = launch.create_namespace;
     let (stopped_tx, stopped) = std::sync::mpsc::channel::<String>();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -485,8 +524,14 @@ pub fn start_controller_with(
                     .await;
             }
             let client = crate::client_from_kubeconfig(&kubeconfig).await?;
-            chaperone_controller::run_with_client(args, client).await
+            tokio::select! {
+                result = chaperone_controller::run_with_client(args, client) => result,
+                // Only an explicit stop: a dropped handle leaves it running.
+                Ok(()) = stop_rx => Ok(()),
+            }
         });
+        // Shutting the runtime down ends every task the controller spawned.
+        rt.shutdown_timeout(Duration::from_secs(5));
         let reason = match result {
             Ok(()) => "the controller stopped".to_owned(),
             Err(e) => format!("the controller stopped: {e:#}"),
@@ -509,6 +554,7 @@ pub fn start_controller_with(
         admin_port,
         webhook_port,
         ca_file,
+        stop: std::sync::Arc::new(std::sync::Mutex::new(Some(stop))),
     })
 }
 

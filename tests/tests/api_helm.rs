@@ -107,10 +107,11 @@ fn manifest_objects(manifest: &str) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
-const CRD_NAMES: [&str; 3] = [
+const CRD_NAMES: [&str; 4] = [
     "agentidentities.chaperone.dev",
     "toolpolicies.chaperone.dev",
     "delegationgrants.chaperone.dev",
+    "toolcallapprovals.chaperone.dev",
 ];
 
 /// A release installed once and left in place, for the tests that inspect a

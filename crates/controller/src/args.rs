@@ -1,6 +1,7 @@
 //! Command-line flags and environment of `chaperone-controller`, in one place,
 //! and the settings built from them: the webhook's
-//! [`InjectionSettings::from_args`] and the certificates' [`CertConfig::from_args`].
+//! [`InjectionSettings::from_args`], the certificates' [`CertConfig::from_args`]
+//! and the approval flow's [`Args::approval_settings`].
 //! The modules they configure take those settings and never read [`Args`].
 //!
 //! Values clap cannot check alone (quantities, policies spelled as Kubernetes
@@ -11,6 +12,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
+    approvals::ApprovalSettings,
     certs::{CertConfig, CertSource, Lifetimes, service_sans},
     webhook::{
         InjectionSettings, ProxyResources,
@@ -148,6 +150,17 @@ pub struct Args {
     #[arg(long, env = "CHAPERONE_CA_FILE")]
     pub ca_file: Option<PathBuf>,
 
+    /// How long a decided ToolCallApproval (used, denied or expired) is kept
+    /// before it is deleted: a duration like `90s`, `15m` or `1h30m`, at
+    /// least one second.
+    #[arg(
+        long,
+        env = "CHAPERONE_APPROVAL_RETENTION",
+        default_value = "1h",
+        value_parser = parse_retention
+    )]
+    pub approval_retention: Duration,
+
     /// Log format: `json` (default, for Kubernetes) or `text`.
     #[arg(long, env = "CHAPERONE_LOG_FORMAT", default_value = "json")]
     pub log_format: LogFormat,
@@ -168,6 +181,18 @@ fn parse_external_tls(value: &str) -> Result<bool, String> {
         "false" | "0" | "no" | "" => Ok(false),
         _ => Err(format!(
             "CHAPERONE_EXTERNAL_TLS (--external-tls) must be true or false, not {value:?}"
+        )),
+    }
+}
+
+fn parse_retention(value: &str) -> Result<Duration, String> {
+    match chaperone_policy::parse_duration_seconds(value.trim()) {
+        Ok(0) => Err(format!(
+            "CHAPERONE_APPROVAL_RETENTION (--approval-retention) must be at least 1s, not {value:?}"
+        )),
+        Ok(seconds) => Ok(Duration::from_secs(seconds)),
+        Err(error) => Err(format!(
+            "CHAPERONE_APPROVAL_RETENTION (--approval-retention): {error}"
         )),
     }
 }
@@ -204,6 +229,14 @@ impl InvalidSetting {
 }
 
 impl Args {
+    /// The approval flow's settings.
+    pub fn approval_settings(&self) -> ApprovalSettings {
+        ApprovalSettings {
+            retention: self.approval_retention,
+            ..ApprovalSettings::default()
+        }
+    }
+
     /// The address injected sidecars dial for snapshots.
     pub fn controller_address(&self) -> String {
         self.controller_address.clone().unwrap_or_else(|| {

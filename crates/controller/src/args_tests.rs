@@ -117,3 +117,28 @@ fn external_tls_comes_from_the_flag() {
             .unwrap_err();
     assert!(err.to_string().contains("CHAPERONE_EXTERNAL_TLS"), "{err}");
 }
+
+#[test]
+fn approval_retention_is_a_duration_of_at_least_a_second() {
+    assert_eq!(
+        parse(&[]).approval_settings().retention,
+        Duration::from_secs(3600)
+    );
+    assert_eq!(
+        parse(&["--approval-retention=1h30m"]).approval_retention,
+        Duration::from_secs(5400)
+    );
+    assert_eq!(
+        parse(&["--approval-retention=90s"]).approval_retention,
+        Duration::from_secs(90)
+    );
+    for bad in ["0s", "1d", "soon", ""] {
+        let error = <Args as clap::Parser>::try_parse_from([
+            "chaperone-controller",
+            &format!("--approval-retention={bad}"),
+        ])
+        .expect_err(bad)
+        .to_string();
+        assert!(error.contains("--approval-retention"), "{bad}: {error}");
+    }
+}

@@ -7,6 +7,11 @@
 //! suppressed or dropped is counted in metrics (and suppressed denials in the
 //! next summary), never silent.
 //!
+//! The approval flow's Events (ApprovalRequested, ApprovalGranted, …) go
+//! through the same writer ([`AuditEvents::record`]), on the Pod and the
+//! AgentIdentity; they are not rate-limited (there is at most one of each per
+//! ToolCallApproval, and the number of those waiting per agent is capped).
+//!
 //! Tool-mode sidecars have no AgentIdentity: their denials and summaries go on
 //! their Pod only. The audit trail's signed checkpoints (`kind` `checkpoint`)
 //! come in the same batches; they are for offline verification and make no
@@ -20,7 +25,7 @@ use std::{
 
 use chaperone_api::AgentIdentity;
 use chaperone_policy::AgentKey;
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::{
     Api, Client,
     runtime::events::{Event, EventType, Recorder, Reporter},
@@ -246,6 +251,32 @@ struct Batch {
     records: Vec<String>,
 }
 
+/// An Event about an agent's call that does not come from an audit batch
+/// (the approval flow): written on the agent's Pod and its AgentIdentity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentCallEvent {
+    /// The AgentIdentity.
+    pub agent: AgentKey,
+    /// The pod (same namespace).
+    pub pod: String,
+    /// The pod's uid; `None`: looked up (a pod that is gone gets no Event).
+    pub pod_uid: Option<String>,
+    /// Warning (`true`) or Normal.
+    pub warning: bool,
+    /// The Event reason.
+    pub reason: &'static str,
+    /// The Event action (at most 128 bytes; longer is cut).
+    pub action: String,
+    /// The Event note (at most 1024 bytes; longer is cut).
+    pub note: String,
+}
+
+/// What the Event writer works on.
+enum Job {
+    Batch(Batch),
+    Event(AgentCallEvent),
+}
+
 /// Counts between two summaries of one agent (or tool pod). Pure.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -300,7 +331,7 @@ impl Summary {
 
 /// Accepts audit batches from the snapshot streams and writes Events.
 pub struct AuditEvents {
-    tx: mpsc::Sender<Batch>,
+    tx: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
 }
 
@@ -322,7 +353,11 @@ impl AuditEvents {
     /// Queues a sidecar's batch; a full queue drops it and counts the records.
     pub fn submit(&self, source: AuditSource, records: Vec<String>) {
         let count = records.len() as u64;
-        if self.tx.try_send(Batch { source, records }).is_err() {
+        if self
+            .tx
+            .try_send(Job::Batch(Batch { source, records }))
+            .is_err()
+        {
             self.metrics.events_dropped(count);
             tracing::warn!(
                 records = count,
@@ -332,10 +367,25 @@ impl AuditEvents {
     }
 }
 
+impl AuditEvents {
+    /// Queues an Event about an agent's call; a full queue drops it and
+    /// counts it.
+    pub fn record(&self, event: AgentCallEvent) {
+        let reason = event.reason;
+        if self.tx.try_send(Job::Event(event)).is_err() {
+            self.metrics.events_dropped(1);
+            tracing::warn!(
+                reason,
+                "the Event writer's queue is full; an Event was dropped (counted in events_dropped)"
+            );
+        }
+    }
+}
+
 async fn run(
     client: Client,
     recorder: Recorder,
-    mut rx: mpsc::Receiver<Batch>,
+    mut rx: mpsc::Receiver<Job>,
     metrics: Arc<Metrics>,
 ) {
     let mut budget = EventBudget::new(20.0, 100.0);
@@ -345,8 +395,15 @@ async fn run(
     tick.tick().await;
     loop {
         tokio::select! {
-            batch = rx.recv() => {
-                let Some(batch) = batch else { return };
+            job = rx.recv() => {
+                let batch = match job {
+                    None => return,
+                    Some(Job::Batch(batch)) => batch,
+                    Some(Job::Event(event)) => {
+                        publish_agent_event(&client, &recorder, &metrics, &mut uids, event).await;
+                        continue;
+                    }
+                };
                 let target = batch.source.summary_target();
                 for record in &batch.records {
                     match classify(record) {
@@ -390,6 +447,53 @@ async fn run(
             }
         }
     }
+}
+
+/// Writes `event` on its Pod (when it still exists) and its AgentIdentity.
+async fn publish_agent_event(
+    client: &Client,
+    recorder: &Recorder,
+    metrics: &Metrics,
+    uids: &mut HashMap<AgentKey, String>,
+    event: AgentCallEvent,
+) {
+    let AgentCallEvent {
+        agent,
+        pod,
+        pod_uid,
+        warning,
+        reason,
+        mut action,
+        mut note,
+    } = event;
+    truncate(&mut action, MAX_ACTION);
+    truncate(&mut note, MAX_NOTE);
+    let event = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note),
+        action,
+        secondary: None,
+    };
+    let pod_uid = match pod_uid {
+        Some(uid) => Some(uid),
+        None => Api::<Pod>::namespaced(client.clone(), &agent.namespace)
+            .get_metadata_opt(&pod)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|p| p.metadata.uid),
+    };
+    if let Some(uid) = pod_uid {
+        let key = (agent.namespace.clone(), pod, uid);
+        publish(recorder, metrics, &event, &pod_reference(&key)).await;
+    }
+    let agent_ref = agent_reference(client, uids, &agent).await;
+    publish(recorder, metrics, &event, &agent_ref).await;
 }
 
 fn pod_reference((namespace, pod, uid): &PodKey) -> ObjectReference {

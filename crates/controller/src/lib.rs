@@ -10,7 +10,9 @@
 //! [`auth`]), [`sidecars`] (what the connected sidecars run), [`status`] (pure
 //! status computation + the leader's writer), [`leader`] (Lease), [`admin`]
 //! (/metrics, /healthz, /readyz, JWKS), [`replica_exchange`] (the replicas
-//! share their sidecars' keys and state through ConfigMaps), [`webhook`]
+//! share their sidecars' keys and state through ConfigMaps), [`approvals`]
+//! (people's approvals of single tool calls: ToolCallApprovals, the tickets
+//! of the sidecars waiting on them, expiry and collection), [`webhook`]
 //! (sidecar injection), [`certs`] (the controller's CA and serving
 //! certificate). [`Args`] holds the flags and builds the settings of the
 //! webhook and the certificates from them.
@@ -18,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod approvals;
 mod args;
 pub mod audit_events;
 pub mod auth;
@@ -139,17 +142,25 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
     )
     .default_backoff()
     .for_each(|_| std::future::ready(()));
+    let audit = audit_events::AuditEvents::spawn(
+        client.clone(),
+        args.pod_name.clone(),
+        controller.metrics.clone(),
+    );
+    let (approvals, approvals_cache) = approvals::ApprovalDesk::new(
+        client.clone(),
+        audit.clone(),
+        controller.metrics.clone(),
+        args.approval_settings(),
+    );
     let server = snapshot_server::SnapshotServer::new(
         client.clone(),
         controller.index.clone(),
         controller.sidecars.clone(),
         controller.metrics.clone(),
-        audit_events::AuditEvents::spawn(
-            client.clone(),
-            args.pod_name.clone(),
-            controller.metrics.clone(),
-        ),
+        audit,
         identities.clone(),
+        approvals.clone(),
     );
     let admin_state = admin::AdminState {
         metrics: controller.metrics.clone(),
@@ -159,7 +170,8 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
     tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, "chaperone-controller starting");
     tokio::select! {
         () = object_watch::run(client.clone(), controller.index.clone()) => anyhow::bail!("object watches ended"),
-        () = status::run_writer(client.clone(), controller.index.clone(), controller.sidecars.clone(), controller.metrics.clone(), leader_rx) => anyhow::bail!("status writer ended"),
+        () = status::run_writer(client.clone(), controller.index.clone(), controller.sidecars.clone(), controller.metrics.clone(), leader_rx.clone()) => anyhow::bail!("status writer ended"),
+        () = approvals.run(approvals_cache, leader_rx) => anyhow::bail!("approval watch ended"),
         () = object_watch::watch_pod_deletions(client.clone(), controller.sidecars.clone()) => anyhow::bail!("pod watch ended"),
         () = replica_exchange::run(client.clone(), args.namespace.clone(), args.pod_name.clone(), controller.sidecars.clone()) => anyhow::bail!("replica exchange ended"),
         () = status::run_expiry_ticker(controller.index.clone()) => anyhow::bail!("expiry ticker ended"),

@@ -17,6 +17,12 @@ struct CodeLabel {
     code: String,
 }
 
+/// Labels of approval answers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
+}
+
 /// Every metric of the controller.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -36,6 +42,8 @@ pub struct Metrics {
     allowed_summarised: Counter,
     events_suppressed: Counter,
     events_dropped: Counter,
+    approvals_created: Counter,
+    approval_answers: Family<PhaseLabel, Counter>,
 }
 
 impl Metrics {
@@ -58,6 +66,8 @@ impl Metrics {
             events_published: Counter::default(),
             allowed_summarised: Counter::default(),
             events_suppressed: Counter::default(),
+            approvals_created: Counter::default(),
+            approval_answers: Family::default(),
             events_dropped: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
@@ -140,6 +150,16 @@ impl Metrics {
             "events_dropped",
             "Audit records or Events lost (queue full or API error)",
             metrics.events_dropped.clone(),
+        );
+        registry.register(
+            "approvals_created",
+            "ToolCallApprovals created for sidecars' approval requests",
+            metrics.approvals_created.clone(),
+        );
+        registry.register(
+            "approval_answers",
+            "ApprovalStatus answers sent to sidecars, by phase",
+            metrics.approval_answers.clone(),
         );
         *metrics.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         Arc::new(metrics)
@@ -241,5 +261,19 @@ impl Metrics {
     /// An audit record that is not a decision record.
     pub fn audit_unreadable(&self) {
         self.audit_unreadable.inc();
+    }
+}
+
+impl Metrics {
+    /// A ToolCallApproval was created.
+    pub fn approval_created(&self) {
+        self.approvals_created.inc();
+    }
+
+    /// An ApprovalStatus went out with `phase` (`pending`, `granted`, …).
+    pub fn approval_answered(&self, phase: &'static str) {
+        self.approval_answers
+            .get_or_create(&PhaseLabel { phase })
+            .inc();
     }
 }

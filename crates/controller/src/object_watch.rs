@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
+use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy, approval::ToolCallApproval};
 use chaperone_policy::model::{self, Object};
 use futures_util::{FutureExt, StreamExt};
 use kube::{
@@ -37,7 +37,8 @@ pub async fn check_crds_installed(client: &Client) -> Result<(), Error> {
     }
     check::<AgentIdentity>(client).await?;
     check::<ToolPolicy>(client).await?;
-    check::<DelegationGrant>(client).await
+    check::<DelegationGrant>(client).await?;
+    check::<ToolCallApproval>(client).await
 }
 
 trait CrdName {

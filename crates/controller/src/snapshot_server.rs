@@ -10,6 +10,11 @@
 //! live sidecars' keys, never a snapshot. It takes audit batches back; ACK/NACK,
 //! inventory and signing keys do not apply to it and are ignored.
 //!
+//! An agent's sidecar may also ask for a person's approval of a call it
+//! holds (`ApprovalRequest`, `ApprovalRelease`); [`crate::approvals`] handles
+//! those, and its answers (`ApprovalStatus`) go out on the stream ahead of
+//! anything else. A tool-mode stream carries no approvals.
+//!
 //! Each stream is two halves: an [`Outbox`] that builds the next message only
 //! when tonic asks for it (so when HTTP/2 flow control lets one through), and a
 //! task reading what the sidecar sends. A sidecar that reads slowly therefore
@@ -38,10 +43,11 @@ use chaperone_wire::v1::{
 };
 use futures_util::Stream;
 use kube::{Client, runtime::reflector::Store};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
+    approvals::{ApprovalDesk, ApprovalStream},
     audit_events::{AuditEvents, AuditSource},
     auth::{self, Peer, SidecarIdentity, ToolSidecarIdentity},
     index::{PublishedSnapshot, SharedIndex, SnapshotRx},
@@ -65,10 +71,12 @@ pub struct SnapshotServer {
     metrics: Arc<Metrics>,
     audit: Arc<AuditEvents>,
     identities: Store<AgentIdentity>,
+    approvals: Arc<ApprovalDesk>,
 }
 
 impl SnapshotServer {
-    /// A server answering from `index`, recording sidecars in `sidecars`.
+    /// A server answering from `index`, recording sidecars in `sidecars`,
+    /// handing approval requests to `approvals`.
     pub fn new(
         client: Client,
         index: Arc<SharedIndex>,
@@ -76,6 +84,7 @@ impl SnapshotServer {
         metrics: Arc<Metrics>,
         audit: Arc<AuditEvents>,
         identities: Store<AgentIdentity>,
+        approvals: Arc<ApprovalDesk>,
     ) -> Self {
         Self {
             client,
@@ -84,6 +93,7 @@ impl SnapshotServer {
             metrics,
             audit,
             identities,
+            approvals,
         }
     }
 
@@ -157,7 +167,8 @@ impl SnapshotService for SnapshotServer {
                     Arc::clone(&identity),
                     Arc::clone(&sent_at),
                 );
-                let outbox = Outbox::new(
+                let (approvals, answers) = self.approvals.open_stream(Arc::clone(&identity));
+                let mut outbox = Outbox::new(
                     self.clone(),
                     self.sidecars.connect(&identity),
                     self.metrics.sidecar_connected(),
@@ -165,10 +176,12 @@ impl SnapshotService for SnapshotServer {
                     reader_done,
                     &identity.pod,
                 );
+                outbox.approvals = Some(answers);
                 tokio::spawn(self.clone().read_agent_stream(
                     identity,
                     inbound,
                     sent_at,
+                    approvals,
                     reader_alive,
                 ));
                 outbox
@@ -296,6 +309,8 @@ struct Outbox {
     _gauge: GaugeGuard,
     /// Resolves when the task reading the sidecar's messages has ended.
     reader_done: oneshot::Receiver<()>,
+    /// Answers to the sidecar's approval requests (agent streams only).
+    approvals: Option<mpsc::UnboundedReceiver<ControllerMessage>>,
     pod: String,
     finished: bool,
 }
@@ -325,6 +340,7 @@ impl Outbox {
             connection,
             _gauge: gauge,
             reader_done,
+            approvals: None,
             pod: pod.to_owned(),
             finished: false,
         }
@@ -336,6 +352,12 @@ impl Outbox {
             return None;
         }
         loop {
+            // A sidecar holds a call on an approval answer: those go first.
+            if let Some(answers) = self.approvals.as_mut()
+                && let Ok(answer) = answers.try_recv()
+            {
+                return Some(Ok(answer));
+            }
             if let Some(agent) = self.agent.as_mut()
                 && let Some(snapshot) = agent.pending.take()
             {
@@ -392,6 +414,10 @@ impl Outbox {
                     self.keys_pacer.changed();
                 }
                 () = sleep_until_some(keys_due) => {}
+                answer = recv_some(&mut self.approvals) => match answer {
+                    Some(answer) => return Some(Ok(answer)),
+                    None => self.approvals = None,
+                },
                 () = self.connection.evicted() => {
                     self.finished = true;
                     return Some(Err(Status::unauthenticated(format!("pod {} was deleted", self.pod))));
@@ -416,6 +442,16 @@ impl Drop for Outbox {
     }
 }
 
+/// The next message of `rx`, or never when there is no `rx`.
+async fn recv_some(
+    rx: &mut Option<mpsc::UnboundedReceiver<ControllerMessage>>,
+) -> Option<ControllerMessage> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Resolves at `at`, or never when there is no `at`.
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
@@ -425,19 +461,21 @@ async fn sleep_until_some(at: Option<Instant>) {
 }
 
 impl SnapshotServer {
-    /// Reads one sidecar's messages (ACK/NACK, key, inventory, audit) until the
-    /// sidecar stops sending or its outbox is dropped.
+    /// Reads one sidecar's messages (ACK/NACK, key, inventory, audit,
+    /// approval requests) until the sidecar stops sending or its outbox is
+    /// dropped; then `approvals` drops, and the stream's tickets with it.
     async fn read_agent_stream(
         self,
         identity: Arc<SidecarIdentity>,
         mut inbound: Streaming<SidecarMessage>,
         sent_at: Arc<Mutex<Option<(u64, Instant)>>>,
+        approvals: ApprovalStream,
         mut alive: oneshot::Sender<()>,
     ) {
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
-                    Ok(Some(message)) => self.on_sidecar_message(&identity, message, &sent_at),
+                    Ok(Some(message)) => self.on_sidecar_message(&identity, message, &sent_at, &approvals),
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(pod = %identity.pod, %status, "sidecar stream error");
@@ -468,14 +506,19 @@ impl SnapshotServer {
         identity: &SidecarIdentity,
         message: SidecarMessage,
         sent_at: &Mutex<Option<(u64, Instant)>>,
+        approvals: &ApprovalStream,
     ) {
         let (namespace, pod) = (identity.agent.namespace.as_str(), identity.pod.as_str());
         let report = match SidecarReport::try_from(message) {
             Ok(report) => report,
             Err(error) => {
-                match error {
+                match &error {
                     InvalidSidecarMessage::Unknown => {
                         tracing::debug!(pod, %error, "sidecar message ignored")
+                    }
+                    InvalidSidecarMessage::ApprovalRequest { ticket, error: why } => {
+                        tracing::warn!(pod, %error, "approval request refused");
+                        approvals.refuse(*ticket, why);
                     }
                     _ => tracing::warn!(pod, %error, "sidecar message ignored"),
                 }
@@ -528,6 +571,14 @@ impl SnapshotServer {
                 }
                 self.audit
                     .submit(AuditSource::Agent(identity.clone()), batch.records);
+            }
+            SidecarReport::ApprovalRequest(call) => {
+                tracing::debug!(pod, ticket = call.ticket, tool = %call.tool, "approval requested");
+                approvals.request(*call);
+            }
+            SidecarReport::ApprovalRelease(ticket) => {
+                tracing::debug!(pod, ticket, "approval ticket released");
+                approvals.release(ticket);
             }
         }
     }
@@ -607,6 +658,13 @@ impl SnapshotServer {
                     namespace,
                     pod,
                     "tool-mode sidecar sent a tool inventory; ignored (inventories are per agent)"
+                );
+            }
+            SidecarReport::ApprovalRequest(_) | SidecarReport::ApprovalRelease(_) => {
+                tracing::debug!(
+                    namespace,
+                    pod,
+                    "tool-mode sidecar sent an approval message; ignored (approvals are for agents' calls)"
                 );
             }
             SidecarReport::Audit(batch) => {

@@ -2,7 +2,12 @@
 //! controller's own types, mirroring the sidecar's `snapshot_stream/wire.rs`:
 //! what a sidecar sends becomes a [`SidecarReport`] or a typed
 //! [`InvalidSidecarMessage`], and what the controller sends is built here from
-//! its own types ([`snapshot_message`], [`key_set_message`]). Pure; no I/O.
+//! its own types ([`snapshot_message`], [`key_set_message`],
+//! [`approval_status_message`]). Pure; no I/O.
+//!
+//! An approval request is checked here ([`ApprovalCall::check`]); one that
+//! cannot be used is an [`InvalidSidecarMessage::ApprovalRequest`] that keeps
+//! its ticket, so that the sidecar, which waits on it, is answered FAILED.
 //!
 //! Audit records travel on as the JSON text the sidecar wrote: the Event
 //! writer ([`crate::audit_events`]) reads them, one at a time, so that one bad
@@ -15,7 +20,13 @@ use chaperone_wire::v1::{self, ControllerMessage, SidecarMessage, controller_mes
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use crate::{auth::SidecarIdentity, index::PublishedSnapshot};
+use crate::{
+    approvals::{
+        AnswerPhase, ApprovalAnswer, ApprovalCall, InvalidApprovalRequest, RawApprovalRequest,
+    },
+    auth::SidecarIdentity,
+    index::PublishedSnapshot,
+};
 
 /// What a sidecar reported on its stream.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,6 +48,10 @@ pub enum SidecarReport {
     Inventory(BTreeSet<(String, String)>),
     /// Audit records and how many the sidecar dropped.
     Audit(AuditBatch),
+    /// The sidecar holds a call and asks for a person's approval.
+    ApprovalRequest(Box<ApprovalCall>),
+    /// The sidecar stopped waiting on this ticket.
+    ApprovalRelease(u64),
 }
 
 /// A snapshot by version and hash.
@@ -90,6 +105,14 @@ pub enum InvalidSidecarMessage {
         /// Its key id.
         kid: String,
     },
+    /// An approval request that cannot be used (answered FAILED).
+    #[error("approval request (ticket {ticket}): {error}")]
+    ApprovalRequest {
+        /// Its ticket.
+        ticket: u64,
+        /// What is wrong with it.
+        error: InvalidApprovalRequest,
+    },
 }
 
 impl TryFrom<SidecarMessage> for SidecarReport {
@@ -122,11 +145,43 @@ impl TryFrom<SidecarMessage> for SidecarReport {
                 records: batch.records,
                 dropped: batch.dropped,
             }),
-            // TODO(#17, helper B1): approval requests; refused until handled.
-            Some(Message::ApprovalRequest(_) | Message::ApprovalRelease(_)) | None => {
-                return Err(InvalidSidecarMessage::Unknown);
+            Some(Message::ApprovalRequest(request)) => {
+                let ticket = request.ticket;
+                Self::ApprovalRequest(Box::new(
+                    ApprovalCall::check(request.into()).map_err(|error| {
+                        InvalidSidecarMessage::ApprovalRequest { ticket, error }
+                    })?,
+                ))
             }
+            Some(Message::ApprovalRelease(release)) => Self::ApprovalRelease(release.ticket),
+            None => return Err(InvalidSidecarMessage::Unknown),
         })
+    }
+}
+
+impl From<v1::ApprovalRequest> for RawApprovalRequest {
+    fn from(request: v1::ApprovalRequest) -> Self {
+        Self {
+            ticket: request.ticket,
+            policy_namespace: request.policy_namespace,
+            policy: request.policy,
+            rule: request.rule,
+            server: request.server,
+            tool: request.tool,
+            arguments_json: request.arguments_json,
+            redacted: request.redacted,
+            args_digest: request.args_digest,
+            scope: request.scope,
+            scope_key: request.scope_key,
+            initiator: request.initiator,
+            chain: request
+                .chain
+                .into_iter()
+                .map(|link| (link.agent, link.grant))
+                .collect(),
+            timeout_seconds: request.timeout_seconds,
+            valid_for_seconds: request.valid_for_seconds,
+        }
     }
 }
 
@@ -188,6 +243,29 @@ pub fn snapshot_message(
 pub fn key_set_message(jwks_json: String) -> ControllerMessage {
     ControllerMessage {
         message: Some(controller_message::Message::Keys(v1::KeySet { jwks_json })),
+    }
+}
+
+/// An approval ticket's status.
+pub fn approval_status_message(answer: &ApprovalAnswer) -> ControllerMessage {
+    use v1::approval_status::Phase;
+    let phase = match answer.phase {
+        AnswerPhase::Pending => Phase::Pending,
+        AnswerPhase::Granted => Phase::Granted,
+        AnswerPhase::Denied => Phase::Denied,
+        AnswerPhase::Expired => Phase::Expired,
+        AnswerPhase::Failed => Phase::Failed,
+    };
+    ControllerMessage {
+        message: Some(controller_message::Message::Approval(v1::ApprovalStatus {
+            ticket: answer.ticket,
+            name: answer.name.clone(),
+            phase: phase.into(),
+            reason: answer.reason.clone(),
+            message: answer.message.clone(),
+            decided_by: answer.decided_by.clone(),
+            expires_at: answer.expires_at,
+        })),
     }
 }
 

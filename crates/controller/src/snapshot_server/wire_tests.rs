@@ -272,3 +272,102 @@ fn encodes_the_golden_snapshot_update() {
         serde_json::to_string_pretty(&encoded).unwrap()
     );
 }
+
+fn approval_request(ticket: u64, args_digest: &str) -> SidecarMessage {
+    message(Message::ApprovalRequest(v1::ApprovalRequest {
+        ticket,
+        policy_namespace: "shop".into(),
+        policy: "refunds".into(),
+        rule: "large-refunds".into(),
+        server: "orders".into(),
+        tool: "refund".into(),
+        arguments_json: r#"{"amount":500}"#.into(),
+        redacted: vec![],
+        args_digest: args_digest.into(),
+        scope: "task".into(),
+        scope_key: "task-42".into(),
+        initiator: String::new(),
+        chain: vec![v1::ApprovalLink {
+            agent: "shop/planner".into(),
+            grant: "shop/planner-to-support".into(),
+        }],
+        timeout_seconds: 600,
+        valid_for_seconds: 300,
+    }))
+}
+
+#[test]
+fn converts_an_approval_request_and_a_release() {
+    let report = SidecarReport::try_from(approval_request(3, &"a".repeat(64))).unwrap();
+    let SidecarReport::ApprovalRequest(call) = report else {
+        panic!("{report:?}");
+    };
+    assert_eq!(call.ticket, 3);
+    assert_eq!(call.policy.namespace, "shop");
+    assert_eq!(call.arguments["amount"], 500);
+    assert_eq!(call.chain[0].agent, "shop/planner");
+    let release = message(Message::ApprovalRelease(v1::ApprovalRelease { ticket: 3 }));
+    assert_eq!(
+        SidecarReport::try_from(release).unwrap(),
+        SidecarReport::ApprovalRelease(3)
+    );
+}
+
+#[test]
+fn an_unusable_approval_request_keeps_its_ticket_so_it_can_be_answered() {
+    let error = SidecarReport::try_from(approval_request(9, "not-a-digest")).unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            InvalidSidecarMessage::ApprovalRequest {
+                ticket: 9,
+                error: InvalidApprovalRequest::BadDigest(_)
+            }
+        ),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn approval_answers_go_out_with_their_phase() {
+    use v1::approval_status::Phase;
+    for (phase, wire) in [
+        (AnswerPhase::Pending, Phase::Pending),
+        (AnswerPhase::Granted, Phase::Granted),
+        (AnswerPhase::Denied, Phase::Denied),
+        (AnswerPhase::Expired, Phase::Expired),
+        (AnswerPhase::Failed, Phase::Failed),
+    ] {
+        let answer = ApprovalAnswer {
+            ticket: 4,
+            name: "support-x1".into(),
+            phase,
+            reason: "TooLarge".into(),
+            message: "no".into(),
+            decided_by: "carol".into(),
+            expires_at: 1_800_000_600,
+        };
+        let Some(controller_message::Message::Approval(status)) =
+            approval_status_message(&answer).message
+        else {
+            panic!("not an approval status");
+        };
+        assert_eq!(status.phase(), wire);
+        assert_eq!(
+            (
+                status.ticket,
+                status.name.as_str(),
+                status.decided_by.as_str()
+            ),
+            (4, "support-x1", "carol")
+        );
+        assert_eq!(
+            (
+                status.reason.as_str(),
+                status.message.as_str(),
+                status.expires_at
+            ),
+            ("TooLarge", "no", 1_800_000_600)
+        );
+    }
+}
