@@ -5,6 +5,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod approval;
 mod audit;
 mod crds;
 mod jwks;
@@ -20,6 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// List, approve and deny tool calls waiting for a person (ToolCallApprovals
+    /// on the cluster, through the kubeconfig).
+    Approval(approval::ApprovalArgs),
     /// Verify sidecar audit logs offline: complete, unmodified, in order.
     Audit(audit::AuditArgs),
     /// Print the YAML of all Chaperone CustomResourceDefinitions.
@@ -30,6 +34,7 @@ enum Command {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Approval(args) => approval::run(&args),
         Command::Audit(args) => audit::run(&args),
         Command::Crds(args) => crds::run(&args),
         Command::Policy(args) => policy::run(&args),
