@@ -427,8 +427,33 @@ fn webhook_configuration_excludes_system_namespaces() -> Result<()> {
         &format!("{release}-injector"),
     ])?;
     let webhooks = config["webhooks"].as_array().context("webhooks")?;
-    assert_eq!(webhooks.len(), 2);
-    for webhook in webhooks {
+    assert_eq!(webhooks.len(), 3);
+    let (injection, approval): (Vec<&Value>, Vec<&Value>) = webhooks.iter().partition(|w| {
+        w["name"]
+            .as_str()
+            .is_some_and(|n| n.ends_with(".inject.chaperone.dev"))
+    });
+    assert_eq!(injection.len(), 2);
+    // Who may approve a tool call: every namespace, always Fail.
+    let [approval] = approval.as_slice() else {
+        panic!("one approval entry expected: {approval:?}");
+    };
+    assert_eq!(approval["failurePolicy"], "Fail");
+    assert_eq!(approval["sideEffects"], "None");
+    assert_eq!(
+        approval["clientConfig"]["service"]["path"],
+        "/approve-toolcallapprovals"
+    );
+    assert_eq!(
+        approval["rules"],
+        serde_json::json!([
+            {"operations": ["CREATE"], "apiGroups": ["chaperone.dev"], "apiVersions": ["*"],
+             "resources": ["toolcallapprovals"], "scope": "Namespaced"},
+            {"operations": ["UPDATE"], "apiGroups": ["chaperone.dev"], "apiVersions": ["*"],
+             "resources": ["toolcallapprovals/status"], "scope": "Namespaced"},
+        ])
+    );
+    for webhook in injection {
         assert_eq!(webhook["failurePolicy"], "Fail");
         assert_eq!(webhook["timeoutSeconds"], 5);
         assert_eq!(webhook["sideEffects"], "None");
@@ -501,6 +526,7 @@ fn controller_rbac_grants_exactly_what_it_uses() -> Result<()> {
         ("watch", "pods", None),
         ("list", "namespaces", None),
         ("create", "tokenreviews.authentication.k8s.io", None),
+        ("create", "subjectaccessreviews.authorization.k8s.io", None),
         ("create", "events", other),
         ("patch", "events.events.k8s.io", other),
         ("create", "leases.coordination.k8s.io", ns),

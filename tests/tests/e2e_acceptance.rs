@@ -206,19 +206,23 @@ async fn point_webhook_at(
         .context("name")?
         .to_owned();
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let url = format!("https://127.0.0.1:{}/inject", controller.webhook_port);
     // Read, modify, replace: the controller may write the caBundle meanwhile
-    // (a conflict), so retry.
+    // (a conflict), so retry. Each entry keeps its path (/inject,
+    // /approve-toolcallapprovals).
     for attempt in 0.. {
         let mut config = api.get(&name).await?;
         for webhook in config.webhooks.iter_mut().flatten() {
-            ensure!(
-                webhook.client_config.service.is_some(),
-                "the chart's webhook {} has no Service clientConfig",
-                webhook.name
-            );
-            webhook.client_config.service = None;
-            webhook.client_config.url = Some(url.clone());
+            let Some(service) = webhook.client_config.service.take() else {
+                bail!(
+                    "the chart's webhook {} has no Service clientConfig",
+                    webhook.name
+                );
+            };
+            let path = service.path.unwrap_or_else(|| "/inject".to_owned());
+            webhook.client_config.url = Some(format!(
+                "https://127.0.0.1:{}{path}",
+                controller.webhook_port
+            ));
         }
         match api.replace(&name, &PostParams::default(), &config).await {
             Ok(_) => break,

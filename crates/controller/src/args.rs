@@ -161,6 +161,14 @@ pub struct Args {
     )]
     pub approval_retention: Duration,
 
+    /// The controller's own ServiceAccount (in --namespace): the approval
+    /// webhook admits creations of ToolCallApprovals, and status updates that
+    /// never decide, from `system:serviceaccount:<namespace>:<this>` only. The
+    /// chart sets it from the pod's `spec.serviceAccountName`; unset or empty,
+    /// the controller asks the API server who it is (SelfSubjectReview).
+    #[arg(long, env = "CHAPERONE_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+
     /// Log format: `json` (default, for Kubernetes) or `text`.
     #[arg(long, env = "CHAPERONE_LOG_FORMAT", default_value = "json")]
     pub log_format: LogFormat,
@@ -235,6 +243,16 @@ impl Args {
             retention: self.approval_retention,
             ..ApprovalSettings::default()
         }
+    }
+
+    /// The username the controller's ServiceAccount authenticates as, when
+    /// `--service-account` names it.
+    pub fn service_account_username(&self) -> Option<String> {
+        self.service_account
+            .as_deref()
+            .map(str::trim)
+            .filter(|sa| !sa.is_empty())
+            .map(|sa| crate::webhook::approval::service_account_username(&self.namespace, sa))
     }
 
     /// The address injected sidecars dial for snapshots.

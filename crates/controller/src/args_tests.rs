@@ -142,3 +142,18 @@ fn approval_retention_is_a_duration_of_at_least_a_second() {
         assert!(error.contains("--approval-retention"), "{bad}: {error}");
     }
 }
+
+#[test]
+fn the_service_account_names_the_controllers_own_user() {
+    assert_eq!(parse(&[]).service_account_username(), None);
+    assert_eq!(
+        parse(&["--service-account= "]).service_account_username(),
+        None
+    );
+    assert_eq!(
+        parse(&["--namespace=ops", "--service-account=chaperone-controller"])
+            .service_account_username()
+            .as_deref(),
+        Some("system:serviceaccount:ops:chaperone-controller")
+    );
+}

@@ -13,7 +13,8 @@
 //! share their sidecars' keys and state through ConfigMaps), [`approvals`]
 //! (people's approvals of single tool calls: ToolCallApprovals, the tickets
 //! of the sidecars waiting on them, expiry and collection), [`webhook`]
-//! (sidecar injection), [`certs`] (the controller's CA and serving
+//! (sidecar injection; who may create, approve and deny ToolCallApprovals),
+//! [`certs`] (the controller's CA and serving
 //! certificate). [`Args`] holds the flags and builds the settings of the
 //! webhook and the certificates from them.
 
@@ -167,7 +168,19 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
         index: controller.index.clone(),
         sidecars: controller.sidecars.clone(),
     };
-    tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, "chaperone-controller starting");
+    // Whose writes of ToolCallApprovals are the controller's own.
+    let own_username = match args.service_account_username() {
+        Some(username) => username,
+        None => webhook::approval_review::own_username(&client)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "asking the API server who the controller is (SelfSubjectReview; or set CHAPERONE_SERVICE_ACCOUNT): {e}"
+                )
+            })?,
+    };
+    let approval_admission = webhook::ApprovalAdmission::new(client.clone(), own_username);
+    tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, user = approval_admission.controller_username(), "chaperone-controller starting");
     tokio::select! {
         () = object_watch::run(client.clone(), controller.index.clone()) => anyhow::bail!("object watches ended"),
         () = status::run_writer(client.clone(), controller.index.clone(), controller.sidecars.clone(), controller.metrics.clone(), leader_rx.clone()) => anyhow::bail!("status writer ended"),
@@ -179,7 +192,7 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
         r = admin::serve(args.admin_addr, admin_state) => { r?; anyhow::bail!("admin server ended") }
         r = server.serve_rotating(args.grpc_addr, tls_rx.clone()) => { r?; anyhow::bail!("snapshot server ended") }
         () = identity_reflector => anyhow::bail!("AgentIdentity reflector ended"),
-        r = webhook::run_webhook(args.webhook_addr, injection, client.clone(), identities.clone(), tls_rx.clone()) => { r?; anyhow::bail!("webhook server ended") }
+        r = webhook::run_webhook(args.webhook_addr, injection, client.clone(), identities.clone(), approval_admission, tls_rx.clone()) => { r?; anyhow::bail!("webhook server ended") }
         r = tokio::signal::ctrl_c() => { r?; tracing::info!("stopping"); Ok(()) }
     }
 }

@@ -1,7 +1,8 @@
 //! The webhook's HTTPS server: `POST /inject` turns an AdmissionReview into a
-//! response with [`injection_patch`], over rustls (aws-lc-rs) with a certificate
-//! that is swapped in place when [`crate::certs::spawn_renewal`] publishes a new
-//! one.
+//! response with [`injection_patch`], and `POST /approve-toolcallapprovals`
+//! ([`APPROVAL_PATH`]) answers writes of ToolCallApprovals with
+//! [`ApprovalAdmission`], over rustls (aws-lc-rs) with a certificate that is
+//! swapped in place when [`crate::certs::spawn_renewal`] publishes a new one.
 
 use std::{
     collections::BTreeMap,
@@ -23,13 +24,16 @@ use axum_server::{Handle, tls_rustls::RustlsConfig};
 use chaperone_api::AgentIdentity;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
-    Api, Client,
+    Api, Client, Resource,
+    api::DynamicObject,
     core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
     runtime::reflector::{ObjectRef, Store},
 };
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
+    approval::APPROVAL_PATH,
+    approval_review::ApprovalAdmission,
     injection_settings::{FailurePolicy, InjectionSettings},
     mutate::{Decision, injection_patch},
 };
@@ -76,13 +80,15 @@ pub struct ReviewRecord {
 
 type Observer = Arc<dyn Fn(&ReviewRecord) + Send + Sync>;
 
-/// What the handler needs: injection settings (with the current CA), the
-/// AgentIdentity store, namespace labels and a client for cache misses.
+/// What the handlers need: injection settings (with the current CA), the
+/// AgentIdentity store, namespace labels and a client for cache misses; the
+/// approval admission, when this server answers for ToolCallApprovals.
 pub struct WebhookState {
     client: Client,
     settings: ArcSwap<InjectionSettings>,
     identities: Store<AgentIdentity>,
     namespaces: Option<Store<Namespace>>,
+    approvals: Option<ApprovalAdmission>,
     observer: Option<Observer>,
 }
 
@@ -99,8 +105,17 @@ impl WebhookState {
             settings: ArcSwap::from_pointee(settings),
             identities,
             namespaces: None,
+            approvals: None,
             observer: None,
         }
+    }
+
+    /// Answers [`APPROVAL_PATH`] with `approvals`; without, every write of a
+    /// ToolCallApproval sent there is refused.
+    #[must_use]
+    pub fn with_approvals(mut self, approvals: ApprovalAdmission) -> Self {
+        self.approvals = Some(approvals);
+        self
     }
 
     /// Reads namespace labels from `store` (a Namespace reflector), falling back
@@ -247,16 +262,53 @@ fn internal_error(
     }
 }
 
-/// The webhook's routes: `POST /inject`.
+/// The webhook's routes: `POST /inject` and `POST /approve-toolcallapprovals`.
 pub fn router(state: Arc<WebhookState>) -> Router {
     Router::new()
         .route("/inject", post(inject))
+        .route(APPROVAL_PATH, post(approve))
         .with_state(state)
+}
+
+async fn approve(State(state): State<Arc<WebhookState>>, request: Request<Body>) -> Response {
+    let request = match decode::<DynamicObject>(request).await {
+        Ok(request) => request,
+        Err(reason) => return plain(StatusCode::BAD_REQUEST, reason),
+    };
+    let response = match &state.approvals {
+        Some(approvals) => approvals.review(&request).await,
+        None => AdmissionResponse::from(&request)
+            .deny("this chaperone webhook server does not review ToolCallApprovals"),
+    };
+    match serde_json::to_vec(&response.into_review()) {
+        Ok(body) => (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
+        Err(e) => plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the AdmissionReview: {e}"),
+        ),
+    }
+}
+
+fn plain(status: StatusCode, reason: String) -> Response {
+    (
+        status,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        reason,
+    )
+        .into_response()
 }
 
 async fn inject(State(state): State<Arc<WebhookState>>, request: Request<Body>) -> Response {
     let started = Instant::now();
-    let (status, body, decision, allowed) = match decode(request).await {
+    let (status, body, decision, allowed) = match decode::<Pod>(request).await {
         Err(reason) => (StatusCode::BAD_REQUEST, reason.into_bytes(), None, false),
         Ok(request) => match state.review(&request).await {
             Err(reason) => (StatusCode::BAD_REQUEST, reason.into_bytes(), None, false),
@@ -295,11 +347,14 @@ async fn inject(State(state): State<Arc<WebhookState>>, request: Request<Body>) 
         .into_response()
 }
 
-async fn decode(request: Request<Body>) -> Result<AdmissionRequest<Pod>, String> {
+async fn decode<K>(request: Request<Body>) -> Result<AdmissionRequest<K>, String>
+where
+    K: Resource + serde::de::DeserializeOwned,
+{
     let bytes = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
         .await
         .map_err(|e| format!("reading the AdmissionReview: {e}"))?;
-    let review: AdmissionReview<Pod> =
+    let review: AdmissionReview<K> =
         serde_json::from_slice(&bytes).map_err(|e| format!("malformed AdmissionReview: {e}"))?;
     review
         .try_into()
@@ -375,7 +430,7 @@ pub async fn bind(
             }
         }
     });
-    tracing::info!(%local_addr, "injection webhook listening");
+    tracing::info!(%local_addr, "injection and approval webhook listening");
     Ok(BoundWebhook {
         local_addr,
         handle,
