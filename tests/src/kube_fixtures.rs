@@ -219,6 +219,19 @@ fn chaperone_object(kind: &str, name: &str, spec: serde_json::Value) -> serde_js
     })
 }
 
+/// A client of the shared control plane's admin that acts as `user` in
+/// `groups` (impersonation, as `kubectl --as`).
+pub async fn client_as(user: &str, groups: &[&str]) -> Result<Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(ControlPlane::shared().kubeconfig())?;
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    config.auth_info.impersonate = Some(user.to_owned());
+    if !groups.is_empty() {
+        config.auth_info.impersonate_groups =
+            Some(groups.iter().map(|g| (*g).to_owned()).collect());
+    }
+    Ok(Client::try_from(config)?)
+}
+
 /// An AgentIdentity named `name` with `spec`, for [`apply`].
 pub fn agent_identity(name: &str, spec: serde_json::Value) -> serde_json::Value {
     chaperone_object("AgentIdentity", name, spec)

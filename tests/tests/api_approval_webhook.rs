@@ -28,7 +28,8 @@ use chaperone_controller::{
     webhook::{self, ApprovalAdmission, InjectionSettings, WebhookState},
 };
 use chaperone_testenv::{
-    ControlPlane, Tool, chart, create_namespace, kube_fixtures, unique_suffix,
+    ControlPlane, Tool, chart, create_namespace, kube_fixtures, kube_fixtures::client_as,
+    unique_suffix,
 };
 use k8s_openapi::{
     api::{
@@ -234,18 +235,6 @@ async fn wait_until_admitting(shared: &Shared) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// A client of the admin's that acts as `user` in `groups`.
-async fn client_as(user: &str, groups: &[&str]) -> Result<Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(ControlPlane::shared().kubeconfig())?;
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    config.auth_info.impersonate = Some(user.to_owned());
-    if !groups.is_empty() {
-        config.auth_info.impersonate_groups =
-            Some(groups.iter().map(|g| (*g).to_owned()).collect());
-    }
-    Ok(Client::try_from(config)?)
 }
 
 /// The controller: its ServiceAccount's username; `system:masters` stands in

@@ -28,7 +28,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
+use chaperone_api::{
+    AgentIdentity, DelegationGrant, ToolCallApproval, ToolPolicy, approval::ApprovalPhase,
+};
 use chaperone_controller::webhook::mutate;
 use chaperone_demo::{SeenAssertions, ToolServer, ToolSet, WorkerApp};
 use chaperone_sidecar::{
@@ -38,20 +40,24 @@ use chaperone_sidecar::{
 use chaperone_testenv::{
     ControlPlane, chart, create_namespace,
     kube_fixtures::{
-        self, ControllerLaunch, InProcessController, agent_identity, agent_subject,
+        self, ControllerLaunch, InProcessController, agent_identity, agent_subject, client_as,
         delegation_grant, tool_policy,
     },
     mcp_fixtures::{
-        assert_tampering_detected, call, claims_of, jwks_of, last_assertion, loopback_listener,
-        mcp_session, serve_mcp, tool_names, verify_strict,
+        McpClient, assert_tampering_detected, call, claims_of, jwks_of, last_assertion,
+        loopback_listener, mcp_session, serve_mcp, tool_names, verify_strict,
     },
     sidecar_fixtures::{TestSidecar, eventually, write_token},
 };
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
     core::v1::{Container, Pod},
+    rbac::v1::RoleBinding,
 };
-use kube::{Api, Client, api::PostParams};
+use kube::{
+    Api, Client,
+    api::{ListParams, Patch, PatchParams, PostParams},
+};
 use serde_json::{Value, json};
 
 /// The audience agents' AgentIdentities name for the billing tool.
@@ -488,6 +494,228 @@ fn planner_policy(extra: &[Value]) -> Value {
         "planner",
         json!({ "targetRefs": [{ "name": "planner" }], "rules": rules }),
     )
+}
+
+// ---------------------------------------------------------------------------
+// Human approval (section 7 of the test).
+
+/// The approval rule of the planner's policy: refunds above 100 (up to the
+/// 1,000 that stays denied) need a person; the note is redacted.
+fn approval_policy() -> Value {
+    let mut policy = planner_policy(&[json!({
+        "name": "large-refunds-need-approval", "action": "requireApproval",
+        "tools": [{ "server": "orders", "name": "refund" }],
+        "when": { "args": [{ "pointer": "/amount", "greaterThan": 100 }] },
+        "approval": { "timeoutSeconds": 120, "validForSeconds": 60, "redactArguments": ["/note"] },
+    })]);
+    for rule in policy["spec"]["rules"].as_array_mut().into_iter().flatten() {
+        if rule["name"] == "deny-large-refunds" {
+            rule["when"]["args"][0]["greaterThan"] = json!(1000);
+        }
+    }
+    policy
+}
+
+/// A person's decision as a status merge patch: `condition` (`Approved` or
+/// `Denied`), and a `decidedBy` the webhook must overwrite.
+async fn decide(
+    client: Client,
+    ns: &str,
+    name: &str,
+    condition: &str,
+    reason: &str,
+) -> kube::Result<ToolCallApproval> {
+    let patch = json!({"status": {
+        "conditions": [{"type": condition, "status": "True", "reason": reason, "message": "checked with the customer"}],
+        "decidedBy": {"username": "somebody-else"},
+    }});
+    Api::<ToolCallApproval>::namespaced(client, ns)
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+}
+
+/// The newest pending ToolCallApproval for `refund` other than `except`.
+async fn pending_refund(client: &Client, ns: &str, except: &str) -> Result<ToolCallApproval> {
+    let api = Api::<ToolCallApproval>::namespaced(client.clone(), ns);
+    eventually(Duration::from_secs(15), async || {
+        let list = api.list(&ListParams::default()).await?;
+        Ok(list.items.into_iter().find(|a| {
+            a.spec.tool == "refund"
+                && a.metadata.name.as_deref() != Some(except)
+                && a.status.as_ref().and_then(|s| s.phase) == Some(ApprovalPhase::Pending)
+        }))
+    })
+    .await
+    .context("no pending ToolCallApproval for the held refund")
+}
+
+/// A refund of 250 is held until a person with the chart's approver role
+/// approves it (not a user without it, not the agent's own ServiceAccount
+/// even with the role); it then runs once, and the same call again waits
+/// again; denied, it never reaches the tool.
+async fn approval_scene(
+    client: &Client,
+    ns: &str,
+    objects: &[Value],
+    planner: &TestSidecar,
+    agent: &McpClient,
+    orders_seen: &SeenAssertions,
+) -> Result<()> {
+    let role = objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole")
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .find(|n| n.ends_with("-approver"))
+        .context("the chart has no approver ClusterRole")?;
+    for (name, subject) in [
+        (
+            "alice",
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}),
+        ),
+        (
+            "planner",
+            json!({"kind": "ServiceAccount", "name": "planner", "namespace": ns}),
+        ),
+    ] {
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": format!("approver-{name}")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [subject],
+        }))?;
+        Api::<RoleBinding>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &binding)
+            .await?;
+    }
+    let version = planner.sidecar.snapshots().current().map(|a| a.version());
+    kube_fixtures::apply::<ToolPolicy>(client, ns, approval_policy()).await?;
+    eventually(Duration::from_secs(10), async || {
+        Ok((planner.sidecar.snapshots().current().map(|a| a.version()) > version).then_some(()))
+    })
+    .await
+    .context("the approval rule never reached the planner's sidecar")?;
+
+    let arguments = json!({"orderId": "ord-1001", "amount": 250, "note": "card ending 4242"});
+    let before = orders_seen.lock().unwrap().len();
+    let approve = async {
+        let pending = pending_refund(client, ns, "").await?;
+        let name = pending.metadata.name.clone().context("name")?;
+        let spec = &pending.spec;
+        assert_eq!(
+            (
+                spec.agent.as_str(),
+                spec.service_account.as_str(),
+                spec.pod.as_str()
+            ),
+            ("planner", "planner", "planner-0")
+        );
+        assert_eq!(spec.arguments["note"], "[redacted]", "{:?}", spec.arguments);
+        assert_eq!(spec.arguments["amount"], 250);
+        assert_eq!(spec.redacted_arguments, ["/note"]);
+        assert_eq!(spec.rule, "large-refunds-need-approval");
+        assert_eq!(spec.session.scope, "mcpSession");
+        let without_role = decide(
+            client_as("mallory", &[]).await?,
+            ns,
+            &name,
+            "Approved",
+            "Ok",
+        )
+        .await;
+        ensure!(
+            matches!(&without_role, Err(kube::Error::Api(e)) if e.code == 403),
+            "a user without the approver role: {without_role:?}"
+        );
+        let agent_itself = client_as(&format!("system:serviceaccount:{ns}:planner"), &[]).await?;
+        let own = decide(agent_itself, ns, &name, "Approved", "Ok").await;
+        ensure!(
+            matches!(&own, Err(kube::Error::Api(e)) if e.code == 403),
+            "the agent's own ServiceAccount, though bound to the role: {own:?}"
+        );
+        let approved = decide(client_as("alice", &[]).await?, ns, &name, "Approved", "Ok").await?;
+        let status = approved.status.context("status")?;
+        assert_eq!(
+            status.decided_by.map(|d| d.username).as_deref(),
+            Some("alice"),
+            "decidedBy is who approved, not what the request said"
+        );
+        anyhow::Ok(name)
+    };
+    let (result, approved) = tokio::join!(call(agent, "refund", arguments.clone()), approve);
+    let approved = approved?;
+    assert!(result.is_ok(), "the approved refund runs: {result:?}");
+    assert_eq!(
+        orders_seen.lock().unwrap().len(),
+        before + 1,
+        "exactly once"
+    );
+    let record = planner
+        .audit
+        .records()
+        .into_iter()
+        .rfind(|r| r["tool"] == "refund")
+        .context("no refund record")?;
+    assert_eq!(record["decision"], "allow", "{record}");
+    assert_eq!(record["approval"]["name"], approved.as_str(), "{record}");
+    assert_eq!(record["approval"]["decidedBy"], "alice", "{record}");
+    let api = Api::<ToolCallApproval>::namespaced(client.clone(), ns);
+    let used = eventually(Duration::from_secs(10), async || {
+        let object = api.get(&approved).await?;
+        Ok(object
+            .status
+            .filter(|s| s.phase == Some(ApprovalPhase::Consumed))
+            .map(|s| s.consumed_by))
+    })
+    .await
+    .context("the approval was never marked used")?;
+    assert_eq!(used.as_deref(), Some("planner-0"));
+
+    // The same call again waits again: a new request, denied this time.
+    let deny = async {
+        let pending = pending_refund(client, ns, &approved).await?;
+        let name = pending.metadata.name.clone().context("name")?;
+        decide(
+            client_as("alice", &[]).await?,
+            ns,
+            &name,
+            "Denied",
+            "NotThisTime",
+        )
+        .await?;
+        anyhow::Ok(name)
+    };
+    let (result, denied) = tokio::join!(call(agent, "refund", arguments), deny);
+    let denied = denied?;
+    let error = result.err().context("a denied call is refused")?;
+    assert!(
+        error.contains("NotThisTime") && error.contains("alice") && error.contains(&denied),
+        "the refusal names the reason, the denier and the object: {error}"
+    );
+    assert_eq!(
+        orders_seen.lock().unwrap().len(),
+        before + 1,
+        "a denied call never reaches the tool"
+    );
+    // The decisions as Events on the agent's pod.
+    eventually(Duration::from_secs(15), async || {
+        let text = kubectl_async(
+            ["get", "events", "-n", ns, "-o", "wide"]
+                .map(String::from)
+                .into(),
+            None,
+        )
+        .await?;
+        let on_pod = |reason: &str| {
+            text.lines()
+                .any(|l| l.contains(reason) && l.contains("pod/planner-0"))
+        };
+        Ok(["ApprovalRequested", "ApprovalGranted", "ApprovalDenied"]
+            .into_iter()
+            .all(on_pod)
+            .then_some(()))
+    })
+    .await
+    .context("no ApprovalRequested/Granted/Denied Events on planner-0")?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -945,10 +1173,14 @@ async fn whole_chain_on_the_real_api_server() -> Result<()> {
         "a new snapshot version"
     );
     assert_eq!(tool_names(&agent).await?, ["refund"], "the listing follows");
+
+    // --- 7. A refund above 100 waits for a person's approval. --------------
+    approval_scene(&client, &ns, &objects, &planner, &agent, &orders_seen).await?;
+    eprintln!("approvals granted and denied: {:?}", started.elapsed());
     let _ = agent.cancel().await;
     let _ = delegate.cancel().await;
 
-    // --- 7. The trail across the three sidecars verifies. ------------------
+    // --- 8. The trail across the three sidecars verifies. ------------------
     // Each sidecar ends its trail with a signed final checkpoint (what it
     // does at shutdown). Callers first: B's delegated session links to A's
     // records, the tool's records to B's; strict, so nothing may dangle or be

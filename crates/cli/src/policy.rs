@@ -2,9 +2,11 @@
 //!
 //! - `explain`: one call (agent, tool, JSON arguments, optional session history
 //!   and delegation chain) → the decision, the deciding rule, and why every other
-//!   rule did not match.
-//! - `test FILE`: a YAML list of calls with expected decisions, like `opa test`;
-//!   exits non-zero on a mismatch or on a policy that does not compile.
+//!   rule did not match; for a call needing approval, who must approve and what
+//!   the approver is shown.
+//! - `test FILE`: a YAML list of calls with expected decisions (`allow`, `deny`
+//!   or `approval`; `approved: true` for a call a person approved), like `opa
+//!   test`; exits non-zero on a mismatch or on a policy that does not compile.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -12,10 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
+use chaperone_policy::model::RuleAction;
 use chaperone_policy::{
-    CompileError, CompileOptions, DOCUMENT_FILE_EXTENSIONS, DecisionRequest, DelegationChain,
-    DelegationLink, DocumentSet, Engine, ObjectKey, ScopeHints, ScopeKind, SessionHistory,
-    Snapshot, Verdict, compile_all, parse_documents, resolve_scope, trace_id_of,
+    CompileError, CompileOptions, DOCUMENT_FILE_EXTENSIONS, Decision, DecisionRequest,
+    DelegationChain, DelegationLink, DocumentSet, Engine, ObjectKey, Reason, ScopeHints, ScopeKind,
+    SessionHistory, Snapshot, Verdict, compile_all, parse_documents, redact, resolve_scope,
+    trace_id_of,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -70,6 +74,10 @@ struct ExplainArgs {
     /// The decision time, unix seconds (default: now).
     #[arg(long)]
     now: Option<i64>,
+    /// Decide as if a person had approved exactly this call: a call a
+    /// requireApproval rule holds is allowed (a deny still denies).
+    #[arg(long)]
+    approved: bool,
 }
 
 /// Arguments of `chaperonectl policy test`.
@@ -298,15 +306,11 @@ fn explain(args: &ExplainArgs) -> Result<()> {
         delegation: (!chain.links.is_empty()).then_some(&chain),
         initiator: args.initiator.as_deref(),
         now,
+        approved: args.approved,
     };
     let explanation = engine.explain(&request);
     let decision = &explanation.decision;
-    let verdict = if decision.would_deny() {
-        "deny (dry run: would-deny, forwarded)".to_owned()
-    } else {
-        decision.verdict.to_string()
-    };
-    println!("decision:   {verdict}");
+    println!("decision:   {}", verdict_line(decision));
     println!("rule:       {}", decision.rule);
     println!("reason:     {}", decision.reason);
     println!(
@@ -324,6 +328,25 @@ fn explain(args: &ExplainArgs) -> Result<()> {
             limit.calls, limit.period_seconds, limit.per, limit.id
         );
     }
+    match &decision.approval {
+        Some(approval) if decision.verdict == Verdict::RequireApproval => {
+            println!(
+                "approval:   asked by rule {} of ToolPolicy {}: approvers need the approve verb on it",
+                approval.rule, approval.policy
+            );
+            println!(
+                "            decide within {}s; an approval is usable once, within {}s",
+                approval.timeout_seconds, approval.valid_for_seconds
+            );
+            let shown = redact(&arguments, &approval.redact_arguments);
+            println!("            the approver sees: {shown}");
+        }
+        Some(approval) => println!(
+            "approval:   approved under rule {} of ToolPolicy {}",
+            approval.rule, approval.policy
+        ),
+        None => {}
+    }
     println!("rules:");
     let width = explanation
         .rules
@@ -333,12 +356,28 @@ fn explain(args: &ExplainArgs) -> Result<()> {
         .unwrap_or(0);
     for rule in &explanation.rules {
         let action = match rule.action {
-            chaperone_policy::model::RuleAction::Allow => "allow",
-            chaperone_policy::model::RuleAction::Deny => "deny ",
+            RuleAction::Allow => "allow",
+            RuleAction::Deny => "deny",
+            RuleAction::RequireApproval => "approval",
         };
-        println!("  {action} {:width$}  {}", rule.rule, rule.outcome);
+        println!("  {action:<8} {:width$}  {}", rule.rule, rule.outcome);
     }
     Ok(())
+}
+
+/// The verdict as `explain` prints it: dry run says what is forwarded anyway.
+fn verdict_line(decision: &Decision) -> String {
+    if decision.would_deny() {
+        "deny (dry run: would-deny, forwarded)".to_owned()
+    } else if decision.would_require_approval() {
+        "approval (dry run: would require approval, forwarded without asking)".to_owned()
+    } else if decision.verdict == Verdict::RequireApproval {
+        "approval (held until a person approves this exact call)".to_owned()
+    } else if decision.reason == Reason::Approved {
+        "allow (a person approved this call)".to_owned()
+    } else {
+        decision.verdict.to_string()
+    }
 }
 
 /// One test case of a `policy test` file.
@@ -382,7 +421,11 @@ struct PolicyTestCase {
     /// Decision time, unix seconds (default: now).
     #[serde(default)]
     now: Option<i64>,
-    /// `allow` or `deny`.
+    /// A person approved exactly this call: a call a requireApproval rule
+    /// holds is allowed (a deny still denies).
+    #[serde(default)]
+    approved: bool,
+    /// `allow`, `deny` or `approval` (a requireApproval rule holds the call).
     expect: Verdict,
     /// The expected deciding rule (`policy/rule` or a fixed reason).
     #[serde(default)]
@@ -504,6 +547,7 @@ fn run_case(compiled: &CompiledFiles, case: &PolicyTestCase, now: i64) -> Result
         delegation: (!chain.links.is_empty()).then_some(&chain),
         initiator: case.initiator.as_deref(),
         now: case.now.unwrap_or(now),
+        approved: case.approved,
     };
     let decision = engine.decide(&request);
     let rule_matches = case
@@ -559,5 +603,162 @@ mod tests {
         let error = test(&args).unwrap_err();
         assert_eq!(error.to_string(), "1 of 1 test(s) failed");
         fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A clerk whose refunds above 100 need approval, and never for a blocked
+    /// customer.
+    const APPROVAL_POLICY: &str = r#"
+apiVersion: chaperone.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: clerk}
+spec:
+  selector: {serviceAccountName: clerk}
+  toolServers: [{name: orders, url: "http://orders"}]
+---
+apiVersion: chaperone.dev/v1alpha1
+kind: ToolPolicy
+metadata: {name: refunds}
+spec:
+  targetRefs: [{name: clerk}]
+  rules:
+    - name: allow-refunds
+      action: allow
+      tools: [{server: orders, name: refund}]
+    - name: approve-large-refunds
+      action: requireApproval
+      tools: [{server: orders, name: refund}]
+      when:
+        args: [{pointer: /amount, greaterThan: 100}]
+      approval: {redactArguments: [/iban]}
+    - name: deny-blocked
+      action: deny
+      tools: [{server: orders, name: refund}]
+      when:
+        args: [{pointer: /customer, exists: true}, {pointer: /customer, equals: blocked}]
+"#;
+
+    /// Writes the approval policy and `cases` into a fresh directory; the
+    /// test file's path.
+    fn approval_fixture(name: &str, cases: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "chaperonectl-approval-{name}-{}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("policy.yaml"), APPROVAL_POLICY).unwrap();
+        let file = dir.join("cases.test");
+        fs::write(&file, cases).unwrap();
+        file
+    }
+
+    fn run_cases(file: PathBuf) -> Result<()> {
+        let dir = file.parent().unwrap().to_path_buf();
+        let result = test(&TestArgs {
+            files: vec![dir.join("policy.yaml")],
+            file,
+        });
+        fs::remove_dir_all(&dir).ok();
+        result
+    }
+
+    #[test]
+    fn cases_expect_approval_and_approved_calls_are_allowed() {
+        let file = approval_fixture(
+            "pass",
+            r#"
+- name: a large refund waits for a person
+  tool: refund
+  arguments: {amount: 500, iban: DE89}
+  expect: approval
+  rule: refunds/approve-large-refunds
+- name: once approved it is allowed by the approval rule
+  tool: refund
+  arguments: {amount: 500}
+  approved: true
+  expect: allow
+  rule: refunds/approve-large-refunds
+- name: a small refund needs nobody
+  tool: refund
+  arguments: {amount: 50}
+  expect: allow
+  rule: refunds/allow-refunds
+- name: an approval does not lift a deny
+  tool: refund
+  arguments: {amount: 500, customer: blocked}
+  approved: true
+  expect: deny
+  rule: refunds/deny-blocked
+"#,
+        );
+        run_cases(file).expect("every approval case passes");
+    }
+
+    #[test]
+    fn expecting_approval_of_a_call_that_needs_none_fails() {
+        let file = approval_fixture(
+            "fail",
+            r#"
+- name: wrong
+  tool: refund
+  arguments: {amount: 50}
+  expect: approval
+"#,
+        );
+        let error = run_cases(file).unwrap_err();
+        assert_eq!(error.to_string(), "1 of 1 test(s) failed");
+    }
+
+    #[test]
+    fn run_case_reports_the_approval_verdict() {
+        let file = approval_fixture(
+            "mismatch",
+            "- {name: m, tool: refund, arguments: {amount: 500}, expect: allow}\n",
+        );
+        let dir = file.parent().unwrap().to_path_buf();
+        let documents = load(&[dir.join("policy.yaml")]).unwrap();
+        let compiled = compile_files(documents, unix_now()).unwrap();
+        let text = fs::read_to_string(&file).unwrap();
+        let cases: Vec<PolicyTestCase> = serde_saphyr::from_str(&text).unwrap();
+        let mismatch = run_case(&compiled, &cases[0], unix_now()).unwrap();
+        fs::remove_dir_all(&dir).ok();
+        assert_eq!(
+            mismatch.as_deref(),
+            Some(
+                "expected allow, got approval by refunds/approve-large-refunds (a requireApproval rule matched: a person must approve this call)"
+            )
+        );
+    }
+
+    #[test]
+    fn verdict_line_says_what_an_approval_does() {
+        let compiled = {
+            let mut documents = DocumentSet::new();
+            documents.add("policy.yaml", APPROVAL_POLICY).unwrap();
+            compile_files(documents, unix_now()).unwrap()
+        };
+        let (_, engine) = pick_agent(&compiled, None).unwrap();
+        let session = SessionHistory::new();
+        let arguments = serde_json::json!({"amount": 500});
+        let mut request = DecisionRequest {
+            server: "orders",
+            tool: "refund",
+            arguments: &arguments,
+            session: &session,
+            delegation: None,
+            initiator: None,
+            now: unix_now(),
+            approved: false,
+        };
+        let held = engine.decide(&request);
+        assert!(
+            verdict_line(&held).starts_with("approval (held"),
+            "{held:?}"
+        );
+        request.approved = true;
+        let approved = engine.decide(&request);
+        assert_eq!(
+            verdict_line(&approved),
+            "allow (a person approved this call)"
+        );
     }
 }

@@ -59,6 +59,7 @@ impl TestSidecar {
                 namespace: "shop",
                 pod: self.pod,
             },
+            approval: None,
             args: "sha256:00",
             chain: &[],
             correlation: "c",

@@ -161,6 +161,17 @@ pub struct Args {
     )]
     pub approval_retention: Duration,
 
+    /// How long injected sidecars hold a call that needs a person's approval
+    /// before answering that it is pending (seconds, 1 to 3600); the
+    /// sidecar's `CHAPERONE_APPROVAL_HOLD_SECONDS`.
+    #[arg(
+        long,
+        env = "CHAPERONE_SIDECAR_APPROVAL_HOLD_SECONDS",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u32).range(1..=3600)
+    )]
+    pub sidecar_approval_hold_seconds: u32,
+
     /// The controller's own ServiceAccount (in --namespace): the approval
     /// webhook admits creations of ToolCallApprovals, and status updates that
     /// never decide, from `system:serviceaccount:<namespace>:<this>` only. The
@@ -296,6 +307,7 @@ impl InjectionSettings {
             })
             .transpose()?;
         settings.resources = sidecar_resources(args)?;
+        settings.approval_hold_seconds = args.sidecar_approval_hold_seconds;
         settings.failure_policy = args.webhook_failure_policy.parse().map_err(|reason| {
             InvalidSetting::new(
                 "CHAPERONE_WEBHOOK_FAILURE_POLICY",

@@ -144,6 +144,28 @@ fn approval_retention_is_a_duration_of_at_least_a_second() {
 }
 
 #[test]
+fn the_approval_hold_reaches_the_injected_sidecars() {
+    let settings = |args: &[&str]| InjectionSettings::from_args(&parse(args)).unwrap();
+    assert_eq!(settings(&[]).approval_hold_seconds, 20);
+    assert_eq!(
+        settings(&["--sidecar-approval-hold-seconds=45"]).approval_hold_seconds,
+        45
+    );
+    for bad in ["0", "3601", "soon"] {
+        let error = <Args as clap::Parser>::try_parse_from([
+            "chaperone-controller",
+            &format!("--sidecar-approval-hold-seconds={bad}"),
+        ])
+        .expect_err(bad)
+        .to_string();
+        assert!(
+            error.contains("--sidecar-approval-hold-seconds"),
+            "{bad}: {error}"
+        );
+    }
+}
+
+#[test]
 fn the_service_account_names_the_controllers_own_user() {
     assert_eq!(parse(&[]).service_account_username(), None);
     assert_eq!(

@@ -121,6 +121,13 @@ pub fn classify(record: &str) -> AuditOutcome {
         }
         "deny" => ("ToolCallDenied", "denied"),
         "wouldDeny" => ("ToolCallWouldDeny", "would be denied (dryRun: forwarded)"),
+        // Held for a person's approval and refused (pending at the end of
+        // the hold, denied, expired); the ToolCallApproval has its own Events.
+        "approval" => ("ToolCallNotApproved", "was refused for want of approval"),
+        "wouldRequireApproval" => (
+            "ToolCallWouldRequireApproval",
+            "would need a person's approval (dryRun: forwarded)",
+        ),
         _ => return AuditOutcome::Unreadable,
     };
     let or_none = |text: &str| {

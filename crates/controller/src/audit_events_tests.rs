@@ -119,6 +119,23 @@ fn dry_run_denials_and_allows_are_told_apart() {
 }
 
 #[test]
+fn calls_refused_for_want_of_approval_are_warnings_of_their_own() {
+    for (decision, expected) in [
+        ("approval", "ToolCallNotApproved"),
+        ("wouldRequireApproval", "ToolCallWouldRequireApproval"),
+    ] {
+        let record = format!(
+            r#"{{"decision":"{decision}","rule":"support/large-refunds","server":"orders","tool":"refund"}}"#
+        );
+        let AuditOutcome::Denied { reason, note, .. } = classify(&record) else {
+            panic!("{decision}: not a warning")
+        };
+        assert_eq!(reason, expected);
+        assert!(note.contains("support/large-refunds"), "{note}");
+    }
+}
+
+#[test]
 fn long_notes_are_cut_at_a_character_boundary() {
     let mut text = "é".repeat(600);
     truncate(&mut text, MAX_NOTE);

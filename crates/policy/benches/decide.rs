@@ -58,6 +58,7 @@ fn bench_decide(c: &mut Criterion) {
                     delegation: None,
                     initiator: None,
                     now: 0,
+                    approved: false,
                 };
                 black_box(engine.decide(black_box(&request)))
             });

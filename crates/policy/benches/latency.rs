@@ -39,6 +39,7 @@ fn measure(engine: &Engine, tools: usize) -> Vec<Duration> {
             delegation: None,
             initiator: None,
             now: 0,
+            approved: false,
         };
         black_box(engine.decide(&request));
     }
@@ -52,6 +53,7 @@ fn measure(engine: &Engine, tools: usize) -> Vec<Duration> {
             delegation: None,
             initiator: None,
             now: 0,
+            approved: false,
         };
         let start = Instant::now();
         let decision = engine.decide(black_box(&request));

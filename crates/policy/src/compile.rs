@@ -134,6 +134,20 @@ pub enum CompileErrorReason {
     /// A deny rule has a rate limit.
     #[error("rateLimit is only meaningful on an allow rule")]
     RateLimitOnDeny,
+    /// A requireApproval rule has a rate limit (not supported: limit the calls
+    /// with an allow rule's rateLimit, or a session condition).
+    #[error(
+        "rateLimit is not supported on a requireApproval rule: put it on an allow rule, or use a session condition"
+    )]
+    RateLimitOnRequireApproval,
+    /// A rule that is not requireApproval has `approval` settings.
+    #[error(
+        "approval is only meaningful on a requireApproval rule, not on a {action} rule: set action: requireApproval or remove approval"
+    )]
+    ApprovalOnOtherAction {
+        /// The rule's action (`allow` or `deny`).
+        action: &'static str,
+    },
     /// A rate limit of zero calls or a zero period.
     #[error("rateLimit needs calls >= 1 and periodSeconds >= 1")]
     InvalidRateLimit,
@@ -331,13 +345,24 @@ fn policy_rules(policy: &Object<ToolPolicySpec>) -> Result<Vec<SnapshotRule>, Ve
             ));
             continue;
         }
+        if rule.approval.is_some() && rule.action != RuleAction::RequireApproval {
+            errors.push(policy_error(
+                policy,
+                Some(&rule.name),
+                CompileErrorReason::ApprovalOnOtherAction {
+                    action: rule.action.as_str(),
+                },
+            ));
+            continue;
+        }
         if let Some(limit) = &rule.rate_limit {
-            if rule.action == RuleAction::Deny {
-                errors.push(policy_error(
-                    policy,
-                    Some(&rule.name),
-                    CompileErrorReason::RateLimitOnDeny,
-                ));
+            let misplaced = match rule.action {
+                RuleAction::Allow => None,
+                RuleAction::Deny => Some(CompileErrorReason::RateLimitOnDeny),
+                RuleAction::RequireApproval => Some(CompileErrorReason::RateLimitOnRequireApproval),
+            };
+            if let Some(reason) = misplaced {
+                errors.push(policy_error(policy, Some(&rule.name), reason));
                 continue;
             }
             if limit.calls == 0 || limit.period_seconds == 0 {
@@ -361,6 +386,11 @@ fn policy_rules(policy: &Object<ToolPolicySpec>) -> Result<Vec<SnapshotRule>, Ve
                 period_seconds: limit.period_seconds,
                 per: limit.per,
             }),
+            // Defaults filled in, so the snapshot says what the sidecar does.
+            approval: match rule.action {
+                RuleAction::RequireApproval => Some(rule.approval.clone().unwrap_or_default()),
+                RuleAction::Allow | RuleAction::Deny => None,
+            },
         };
         match check_rule(&normalised) {
             Ok(()) => rules.push(normalised),

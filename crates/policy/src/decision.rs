@@ -95,6 +95,11 @@ pub struct DecisionRequest<'a> {
     pub initiator: Option<&'a str>,
     /// The current time, unix seconds (grant expiry).
     pub now: i64,
+    /// A person approved exactly this call (agent, session, server, tool,
+    /// argument digest) and the approval was consumed for it: a call whose
+    /// strictest outcome is requireApproval is allowed ([`Reason::Approved`]).
+    /// A deny still denies.
+    pub approved: bool,
 }
 
 /// Whether a call may go ahead.
@@ -105,14 +110,19 @@ pub enum Verdict {
     Allow,
     /// The call is denied.
     Deny,
+    /// The call may go ahead only once a person approves it
+    /// ([`Decision::approval`] says how). Written `approval`.
+    #[serde(rename = "approval", alias = "requireApproval")]
+    RequireApproval,
 }
 
 impl Verdict {
-    /// `allow` or `deny`.
+    /// `allow`, `deny` or `approval`.
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Allow => "allow",
             Verdict::Deny => "deny",
+            Verdict::RequireApproval => "approval",
         }
     }
 }
@@ -212,6 +222,12 @@ pub enum Reason {
         /// What denied it in the delegator's rules.
         rule: DecidingRule,
     },
+    /// A requireApproval rule matched (the agent's own, or a delegator's) and
+    /// no deny rule did: a person must approve this call.
+    ApprovalRequired,
+    /// A requireApproval rule matched, no deny rule did, and a person approved
+    /// exactly this call.
+    Approved,
 }
 
 impl fmt::Display for Reason {
@@ -261,6 +277,10 @@ impl fmt::Display for Reason {
                     "delegator {delegator} was not itself allowed this call ({rule})"
                 )
             }
+            Reason::ApprovalRequired => {
+                f.write_str("a requireApproval rule matched: a person must approve this call")
+            }
+            Reason::Approved => f.write_str("a person approved this call"),
         }
     }
 }
@@ -278,10 +298,28 @@ pub struct RateLimitRef {
     pub per: RateLimitScope,
 }
 
+/// What a requireApproval rule asks for: who must approve (the policy whose
+/// rule matched) and how long the request and the approval live.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ApprovalRequirement {
+    /// The ToolPolicy whose rule asked (approvers need the `approve` verb on it).
+    pub policy: ObjectKey,
+    /// The rule's name.
+    pub rule: String,
+    /// Seconds a person has to decide.
+    pub timeout_seconds: u32,
+    /// Seconds an approval stays usable.
+    pub valid_for_seconds: u32,
+    /// JSON pointers of the arguments the approver must not see (see
+    /// [`crate::redact`]).
+    pub redact_arguments: Arc<[String]>,
+}
+
 /// The answer for one tool call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
-    /// Allow or deny, as the policy decides (also in dry-run mode).
+    /// Allow, deny or require approval, as the policy decides (also in dry-run
+    /// mode).
     pub verdict: Verdict,
     /// The rule that decided (`policy/rule`) or a fixed reason.
     pub rule: DecidingRule,
@@ -294,12 +332,23 @@ pub struct Decision {
     pub dry_run: bool,
     /// The rate limit of the allowing rule, if it has one.
     pub rate_limit: Option<RateLimitRef>,
+    /// The approval a requireApproval rule asks for: set with
+    /// [`Verdict::RequireApproval`], and kept on the allow an approval
+    /// produced ([`Reason::Approved`]) so the audit names the rule.
+    pub approval: Option<ApprovalRequirement>,
 }
 
 impl Decision {
-    /// Whether the sidecar forwards the call: allowed, or denied in dry-run mode.
+    /// Whether the sidecar forwards the call: allowed, or denied or needing
+    /// approval in dry-run mode.
     pub fn forwards(&self) -> bool {
         self.verdict == Verdict::Allow || self.dry_run
+    }
+
+    /// Whether this is a call needing approval that dry-run mode lets through
+    /// (audited as would-require-approval; no approval is requested).
+    pub fn would_require_approval(&self) -> bool {
+        self.verdict == Verdict::RequireApproval && self.dry_run
     }
 
     /// Whether this is a deny that dry-run mode lets through (audited as

@@ -1,8 +1,10 @@
 //! The evaluator: a [`Snapshot`] turned into indexes, compiled matchers, regexes
 //! and CEL programs, answering [`Engine::decide`] and [`Engine::visible`].
 //!
+//! How a call is decided is stated once, on [`Engine::decide`].
+//!
 //! Rules are indexed by (server, tool): for every known server and every tool name
-//! a rule or classification names exactly, the candidate deny and allow rules are
+//! a rule or classification names exactly, the candidate rules of each action are
 //! precomputed (globs and effect matches resolved in), so a decision never looks
 //! at a rule about another tool. Names no rule spells out fall back to the short
 //! list of glob and effect rules of that server.
@@ -12,10 +14,11 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::approval::{ApprovalError, check_approval_settings};
 use crate::conditions::{CompiledConditions, ConditionError, EvalContext, Initiator, Truth};
 use crate::decision::{
-    AgentKey, DecidingRule, Decision, DecisionRequest, DelegationChain, DelegationLink, GrantKey,
-    RateLimitRef, Reason, Verdict,
+    AgentKey, ApprovalRequirement, DecidingRule, Decision, DecisionRequest, DelegationChain,
+    DelegationLink, GrantKey, ObjectKey, RateLimitRef, Reason, Verdict,
 };
 use crate::glob::Glob;
 use crate::model::{
@@ -85,6 +88,9 @@ pub enum RuleError {
     /// A tool match is invalid.
     #[error(transparent)]
     ToolMatch(#[from] ToolMatchError),
+    /// A requireApproval rule's approval settings are invalid.
+    #[error(transparent)]
+    Approval(#[from] ApprovalError),
 }
 
 impl From<ConditionError> for RuleError {
@@ -199,10 +205,29 @@ struct CompiledRule {
     tools: Vec<CompiledToolMatch>,
     conditions: CompiledConditions,
     rate_limit: Option<RateLimitRef>,
+    /// Set on requireApproval rules, on no other.
+    approval: Option<ApprovalRequirement>,
 }
 
 impl CompiledRule {
-    fn new(rule: &SnapshotRule) -> Result<Self, RuleError> {
+    /// Compiles `rule` of a policy in `namespace` (the agent's).
+    fn new(rule: &SnapshotRule, namespace: &str) -> Result<Self, RuleError> {
+        let approval = match rule.action {
+            RuleAction::RequireApproval => {
+                // The compiler fills the defaults in; a snapshot without them
+                // gets the same defaults rather than being refused.
+                let settings = rule.approval.clone().unwrap_or_default();
+                check_approval_settings(&settings)?;
+                Some(ApprovalRequirement {
+                    policy: ObjectKey::new(namespace, rule.policy.as_str()),
+                    rule: rule.name.clone(),
+                    timeout_seconds: settings.timeout_seconds,
+                    valid_for_seconds: settings.valid_for_seconds,
+                    redact_arguments: settings.redact_arguments.into(),
+                })
+            }
+            RuleAction::Allow | RuleAction::Deny => None,
+        };
         Ok(Self {
             id: Arc::from(format!("{}/{}", rule.policy, rule.name)),
             action: rule.action,
@@ -214,6 +239,7 @@ impl CompiledRule {
                 period_seconds: limit.period_seconds,
                 per: limit.per,
             }),
+            approval,
         })
     }
 
@@ -224,7 +250,7 @@ impl CompiledRule {
 
 /// Checks that a rule compiles (used by the compiler to report per object).
 pub(crate) fn check_rule(rule: &SnapshotRule) -> Result<(), RuleError> {
-    CompiledRule::new(rule).map(|_| ())
+    CompiledRule::new(rule, "").map(|_| ())
 }
 
 /// Checks that a grant's tools and conditions compile.
@@ -278,11 +304,12 @@ impl Classifier {
     }
 }
 
-/// Precomputed candidate rules of one (server, tool), deny rules and allow rules
-/// each in rule order.
+/// Precomputed candidate rules of one (server, tool), by action, each in rule
+/// order.
 #[derive(Debug)]
 struct Candidates {
     deny: Box<[u32]>,
+    approve: Box<[u32]>,
     allow: Box<[u32]>,
     effects: EffectSet,
 }
@@ -316,6 +343,8 @@ struct CompiledAuthority {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RulesOutcome {
     Allowed(u32),
+    /// A requireApproval rule holds the call.
+    Approval(u32),
     Denied(u32),
     NoAllow,
 }
@@ -330,15 +359,18 @@ enum Mode {
 impl Mode {
     /// Whether a rule with conditions of this value applies. Deciding fails closed
     /// (unknown denies, never allows); listing is optimistic about what the
-    /// arguments could be (unknown allows, never denies).
+    /// arguments could be (unknown allows, never denies). An unknown
+    /// requireApproval rule while deciding is handled by
+    /// [`CompiledAuthority::evaluate_candidates`]: it holds what an allow rule
+    /// would allow.
     fn applies(self, action: RuleAction, truth: Truth) -> bool {
         match (self, action) {
-            (Mode::Decide, RuleAction::Deny) | (Mode::List, RuleAction::Allow) => {
+            (Mode::Decide, RuleAction::Deny)
+            | (Mode::List, RuleAction::Allow | RuleAction::RequireApproval) => {
                 truth != Truth::False
             }
-            (Mode::Decide, RuleAction::Allow) | (Mode::List, RuleAction::Deny) => {
-                truth == Truth::True
-            }
+            (Mode::Decide, RuleAction::Allow | RuleAction::RequireApproval)
+            | (Mode::List, RuleAction::Deny) => truth == Truth::True,
         }
     }
 }
@@ -349,10 +381,12 @@ impl CompiledAuthority {
             .rules
             .iter()
             .map(|rule| {
-                CompiledRule::new(rule).map_err(|error| InvalidSnapshot::Rule {
-                    agent: authority.agent.clone(),
-                    rule: format!("{}/{}", rule.policy, rule.name),
-                    error,
+                CompiledRule::new(rule, &authority.agent.namespace).map_err(|error| {
+                    InvalidSnapshot::Rule {
+                        agent: authority.agent.clone(),
+                        rule: format!("{}/{}", rule.policy, rule.name),
+                        error,
+                    }
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -385,7 +419,13 @@ impl CompiledAuthority {
             .get(ctx.server)
             .and_then(|s| s.tools.get(ctx.tool))
         {
-            return self.evaluate_candidates(&candidates.deny, &candidates.allow, ctx, mode);
+            return self.evaluate_candidates(
+                &candidates.deny,
+                &candidates.approve,
+                &candidates.allow,
+                ctx,
+                mode,
+            );
         }
         // Slow path: a name no rule spells out.
         let effects = self.classifier.effects(ctx.server, ctx.tool);
@@ -393,22 +433,25 @@ impl CompiledAuthority {
             Some(server) => &server.fallback,
             None => &self.index.inexact,
         };
-        let (mut deny, mut allow) = (Vec::new(), Vec::new());
+        let (mut deny, mut approve, mut allow) = (Vec::new(), Vec::new(), Vec::new());
         for &i in pool {
             let rule = &self.rules[i as usize];
             if rule.matches_tool(ctx.server, ctx.tool, effects) {
                 match rule.action {
                     RuleAction::Deny => deny.push(i),
+                    RuleAction::RequireApproval => approve.push(i),
                     RuleAction::Allow => allow.push(i),
                 }
             }
         }
-        self.evaluate_candidates(&deny, &allow, ctx, mode)
+        self.evaluate_candidates(&deny, &approve, &allow, ctx, mode)
     }
 
+    /// The decision order of [`Engine::decide`], over one tool's candidates.
     fn evaluate_candidates(
         &self,
         deny: &[u32],
+        approve: &[u32],
         allow: &[u32],
         ctx: &EvalContext<'_>,
         mode: Mode,
@@ -419,10 +462,25 @@ impl CompiledAuthority {
                 return RulesOutcome::Denied(i);
             }
         }
+        // A requireApproval rule that cannot be evaluated restricts (an allow
+        // rule cannot get past it) but never grants (no allow, no approval).
+        let mut unknown_approval = None;
+        for &i in approve {
+            let truth = self.rules[i as usize].conditions.evaluate(ctx).truth;
+            if mode.applies(RuleAction::RequireApproval, truth) {
+                return RulesOutcome::Approval(i);
+            }
+            if mode == Mode::Decide && truth == Truth::Unknown && unknown_approval.is_none() {
+                unknown_approval = Some(i);
+            }
+        }
         for &i in allow {
             let truth = self.rules[i as usize].conditions.evaluate(ctx).truth;
             if mode.applies(RuleAction::Allow, truth) {
-                return RulesOutcome::Allowed(i);
+                return match unknown_approval {
+                    Some(held) => RulesOutcome::Approval(held),
+                    None => RulesOutcome::Allowed(i),
+                };
             }
         }
         RulesOutcome::NoAllow
@@ -430,7 +488,7 @@ impl CompiledAuthority {
 
     fn deciding_rule(&self, outcome: RulesOutcome) -> DecidingRule {
         match outcome {
-            RulesOutcome::Allowed(i) | RulesOutcome::Denied(i) => {
+            RulesOutcome::Allowed(i) | RulesOutcome::Approval(i) | RulesOutcome::Denied(i) => {
                 DecidingRule::Rule(Arc::clone(&self.rules[i as usize].id))
             }
             RulesOutcome::NoAllow => DecidingRule::NoRuleAllows,
@@ -508,14 +566,19 @@ fn build_index(
             );
             matched.sort_unstable();
             matched.dedup();
-            let (deny, allow): (Vec<u32>, Vec<u32>) = matched
-                .into_iter()
-                .partition(|&i| rules[i as usize].action == RuleAction::Deny);
+            let of = |action: RuleAction| -> Box<[u32]> {
+                matched
+                    .iter()
+                    .copied()
+                    .filter(|&i| rules[i as usize].action == action)
+                    .collect()
+            };
             tools.insert(
                 Box::from(name),
                 Candidates {
-                    deny: deny.into(),
-                    allow: allow.into(),
+                    deny: of(RuleAction::Deny),
+                    approve: of(RuleAction::RequireApproval),
+                    allow: of(RuleAction::Allow),
                     effects,
                 },
             );
@@ -559,6 +622,15 @@ impl CompiledGrant {
 struct Denial {
     rule: DecidingRule,
     reason: Reason,
+}
+
+/// A call that passed every check: allowed, or allowed once a person approves.
+struct Permit<'e> {
+    /// The agent's own rule that allowed the call or asked for approval.
+    own: &'e CompiledRule,
+    /// The requireApproval rule the call needs approval from: the agent's own,
+    /// else the first delegator's (origin first) whose rules ask for it.
+    approval: Option<&'e CompiledRule>,
 }
 
 /// One question to [`Engine::judge`].
@@ -676,10 +748,31 @@ impl Engine {
         self.own.effects(server, tool)
     }
 
-    /// Decides a tool call. Any matching deny rule denies; else any matching allow
-    /// rule allows; else deny. A delegated call also needs every grant of its
-    /// chain to cover it, unexpired and within depth, and every delegator to have
-    /// been allowed it by its own rules.
+    /// Decides a tool call.
+    ///
+    /// # Decision order
+    ///
+    /// The one statement of how a call is decided (everything else refers here):
+    ///
+    /// 1. **deny**: any matching deny rule denies. A deny rule whose conditions
+    ///    cannot be evaluated (missing or mistyped arguments, failing CEL) matches:
+    ///    deny rules fail closed.
+    /// 2. **requireApproval**: else any matching requireApproval rule holds the
+    ///    call until a person approves exactly this call
+    ///    ([`Verdict::RequireApproval`], [`Decision::approval`]). With
+    ///    [`DecisionRequest::approved`] the call is allowed instead
+    ///    ([`Reason::Approved`]). A requireApproval rule whose conditions cannot
+    ///    be evaluated holds a call that an allow rule would allow, and never
+    ///    makes approvable a call that no allow rule allows.
+    /// 3. **allow**: else any matching allow rule allows (its conditions must be
+    ///    true).
+    /// 4. **default deny**: else the call is denied.
+    ///
+    /// A delegated call must also be covered by every grant of its chain
+    /// (unexpired, within depth), and every delegator must itself get allow or
+    /// requireApproval from its own rules by the same order: a delegator's deny
+    /// denies the call, and a delegator's requireApproval makes the whole call
+    /// need approval. Any deny, anywhere, wins over any approval.
     pub fn decide(&self, request: &DecisionRequest<'_>) -> Decision {
         let query = Query {
             server: request.server,
@@ -691,17 +784,32 @@ impl Engine {
             now: request.now,
             mode: Mode::Decide,
         };
-        let (verdict, rule, reason, rate_limit) = match self.judge(&query) {
-            Ok(i) => {
-                let allowing = &self.own.rules[i as usize];
-                (
-                    Verdict::Allow,
-                    DecidingRule::Rule(Arc::clone(&allowing.id)),
-                    Reason::AllowedByRule,
-                    allowing.rate_limit.clone(),
-                )
+        let (verdict, rule, reason, rate_limit, approval) = match self.judge(&query) {
+            Ok(Permit {
+                own,
+                approval: None,
+            }) => (
+                Verdict::Allow,
+                DecidingRule::Rule(Arc::clone(&own.id)),
+                Reason::AllowedByRule,
+                own.rate_limit.clone(),
+                None,
+            ),
+            Ok(Permit {
+                own,
+                approval: Some(asking),
+            }) => {
+                let (verdict, reason, rate_limit) = if request.approved {
+                    // The agent's own allow rule (when a delegator asked for
+                    // the approval) still counts the call against its limit.
+                    (Verdict::Allow, Reason::Approved, own.rate_limit.clone())
+                } else {
+                    (Verdict::RequireApproval, Reason::ApprovalRequired, None)
+                };
+                let rule = DecidingRule::Rule(Arc::clone(&asking.id));
+                (verdict, rule, reason, rate_limit, asking.approval.clone())
             }
-            Err(denial) => (Verdict::Deny, denial.rule, denial.reason, None),
+            Err(denial) => (Verdict::Deny, denial.rule, denial.reason, None, None),
         };
         Decision {
             verdict,
@@ -710,11 +818,13 @@ impl Engine {
             snapshot_version: self.version,
             dry_run: self.dry_run,
             rate_limit,
+            approval,
         }
     }
 
     /// Whether `tools/list` shows the tool in the agent's own sessions: some
-    /// arguments and session could make a call allowed. The same rules as
+    /// arguments and session could make a call allowed, or approvable. The same
+    /// rules as
     /// [`Engine::decide`], read optimistically about what is not known yet.
     pub fn visible(&self, server: &str, tool: &str) -> bool {
         self.visible_in(server, tool, None, 0)
@@ -763,8 +873,8 @@ impl Engine {
         }
     }
 
-    /// The whole decision; `Ok` holds the allowing own rule.
-    fn judge(&self, query: &Query<'_>) -> Result<u32, Denial> {
+    /// The whole decision.
+    fn judge(&self, query: &Query<'_>) -> Result<Permit<'_>, Denial> {
         let links = query.links;
         let depth = links.len();
         if depth == 0 && self.own.require_delegation {
@@ -788,8 +898,15 @@ impl Engine {
         };
         // Ownership of `self.agent` outlives the query.
         let own_ctx = self.context(query, &self.agent, depth, initiator);
-        let allowing = match self.own.evaluate(&own_ctx, query.mode) {
-            RulesOutcome::Allowed(i) => i,
+        let mut permit = match self.own.evaluate(&own_ctx, query.mode) {
+            RulesOutcome::Allowed(i) => Permit {
+                own: &self.own.rules[i as usize],
+                approval: None,
+            },
+            RulesOutcome::Approval(i) => Permit {
+                own: &self.own.rules[i as usize],
+                approval: Some(&self.own.rules[i as usize]),
+            },
             denied => {
                 return Err(Denial {
                     rule: self.own.deciding_rule(denied),
@@ -800,20 +917,25 @@ impl Engine {
                 });
             }
         };
+        // Every link is checked before any approval is asked for: a deny
+        // anywhere in the chain wins.
         for (i, link) in links.iter().enumerate() {
-            self.check_link(query, i, link, initiator)?;
+            let asking = self.check_link(query, i, link, initiator)?;
+            permit.approval = permit.approval.or(asking);
         }
-        Ok(allowing)
+        Ok(permit)
     }
 
     /// Checks hop `i` of the chain: its grant, and its delegator's own rules.
+    /// `Ok` holds the delegator's requireApproval rule when its rules ask for
+    /// approval rather than allow.
     fn check_link(
         &self,
         query: &Query<'_>,
         i: usize,
         link: &DelegationLink,
         initiator: Initiator<'_>,
-    ) -> Result<(), Denial> {
+    ) -> Result<Option<&CompiledRule>, Denial> {
         let links = query.links;
         let delegation_denial = |reason| Denial {
             rule: DecidingRule::Delegation,
@@ -878,7 +1000,8 @@ impl Engine {
         }
         let delegator_ctx = self.context(query, &link.delegator, i, initiator);
         match delegator.evaluate(&delegator_ctx, query.mode) {
-            RulesOutcome::Allowed(_) => Ok(()),
+            RulesOutcome::Allowed(_) => Ok(None),
+            RulesOutcome::Approval(j) => Ok(Some(&delegator.rules[j as usize])),
             denied => Err(delegation_denial(Reason::DelegatorNotAllowed {
                 delegator: link.delegator.clone(),
                 rule: delegator.deciding_rule(denied),
@@ -906,7 +1029,12 @@ impl Engine {
             initiator,
         };
         let effects = self.own.effects(request.server, request.tool);
-        let deciding = decision.rule.as_str();
+        // A delegator's requireApproval rule may share its `policy/rule` with
+        // one of the agent's own (another namespace): it is not an own rule.
+        let deciding = match &decision.approval {
+            Some(asked) if asked.policy.namespace != self.agent.namespace => "",
+            _ => decision.rule.as_str(),
+        };
         let rules = self
             .own
             .rules
@@ -916,13 +1044,17 @@ impl Engine {
                     RuleOutcome::ToolDoesNotMatch
                 } else {
                     let evaluation = rule.conditions.evaluate(&ctx);
-                    let applies = Mode::Decide.applies(rule.action, evaluation.truth);
+                    let decided = &*rule.id == deciding;
+                    // An unknown requireApproval rule decides only by holding
+                    // what an allow rule would allow.
+                    let applies = Mode::Decide.applies(rule.action, evaluation.truth)
+                        || (decided && rule.action == RuleAction::RequireApproval);
                     let condition = evaluation
                         .part
                         .map(|p| rule.conditions.describe(p))
                         .unwrap_or_default();
                     match (applies, evaluation.truth) {
-                        (true, _) if &*rule.id == deciding => RuleOutcome::Decided,
+                        (true, _) if decided => RuleOutcome::Decided,
                         (true, Truth::Unknown) => RuleOutcome::MatchedFailClosed { condition },
                         (true, _) => RuleOutcome::Matched,
                         (false, Truth::False) => RuleOutcome::ConditionFalse { condition },
@@ -970,7 +1102,7 @@ pub struct Explanation {
 pub struct RuleExplanation {
     /// `policy/rule`.
     pub rule: String,
-    /// `allow` or `deny`.
+    /// `allow`, `deny` or `requireApproval`.
     pub action: RuleAction,
     /// What happened.
     pub outcome: RuleOutcome,
@@ -981,8 +1113,8 @@ pub struct RuleExplanation {
 pub enum RuleOutcome {
     /// This rule decided.
     Decided,
-    /// The rule matched, but another decided (an earlier deny, or an earlier
-    /// allow, or a delegation check).
+    /// The rule matched, but another decided (a deny, a requireApproval, an
+    /// earlier allow, or a delegation check).
     Matched,
     /// A deny rule matched because a condition could not be evaluated (missing
     /// field, wrong type, CEL error): deny rules fail closed.
@@ -998,7 +1130,7 @@ pub enum RuleOutcome {
         condition: String,
     },
     /// A condition could not be evaluated (missing field, wrong type, CEL
-    /// error), so the allow rule does not match.
+    /// error), so the allow (or requireApproval) rule does not match.
     ConditionUnknown {
         /// The condition.
         condition: String,
@@ -1018,7 +1150,7 @@ impl std::fmt::Display for RuleOutcome {
             RuleOutcome::ConditionFalse { condition } => write!(f, "condition false: {condition}"),
             RuleOutcome::ConditionUnknown { condition } => write!(
                 f,
-                "condition not evaluable: {condition} (missing or wrong type); allow rules need it true"
+                "condition not evaluable: {condition} (missing or wrong type); allow and requireApproval rules need it true"
             ),
         }
     }

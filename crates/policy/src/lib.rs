@@ -10,13 +10,15 @@
 //! - [`DocumentSet`]: CR YAML or JSON text in, checked objects out, and the
 //!   agent picked: the one loader of policy files.
 //!
-//! Decision semantics (DESIGN.md): any matching deny denies; else any matching
-//! allow allows; else deny. Conditions that cannot be evaluated (missing or
-//! mistyped arguments, failing CEL) never make an allow rule match and always
-//! let a deny rule match.
+//! - [`redact`]: the arguments a person approving a call is shown.
+//!
+//! Decision semantics: deny > requireApproval > allow > default deny, stated
+//! once, with how unevaluable conditions and delegation fit in, on
+//! [`Engine::decide`].
 
 #![forbid(unsafe_code)]
 
+mod approval;
 mod compile;
 mod conditions;
 mod decision;
@@ -30,6 +32,7 @@ mod scope;
 mod session;
 mod snapshot;
 
+pub use approval::{ApprovalError, REDACTED, check_approval_settings, redact};
 pub use compile::{
     Compilation, CompileError, CompileErrorReason, CompileOptions, Inventory, InventoryCompilation,
     ObjectKind, ObjectRef, ObjectSet, check_grant, check_grant_among, check_policy, compile,
@@ -37,8 +40,8 @@ pub use compile::{
 };
 pub use conditions::{ConditionError, REGEX_SIZE_LIMIT};
 pub use decision::{
-    AgentKey, DecidingRule, Decision, DecisionRequest, DelegationChain, DelegationLink, GrantKey,
-    ObjectKey, RateLimitRef, Reason, Verdict,
+    AgentKey, ApprovalRequirement, DecidingRule, Decision, DecisionRequest, DelegationChain,
+    DelegationLink, GrantKey, ObjectKey, RateLimitRef, Reason, Verdict,
 };
 pub use documents::{
     AgentChoiceError, DOCUMENT_FILE_EXTENSIONS, DocumentError, DocumentSet, parse_documents,

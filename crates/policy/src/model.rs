@@ -424,12 +424,15 @@ impl Effect {
     }
 }
 
-/// One allow or deny rule.
+/// One allow, deny or requireApproval rule.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "!has(self.rateLimit) || self.action == 'allow'",
     "message": "rateLimit is only meaningful on an allow rule: move it to the allow rule it limits"
+}, {
+    "rule": "!has(self.approval) || self.action == 'requireApproval'",
+    "message": "approval settings are only meaningful on a requireApproval rule: set action: requireApproval or remove approval"
 }]))]
 pub struct Rule {
     /// Name of the rule, unique in the policy; decisions and audit records name it.
@@ -439,7 +442,9 @@ pub struct Rule {
     )]
     pub name: String,
 
-    /// `allow` or `deny`.
+    /// `allow`, `deny` or `requireApproval`. Order: any matching deny denies;
+    /// else any matching requireApproval holds the call for a person's
+    /// approval; else any matching allow allows; else deny.
     pub action: RuleAction,
 
     /// The tools this rule is about; a call matches when any entry matches.
@@ -450,20 +455,94 @@ pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<Conditions>,
 
-    /// Limits how often calls allowed by this rule may happen.
+    /// Limits how often calls allowed by this rule may happen (allow rules only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+
+    /// How the approval a requireApproval rule asks for works (only on
+    /// requireApproval rules; defaults apply when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalSettings>,
 }
 
-/// Whether a matching rule allows or denies the call.
+/// What a matching rule does with the call.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum RuleAction {
-    /// Allow the call (unless a deny rule also matches).
+    /// Allow the call (unless a deny or requireApproval rule also matches).
     Allow,
     /// Deny the call.
     #[default]
     Deny,
+    /// Hold the call until a person approves exactly this call (agent,
+    /// session, server, tool, arguments); a matching deny rule still denies.
+    RequireApproval,
+}
+
+impl RuleAction {
+    /// The name used in YAML and audit records: `allow`, `deny` or
+    /// `requireApproval`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleAction::Allow => "allow",
+            RuleAction::Deny => "deny",
+            RuleAction::RequireApproval => "requireApproval",
+        }
+    }
+}
+
+/// Default time a person has to decide on a held call: 10 minutes.
+pub const DEFAULT_APPROVAL_TIMEOUT_SECONDS: u32 = 600;
+/// Default time an approved call may be made after the approval: 5 minutes.
+pub const DEFAULT_APPROVAL_VALID_FOR_SECONDS: u32 = 300;
+/// Longest `timeoutSeconds` and `validForSeconds`: one day.
+pub const MAX_APPROVAL_SECONDS: u32 = 86_400;
+/// Most `redactArguments` pointers a rule may list.
+pub const MAX_REDACT_ARGUMENTS: usize = 32;
+
+/// Settings of the approval a requireApproval rule asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalSettings {
+    /// Seconds a person has to approve or deny the call before the request
+    /// expires: 1 to 86400, default 600.
+    #[serde(default = "default_approval_timeout")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub timeout_seconds: u32,
+
+    /// Seconds after the approval within which the approved call must be made
+    /// (once): 1 to 86400, default 300.
+    #[serde(default = "default_approval_valid_for")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub valid_for_seconds: u32,
+
+    /// Arguments the approver must not see, as JSON pointers (RFC 6901, e.g.
+    /// `/card/number`): replaced by `"[redacted]"` in the approval request.
+    /// The approval still binds the full arguments (by digest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 32),
+        inner(length(min = 1, max = 512), regex(pattern = r"^(/([^~]|~[01])*)+$"))
+    )]
+    pub redact_arguments: Vec<String>,
+}
+
+impl Default for ApprovalSettings {
+    fn default() -> Self {
+        Self {
+            timeout_seconds: DEFAULT_APPROVAL_TIMEOUT_SECONDS,
+            valid_for_seconds: DEFAULT_APPROVAL_VALID_FOR_SECONDS,
+            redact_arguments: Vec::new(),
+        }
+    }
+}
+
+fn default_approval_timeout() -> u32 {
+    DEFAULT_APPROVAL_TIMEOUT_SECONDS
+}
+
+fn default_approval_valid_for() -> u32 {
+    DEFAULT_APPROVAL_VALID_FOR_SECONDS
 }
 
 /// Matches tools by server and name glob, or by effect.

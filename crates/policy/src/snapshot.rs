@@ -10,8 +10,8 @@ use thiserror::Error;
 
 use crate::decision::{AgentKey, GrantKey};
 use crate::model::{
-    AssertionSettings, Conditions, EnforcementMode, InitiatorIssuer, RateLimitScope, RuleAction,
-    SessionSettings, ToolClassification, ToolMatch, ToolServer,
+    ApprovalSettings, AssertionSettings, Conditions, EnforcementMode, InitiatorIssuer,
+    RateLimitScope, RuleAction, SessionSettings, ToolClassification, ToolMatch, ToolServer,
 };
 
 /// The snapshot format version as a literal: the one definition that both
@@ -111,7 +111,7 @@ pub struct SnapshotRule {
     pub policy: String,
     /// The rule's name.
     pub name: String,
-    /// `allow` or `deny`.
+    /// `allow`, `deny` or `requireApproval`.
     pub action: RuleAction,
     /// Tool matches; `server` defaulted to `*`.
     pub tools: Vec<ToolMatch>,
@@ -121,6 +121,10 @@ pub struct SnapshotRule {
     /// Rate limit of an allow rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<SnapshotRateLimit>,
+    /// Approval settings of a requireApproval rule, defaults filled in (set
+    /// on every requireApproval rule, on no other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalSettings>,
 }
 
 /// A rate limit with the stable id its counters are kept under.

@@ -34,13 +34,30 @@ fn allows_get_order_by_its_rule() {
 fn denies_refund_above_limit() {
     let engine = engine(&basic_example(), "default/support-agent");
     let session = history(&[("orders", "get_order")], &engine);
-    let args = json!({"amount": 100.5});
+    let args = json!({"amount": 1000.5});
     let decision = engine.decide(&request("orders", "refund", &args, &session));
     assert_eq!(decision.verdict, Verdict::Deny);
     assert_eq!(decision.rule, DecidingRule::NoRuleAllows);
     let args = json!({"amount": 100});
     let decision = engine.decide(&request("orders", "refund", &args, &session));
     assert_eq!(decision.verdict, Verdict::Allow);
+}
+
+#[test]
+fn refund_above_100_waits_for_approval() {
+    let engine = engine(&basic_example(), "default/support-agent");
+    let session = history(&[("orders", "get_order")], &engine);
+    for amount in [100.5, 1000.0] {
+        let args = json!({"amount": amount});
+        let decision = engine.decide(&request("orders", "refund", &args, &session));
+        assert_eq!(decision.verdict, Verdict::RequireApproval, "{amount}");
+        assert_eq!(decision.rule.as_str(), "support/approve-medium-refunds");
+        let approval = decision.approval.expect("approval requirement");
+        assert_eq!(
+            approval.policy,
+            chaperone_policy::ObjectKey::new("default", "support")
+        );
+    }
 }
 
 #[test]
@@ -262,9 +279,20 @@ fn engine_for_globs() -> chaperone_policy::Engine {
 fn explain_says_why_each_rule_did_not_match() {
     let engine = engine(&basic_example(), "default/support-agent");
     let session = history(&[("orders", "get_order")], &engine);
-    let args = json!({"amount": 250});
+    let args = json!({"amount": 2500});
     let explanation = engine.explain(&request("orders", "refund", &args, &session));
     assert_eq!(explanation.decision.verdict, Verdict::Deny);
+    let approval = explanation
+        .rules
+        .iter()
+        .find(|r| r.rule == "support/approve-medium-refunds")
+        .unwrap();
+    assert_eq!(
+        approval.outcome,
+        RuleOutcome::ConditionFalse {
+            condition: "/amount lessThanOrEqual 1000".into()
+        }
+    );
     let refund = explanation
         .rules
         .iter()

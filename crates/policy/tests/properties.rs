@@ -1,7 +1,8 @@
-//! Property tests over random policies and calls: deny always wins, nothing is
-//! allowed without a matching allow, tools/list never hides an allowed tool,
-//! delegated authority is within delegator ∩ grant ∩ delegate, and compiling is
-//! deterministic.
+//! Property tests over random policies and calls: deny always wins, then
+//! requireApproval, nothing is allowed without a matching allow (or an
+//! approval), an approval never lifts a deny, tools/list never hides an allowed
+//! or approvable tool, delegated authority is within delegator ∩ grant ∩
+//! delegate, and compiling is deterministic.
 
 mod support;
 
@@ -122,21 +123,23 @@ fn conditions() -> impl Strategy<Value = Option<Conditions>> {
 }
 
 fn rule(index: usize) -> impl Strategy<Value = Rule> {
+    let action = prop_oneof![
+        2 => Just(RuleAction::Allow),
+        2 => Just(RuleAction::Deny),
+        1 => Just(RuleAction::RequireApproval),
+    ];
     (
-        any::<bool>(),
+        action,
         prop::collection::vec(tool_match(), 1..3),
         conditions(),
     )
-        .prop_map(move |(allow, tools, when)| Rule {
+        .prop_map(move |(action, tools, when)| Rule {
             name: format!("r{index}"),
-            action: if allow {
-                RuleAction::Allow
-            } else {
-                RuleAction::Deny
-            },
+            action,
             tools,
             when,
             rate_limit: None,
+            approval: None,
         })
 }
 
@@ -215,7 +218,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn deny_wins_and_nothing_is_allowed_without_a_matching_allow(
+    fn deny_wins_then_approval_and_nothing_is_allowed_without_a_matching_allow(
         p in policy("p".into(), "agent"),
         calls in prop::collection::vec(call(), 1..8),
     ) {
@@ -227,16 +230,31 @@ proptest! {
             let matched = |action: RuleAction| explanation.rules.iter().any(|r| r.action == action
                 && matches!(r.outcome, RuleOutcome::Decided | RuleOutcome::Matched | RuleOutcome::MatchedFailClosed { .. }));
             let deny_matched = matched(RuleAction::Deny);
+            let approval_matched = matched(RuleAction::RequireApproval);
             let allow_matched = matched(RuleAction::Allow);
             // The indexed decision agrees with a scan of every rule.
-            let expected = if !deny_matched && allow_matched { Verdict::Allow } else { Verdict::Deny };
-            prop_assert_eq!(explanation.decision.verdict, expected, "{:#?}", explanation);
-            if explanation.decision.verdict == Verdict::Allow {
+            let expected = if deny_matched {
+                Verdict::Deny
+            } else if approval_matched {
+                Verdict::RequireApproval
+            } else if allow_matched {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            };
+            let verdict = explanation.decision.verdict;
+            prop_assert_eq!(verdict, expected, "{:#?}", explanation);
+            if verdict != Verdict::Deny {
                 let decided = explanation.rules.iter().find(|r| r.outcome == RuleOutcome::Decided);
-                prop_assert!(decided.is_some_and(|r| r.action == RuleAction::Allow));
+                let action = if verdict == Verdict::Allow { RuleAction::Allow } else { RuleAction::RequireApproval };
+                prop_assert!(decided.is_some_and(|r| r.action == action));
                 // tools/list never hides a tool that some call is allowed.
                 prop_assert!(engine.visible(SERVERS[*server], TOOLS[*tool]));
             }
+            // An approval turns exactly the calls needing one into allows.
+            let approved = DecisionRequest { approved: true, ..own_request(*server, *tool, args, &session) };
+            let after = engine.decide(&approved).verdict;
+            prop_assert_eq!(after, if verdict == Verdict::Deny { Verdict::Deny } else { Verdict::Allow });
         }
     }
 
@@ -286,11 +304,29 @@ proptest! {
             let decision = engine_b.decide(&delegated);
             // requireDelegation: nothing outside the delegated session.
             prop_assert_eq!(engine_b.decide(&own).verdict, Verdict::Deny);
-            if decision.verdict == Verdict::Allow {
-                prop_assert_eq!(engine_a.decide(&own).verdict, Verdict::Allow, "delegator");
-                prop_assert_eq!(engine_g.decide(&own).verdict, Verdict::Allow, "grant");
-                prop_assert_eq!(engine_b_alone.decide(&own).verdict, Verdict::Allow, "delegate");
+            let (by_a, by_g, by_b) = (
+                engine_a.decide(&own).verdict,
+                engine_g.decide(&own).verdict,
+                engine_b_alone.decide(&own).verdict,
+            );
+            match decision.verdict {
+                Verdict::Allow => {
+                    prop_assert_eq!(by_a, Verdict::Allow, "delegator");
+                    prop_assert_eq!(by_g, Verdict::Allow, "grant");
+                    prop_assert_eq!(by_b, Verdict::Allow, "delegate");
+                }
+                Verdict::RequireApproval => {
+                    // Nobody denies, and somebody asks.
+                    prop_assert_ne!(by_a, Verdict::Deny, "delegator");
+                    prop_assert_eq!(by_g, Verdict::Allow, "grant");
+                    prop_assert_ne!(by_b, Verdict::Deny, "delegate");
+                    prop_assert!(by_a == Verdict::RequireApproval || by_b == Verdict::RequireApproval);
+                }
+                Verdict::Deny => {}
             }
+            // An approval never lifts a deny anywhere in the chain.
+            let approved = engine_b.decide(&DecisionRequest { approved: true, ..delegated }).verdict;
+            prop_assert_eq!(approved, if decision.verdict == Verdict::Deny { Verdict::Deny } else { Verdict::Allow });
         }
     }
 

@@ -172,6 +172,7 @@ fn main() -> anyhow::Result<()> {
                     name: &name,
                     arguments,
                     mcp_session_id: "s-1",
+                    approval: None,
                 },
             );
             black_box(outcome.ok());

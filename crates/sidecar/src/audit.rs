@@ -66,19 +66,40 @@ pub struct AuditSession<'a> {
     pub scope: &'a str,
 }
 
+/// The person's approval a decision is about (a call a `requireApproval` rule
+/// matched). Fields in byte order of their JSON names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct AuditApproval<'a> {
+    /// The approver's or denier's username, when someone decided.
+    #[serde(rename = "decidedBy", skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<&'a str>,
+    /// The ToolCallApproval's name (in the agent's namespace), when the
+    /// controller named one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<&'a str>,
+    /// `Pending`, `Granted`, `Denied`, `Expired` or `Failed`
+    /// ([`crate::approvals::ApprovalPhase`]).
+    pub phase: &'a str,
+}
+
 /// One decision, as the call path knows it; [`AuditLog::write`] adds the
 /// sidecar's `kid`, `seq` and `prevSeq`.
 #[derive(Clone, Debug)]
 pub struct AuditRecord<'a> {
     /// Who decided.
     pub agent: AuditAgent<'a>,
+    /// The approval asked for the call, if any: written for calls refused
+    /// while or after waiting for one (`decision` `approval`) and for
+    /// calls a granted approval let through (`allow`).
+    pub approval: Option<AuditApproval<'a>>,
     /// SHA-256 of the canonical arguments (`sha256:<hex>`).
     pub args: &'a str,
     /// The delegation chain, origin first (`namespace/name`); empty for own sessions.
     pub chain: &'a [String],
     /// Correlation id, also in the error returned for a denied call.
     pub correlation: &'a str,
-    /// `allow`, `deny` or `wouldDeny`.
+    /// `allow`, `deny`, `wouldDeny`, `approval` (refused for want of a
+    /// person's approval) or `wouldRequireApproval` (dry run: forwarded).
     pub decision: &'a str,
     /// The verified user who initiated the task; absent when the chain's origin
     /// agent did.
@@ -111,6 +132,8 @@ pub struct AuditRecord<'a> {
 #[derive(Serialize)]
 struct DecisionLine<'r, 'a> {
     agent: &'r AuditAgent<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval: Option<&'r AuditApproval<'a>>,
     args: &'a str,
     chain: &'a [String],
     correlation: &'a str,
@@ -141,6 +164,7 @@ impl<'r, 'a> DecisionLine<'r, 'a> {
     fn new(record: &'r AuditRecord<'a>, kid: &'r str, seq: u64, prev_seq: Option<&'r str>) -> Self {
         Self {
             agent: &record.agent,
+            approval: record.approval.as_ref(),
             args: record.args,
             chain: record.chain,
             correlation: record.correlation,

@@ -16,6 +16,7 @@ fn record<'a>(session: &'a str, prev: Option<&'a str>, tool: &'a str) -> AuditRe
             namespace: "ns",
             pod: "p",
         },
+        approval: None,
         args: "sha256:00",
         chain: &[],
         correlation: "c",
@@ -63,6 +64,21 @@ fn written_lines_are_canonical() {
     with_initiator.initiator = Some("alice");
     with_initiator.chain = &[];
     log.write(&with_initiator).unwrap();
+    let mut with_approval = record("s3", None, "t");
+    with_approval.decision = "approval";
+    with_approval.approval = Some(AuditApproval {
+        decided_by: Some("bob"),
+        name: Some("agent-x7k2p"),
+        phase: "Denied",
+    });
+    log.write(&with_approval).unwrap();
+    let mut unnamed = record("s4", None, "t");
+    unnamed.approval = Some(AuditApproval {
+        decided_by: None,
+        name: None,
+        phase: "Pending",
+    });
+    log.write(&unnamed).unwrap();
     log.write(&record("s2", None, "t")).unwrap();
     log.close().unwrap();
     let text = buffer.text();
@@ -74,8 +90,15 @@ fn written_lines_are_canonical() {
     assert_eq!(last["kind"], "checkpoint");
     assert_eq!(
         (last["seq"].as_u64(), last["records"].as_u64()),
-        (Some(3), Some(2))
+        (Some(5), Some(4))
     );
+    let approval: Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(
+        approval["approval"],
+        serde_json::json!({"decidedBy": "bob", "name": "agent-x7k2p", "phase": "Denied"})
+    );
+    let plain: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(plain.get("approval").is_none(), "{plain}");
     assert_eq!(last["kid"], log.kid());
 }
 

@@ -12,11 +12,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use chaperone_policy::{Decision, DecisionRequest, Engine, GrantKey, Verdict};
+use chaperone_policy::{
+    ApprovalRequirement, Decision, DecisionRequest, Engine, GrantKey, Verdict, redact,
+};
 use serde_json::{Value, json};
 
+use crate::approvals::{ApprovalAsk, HeldRefusal};
 use crate::assertion::{Actor, AssertionSigner, Claims, HexId, TaskContext};
-use crate::audit::{AuditAgent, AuditLog, AuditRecord, AuditSession, rfc3339_millis};
+use crate::audit::{
+    AuditAgent, AuditApproval, AuditLog, AuditRecord, AuditSession, rfc3339_millis,
+};
 use crate::canonical::{args_digest, hex};
 use crate::inventory::{DiscoveredTool, ToolInventory};
 use crate::jsonrpc::{self, Id, Message};
@@ -31,6 +36,9 @@ use crate::snapshot::{ActivePolicy, Upstream};
 pub const RESOURCE_PREFIX: &str = "resource:";
 /// Prefix of the policy name of a prompt.
 pub const PROMPT_PREFIX: &str = "prompt:";
+/// What [`args_digest`] writes before the hex digest (`sha256:<hex>`);
+/// approval requests carry the bare hex.
+const DIGEST_PREFIX: &str = "sha256:";
 
 /// What a message asks for, as the policy sees it.
 #[derive(Debug, PartialEq)]
@@ -172,6 +180,18 @@ pub struct CallOutcome {
     pub assertion: Option<String>,
     /// The JSON-RPC error to answer with when not forwarded.
     pub error: Option<Value>,
+    /// The call needs a person's approval first: nothing is recorded yet
+    /// (neither `forward` nor `error` is set).
+    pub held: Option<HeldCall>,
+}
+
+/// A call held for a person's approval (see [`Enforcer::decide_call`]).
+#[derive(Debug)]
+pub struct HeldCall {
+    /// What to ask the controller.
+    pub ask: ApprovalAsk,
+    /// The `requireApproval` rule that matched (`policy/rule`).
+    pub rule: String,
 }
 
 /// The parts of an audit record that vary by decision (see
@@ -186,7 +206,7 @@ pub struct RecordEntry<'a> {
     pub server: &'a str,
     /// `sha256:<hex>` of the canonical arguments.
     pub args_digest: &'a str,
-    /// `allow`, `deny` or `wouldDeny`.
+    /// `allow`, `deny`, `wouldDeny`, `approval` or `wouldRequireApproval`.
     pub decision: &'a str,
     /// The rule, or a fixed reason such as `protocol`.
     pub rule: &'a str,
@@ -198,6 +218,8 @@ pub struct RecordEntry<'a> {
     pub latency_us: u64,
     /// When, in Unix milliseconds.
     pub now_ms: i64,
+    /// The approval the call was held for, if any.
+    pub approval: Option<AuditApproval<'a>>,
 }
 
 /// A message refused before policy (see [`Enforcer::refuse_message`]).
@@ -263,6 +285,10 @@ pub struct CallRequest<'a> {
     pub arguments: Option<&'a Value>,
     /// The upstream's session id (empty if none).
     pub mcp_session_id: &'a str,
+    /// A person approved exactly this call and the approval was used for it
+    /// (the controller said GRANTED): decided with
+    /// [`DecisionRequest::approved`], and named in the audit record.
+    pub approval: Option<&'a AuditApproval<'a>>,
 }
 
 fn unix_ms() -> i64 {
@@ -276,6 +302,12 @@ impl Enforcer {
     /// Decides one call in `session` against `active`, records the step and the
     /// audit record (before anything is answered or forwarded), and mints the
     /// assertion of a forwarded call.
+    ///
+    /// A call that needs a person's approval (and is not in dry-run mode) is
+    /// returned [`CallOutcome::held`] with nothing recorded: the caller asks
+    /// for the approval, then decides the call again with
+    /// [`CallRequest::approval`] set (granted), or refuses it with
+    /// [`Enforcer::refuse_held`].
     pub fn decide_call(
         &self,
         active: &ActivePolicy,
@@ -300,33 +332,59 @@ impl Enforcer {
                 delegation: None,
                 initiator: delegation.as_ref().and_then(|d| d.initiator.as_deref()),
                 now: now_ms.div_euclid(1000),
+                approved: call.approval.is_some(),
             },
             delegation.as_deref(),
         );
         let mut allowed = decision.verdict == Verdict::Allow;
+        // A call decided again after its approval never asks again (the
+        // engine allows it): were it to, it is refused (fail closed).
+        let mut needs_approval = decision.verdict == Verdict::RequireApproval
+            && !decision.dry_run
+            && decision.approval.is_some()
+            && call.approval.is_none();
         let mut rule = decision.rule.as_str().to_owned();
         let mut reason = decision.reason.to_string();
         let mut code = jsonrpc::POLICY_DENIED;
         // Calling another agent inside a delegated session hands the task one
         // hop further: refuse here when a grant of the chain allows no more.
-        if allowed
+        if (allowed || needs_approval)
             && upstream.agent.is_some()
             && let Some(d) = delegation.as_deref()
             && let Some(denial) = further_hop_denial(active, d, grant_used.as_ref())
         {
-            allowed = false;
+            (allowed, needs_approval) = (false, false);
             rule = "delegation".to_owned();
             reason = denial;
         }
-        // The sidecar's own limits, checked only for calls the rules allow.
-        if allowed && session.history.calls() >= settings.max_calls {
-            allowed = false;
+        // The sidecar's own limits, checked only for calls the rules allow
+        // (or would allow once approved: nobody is asked for a call the
+        // session limit refuses anyway).
+        if (allowed || needs_approval) && session.history.calls() >= settings.max_calls {
+            (allowed, needs_approval) = (false, false);
             rule = "session.maxCalls".to_owned();
             reason = format!(
                 "the session reached its limit of {} calls",
                 settings.max_calls
             );
             code = jsonrpc::LIMIT_EXCEEDED;
+        }
+        if needs_approval && let Some(requirement) = &decision.approval {
+            return Ok(CallOutcome {
+                forward: false,
+                assertion: None,
+                error: None,
+                held: Some(HeldCall {
+                    ask: self.approval_ask(
+                        upstream,
+                        session,
+                        call,
+                        requirement,
+                        grant_used.as_ref(),
+                    ),
+                    rule,
+                }),
+            });
         }
         if allowed && let Some(limit) = &decision.rate_limit {
             let period = Duration::from_secs(u64::from(limit.period_seconds));
@@ -352,6 +410,9 @@ impl Enforcer {
         let forward = allowed || decision.dry_run;
         let step_decision = match (allowed, forward) {
             (true, _) => StepDecision::Allow,
+            (false, true) if decision.would_require_approval() => {
+                StepDecision::WouldRequireApproval
+            }
             (false, true) => StepDecision::WouldDeny,
             (false, false) => StepDecision::Deny,
         };
@@ -383,6 +444,7 @@ impl Enforcer {
                 mcp_session_id: call.mcp_session_id,
                 latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
                 now_ms,
+                approval: call.approval.copied(),
             },
         )?;
         let correlation = correlation.as_str();
@@ -401,6 +463,7 @@ impl Enforcer {
                 forward: false,
                 assertion: None,
                 error: Some(jsonrpc::error_response(call.id, code, &message, Some(data))),
+                held: None,
             });
         }
         let iat = now_ms.div_euclid(1000);
@@ -432,7 +495,122 @@ impl Enforcer {
             forward: true,
             assertion: Some(assertion),
             error: None,
+            held: None,
         })
+    }
+
+    /// What a person is asked to approve for `call` in `session`: the
+    /// arguments with the rule's redactions, the digest of the unredacted
+    /// ones (as assertions carry it), the session's scope and key, its
+    /// initiator and delegation chain (`grant` as the last hop's grant).
+    fn approval_ask(
+        &self,
+        upstream: &Upstream,
+        session: &SessionState,
+        call: &CallRequest<'_>,
+        requirement: &ApprovalRequirement,
+        grant: Option<&GrantKey>,
+    ) -> ApprovalAsk {
+        let empty = Value::Object(serde_json::Map::new());
+        let arguments = call.arguments.unwrap_or(&empty);
+        let digest = args_digest(call.arguments);
+        let delegation = session.delegation.as_deref();
+        let chain = delegation.map_or_else(Vec::new, |d| {
+            let chain = match grant {
+                Some(grant) => d.chain_with(grant),
+                None => d.chain.clone(),
+            };
+            chain
+                .links
+                .iter()
+                .map(|link| (link.delegator.to_string(), link.grant.to_string()))
+                .collect()
+        });
+        // The agent scope has no key of its own: the pod is the session.
+        let scope_key = match (&*session.scope_key, self.pod.pod.as_str()) {
+            ("", "") => session.chaperone_id.as_str().to_owned(),
+            ("", pod) => pod.to_owned(),
+            (key, _) => key.to_owned(),
+        };
+        ApprovalAsk {
+            policy: requirement.policy.clone(),
+            rule: requirement.rule.clone(),
+            server: upstream.name.clone(),
+            tool: call.name.to_owned(),
+            arguments: redact(arguments, &requirement.redact_arguments),
+            redacted: requirement.redact_arguments.to_vec(),
+            args_digest: digest
+                .strip_prefix(DIGEST_PREFIX)
+                .unwrap_or(&digest)
+                .to_owned(),
+            scope: session.scope.as_str(),
+            scope_key,
+            initiator: delegation.and_then(|d| d.initiator.clone()),
+            chain,
+            timeout_seconds: requirement.timeout_seconds,
+            valid_for_seconds: requirement.valid_for_seconds,
+        }
+    }
+
+    /// Refuses a held call (see [`Enforcer::decide_call`]): records the step
+    /// and the audit record (`decision` `approval`, the approval's name,
+    /// phase and decider) and returns the JSON-RPC error naming them.
+    pub fn refuse_held(
+        &self,
+        active: &ActivePolicy,
+        upstream: &Upstream,
+        session: &mut SessionState,
+        call: &CallRequest<'_>,
+        held: &HeldCall,
+        refusal: &HeldRefusal,
+    ) -> Result<Value, AuditUnavailable> {
+        let now_ms = unix_ms();
+        let decision = StepDecision::Approval;
+        session.push_step(Step {
+            tool: format!("{}/{}", upstream.name, call.name).into_boxed_str(),
+            decision,
+            effects: active.engine.effects_of(&upstream.name, call.name),
+            at_unix_ms: now_ms,
+        });
+        let reason = refusal.to_string();
+        let (correlation, _) = self.write_record(
+            Some(active),
+            "",
+            session,
+            &RecordEntry {
+                method: call.method,
+                tool: call.name,
+                server: &upstream.name,
+                args_digest: &args_digest(call.arguments),
+                decision: decision.as_str(),
+                rule: &held.rule,
+                reason: &reason,
+                mcp_session_id: call.mcp_session_id,
+                latency_us: 0,
+                now_ms,
+                approval: refusal.audit(),
+            },
+        )?;
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels {
+                result: decision.as_str(),
+            })
+            .inc();
+        let message = format!(
+            "Chaperone refused this call: rule {:?} requires a person's approval: {reason} (correlation id {correlation})",
+            held.rule
+        );
+        let mut data = serde_json::Map::new();
+        data.insert("rule".to_owned(), json!(held.rule));
+        data.insert("correlationId".to_owned(), json!(correlation));
+        data.extend(refusal.data());
+        Ok(jsonrpc::error_response(
+            call.id,
+            refusal.code(),
+            &message,
+            Some(Value::Object(data)),
+        ))
     }
 
     /// Writes the audit record of one decision in `session` (linked to the
@@ -462,6 +640,7 @@ impl Enforcer {
                 namespace,
                 pod: &self.pod.pod,
             },
+            approval: entry.approval,
             args: entry.args_digest,
             chain: delegation.map_or(&[][..], |d| &d.audit_chain),
             correlation: correlation.as_str(),
@@ -520,6 +699,7 @@ impl Enforcer {
                 mcp_session_id: refused.mcp_session_id,
                 latency_us: 0,
                 now_ms: unix_ms(),
+                approval: None,
             },
         )?;
         self.metrics
@@ -715,8 +895,9 @@ fn case_variant_list_key(message: &Value) -> Option<String> {
 
 /// Decides `request` in a session: the agent's own (no delegation), or a
 /// delegated one, where each grant the caller holds to this agent is tried as
-/// the last hop until one allows (the first denial is kept when none does).
-/// Returns the decision and the grant that allowed it.
+/// the last hop until one allows (else the first that allows once a person
+/// approves; else the first denial is kept). Returns the decision and the
+/// grant that allowed it (or asks for the approval).
 pub fn decide_in_session(
     engine: &Engine,
     request: &DecisionRequest<'_>,
@@ -725,6 +906,7 @@ pub fn decide_in_session(
     let Some(delegation) = delegation.filter(|d| !d.chain.links.is_empty()) else {
         return (engine.decide(request), None);
     };
+    let mut first_approval = None;
     let mut first_denial = None;
     for grant in &delegation.last_grants {
         let chain = delegation.chain_with(grant);
@@ -732,10 +914,20 @@ pub fn decide_in_session(
             delegation: Some(&chain),
             ..*request
         });
-        if decision.verdict == Verdict::Allow {
-            return (decision, Some(grant.clone()));
+        match decision.verdict {
+            Verdict::Allow => return (decision, Some(grant.clone())),
+            Verdict::RequireApproval => {
+                first_approval.get_or_insert((decision, grant.clone()));
+            }
+            Verdict::Deny => {
+                first_denial.get_or_insert(decision);
+            }
         }
-        first_denial.get_or_insert(decision);
+    }
+    // A grant that covers the call once a person approves beats one that
+    // does not cover it at all.
+    if let Some((decision, grant)) = first_approval {
+        return (decision, Some(grant));
     }
     let denial = first_denial.unwrap_or_else(|| {
         engine.decide(&DecisionRequest {

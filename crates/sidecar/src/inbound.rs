@@ -613,6 +613,7 @@ impl Inbound {
                     mcp_session_id: "",
                     latency_us: 0,
                     now_ms,
+                    approval: None,
                 },
             )
             .map(|(correlation, _)| correlation)

@@ -32,6 +32,9 @@ pub const POLICY_DENIED: i64 = -32001;
 pub const LIMIT_EXCEEDED: i64 = -32002;
 /// JSON-RPC error code while the sidecar has no snapshot (fail closed).
 pub const NOT_READY: i64 = -32003;
+/// JSON-RPC error code of a call that waits for a person's approval (or lost
+/// its wait): retry the same call (the error data names the approval).
+pub const APPROVAL_PENDING: i64 = -32004;
 /// MCP `HeaderMismatch` (revision 2026-07-28): the request's MCP headers are
 /// missing or disagree with its body.
 pub const HEADER_MISMATCH: i64 = -32020;

@@ -13,7 +13,10 @@
 //! - tool inventory out: [`Sidecar::tool_inventory`] (a `watch` of the set);
 //! - audit batches out: [`Sidecar::take_audit_records`] (bounded queue, drops
 //!   counted in `chaperone_sidecar_audit_dropped_total`);
-//! - peer keys in: [`Sidecar::peer_keys`] (the live sidecars' JWKS).
+//! - peer keys in: [`Sidecar::peer_keys`] (the live sidecars' JWKS);
+//! - approvals of held calls out and their answers in: [`Sidecar::approvals`]
+//!   ([`approvals::Approvals::connect`] with the stream's sender,
+//!   [`approvals::Approvals::on_status`] with each `ApprovalStatus`).
 //!
 //! [`snapshot_stream`] is the controller-mode client that drives these seams;
 //! [`standalone`] compiles a policy directory instead.
@@ -21,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod approvals;
 pub mod assertion;
 pub mod audit;
 pub mod authz;
@@ -148,6 +152,12 @@ impl Sidecar {
     /// (for verifying delegated calls' assertions).
     pub fn peer_keys(&self) -> &Arc<PeerKeyStore> {
         &self.peer_keys
+    }
+
+    /// The tickets of calls held for a person's approval: the controller
+    /// stream connects here and hands it the answers.
+    pub fn approvals(&self) -> &Arc<approvals::Approvals> {
+        &self.gateway.approvals
     }
 
     /// The pod this sidecar runs in (empty outside a pod).

@@ -10,8 +10,18 @@ use prometheus_client::registry::Registry;
 /// Label of a decision counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
-    /// `allow`, `deny` or `wouldDeny`.
+    /// `allow`, `deny`, `wouldDeny`, `approval` or `wouldRequireApproval`.
     pub result: &'static str,
+}
+
+/// Label of the approval outcome counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApprovalLabels {
+    /// `granted`, `denied`, `expired`, `failed`, `pending` (nobody decided
+    /// within the hold time), `lost` (the controller stream ended),
+    /// `unavailable` (no controller stream) or `not_held` (in a batch, or a
+    /// notification).
+    pub outcome: &'static str,
 }
 
 /// Label of a refused-request counter.
@@ -57,6 +67,8 @@ pub struct Metrics {
     pub audit_dropped: Counter,
     /// Requests refused before any decision (parse errors, limits, no snapshot).
     pub refused: Family<RefusalLabels, Counter>,
+    /// Calls held for a person's approval, by how the hold ended.
+    pub approvals: Family<ApprovalLabels, Counter>,
     /// Connections open now, per listener.
     pub connections_open: Family<ListenerLabels, Gauge>,
     /// Connections closed at once because the listener held its maximum.
@@ -108,6 +120,12 @@ impl Metrics {
             "Requests refused before a decision, by reason",
             refused.clone(),
         );
+        let approvals = Family::<ApprovalLabels, Counter>::default();
+        registry.register(
+            "approvals",
+            "Calls that needed a person's approval, by outcome",
+            approvals.clone(),
+        );
         let connections_open = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "connections_open",
@@ -135,6 +153,7 @@ impl Metrics {
             sessions,
             audit_dropped,
             refused,
+            approvals,
             connections_open,
             connections_refused,
             connections_timed_out,

@@ -9,6 +9,10 @@
 //! must be filtered or denials merged. GET streams and DELETE pass through with
 //! the same session checks. Every `Chaperone-*` header the agent sends is
 //! dropped.
+//!
+//! A call a `requireApproval` rule matched is held while the controller asks a
+//! person ([`crate::approvals`]), up to the hold time, and forwarded once if
+//! granted; only a message sent alone can be held (in a batch it is refused).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,11 +29,15 @@ use hyper::body::Incoming;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
+use crate::approvals::{
+    ApprovalPhase, ApprovalUpdate, Approvals, HeldRefusal, NoController, Waited,
+};
 use crate::assertion::ASSERTION_HEADER;
 use crate::assertion::random_id;
+use crate::audit::AuditApproval;
 use crate::authz::{
-    CallRequest, Enforcer, Governed, PROTOCOL_VERSION_META, RefusedMessage, classify,
-    may_hold_list, message_era,
+    CallOutcome, CallRequest, Enforcer, Governed, HeldCall, PROTOCOL_VERSION_META, RefusedMessage,
+    classify, may_hold_list, message_era,
 };
 use crate::client::UpstreamClient;
 use crate::delegated::DelegatedSessions;
@@ -43,11 +51,11 @@ use crate::jsonrpc::{
 };
 use crate::listener::{ConnectionLimits, serve_connections};
 use crate::methods::Era;
-use crate::metrics::{Metrics, RefusalLabels};
+use crate::metrics::{ApprovalLabels, Metrics, RefusalLabels};
 use crate::outcome::{CallWatch, PendingCall, WatchedBody};
 use crate::refusal::{
-    MethodNotAllowed, NoSnapshot, Refusal, SlowBody, UnknownDelegatedSession, UnknownServer,
-    UnknownSession, UpstreamResponseRefused, UpstreamUnavailable,
+    AuditUnavailable, MethodNotAllowed, NoSnapshot, Refusal, SlowBody, UnknownDelegatedSession,
+    UnknownServer, UnknownSession, UpstreamResponseRefused, UpstreamUnavailable,
 };
 use crate::session::{
     AGENT_SPACE, SessionKey, SessionState, SessionStore, SharedSession, TRACE_SPACE, lock,
@@ -93,6 +101,8 @@ pub struct Gateway {
     pub refusals: SharedSession,
     /// Where tool servers said their OAuth protected resource metadata is.
     pub metadata_locations: crate::oauth::MetadataLocations,
+    /// Calls held for a person's approval, asked over the controller stream.
+    pub approvals: Arc<Approvals>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -158,6 +168,7 @@ impl Gateway {
                 "",
             ))),
             metadata_locations: Default::default(),
+            approvals: Arc::new(Approvals::new()),
         }
     }
 
@@ -454,21 +465,24 @@ impl Gateway {
             let method = message.method().unwrap_or_default();
             let (code, reason) = match governed {
                 Governed::Call { name, arguments } => {
-                    let outcome = {
-                        let mut state = lock(&shared);
-                        self.enforcer.decide_call(
-                            active,
-                            upstream,
-                            &mut state,
-                            &CallRequest {
-                                method,
-                                id,
-                                name: &name,
-                                arguments,
-                                mcp_session_id: mcp_id,
-                            },
-                        )?
+                    let call = CallRequest {
+                        method,
+                        id,
+                        name: &name,
+                        arguments,
+                        mcp_session_id: mcp_id,
+                        approval: None,
                     };
+                    let mut outcome = {
+                        let mut state = lock(&shared);
+                        self.enforcer
+                            .decide_call(active, upstream, &mut state, &call)?
+                    };
+                    if let Some(held) = outcome.held.take() {
+                        outcome = self
+                            .hold_for_approval(active, upstream, &shared, &call, held, batch)
+                            .await?;
+                    }
                     if outcome.forward {
                         forwarded.push(index);
                         assertions.extend(outcome.assertion);
@@ -685,6 +699,151 @@ impl Gateway {
             rparts,
             rbody.map_err(BoxError::from).boxed_unsync(),
         ))
+    }
+
+    /// Holds a call that needs a person's approval (a single message only):
+    /// asks the controller, waits up to the hold time, and on GRANTED decides
+    /// it again as approved (recording it and minting its assertion); every
+    /// other ending refuses it with an error naming the approval.
+    async fn hold_for_approval(
+        &self,
+        active: &ActivePolicy,
+        upstream: &Upstream,
+        shared: &SharedSession,
+        call: &CallRequest<'_>,
+        held: HeldCall,
+        batch: bool,
+    ) -> Result<CallOutcome, AuditUnavailable> {
+        let refusal = if batch {
+            HeldRefusal::InBatch
+        } else if call.id.is_none() {
+            HeldRefusal::NotARequest
+        } else {
+            match self.await_approval(active, &held).await {
+                Ok(granted) => {
+                    return self.decide_approved(active, upstream, shared, call, &held, granted);
+                }
+                Err(refusal) => refusal,
+            }
+        };
+        self.count_approval(refusal.label());
+        let error = self.enforcer.refuse_held(
+            active,
+            upstream,
+            &mut lock(shared),
+            call,
+            &held,
+            &refusal,
+        )?;
+        Ok(CallOutcome {
+            forward: false,
+            assertion: None,
+            error: Some(error),
+            held: None,
+        })
+    }
+
+    /// Asks for the approval of `held` and waits for its final answer, up
+    /// to the hold time: the GRANTED answer, or why the call is refused.
+    async fn await_approval(
+        &self,
+        active: &ActivePolicy,
+        held: &HeldCall,
+    ) -> Result<ApprovalUpdate, HeldRefusal> {
+        let hold = self.settings.approval_hold;
+        let deadline = tokio::time::Instant::now() + hold;
+        let pending = |last: Option<ApprovalUpdate>| HeldRefusal::StillPending {
+            name: last
+                .as_ref()
+                .map(|u| u.name.clone())
+                .filter(|n| !n.is_empty()),
+            namespace: active.engine.agent().namespace.clone(),
+            expires_at: last.map_or(0, |u| u.expires_at),
+            hold,
+        };
+        let mut ticket =
+            match tokio::time::timeout_at(deadline, self.approvals.request(&held.ask)).await {
+                Ok(Ok(ticket)) => ticket,
+                Ok(Err(NoController)) => return Err(HeldRefusal::NoController),
+                // The stream did not take the request in time.
+                Err(_) => return Err(pending(None)),
+            };
+        tracing::debug!(ticket = ticket.id(), rule = %held.rule, "call held for approval");
+        match ticket.wait(deadline).await {
+            Waited::Decided(update) if update.phase == ApprovalPhase::Granted => Ok(update),
+            Waited::Decided(update) => Err(HeldRefusal::Decided(update)),
+            Waited::StillPending(last) => Err(pending(last)),
+            Waited::Lost(last) => Err(HeldRefusal::StreamLost {
+                name: last.map(|u| u.name).filter(|n| !n.is_empty()),
+            }),
+        }
+        // Dropping a ticket still pending releases it.
+    }
+
+    /// Decides a granted call again, as approved, against the policy in
+    /// force now (a deny added meanwhile still wins): records it and mints
+    /// its assertion, or refuses it.
+    fn decide_approved(
+        &self,
+        active: &ActivePolicy,
+        upstream: &Upstream,
+        shared: &SharedSession,
+        call: &CallRequest<'_>,
+        held: &HeldCall,
+        granted: ApprovalUpdate,
+    ) -> Result<CallOutcome, AuditUnavailable> {
+        let now = self.source.current();
+        let latest = now.as_deref().and_then(|latest| {
+            latest
+                .upstreams
+                .get(&held.ask.server)
+                .map(|upstream| (latest, upstream))
+        });
+        let Some((latest, latest_upstream)) = latest else {
+            let refusal = HeldRefusal::ServerGone {
+                name: granted.name,
+                server: held.ask.server.clone(),
+            };
+            self.count_approval(refusal.label());
+            let error = self.enforcer.refuse_held(
+                active,
+                upstream,
+                &mut lock(shared),
+                call,
+                held,
+                &refusal,
+            )?;
+            return Ok(CallOutcome {
+                forward: false,
+                assertion: None,
+                error: Some(error),
+                held: None,
+            });
+        };
+        self.count_approval("granted");
+        let approval = AuditApproval {
+            decided_by: Some(granted.decided_by.as_str()).filter(|d| !d.is_empty()),
+            name: Some(granted.name.as_str()).filter(|n| !n.is_empty()),
+            phase: ApprovalPhase::Granted.as_str(),
+        };
+        let approved = CallRequest {
+            approval: Some(&approval),
+            ..*call
+        };
+        let mut state = lock(shared);
+        let mut outcome =
+            self.enforcer
+                .decide_call(latest, latest_upstream, &mut state, &approved)?;
+        // Never held twice (decide_call refuses instead); belt and braces.
+        outcome.held = None;
+        Ok(outcome)
+    }
+
+    fn count_approval(&self, outcome: &'static str) {
+        self.metrics
+            .approvals
+            .get_or_create(&ApprovalLabels { outcome })
+            .inc();
     }
 
     async fn get(

@@ -79,15 +79,23 @@ pub enum StepDecision {
     WouldDeny,
     /// Denied.
     Deny,
+    /// Refused for want of a person's approval (denied, expired, still
+    /// pending at the end of the hold, or not askable).
+    Approval,
+    /// Needed a person's approval, but forwarded without one (dry run).
+    WouldRequireApproval,
 }
 
 impl StepDecision {
-    /// `allow`, `wouldDeny` or `deny`, as in audit records.
+    /// `allow`, `wouldDeny`, `deny`, `approval` or `wouldRequireApproval`, as
+    /// in audit records.
     pub fn as_str(self) -> &'static str {
         match self {
             StepDecision::Allow => "allow",
             StepDecision::WouldDeny => "wouldDeny",
             StepDecision::Deny => "deny",
+            StepDecision::Approval => "approval",
+            StepDecision::WouldRequireApproval => "wouldRequireApproval",
         }
     }
 }

@@ -11,6 +11,9 @@ pub use chaperone_wire::sidecar_env::*;
 
 /// Default of [`ENV_TOKEN_FILE`]: where the injected token volume is mounted.
 pub const DEFAULT_TOKEN_FILE: &str = TOKEN_FILE;
+/// Default of [`ENV_APPROVAL_HOLD_SECONDS`]: below the 30 to 60 s after which
+/// common MCP clients give up on a call.
+pub const DEFAULT_APPROVAL_HOLD: Duration = Duration::from_secs(20);
 /// Default of [`ENV_CA_FILE`].
 pub const DEFAULT_CA_FILE: &str = "/var/run/secrets/chaperone/ca.crt";
 
@@ -71,6 +74,9 @@ pub struct Settings {
     pub max_delegated_sessions_per_caller: usize,
     /// Longest validity of an initiator token; default 1 h.
     pub initiator_max_token_lifetime: Duration,
+    /// Longest a call needing a person's approval is held before it is
+    /// refused as pending (to be retried); default 20 s.
+    pub approval_hold: Duration,
 }
 
 /// Where the sidecar sits.
@@ -166,6 +172,7 @@ impl Default for Settings {
             replay_cache_per_issuer: 10_000,
             max_delegated_sessions_per_caller: 10_000,
             initiator_max_token_lifetime: Duration::from_secs(3600),
+            approval_hold: DEFAULT_APPROVAL_HOLD,
         }
     }
 }
@@ -248,6 +255,10 @@ impl Settings {
         if let Some(v) = lookup(ENV_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS) {
             let seconds: usize = positive(ENV_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS, v)?;
             settings.initiator_max_token_lifetime = Duration::from_secs(seconds as u64);
+        }
+        if let Some(v) = lookup(ENV_APPROVAL_HOLD_SECONDS) {
+            let seconds: usize = positive(ENV_APPROVAL_HOLD_SECONDS, v)?;
+            settings.approval_hold = Duration::from_secs(seconds as u64);
         }
         if let Some(v) = lookup(ENV_POD_NAME) {
             settings.pod_name = v;

@@ -146,3 +146,19 @@ fn controller_address_needs_host_and_port() {
     }
     assert_eq!(host_of("[::1]:9090"), Some("::1"));
 }
+
+#[test]
+fn reads_the_approval_hold() {
+    assert_eq!(Settings::default().approval_hold, Duration::from_secs(20));
+    let settings =
+        Settings::from_lookup(|name| (name == ENV_APPROVAL_HOLD_SECONDS).then(|| "45".to_owned()))
+            .unwrap();
+    assert_eq!(settings.approval_hold, Duration::from_secs(45));
+    for bad in ["0", "-1", "soon"] {
+        let err = Settings::from_lookup(|name| {
+            (name == ENV_APPROVAL_HOLD_SECONDS).then(|| bad.to_owned())
+        })
+        .unwrap_err();
+        assert_eq!(err.name, ENV_APPROVAL_HOLD_SECONDS, "{bad}");
+    }
+}

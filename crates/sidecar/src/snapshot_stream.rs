@@ -11,7 +11,9 @@
 //!   ([`crate::peer_keys`]) for delegation verification;
 //! - sends its signing key once per stream, its tool inventory when it changes
 //!   (at most every [`INVENTORY_INTERVAL`]), and its audit records in batches with
-//!   the count of records dropped since the last batch.
+//!   the count of records dropped since the last batch;
+//! - carries the approval requests of held calls out and their answers back
+//!   ([`crate::approvals`]): connected while the stream lasts.
 //!
 //! Fail closed: before the first snapshot every call is refused (503, not
 //! ready). When the controller is away the last good snapshot stays in force and
@@ -211,6 +213,9 @@ impl SnapshotStream {
             Err(error) => return (StreamEnd::NotOpened(error), false),
         };
         tracing::info!(address = %self.settings.address, "snapshot stream open");
+        // Calls held for approval ask over this stream while it lasts; its
+        // end loses their tickets.
+        let _approvals = self.sidecar.approvals().connect(tx.clone());
         let mut delivered = false;
         let mut inventory_due = !self.inventory.borrow_and_update().is_empty();
         let mut inventory_sent: Option<Instant> = None;
@@ -370,8 +375,10 @@ impl SnapshotStream {
                 }
                 None
             }
-            // TODO(#17, helper C): route to the waiting call.
-            controller_message::Message::Approval(_) => None,
+            controller_message::Message::Approval(status) => {
+                self.sidecar.approvals().on_status(status);
+                None
+            }
         }
     }
 
@@ -590,6 +597,52 @@ mod tests {
         // A new snapshot after the drop is taken whatever its version.
         let ack = reply(stream.on_snapshot(update(&changed(3))));
         assert!(matches!(ack, sidecar_message::Message::Ack(_)), "{ack:?}");
+    }
+
+    #[tokio::test]
+    async fn routes_approval_statuses_to_the_waiting_call() {
+        use crate::approvals::{ApprovalAsk, ApprovalPhase, Waited};
+        use chaperone_wire::v1::{ApprovalStatus, approval_status};
+
+        let stream = stream();
+        let approvals = stream.sidecar.approvals();
+        let (tx, mut rx) = mpsc::channel(4);
+        let _link = approvals.connect(tx);
+        let ask = ApprovalAsk {
+            policy: chaperone_policy::ObjectKey::new("shop", "refunds"),
+            rule: "r".to_owned(),
+            server: "billing".to_owned(),
+            tool: "refund".to_owned(),
+            arguments: serde_json::json!({}),
+            redacted: Vec::new(),
+            args_digest: "0".repeat(64),
+            scope: "agent",
+            scope_key: "pod-0".to_owned(),
+            initiator: None,
+            chain: Vec::new(),
+            timeout_seconds: 60,
+            valid_for_seconds: 60,
+        };
+        let mut ticket = approvals.request(&ask).await.unwrap();
+        assert!(matches!(
+            rx.try_recv().unwrap().message,
+            Some(sidecar_message::Message::ApprovalRequest(_))
+        ));
+        let status = ApprovalStatus {
+            ticket: ticket.id(),
+            name: "agent-1".to_owned(),
+            phase: approval_status::Phase::Granted as i32,
+            ..Default::default()
+        };
+        let reply = stream.on_message(ControllerMessage {
+            message: Some(controller_message::Message::Approval(status)),
+        });
+        assert!(reply.is_none());
+        let waited = ticket.wait(Instant::now() + Duration::from_secs(1)).await;
+        assert!(
+            matches!(waited, Waited::Decided(ref u) if u.phase == ApprovalPhase::Granted && u.name == "agent-1"),
+            "{waited:?}"
+        );
     }
 
     #[test]

@@ -104,6 +104,11 @@ pub const ENV_MAX_DELEGATED_SESSIONS_PER_CALLER: &str =
 /// without `iat`), seconds.
 pub const ENV_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS: &str =
     "CHAPERONE_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS";
+/// Longest the sidecar holds a call that a `requireApproval` rule matched
+/// while a person decides, seconds (default 20: below common MCP client
+/// timeouts). A call still pending then is refused with the approval's name,
+/// to be retried.
+pub const ENV_APPROVAL_HOLD_SECONDS: &str = "CHAPERONE_APPROVAL_HOLD_SECONDS";
 
 #[cfg(test)]
 mod tests {

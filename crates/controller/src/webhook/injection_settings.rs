@@ -147,6 +147,8 @@ pub struct InjectionSettings {
     pub run_as_user: i64,
     /// What to do when the webhook cannot decide.
     pub failure_policy: FailurePolicy,
+    /// How long the sidecar holds a call awaiting approval (seconds).
+    pub approval_hold_seconds: u32,
 }
 
 impl fmt::Debug for InjectionSettings {
@@ -182,6 +184,7 @@ impl InjectionSettings {
             bounds: Bounds::default(),
             run_as_user: 65532,
             failure_policy: FailurePolicy::Fail,
+            approval_hold_seconds: 20,
         }
     }
 }

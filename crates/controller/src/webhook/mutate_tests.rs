@@ -22,6 +22,7 @@ fn settings() -> InjectionSettings {
         bounds: Bounds::default(),
         run_as_user: 65532,
         failure_policy: FailurePolicy::Fail,
+        approval_hold_seconds: 35,
     }
 }
 
@@ -141,6 +142,10 @@ fn annotated_pod_gets_a_native_sidecar() {
     assert_eq!(
         env_value(sidecar, "CHAPERONE_CA_PEM"),
         Some(settings().ca_pem)
+    );
+    assert_eq!(
+        env_value(sidecar, "CHAPERONE_APPROVAL_HOLD_SECONDS").as_deref(),
+        Some("35")
     );
     let downward: Vec<_> = sidecar
         .env

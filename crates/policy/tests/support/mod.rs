@@ -79,5 +79,6 @@ pub fn request<'a>(
         delegation: None,
         initiator: None,
         now: NOW,
+        approved: false,
     }
 }

@@ -1,7 +1,10 @@
 //! Test harness: a real rmcp MCP server (JSON or SSE responses), the sidecar in
-//! front of it with a policy directory, rmcp clients and a raw HTTP client.
+//! front of it with a policy directory, rmcp clients and a raw HTTP client;
+//! [`controller`] is a fake controller for the snapshot stream.
 
 #![allow(dead_code, missing_docs)]
+
+pub mod controller;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -78,7 +78,7 @@ fn script() -> Vec<Step> {
         Step::new(
             Orders,
             "refund",
-            vec![("orderId", json!("A-1001")), ("amount", json!(500))],
+            vec![("orderId", json!("A-1001")), ("amount", json!(5000))],
             "deny",
         ),
         Step::new(
