@@ -216,6 +216,7 @@ async fn typed_objects_round_trip_with_defaults() -> Result<()> {
             ..Default::default()
         },
         tool_servers: vec![model::ToolServer {
+            tool_pinning: Default::default(),
             name: "orders".into(),
             url: "http://orders.tools.svc:8080/mcp".into(),
             audience: None,

@@ -371,6 +371,34 @@ pub fn args_digest(value: Option<&Value>) -> String {
     out
 }
 
+/// The members of an MCP tool (a `tools/list` entry) that make its
+/// definition: what the model reads and what the server accepts.
+pub const TOOL_DEFINITION_MEMBERS: [&str; 6] = [
+    "name",
+    "title",
+    "description",
+    "inputSchema",
+    "outputSchema",
+    "annotations",
+];
+
+/// A tool's definition: the [`TOOL_DEFINITION_MEMBERS`] present in `tool`
+/// (others, such as `_meta` or `icons`, left out), as an object.
+pub fn tool_definition(tool: &Value) -> Value {
+    let members = TOOL_DEFINITION_MEMBERS
+        .iter()
+        .filter_map(|name| Some(((*name).to_owned(), tool.get(*name)?.clone())))
+        .collect();
+    Value::Object(members)
+}
+
+/// `sha256:` and the hex SHA-256 of the canonical form of
+/// [`tool_definition`]`(tool)`: equal for equal definitions whatever the
+/// order of their keys, different when any text, schema or annotation differs.
+pub fn tool_definition_hash(tool: &Value) -> String {
+    args_digest(Some(&tool_definition(tool)))
+}
+
 #[cfg(test)]
 #[path = "canonical_tests.rs"]
 mod tests;

@@ -20,7 +20,10 @@ mod canonical;
 mod keys;
 mod verify;
 
-pub use canonical::{ARGS_DIGEST_ALG, args_digest, canonical, hex, sha256, write_canonical};
+pub use canonical::{
+    ARGS_DIGEST_ALG, TOOL_DEFINITION_MEMBERS, args_digest, canonical, hex, sha256, tool_definition,
+    tool_definition_hash, write_canonical,
+};
 pub use keys::{JwksError, SidecarKeys};
 pub use verify::{
     CHECKPOINT_KIND, ExternalLink, Malformed, NoKey, SidecarTrail, VerifyError, VerifyOptions,

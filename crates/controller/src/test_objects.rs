@@ -31,6 +31,7 @@ pub fn identity(ns: &str, name: &str) -> Object<AgentIdentitySpec> {
                 url: "http://o".into(),
                 audience: None,
                 agent: None,
+                tool_pinning: Default::default(),
             }],
             ..Default::default()
         },

@@ -148,6 +148,35 @@ pub struct ToolServer {
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     )]
     pub agent: Option<String>,
+
+    /// What the sidecar does when a tool's definition (description, schemas,
+    /// annotations) differs from its pin in the ToolPolicies: `off`,
+    /// `observe` (default: report the change, calls proceed) or `enforce`
+    /// (hide the tool and refuse its calls until the new definition is pinned;
+    /// a governed tool with no pin is blocked too).
+    #[serde(default, skip_serializing_if = "ToolPinning::is_observe")]
+    pub tool_pinning: ToolPinning,
+}
+
+/// How a tool server's tool definitions are held to their pins.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ToolPinning {
+    /// Definitions are neither compared nor reported.
+    Off,
+    /// Changes are reported (status, Event, metric); calls proceed.
+    #[default]
+    Observe,
+    /// A governed tool whose definition differs from its pin (or has none) is
+    /// hidden from lists and its calls are refused.
+    Enforce,
+}
+
+impl ToolPinning {
+    /// Whether this is the default, `observe`.
+    pub fn is_observe(&self) -> bool {
+        *self == ToolPinning::Observe
+    }
 }
 
 /// Settings of the signed assertions the sidecar sends with each allowed call.
@@ -354,9 +383,17 @@ pub struct LabelSelector {
     pub match_labels: BTreeMap<String, String>,
 }
 
-/// Classifies the tools matching `server`/`name` with business effects.
+/// Classifies the tools matching `server`/`name` with business effects, and
+/// can pin one tool's definition.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "size(self.effects) > 0 || has(self.definition)",
+    "message": "a tool classification names effects, a definition pin, or both"
+}, {
+    "rule": "!has(self.definition) || (self.server != '*' && !self.server.contains('*') && !self.name.contains('*') && !self.name.contains('?'))",
+    "message": "a definition pin names one tool: a literal server and tool name, no globs"
+}]))]
 pub struct ToolClassification {
     /// Tool server name, or `*` for any (default).
     #[serde(default = "any_server")]
@@ -368,8 +405,19 @@ pub struct ToolClassification {
     pub name: String,
 
     /// The effects calling this tool has.
-    #[schemars(length(min = 1, max = 16))]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub effects: Vec<Effect>,
+
+    /// The tool's pinned definition: `sha256:` and the hex SHA-256 of the
+    /// RFC 8785 canonical JSON of its `name`, `title`, `description`,
+    /// `inputSchema`, `outputSchema` and `annotations` (as the sidecar reports
+    /// it in the AgentIdentity's `status.discoveredTools[].definitionHash`).
+    /// Where the agent's `toolServers[].toolPinning` is `enforce`, a tool whose
+    /// current definition differs is hidden and its calls refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^sha256:[0-9a-f]{64}$"))]
+    pub definition: Option<String>,
 }
 
 /// The business effect of a tool call.

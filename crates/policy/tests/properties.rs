@@ -42,6 +42,7 @@ fn identity(name: &str, require_delegation: bool) -> Object<AgentIdentitySpec> {
             tool_servers: SERVERS
                 .iter()
                 .map(|s| ToolServer {
+                    tool_pinning: Default::default(),
                     name: (*s).into(),
                     url: format!("http://{s}"),
                     audience: None,
@@ -163,6 +164,7 @@ fn policy(name: String, target: &'static str) -> impl Strategy<Value = Object<To
             tools: classifications
                 .into_iter()
                 .map(|(t, e)| ToolClassification {
+                    definition: None,
                     server: "*".into(),
                     name: TOOLS[t].into(),
                     effects: vec![e],

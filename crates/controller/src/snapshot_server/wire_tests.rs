@@ -96,6 +96,7 @@ fn an_inventory_is_deduplicated() {
     let tool = |server: &str, name: &str| v1::DiscoveredTool {
         server: server.into(),
         name: name.into(),
+        ..Default::default()
     };
     let report = SidecarReport::try_from(message(Message::Inventory(v1::ToolInventory {
         tools: vec![

@@ -145,6 +145,8 @@ impl From<&DiscoveredTool> for v1::DiscoveredTool {
         Self {
             server: tool.server.clone(),
             name: tool.name.clone(),
+            // TODO(#18): the sidecar reports definitions.
+            ..Default::default()
         }
     }
 }
