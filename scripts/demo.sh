@@ -2,8 +2,9 @@
 # `make demo`: a real local control plane (etcd + kube-apiserver from `make tools`),
 # Chaperone's CRDs, the controller, two MCP tool servers and the support agent's
 # sidecar as local processes with real ServiceAccount tokens, then a scripted
-# agent session whose calls are allowed or denied by examples/basic's policy;
-# then examples/delegation: planner → billing worker → billing through both
+# agent session whose calls are allowed or denied by examples/basic's policy,
+# a refund held until a person approves it (chaperonectl approval, as a user
+# with the chart's approver role); then examples/delegation: planner → billing worker → billing through both
 # agents' sidecars, and `chaperonectl audit verify` over their joined audit logs.
 # Everything it starts stops when it ends or on Ctrl-C.
 # DEMO_HOLD=1 keeps everything up until Ctrl-C so you can explore with
@@ -190,6 +191,72 @@ say "A scripted agent session through the sidecar (decisions from $work/sidecar-
 say "What the tool servers saw: only allowed calls, each with a signed Chaperone-Assertion"
 grep -h 'tools/call' "$work/orders.log" "$work/mail.log" \
   | sed -E 's/^.*(INFO|WARN) .*tools\/call /  /' || echo "  (no calls arrived)"
+
+say "Human approval: a refund of 250 waits for a person (examples/basic: approve-medium-refunds)"
+# The chart's approval webhook entry, pointed at the local controller: the API
+# server asks it whether a user may decide, and it records who did.
+kubectl apply -f - <<YAML
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: { name: chaperone-demo-approvals }
+webhooks:
+  - name: toolcallapprovals.approve.chaperone.dev
+    admissionReviewVersions: [v1]
+    sideEffects: None
+    failurePolicy: Fail
+    clientConfig:
+      url: https://127.0.0.1:$webhook_port/approve-toolcallapprovals
+      caBundle: $(base64 -w0 < "$work/ca.crt")
+    rules:
+      - { apiGroups: [chaperone.dev], apiVersions: [v1alpha1], operations: [CREATE], resources: [toolcallapprovals] }
+      - { apiGroups: [chaperone.dev], apiVersions: [v1alpha1], operations: [UPDATE], resources: [toolcallapprovals/status] }
+YAML
+# The chart's RBAC, for its approver ClusterRole; alice may approve in default.
+"$CHAPERONE_HELM" template chaperone charts/chaperone --namespace chaperone-system \
+  --show-only templates/rbac.yaml | kubectl apply -f - >/dev/null
+approver_role=$(kubectl get clusterroles -o name | sed -n 's#^clusterrole.rbac.authorization.k8s.io/\(.*-approver\)$#\1#p' | head -n 1)
+[ -n "$approver_role" ] || fail "the chart rendered no approver ClusterRole"
+kubectl create rolebinding refund-approvers -n default --clusterrole="$approver_role" --user=alice
+# calls_in_background LOG: the agent looks the order up, then refunds 250.
+calls_in_background() {
+  "$bin/chaperone-demo" calls --sidecar "http://127.0.0.1:$sidecar_port" --server orders \
+    'get_order {"id": "A-1001"}' 'refund {"orderId": "A-1001", "amount": 250}' > "$1" 2>&1 &
+  call_pid=$!
+}
+# pending_approval: the name of the Pending ToolCallApproval, if any.
+pending_approval() {
+  kubectl get toolcallapprovals -n default \
+    -o jsonpath='{range .items[?(@.status.phase=="Pending")]}{.metadata.name}{"\n"}{end}' | head -n 1
+}
+calls_in_background "$work/approval-1.log"
+wait_until "the ToolCallApproval of the held refund" 15 "$call_pid" "$work/approval-1.log" \
+  bash -c '[ -n "$("$0" get toolcallapprovals -n default -o name)" ]' "$CHAPERONE_KUBECTL"
+sleep 1
+echo "  the agent's call is held by its sidecar; a person is asked:"
+"$bin/chaperonectl" approval list -n default | sed 's/^/  /'
+name=$(pending_approval)
+[ -n "$name" ] || fail "no Pending ToolCallApproval" "$work/controller.log"
+echo; echo "  bob (no approver role) tries to approve it:"
+"$bin/chaperonectl" approval approve "$name" -n default --as bob 2>&1 | sed 's/^/    /' || true
+echo; echo "  alice (bound to $approver_role) approves it:"
+"$bin/chaperonectl" approval approve "$name" -n default --as alice --message "customer called, ticket 4711" \
+  | sed 's/^/    /'
+wait "$call_pid" || true
+echo; echo "  the agent's calls:"; cat "$work/approval-1.log"
+grep -q "ok after" <(grep -A1 refund "$work/approval-1.log") \
+  || fail "the approved refund did not run" "$work/sidecar.log"
+
+echo; echo "  The same call again asks again (an approval is used once); alice denies this one:"
+calls_in_background "$work/approval-2.log"
+wait_until "a second ToolCallApproval" 15 "$call_pid" "$work/approval-2.log" \
+  bash -c '[ "$("$0" get toolcallapprovals -n default -o name | wc -l)" -ge 2 ]' "$CHAPERONE_KUBECTL"
+sleep 1
+"$bin/chaperonectl" approval deny "$(pending_approval)" -n default --as alice \
+  --reason AlreadyRefunded --message "this order was refunded today" | sed 's/^/    /'
+wait "$call_pid" || true
+echo; echo "  the agent's calls:"; cat "$work/approval-2.log"
+echo
+kubectl get toolcallapprovals -n default
 
 say "Delegation (examples/delegation): the planner hands billing work to the billing worker"
 # The planner reaches the worker's sidecar (inbound side); the worker reaches billing.

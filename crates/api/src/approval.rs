@@ -22,7 +22,7 @@ pub const CONDITION_DENIED: &str = "Denied";
 pub const CONDITION_EXPIRED: &str = "Expired";
 
 /// The value a redacted argument is replaced with in `spec.arguments`.
-pub const REDACTED: &str = "[redacted]";
+pub use chaperone_policy::REDACTED;
 
 /// Spec of a [`ToolCallApproval`]: the one call a person is asked to approve.
 /// Written once by the controller; immutable.

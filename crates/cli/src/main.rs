@@ -2,6 +2,8 @@
 
 #![forbid(unsafe_code)]
 
+use std::process::ExitCode;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -32,11 +34,20 @@ enum Command {
     Policy(policy::PolicyArgs),
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+/// Runs the command; an error is printed as one line of causes
+/// (`error: what failed: why`), never as a backtrace, and exits with 1.
+fn main() -> ExitCode {
+    let done: Result<()> = match Cli::parse().command {
         Command::Approval(args) => approval::run(&args),
         Command::Audit(args) => audit::run(&args),
         Command::Crds(args) => crds::run(&args),
         Command::Policy(args) => policy::run(&args),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }

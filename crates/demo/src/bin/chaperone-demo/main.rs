@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod calls;
 mod delegate;
 
 use std::net::SocketAddr;
@@ -60,6 +61,19 @@ enum Command {
         #[arg(long)]
         audit_log: PathBuf,
     },
+    /// Make a few tool calls in one MCP session through the sidecar and print
+    /// each outcome and how long it took.
+    Calls {
+        /// The sidecar's MCP proxy.
+        #[arg(long, default_value = "http://127.0.0.1:15001")]
+        sidecar: String,
+        /// The tool server (its name at the sidecar).
+        #[arg(long)]
+        server: String,
+        /// Calls in order: `TOOL` or `TOOL {"json": "arguments"}`.
+        #[arg(required = true)]
+        calls: Vec<String>,
+    },
     /// Run the delegated calls of examples/delegation through the planner's
     /// sidecar and print the billing worker's decisions with the chain.
     Delegate {
@@ -106,6 +120,11 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Agent { sidecar, audit_log } => agent::run(&sidecar, &audit_log).await,
+        Command::Calls {
+            sidecar,
+            server,
+            calls,
+        } => calls::run(&sidecar, &server, &calls).await,
         Command::Delegate {
             sidecar,
             worker_audit_log,
