@@ -5,7 +5,8 @@
 # agent session whose calls are allowed or denied by examples/basic's policy,
 # a refund held until a person approves it (chaperonectl approval, as a user
 # with the chart's approver role); then examples/delegation: planner → billing worker → billing through both
-# agents' sidecars, and `chaperonectl audit verify` over their joined audit logs.
+# agents' sidecars, and `chaperonectl audit verify` over their joined audit logs; last, tool
+# definition pinning: a changed tool hidden and refused until `chaperonectl tools pin` accepts it.
 # Everything it starts stops when it ends or on Ctrl-C.
 # DEMO_HOLD=1 keeps everything up until Ctrl-C so you can explore with
 # `KUBECONFIG=.tmp/demo/kubeconfig kubectl …`. Logs: .tmp/demo/*.log.
@@ -143,7 +144,9 @@ wait_until "the controller's CA file" 30 "${pids[-1]}" "$work/controller.log" te
 echo "  ready; CA for the sidecar in $work/ca.crt, log in $work/controller.log"
 
 say "Starting the MCP tool servers: orders on :$orders_port, mail on :$mail_port"
-start orders "$work/orders.log" "$bin/chaperone-demo" tool-server --listen "127.0.0.1:$orders_port" --tools orders
+# --edits: the tool pinning scene changes a tool's definition through this file.
+start orders "$work/orders.log" "$bin/chaperone-demo" tool-server --listen "127.0.0.1:$orders_port" --tools orders \
+  --edits "$PWD/$work/orders-edits.json"
 orders_pid=${pids[-1]}
 start mail "$work/mail.log" "$bin/chaperone-demo" tool-server --listen "127.0.0.1:$mail_port" --tools mail
 mail_pid=${pids[-1]}
@@ -346,6 +349,57 @@ kubectl get events -n default --sort-by=.metadata.creationTimestamp \
 
 say "kubectl describe agentidentity support-agent (status: snapshot, sidecars in sync, tools seen)"
 kubectl describe agentidentity support-agent -n default | sed -n '/^Status:/,$p'
+
+say "Tool definition pinning: a tool whose definition changed is hidden until a person accepts it"
+# The sidecar fingerprints each listed tool (SHA-256 of its canonical name,
+# description, schemas, annotations); the status shows it against its pin.
+pins() {
+  kubectl get agentidentity support-agent -n default -o jsonpath='{range .status.discoveredTools[?(@.server=="orders")]}{"    "}{.server}/{.name}{"  "}{.pin}{"  "}{.definitionHash}{"\n"}{end}'
+}
+echo "  the definitions the sidecar saw (status.discoveredTools: pin, definitionHash):"
+pins
+echo; echo "  trust on first use: pin them (chaperonectl tools pin; -o yaml prints the ToolPolicy for git instead):"
+"$bin/chaperonectl" tools pin support-agent -n default | sed 's/^/    /'
+[ "$(kubectl get agentidentity support-agent -n default -o jsonpath='{.spec.toolServers[0].name}')" = orders ] \
+  || fail "examples/basic/agentidentity.yaml no longer lists orders first"
+kubectl patch agentidentity support-agent -n default --type json \
+  -p '[{"op": "add", "path": "/spec/toolServers/0/toolPinning", "value": "enforce"}]' | sed 's/^/  /'
+wait_until "the orders tools pinned in the status" 20 "${pids[0]}" "$work/controller.log" \
+  bash -c '! "$0" get agentidentity support-agent -n default -o jsonpath="{.status.discoveredTools[?(@.server==\"orders\")].pin}" | grep -qv Matches' "$CHAPERONE_KUBECTL"
+echo; echo "  the orders server is updated: refund has a new description and a new argument"
+echo "  (had it slipped in \"pass the customer's IBAN\", the agent would not see it either: nobody would pin that)"
+cat > "$work/orders-edits.json" <<'JSON'
+{"refund": {
+  "description": "Refund part of an order, in EUR, with a reason the customer sees.",
+  "inputSchema": {"type": "object", "required": ["orderId", "amount"], "properties": {
+    "orderId": {"type": "string"}, "amount": {"type": "number"},
+    "reason": {"type": "string", "description": "Shown on the customer's credit note"}}}}}
+JSON
+wait_until "the orders server to take the change" 10 "$orders_pid" "$work/orders.log" \
+  grep -q "tool definitions changed.*refund" "$work/orders.log"
+echo "  the agent lists its tools: refund is no longer offered"
+"$bin/chaperone-demo" list --sidecar "http://127.0.0.1:$sidecar_port" --server orders
+echo "  and a call to it is refused:"
+"$bin/chaperone-demo" calls --sidecar "http://127.0.0.1:$sidecar_port" --server orders \
+  'get_order {"id": "A-1001"}' 'refund {"orderId": "A-1001", "amount": 20}'
+wait_until "the ToolDefinitionsPinned condition to turn False" 20 "${pids[0]}" "$work/controller.log" \
+  bash -c '"$0" get agentidentity support-agent -n default -o jsonpath="{.status.conditions[?(@.type==\"ToolDefinitionsPinned\")].status}" | grep -q False' "$CHAPERONE_KUBECTL"
+echo; echo "  the AgentIdentity says why (condition ToolDefinitionsPinned) and an Event names both hashes:"
+kubectl get agentidentity support-agent -n default \
+  -o jsonpath='{range .status.conditions[?(@.type=="ToolDefinitionsPinned")]}    {.status} {.reason}: {.message}{"\n"}{end}'
+wait_until "the ToolDefinitionChanged Event" 20 "${pids[0]}" "$work/controller.log" \
+  bash -c '[ -n "$("$0" get events -n default --field-selector reason=ToolDefinitionChanged -o name)" ]' "$CHAPERONE_KUBECTL"
+kubectl get events -n default --field-selector reason=ToolDefinitionChanged,involvedObject.kind=AgentIdentity \
+  -o custom-columns='TYPE:.type,REASON:.reason,OBJECT:.involvedObject.name,MESSAGE:.message' | sed 's/^/    /'
+echo; echo "  a person reviews the change (chaperonectl tools diff; the controller keeps both texts in ConfigMap support-agent-tool-definitions):"
+"$bin/chaperonectl" tools diff support-agent -n default | sed 's/^/    /'
+echo; echo "  and accepts it: the new hash goes into the pin policy (server-side apply, field manager chaperonectl-tools-pin)"
+"$bin/chaperonectl" tools pin support-agent refund -n default | sed 's/^/    /'
+wait_until "refund offered again" 20 "${pids[0]}" "$work/controller.log" \
+  bash -c '"$0" list --sidecar "http://127.0.0.1:$1" --server orders | grep -q orders/refund' "$bin/chaperone-demo" "$sidecar_port"
+"$bin/chaperone-demo" list --sidecar "http://127.0.0.1:$sidecar_port" --server orders
+"$bin/chaperone-demo" calls --sidecar "http://127.0.0.1:$sidecar_port" --server orders \
+  'get_order {"id": "A-1001"}' 'refund {"orderId": "A-1001", "amount": 20}'
 
 if [ -n "${DEMO_HOLD:-}" ]; then
   say "Everything is up: KUBECONFIG=$KUBECONFIG kubectl get chaperone -A   (Ctrl-C to stop)"

@@ -314,6 +314,26 @@ const INVALID: &[(&str, &str, &str)] = &[
         "set exactly one of targetRefs",
     ),
     (
+        "approval settings on an allow rule",
+        r#"{kind: ToolPolicy, spec: {targetRefs: [{name: a}], rules: [{name: r, action: allow, tools: [{name: t}], approval: {timeoutSeconds: 60}}]}}"#,
+        "approval settings are only meaningful on a requireApproval rule",
+    ),
+    (
+        "rate limit on a requireApproval rule",
+        r#"{kind: ToolPolicy, spec: {targetRefs: [{name: a}], rules: [{name: r, action: requireApproval, tools: [{name: t}], rateLimit: {calls: 1, periodSeconds: 60}}]}}"#,
+        "rateLimit is only meaningful on an allow rule",
+    ),
+    (
+        "definition pin on a glob",
+        r#"{kind: ToolPolicy, spec: {targetRefs: [{name: a}], tools: [{server: orders, name: "refund_*", definition: "sha256:0000000000000000000000000000000000000000000000000000000000000000"}], rules: [{name: r, action: allow, tools: [{name: t}]}]}}"#,
+        "a definition pin names one tool",
+    ),
+    (
+        "tool classification with neither effects nor pin",
+        r#"{kind: ToolPolicy, spec: {targetRefs: [{name: a}], tools: [{server: orders, name: refund}], rules: [{name: r, action: allow, tools: [{name: t}]}]}}"#,
+        "a tool classification names effects, a definition pin, or both",
+    ),
+    (
         "duplicate rule names",
         r#"{kind: ToolPolicy, spec: {targetRefs: [{name: a}], rules: [{name: r, action: allow, tools: [{name: t}]}, {name: r, action: deny, tools: [{name: u}]}]}}"#,
         "rules[].name must be unique",

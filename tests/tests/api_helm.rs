@@ -540,6 +540,10 @@ fn controller_rbac_grants_exactly_what_it_uses() -> Result<()> {
         ("create", "configmaps", ns),
         ("patch", "configmaps", ns),
         ("get", "pods", ns),
+        // Agents' tool-definitions ConfigMaps, anywhere.
+        ("get", "configmaps", other),
+        ("create", "configmaps", other),
+        ("patch", "configmaps", other),
     ];
     let denied = [
         ("update", "agentidentities.chaperone.dev", None),
@@ -555,11 +559,12 @@ fn controller_rbac_grants_exactly_what_it_uses() -> Result<()> {
         ("create", "leases.coordination.k8s.io", other),
         ("patch", "mutatingwebhookconfigurations/someone-else", None),
         ("create", "mutatingwebhookconfigurations", None),
-        ("get", "configmaps", ns),
         ("update", "configmaps", ns),
         ("delete", "configmaps", ns),
         ("list", "configmaps", other),
-        ("patch", "configmaps", other),
+        ("watch", "configmaps", other),
+        ("update", "configmaps", other),
+        ("delete", "configmaps", other),
         ("create", "serviceaccounts/token", ns),
     ];
     let mut wrong = Vec::new();

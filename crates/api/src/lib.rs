@@ -16,6 +16,7 @@ pub use chaperone_policy::model;
 
 pub mod approval;
 pub use approval::{ToolCallApproval, ToolCallApprovalSpec, ToolCallApprovalStatus};
+pub mod tool_definitions;
 
 /// The API group of every Chaperone resource.
 pub const GROUP: &str = "chaperone.dev";
@@ -42,6 +43,7 @@ pub const VERSION: &str = "v1alpha1";
     printcolumn = r#"{"name":"Sidecars","type":"integer","jsonPath":".status.sidecarsConnected"}"#,
     printcolumn = r#"{"name":"In-Sync","type":"integer","jsonPath":".status.sidecarsInSync"}"#,
     printcolumn = r#"{"name":"Tools","type":"integer","jsonPath":".status.governedToolCount","description":"Discovered tools that some rule governs"}"#,
+    printcolumn = r#"{"name":"Pinned","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"ToolDefinitionsPinned\")].status","description":"False while tool definition pinning blocks some tool"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(transparent)]
@@ -53,7 +55,7 @@ pub struct AgentIdentitySpecV1(pub model::AgentIdentitySpec);
     group = "chaperone.dev",
     version = "v1alpha1",
     kind = "ToolPolicy",
-    doc = "Rules on what agents may do with tools: tool names and arguments, session history, delegation. Any matching deny wins, then any matching allow; otherwise the call is denied.",
+    doc = "Rules on what agents may do with tools: tool names and arguments, session history, delegation. Any matching deny wins, then any matching requireApproval (a person approves the call), then any matching allow; otherwise the call is denied. Tools can carry effects and pinned definitions.",
     plural = "toolpolicies",
     singular = "toolpolicy",
     shortname = "tpol",
@@ -152,6 +154,76 @@ pub struct DiscoveredTool {
     /// Whether some rule of this agent's policies is about this tool; an
     /// ungoverned tool is denied by default and hidden from `tools/list`.
     pub governed: bool,
+    /// The tool's current definition: `sha256:` and the hex SHA-256 of the
+    /// RFC 8785 canonical JSON of its name, title, description, inputSchema,
+    /// outputSchema and annotations, as the sidecars last listed it (the
+    /// newest when sidecars disagree). Absent when the server's
+    /// `toolPinning` is `off`. Pin it with a ToolPolicy's
+    /// `spec.tools[].definition` (`chaperonectl tools pin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition_hash: Option<String>,
+    /// When this definition was first reported (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<String>,
+    /// How the definition stands against its pin: `Matches`, `Differs`,
+    /// `Unpinned`, `Conflicting` (the agent's policies pin it to different
+    /// definitions), `Unknown` (no definition reported) or `Off` (the
+    /// server's `toolPinning` is off). Where the server's `toolPinning` is
+    /// `enforce`, a governed tool that does not match is hidden from lists
+    /// and its calls are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<PinState>,
+    /// The definition the agent's policies pin the tool to, when it differs
+    /// from the current one (the text of both is in the ConfigMap
+    /// `<agent>-tool-definitions`: `chaperonectl tools diff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_hash: Option<String>,
+}
+
+/// How a discovered tool's definition stands against its pin (the status
+/// form of `chaperone_policy::PinVerdict`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum PinState {
+    /// The current definition is the pinned one.
+    Matches,
+    /// The current definition differs from the pinned one.
+    Differs,
+    /// No ToolPolicy of the agent pins the tool.
+    Unpinned,
+    /// The agent's ToolPolicies pin the tool to different definitions: none
+    /// matches.
+    Conflicting,
+    /// No definition has been reported.
+    Unknown,
+    /// The server's `toolPinning` is `off`: nothing is compared.
+    Off,
+}
+
+impl PinState {
+    /// The state of a verdict.
+    pub fn of(verdict: &chaperone_policy::PinVerdict) -> Self {
+        use chaperone_policy::PinVerdict;
+        match verdict {
+            PinVerdict::Matches => PinState::Matches,
+            PinVerdict::Differs { .. } => PinState::Differs,
+            PinVerdict::Unpinned { .. } => PinState::Unpinned,
+            PinVerdict::Conflicting { .. } => PinState::Conflicting,
+            PinVerdict::Unknown => PinState::Unknown,
+            PinVerdict::Unchecked => PinState::Off,
+        }
+    }
+
+    /// Its name, as the status and the metric labels write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinState::Matches => "Matches",
+            PinState::Differs => "Differs",
+            PinState::Unpinned => "Unpinned",
+            PinState::Conflicting => "Conflicting",
+            PinState::Unknown => "Unknown",
+            PinState::Off => "Off",
+        }
+    }
 }
 
 /// Observed state of a [`ToolPolicy`], written by the controller.

@@ -16,9 +16,7 @@
 //! being overwritten; the CLI then reads the object again and refuses if it is
 //! no longer pending.
 
-use std::path::PathBuf;
-
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use chaperone_api::approval::{
     ApprovalPhase, CONDITION_APPROVED, CONDITION_DENIED, CONDITION_EXPIRED, ToolCallApproval,
     ToolCallApprovalStatus,
@@ -26,9 +24,10 @@ use chaperone_api::approval::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
+
+use crate::cluster::{ClusterArgs, api_error, on_cluster};
 
 /// Condition reason written by `approve` unless `--reason` names another.
 pub const DEFAULT_APPROVE_REASON: &str = "ApprovedByUser";
@@ -52,28 +51,6 @@ pub struct ApprovalArgs {
     cluster: ClusterArgs,
     #[command(subcommand)]
     command: ApprovalCommand,
-}
-
-/// Which cluster, namespace and user, as with kubectl.
-#[derive(clap::Args)]
-struct ClusterArgs {
-    /// The kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then
-    /// the in-cluster ServiceAccount).
-    #[arg(long, global = true, value_name = "FILE")]
-    kubeconfig: Option<PathBuf>,
-    /// The kubeconfig context (default: its current context).
-    #[arg(long, global = true, value_name = "NAME")]
-    context: Option<String>,
-    /// The namespace (default: the context's namespace, else `default`).
-    #[arg(short = 'n', long, global = true, value_name = "NAMESPACE")]
-    namespace: Option<String>,
-    /// Act as this user (impersonation, like kubectl --as): your own user
-    /// needs the `impersonate` verb on users.
-    #[arg(long = "as", global = true, value_name = "USER")]
-    as_user: Option<String>,
-    /// A group to act as (with --as); repeat for several.
-    #[arg(long, global = true, value_name = "GROUP", requires = "as_user")]
-    as_group: Vec<String>,
 }
 
 #[derive(clap::Subcommand)]
@@ -191,12 +168,7 @@ pub fn run(args: &ApprovalArgs) -> Result<()> {
         }
         check_message(&decide.message)?;
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the Kubernetes client")?;
-    runtime.block_on(async {
-        let (client, namespace) = connect(&args.cluster).await?;
+    on_cluster(&args.cluster, async |client, namespace| {
         match &args.command {
             ApprovalCommand::List(list_args) => list(client, &namespace, list_args).await,
             ApprovalCommand::Approve(decide) => {
@@ -207,48 +179,6 @@ pub fn run(args: &ApprovalArgs) -> Result<()> {
             }
         }
     })
-}
-
-/// A client for the selected kubeconfig, context and user, and the namespace
-/// to work in.
-async fn connect(cluster: &ClusterArgs) -> Result<(Client, String)> {
-    let options = KubeConfigOptions {
-        context: cluster.context.clone(),
-        ..KubeConfigOptions::default()
-    };
-    let mut config = match &cluster.kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kubeconfig, &options)
-                .await
-                .with_context(|| format!("loading the kubeconfig {}", path.display()))?
-        }
-        None => match Config::from_kubeconfig(&options).await {
-            Ok(config) => config,
-            // Like kubectl, fall back to the pod's ServiceAccount, unless a
-            // context was asked for.
-            Err(err) if cluster.context.is_none() => Config::incluster().map_err(|_| {
-                anyhow!(err).context(
-                    "loading the kubeconfig ($KUBECONFIG or ~/.kube/config; \
-                     not in a cluster either)",
-                )
-            })?,
-            Err(err) => return Err(anyhow!(err).context("loading the kubeconfig")),
-        },
-    };
-    if let Some(user) = &cluster.as_user {
-        config.auth_info.impersonate = Some(user.clone());
-        if !cluster.as_group.is_empty() {
-            config.auth_info.impersonate_groups = Some(cluster.as_group.clone());
-        }
-    }
-    let namespace = cluster
-        .namespace
-        .clone()
-        .unwrap_or_else(|| config.default_namespace.clone());
-    let client = Client::try_from(config).context("creating the Kubernetes client")?;
-    Ok((client, namespace))
 }
 
 async fn list(client: Client, namespace: &str, args: &ListArgs) -> Result<()> {
@@ -550,26 +480,6 @@ fn check_message(message: &str) -> Result<()> {
         bail!("--message is longer than Kubernetes accepts ({MAX_MESSAGE} bytes)");
     }
     Ok(())
-}
-
-/// An API error as the person should read it: what was being done, and the
-/// API server's own words (an admission webhook's refusal names its reason).
-fn api_error(err: kube::Error, doing: &str) -> anyhow::Error {
-    match err {
-        kube::Error::Api(status) => {
-            let reason = if status.reason.is_empty() {
-                "Failure".to_owned()
-            } else {
-                status.reason.clone()
-            };
-            anyhow!(
-                "{doing}: refused by the API server ({reason}, HTTP {}): {}",
-                status.code,
-                status.message
-            )
-        }
-        other => anyhow!(other).context(format!("{doing}: no answer from the API server")),
-    }
 }
 
 fn qualified_name(object: &ToolCallApproval) -> String {

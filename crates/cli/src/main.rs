@@ -9,9 +9,11 @@ use clap::{Parser, Subcommand};
 
 mod approval;
 mod audit;
+mod cluster;
 mod crds;
 mod jwks;
 mod policy;
+mod tools;
 
 /// Chaperone's command-line tool.
 #[derive(Parser)]
@@ -32,6 +34,9 @@ enum Command {
     Crds(crds::CrdsArgs),
     /// Test and explain policies offline against CR YAML files.
     Policy(policy::PolicyArgs),
+    /// Review and pin the definitions (descriptions, schemas) of the tools an
+    /// agent discovered (AgentIdentity status, on the cluster).
+    Tools(tools::ToolsArgs),
 }
 
 /// Runs the command; an error is printed as one line of causes
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
         Command::Audit(args) => audit::run(&args),
         Command::Crds(args) => crds::run(&args),
         Command::Policy(args) => policy::run(&args),
+        Command::Tools(args) => tools::run(&args),
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,11 @@
 //! - `test FILE`: a YAML list of calls with expected decisions (`allow`, `deny`
 //!   or `approval`; `approved: true` for a call a person approved), like `opa
 //!   test`; exits non-zero on a mismatch or on a policy that does not compile.
+//!
+//! A call may state its tool's current definition hash (`--definition`,
+//! `definition:`): the tool server's `toolPinning` then applies as in the
+//! sidecar (in `enforce`, a definition that is not the pinned one is denied
+//! by `toolPinning`). Without one, pins are not checked.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -14,12 +19,12 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use chaperone_policy::model::RuleAction;
+use chaperone_policy::model::{RuleAction, ToolPinning};
 use chaperone_policy::{
-    CompileError, CompileOptions, DOCUMENT_FILE_EXTENSIONS, Decision, DecisionRequest,
-    DelegationChain, DelegationLink, DocumentSet, Engine, ObjectKey, Reason, ScopeHints, ScopeKind,
-    SessionHistory, Snapshot, Verdict, compile_all, parse_documents, redact, resolve_scope,
-    trace_id_of,
+    CompileError, CompileOptions, CurrentDefinition, DOCUMENT_FILE_EXTENSIONS, Decision,
+    DecisionRequest, DelegationChain, DelegationLink, DocumentSet, Engine, ObjectKey, Reason,
+    ScopeHints, ScopeKind, SessionHistory, Snapshot, ToolPin, Verdict, compile_all,
+    parse_documents, redact, resolve_scope, trace_id_of,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -78,6 +83,11 @@ struct ExplainArgs {
     /// requireApproval rule holds is allowed (a deny still denies).
     #[arg(long)]
     approved: bool,
+    /// The tool's current definition hash (`sha256:<hex>`, as the sidecar
+    /// reports it): checked against the tool's pin where the server's
+    /// `toolPinning` is `enforce`.
+    #[arg(long)]
+    definition: Option<String>,
 }
 
 /// Arguments of `chaperonectl policy test`.
@@ -265,6 +275,22 @@ fn delegation_chain(hops: &[ChainHop]) -> DelegationChain {
     }
 }
 
+/// What a call states of its tool's current definition: a well-formed hash
+/// is checked against the pins; none leaves them unchecked.
+fn current_definition(definition: Option<&str>) -> Result<CurrentDefinition<'_>> {
+    match definition {
+        None => Ok(CurrentDefinition::NotApplicable),
+        Some(hash) if is_sha256(hash) => Ok(CurrentDefinition::Hash(hash)),
+        Some(other) => bail!("definition {other:?} is not sha256: and 64 lowercase hex digits"),
+    }
+}
+
+fn is_sha256(text: &str) -> bool {
+    text.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -298,6 +324,7 @@ fn explain(args: &ExplainArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let session = history(engine, &steps);
     let chain = delegation_chain(&hops);
+    let definition = current_definition(args.definition.as_deref())?;
     let request = DecisionRequest {
         server: &server,
         tool: &tool,
@@ -307,6 +334,7 @@ fn explain(args: &ExplainArgs) -> Result<()> {
         initiator: args.initiator.as_deref(),
         now,
         approved: args.approved,
+        definition,
     };
     let explanation = engine.explain(&request);
     let decision = &explanation.decision;
@@ -322,6 +350,25 @@ fn explain(args: &ExplainArgs) -> Result<()> {
     println!("call:       {server}/{tool} {arguments}");
     let effects: Vec<&str> = explanation.effects.iter().map(|e| e.as_str()).collect();
     println!("effects:    [{}]", effects.join(", "));
+    let pinning = engine.tool_pinning(&server);
+    if pinning != ToolPinning::Off {
+        let pin = match engine.tool_pin(&server, &tool) {
+            ToolPin::Unpinned => "not pinned".to_owned(),
+            ToolPin::Pinned(hash) => format!("pinned {hash}"),
+            ToolPin::Conflicting(hashes) => format!("conflicting pins {}", hashes.join(", ")),
+        };
+        let verdict = match definition {
+            CurrentDefinition::Hash(current) => engine
+                .pin_verdict(&server, &tool, Some(current))
+                .to_string(),
+            _ => "not checked (give --definition)".to_owned(),
+        };
+        let mode = match pinning {
+            ToolPinning::Enforce => "enforce",
+            ToolPinning::Observe | ToolPinning::Off => "observe",
+        };
+        println!("pinning:    {mode}, {pin}: {verdict}");
+    }
     if let Some(limit) = &decision.rate_limit {
         println!(
             "rate limit: {} calls per {}s per {:?} ({})",
@@ -425,6 +472,11 @@ struct PolicyTestCase {
     /// holds is allowed (a deny still denies).
     #[serde(default)]
     approved: bool,
+    /// The tool's current definition hash (`sha256:<hex>`): checked against
+    /// its pin where the server's `toolPinning` is `enforce` (a mismatch is
+    /// denied by `toolPinning`). Without it, pins are not checked.
+    #[serde(default)]
+    definition: Option<String>,
     /// `allow`, `deny` or `approval` (a requireApproval rule holds the call).
     expect: Verdict,
     /// The expected deciding rule (`policy/rule` or a fixed reason).
@@ -548,6 +600,7 @@ fn run_case(compiled: &CompiledFiles, case: &PolicyTestCase, now: i64) -> Result
         initiator: case.initiator.as_deref(),
         now: case.now.unwrap_or(now),
         approved: case.approved,
+        definition: current_definition(case.definition.as_deref())?,
     };
     let decision = engine.decide(&request);
     let rule_matches = case
@@ -729,6 +782,120 @@ spec:
         );
     }
 
+    const PINNED: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const CHANGED: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    /// A clerk whose `orders` server enforces pins (`search` only observes);
+    /// `refund` is pinned.
+    const PINNING_POLICY: &str = r#"
+apiVersion: chaperone.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: clerk}
+spec:
+  selector: {serviceAccountName: clerk}
+  toolServers:
+    - {name: orders, url: "http://orders", toolPinning: enforce}
+    - {name: search, url: "http://search"}
+---
+apiVersion: chaperone.dev/v1alpha1
+kind: ToolPolicy
+metadata: {name: orders}
+spec:
+  targetRefs: [{name: clerk}]
+  tools:
+    - {server: orders, name: refund, definition: "PINNED"}
+    - {server: search, name: find, definition: "PINNED"}
+  rules:
+    - name: allow-all
+      action: allow
+      tools: [{server: "*", name: "*"}]
+"#;
+
+    /// Writes the pinning policy and `cases` into a fresh directory; the
+    /// test file's path.
+    fn pinning_fixture(name: &str, cases: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "chaperonectl-pinning-{name}-{}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("policy.yaml"),
+            PINNING_POLICY.replace("PINNED", PINNED),
+        )
+        .unwrap();
+        let file = dir.join("cases.test");
+        fs::write(
+            &file,
+            cases.replace("PINNED", PINNED).replace("CHANGED", CHANGED),
+        )
+        .unwrap();
+        file
+    }
+
+    #[test]
+    fn cases_state_a_definition_and_the_servers_pinning_applies() {
+        let file = pinning_fixture(
+            "pass",
+            r#"
+- name: the pinned definition passes
+  tool: orders/refund
+  definition: PINNED
+  expect: allow
+  rule: orders/allow-all
+- name: a changed definition is blocked in enforce
+  tool: orders/refund
+  definition: CHANGED
+  expect: deny
+  rule: toolPinning
+- name: an unpinned tool is blocked in enforce
+  tool: orders/lookup
+  definition: CHANGED
+  expect: deny
+  rule: toolPinning
+- name: observe lets a changed definition through
+  tool: search/find
+  definition: CHANGED
+  expect: allow
+- name: without a definition pins are not checked
+  tool: orders/refund
+  expect: allow
+"#,
+        );
+        run_cases(file).expect("every pinning case passes");
+    }
+
+    #[test]
+    fn run_case_reports_the_pinning_refusal() {
+        let file = pinning_fixture(
+            "mismatch",
+            "- {name: m, tool: orders/refund, definition: CHANGED, expect: allow}\n",
+        );
+        let dir = file.parent().unwrap().to_path_buf();
+        let documents = load(&[dir.join("policy.yaml")]).unwrap();
+        let compiled = compile_files(documents, unix_now()).unwrap();
+        let text = fs::read_to_string(&file).unwrap();
+        let cases: Vec<PolicyTestCase> = serde_saphyr::from_str(&text).unwrap();
+        let mismatch = run_case(&compiled, &cases[0], unix_now()).unwrap();
+        fs::remove_dir_all(&dir).ok();
+        assert_eq!(
+            mismatch,
+            Some(format!(
+                "expected allow, got deny by toolPinning (tool definition changed: pinned {PINNED}, now {CHANGED})"
+            ))
+        );
+    }
+
+    #[test]
+    fn a_malformed_definition_fails_its_case() {
+        let file = pinning_fixture(
+            "malformed",
+            "- {name: m, tool: orders/refund, definition: sha256:ABC, expect: allow}\n",
+        );
+        let error = run_cases(file).unwrap_err();
+        assert_eq!(error.to_string(), "1 of 1 test(s) failed");
+    }
+
     #[test]
     fn verdict_line_says_what_an_approval_does() {
         let compiled = {
@@ -748,6 +915,7 @@ spec:
             initiator: None,
             now: unix_now(),
             approved: false,
+            definition: Default::default(),
         };
         let held = engine.decide(&request);
         assert!(

@@ -64,6 +64,7 @@ impl TestSidecar {
             chain: &[],
             correlation: "c",
             decision,
+            definition: None,
             initiator: None,
             latency_us: 1,
             method: "tools/call",

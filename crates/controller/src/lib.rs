@@ -10,7 +10,9 @@
 //! [`auth`]), [`sidecars`] (what the connected sidecars run), [`status`] (pure
 //! status computation + the leader's writer), [`leader`] (Lease), [`admin`]
 //! (/metrics, /healthz, /readyz, JWKS), [`replica_exchange`] (the replicas
-//! share their sidecars' keys and state through ConfigMaps), [`approvals`]
+//! share their sidecars' keys and state through ConfigMaps),
+//! [`tool_definitions`] (tool definition pinning: discovered definitions
+//! against their pins, the Events and texts of changes), [`approvals`]
 //! (people's approvals of single tool calls: ToolCallApprovals, the tickets
 //! of the sidecars waiting on them, expiry and collection), [`webhook`]
 //! (sidecar injection; who may create, approve and deny ToolCallApprovals),
@@ -37,6 +39,7 @@ pub mod snapshot_server;
 pub mod status;
 #[cfg(test)]
 mod test_objects;
+pub mod tool_definitions;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -159,7 +162,7 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
         controller.index.clone(),
         controller.sidecars.clone(),
         controller.metrics.clone(),
-        audit,
+        audit.clone(),
         identities.clone(),
         approvals.clone(),
     );
@@ -183,7 +186,7 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
     tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, user = approval_admission.controller_username(), "chaperone-controller starting");
     tokio::select! {
         () = object_watch::run(client.clone(), controller.index.clone()) => anyhow::bail!("object watches ended"),
-        () = status::run_writer(client.clone(), controller.index.clone(), controller.sidecars.clone(), controller.metrics.clone(), leader_rx.clone()) => anyhow::bail!("status writer ended"),
+        () = status::run_writer(client.clone(), controller.index.clone(), controller.sidecars.clone(), controller.metrics.clone(), audit, leader_rx.clone()) => anyhow::bail!("status writer ended"),
         () = approvals.run(approvals_cache, leader_rx) => anyhow::bail!("approval watch ended"),
         () = object_watch::watch_pod_deletions(client.clone(), controller.sidecars.clone()) => anyhow::bail!("pod watch ended"),
         () = replica_exchange::run(client.clone(), args.namespace.clone(), args.pod_name.clone(), controller.sidecars.clone()) => anyhow::bail!("replica exchange ended"),

@@ -17,6 +17,13 @@ struct CodeLabel {
     code: String,
 }
 
+/// Labels of per-agent gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabel {
+    namespace: String,
+    agent: String,
+}
+
 /// Labels of approval answers.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
@@ -44,6 +51,8 @@ pub struct Metrics {
     events_dropped: Counter,
     approvals_created: Counter,
     approval_answers: Family<PhaseLabel, Counter>,
+    tools_blocked: Family<AgentLabel, Gauge>,
+    tool_definition_changes: Counter,
 }
 
 impl Metrics {
@@ -69,6 +78,8 @@ impl Metrics {
             approvals_created: Counter::default(),
             approval_answers: Family::default(),
             events_dropped: Counter::default(),
+            tools_blocked: Family::default(),
+            tool_definition_changes: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -160,6 +171,16 @@ impl Metrics {
             "approval_answers",
             "ApprovalStatus answers sent to sidecars, by phase",
             metrics.approval_answers.clone(),
+        );
+        registry.register(
+            "tools_blocked",
+            "Governed tools that tool definition pinning blocks (enforce: definition not matching its pin), per agent (written by the leader)",
+            metrics.tools_blocked.clone(),
+        );
+        registry.register(
+            "tool_definition_changes",
+            "Tool definition changes reported as ToolDefinitionChanged Events (written by the leader)",
+            metrics.tool_definition_changes.clone(),
         );
         *metrics.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         Arc::new(metrics)
@@ -275,5 +296,29 @@ impl Metrics {
         self.approval_answers
             .get_or_create(&PhaseLabel { phase })
             .inc();
+    }
+}
+
+impl Metrics {
+    /// `agent` has `blocked` tools blocked by pinning; `None`: the agent is
+    /// gone.
+    pub fn tools_blocked(&self, agent: &chaperone_policy::AgentKey, blocked: Option<i64>) {
+        let labels = AgentLabel {
+            namespace: agent.namespace.clone(),
+            agent: agent.name.clone(),
+        };
+        match blocked {
+            Some(n) => {
+                self.tools_blocked.get_or_create(&labels).set(n);
+            }
+            None => {
+                self.tools_blocked.remove(&labels);
+            }
+        }
+    }
+
+    /// A `ToolDefinitionChanged` Event was queued.
+    pub fn tool_definition_changed(&self) {
+        self.tool_definition_changes.inc();
     }
 }

@@ -10,7 +10,10 @@
 //!   [`crate::sidecars::jwk_of`], with `kid`, `chaperone.dev/agent`,
 //!   `chaperone.dev/pod`);
 //! - `sidecars.json`: what the status writer reads of each sidecar (agent, pod,
-//!   acknowledged and rejected snapshot, tools seen);
+//!   acknowledged and rejected snapshot, tools seen and their definitions'
+//!   hashes);
+//! - `definitions.json`: the texts of those definitions, by hash, each once
+//!   (for the leader's `<agent>-tool-definitions` ConfigMaps);
 //! - `heartbeat`: when it was written, in unix seconds.
 //!
 //! It writes by server-side apply (field manager `chaperone-controller`) on
@@ -29,8 +32,9 @@
 //!
 //! Size: a ConfigMap holds at most 1 MiB, and one sidecar takes about 500 bytes
 //! (more with a long tool inventory), so one replica can publish a few thousand
-//! sidecars. Above the limit it leaves out the tool inventories and warns; the
-//! keys and counts still go through up to about 2,000 sidecars per replica.
+//! sidecars. Above the limit it leaves out the definitions' texts, then the
+//! tool inventories, and warns; the keys and counts still go through up to
+//! about 2,000 sidecars per replica.
 //!
 //! The pure parts ([`publish`], [`config_map`], [`read_replica`],
 //! [`peer_sidecars`]) are separate from the two loops doing I/O ([`run`]).
@@ -55,7 +59,10 @@ use kube::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::sidecars::{SidecarRegistry, SidecarState, jwk_of};
+use crate::{
+    sidecars::{SidecarRegistry, SidecarState, jwk_of},
+    tool_definitions::{Inventory, ReportedDefinition},
+};
 
 /// The label (and its value) that marks the replicas' ConfigMaps.
 pub const COMPONENT_LABEL: (&str, &str) = ("app.kubernetes.io/component", "replica-state");
@@ -98,6 +105,11 @@ struct PublishedSidecar {
     /// Tools seen in tools/list: [server, tool].
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     tools: BTreeSet<(String, String)>,
+    /// The definitions of those tools where pinning is on: [server, tool,
+    /// hash, first seen (unix seconds)]; their texts are in
+    /// `definitions.json`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    definitions: Vec<(String, String, String, i64)>,
 }
 
 /// What a replica publishes, without its heartbeat.
@@ -107,23 +119,55 @@ pub struct Published {
     pub keys_json: String,
     /// `sidecars.json`.
     pub sidecars_json: String,
+    /// `definitions.json`: the texts of the tool definitions its sidecars
+    /// reported, by hash (each once).
+    pub definitions_json: String,
 }
 
-/// The data of this replica's ConfigMap from its own agent sidecars; tool
-/// inventories are left out (with a warning) if they would not fit.
+impl Published {
+    fn len(&self) -> usize {
+        self.keys_json.len() + self.sidecars_json.len() + self.definitions_json.len()
+    }
+}
+
+/// How much of the sidecars' tool inventories a replica publishes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Detail {
+    /// Tools, definitions and their texts.
+    Texts,
+    /// Tools and definitions, without texts.
+    Hashes,
+    /// Neither.
+    Nothing,
+}
+
+/// The data of this replica's ConfigMap from its own agent sidecars; the
+/// definition texts, then the tool inventories, are left out (with a
+/// warning) if they would not fit.
 pub fn publish(own: &BTreeMap<PodKey, SidecarState>) -> Published {
-    let published = publish_with_tools(own, true);
-    if published.keys_json.len() + published.sidecars_json.len() < MAX_BYTES - 1024 {
+    let fits = |p: &Published| p.len() < MAX_BYTES - 1024;
+    let published = publish_with(own, Detail::Texts);
+    if fits(&published) {
+        return published;
+    }
+    let published = publish_with(own, Detail::Hashes);
+    if fits(&published) {
+        tracing::warn!(
+            sidecars = own.len(),
+            "the sidecars of this replica do not fit in one ConfigMap with their tool definitions' texts; publishing them without (tool-definitions ConfigMaps lack these texts)"
+        );
         return published;
     }
     tracing::warn!(
         sidecars = own.len(),
         "the sidecars of this replica do not fit in one ConfigMap with their tool inventories; publishing them without (other replicas' statuses lack these tools)"
     );
-    publish_with_tools(own, false)
+    publish_with(own, Detail::Nothing)
 }
 
-fn publish_with_tools(own: &BTreeMap<PodKey, SidecarState>, tools: bool) -> Published {
+fn publish_with(own: &BTreeMap<PodKey, SidecarState>, detail: Detail) -> Published {
+    let tools = detail != Detail::Nothing;
+    let mut texts: BTreeMap<&str, &str> = BTreeMap::new();
     let keys: Vec<Value> = own
         .iter()
         .filter_map(|((namespace, pod), state)| jwk_of(namespace, pod, state))
@@ -142,9 +186,31 @@ fn publish_with_tools(own: &BTreeMap<PodKey, SidecarState>, tools: bool) -> Publ
                 rejected_version: state.rejected.as_ref().map(|(v, _)| *v),
                 rejected_error: state.rejected.as_ref().map(|(_, e)| e.clone()),
                 tools: if tools {
-                    state.inventory.clone()
+                    state.inventory.keys().cloned().collect()
                 } else {
                     BTreeSet::new()
+                },
+                definitions: if tools {
+                    state
+                        .inventory
+                        .iter()
+                        .filter_map(|((server, tool), definition)| {
+                            let definition = definition.as_ref()?;
+                            if detail == Detail::Texts
+                                && let Some(json) = &definition.json
+                            {
+                                texts.insert(&definition.hash, json);
+                            }
+                            Some((
+                                server.clone(),
+                                tool.clone(),
+                                definition.hash.clone(),
+                                definition.seen_at,
+                            ))
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
                 },
             })
         })
@@ -152,6 +218,7 @@ fn publish_with_tools(own: &BTreeMap<PodKey, SidecarState>, tools: bool) -> Publ
     Published {
         keys_json: serde_json::to_string(&keys).unwrap_or_else(|_| "[]".into()),
         sidecars_json: serde_json::to_string(&sidecars).unwrap_or_else(|_| "[]".into()),
+        definitions_json: serde_json::to_string(&texts).unwrap_or_else(|_| "{}".into()),
     }
 }
 
@@ -181,6 +248,10 @@ pub fn config_map(
         data: Some(BTreeMap::from([
             ("keys.json".to_owned(), published.keys_json.clone()),
             ("sidecars.json".to_owned(), published.sidecars_json.clone()),
+            (
+                "definitions.json".to_owned(),
+                published.definitions_json.clone(),
+            ),
             ("heartbeat".to_owned(), heartbeat.to_string()),
         ])),
         ..Default::default()
@@ -226,6 +297,17 @@ pub fn read_replica(config_map: &ConfigMap) -> Result<Replica, InvalidReplicaSta
         .map_err(|e| invalid("sidecars.json", e.to_string()))?;
     let keys: Vec<Value> =
         serde_json::from_str(get("keys.json")?).map_err(|e| invalid("keys.json", e.to_string()))?;
+    // Absent from a replica that predates definitions.
+    let texts: BTreeMap<String, String> = match data.get("definitions.json") {
+        Some(text) => {
+            serde_json::from_str(text).map_err(|e| invalid("definitions.json", e.to_string()))?
+        }
+        None => BTreeMap::new(),
+    };
+    let texts: BTreeMap<String, Arc<str>> = texts
+        .into_iter()
+        .map(|(hash, text)| (hash, Arc::from(text)))
+        .collect();
     let mut sidecars = BTreeMap::new();
     for sidecar in published {
         let Some((agent_ns, agent_name)) = sidecar.agent.split_once('/') else {
@@ -243,7 +325,7 @@ pub fn read_replica(config_map: &ConfigMap) -> Result<Replica, InvalidReplicaSta
                 acked: sidecar.acked_version.zip(sidecar.acked_hash),
                 rejected: sidecar.rejected_version.zip(sidecar.rejected_error),
                 key: None,
-                inventory: sidecar.tools,
+                inventory: inventory_of(sidecar.tools, sidecar.definitions, &texts),
             },
         );
     }
@@ -264,6 +346,25 @@ pub fn read_replica(config_map: &ConfigMap) -> Result<Replica, InvalidReplicaSta
         heartbeat,
         sidecars,
     })
+}
+
+/// A published sidecar's inventory: its tools, with the definitions (and
+/// their texts, where published) of those that have one.
+fn inventory_of(
+    tools: BTreeSet<(String, String)>,
+    definitions: Vec<(String, String, String, i64)>,
+    texts: &BTreeMap<String, Arc<str>>,
+) -> Inventory {
+    let mut inventory: Inventory = tools.into_iter().map(|tool| (tool, None)).collect();
+    for (server, tool, hash, seen_at) in definitions {
+        let definition = ReportedDefinition {
+            json: texts.get(&hash).cloned(),
+            hash,
+            seen_at,
+        };
+        inventory.insert((server, tool), Some(definition));
+    }
+    inventory
 }
 
 /// The other replicas' sidecars: every replica's but `own_config_map`'s,

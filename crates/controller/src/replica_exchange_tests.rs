@@ -15,7 +15,18 @@ fn sidecar(pod: &str, kid: Option<&str>) -> SidecarState {
                 json!({"kty": "OKP", "crv": "Ed25519", "x": "abc"}),
             )
         }),
-        inventory: BTreeSet::from([("orders".into(), "refund".into())]),
+        inventory: Inventory::from([
+            (("orders".into(), "refund".into()), Some(definition("a"))),
+            (("orders".into(), "get_order".into()), None),
+        ]),
+    }
+}
+
+fn definition(letter: &str) -> ReportedDefinition {
+    ReportedDefinition {
+        hash: format!("sha256:{}", letter.repeat(64)),
+        json: Some(format!(r#"{{"name":"{letter}"}}"#).into()),
+        seen_at: 1_700_000_000,
     }
 }
 
@@ -132,10 +143,36 @@ fn a_pod_listed_by_two_replicas_is_taken_from_the_later_heartbeat() {
 fn inventories_are_left_out_when_they_would_not_fit() {
     let mut big = sidecar("p1", Some("k1"));
     big.inventory = (0..40_000)
-        .map(|i| ("orders".to_owned(), format!("tool-with-a-long-name-{i:08}")))
+        .map(|i| {
+            let tool = ("orders".to_owned(), format!("tool-with-a-long-name-{i:08}"));
+            (tool, None)
+        })
         .collect();
     let published = publish(&BTreeMap::from([(("ns".into(), "p1".into()), big)]));
     assert!(published.sidecars_json.len() < MAX_BYTES);
     assert!(!published.sidecars_json.contains("tool-with-a-long-name"));
     assert!(published.keys_json.contains("k1"));
+}
+
+#[test]
+fn definition_texts_are_left_out_first_when_they_would_not_fit() {
+    let mut big = sidecar("p1", Some("k1"));
+    big.inventory = (0..20)
+        .map(|i| {
+            let tool = ("orders".to_owned(), format!("tool-{i}"));
+            let mut definition = definition(&format!("{:x}", i % 16));
+            definition.hash = format!("sha256:{i:064}");
+            definition.json = Some("x".repeat(60 * 1024).into());
+            (tool, Some(definition))
+        })
+        .collect();
+    let published = publish(&BTreeMap::from([(("ns".into(), "p1".into()), big)]));
+    assert_eq!(published.definitions_json, "{}");
+    let replica = read_replica(&config_map("cm", "ns", &published, 1, None)).unwrap();
+    let tools = &replica.sidecars[&("ns".to_owned(), "p1".to_owned())].inventory;
+    let tool = tools[&("orders".to_owned(), "tool-3".to_owned())]
+        .as_ref()
+        .expect("the hash is still published");
+    assert_eq!(tool.hash, format!("sha256:{:064}", 3));
+    assert_eq!(tool.json, None);
 }

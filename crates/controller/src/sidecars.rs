@@ -1,6 +1,6 @@
 //! What this replica knows of the sidecars connected to it: which snapshot each
-//! runs (ACK) or rejected (NACK), its public signing key, the tools it saw, and
-//! how much audit it shipped. Feeds the AgentIdentity status and the JWKS.
+//! runs (ACK) or rejected (NACK), its public signing key, the tools it saw
+//! (with their definitions), and how much audit it shipped. Feeds the AgentIdentity status and the JWKS.
 //!
 //! Tool-mode sidecars are recorded too (without an agent), so that deleting
 //! their pod ends their stream; they count for no AgentIdentity and their
@@ -22,7 +22,10 @@ use chaperone_policy::AgentKey;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::auth::{SidecarIdentity, ToolSidecarIdentity};
+use crate::{
+    auth::{SidecarIdentity, ToolSidecarIdentity},
+    tool_definitions::Inventory,
+};
 
 /// One connected sidecar.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -39,8 +42,9 @@ pub struct SidecarState {
     pub rejected: Option<(u64, String)>,
     /// Its signing key: (kid, public JWK).
     pub key: Option<(String, Value)>,
-    /// Tools it saw in tools/list: (server, tool).
-    pub inventory: BTreeSet<(String, String)>,
+    /// Tools it saw in tools/list, by (server, tool), with their
+    /// definitions where the server's pinning is not off.
+    pub inventory: Inventory,
 }
 
 /// (namespace, pod).

@@ -55,7 +55,7 @@ fn the_jwks_json_is_shared_until_the_key_set_changes() {
     assert_eq!(&*empty, r#"{"keys":[]}"#);
     // An inventory report changes no key: the same string is handed out.
     registry.update("ns", "p1", |s| {
-        s.inventory.insert(("orders".into(), "get".into()));
+        s.inventory.insert(("orders".into(), "get".into()), None);
     });
     assert!(Arc::ptr_eq(&empty, &registry.jwks_json()));
     registry.update("ns", "p1", |s| {

@@ -14,5 +14,7 @@ pub mod server;
 pub mod worker;
 
 pub use catalog::{DemoTool, ToolSet};
-pub use server::{SeenAssertions, ToolServer, serve, serve_handler};
+pub use server::{
+    SeenAssertions, ToolEdit, ToolEdits, ToolServer, follow_edits_file, serve, serve_handler,
+};
 pub use worker::WorkerApp;

@@ -59,6 +59,7 @@ fn bench_decide(c: &mut Criterion) {
                     initiator: None,
                     now: 0,
                     approved: false,
+                    definition: Default::default(),
                 };
                 black_box(engine.decide(black_box(&request)))
             });

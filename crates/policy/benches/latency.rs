@@ -40,6 +40,7 @@ fn measure(engine: &Engine, tools: usize) -> Vec<Duration> {
             initiator: None,
             now: 0,
             approved: false,
+            definition: Default::default(),
         };
         black_box(engine.decide(&request));
     }
@@ -54,6 +55,7 @@ fn measure(engine: &Engine, tools: usize) -> Vec<Duration> {
             initiator: None,
             now: 0,
             approved: false,
+            definition: Default::default(),
         };
         let start = Instant::now();
         let decision = engine.decide(black_box(&request));

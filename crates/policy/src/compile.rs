@@ -5,6 +5,11 @@
 //! left out whole and reported (object, rule, reason); every other policy still
 //! compiles. A grant that names an unknown agent, is malformed or has expired is
 //! left out and reported, so the controller can set its Invalid/Expired status.
+//! A tool definition pin (`tools[].definition`) must name one tool (no globs)
+//! and be a `sha256:` hash, or its policy is left out too; pins of one tool
+//! that contradict each other across an agent's policies are reported on each
+//! policy involved, which stay in: the tool's pin is conflicting and matches
+//! no definition.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -14,13 +19,15 @@ use thiserror::Error;
 use crate::decision::{AgentKey, GrantKey, ObjectKey};
 use crate::engine::{RuleError, check_grant_scope, check_rule};
 use crate::expiry::{ExpiryError, grant_expires_at};
+use crate::glob::is_glob;
 use crate::model::{
     AgentIdentitySpec, Conditions, DelegationGrantSpec, Document, MAX_DELEGATION_DEPTH, Object,
-    RuleAction, ToolPolicySpec,
+    RuleAction, ToolClassification, ToolPolicySpec,
 };
+use crate::pinning::is_definition_hash;
 use crate::snapshot::{
-    AgentAuthority, SNAPSHOT_FORMAT, Snapshot, SnapshotContent, SnapshotGrant, SnapshotRateLimit,
-    SnapshotRule,
+    AgentAuthority, SNAPSHOT_FORMAT, Snapshot, SnapshotContent, SnapshotGrant, SnapshotPin,
+    SnapshotRateLimit, SnapshotRule,
 };
 
 /// Everything the compiler reads: all objects of the cluster (or of a set of
@@ -177,6 +184,48 @@ pub enum CompileErrorReason {
         /// The value.
         max_depth: u32,
     },
+    /// A `tools[]` entry pins a definition but names its server or tool by
+    /// glob (or `*`): a pin is of one tool.
+    #[error(
+        "tools[] entry {server}/{tool} pins a definition but uses a glob: a pin names one tool (a literal server and tool name)"
+    )]
+    PinNotLiteral {
+        /// The entry's server.
+        server: String,
+        /// The entry's tool name.
+        tool: String,
+    },
+    /// A `tools[]` entry's `definition` is not `sha256:` and 64 lowercase
+    /// hex digits.
+    #[error(
+        "tools[] entry {server}/{tool} pins definition {definition:?}, which is not sha256: and 64 lowercase hex digits"
+    )]
+    MalformedPin {
+        /// The entry's server.
+        server: String,
+        /// The entry's tool name.
+        tool: String,
+        /// The value given.
+        definition: String,
+    },
+    /// The policies targeting an agent pin one tool to different
+    /// definitions. The policies stay in; the tool matches no definition, so
+    /// it is blocked where its server's `toolPinning` is `enforce`.
+    #[error(
+        "tool {server}/{tool} is pinned to different definitions ({}) by ToolPolicies {}: conflicting pins block it where toolPinning is enforce; keep one pin",
+        definitions.join(", "),
+        policies.join(", ")
+    )]
+    ConflictingPins {
+        /// The tool server.
+        server: String,
+        /// The tool.
+        tool: String,
+        /// The policies pinning the tool (names, same namespace), sorted.
+        policies: Vec<String>,
+        /// The hashes they pin, sorted.
+        definitions: Vec<String>,
+    },
 }
 
 /// An error in one object (and rule), with enough to set its status.
@@ -242,13 +291,23 @@ pub fn compile_each<'i>(
 /// object once (also those no agent reads).
 pub fn compile_all(inventory: &Inventory<'_>, options: &CompileOptions) -> InventoryCompilation {
     let mut compiler = Compiler::new(inventory, options);
+    let mut errors = Vec::new();
     let mut snapshots: Vec<Snapshot> = inventory
         .identities
         .iter()
-        .map(|identity| compiler.snapshot(identity).0)
+        .map(|identity| {
+            let (snapshot, agent_errors) = compiler.snapshot(identity);
+            // Conflicting pins are the only errors that need an agent: the
+            // others are each object's own, collected below.
+            errors.extend(
+                agent_errors
+                    .into_iter()
+                    .filter(|e| matches!(*e.reason, CompileErrorReason::ConflictingPins { .. })),
+            );
+            snapshot
+        })
         .collect();
     snapshots.sort_by(|a, b| a.content.agent.cmp(&b.content.agent));
-    let mut errors = Vec::new();
     for i in 0..inventory.policies.len() {
         if let Err(e) = compiler.policy_rules(i) {
             errors.extend(e.iter().cloned());
@@ -259,8 +318,7 @@ pub fn compile_all(inventory: &Inventory<'_>, options: &CompileOptions) -> Inven
             errors.push(e.clone());
         }
     }
-    errors.sort_by(|a, b| (&a.object, &a.rule).cmp(&(&b.object, &b.rule)));
-    errors.dedup();
+    sort_errors(&mut errors);
     InventoryCompilation { snapshots, errors }
 }
 
@@ -317,6 +375,13 @@ fn policy_error(
     }
 }
 
+/// Sorts errors by object and rule (then text, so that equal errors are
+/// neighbours) and drops duplicates.
+fn sort_errors(errors: &mut Vec<CompileError>) {
+    errors.sort_by_cached_key(|e| (e.object.clone(), e.rule.clone(), e.reason.to_string()));
+    errors.dedup();
+}
+
 /// `None` for conditions that set nothing.
 fn normalise_conditions(when: Option<&Conditions>) -> Option<Conditions> {
     when.filter(|c| **c != Conditions::default()).cloned()
@@ -332,6 +397,11 @@ fn policy_rules(policy: &Object<ToolPolicySpec>) -> Result<Vec<SnapshotRule>, Ve
             None,
             CompileErrorReason::AmbiguousTargets,
         ));
+    }
+    for tool in &spec.tools {
+        if let Some(reason) = pin_error(tool) {
+            errors.push(policy_error(policy, None, reason));
+        }
     }
     let namespace = policy.metadata.namespace_or_default();
     let mut seen = BTreeSet::new();
@@ -402,6 +472,70 @@ fn policy_rules(policy: &Object<ToolPolicySpec>) -> Result<Vec<SnapshotRule>, Ve
     } else {
         Err(errors)
     }
+}
+
+/// What is wrong with a classification's pin, if it has one.
+fn pin_error(tool: &ToolClassification) -> Option<CompileErrorReason> {
+    let definition = tool.definition.as_ref()?;
+    if is_glob(&tool.server) || is_glob(&tool.name) {
+        return Some(CompileErrorReason::PinNotLiteral {
+            server: tool.server.clone(),
+            tool: tool.name.clone(),
+        });
+    }
+    if !is_definition_hash(definition) {
+        return Some(CompileErrorReason::MalformedPin {
+            server: tool.server.clone(),
+            tool: tool.name.clone(),
+            definition: definition.clone(),
+        });
+    }
+    None
+}
+
+/// The pins of `policies` (compiled ones, by name), and a
+/// [`CompileErrorReason::ConflictingPins`] on each policy pinning a tool
+/// that another pin contradicts.
+fn collect_pins(policies: &[&Object<ToolPolicySpec>]) -> (Vec<SnapshotPin>, Vec<CompileError>) {
+    // (server, tool) → hash → the policies pinning it to that hash.
+    let mut pins: BTreeMap<(&str, &str), BTreeMap<&str, BTreeSet<&str>>> = BTreeMap::new();
+    for policy in policies {
+        for tool in &policy.spec.tools {
+            if let Some(definition) = &tool.definition {
+                pins.entry((tool.server.as_str(), tool.name.as_str()))
+                    .or_default()
+                    .entry(definition.as_str())
+                    .or_default()
+                    .insert(policy.metadata.name.as_str());
+            }
+        }
+    }
+    let mut errors = Vec::new();
+    let pins = pins
+        .into_iter()
+        .map(|((server, tool), by_hash)| {
+            if by_hash.len() > 1 {
+                let names: BTreeSet<&str> = by_hash.values().flatten().copied().collect();
+                let reason = CompileErrorReason::ConflictingPins {
+                    server: server.to_owned(),
+                    tool: tool.to_owned(),
+                    policies: names.iter().map(|n| (*n).to_owned()).collect(),
+                    definitions: by_hash.keys().map(|h| (*h).to_owned()).collect(),
+                };
+                for policy in policies {
+                    if names.contains(policy.metadata.name.as_str()) {
+                        errors.push(policy_error(policy, None, reason.clone()));
+                    }
+                }
+            }
+            SnapshotPin {
+                server: server.to_owned(),
+                tool: tool.to_owned(),
+                definitions: by_hash.keys().map(|h| (*h).to_owned()).collect(),
+            }
+        })
+        .collect();
+    (pins, errors)
 }
 
 fn snapshot_grant(
@@ -565,7 +699,18 @@ impl<'a> Compiler<'a> {
             match self.policy_rules(i) {
                 Ok(policy_rules) => {
                     rules.extend(policy_rules.iter().cloned());
-                    classifications.extend(self.inventory.policies[i].spec.tools.iter().cloned());
+                    // Pins go to the snapshot's own list (`pins`).
+                    classifications.extend(
+                        self.inventory.policies[i]
+                            .spec
+                            .tools
+                            .iter()
+                            .filter(|c| !c.effects.is_empty())
+                            .map(|c| ToolClassification {
+                                definition: None,
+                                ..c.clone()
+                            }),
+                    );
                 }
                 Err(e) => errors.extend(e.iter().cloned()),
             }
@@ -593,9 +738,26 @@ impl<'a> Compiler<'a> {
         (authority, errors)
     }
 
+    /// The pins of the (compiled) policies targeting `identity`, and their
+    /// conflicts.
+    fn pins(
+        &mut self,
+        identity: &Object<AgentIdentitySpec>,
+    ) -> (Vec<SnapshotPin>, Vec<CompileError>) {
+        let mut compiled = Vec::new();
+        for i in self.targeting(identity) {
+            if self.policy_rules(i).is_ok() {
+                compiled.push(&self.inventory.policies[i]);
+            }
+        }
+        collect_pins(&compiled)
+    }
+
     fn snapshot(&mut self, identity: &Object<AgentIdentitySpec>) -> (Snapshot, Vec<CompileError>) {
         let agent = key_of(identity);
         let (authority, mut errors) = self.authority(identity);
+        let (pins, pin_errors) = self.pins(identity);
+        errors.extend(pin_errors);
 
         // Grants a chain ending at this agent may use: those to it, then those to
         // its delegators that allow at least one further hop, and so on.
@@ -660,9 +822,9 @@ impl<'a> Compiler<'a> {
             grants_received: received.into_values().collect(),
             grants_given: given,
             delegators,
+            pins,
         };
-        errors.sort_by(|a, b| (&a.object, &a.rule).cmp(&(&b.object, &b.rule)));
-        errors.dedup();
+        sort_errors(&mut errors);
         (Snapshot::new(self.options.version, content), errors)
     }
 }

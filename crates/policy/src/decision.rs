@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::RateLimitScope;
+use crate::pinning::{CurrentDefinition, PinVerdict};
 use crate::session::SessionHistory;
 
 /// A namespaced object, written `namespace/name`: an AgentIdentity or a
@@ -100,6 +101,11 @@ pub struct DecisionRequest<'a> {
     /// strictest outcome is requireApproval is allowed ([`Reason::Approved`]).
     /// A deny still denies.
     pub approved: bool,
+    /// The tool's current definition as the sidecar last saw it in a
+    /// `tools/list` (its hash, or unseen), or that pins do not apply to this
+    /// call (not a tool). Read only where the server's `toolPinning` is
+    /// `enforce`.
+    pub definition: CurrentDefinition<'a>,
 }
 
 /// Whether a call may go ahead.
@@ -146,6 +152,9 @@ pub enum DecidingRule {
     GrantExpired,
     /// Some other check of the delegation chain failed: `delegation`.
     Delegation,
+    /// The tool's definition does not match its pin where the server's
+    /// `toolPinning` is `enforce`: `toolPinning`.
+    ToolPinning,
 }
 
 impl DecidingRule {
@@ -157,6 +166,7 @@ impl DecidingRule {
             DecidingRule::RequireDelegation => "requireDelegation",
             DecidingRule::GrantExpired => "grant expired",
             DecidingRule::Delegation => "delegation",
+            DecidingRule::ToolPinning => "toolPinning",
         }
     }
 }
@@ -228,6 +238,9 @@ pub enum Reason {
     /// A requireApproval rule matched, no deny rule did, and a person approved
     /// exactly this call.
     Approved,
+    /// The tool's definition does not pass its pin (`enforce`); the verdict
+    /// says how (changed, not pinned, conflicting pins, not yet seen).
+    ToolPinning(PinVerdict),
 }
 
 impl fmt::Display for Reason {
@@ -281,6 +294,7 @@ impl fmt::Display for Reason {
                 f.write_str("a requireApproval rule matched: a person must approve this call")
             }
             Reason::Approved => f.write_str("a person approved this call"),
+            Reason::ToolPinning(verdict) => verdict.fmt(f),
         }
     }
 }

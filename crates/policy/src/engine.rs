@@ -1,7 +1,9 @@
 //! The evaluator: a [`Snapshot`] turned into indexes, compiled matchers, regexes
 //! and CEL programs, answering [`Engine::decide`] and [`Engine::visible`].
 //!
-//! How a call is decided is stated once, on [`Engine::decide`].
+//! How a call is decided is stated once, on [`Engine::decide`]. Tool
+//! definition pins are looked up here ([`Engine::tool_pin`],
+//! [`Engine::tool_pinning`]) and judged by [`crate::pin_verdict`].
 //!
 //! Rules are indexed by (server, tool): for every known server and every tool name
 //! a rule or classification names exactly, the candidate rules of each action are
@@ -23,7 +25,9 @@ use crate::decision::{
 use crate::glob::Glob;
 use crate::model::{
     Effect, EnforcementMode, MAX_DELEGATION_DEPTH, RuleAction, ToolClassification, ToolMatch,
+    ToolPinning,
 };
+use crate::pinning::{CurrentDefinition, PinVerdict, ToolPin, pin_verdict};
 use crate::session::EffectSet;
 use crate::snapshot::{AgentAuthority, SNAPSHOT_FORMAT, Snapshot, SnapshotGrant, SnapshotRule};
 
@@ -657,6 +661,10 @@ pub struct Engine {
     delegators: HashMap<AgentKey, CompiledAuthority>,
     grants: HashMap<GrantKey, CompiledGrant>,
     has_expressions: bool,
+    /// `toolPinning` of each of the agent's tool servers.
+    pinning: NameMap<ToolPinning>,
+    /// Pinned definitions by server, then tool: one hash, or conflicting ones.
+    pins: NameMap<NameMap<Box<[String]>>>,
 }
 
 impl Engine {
@@ -710,6 +718,17 @@ impl Engine {
             })
             .collect::<Result<HashMap<_, _>, _>>()?;
         let has_expressions = own.rules.iter().any(|r| r.conditions.has_expression());
+        let pinning = content
+            .tool_servers
+            .iter()
+            .map(|s| (Box::from(s.name.as_str()), s.tool_pinning))
+            .collect();
+        let mut pins: NameMap<NameMap<Box<[String]>>> = NameMap::default();
+        for pin in &content.pins {
+            pins.entry(Box::from(pin.server.as_str()))
+                .or_default()
+                .insert(Box::from(pin.tool.as_str()), pin.definitions.clone().into());
+        }
         Ok(Self {
             version: snapshot.version,
             hash: snapshot.hash.clone(),
@@ -719,6 +738,8 @@ impl Engine {
             delegators,
             grants,
             has_expressions,
+            pinning,
+            pins,
         })
     }
 
@@ -748,12 +769,57 @@ impl Engine {
         self.own.effects(server, tool)
     }
 
+    /// `toolPinning` of `server` (`toolServers[]`); `off` for a server the
+    /// agent does not have.
+    pub fn tool_pinning(&self, server: &str) -> ToolPinning {
+        self.pinning
+            .get(server)
+            .copied()
+            .unwrap_or(ToolPinning::Off)
+    }
+
+    /// The pin of a tool by the agent's own ToolPolicies.
+    pub fn tool_pin(&self, server: &str, tool: &str) -> ToolPin<'_> {
+        self.pins
+            .get(server)
+            .and_then(|tools| tools.get(tool))
+            .map_or(ToolPin::Unpinned, |definitions| ToolPin::of(definitions))
+    }
+
+    /// How the tool's current definition hash (`None`: none seen) stands
+    /// against its pin under its server's `toolPinning` ([`pin_verdict`]).
+    pub fn pin_verdict(&self, server: &str, tool: &str, current: Option<&str>) -> PinVerdict {
+        pin_verdict(
+            self.tool_pinning(server),
+            self.tool_pin(server, tool),
+            current,
+        )
+    }
+
+    /// Whether `enforce` blocks the tool: its server enforces pins and the
+    /// verdict does not pass. Rules aside: [`Engine::decide`] refuses a
+    /// blocked tool that some rule governs, and `tools/list` hides it.
+    pub fn pin_blocks(&self, server: &str, tool: &str, current: Option<&str>) -> bool {
+        self.tool_pinning(server) == ToolPinning::Enforce
+            && !self.pin_verdict(server, tool, current).passes()
+    }
+
     /// Decides a tool call.
     ///
     /// # Decision order
     ///
     /// The one statement of how a call is decided (everything else refers here):
     ///
+    /// 0. **toolPinning**: where the server's `toolPinning` is `enforce`, a
+    ///    governed tool (one [`Engine::visible_in`] shows: some rule could let
+    ///    the call through) whose definition does not match its pin
+    ///    ([`DecisionRequest::definition`] against [`Engine::tool_pin`]:
+    ///    changed, not pinned, conflicting pins, or not yet seen; resources
+    ///    and prompts are not pinned) is denied
+    ///    ([`DecidingRule::ToolPinning`], [`Reason::ToolPinning`]), whatever
+    ///    the rules below say and even when approved. A tool no rule governs
+    ///    is decided by the rules (and denied by them). `observe` and `off`
+    ///    never change a decision.
     /// 1. **deny**: any matching deny rule denies. A deny rule whose conditions
     ///    cannot be evaluated (missing or mistyped arguments, failing CEL) matches:
     ///    deny rules fail closed.
@@ -774,6 +840,17 @@ impl Engine {
     /// denies the call, and a delegator's requireApproval makes the whole call
     /// need approval. Any deny, anywhere, wins over any approval.
     pub fn decide(&self, request: &DecisionRequest<'_>) -> Decision {
+        if let Some(denial) = self.pin_denial(request) {
+            return Decision {
+                verdict: Verdict::Deny,
+                rule: denial.rule,
+                reason: denial.reason,
+                snapshot_version: self.version,
+                dry_run: self.dry_run,
+                rate_limit: None,
+                approval: None,
+            };
+        }
         let query = Query {
             server: request.server,
             tool: request.tool,
@@ -822,10 +899,42 @@ impl Engine {
         }
     }
 
+    /// Step 0 of the decision order: the refusal of a governed tool whose
+    /// definition `enforce` blocks. A map lookup and a comparison per call;
+    /// the governed check runs only for a blocked tool.
+    fn pin_denial(&self, request: &DecisionRequest<'_>) -> Option<Denial> {
+        if request.definition == CurrentDefinition::NotApplicable
+            || self.tool_pinning(request.server) != ToolPinning::Enforce
+        {
+            return None;
+        }
+        let verdict = pin_verdict(
+            ToolPinning::Enforce,
+            self.tool_pin(request.server, request.tool),
+            request.definition.hash(),
+        );
+        if verdict.passes()
+            || !self.visible_in(
+                request.server,
+                request.tool,
+                request.delegation,
+                request.now,
+            )
+        {
+            return None;
+        }
+        Some(Denial {
+            rule: DecidingRule::ToolPinning,
+            reason: Reason::ToolPinning(verdict),
+        })
+    }
+
     /// Whether `tools/list` shows the tool in the agent's own sessions: some
     /// arguments and session could make a call allowed, or approvable. The same
     /// rules as
     /// [`Engine::decide`], read optimistically about what is not known yet.
+    /// The rules only (whether the tool is governed): a list also hides a tool
+    /// [`Engine::pin_blocks`], which needs the definition in that list.
     pub fn visible(&self, server: &str, tool: &str) -> bool {
         self.visible_in(server, tool, None, 0)
     }

@@ -11,10 +11,12 @@
 //!   agent picked: the one loader of policy files.
 //!
 //! - [`redact`]: the arguments a person approving a call is shown.
+//! - [`pin_verdict`]: a tool's current definition hash against its pin
+//!   ([`Engine::tool_pin`]) under its server's `toolPinning`.
 //!
-//! Decision semantics: deny > requireApproval > allow > default deny, stated
-//! once, with how unevaluable conditions and delegation fit in, on
-//! [`Engine::decide`].
+//! Decision semantics: toolPinning (enforce) before deny > requireApproval >
+//! allow > default deny, stated once, with how unevaluable conditions and
+//! delegation fit in, on [`Engine::decide`].
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +30,7 @@ mod expiry;
 mod expression;
 pub mod glob;
 pub mod model;
+mod pinning;
 mod scope;
 mod session;
 mod snapshot;
@@ -56,9 +59,10 @@ pub use expiry::{
 };
 pub use expression::CEL_VARIABLES;
 pub use glob::{glob_matches, is_glob};
+pub use pinning::{CurrentDefinition, PinVerdict, ToolPin, pin_verdict};
 pub use scope::{ScopeHints, ScopeKind, resolve_scope, trace_id_of};
 pub use session::{EffectSet, SessionHistory};
 pub use snapshot::{
     AgentAuthority, SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_JSON, Snapshot, SnapshotBytesError,
-    SnapshotContent, SnapshotGrant, SnapshotRateLimit, SnapshotRule,
+    SnapshotContent, SnapshotGrant, SnapshotPin, SnapshotRateLimit, SnapshotRule,
 };

@@ -329,15 +329,18 @@ fn default_user_claim() -> String {
 // ToolPolicy
 // ---------------------------------------------------------------------------
 
-/// What agents may do with tools: classifications of tools by business effect and
-/// ordered allow/deny rules on tool names, arguments, session history and
-/// delegation. Decision order: any matching deny, then any matching allow, else
-/// deny.
+/// What agents may do with tools: classifications of tools by business effect
+/// (and pinned definitions), and rules on tool names, arguments, session history
+/// and delegation. Decision order: any matching deny, then any matching
+/// requireApproval, then any matching allow, else deny (see `Engine::decide`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.targetRefs) != has(self.agentSelector)",
     "message": "set exactly one of targetRefs (AgentIdentity names) or agentSelector (AgentIdentity labels)"
+}, {
+    "rule": "(has(self.rules) && size(self.rules) > 0) || (has(self.tools) && size(self.tools) > 0)",
+    "message": "a ToolPolicy has rules, tools (classifications or definition pins), or both"
 }]))]
 pub struct ToolPolicySpec {
     /// AgentIdentities (same namespace) this policy applies to, by name.
@@ -356,8 +359,10 @@ pub struct ToolPolicySpec {
     #[schemars(length(max = 256))]
     pub tools: Vec<ToolClassification>,
 
-    /// The rules. Names are unique within the policy.
-    #[schemars(length(min = 1, max = 256))]
+    /// The rules. Names are unique within the policy. A policy may have none
+    /// and only classify or pin tools (`tools`).
+    #[serde(default)]
+    #[schemars(length(max = 256))]
     #[schemars(extend("x-kubernetes-validations" = [{
         "rule": "self.all(a, self.exists_one(b, b.name == a.name))",
         "message": "rules[].name must be unique within a ToolPolicy: two rules share a name; rename one"

@@ -84,6 +84,24 @@ pub struct SnapshotContent {
     /// so the sidecar can check "the delegator was itself allowed it" without
     /// the delegator's snapshot. Sorted by agent.
     pub delegators: Vec<AgentAuthority>,
+    /// Tool definition pins of the policies targeting the agent (their
+    /// `tools[].definition`), sorted by server, then tool. Held to by each
+    /// tool server's `toolPinning`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pins: Vec<SnapshotPin>,
+}
+
+/// The pin of one tool: the definition hashes the agent's policies pin it to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotPin {
+    /// The tool server's name (literal).
+    pub server: String,
+    /// The tool's name (literal).
+    pub tool: String,
+    /// `sha256:<hex>` hashes, sorted and deduplicated: one is the pin; more
+    /// are conflicting pins, which no definition matches.
+    pub definitions: Vec<String>,
 }
 
 /// One agent's own authority: its rules and tool classifications.
@@ -96,7 +114,9 @@ pub struct AgentAuthority {
     pub require_delegation: bool,
     /// Names of the agent's tool servers, sorted.
     pub tool_servers: Vec<String>,
-    /// Tool classifications of the policies targeting the agent, in policy order.
+    /// Tool classifications of the policies targeting the agent, in policy
+    /// order: their effects (pins are in [`SnapshotContent::pins`], and a
+    /// classification that only pins is left out).
     pub classifications: Vec<ToolClassification>,
     /// The rules of the (valid) policies targeting the agent, sorted by policy,
     /// then rule name.

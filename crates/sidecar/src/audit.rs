@@ -82,6 +82,18 @@ pub struct AuditApproval<'a> {
     pub phase: &'a str,
 }
 
+/// The definition hashes of a tool whose call pinning refused (or, in dry
+/// run, would have refused). Fields in byte order of their JSON names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct AuditDefinition<'a> {
+    /// The tool's current definition hash, when one has been listed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current: Option<&'a str>,
+    /// The pinned hash, when the tool has exactly one pin.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<&'a str>,
+}
+
 /// One decision, as the call path knows it; [`AuditLog::write`] adds the
 /// sidecar's `kid`, `seq` and `prevSeq`.
 #[derive(Clone, Debug)]
@@ -101,6 +113,9 @@ pub struct AuditRecord<'a> {
     /// `allow`, `deny`, `wouldDeny`, `approval` (refused for want of a
     /// person's approval) or `wouldRequireApproval` (dry run: forwarded).
     pub decision: &'a str,
+    /// The pinned and current definition of a tool whose call tool
+    /// definition pinning refused (rule `toolPinning`); absent otherwise.
+    pub definition: Option<AuditDefinition<'a>>,
     /// The verified user who initiated the task; absent when the chain's origin
     /// agent did.
     pub initiator: Option<&'a str>,
@@ -139,6 +154,8 @@ struct DecisionLine<'r, 'a> {
     correlation: &'a str,
     decision: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    definition: Option<&'r AuditDefinition<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     initiator: Option<&'a str>,
     /// The sidecar's key id.
     kid: &'r str,
@@ -169,6 +186,7 @@ impl<'r, 'a> DecisionLine<'r, 'a> {
             chain: record.chain,
             correlation: record.correlation,
             decision: record.decision,
+            definition: record.definition.as_ref(),
             initiator: record.initiator,
             kid,
             latency_us: record.latency_us,

@@ -21,6 +21,7 @@ fn record<'a>(session: &'a str, prev: Option<&'a str>, tool: &'a str) -> AuditRe
         chain: &[],
         correlation: "c",
         decision: "allow",
+        definition: None,
         initiator: None,
         latency_us: 3,
         method: "tools/call",
@@ -228,4 +229,39 @@ fn formats_rfc3339() {
         rfc3339_millis(1_700_000_000_123),
         "2023-11-14T22:13:20.123Z"
     );
+}
+
+#[test]
+fn pinning_refusals_name_both_hashes_in_canonical_order() {
+    let (log, buffer, _) = log_to_buffer(100);
+    let mut refused = record("s1", None, "refund");
+    refused.decision = "deny";
+    refused.rule = "toolPinning";
+    refused.definition = Some(AuditDefinition {
+        current: Some("sha256:22"),
+        pinned: Some("sha256:11"),
+    });
+    log.write(&refused).unwrap();
+    let mut unseen = record("s2", None, "refund");
+    unseen.definition = Some(AuditDefinition {
+        current: None,
+        pinned: None,
+    });
+    log.write(&unseen).unwrap();
+    log.write(&record("s3", None, "t")).unwrap();
+    let text = buffer.text();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|line| {
+            let value: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(canonical(&value), line);
+            value
+        })
+        .collect();
+    assert_eq!(
+        lines[0]["definition"],
+        serde_json::json!({"current": "sha256:22", "pinned": "sha256:11"})
+    );
+    assert_eq!(lines[1]["definition"], serde_json::json!({}));
+    assert!(lines[2].get("definition").is_none(), "{}", lines[2]);
 }

@@ -3,7 +3,10 @@
 //! limits (session max calls, rate limits), records the step, writes the audit
 //! record and mints the assertion, and turns the outcome back into what the proxy
 //! does (forward, or answer with a JSON-RPC error). `tools/list`-style results are
-//! filtered here with the engine's `visible`, the same rules as calls.
+//! filtered here with the engine's `visible`, the same rules as calls, and with
+//! the tools' definition pins where the server enforces them: a listed tool's
+//! definition is hashed as the list passes ([`crate::inventory`]), and a call
+//! looks its tool's last hash up.
 //!
 //! Resources and prompts are governed by the same rule model under names of their
 //! own: `resources/read` of `file:///x` is decided as tool `resource:file:///x`,
@@ -12,25 +15,41 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use chaperone_policy::model::{EnforcementMode, ToolPinning};
 use chaperone_policy::{
-    ApprovalRequirement, Decision, DecisionRequest, Engine, GrantKey, Verdict, redact,
+    ApprovalRequirement, CurrentDefinition, Decision, DecisionRequest, Engine, GrantKey,
+    PinVerdict, Reason, Verdict, redact,
 };
 use serde_json::{Value, json};
 
 use crate::approvals::{ApprovalAsk, HeldRefusal};
 use crate::assertion::{Actor, AssertionSigner, Claims, HexId, TaskContext};
 use crate::audit::{
-    AuditAgent, AuditApproval, AuditLog, AuditRecord, AuditSession, rfc3339_millis,
+    AuditAgent, AuditApproval, AuditDefinition, AuditLog, AuditRecord, AuditSession, rfc3339_millis,
 };
 use crate::canonical::{args_digest, hex};
-use crate::inventory::{DiscoveredTool, ToolInventory};
+use crate::inventory::{ListedTool, ToolInventory};
 use crate::jsonrpc::{self, Id, Message};
 use crate::methods::{self, Era, Handling};
-use crate::metrics::{DecisionLabels, Metrics};
+use crate::metrics::{DecisionLabels, Metrics, PinningLabels};
 use crate::ratelimit::AgentRateLimits;
 use crate::refusal::AuditUnavailable;
 use crate::session::{Delegation, SessionState, Step, StepDecision};
 use crate::snapshot::{ActivePolicy, Upstream};
+
+/// The method whose calls tool definition pins apply to.
+const TOOLS_CALL: &str = "tools/call";
+
+/// The `reason` label of the pinning metric for a verdict that does not pass.
+fn pinning_reason(verdict: &PinVerdict) -> &'static str {
+    match verdict {
+        PinVerdict::Differs { .. } => "changed",
+        PinVerdict::Unpinned { .. } => "unpinned",
+        PinVerdict::Conflicting { .. } => "conflicting",
+        PinVerdict::Unknown => "unseen",
+        PinVerdict::Unchecked | PinVerdict::Matches => "none",
+    }
+}
 
 /// Prefix of the policy name of a resource.
 pub const RESOURCE_PREFIX: &str = "resource:";
@@ -220,6 +239,8 @@ pub struct RecordEntry<'a> {
     pub now_ms: i64,
     /// The approval the call was held for, if any.
     pub approval: Option<AuditApproval<'a>>,
+    /// The pinned and current definition of a call pinning refused.
+    pub definition: Option<AuditDefinition<'a>>,
 }
 
 /// A message refused before policy (see [`Enforcer::refuse_message`]).
@@ -322,6 +343,10 @@ impl Enforcer {
         let empty = Value::Object(serde_json::Map::new());
         let arguments = call.arguments.unwrap_or(&empty);
         let delegation = session.delegation.clone();
+        // Pins are of tools, and looked up only where they are enforced.
+        let current = (call.method == TOOLS_CALL
+            && engine.tool_pinning(&upstream.name) == ToolPinning::Enforce)
+            .then(|| self.inventory.current_hash(&upstream.name, call.name));
         let (decision, grant_used) = decide_in_session(
             engine,
             &DecisionRequest {
@@ -333,9 +358,29 @@ impl Enforcer {
                 initiator: delegation.as_ref().and_then(|d| d.initiator.as_deref()),
                 now: now_ms.div_euclid(1000),
                 approved: call.approval.is_some(),
+                definition: current
+                    .as_ref()
+                    .map_or(CurrentDefinition::NotApplicable, |hash| {
+                        CurrentDefinition::of(hash.as_deref())
+                    }),
             },
             delegation.as_deref(),
         );
+        let pin = match &decision.reason {
+            Reason::ToolPinning(verdict) => Some(verdict),
+            _ => None,
+        };
+        if let Some(verdict) = pin
+            && !decision.dry_run
+        {
+            self.metrics
+                .tool_pinning_blocked
+                .get_or_create(&PinningLabels {
+                    blocked: "call",
+                    reason: pinning_reason(verdict),
+                })
+                .inc();
+        }
         let mut allowed = decision.verdict == Verdict::Allow;
         // A call decided again after its approval never asks again (the
         // engine allows it): were it to, it is refused (fail closed).
@@ -445,6 +490,10 @@ impl Enforcer {
                 latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
                 now_ms,
                 approval: call.approval.copied(),
+                definition: pin.map(|verdict| AuditDefinition {
+                    current: verdict.current(),
+                    pinned: verdict.pinned(),
+                }),
             },
         )?;
         let correlation = correlation.as_str();
@@ -456,8 +505,16 @@ impl Enforcer {
             .decision_seconds
             .observe(started.elapsed().as_secs_f64());
         if !forward {
-            let message =
-                format!("Chaperone denied this call: rule {rule:?} (correlation id {correlation})");
+            // A pinning refusal says why: the agent can list the tools, a
+            // person can review and pin the new definition.
+            let message = match pin {
+                Some(verdict) => format!(
+                    "Chaperone denied this call: rule {rule:?}: {verdict} (correlation id {correlation})"
+                ),
+                None => format!(
+                    "Chaperone denied this call: rule {rule:?} (correlation id {correlation})"
+                ),
+            };
             let data = json!({"rule": rule, "correlationId": correlation});
             return Ok(CallOutcome {
                 forward: false,
@@ -589,6 +646,7 @@ impl Enforcer {
                 latency_us: 0,
                 now_ms,
                 approval: refusal.audit(),
+                definition: None,
             },
         )?;
         self.metrics
@@ -645,6 +703,7 @@ impl Enforcer {
             chain: delegation.map_or(&[][..], |d| &d.audit_chain),
             correlation: correlation.as_str(),
             decision: entry.decision,
+            definition: entry.definition,
             initiator: delegation.and_then(|d| d.initiator.as_deref()),
             latency_us: entry.latency_us,
             method: entry.method,
@@ -700,6 +759,7 @@ impl Enforcer {
                 latency_us: 0,
                 now_ms: unix_ms(),
                 approval: None,
+                definition: None,
             },
         )?;
         self.metrics
@@ -723,27 +783,54 @@ impl Enforcer {
 
     /// Filters a list result (`tools`, `resources`, `resourceTemplates`,
     /// `prompts`) in place with the engine's `visible`, recording listed tools
-    /// in the inventory. Entries without a readable name are dropped.
+    /// and their definitions in the inventory. Where the server's
+    /// `toolPinning` is not `off`, each listed tool's definition is hashed;
+    /// where it is `enforce`, a governed tool whose definition does not match
+    /// its pin is hidden too (not for a dry-run agent, whose calls to it are
+    /// audited as would-deny). Entries without a readable name are dropped.
     pub fn filter_list_result(&self, active: &ActivePolicy, server: &str, result: &mut Value) {
         let Some(result) = result.as_object_mut() else {
             return;
         };
         let engine = &active.engine;
         if let Some(Value::Array(tools)) = result.get_mut("tools") {
-            let mut seen = Vec::with_capacity(tools.len());
-            tools.retain(|tool| match tool.get("name").and_then(Value::as_str) {
-                Some(name) => {
-                    let visible = engine.visible(server, name);
-                    seen.push(DiscoveredTool {
-                        server: server.to_owned(),
-                        name: name.to_owned(),
-                        governed: visible,
-                    });
-                    visible
+            let pinning = engine.tool_pinning(server);
+            let hide_blocked = pinning == ToolPinning::Enforce
+                && active.snapshot.content.mode != EnforcementMode::DryRun;
+            let mut keep = Vec::with_capacity(tools.len());
+            let mut listed = Vec::with_capacity(tools.len());
+            for tool in tools.iter() {
+                let Some(name) = tool.get("name").and_then(Value::as_str) else {
+                    keep.push(false);
+                    continue;
+                };
+                let visible = engine.visible(server, name);
+                let hash = (pinning != ToolPinning::Off).then(|| ToolInventory::hash_of(tool));
+                let mut shown = visible;
+                if visible && hide_blocked {
+                    let verdict = engine.pin_verdict(server, name, hash.as_deref());
+                    if !verdict.passes() {
+                        shown = false;
+                        self.metrics
+                            .tool_pinning_blocked
+                            .get_or_create(&PinningLabels {
+                                blocked: "listed",
+                                reason: pinning_reason(&verdict),
+                            })
+                            .inc();
+                    }
                 }
-                None => false,
-            });
-            self.inventory.record(seen);
+                keep.push(shown);
+                listed.push(ListedTool {
+                    name,
+                    governed: visible,
+                    definition: hash.map(|hash| (tool, hash)),
+                });
+            }
+            self.inventory
+                .record_list(server, &listed, unix_ms().div_euclid(1000));
+            let mut keep = keep.into_iter();
+            tools.retain(|_| keep.next().unwrap_or(false));
         }
         let mut filter = |key: &str, field: &str, prefix: &str| {
             if let Some(Value::Array(items)) = result.get_mut(key) {

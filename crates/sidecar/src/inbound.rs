@@ -614,6 +614,7 @@ impl Inbound {
                     latency_us: 0,
                     now_ms,
                     approval: None,
+                    definition: None,
                 },
             )
             .map(|(correlation, _)| correlation)

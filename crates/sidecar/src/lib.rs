@@ -10,7 +10,8 @@
 //! - snapshots in: [`Sidecar::snapshots`] → [`SnapshotSource::update`] (ACK on
 //!   `Ok(version)`, NACK on `Err`);
 //! - key registration out: [`Sidecar::key_registration`];
-//! - tool inventory out: [`Sidecar::tool_inventory`] (a `watch` of the set);
+//! - tool inventory out: [`Sidecar::tool_inventory`] (a `watch` of the set,
+//!   each tool with its last listed definition hash and JSON);
 //! - audit batches out: [`Sidecar::take_audit_records`] (bounded queue, drops
 //!   counted in `chaperone_sidecar_audit_dropped_total`);
 //! - peer keys in: [`Sidecar::peer_keys`] (the live sidecars' JWKS);
@@ -170,7 +171,8 @@ impl Sidecar {
         self.gateway.enforcer.signer.registration()
     }
 
-    /// The tools seen in `tools/list` results, deduplicated.
+    /// The tools seen in `tools/list` results: one entry per server and tool,
+    /// with its last listed definition (where `toolPinning` is not `off`).
     pub fn tool_inventory(&self) -> watch::Receiver<BTreeSet<DiscoveredTool>> {
         self.gateway.enforcer.inventory.subscribe()
     }

@@ -63,7 +63,8 @@ pub const CLIENT_METHODS: &[KnownMethod] = &[
     // Lifecycle and discovery.
     row("initialize", Era::Legacy, Handling::Pass),
     row("notifications/initialized", Era::Legacy, Handling::Pass),
-    row("server/discover", Era::Both, Handling::Pass),
+    // Filtered like a list: a server may list its tools in its answer.
+    row("server/discover", Era::Both, Handling::List),
     row("subscriptions/listen", Era::Stateless, Handling::Pass),
     // Utilities.
     row("ping", Era::Legacy, Handling::Pass),

@@ -24,6 +24,15 @@ pub struct ApprovalLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of the tool definition pinning counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PinningLabels {
+    /// `call` (a call refused) or `listed` (a tool hidden from a list).
+    pub blocked: &'static str,
+    /// `changed`, `unpinned`, `conflicting` or `unseen`.
+    pub reason: &'static str,
+}
+
 /// Label of a refused-request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
@@ -75,6 +84,9 @@ pub struct Metrics {
     pub connections_refused: Family<ListenerLabels, Counter>,
     /// Connections closed by a timeout, per listener and timeout.
     pub connections_timed_out: Family<ConnectionTimeoutLabels, Counter>,
+    /// Calls refused and tools hidden because a tool's definition does not
+    /// match its pin (`enforce`), by reason.
+    pub tool_pinning_blocked: Family<PinningLabels, Counter>,
 }
 
 impl Metrics {
@@ -144,6 +156,12 @@ impl Metrics {
             "Connections closed by a timeout, per listener and timeout (header, idle, keepalive)",
             connections_timed_out.clone(),
         );
+        let tool_pinning_blocked = Family::<PinningLabels, Counter>::default();
+        registry.register(
+            "tool_pinning_blocked",
+            "Calls refused (blocked=call) and tools hidden from lists (blocked=listed) because a tool's definition does not match its pin, by reason",
+            tool_pinning_blocked.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -157,6 +175,7 @@ impl Metrics {
             connections_open,
             connections_refused,
             connections_timed_out,
+            tool_pinning_blocked,
         }
     }
 

@@ -44,8 +44,9 @@ pub fn agent_issuer(namespace: &str, name: &str) -> String {
 #[derive(Debug)]
 pub struct ActivePolicy {
     /// The snapshot as received, less the rules and tool classifications of
-    /// the agent and its delegators: the engine holds those, compiled, and a
-    /// second copy of a 1,000-tool policy would cost megabytes.
+    /// the agent and its delegators and the tool definition pins: the engine
+    /// holds those, compiled, and a second copy of a 1,000-tool policy would
+    /// cost megabytes.
     pub snapshot: Snapshot,
     /// The compiled evaluator.
     pub engine: Engine,
@@ -161,6 +162,7 @@ fn convert(mut snapshot: Snapshot) -> Result<ActivePolicy, SnapshotRejected> {
         authority.rules = Vec::new();
         authority.classifications = Vec::new();
     }
+    snapshot.content.pins = Vec::new();
     let mut upstreams = HashMap::new();
     for server in &snapshot.content.tool_servers {
         let bad = |reason| SnapshotRejected::BadUpstream {

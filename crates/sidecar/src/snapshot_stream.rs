@@ -10,7 +10,8 @@
 //! - keeps its callers' sidecars' keys from snapshots and `KeySet` updates
 //!   ([`crate::peer_keys`]) for delegation verification;
 //! - sends its signing key once per stream, its tool inventory when it changes
-//!   (at most every [`INVENTORY_INTERVAL`]), and its audit records in batches with
+//!   (a tool's definition hash included; at most every [`INVENTORY_INTERVAL`];
+//!   [`wire::inventory_report`]), and its audit records in batches with
 //!   the count of records dropped since the last batch;
 //! - carries the approval requests of held calls out and their answers back
 //!   ([`crate::approvals`]): connected while the stream lasts.
@@ -31,8 +32,7 @@ use std::time::Duration;
 
 use chaperone_wire::v1::{
     Ack, AuditBatch, ControllerMessage, Hello, Nack, SidecarMessage, SigningKey, SnapshotUpdate,
-    ToolInventory, controller_message, sidecar_message,
-    snapshot_service_client::SnapshotServiceClient,
+    controller_message, sidecar_message, snapshot_service_client::SnapshotServiceClient,
 };
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
@@ -250,8 +250,8 @@ impl SnapshotStream {
                     }
                 }
                 () = tokio::time::sleep_until(inventory_at), if inventory_due => {
-                    let tools = self.inventory.borrow_and_update().iter().map(Into::into).collect();
-                    let message = sidecar_message::Message::Inventory(ToolInventory { tools });
+                    let report = wire::inventory_report(self.inventory.borrow_and_update().iter());
+                    let message = sidecar_message::Message::Inventory(report);
                     if tx.send(SidecarMessage { message: Some(message) }).await.is_err() {
                         return (StreamEnd::SendFailed, delivered);
                     }

@@ -13,7 +13,9 @@
 //! writer ([`crate::audit_events`]) reads them, one at a time, so that one bad
 //! record costs only itself.
 
-use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use chaperone_api::tool_definitions::is_definition_hash;
 
 use chaperone_policy::SNAPSHOT_FORMAT_JSON;
 use chaperone_wire::v1::{self, ControllerMessage, SidecarMessage, controller_message};
@@ -26,6 +28,7 @@ use crate::{
     },
     auth::SidecarIdentity,
     index::PublishedSnapshot,
+    tool_definitions::{Inventory, MAX_DEFINITION_BYTES, ReportedDefinition},
 };
 
 /// What a sidecar reported on its stream.
@@ -44,8 +47,9 @@ pub enum SidecarReport {
     },
     /// The public key of the assertions the sidecar signs.
     SigningKey(SigningKey),
-    /// The tools the sidecar saw in tools/list results: (server, tool).
-    Inventory(BTreeSet<(String, String)>),
+    /// The tools the sidecar saw in tools/list results, with their
+    /// definitions.
+    Inventory(Inventory),
     /// Audit records and how many the sidecar dropped.
     Audit(AuditBatch),
     /// The sidecar holds a call and asks for a person's approval.
@@ -134,13 +138,9 @@ impl TryFrom<SidecarMessage> for SidecarReport {
                 error: nack.error,
             },
             Some(Message::SigningKey(key)) => Self::SigningKey(key.try_into()?),
-            Some(Message::Inventory(inventory)) => Self::Inventory(
-                inventory
-                    .tools
-                    .into_iter()
-                    .map(|t| (t.server, t.name))
-                    .collect(),
-            ),
+            Some(Message::Inventory(inventory)) => {
+                Self::Inventory(inventory.tools.into_iter().map(reported_tool).collect())
+            }
             Some(Message::Audit(batch)) => Self::Audit(AuditBatch {
                 records: batch.records,
                 dropped: batch.dropped,
@@ -157,6 +157,21 @@ impl TryFrom<SidecarMessage> for SidecarReport {
             None => return Err(InvalidSidecarMessage::Unknown),
         })
     }
+}
+
+/// One tool of an inventory: its definition when the sidecar sent a
+/// well-formed hash (none where the server's pinning is off, or from a
+/// sidecar that predates pinning); a text over [`MAX_DEFINITION_BYTES`] is
+/// dropped (the sidecar sends none that large).
+fn reported_tool(tool: v1::DiscoveredTool) -> ((String, String), Option<ReportedDefinition>) {
+    let definition = is_definition_hash(&tool.definition_hash).then(|| ReportedDefinition {
+        json: (!tool.definition_json.is_empty()
+            && tool.definition_json.len() <= MAX_DEFINITION_BYTES)
+            .then(|| Arc::from(tool.definition_json)),
+        hash: tool.definition_hash,
+        seen_at: tool.definition_seen_at,
+    });
+    ((tool.server, tool.name), definition)
 }
 
 impl From<v1::ApprovalRequest> for RawApprovalRequest {

@@ -106,11 +106,45 @@ fn an_inventory_is_deduplicated() {
         ],
     })))
     .unwrap();
-    let expected = BTreeSet::from([
-        ("orders".to_owned(), "get_order".to_owned()),
-        ("orders".to_owned(), "refund".to_owned()),
+    let expected = Inventory::from([
+        (("orders".to_owned(), "get_order".to_owned()), None),
+        (("orders".to_owned(), "refund".to_owned()), None),
     ]);
     assert_eq!(report, SidecarReport::Inventory(expected));
+}
+
+#[test]
+fn an_inventory_carries_well_formed_definitions() {
+    let hash = format!("sha256:{}", "ab".repeat(32));
+    let tool = |name: &str, hash: &str, json: String| v1::DiscoveredTool {
+        server: "orders".into(),
+        name: name.into(),
+        definition_hash: hash.into(),
+        definition_json: json,
+        definition_seen_at: 1_800_000_000,
+    };
+    let report = SidecarReport::try_from(message(Message::Inventory(v1::ToolInventory {
+        tools: vec![
+            tool("refund", &hash, r#"{"name":"refund"}"#.into()),
+            tool("huge", &hash, "x".repeat(MAX_DEFINITION_BYTES + 1)),
+            tool("odd", "md5:abc", "{}".into()),
+        ],
+    })))
+    .unwrap();
+    let SidecarReport::Inventory(inventory) = report else {
+        panic!("{report:?}")
+    };
+    let of = |name: &str| inventory[&("orders".to_owned(), name.to_owned())].clone();
+    let refund = of("refund").expect("a definition");
+    assert_eq!(refund.hash, hash);
+    assert_eq!(refund.json.as_deref(), Some(r#"{"name":"refund"}"#));
+    assert_eq!(refund.seen_at, 1_800_000_000);
+    assert_eq!(
+        of("huge").expect("a definition").json,
+        None,
+        "text too large"
+    );
+    assert_eq!(of("odd"), None, "a malformed hash is no definition");
 }
 
 #[test]

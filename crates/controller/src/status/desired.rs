@@ -1,6 +1,7 @@
 //! The status every Chaperone object should have, computed without I/O from
 //! the index, the connected sidecars and the time: conditions and fields of
-//! AgentIdentities (snapshot served, sidecars in sync, tools seen), ToolPolicies
+//! AgentIdentities (snapshot served, sidecars in sync, tools seen and their
+//! definitions against their pins), ToolPolicies
 //! (rules compiled, agents targeted) and DelegationGrants (active, expired),
 //! and which objects a change can affect.
 
@@ -9,9 +10,7 @@ use std::{
     hash::{Hash, Hasher},
 };
 
-use chaperone_api::{
-    AgentIdentityStatus, DelegationGrantStatus, DiscoveredTool, OutOfSyncPod, ToolPolicyStatus,
-};
+use chaperone_api::{AgentIdentityStatus, DelegationGrantStatus, OutOfSyncPod, ToolPolicyStatus};
 use chaperone_policy::{
     AgentKey, CompileError, CompileErrorReason, Engine, ObjectKey, ObjectKind, ObjectRef,
     model::{AgentIdentitySpec, DelegationGrantSpec, Object, ToolPolicySpec},
@@ -21,6 +20,7 @@ use serde_json::{Value, json};
 use crate::{
     index::{Index, grant_namespaces, key_of},
     sidecars::SidecarState,
+    tool_definitions::{AgentTools, KnownDefinitions, agent_tools, pinned_condition},
 };
 
 /// A condition without its transition time (filled in when written).
@@ -47,6 +47,9 @@ pub struct DesiredStatus {
     pub conditions: Vec<ConditionSpec>,
     /// The other status fields (JSON, camelCase), without conditions.
     pub fields: Value,
+    /// Of an AgentIdentity: its discovered tools and what pinning makes of
+    /// them (the definitions' Events, ConfigMap and metric).
+    pub tools: Option<AgentTools>,
 }
 
 /// How many pods `outOfSyncPods` lists at most: the count of all of them is
@@ -63,6 +66,10 @@ impl DesiredStatus {
         self.generation.hash(&mut hasher);
         self.conditions.hash(&mut hasher);
         self.fields.to_string().hash(&mut hasher);
+        // A definition's text arriving changes the ConfigMap, not the status.
+        if let Some(tools) = &self.tools {
+            tools.texts.keys().for_each(|hash| hash.hash(&mut hasher));
+        }
         hasher.finish()
     }
 }
@@ -138,11 +145,13 @@ pub fn objects_to_check(
 
 /// Computes the statuses of `objects`; `None` for an object the index no
 /// longer has. Pure: the index, the sidecars of the AgentIdentities among
-/// `objects` ([`crate::sidecars::SidecarRegistry::of_agents`]) and the time
-/// in, statuses out.
+/// `objects` ([`crate::sidecars::SidecarRegistry::of_agents`]), what their
+/// statuses said of their tools' definitions (`definitions`; an agent missing
+/// from it is taken to have said nothing) and the time in, statuses out.
 pub fn desired_statuses(
     index: &Index,
     sidecars: &BTreeMap<AgentKey, Vec<(String, SidecarState)>>,
+    definitions: &BTreeMap<AgentKey, KnownDefinitions>,
     objects: &[ObjectRef],
     now: i64,
 ) -> Vec<(ObjectRef, Option<DesiredStatus>)> {
@@ -166,7 +175,9 @@ pub fn desired_statuses(
             let status = match object.kind {
                 ObjectKind::AgentIdentity => index.identity(key).map(|identity| {
                     let connected = sidecars.get(key).map(Vec::as_slice).unwrap_or_default();
-                    identity_status(index, identity, connected)
+                    let nothing = KnownDefinitions::new();
+                    let known = definitions.get(key).unwrap_or(&nothing);
+                    identity_status(index, identity, connected, known, now)
                 }),
                 ObjectKind::ToolPolicy => index.policy(key).map(|policy| {
                     let candidates = by_namespace
@@ -188,6 +199,8 @@ fn identity_status(
     index: &Index,
     identity: &Object<AgentIdentitySpec>,
     connected: &[(String, SidecarState)],
+    known: &KnownDefinitions,
+    now: i64,
 ) -> DesiredStatus {
     let key = key_of(identity);
     let snapshot = index.snapshot(&key);
@@ -234,7 +247,6 @@ fn identity_status(
 
     let current_hash = snapshot.as_ref().map(|s| s.hash.as_str());
     status.sidecars_connected = connected.len() as i32;
-    let mut inventory = BTreeSet::new();
     for (pod, state) in connected {
         let in_sync = state
             .acked
@@ -255,25 +267,20 @@ fn identity_status(
                     .map(|(v, e)| format!("rejected v{v}: {e}")),
             });
         }
-        inventory.extend(state.inventory.iter().cloned());
     }
-    if !inventory.is_empty() {
-        // The rules are needed here only: decoded from the published bytes.
-        let engine = snapshot
-            .as_ref()
-            .and_then(|s| s.decode().ok())
-            .and_then(|s| Engine::new(&s).ok());
-        status.discovered_tools = inventory
-            .into_iter()
-            .map(|(server, name)| {
-                let governed = engine.as_ref().is_some_and(|e| e.visible(&server, &name));
-                DiscoveredTool {
-                    server,
-                    name,
-                    governed,
-                }
-            })
-            .collect();
+    let any_tools = connected.iter().any(|(_, s)| !s.inventory.is_empty());
+    // The rules and pins are needed here only: decoded from the published
+    // bytes, and only for an agent whose sidecars saw tools.
+    let engine = snapshot
+        .as_ref()
+        .filter(|_| any_tools)
+        .and_then(|s| s.decode().ok())
+        .and_then(|s| Engine::new(&s).ok());
+    let tools = agent_tools(connected, engine.as_ref(), known, now);
+    let modes = identity.spec.tool_servers.iter().map(|s| s.tool_pinning);
+    conditions.push(pinned_condition(&tools, modes));
+    if !tools.tools.is_empty() {
+        status.discovered_tools = tools.tools.clone();
         status.governed_tool_count = Some(
             status
                 .discovered_tools
@@ -290,6 +297,7 @@ fn identity_status(
         generation: identity.metadata.generation,
         conditions,
         fields: to_fields(&status),
+        tools: Some(tools),
     }
 }
 
@@ -329,6 +337,7 @@ pub(super) fn policy_status(
         generation: policy.metadata.generation,
         conditions: vec![ready],
         fields: to_fields(&status),
+        tools: None,
     }
 }
 
@@ -387,6 +396,7 @@ fn grant_status(
         generation: grant.metadata.generation,
         conditions,
         fields: to_fields(&status),
+        tools: None,
     }
 }
 

@@ -3,9 +3,13 @@
 //! server-side apply (field manager [`FIELD_MANAGER`]) by the leader only
 //! ([`run_writer`]).
 //!
-//! The parts: `desired` (what each status should be, pure) and `writer` (the
-//! leader's writer and the grant-expiry ticker, the I/O around it).
+//! The parts: `desired` (what each status should be, pure), `writer` (the
+//! leader's writer and the grant-expiry ticker, the I/O around it) and
+//! `definitions` (the writer's reads and writes of tool definitions: the
+//! statuses read back by a new leader, the `<agent>-tool-definitions`
+//! ConfigMaps).
 
+mod definitions;
 mod desired;
 mod writer;
 

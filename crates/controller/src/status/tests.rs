@@ -75,7 +75,7 @@ fn out_of_sync_pods_are_listed_up_to_the_cap_and_all_counted() {
         key: agent,
     };
 
-    let statuses = desired_statuses(&index, &sidecars, &[object], NOW);
+    let statuses = desired_statuses(&index, &sidecars, &BTreeMap::new(), &[object], NOW);
 
     let status = statuses[0].1.as_ref().expect("the identity exists");
     assert_eq!(
@@ -97,7 +97,7 @@ fn a_deleted_object_has_no_status() {
         key: key("a", "gone"),
     };
 
-    let statuses = desired_statuses(&index, &BTreeMap::new(), &[object], NOW);
+    let statuses = desired_statuses(&index, &BTreeMap::new(), &BTreeMap::new(), &[object], NOW);
 
     assert!(statuses[0].1.is_none());
 }

@@ -1,6 +1,8 @@
 //! The I/O around the desired statuses: the leader's writer, which patches
 //! them by server-side apply (field manager [`FIELD_MANAGER`]) when they
-//! changed, and the ticker that recompiles every agent when a grant expires.
+//! changed (an agent's tool definitions' ConfigMap first, its
+//! `ToolDefinitionChanged` Events after), and the ticker that recompiles
+//! every agent when a grant expires.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -21,9 +23,16 @@ use tokio::sync::watch;
 
 use super::{
     FIELD_MANAGER,
+    definitions::{read_known_definitions, write_definitions},
     desired::{DesiredStatus, all_objects, desired_statuses, next_expiry, objects_to_check},
 };
-use crate::{index::SharedIndex, metrics::Metrics, sidecars::SidecarRegistry};
+use crate::{
+    audit_events::AuditEvents,
+    index::SharedIndex,
+    metrics::Metrics,
+    sidecars::SidecarRegistry,
+    tool_definitions::{KnownDefinitions, change_event, remember},
+};
 
 /// Status patches in flight at once: enough to hide the API server's latency,
 /// few enough not to crowd out the watches and the sidecars' streams.
@@ -42,6 +51,20 @@ struct Written {
     transitions: Transitions,
 }
 
+/// What the writer remembers of an agent's tool definitions (this
+/// leadership term only; a new leader reads them back from the API server).
+#[derive(Clone, Debug, Default)]
+pub(super) struct AgentMemory {
+    /// The AgentIdentity's uid (the owner of its definitions' ConfigMap),
+    /// once known.
+    pub uid: Option<String>,
+    /// What its status said of each tool's definition.
+    pub known: KnownDefinitions,
+    /// Its definitions' ConfigMap data as last read or written; `None`: not
+    /// read yet.
+    pub config_map: Option<BTreeMap<String, String>>,
+}
+
 /// The leader's status writer: it recomputes only the objects that the index
 /// or the sidecar registry marked as changed
 /// ([`crate::index::Index::take_status_dirty`],
@@ -50,7 +73,11 @@ struct Written {
 struct StatusWriter {
     client: Client,
     metrics: Arc<Metrics>,
+    events: Arc<AuditEvents>,
     written: HashMap<ObjectRef, Written>,
+    /// Per agent: its tool definitions; `None` until read back from the API
+    /// server at the start of a leadership term.
+    agents: Option<BTreeMap<AgentKey, AgentMemory>>,
     /// Objects to compute (and patch if changed), including failed patches.
     pending: BTreeSet<ObjectRef>,
     /// Check every object on the next pass (a new leader; the start).
@@ -64,12 +91,15 @@ pub async fn run_writer(
     index: Arc<SharedIndex>,
     sidecars: Arc<SidecarRegistry>,
     metrics: Arc<Metrics>,
+    events: Arc<AuditEvents>,
     mut leader: watch::Receiver<bool>,
 ) {
     let mut writer = StatusWriter {
         client,
         metrics,
+        events,
         written: HashMap::new(),
+        agents: None,
         pending: BTreeSet::new(),
         everything: true,
     };
@@ -85,6 +115,21 @@ pub async fn run_writer(
             writer.written.clear();
             writer.pending.clear();
             writer.everything = true;
+            writer.agents = None;
+        } else if writer.agents.is_none() {
+            // What the statuses say of tool definitions, before any is
+            // written: "changed" is derived from it.
+            match read_known_definitions(&writer.client).await {
+                Ok(agents) => {
+                    writer.agents = Some(agents);
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reading the AgentIdentities' tool definitions failed; will retry");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
         } else if index.is_synced() {
             {
                 let index = index.lock();
@@ -138,12 +183,22 @@ impl StatusWriter {
             } else {
                 sidecars.of_agents(&agents)
             };
-            let desired = desired_statuses(&index.lock(), &connected, &chunk, crate::unix_now());
+            let agent_memory = self.agents.get_or_insert_default();
+            let known: BTreeMap<AgentKey, KnownDefinitions> = agents
+                .iter()
+                .filter_map(|a| Some((a.clone(), agent_memory.get(a)?.known.clone())))
+                .collect();
+            let desired =
+                desired_statuses(&index.lock(), &connected, &known, &chunk, crate::unix_now());
             drop(connected);
             let mut patches = Vec::new();
             for (object, status) in desired {
                 let Some(status) = status else {
                     self.written.remove(&object);
+                    if object.kind == ObjectKind::AgentIdentity {
+                        agent_memory.remove(&object.key);
+                        self.metrics.tools_blocked(&object.key, None);
+                    }
                     continue;
                 };
                 let fingerprint = status.fingerprint();
@@ -156,9 +211,27 @@ impl StatusWriter {
                 patches.push((status, conditions, fingerprint));
             }
             let client = &self.client;
+            let memory = &*agent_memory;
             let results: Vec<_> = futures_util::stream::iter(patches)
                 .map(|(status, conditions, fingerprint)| async move {
-                    let result = patch_status(client, &status, &conditions).await;
+                    // The texts first: a status that shows a changed tool
+                    // finds both its definitions in the ConfigMap.
+                    let definitions = match &status.tools {
+                        Some(tools) => {
+                            let agent = &status.object.key;
+                            let remembered = memory.get(agent).cloned().unwrap_or_default();
+                            write_definitions(client, agent, remembered, tools)
+                                .await
+                                .map(Some)
+                        }
+                        None => Ok(None),
+                    };
+                    let result = match definitions {
+                        Ok(definitions) => patch_status(client, &status, &conditions)
+                            .await
+                            .map(|()| definitions),
+                        Err(error) => Err(error),
+                    };
                     (status, conditions, fingerprint, result)
                 })
                 .buffer_unordered(PATCHES_IN_FLIGHT)
@@ -166,8 +239,19 @@ impl StatusWriter {
                 .await;
             for (status, conditions, fingerprint, result) in results {
                 match result {
-                    Ok(()) => {
+                    Ok(definitions) => {
                         self.metrics.status_patched(true);
+                        if let (Some(tools), Some(mut memory)) = (&status.tools, definitions) {
+                            let agent = &status.object.key;
+                            for change in &tools.changes {
+                                self.metrics.tool_definition_changed();
+                                self.events.record(change_event(agent, change));
+                            }
+                            self.metrics
+                                .tools_blocked(agent, Some(tools.blocked.len() as i64));
+                            remember(&mut memory.known, &tools.tools);
+                            agent_memory.insert(agent.clone(), memory);
+                        }
                         let transitions = status
                             .conditions
                             .iter()

@@ -80,5 +80,6 @@ pub fn request<'a>(
         initiator: None,
         now: NOW,
         approved: false,
+        definition: Default::default(),
     }
 }

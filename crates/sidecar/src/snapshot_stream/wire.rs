@@ -140,13 +140,39 @@ impl From<v1::Identity> for StreamIdentity {
     }
 }
 
+/// Most bytes of definition JSON in one inventory report: the report stays
+/// well inside gRPC's 4 MiB message limit whatever the number of tools.
+pub const INVENTORY_JSON_BUDGET: usize = 2 << 20;
+
+/// The inventory report of `tools`: every tool with its definition hash;
+/// definition JSON for the most recently seen definitions first, while
+/// [`INVENTORY_JSON_BUDGET`] lasts (the others by hash only).
+pub fn inventory_report<'a>(
+    tools: impl IntoIterator<Item = &'a DiscoveredTool>,
+) -> v1::ToolInventory {
+    let mut tools: Vec<v1::DiscoveredTool> = tools.into_iter().map(Into::into).collect();
+    let mut newest_first: Vec<usize> = (0..tools.len()).collect();
+    newest_first.sort_by_key(|&i| std::cmp::Reverse(tools[i].definition_seen_at));
+    let mut budget = INVENTORY_JSON_BUDGET;
+    for i in newest_first {
+        let json = &mut tools[i].definition_json;
+        match budget.checked_sub(json.len()) {
+            Some(left) => budget = left,
+            None => json.clear(),
+        }
+    }
+    v1::ToolInventory { tools }
+}
+
 impl From<&DiscoveredTool> for v1::DiscoveredTool {
     fn from(tool: &DiscoveredTool) -> Self {
+        let definition = tool.definition.as_ref();
         Self {
             server: tool.server.clone(),
             name: tool.name.clone(),
-            // TODO(#18): the sidecar reports definitions.
-            ..Default::default()
+            definition_hash: definition.map(|d| d.hash.clone()).unwrap_or_default(),
+            definition_json: definition.and_then(|d| d.json.clone()).unwrap_or_default(),
+            definition_seen_at: definition.map_or(0, |d| d.seen_at),
         }
     }
 }

@@ -188,3 +188,61 @@ fn decodes_the_golden_snapshot_update() {
     assert_eq!(key["chaperone.dev/agent"], "shop/frontdesk");
     chaperone_policy::Engine::new(snapshot).expect("the golden snapshot can be put in force");
 }
+
+fn discovered(name: &str, definition: Option<(&str, usize, i64)>) -> DiscoveredTool {
+    DiscoveredTool {
+        server: "orders".into(),
+        name: name.into(),
+        governed: true,
+        definition: definition.map(
+            |(hash, json_len, seen_at)| crate::inventory::ToolDefinition {
+                hash: hash.into(),
+                json: Some("x".repeat(json_len)),
+                seen_at,
+            },
+        ),
+    }
+}
+
+#[test]
+fn inventory_reports_carry_definition_hash_json_and_time() {
+    let tools = [
+        discovered("refund", Some(("sha256:aa", 12, 1_700_000_000))),
+        discovered("lookup", None),
+    ];
+    let report = inventory_report(&tools);
+    assert_eq!(report.tools.len(), 2);
+    let refund = &report.tools[0];
+    assert_eq!(
+        (
+            refund.definition_hash.as_str(),
+            refund.definition_json.len(),
+            refund.definition_seen_at
+        ),
+        ("sha256:aa", 12, 1_700_000_000)
+    );
+    let lookup = &report.tools[1];
+    assert_eq!(lookup.definition_hash, "");
+    assert_eq!(lookup.definition_json, "");
+    assert_eq!(lookup.definition_seen_at, 0);
+}
+
+#[test]
+fn inventory_reports_keep_the_newest_definitions_within_budget() {
+    let big = crate::inventory::MAX_DEFINITION_JSON_BYTES;
+    let tools: Vec<DiscoveredTool> = (0..40)
+        .map(|i| discovered(&format!("t{i:02}"), Some(("sha256:aa", big, i))))
+        .collect();
+    let report = inventory_report(&tools);
+    let total: usize = report.tools.iter().map(|t| t.definition_json.len()).sum();
+    assert!(total <= INVENTORY_JSON_BUDGET, "{total}");
+    // The newest keep their text; every tool keeps its hash.
+    assert_eq!(report.tools[39].definition_json.len(), big);
+    assert_eq!(report.tools[0].definition_json, "");
+    assert!(
+        report
+            .tools
+            .iter()
+            .all(|t| t.definition_hash == "sha256:aa")
+    );
+}

@@ -9,6 +9,7 @@
 mod agent;
 mod calls;
 mod delegate;
+mod list;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +36,11 @@ enum Command {
         /// Which tools to serve.
         #[arg(long, value_enum)]
         tools: ToolSet,
+        /// Changed tool definitions, followed while the server runs: a JSON
+        /// object `{"TOOL": {"description": "…", "inputSchema": {…}}}` (a
+        /// missing file is no change).
+        #[arg(long, value_name = "FILE")]
+        edits: Option<PathBuf>,
     },
     /// Serve the worker agent app: one tool `run_<server>` {tool, arguments}
     /// per `--server`, calling `<sidecar>/<server>` through the agent's own
@@ -60,6 +66,16 @@ enum Command {
         /// The sidecar's audit log (its standard output), read for the decisions.
         #[arg(long)]
         audit_log: PathBuf,
+    },
+    /// List a tool server's tools through the sidecar (what the agent's model
+    /// would be offered), with the first line of each description.
+    List {
+        /// The sidecar's MCP proxy.
+        #[arg(long, default_value = "http://127.0.0.1:15001")]
+        sidecar: String,
+        /// The tool server (its name at the sidecar).
+        #[arg(long)]
+        server: String,
     },
     /// Make a few tool calls in one MCP session through the sidecar and print
     /// each outcome and how long it took.
@@ -90,14 +106,23 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
-        Command::ToolServer { listen, tools } => {
+        Command::ToolServer {
+            listen,
+            tools,
+            edits,
+        } => {
             init_logging();
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding the {tools:?} tool server to {listen}"))?;
+            let changes = chaperone_demo::ToolEdits::new();
+            if let Some(path) = edits {
+                tokio::spawn(chaperone_demo::follow_edits_file(path, changes.clone()));
+            }
+            let server = chaperone_demo::ToolServer::new(tools).with_edits(changes);
             tracing::info!(%listen, server = tools.server_name(), "MCP tool server listening");
             tokio::select! {
-                served = chaperone_demo::serve(listener, tools) => served.context("accepting connections")?,
+                served = chaperone_demo::serve_handler(listener, server) => served.context("accepting connections")?,
                 _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
             }
             Ok(())
@@ -120,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Agent { sidecar, audit_log } => agent::run(&sidecar, &audit_log).await,
+        Command::List { sidecar, server } => list::run(&sidecar, &server).await,
         Command::Calls {
             sidecar,
             server,
