@@ -238,15 +238,20 @@ async fn enforces_the_controllers_snapshot_and_follows_policy_edits() -> Result<
 
     apply::<AgentIdentity>(&client, &ns, agent("planner", upstream)).await?;
     apply::<ToolPolicy>(&client, &ns, policy("shop", "planner", "get_order")).await?;
-    let first = sidecar.wait_for_version(0, Duration::from_secs(10)).await?;
+    sidecar.wait_for_version(0, Duration::from_secs(10)).await?;
     assert_eq!(sidecar.ready_status().await, 200);
 
+    // The controller may see the AgentIdentity before the ToolPolicy and push
+    // a snapshot without its rule first: wait for the one that allows.
     let mcp = mcp_client(&sidecar).await?;
-    let allowed = call(&mcp, "get_order").await;
-    assert!(
-        allowed.as_ref().is_ok_and(|t| t.contains("get_order done")),
-        "{allowed:?}"
-    );
+    let allowed = eventually(Duration::from_secs(10), async || {
+        Ok(call(&mcp, "get_order").await.ok())
+    })
+    .await?;
+    assert!(allowed.contains("get_order done"), "{allowed}");
+    let first = sidecar.audit.records().pop().context("no audit record")?["snapshot"]
+        .as_u64()
+        .context("the audit record names no snapshot")?;
     let denied = call(&mcp, "delete_all").await.unwrap_err();
     assert!(denied.contains("no rule allows"), "{denied}");
 
