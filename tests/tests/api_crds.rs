@@ -115,6 +115,18 @@ fn kubectl_explain_shows_field_docs() -> Result<()> {
     assert!(text.contains("further hops"), "{text}");
     let text = kubectl_ok(&["explain", "agentidentity.status.discoveredTools"])?;
     assert!(text.contains("tools/list"), "{text}");
+    // Doc comments' rustdoc links read as plain words.
+    for kind in [
+        "agentidentity",
+        "toolpolicy",
+        "delegationgrant",
+        "toolcallapproval",
+    ] {
+        let text = kubectl_ok(&["explain", kind, "--recursive=false"])?;
+        assert!(!text.contains("[`"), "{text}");
+        let spec = kubectl_ok(&["explain", &format!("{kind}.spec")])?;
+        assert!(!spec.contains("[`"), "{spec}");
+    }
     Ok(())
 }
 
@@ -200,6 +212,24 @@ fn printer_columns_appear_in_kubectl_get() -> Result<()> {
         row.contains("planner") && row.contains("worker"),
         "{grants}"
     );
+    // The controller resolves the expiry into the status; a future time reads
+    // as itself (a `date` column would print `<invalid>`).
+    kubectl_ok(&[
+        "patch",
+        "dgrant",
+        "planner-to-worker",
+        "-n",
+        &ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"expiresAt":"2031-05-06T07:08:09Z"}}"#,
+    ])?;
+    let grants = kubectl_ok(&["get", "dgrant", "-n", &ns])?;
+    assert!(
+        grants.contains("2031-05-06T07:08:09Z") && !grants.contains("<invalid>"),
+        "{grants}"
+    );
     Ok(())
 }
 
@@ -276,7 +306,7 @@ const INVALID: &[(&str, &str, &str)] = &[
     (
         "duplicate tool server names",
         r#"{kind: AgentIdentity, spec: {selector: {serviceAccountName: a}, toolServers: [{name: x, url: "http://a"}, {name: x, url: "http://b"}]}}"#,
-        "toolServers[].name must be unique",
+        "spec.toolServers[1]: Duplicate value",
     ),
     (
         "tool server URL scheme",
@@ -336,7 +366,7 @@ const INVALID: &[(&str, &str, &str)] = &[
     (
         "duplicate rule names",
         r#"{kind: ToolPolicy, spec: {targetRefs: [{name: a}], rules: [{name: r, action: allow, tools: [{name: t}]}, {name: r, action: deny, tools: [{name: u}]}]}}"#,
-        "rules[].name must be unique",
+        "spec.rules[1]: Duplicate value",
     ),
     (
         "argument matcher with two operators",

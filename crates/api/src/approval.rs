@@ -179,6 +179,7 @@ pub struct ToolCallApprovalStatus {
     /// `Approved`, `Denied` or `Expired` (status `True`), with the decider's
     /// reason and message. At most one of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Pending, Approved, Consumed, Denied or Expired.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -87,7 +87,7 @@ pub struct ToolPolicySpecV1(pub model::ToolPolicySpec);
     printcolumn = r#"{"name":"From","type":"string","jsonPath":".spec.from.name"}"#,
     printcolumn = r#"{"name":"To","type":"string","jsonPath":".spec.to.name"}"#,
     printcolumn = r#"{"name":"Max-Depth","type":"integer","jsonPath":".spec.maxDepth"}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".status.expiresAt"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expiresAt","description":"When the grant expires (RFC 3339)"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -100,6 +100,7 @@ pub struct DelegationGrantSpecV1(pub model::DelegationGrantSpec);
 pub struct AgentIdentityStatus {
     /// `Ready` (the snapshot compiled and is served) and problems, with reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` these conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +233,7 @@ impl PinState {
 pub struct ToolPolicyStatus {
     /// `Ready`, or not ready with the failing rule's name and the error.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` these conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -250,6 +252,7 @@ pub struct ToolPolicyStatus {
 pub struct DelegationGrantStatus {
     /// `Ready`, `Expired` or `Invalid`, with reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The `metadata.generation` these conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -269,7 +272,72 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     ]
     .into_iter()
     .map(without_unknown_formats)
+    .map(without_doc_links)
     .collect()
+}
+
+/// Descriptions come from doc comments; `kubectl explain` shows them as text,
+/// so rustdoc links (`` [`ToolPolicy`] ``, `[text](target)`) become their
+/// text (`ToolPolicy`, `text`).
+fn without_doc_links(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::String(text)) = map.get_mut("description") {
+                    *text = plain_text(text);
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut json = serde_json::to_value(&crd).expect("a CRD serialises to JSON");
+    walk(&mut json);
+    serde_json::from_value(json).expect("rewriting descriptions keeps a valid CRD")
+}
+
+/// `text` with each rustdoc link replaced by what it shows: `` [`X`] `` and
+/// `` [`X`](target) `` by `X`, `[words](target)` by `words`. Brackets that are
+/// not a link (`rules[]`, `[a, b]`) stay.
+fn plain_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('[') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find(']') else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        let inner = &after[..close];
+        let tail = &after[close + 1..];
+        let code = inner.len() >= 2 && inner.starts_with('`') && inner.ends_with('`');
+        let target_end = tail
+            .strip_prefix('(')
+            .and_then(|t| t.find(')'))
+            .map(|end| end + 2);
+        match (code, target_end) {
+            (true, Some(end)) => {
+                out.push_str(&inner[1..inner.len() - 1]);
+                rest = &tail[end..];
+            }
+            (true, None) => {
+                out.push_str(&inner[1..inner.len() - 1]);
+                rest = tail;
+            }
+            (false, Some(end)) if !inner.is_empty() => {
+                out.push_str(inner);
+                rest = &tail[end..];
+            }
+            _ => {
+                out.push('[');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Formats the API server understands; schemars also emits `uint32` and the
@@ -310,6 +378,31 @@ fn without_unknown_formats(crd: CustomResourceDefinition) -> CustomResourceDefin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doc_links_become_their_text() {
+        assert_eq!(
+            plain_text("Spec of an [`AgentIdentity`]: who"),
+            "Spec of an AgentIdentity: who"
+        );
+        assert_eq!(
+            plain_text("see [`Rule::name`](crate::Rule) and [the docs](https://x.y/z)."),
+            "see Rule::name and the docs."
+        );
+        assert_eq!(
+            plain_text("rules[].name and [a, b] and [`x`"),
+            "rules[].name and [a, b] and [`x`"
+        );
+        assert_eq!(plain_text("a ] b [ c"), "a ] b [ c");
+        for crd in crds() {
+            let json = serde_json::to_string(&crd).unwrap();
+            assert!(
+                !json.contains("[`"),
+                "{} keeps a doc link",
+                crd.spec.names.kind
+            );
+        }
+    }
 
     #[test]
     fn crds_have_status_subresource_and_category() {

@@ -38,13 +38,11 @@ pub struct AgentIdentitySpec {
     pub selector: AgentSelector,
 
     /// Upstream MCP servers this agent reaches through its sidecar at
-    /// `http://127.0.0.1:15001/<name>`. Names are unique.
+    /// `http://127.0.0.1:15001/<name>`. Names are unique (a list map keyed
+    /// by name: server-side apply merges entries by name).
     #[serde(default)]
     #[schemars(length(max = 64))]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self.all(a, self.exists_one(b, b.name == a.name))",
-        "message": "toolServers[].name must be unique: two tool servers share a name; rename one"
-    }]))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub tool_servers: Vec<ToolServer>,
 
     /// Per-call identity assertions minted by the sidecar.
@@ -359,14 +357,12 @@ pub struct ToolPolicySpec {
     #[schemars(length(max = 256))]
     pub tools: Vec<ToolClassification>,
 
-    /// The rules. Names are unique within the policy. A policy may have none
+    /// The rules. Names are unique within the policy (a list map keyed by
+    /// name: server-side apply merges rules by name). A policy may have none
     /// and only classify or pin tools (`tools`).
     #[serde(default)]
     #[schemars(length(max = 256))]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self.all(a, self.exists_one(b, b.name == a.name))",
-        "message": "rules[].name must be unique within a ToolPolicy: two rules share a name; rename one"
-    }]))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub rules: Vec<Rule>,
 }
 
