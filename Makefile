@@ -12,17 +12,17 @@ all: test
 tools:
 	@bash scripts/tools.sh all
 
-## crds: regenerate crds/ from the Rust types (crates/api)
+## crds: regenerate crds/ and the chart's CRD templates from the Rust types (crates/api)
 crds:
-	$(CARGO) run -q -p chaperone-cli -- crds --out-dir crds
-	rm -f charts/chaperone/crds/*.yaml && cp crds/*.yaml charts/chaperone/crds/
+	rm -rf charts/chaperone/templates/crds
+	$(CARGO) run -q -p chaperone-cli -- crds --out-dir crds --helm-out-dir charts/chaperone/templates/crds
 
-## check-crds: fail when crds/ differs from what the Rust types generate
+## check-crds: fail when crds/ or the chart's CRD templates differ from what the Rust types generate
 check-crds:
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	$(CARGO) run -q -p chaperone-cli -- crds --out-dir "$$tmp" && \
-	if ! diff -ru crds "$$tmp"; then echo "error: crds/ is stale: run 'make crds' and commit the result" >&2; exit 1; fi && \
-	if ! diff -ru crds charts/chaperone/crds; then echo "error: charts/chaperone/crds differs from crds/: run 'make crds'" >&2; exit 1; fi && \
+	$(CARGO) run -q -p chaperone-cli -- crds --out-dir "$$tmp/crds" --helm-out-dir "$$tmp/helm" && \
+	if ! diff -ru crds "$$tmp/crds"; then echo "error: crds/ is stale: run 'make crds' and commit the result" >&2; exit 1; fi && \
+	if ! diff -ru charts/chaperone/templates/crds "$$tmp/helm"; then echo "error: charts/chaperone/templates/crds is stale: run 'make crds'" >&2; exit 1; fi && \
 	echo "crds/ and the chart's CRDs are up to date"
 
 ## check-ring: aws-lc-rs is the only crypto backend; nothing may pull in ring

@@ -103,7 +103,9 @@ pub fn field_path(object: &Value, path: &str) -> Option<String> {
 
 /// The controller's flags (`--name=value`) for the environment the chart's
 /// `deployment` gives it: every variable must be one the controller reads
-/// (`RUST_LOG` aside). Values from the downward API come from `pod` (the
+/// (`RUST_LOG` and `OTEL_*` aside: the filter and the trace exporter's
+/// standard variables, read from the environment by chaperone-telemetry).
+/// Values from the downward API come from `pod` (the
 /// controller's pod as JSON) when given, else a stand-in.
 pub fn controller_flags(deployment: &Value, pod: Option<&Value>) -> Result<Vec<String>> {
     use clap::CommandFactory as _;
@@ -123,7 +125,7 @@ pub fn controller_flags(deployment: &Value, pod: Option<&Value>) -> Result<Vec<S
         .context("env")?
     {
         let name = env["name"].as_str().context("env name")?;
-        if name == "RUST_LOG" {
+        if name == "RUST_LOG" || name.starts_with("OTEL_") {
             continue;
         }
         let flag = by_env.get(name).with_context(|| {

@@ -20,6 +20,7 @@ pub mod chart;
 pub mod kube_fixtures;
 pub mod mcp_fixtures;
 pub mod mcp_servers;
+pub mod otlp_receiver;
 pub mod pki;
 pub mod sidecar_fixtures;
 pub mod tools;

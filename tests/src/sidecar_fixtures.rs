@@ -223,9 +223,16 @@ impl TestSidecar {
             .context("this sidecar has no inbound side")
     }
 
-    /// The HTTP status of `GET /ready`.
+    /// The HTTP status of `GET /readyz`.
     pub async fn ready_status(&self) -> u16 {
-        status_code(&http_get_async(self.admin_port, "/ready").await)
+        status_code(
+            &http_get_async(self.admin_port, chaperone_wire::sidecar_env::READYZ_PATH).await,
+        )
+    }
+
+    /// The HTTP status of `GET /livez`.
+    pub async fn live_status(&self) -> u16 {
+        status_code(&http_get_async(self.admin_port, chaperone_wire::sidecar_env::LIVEZ_PATH).await)
     }
 
     /// Waits until the sidecar holds a snapshot newer than `newer_than`; returns

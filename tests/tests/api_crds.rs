@@ -247,6 +247,7 @@ async fn typed_objects_round_trip_with_defaults() -> Result<()> {
         },
         tool_servers: vec![model::ToolServer {
             tool_pinning: Default::default(),
+            upstream_secret: None,
             name: "orders".into(),
             url: "http://orders.tools.svc:8080/mcp".into(),
             audience: None,

@@ -1,11 +1,15 @@
-//! The Helm chart (`charts/chaperone`): it lints, carries the generated CRDs,
-//! renders objects a real API server accepts, installs and uninstalls (keeping
-//! the CRDs), grants the controller exactly what it uses, sends only pods that
-//! ask for a sidecar to the webhook, and refuses bad values with a message.
+//! The Helm chart (`charts/chaperone`): it lints, carries the generated CRDs as
+//! templates, renders objects a real API server accepts, installs, upgrades the
+//! CRDs from the previous chart version and uninstalls (keeping the CRDs),
+//! grants the controller exactly what it uses, sends only pods that ask for a
+//! sidecar to the webhook, and refuses bad values with a message.
 //!
 //! Helm 4 from the tools cache (and Helm 3 for one test that lints, renders,
-//! installs and uninstalls); the cluster tests share one real control plane.
-//! No kubelet: nothing becomes Ready, so installs never `--wait`.
+//! installs and uninstalls). The cluster tests share one real control plane
+//! whose CRDs are applied once by kubectl (releases there set
+//! `crds.install=false`: CRDs are cluster-wide and one release owns them);
+//! the tests of the CRDs' own lifecycle each start a control plane of their
+//! own. No kubelet: nothing becomes Ready, so installs never `--wait`.
 
 use std::{
     collections::BTreeMap,
@@ -46,8 +50,27 @@ fn helm_ok_with(tool: Tool, args: &[&str], cluster: Option<&ControlPlane>) -> Re
     chart::helm_ok_with(tool, helm_home(), args, cluster)
 }
 
+/// The shared control plane, with the generated CRDs applied (once).
+fn shared_plane() -> &'static ControlPlane {
+    static CRDS: OnceLock<()> = OnceLock::new();
+    let cp = ControlPlane::shared();
+    CRDS.get_or_init(|| {
+        let crds = repo_root().join("crds");
+        kubectl_on(
+            cp,
+            &["apply", "--server-side", "-f", crds.to_str().unwrap()],
+        )
+        .expect("applying crds/ to the shared control plane");
+    });
+    cp
+}
+
 fn kubectl_ok(args: &[&str]) -> Result<String> {
-    let out = ControlPlane::shared().kubectl(args)?;
+    kubectl_on(shared_plane(), args)
+}
+
+fn kubectl_on(cp: &ControlPlane, args: &[&str]) -> Result<String> {
+    let out = cp.kubectl(args)?;
     if !out.status.success() {
         bail!(
             "kubectl {args:?} failed: {}",
@@ -63,9 +86,9 @@ fn kubectl_json(args: &[&str]) -> Result<Value> {
     Ok(serde_json::from_str(&kubectl_ok(&args)?)?)
 }
 
-/// Whether `kind/name` exists (in `namespace` when it is namespaced).
-fn exists(kind: &str, name: &str, namespace: &str) -> Result<bool> {
-    let out = ControlPlane::shared().kubectl(&[
+/// Whether `kind/name` exists on `cp` (in `namespace` when it is namespaced).
+fn exists_on(cp: &ControlPlane, kind: &str, name: &str, namespace: &str) -> Result<bool> {
+    let out = cp.kubectl(&[
         "get",
         &format!("{kind}/{name}"),
         "-n",
@@ -84,7 +107,10 @@ fn exists(kind: &str, name: &str, namespace: &str) -> Result<bool> {
 }
 
 fn new_namespace(prefix: &str) -> Result<String> {
-    let cp = ControlPlane::shared();
+    new_namespace_on(shared_plane(), prefix)
+}
+
+fn new_namespace_on(cp: &ControlPlane, prefix: &str) -> Result<String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -133,8 +159,10 @@ fn installed() -> &'static Installed {
                 chart_dir().to_str().unwrap(),
                 "--namespace",
                 &namespace,
+                "--set",
+                "crds.install=false",
             ],
-            Some(ControlPlane::shared()),
+            Some(shared_plane()),
         )
         .unwrap();
         Installed { release, namespace }
@@ -152,6 +180,10 @@ fn chart_lints_cleanly_with_every_option() -> Result<()> {
             "certManager.enabled=true",
             "--set",
             "serviceMonitor.enabled=true",
+            "--set",
+            "podMonitor.enabled=true",
+            "--set",
+            "dashboards.enabled=true",
         ],
         &[
             "--set",
@@ -169,35 +201,48 @@ fn chart_lints_cleanly_with_every_option() -> Result<()> {
 }
 
 #[test]
-fn chart_crds_are_a_fresh_copy_of_the_generated_crds() -> Result<()> {
-    let read_dir = |dir: &Path| -> Result<BTreeMap<String, Vec<u8>>> {
-        let mut files = BTreeMap::new();
-        for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-            let path = entry?.path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            files.insert(name, fs::read(&path)?);
-        }
-        Ok(files)
-    };
-    let generated = read_dir(&repo_root().join("crds"))?;
-    let copied = read_dir(&chart_dir().join("crds"))?;
-    let stale: Vec<&String> = generated
-        .keys()
-        .chain(copied.keys())
-        .filter(|name| generated.get(*name) != copied.get(*name))
-        .collect();
-    assert!(
-        stale.is_empty(),
-        "charts/chaperone/crds/ differs from crds/ in {stale:?}: run `make crds` (it copies \
-         crds/*.yaml into the chart) and commit both"
-    );
+fn chart_templates_the_generated_crds_behind_crds_install() -> Result<()> {
+    let mut generated = BTreeMap::new();
+    for entry in fs::read_dir(repo_root().join("crds"))? {
+        let path = entry?.path();
+        let crd: Value = serde_saphyr::from_str(&fs::read_to_string(&path)?)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        generated.insert(crd["metadata"]["name"].as_str().unwrap().to_owned(), crd);
+    }
     assert_eq!(generated.len(), CRD_NAMES.len(), "{:?}", generated.keys());
+    let crds_of = |sets: &[&str]| -> Result<Vec<Value>> {
+        Ok(rendered(sets)?
+            .into_iter()
+            .filter(|o| o["kind"] == "CustomResourceDefinition")
+            .collect())
+    };
+    let rendered_crds = crds_of(&[])?;
+    assert_eq!(rendered_crds.len(), generated.len());
+    for crd in &rendered_crds {
+        let name = crd["metadata"]["name"].as_str().unwrap();
+        assert_eq!(
+            crd["spec"], generated[name]["spec"],
+            "the chart's {name} differs from crds/: run `make crds`"
+        );
+        assert_eq!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+            "{name}"
+        );
+        assert_eq!(
+            crd["metadata"]["labels"]["app.kubernetes.io/managed-by"], "Helm",
+            "{name}"
+        );
+    }
+    for crd in crds_of(&["crds.keep=false"])? {
+        assert!(crd["metadata"]["annotations"].is_null(), "{crd}");
+    }
+    assert!(crds_of(&["crds.install=false"])?.is_empty());
     Ok(())
 }
 
 #[test]
 fn rendered_chart_passes_server_side_validation() -> Result<()> {
-    let cp = ControlPlane::shared();
+    let cp = shared_plane();
     let namespace = new_namespace("chaperone-render")?;
     let chart = chart_dir();
     for extra in [
@@ -211,6 +256,22 @@ fn rendered_chart_passes_server_side_validation() -> Result<()> {
             "webhook.excludedNamespaces={monitoring,cert-manager}",
             "--set",
             "podDisruptionBudget.minAvailable=50%",
+        ],
+        &[
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "fullnameOverride=acme-gov",
+            "--set",
+            "podSecurityContext.runAsUser=null",
+            "--set",
+            "sidecar.runAsUser=null",
+            "--set-json",
+            r#"extraEnv=[{"name":"HTTPS_PROXY","value":"http://proxy:3128"}]"#,
+            "--set-json",
+            r#"extraVolumes=[{"name":"ca","configMap":{"name":"corp-ca"}}]"#,
+            "--set-json",
+            r#"extraVolumeMounts=[{"name":"ca","mountPath":"/etc/corp-ca"}]"#,
         ],
     ] {
         let mut args = vec![
@@ -263,6 +324,146 @@ fn install_creates_the_controller_and_uninstall_keeps_only_the_crds() -> Result<
     install_then_uninstall(Tool::Helm)
 }
 
+/// The chart as it was released before its CRDs became templates (0.1.0,
+/// `crds/` folder), packaged from git (7df2094) into tests/fixtures.
+fn previous_chart() -> PathBuf {
+    repo_root().join("tests/fixtures/chaperone-0.1.0.tgz")
+}
+
+#[test]
+fn upgrade_from_the_previous_chart_upgrades_the_crds_and_keeps_the_objects() -> Result<()> {
+    let cp = ControlPlane::start()?;
+    let namespace = new_namespace_on(&cp, "chaperone-upgrade")?;
+    let objects_ns = new_namespace_on(&cp, "shop")?;
+    let release = "chaperone";
+    let install = |chart: &Path, extra: &[&str]| -> Result<String> {
+        let mut args = vec![
+            "upgrade",
+            "--install",
+            release,
+            chart.to_str().unwrap(),
+            "--namespace",
+            &namespace,
+            "--set",
+            "webhook.failurePolicy=Ignore",
+        ];
+        args.extend_from_slice(extra);
+        helm_ok(&args, Some(&cp))
+    };
+    install(&previous_chart(), &[])?;
+    let crd_json = |name: &str| -> Result<Value> {
+        Ok(serde_json::from_str(&kubectl_on(
+            &cp,
+            &["get", "crd", name, "-o", "json"],
+        )?)?)
+    };
+    let rules = |crd: &Value| -> Value {
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["rules"]
+            .clone()
+    };
+    let old = crd_json("toolpolicies.chaperone.dev")?;
+    assert!(rules(&old)["x-kubernetes-list-type"].is_null(), "{old}");
+    // Objects made with the old CRDs.
+    let objects = r#"
+apiVersion: chaperone.dev/v1alpha1
+kind: AgentIdentity
+metadata: { name: planner }
+spec:
+  selector: { serviceAccountName: planner }
+  toolServers: [{ name: orders, url: "http://orders:8080/mcp" }]
+---
+apiVersion: chaperone.dev/v1alpha1
+kind: ToolPolicy
+metadata: { name: planner-reads }
+spec:
+  targetRefs: [{ name: planner }]
+  rules: [{ name: read, action: allow, tools: [{ server: orders, name: get_order }] }]
+"#;
+    let out = cp.kubectl_with_stdin(&["apply", "-n", &objects_ns, "-f", "-"], Some(objects))?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // 0.1.0 installed its CRDs from crds/, outside the release: the first
+    // upgrade takes them over (README: "Upgrading from 0.1.0").
+    let refused = helm(
+        &[
+            "upgrade",
+            release,
+            chart_dir().to_str().unwrap(),
+            "--namespace",
+            &namespace,
+            "--set",
+            "webhook.failurePolicy=Ignore",
+        ],
+        Some(&cp),
+    )?;
+    assert!(
+        !refused.status.success(),
+        "an upgrade without --take-ownership adopted the CRDs"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("take-ownership")
+            || String::from_utf8_lossy(&refused.stderr).contains("ownership"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    install(&chart_dir(), &["--take-ownership"])?;
+    for name in CRD_NAMES {
+        let crd = crd_json(name)?;
+        assert_eq!(
+            crd["metadata"]["labels"]["helm.sh/chart"], "chaperone-0.2.0",
+            "{name}"
+        );
+        assert_eq!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+            "{name}"
+        );
+    }
+    let new = crd_json("toolpolicies.chaperone.dev")?;
+    assert_eq!(rules(&new)["x-kubernetes-list-type"], "map", "{new}");
+    // Later upgrades need no flag; the objects are still there and valid.
+    install(&chart_dir(), &["--set", "replicas=1"])?;
+    let policy = kubectl_on(
+        &cp,
+        &[
+            "get",
+            "toolpolicy",
+            "planner-reads",
+            "-n",
+            &objects_ns,
+            "-o",
+            "json",
+        ],
+    )?;
+    assert!(policy.contains("get_order"), "{policy}");
+    // A duplicate rule name is now refused by the list map the upgrade brought.
+    let duplicate = objects.replace(
+        "rules: [{ name: read, action: allow, tools: [{ server: orders, name: get_order }] }]",
+        "rules: [{ name: read, action: allow, tools: [{ name: a }] }, { name: read, action: deny, tools: [{ name: b }] }]",
+    );
+    let out = cp.kubectl_with_stdin(&["apply", "-n", &objects_ns, "-f", "-"], Some(&duplicate))?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Duplicate value"));
+
+    // Uninstalling keeps the CRDs and the objects (resource-policy keep).
+    helm_ok(
+        &["uninstall", release, "--namespace", &namespace],
+        Some(&cp),
+    )?;
+    for name in CRD_NAMES {
+        assert!(
+            exists_on(&cp, "crd", name, "default")?,
+            "helm uninstall removed {name}"
+        );
+    }
+    assert!(exists_on(&cp, "agentidentity", "planner", &objects_ns)?);
+    Ok(())
+}
+
 #[test]
 fn helm_3_lints_renders_installs_and_uninstalls_the_chart() -> Result<()> {
     let chart = chart_dir();
@@ -293,8 +494,9 @@ fn helm_3_lints_renders_installs_and_uninstalls_the_chart() -> Result<()> {
 /// `helm install` with `tool` creates every object; `helm uninstall` removes
 /// them all but the CRDs.
 fn install_then_uninstall(tool: Tool) -> Result<()> {
-    let cp = ControlPlane::shared();
-    let namespace = new_namespace("chaperone-uninstall")?;
+    // The release installs the CRDs: a control plane of its own.
+    let cp = &ControlPlane::start()?;
+    let namespace = new_namespace_on(cp, "chaperone-uninstall")?;
     let release = format!("chaperone-{}", unique_suffix());
     // Ignore: this release's webhook must never refuse another test's pods.
     helm_ok_with(
@@ -318,26 +520,32 @@ fn install_then_uninstall(tool: Tool) -> Result<()> {
     let objects = manifest_objects(&manifest)?;
     assert!(objects.len() >= 11, "{objects:?}");
     for (kind, name) in &objects {
-        assert!(exists(kind, name, &namespace)?, "{kind}/{name} not created");
+        assert!(
+            exists_on(cp, kind, name, &namespace)?,
+            "{kind}/{name} not created"
+        );
     }
     for crd in CRD_NAMES {
         assert!(
-            exists("crd", crd, "default")?,
-            "{crd} not installed from crds/"
+            exists_on(cp, "crd", crd, "default")?,
+            "{crd} not installed by the release"
         );
     }
 
     let out = helm_ok_with(tool, &["uninstall", &release, "-n", &namespace], Some(cp))?;
     assert!(out.contains("uninstalled"), "{out}");
-    for (kind, name) in &objects {
+    for (kind, name) in objects
+        .iter()
+        .filter(|(k, _)| k != "CustomResourceDefinition")
+    {
         assert!(
-            !exists(kind, name, &namespace)?,
+            !exists_on(cp, kind, name, &namespace)?,
             "{kind}/{name} left behind by helm uninstall"
         );
     }
     for crd in CRD_NAMES {
         assert!(
-            exists("crd", crd, "default")?,
+            exists_on(cp, "crd", crd, "default")?,
             "helm uninstall removed {crd}"
         );
     }
@@ -367,7 +575,7 @@ fn controller_runs_two_hardened_replicas() -> Result<()> {
     assert_eq!(security["allowPrivilegeEscalation"], false);
     assert_eq!(security["capabilities"]["drop"][0], "ALL");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/livez");
     assert!(container["resources"]["requests"]["memory"].is_string());
     assert!(
         pod["affinity"]["podAntiAffinity"].is_object(),
@@ -498,7 +706,7 @@ fn controller_can(verb: &str, resource: &str, namespace: Option<&str>) -> Result
         Some(ns) => args.extend(["-n", ns]),
         None => args.push("--all-namespaces"),
     }
-    let out = ControlPlane::shared().kubectl(&args)?;
+    let out = shared_plane().kubectl(&args)?;
     match String::from_utf8_lossy(&out.stdout).trim() {
         "yes" => Ok(true),
         "no" => Ok(false),
@@ -593,8 +801,8 @@ fn create_pod(namespace: &str, annotation: Option<&str>) -> Result<Result<(), St
          spec: {{containers: [{{name: agent, image: registry.example/agent:1}}]}}}}",
         unique_suffix()
     );
-    let out = ControlPlane::shared()
-        .kubectl_with_stdin(&["create", "-n", namespace, "-f", "-"], Some(&pod))?;
+    let out =
+        shared_plane().kubectl_with_stdin(&["create", "-n", namespace, "-f", "-"], Some(&pod))?;
     Ok(if out.status.success() {
         Ok(())
     } else {
@@ -676,6 +884,14 @@ fn values_schema_refuses_bad_values_with_a_message() -> Result<()> {
             "certManager.issuerRef.kind=Vault",
             "at '/certManager/issuerRef",
         ),
+        (
+            "telemetry.otlp.protocol=http/json",
+            "at '/telemetry/otlp/protocol'",
+        ),
+        (
+            "telemetry.otlp.endpoint=collector:4317",
+            "at '/telemetry/otlp/endpoint'",
+        ),
     ];
     let mut wrong = Vec::new();
     for (set, expected) in cases {
@@ -741,6 +957,7 @@ fn the_controller_reads_and_accepts_every_setting_the_chart_passes() -> Result<(
                 "sidecar.resources.limits.cpu=1",
                 "sidecar.resources.requests.memory=128Mi",
                 "sidecar.resources.limits.memory=1Gi",
+                "sidecar.runAsUser=null",
             ][..],
             CertSource::External,
             FailurePolicy::Ignore,
@@ -760,7 +977,9 @@ fn the_controller_reads_and_accepts_every_setting_the_chart_passes() -> Result<(
             assert_eq!(settings.resources.cpu_limit, Some(1000));
             assert_eq!(settings.resources.memory_request, 128 << 20);
             assert_eq!(settings.resources.memory_limit, 1 << 30);
+            assert_eq!(settings.run_as_user, None, "no fixed UID for OpenShift");
         } else {
+            assert_eq!(settings.run_as_user, Some(65532));
             // The chart's defaults are the controller's own.
             assert_eq!(settings.resources, Default::default());
             assert_eq!(settings.image_pull_policy, None);
@@ -803,6 +1022,312 @@ fn with_cert_manager_the_controller_only_reads_its_secret() -> Result<()> {
     assert!(
         webhook_rules.is_empty(),
         "cert-manager keeps the caBundle; the controller needs no access: {webhook_rules:?}"
+    );
+    Ok(())
+}
+
+/// The objects of `kind` that `helm template` renders with `sets`.
+fn rendered_of_kind(sets: &[&str], kind: &str) -> Result<Vec<Value>> {
+    Ok(rendered(sets)?
+        .into_iter()
+        .filter(|o| o["kind"] == kind)
+        .collect())
+}
+
+#[test]
+fn sidecar_pod_monitor_renders_only_when_enabled_and_scrapes_the_admin_port() -> Result<()> {
+    assert!(rendered_of_kind(&[], "PodMonitor")?.is_empty());
+    let monitors = rendered_of_kind(
+        &[
+            "podMonitor.enabled=true",
+            "podMonitor.labels.release=prometheus",
+        ],
+        "PodMonitor",
+    )?;
+    assert_eq!(monitors.len(), 1, "{monitors:?}");
+    let monitor = &monitors[0];
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(monitor["spec"]["namespaceSelector"]["any"], true);
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    // The port the webhook gives the injected sidecar's admin server.
+    assert_eq!(endpoint["port"], "chaperone-admin");
+    assert_eq!(endpoint["path"], "/metrics");
+    assert_eq!(endpoint["interval"], "30s");
+    Ok(())
+}
+
+#[test]
+fn grafana_dashboard_config_map_carries_the_dashboard_and_the_sidecar_label() -> Result<()> {
+    let dashboards = |sets: &[&str]| -> Result<Vec<Value>> {
+        Ok(rendered_of_kind(sets, "ConfigMap")?
+            .into_iter()
+            .filter(|c| c["data"]["chaperone.json"].is_string())
+            .collect())
+    };
+    assert!(dashboards(&[])?.is_empty());
+    let maps = dashboards(&["dashboards.enabled=true"])?;
+    assert_eq!(maps.len(), 1, "{maps:?}");
+    assert_eq!(maps[0]["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: Value = serde_json::from_str(maps[0]["data"]["chaperone.json"].as_str().unwrap())?;
+    let file: Value = serde_json::from_str(&fs::read_to_string(
+        chart_dir().join("dashboards/chaperone.json"),
+    )?)?;
+    assert_eq!(shipped, file);
+    assert_eq!(shipped["uid"], "chaperone");
+    let maps = dashboards(&[
+        "dashboards.enabled=true",
+        "dashboards.label=dashboards",
+        "dashboards.labelValue=chaperone",
+        "dashboards.namespace=monitoring",
+    ])?;
+    assert_eq!(maps[0]["metadata"]["labels"]["dashboards"], "chaperone");
+    assert!(maps[0]["metadata"]["labels"]["grafana_dashboard"].is_null());
+    assert_eq!(maps[0]["metadata"]["namespace"], "monitoring");
+    Ok(())
+}
+
+/// `helm template` with `args` (`--set`, `--set-json`, ...), as objects.
+fn rendered_with(args: &[&str]) -> Result<Vec<Value>> {
+    let chart = chart_dir();
+    let mut all = vec!["template", "chaperone", chart.to_str().unwrap()];
+    all.extend_from_slice(args);
+    chart::manifest_documents(&helm_ok(&all, None)?)
+}
+
+fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+}
+
+#[test]
+fn chart_adapts_without_forking() -> Result<()> {
+    // Names, ServiceAccount and RBAC brought by the platform team.
+    let objects = rendered_with(&[
+        "--set",
+        "fullnameOverride=acme-gov",
+        "--set",
+        "serviceAccount.create=false",
+        "--set",
+        "serviceAccount.name=platform-sa",
+        "--set",
+        "rbac.create=false",
+    ])?;
+    let deployment = object(&objects, "Deployment")?;
+    assert_eq!(deployment["metadata"]["name"], "acme-gov-controller");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["serviceAccountName"],
+        "platform-sa"
+    );
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ] {
+        assert!(
+            objects.iter().all(|o| o["kind"] != kind),
+            "{kind} rendered with rbac.create=false / serviceAccount.create=false"
+        );
+    }
+    let objects = rendered_with(&[
+        "--set",
+        "nameOverride=gov",
+        "--set",
+        "serviceAccount.name=platform-sa",
+    ])?;
+    let binding = named(&objects, "RoleBinding", "chaperone-gov-controller")
+        .context("RoleBinding named after nameOverride")?;
+    assert_eq!(binding["subjects"][0]["name"], "platform-sa");
+    assert_eq!(
+        object(&objects, "Deployment")?["metadata"]["labels"]["app.kubernetes.io/name"],
+        "gov"
+    );
+    assert!(named(&objects, "ServiceAccount", "platform-sa").is_some());
+
+    // Aggregated roles for the users of the CRDs, by default.
+    let objects = rendered(&[])?;
+    let view = named(&objects, "ClusterRole", "chaperone-view").context("view role")?;
+    assert_eq!(
+        view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"],
+        "true"
+    );
+    assert_eq!(
+        view["rules"][0]["verbs"],
+        serde_json::json!(["get", "list", "watch"])
+    );
+    let edit = named(&objects, "ClusterRole", "chaperone-edit").context("edit role")?;
+    assert_eq!(
+        edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"],
+        "true"
+    );
+    assert!(
+        !edit["rules"][0]["resources"]
+            .to_string()
+            .contains("toolcallapprovals")
+    );
+    assert!(
+        named(
+            &rendered(&["rbac.aggregateClusterRoles=false"])?,
+            "ClusterRole",
+            "chaperone-view"
+        )
+        .is_none()
+    );
+
+    // OpenShift's restricted profile: no fixed UID anywhere.
+    let objects = rendered(&[
+        "podSecurityContext.runAsUser=null",
+        "podSecurityContext.runAsGroup=null",
+        "podSecurityContext.fsGroup=null",
+        "sidecar.runAsUser=null",
+    ])?;
+    let pod = &object(&objects, "Deployment")?["spec"]["template"]["spec"];
+    assert!(pod["securityContext"]["runAsUser"].is_null(), "{pod}");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let env = &pod["containers"][0]["env"];
+    let uid = env
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "CHAPERONE_SIDECAR_RUN_AS_USER");
+    assert_eq!(uid.context("CHAPERONE_SIDECAR_RUN_AS_USER")?["value"], "");
+
+    // Extra flags, environment and volumes.
+    let objects = rendered_with(&[
+        "--set-json",
+        r#"extraArgs=["--approval-retention=2h"]"#,
+        "--set-json",
+        r#"extraEnv=[{"name":"HTTPS_PROXY","value":"http://proxy:3128"}]"#,
+        "--set-json",
+        r#"extraVolumes=[{"name":"ca","configMap":{"name":"corp-ca"}}]"#,
+        "--set-json",
+        r#"extraVolumeMounts=[{"name":"ca","mountPath":"/etc/corp-ca","readOnly":true}]"#,
+        "--set",
+        "networkPolicy.enabled=true",
+    ])?;
+    let pod = &object(&objects, "Deployment")?["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(
+        container["args"],
+        serde_json::json!(["--approval-retention=2h"])
+    );
+    assert!(container["env"].to_string().contains("HTTPS_PROXY"));
+    assert!(pod["volumes"].to_string().contains("corp-ca"));
+    assert!(
+        container["volumeMounts"]
+            .to_string()
+            .contains("/etc/corp-ca")
+    );
+    let policy = object(&objects, "NetworkPolicy")?;
+    let ports: Vec<&str> = policy["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|rule| rule["ports"][0]["port"].as_str().unwrap())
+        .collect();
+    assert_eq!(ports, ["grpc", "webhook", "admin"]);
+    Ok(())
+}
+
+/// The controller container's environment variables named `OTEL_*` or
+/// `CHAPERONE_SIDECAR_OTEL_*`, as rendered with `sets`.
+fn otel_env(sets: &[&str]) -> Result<Vec<Value>> {
+    let objects = rendered(sets)?;
+    let deployment = object(&objects, "Deployment")?;
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .context("the controller's env")?;
+    Ok(env
+        .iter()
+        .filter(|e| {
+            let name = e["name"].as_str().unwrap_or_default();
+            name.starts_with("OTEL_") || name.starts_with("CHAPERONE_SIDECAR_OTEL_")
+        })
+        .cloned()
+        .collect())
+}
+
+#[test]
+fn traces_are_off_until_an_otlp_endpoint_is_set() -> Result<()> {
+    assert_eq!(otel_env(&[])?, Vec::<Value>::new());
+    // Settings without an endpoint stay off too.
+    assert_eq!(
+        otel_env(&[
+            "telemetry.sampler=always_on",
+            "telemetry.otlp.headersSecret=otlp"
+        ])?,
+        Vec::<Value>::new()
+    );
+    Ok(())
+}
+
+#[test]
+fn chart_passes_the_otlp_settings_and_reads_the_headers_from_a_secret() -> Result<()> {
+    let env = otel_env(&[
+        "telemetry.otlp.endpoint=http://otel-collector.observability:4318",
+        "telemetry.otlp.protocol=http/protobuf",
+        "telemetry.otlp.headersSecret=otlp-credentials",
+        "telemetry.sampler=parentbased_traceidratio",
+        "telemetry.samplerArg=0.25",
+        "telemetry.resourceAttributes=deployment.environment=prod",
+    ])?;
+    let value = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(
+        value("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        Some(serde_json::json!(
+            "http://otel-collector.observability:4318"
+        ))
+    );
+    assert_eq!(
+        value("OTEL_EXPORTER_OTLP_PROTOCOL"),
+        Some(serde_json::json!("http/protobuf"))
+    );
+    assert_eq!(
+        value("OTEL_TRACES_SAMPLER"),
+        Some(serde_json::json!("parentbased_traceidratio"))
+    );
+    assert_eq!(
+        value("OTEL_TRACES_SAMPLER_ARG"),
+        Some(serde_json::json!("0.25"))
+    );
+    assert_eq!(
+        value("OTEL_RESOURCE_ATTRIBUTES"),
+        Some(serde_json::json!("deployment.environment=prod"))
+    );
+    // The credentials come from the Secret, never as a value in the spec;
+    // the webhook names the same Secret in each sidecar's namespace.
+    let headers = env
+        .iter()
+        .find(|e| e["name"] == "OTEL_EXPORTER_OTLP_HEADERS")
+        .context("OTEL_EXPORTER_OTLP_HEADERS")?;
+    assert!(headers["value"].is_null(), "{headers}");
+    assert_eq!(
+        headers["valueFrom"]["secretKeyRef"],
+        serde_json::json!({"name": "otlp-credentials", "key": "headers"})
+    );
+    assert_eq!(
+        value("CHAPERONE_SIDECAR_OTEL_HEADERS_SECRET"),
+        Some(serde_json::json!("otlp-credentials"))
+    );
+    // The controller accepts what the chart passes.
+    let objects = rendered(&[
+        "telemetry.otlp.endpoint=http://otel-collector.observability:4318",
+        "telemetry.otlp.headersSecret=otlp-credentials",
+    ])?;
+    let flags = controller_flags(object(&objects, "Deployment")?)?;
+    let args = <chaperone_controller::Args as clap::Parser>::try_parse_from(&flags)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let settings = chaperone_controller::webhook::InjectionSettings::from_args(&args)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(
+        settings.otel_headers_secret.as_deref(),
+        Some("otlp-credentials")
     );
     Ok(())
 }

@@ -232,6 +232,7 @@ async fn enforces_the_controllers_snapshot_and_follows_policy_edits() -> Result<
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(raw_call_status(&sidecar).await, 503);
     assert_eq!(sidecar.ready_status().await, 503);
+    assert_eq!(sidecar.live_status().await, 200, "alive though not ready");
     write_token(dir.path(), &token)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(raw_call_status(&sidecar).await, 503);

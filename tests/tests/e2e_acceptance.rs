@@ -354,7 +354,7 @@ fn assert_injected(
         .as_ref()
         .and_then(|p| p.http_get.as_ref())
         .context("no readiness probe")?;
-    assert_eq!(probe.path.as_deref(), Some("/ready"), "{name}");
+    assert_eq!(probe.path.as_deref(), Some("/readyz"), "{name}");
     let env = sidecar_env(pod)?;
     assert_eq!(
         env.get("CHAPERONE_MODE").map(String::as_str),

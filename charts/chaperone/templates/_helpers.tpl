@@ -1,14 +1,29 @@
 {{/*
-Names shared by the templates. The fullname is the release name, unless that
-does not already say "chaperone" (then "<release>-chaperone"); objects derive
-their names from it so that two releases never collide on cluster-scoped names.
+Names shared by the templates. The fullname is fullnameOverride, else the
+release name, unless that does not already say the chart's name (nameOverride,
+default "chaperone": then "<release>-<name>"); objects derive their names from
+it so that two releases never collide on cluster-scoped names.
 */}}
+{{- define "chaperone.name" -}}
+{{- .Values.nameOverride | default .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "chaperone.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "chaperone.name" . -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 40 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The controller's ServiceAccount: serviceAccount.name, else the controller's name. */}}
+{{- define "chaperone.serviceAccountName" -}}
+{{- .Values.serviceAccount.name | default (include "chaperone.controllerName" .) -}}
 {{- end -}}
 
 {{/* The controller's Deployment, ServiceAccount, gRPC Service and Lease. */}}
@@ -38,7 +53,7 @@ their names from it so that two releases never collide on cluster-scoped names.
 
 {{- define "chaperone.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "chaperone.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
@@ -47,7 +62,7 @@ app.kubernetes.io/part-of: chaperone
 
 {{/* Selects the controller's pods; never changes between upgrades. */}}
 {{- define "chaperone.selectorLabels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "chaperone.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: controller
 {{- end -}}

@@ -1,4 +1,5 @@
-//! `chaperonectl policy`: decide tool calls offline against CR YAML files.
+//! `chaperonectl policy`: decide tool calls offline against CR YAML files, or
+//! against the objects on the cluster (`--from-cluster`).
 //!
 //! - `explain`: one call (agent, tool, JSON arguments, optional session history
 //!   and delegation chain) → the decision, the deciding rule, and why every other
@@ -8,6 +9,16 @@
 //!   or `approval`; `approved: true` for a call a person approved), like `opa
 //!   test`; exits non-zero on a mismatch or on a policy that does not compile.
 //!
+//! `--from-cluster` reads the AgentIdentities, ToolPolicies and
+//! DelegationGrants of every namespace (or, where listing across namespaces is
+//! forbidden, of the `-n` namespace) through the kubeconfig, and hands each to
+//! the same loader as a file (`chaperone_policy::DocumentSet`), named
+//! `cluster:<Kind> <namespace>/<name>` in messages; one that the loader
+//! refuses is left out with a warning, as the controller leaves it out.
+//!
+//! `explain --exit-code` exits 2 on deny and 3 on a call held for approval;
+//! `test --format json|junit` prints the results for CI.
+//!
 //! A call may state its tool's current definition hash (`--definition`,
 //! `definition:`): the tool server's `toolPinning` then applies as in the
 //! sidecar (in `enforce`, a definition that is not the pinned one is denied
@@ -16,9 +27,10 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow, bail};
+use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy};
 use chaperone_policy::model::{RuleAction, ToolPinning};
 use chaperone_policy::{
     CompileError, CompileOptions, CurrentDefinition, DOCUMENT_FILE_EXTENSIONS, Decision,
@@ -26,12 +38,19 @@ use chaperone_policy::{
     ScopeHints, ScopeKind, SessionHistory, Snapshot, ToolPin, Verdict, compile_all,
     parse_documents, redact, resolve_scope, trace_id_of,
 };
-use serde::Deserialize;
-use serde_json::Value;
+use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::cluster::{ClusterArgs, api_error, on_cluster};
+use crate::output::{self, unix_now};
 
 /// Arguments of `chaperonectl policy`.
 #[derive(clap::Args)]
 pub struct PolicyArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
     #[command(subcommand)]
     command: PolicyCommand,
 }
@@ -48,8 +67,24 @@ enum PolicyCommand {
 #[derive(clap::Args)]
 struct ExplainArgs {
     /// CR YAML files (AgentIdentity, ToolPolicy, DelegationGrant; multi-document).
-    #[arg(short = 'f', long = "file", required = true)]
+    #[arg(
+        short = 'f',
+        long = "file",
+        required_unless_present = "from_cluster",
+        conflicts_with = "from_cluster"
+    )]
     files: Vec<PathBuf>,
+    /// Read the AgentIdentities, ToolPolicies and DelegationGrants from the
+    /// cluster (kubeconfig, --context, --as) instead of files.
+    #[arg(long)]
+    from_cluster: bool,
+    /// Exit 2 when the call is denied and 3 when it is held for approval
+    /// (0 when allowed; 1 stays an error), for scripts.
+    #[arg(long)]
+    exit_code: bool,
+    /// `json` or `yaml`: the decision and every rule's outcome as data.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: ExplainOutput,
     /// The calling agent, `namespace/name` (or `name` when only one
     /// AgentIdentity has that name); may be omitted when the files hold one
     /// AgentIdentity.
@@ -97,16 +132,152 @@ struct TestArgs {
     file: PathBuf,
     /// CR YAML files; default: every other `.yaml`/`.yml`/`.json` file of the
     /// test file's directory that holds Chaperone resources.
-    #[arg(short = 'f', long = "file")]
+    #[arg(short = 'f', long = "file", conflicts_with = "from_cluster")]
     files: Vec<PathBuf>,
+    /// Test the AgentIdentities, ToolPolicies and DelegationGrants on the
+    /// cluster (kubeconfig, --context, --as) instead of files.
+    #[arg(long)]
+    from_cluster: bool,
+    /// `text` (PASS/FAIL lines), `json`, or `junit` (JUnit XML, for CI).
+    #[arg(long, value_enum, default_value = "text")]
+    format: TestFormat,
+}
+
+/// `policy explain -o`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExplainOutput {
+    Text,
+    Json,
+    Yaml,
+}
+
+/// `policy test --format`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TestFormat {
+    Text,
+    Json,
+    Junit,
 }
 
 /// Runs `chaperonectl policy`.
-pub fn run(args: &PolicyArgs) -> Result<()> {
+pub fn run(args: &PolicyArgs) -> Result<ExitCode> {
     match &args.command {
-        PolicyCommand::Explain(args) => explain(args),
-        PolicyCommand::Test(args) => test(args),
+        PolicyCommand::Explain(explain_args) => {
+            let documents = if explain_args.from_cluster {
+                load_from_cluster(&args.cluster)?
+            } else {
+                load(&explain_args.files)?
+            };
+            let agent = qualified_agent(explain_args.agent.as_deref(), &args.cluster);
+            explain(explain_args, documents, agent.as_deref())
+        }
+        PolicyCommand::Test(test_args) => {
+            let documents = if test_args.from_cluster {
+                load_from_cluster(&args.cluster)?
+            } else if test_args.files.is_empty() {
+                load(&cr_files_beside(&test_args.file)?)?
+            } else {
+                load(&test_args.files)?
+            };
+            test(test_args, documents).map(|()| ExitCode::SUCCESS)
+        }
     }
+}
+
+/// A bare agent name qualified with an explicit `-n` (a name alone still
+/// means the only AgentIdentity of that name otherwise).
+fn qualified_agent(agent: Option<&str>, cluster: &ClusterArgs) -> Option<String> {
+    match (agent, &cluster.namespace) {
+        (Some(name), Some(namespace)) if !name.contains('/') => Some(format!("{namespace}/{name}")),
+        (agent, _) => agent.map(str::to_owned),
+    }
+}
+
+/// Reads the Chaperone objects on the cluster into one [`DocumentSet`]: every
+/// namespace's, or the selected namespace's where listing every namespace is
+/// forbidden. An object the loader refuses is left out with a warning.
+fn load_from_cluster(cluster: &ClusterArgs) -> Result<DocumentSet> {
+    on_cluster(cluster, async |client, namespace| {
+        let mut documents = DocumentSet::new();
+        let kinds = [
+            ApiResource::erase::<AgentIdentity>(&()),
+            ApiResource::erase::<ToolPolicy>(&()),
+            ApiResource::erase::<DelegationGrant>(&()),
+        ];
+        let mut scope = None;
+        for kind in &kinds {
+            for object in list_objects(&client, kind, &namespace, &mut scope).await? {
+                let name = format!(
+                    "cluster:{} {}/{}",
+                    kind.kind,
+                    object.namespace().unwrap_or_default(),
+                    object.name_any()
+                );
+                let text = document_of(kind, &object).to_string();
+                if let Err(error) = documents.add(&name, &text) {
+                    eprintln!("warning: left out: {error}");
+                }
+            }
+        }
+        if documents.objects().identities.is_empty() {
+            match scope {
+                Some(ns) => bail!("no AgentIdentity on the cluster in namespace {ns}"),
+                None => bail!("no AgentIdentity on the cluster"),
+            }
+        }
+        Ok(documents)
+    })
+}
+
+/// The objects of `kind` in every namespace; where that is forbidden (a
+/// namespaced RoleBinding only), in `namespace`, which `scope` then records
+/// (and warns of once).
+async fn list_objects(
+    client: &Client,
+    kind: &ApiResource,
+    namespace: &str,
+    scope: &mut Option<String>,
+) -> Result<Vec<DynamicObject>> {
+    let plural = &kind.plural;
+    if scope.is_none() {
+        match Api::<DynamicObject>::all_with(client.clone(), kind)
+            .list(&ListParams::default())
+            .await
+        {
+            Ok(list) => return Ok(list.items),
+            Err(kube::Error::Api(status)) if status.code == 403 => {
+                eprintln!(
+                    "warning: reading namespace {namespace} only: listing {plural} in every namespace is forbidden ({})",
+                    status.message
+                );
+                *scope = Some(namespace.to_owned());
+            }
+            Err(err) => return Err(api_error(err, &format!("listing {plural}"))),
+        }
+    }
+    Api::<DynamicObject>::namespaced_with(client.clone(), namespace, kind)
+        .list(&ListParams::default())
+        .await
+        .map(|list| list.items)
+        .map_err(|err| api_error(err, &format!("listing {plural} in {namespace}")))
+}
+
+/// A cluster object as the loader reads a file's: its kind, apiVersion,
+/// identifying metadata and spec (not its status or server-set fields).
+fn document_of(kind: &ApiResource, object: &DynamicObject) -> Value {
+    let meta = object.meta();
+    json!({
+        "apiVersion": kind.api_version,
+        "kind": kind.kind,
+        "metadata": {
+            "name": object.name_any(),
+            "namespace": object.namespace(),
+            "labels": meta.labels.clone().unwrap_or_default(),
+            "generation": meta.generation,
+            "creationTimestamp": meta.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+        },
+        "spec": object.data.get("spec").cloned().unwrap_or(Value::Null),
+    })
 }
 
 /// Reads the CR files into one [`DocumentSet`] (its rules: foreign kinds
@@ -291,20 +462,13 @@ fn is_sha256(text: &str) -> bool {
     })
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-fn explain(args: &ExplainArgs) -> Result<()> {
+fn explain(args: &ExplainArgs, documents: DocumentSet, agent: Option<&str>) -> Result<ExitCode> {
     let now = args.now.unwrap_or_else(unix_now);
-    let compiled = compile_files(load(&args.files)?, now)?;
+    let compiled = compile_files(documents, now)?;
     for error in &compiled.errors {
         eprintln!("warning: left out: {error}");
     }
-    let (snapshot, engine) = pick_agent(&compiled, args.agent.as_deref())?;
+    let (snapshot, engine) = pick_agent(&compiled, agent)?;
     let (server, tool) = resolve_server(snapshot, args.server.as_deref(), &args.tool)?;
     let arguments: Value =
         serde_json::from_str(&args.arguments).context("--args is not valid JSON")?;
@@ -338,6 +502,46 @@ fn explain(args: &ExplainArgs) -> Result<()> {
     };
     let explanation = engine.explain(&request);
     let decision = &explanation.decision;
+    let code = if !args.exit_code {
+        ExitCode::SUCCESS
+    } else {
+        match decision.verdict {
+            Verdict::Deny => ExitCode::from(2),
+            Verdict::RequireApproval => ExitCode::from(3),
+            _ => ExitCode::SUCCESS,
+        }
+    };
+    if args.output != ExplainOutput::Text {
+        let rules: Vec<Value> = explanation
+            .rules
+            .iter()
+            .map(|rule| {
+                json!({
+                    "action": action_name(rule.action),
+                    "rule": rule.rule,
+                    "outcome": rule.outcome.to_string(),
+                })
+            })
+            .collect();
+        let data = json!({
+            "decision": decision.verdict.to_string(),
+            "dryRun": decision.would_deny() || decision.would_require_approval(),
+            "rule": decision.rule.to_string(),
+            "reason": decision.reason.to_string(),
+            "agent": engine.agent().to_string(),
+            "snapshotVersion": decision.snapshot_version,
+            "snapshotHash": snapshot.hash,
+            "call": {"server": server, "tool": tool, "arguments": arguments},
+            "effects": explanation.effects.iter().map(|e| e.as_str()).collect::<Vec<_>>(),
+            "rules": rules,
+        });
+        let format = match args.output {
+            ExplainOutput::Yaml => output::Format::Yaml,
+            _ => output::Format::Json,
+        };
+        output::print(format, &data, String::new)?;
+        return Ok(code);
+    }
     println!("decision:   {}", verdict_line(decision));
     println!("rule:       {}", decision.rule);
     println!("reason:     {}", decision.reason);
@@ -402,14 +606,18 @@ fn explain(args: &ExplainArgs) -> Result<()> {
         .max()
         .unwrap_or(0);
     for rule in &explanation.rules {
-        let action = match rule.action {
-            RuleAction::Allow => "allow",
-            RuleAction::Deny => "deny",
-            RuleAction::RequireApproval => "approval",
-        };
+        let action = action_name(rule.action);
         println!("  {action:<8} {:width$}  {}", rule.rule, rule.outcome);
     }
-    Ok(())
+    Ok(code)
+}
+
+fn action_name(action: RuleAction) -> &'static str {
+    match action {
+        RuleAction::Allow => "allow",
+        RuleAction::Deny => "deny",
+        RuleAction::RequireApproval => "approval",
+    }
 }
 
 /// The verdict as `explain` prints it: dry run says what is forwarded anyway.
@@ -513,45 +721,150 @@ fn holds_chaperone_documents(path: &Path) -> bool {
     })
 }
 
-fn test(args: &TestArgs) -> Result<()> {
+fn test(args: &TestArgs, documents: DocumentSet) -> Result<()> {
     let text = fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
     let cases: Vec<PolicyTestCase> = serde_saphyr::from_str(&text)
         .with_context(|| format!("{}: not a YAML list of test cases", args.file.display()))?;
-    let files = if args.files.is_empty() {
-        cr_files_beside(&args.file)?
-    } else {
-        args.files.clone()
-    };
     let now = unix_now();
-    let compiled = compile_files(load(&files)?, now)?;
-    for error in &compiled.errors {
-        eprintln!("error: {error}");
-    }
-    let mut failures = 0usize;
-    let file = args.file.display();
-    for (index, case) in cases.iter().enumerate() {
-        let label = format!("{file}: test {:?} (#{})", case.name, index + 1);
-        match run_case(&compiled, case, now) {
-            Ok(None) => println!("PASS {}", case.name),
-            Ok(Some(mismatch)) => {
-                failures += 1;
-                println!("FAIL {}", case.name);
-                eprintln!("{label}: {mismatch}");
+    let compiled = compile_files(documents, now)?;
+    let file = args.file.display().to_string();
+    let results: Vec<CaseResult> = cases
+        .iter()
+        .enumerate()
+        .map(|(index, case)| {
+            let failure = match run_case(&compiled, case, now) {
+                Ok(None) => None,
+                Ok(Some(mismatch)) => Some(mismatch),
+                Err(error) => Some(format!("{error:#}")),
+            };
+            CaseResult {
+                name: case.name.clone(),
+                index: index + 1,
+                passed: failure.is_none(),
+                failure,
             }
-            Err(error) => {
-                failures += 1;
-                println!("FAIL {}", case.name);
-                eprintln!("{label}: {error:#}");
+        })
+        .collect();
+    let failures = results.iter().filter(|r| !r.passed).count();
+    let report = TestReport {
+        file: file.clone(),
+        passed: results.len() - failures,
+        failed: failures,
+        object_errors: compiled.errors.clone(),
+        cases: results,
+    };
+    match args.format {
+        TestFormat::Text => {
+            for error in &report.object_errors {
+                eprintln!("error: {error}");
             }
+            for case in &report.cases {
+                match &case.failure {
+                    None => println!("PASS {}", case.name),
+                    Some(why) => {
+                        println!("FAIL {}", case.name);
+                        eprintln!("{file}: test {:?} (#{}): {why}", case.name, case.index);
+                    }
+                }
+            }
+            println!("{} passed, {failures} failed", report.passed);
         }
+        TestFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        TestFormat::Junit => print!("{}", junit(&report)),
     }
-    println!("{} passed, {failures} failed", cases.len() - failures);
-    match (failures, compiled.errors.len()) {
+    match (failures, report.object_errors.len()) {
         (0, 0) => Ok(()),
         (0, broken) => bail!("{broken} object error(s) in the policies under test"),
         (failed, _) => bail!("{failed} of {} test(s) failed", cases.len()),
     }
+}
+
+/// The outcome of one test case.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CaseResult {
+    name: String,
+    /// Its position in the file, from 1.
+    index: usize,
+    passed: bool,
+    /// Why it failed: the mismatch or the error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure: Option<String>,
+}
+
+/// What `policy test --format json` prints.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TestReport {
+    file: String,
+    passed: usize,
+    failed: usize,
+    /// Objects that did not compile (each fails the run).
+    object_errors: Vec<String>,
+    cases: Vec<CaseResult>,
+}
+
+/// The report as JUnit XML: one testsuite named after the test file, one
+/// testcase per case, and one erroring testcase `policies compile` when an
+/// object did not compile.
+fn junit(report: &TestReport) -> String {
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let errors = usize::from(!report.object_errors.is_empty());
+    out.push_str(&format!(
+        "<testsuites tests=\"{}\" failures=\"{}\" errors=\"{errors}\">\n",
+        report.cases.len() + errors,
+        report.failed
+    ));
+    out.push_str(&format!(
+        "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{errors}\">\n",
+        xml_escape(&report.file),
+        report.cases.len() + errors,
+        report.failed
+    ));
+    if errors > 0 {
+        let text = report.object_errors.join("\n");
+        out.push_str(&format!(
+            "    <testcase name=\"policies compile\" classname=\"{}\">\n      <error message=\"{} object error(s)\">{}</error>\n    </testcase>\n",
+            xml_escape(&report.file),
+            report.object_errors.len(),
+            xml_escape(&text)
+        ));
+    }
+    for case in &report.cases {
+        let open = format!(
+            "    <testcase name=\"{}\" classname=\"{}\"",
+            xml_escape(&case.name),
+            xml_escape(&report.file)
+        );
+        match &case.failure {
+            None => out.push_str(&format!("{open}/>\n")),
+            Some(why) => out.push_str(&format!(
+                "{open}>\n      <failure message=\"{}\"/>\n    </testcase>\n",
+                xml_escape(why)
+            )),
+        }
+    }
+    out.push_str("  </testsuite>\n</testsuites>\n");
+    out
+}
+
+/// `text` for an XML attribute or element.
+fn xml_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\n' => out.push_str("&#10;"),
+            c if c.is_control() => out.push_str(&format!("&#{};", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `Ok(None)` when the decision is as expected; `Ok(Some(why))` when not.
@@ -624,6 +937,16 @@ fn run_case(compiled: &CompiledFiles, case: &PolicyTestCase, now: i64) -> Result
 mod tests {
     use super::*;
 
+    /// `policy test` on files, as `run` does without --from-cluster.
+    fn run_test(args: &TestArgs) -> Result<()> {
+        let files = if args.files.is_empty() {
+            cr_files_beside(&args.file)?
+        } else {
+            args.files.clone()
+        };
+        test(args, load(&files)?)
+    }
+
     fn example(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../examples/basic")
@@ -635,8 +958,10 @@ mod tests {
         let args = TestArgs {
             file: example("policy-test.yaml"),
             files: Vec::new(),
+            from_cluster: false,
+            format: TestFormat::Text,
         };
-        test(&args).expect("examples/basic/policy-test.yaml passes");
+        run_test(&args).expect("examples/basic/policy-test.yaml passes");
     }
 
     #[test]
@@ -652,8 +977,10 @@ mod tests {
         let args = TestArgs {
             file,
             files: vec![example("agentidentity.yaml"), example("toolpolicy.yaml")],
+            from_cluster: false,
+            format: TestFormat::Text,
         };
-        let error = test(&args).unwrap_err();
+        let error = run_test(&args).unwrap_err();
         assert_eq!(error.to_string(), "1 of 1 test(s) failed");
         fs::remove_dir_all(&dir).ok();
     }
@@ -706,9 +1033,11 @@ spec:
 
     fn run_cases(file: PathBuf) -> Result<()> {
         let dir = file.parent().unwrap().to_path_buf();
-        let result = test(&TestArgs {
+        let result = run_test(&TestArgs {
             files: vec![dir.join("policy.yaml")],
             file,
+            from_cluster: false,
+            format: TestFormat::Text,
         });
         fs::remove_dir_all(&dir).ok();
         result
@@ -928,5 +1257,70 @@ spec:
             verdict_line(&approved),
             "allow (a person approved this call)"
         );
+    }
+
+    #[test]
+    fn junit_names_each_case_and_escapes_the_failure() {
+        let report = TestReport {
+            file: "cases.yaml".into(),
+            passed: 1,
+            failed: 1,
+            object_errors: vec!["policy.yaml: ToolPolicy a/b: rule <x> is invalid".into()],
+            cases: vec![
+                CaseResult {
+                    name: "allowed".into(),
+                    index: 1,
+                    passed: true,
+                    failure: None,
+                },
+                CaseResult {
+                    name: "refund \"large\"".into(),
+                    index: 2,
+                    passed: false,
+                    failure: Some("expected deny, got allow by a/<b> & c".into()),
+                },
+            ],
+        };
+        let xml = junit(&report);
+        assert!(
+            xml.contains(r#"<testsuite name="cases.yaml" tests="3" failures="1" errors="1">"#),
+            "{xml}"
+        );
+        assert!(
+            xml.contains(r#"<testcase name="allowed" classname="cases.yaml"/>"#),
+            "{xml}"
+        );
+        assert!(
+            xml.contains(r#"<testcase name="refund &quot;large&quot;" classname="cases.yaml">"#),
+            "{xml}"
+        );
+        assert!(
+            xml.contains(r#"<failure message="expected deny, got allow by a/&lt;b&gt; &amp; c"/>"#),
+            "{xml}"
+        );
+        assert!(
+            xml.contains(r#"<error message="1 object error(s)">policy.yaml: ToolPolicy a/b: rule &lt;x&gt; is invalid</error>"#),
+            "{xml}"
+        );
+    }
+
+    #[test]
+    fn an_explicit_namespace_qualifies_a_bare_agent_name() {
+        let cluster = ClusterArgs {
+            kubeconfig: None,
+            context: None,
+            namespace: Some("shop".into()),
+            as_user: None,
+            as_group: Vec::new(),
+        };
+        assert_eq!(
+            qualified_agent(Some("clerk"), &cluster).as_deref(),
+            Some("shop/clerk")
+        );
+        assert_eq!(
+            qualified_agent(Some("ops/clerk"), &cluster).as_deref(),
+            Some("ops/clerk")
+        );
+        assert_eq!(qualified_agent(None, &cluster), None);
     }
 }

@@ -1,9 +1,11 @@
-//! The admin server: /metrics, /healthz, /readyz and the sidecars' JWKS at
+//! The admin server: /metrics, /livez (and its older name /healthz), /readyz and the sidecars' JWKS at
 //! /.well-known/jwks.json. Plain HTTP on the admin port.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+
+use chaperone_wire::sidecar_env::{LIVEZ_PATH, READYZ_PATH};
 
 use crate::{index::SharedIndex, metrics::Metrics, sidecars::SidecarRegistry};
 
@@ -22,8 +24,9 @@ pub struct AdminState {
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .route(LIVEZ_PATH, get(|| async { "ok" }))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route(READYZ_PATH, get(readyz))
         .route("/.well-known/jwks.json", get(jwks))
         .with_state(state)
 }

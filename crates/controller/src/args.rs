@@ -41,7 +41,7 @@ pub struct Args {
     #[arg(long, env = "CHAPERONE_WEBHOOK_ADDR", default_value = "0.0.0.0:8443")]
     pub webhook_addr: SocketAddr,
 
-    /// Address of the admin server: /metrics, /healthz, /readyz,
+    /// Address of the admin server: /metrics, /livez, /readyz,
     /// /.well-known/jwks.json (plain HTTP).
     #[arg(long, env = "CHAPERONE_ADMIN_ADDR", default_value = "0.0.0.0:9091")]
     pub admin_addr: SocketAddr,
@@ -172,6 +172,20 @@ pub struct Args {
     )]
     pub sidecar_approval_hold_seconds: u32,
 
+    /// A Secret, in each injected pod's namespace, whose key `headers` the
+    /// sidecar reads as `OTEL_EXPORTER_OTLP_HEADERS` (optional: a pod
+    /// without it exports without headers). The controller's own `OTEL_*`
+    /// variables, but for the headers and the service name, are copied into
+    /// every injected sidecar.
+    #[arg(long, env = "CHAPERONE_SIDECAR_OTEL_HEADERS_SECRET")]
+    pub sidecar_otel_headers_secret: Option<String>,
+
+    /// UID and GID injected sidecars run as (default 65532, the image's
+    /// non-root user); empty: none, so the platform assigns one (OpenShift's
+    /// restricted profiles).
+    #[arg(long, env = "CHAPERONE_SIDECAR_RUN_AS_USER", default_value = "65532")]
+    pub sidecar_run_as_user: String,
+
     /// The controller's own ServiceAccount (in --namespace): the approval
     /// webhook admits creations of ToolCallApprovals, and status updates that
     /// never decide, from `system:serviceaccount:<namespace>:<this>` only. The
@@ -180,18 +194,18 @@ pub struct Args {
     #[arg(long, env = "CHAPERONE_SERVICE_ACCOUNT")]
     pub service_account: Option<String>,
 
-    /// Log format: `json` (default, for Kubernetes) or `text`.
-    #[arg(long, env = "CHAPERONE_LOG_FORMAT", default_value = "json")]
-    pub log_format: LogFormat,
+    /// Log format: `json` or `text`; unset, JSON unless stderr is a
+    /// terminal.
+    #[arg(long, env = chaperone_telemetry::LOG_FORMAT_ENV, value_parser = parse_log_format)]
+    pub log_format: Option<LogFormat>,
 }
 
-/// How logs are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable lines.
-    Text,
+pub use chaperone_telemetry::LogFormat;
+
+fn parse_log_format(value: &str) -> Result<LogFormat, String> {
+    value
+        .parse()
+        .map_err(|e: chaperone_telemetry::InvalidLogFormat| e.to_string())
 }
 
 fn parse_external_tls(value: &str) -> Result<bool, String> {
@@ -308,6 +322,24 @@ impl InjectionSettings {
             .transpose()?;
         settings.resources = sidecar_resources(args)?;
         settings.approval_hold_seconds = args.sidecar_approval_hold_seconds;
+        settings.otel_env = crate::webhook::sidecar_otel_env(std::env::vars());
+        settings.otel_headers_secret = args
+            .sidecar_otel_headers_secret
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned);
+        settings.run_as_user = match args.sidecar_run_as_user.trim() {
+            "" => None,
+            uid => Some(uid.parse::<i64>().ok().filter(|u| *u > 0).ok_or_else(|| {
+                InvalidSetting::new(
+                    "CHAPERONE_SIDECAR_RUN_AS_USER",
+                    "sidecar-run-as-user",
+                    uid,
+                    "expected a UID above 0, or empty to let the platform assign one",
+                )
+            })?),
+        };
         settings.failure_policy = args.webhook_failure_policy.parse().map_err(|reason| {
             InvalidSetting::new(
                 "CHAPERONE_WEBHOOK_FAILURE_POLICY",

@@ -179,3 +179,25 @@ fn the_service_account_names_the_controllers_own_user() {
         Some("system:serviceaccount:ops:chaperone-controller")
     );
 }
+
+#[test]
+fn the_sidecars_uid_is_fixed_by_default_and_unset_when_empty() {
+    assert_eq!(from_flags(&[]).unwrap().run_as_user, Some(65532));
+    assert_eq!(
+        from_flags(&["--sidecar-run-as-user=1000650000"])
+            .unwrap()
+            .run_as_user,
+        Some(1_000_650_000)
+    );
+    assert_eq!(
+        from_flags(&["--sidecar-run-as-user="]).unwrap().run_as_user,
+        None
+    );
+    for bad in ["0", "-1", "root"] {
+        let error = from_flags(&[&format!("--sidecar-run-as-user={bad}")]).unwrap_err();
+        assert!(
+            error.to_string().contains("CHAPERONE_SIDECAR_RUN_AS_USER"),
+            "{bad}: {error}"
+        );
+    }
+}

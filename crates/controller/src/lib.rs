@@ -9,7 +9,7 @@
 //! sidecar), [`pod_selection`] (which agent a pod is, for the webhook and
 //! [`auth`]), [`sidecars`] (what the connected sidecars run), [`status`] (pure
 //! status computation + the leader's writer), [`leader`] (Lease), [`admin`]
-//! (/metrics, /healthz, /readyz, JWKS), [`replica_exchange`] (the replicas
+//! (/metrics, /livez, /readyz, JWKS), [`replica_exchange`] (the replicas
 //! share their sidecars' keys and state through ConfigMaps),
 //! [`tool_definitions`] (tool definition pinning: discovered definitions
 //! against their pins, the Events and texts of changes), [`approvals`]
@@ -67,17 +67,21 @@ pub fn unix_now() -> i64 {
     k8s_openapi::jiff::Timestamp::now().as_second()
 }
 
-/// Sets up JSON (or text) logs filtered by `RUST_LOG` (default `info`).
+/// Sets up logs (`format`, else `CHAPERONE_LOG_FORMAT`, else JSON off a
+/// terminal; filtered by `RUST_LOG`, default `info`) and, when `OTEL_*`
+/// names an endpoint, exports spans over OTLP; dropping the guard flushes
+/// them. Call it once, inside the Tokio runtime.
+pub fn init_telemetry(
+    format: Option<LogFormat>,
+) -> Result<chaperone_telemetry::TelemetryGuard, chaperone_telemetry::TelemetryError> {
+    chaperone_telemetry::init("chaperone-controller", format)
+}
+
+/// Sets up logs only, in `format` (tests that start a controller
+/// in-process); does nothing when a subscriber is already installed.
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+    // The guard holds no exporter: nothing to keep.
+    let _ = chaperone_telemetry::init_with(format, None);
 }
 
 /// The running parts of a controller, for tests that start one in-process.
@@ -157,6 +161,16 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
         controller.metrics.clone(),
         args.approval_settings(),
     );
+    // Gauges of what exists, read at each scrape from where it is recorded.
+    controller
+        .metrics
+        .register_collector(metrics::SidecarGauges::new(
+            controller.sidecars.clone(),
+            controller.index.clone(),
+        ));
+    controller
+        .metrics
+        .register_collector(metrics::ApprovalGauges::new(approvals.clone()));
     let server = snapshot_server::SnapshotServer::new(
         client.clone(),
         controller.index.clone(),
@@ -185,7 +199,7 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
     let approval_admission = webhook::ApprovalAdmission::new(client.clone(), own_username);
     tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, user = approval_admission.controller_username(), "chaperone-controller starting");
     tokio::select! {
-        () = object_watch::run(client.clone(), controller.index.clone()) => anyhow::bail!("object watches ended"),
+        () = object_watch::run(client.clone(), controller.index.clone(), controller.metrics.clone()) => anyhow::bail!("object watches ended"),
         () = status::run_writer(client.clone(), controller.index.clone(), controller.sidecars.clone(), controller.metrics.clone(), audit, leader_rx.clone()) => anyhow::bail!("status writer ended"),
         () = approvals.run(approvals_cache, leader_rx) => anyhow::bail!("approval watch ended"),
         () = object_watch::watch_pod_deletions(client.clone(), controller.sidecars.clone()) => anyhow::bail!("pod watch ended"),

@@ -7,6 +7,9 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = chaperone_controller::Args::parse();
-    chaperone_controller::init_logging(args.log_format);
-    chaperone_controller::run(args).await
+    let telemetry = chaperone_controller::init_telemetry(args.log_format)?;
+    let result = chaperone_controller::run(args).await;
+    // Flushes the spans still buffered before the process ends.
+    drop(telemetry);
+    result
 }

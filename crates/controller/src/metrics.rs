@@ -1,15 +1,34 @@
 //! The controller's Prometheus metrics (served at /metrics on the admin port).
+//!
+//! Counters and histograms are updated where things happen. Gauges of what
+//! exists (connected sidecars, per agent and in sync; ToolCallApprovals by
+//! phase) are not kept by `inc`/`dec` pairs: [`SidecarGauges`] and
+//! [`ApprovalGauges`] read the one record of that state (the sidecar
+//! registry, the index, the approvals' watch cache) at each scrape, so they
+//! are exact by construction and a deleted agent's series go with it.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
+    },
     registry::Registry,
 };
+
+use crate::{approvals::ApprovalDesk, index::SharedIndex, sidecars::SidecarRegistry};
+
+/// The prefix of every controller metric but `chaperone_build_info`.
+const PREFIX: &str = "chaperone_controller";
 
 /// Labels of refused streams.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -24,10 +43,79 @@ struct AgentLabel {
     agent: String,
 }
 
-/// Labels of approval answers.
+/// Labels of approval answers and of approvals by phase.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: &'static str,
+}
+
+/// Labels of reconciles.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReconcileLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+/// Labels of reconcile durations and watch errors.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// Labels of snapshot pushes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// How one snapshot sent to a sidecar ended: each push is counted once, by
+/// the first of these that happens to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushResult {
+    /// The sidecar acknowledged it.
+    Ack,
+    /// The sidecar rejected it.
+    Nack,
+    /// A newer snapshot went out on the stream before the sidecar answered.
+    Superseded,
+    /// The stream ended before the sidecar answered.
+    Unanswered,
+}
+
+impl PushResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            PushResult::Ack => "ack",
+            PushResult::Nack => "nack",
+            PushResult::Superseded => "superseded",
+            PushResult::Unanswered => "unanswered",
+        }
+    }
+}
+
+/// Whether applying watch events changed the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReconcileResult {
+    /// The index changed (snapshots recompiled where affected).
+    Changed,
+    /// Nothing changed (e.g. our own status write coming back).
+    Unchanged,
+}
+
+impl ReconcileResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            ReconcileResult::Changed => "changed",
+            ReconcileResult::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// Buckets of the reconcile duration, in seconds.
+const RECONCILE_BUCKETS: [f64; 10] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+fn reconcile_histogram() -> Histogram {
+    Histogram::new(RECONCILE_BUCKETS)
 }
 
 /// Every metric of the controller.
@@ -36,12 +124,13 @@ pub struct Metrics {
     index_updates: Counter,
     status_patches: Counter,
     status_errors: Counter,
-    sidecars_connected: Gauge,
-    tool_sidecars_connected: Gauge,
+    reconciles: Family<ReconcileLabels, Counter>,
+    reconcile_duration: Family<KindLabel, Histogram, fn() -> Histogram>,
+    watch_errors: Family<KindLabel, Counter>,
     streams_refused: Family<CodeLabel, Counter>,
     snapshot_version: Gauge,
     push_latency: Histogram,
-    nacks: Counter,
+    pushes: Family<ResultLabel, Counter>,
     audit_records: Counter,
     audit_dropped: Counter,
     audit_unreadable: Counter,
@@ -56,19 +145,23 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Creates and registers every metric.
+    /// Creates and registers every metric (`chaperone_build_info` too); the
+    /// gauges of what exists come with [`Metrics::register_collector`].
     pub fn new() -> Arc<Self> {
-        let mut registry = Registry::with_prefix("chaperone_controller");
+        let mut root = Registry::default();
+        chaperone_wire::build_info::register_build_info(&mut root, "controller");
+        let registry = root.sub_registry_with_prefix(PREFIX);
         let metrics = Self {
             index_updates: Counter::default(),
             status_patches: Counter::default(),
             status_errors: Counter::default(),
-            sidecars_connected: Gauge::default(),
-            tool_sidecars_connected: Gauge::default(),
+            reconciles: Family::default(),
+            reconcile_duration: Family::new_with_constructor(reconcile_histogram),
+            watch_errors: Family::default(),
             streams_refused: Family::default(),
             snapshot_version: Gauge::default(),
             push_latency: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
-            nacks: Counter::default(),
+            pushes: Family::default(),
             audit_records: Counter::default(),
             audit_dropped: Counter::default(),
             audit_unreadable: Counter::default(),
@@ -98,14 +191,19 @@ impl Metrics {
             metrics.status_errors.clone(),
         );
         registry.register(
-            "sidecars_connected",
-            "Agent sidecar streams open on this replica",
-            metrics.sidecars_connected.clone(),
+            "reconciles",
+            "Batches of watch events applied to the index, by kind (AgentIdentity, ToolPolicy, DelegationGrant) and result (changed: snapshots recompiled where affected; unchanged)",
+            metrics.reconciles.clone(),
         );
         registry.register(
-            "tool_sidecars_connected",
-            "Tool-mode sidecar streams (key set only) open on this replica",
-            metrics.tool_sidecars_connected.clone(),
+            "reconcile_duration_seconds",
+            "Time to apply one batch of watch events to the index (recompiling the affected agents), by kind",
+            metrics.reconcile_duration.clone(),
+        );
+        registry.register(
+            "watch_errors",
+            "Watch failures (retried with backoff), by kind",
+            metrics.watch_errors.clone(),
         );
         registry.register(
             "streams_refused",
@@ -123,9 +221,9 @@ impl Metrics {
             metrics.push_latency.clone(),
         );
         registry.register(
-            "snapshot_nacks",
-            "Snapshots sidecars rejected",
-            metrics.nacks.clone(),
+            "snapshot_pushes",
+            "Snapshots sent to agent sidecars, each counted once by how it ended: ack, nack, superseded (a newer one went out before the answer) or unanswered (the stream ended first)",
+            metrics.pushes.clone(),
         );
         registry.register(
             "audit_records",
@@ -182,8 +280,18 @@ impl Metrics {
             "Tool definition changes reported as ToolDefinitionChanged Events (written by the leader)",
             metrics.tool_definition_changes.clone(),
         );
-        *metrics.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
+        *metrics.registry.lock().unwrap_or_else(|p| p.into_inner()) = root;
         Arc::new(metrics)
+    }
+
+    /// Adds gauges read at each scrape ([`SidecarGauges`], [`ApprovalGauges`]),
+    /// named under the controller's prefix.
+    pub fn register_collector(&self, collector: impl Collector) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sub_registry_with_prefix(PREFIX)
+            .register_collector(Box::new(collector));
     }
 
     /// The metrics in the Prometheus text format.
@@ -220,41 +328,41 @@ impl Metrics {
             .inc();
     }
 
-    /// A sidecar connected; the gauge goes down when the guard drops.
-    pub fn sidecar_connected(self: &Arc<Self>) -> GaugeGuard {
-        self.sidecars_connected.inc();
-        GaugeGuard(self.sidecars_connected.clone())
+    /// Watch events of `kind` were applied to the index in `elapsed`.
+    pub fn reconciled(&self, kind: &'static str, result: ReconcileResult, elapsed: Duration) {
+        self.reconciles
+            .get_or_create(&ReconcileLabels {
+                kind,
+                result: result.as_str(),
+            })
+            .inc();
+        self.reconcile_duration
+            .get_or_create(&KindLabel { kind })
+            .observe(elapsed.as_secs_f64());
     }
 
-    /// A tool-mode sidecar connected; the gauge goes down when the guard drops.
-    pub fn tool_sidecar_connected(self: &Arc<Self>) -> GaugeGuard {
-        self.tool_sidecars_connected.inc();
-        GaugeGuard(self.tool_sidecars_connected.clone())
+    /// The watch of `kind` failed (it retries).
+    pub fn watch_failed(&self, kind: &'static str) {
+        self.watch_errors.get_or_create(&KindLabel { kind }).inc();
     }
 
-    /// A sidecar acknowledged `version` `elapsed` after it was sent.
-    pub fn push_acked(&self, _version: u64, elapsed: Duration) {
-        self.push_latency.observe(elapsed.as_secs_f64());
-    }
-
-    /// A sidecar rejected a snapshot.
-    pub fn push_rejected(&self) {
-        self.nacks.inc();
+    /// A snapshot push ended with `result`; `elapsed` since it was sent when
+    /// the sidecar acknowledged it.
+    pub fn push_ended(&self, result: PushResult, elapsed: Duration) {
+        if result == PushResult::Ack {
+            self.push_latency.observe(elapsed.as_secs_f64());
+        }
+        self.pushes
+            .get_or_create(&ResultLabel {
+                result: result.as_str(),
+            })
+            .inc();
     }
 
     /// An audit batch arrived.
     pub fn audit_received(&self, records: u64, dropped: u64) {
         self.audit_records.inc_by(records);
         self.audit_dropped.inc_by(dropped);
-    }
-}
-
-/// Decrements its gauge when dropped (a connection counted while it lasts).
-pub struct GaugeGuard(Gauge);
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 
@@ -322,3 +430,157 @@ impl Metrics {
         self.tool_definition_changes.inc();
     }
 }
+
+/// The sidecar gauges, read from the sidecar registry and the index at each
+/// scrape: `sidecars_connected` and `tool_sidecars_connected` (this replica's
+/// agent and tool-mode sidecars, one per pod however many streams it has
+/// open), and per AgentIdentity that exists `agent_sidecars_connected` and
+/// `agent_sidecars_in_sync` (ACKed the agent's current snapshot).
+pub struct SidecarGauges {
+    sidecars: Arc<SidecarRegistry>,
+    index: Arc<SharedIndex>,
+}
+
+impl SidecarGauges {
+    /// Gauges of `sidecars` (this replica's) against `index`.
+    pub fn new(sidecars: Arc<SidecarRegistry>, index: Arc<SharedIndex>) -> Self {
+        Self { sidecars, index }
+    }
+}
+
+impl std::fmt::Debug for SidecarGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SidecarGauges").finish_non_exhaustive()
+    }
+}
+
+impl Collector for SidecarGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        // Every AgentIdentity with its current snapshot hash: one lock at a time.
+        let agents: BTreeMap<chaperone_policy::AgentKey, Option<String>> = {
+            let index = self.index.lock();
+            index
+                .objects()
+                .identities
+                .iter()
+                .map(|identity| {
+                    let key = crate::index::key_of(identity);
+                    let hash = index.snapshot(&key).map(|s| s.hash.clone());
+                    (key, hash)
+                })
+                .collect()
+        };
+        let tally = self
+            .sidecars
+            .own_tally(|agent| agents.get(agent).and_then(Option::as_deref));
+        encode_gauge(
+            &mut encoder,
+            "sidecars_connected",
+            "Agent sidecars connected to this replica (pods with an open stream; a pod that reconnected counts once)",
+            tally.agent_sidecars,
+        )?;
+        encode_gauge(
+            &mut encoder,
+            "tool_sidecars_connected",
+            "Tool-mode sidecars (key set only) connected to this replica",
+            tally.tool_sidecars,
+        )?;
+        let connected = Family::<AgentLabel, Gauge>::default();
+        let in_sync = Family::<AgentLabel, Gauge>::default();
+        for agent in agents.keys() {
+            let labels = AgentLabel {
+                namespace: agent.namespace.clone(),
+                agent: agent.name.clone(),
+            };
+            let counts = tally.per_agent.get(agent).copied().unwrap_or_default();
+            connected
+                .get_or_create(&labels)
+                .set(to_i64(counts.connected));
+            in_sync.get_or_create(&labels).set(to_i64(counts.in_sync));
+        }
+        encode_family(
+            &mut encoder,
+            "agent_sidecars_connected",
+            "Sidecars of each AgentIdentity connected to this replica",
+            &connected,
+        )?;
+        encode_family(
+            &mut encoder,
+            "agent_sidecars_in_sync",
+            "Sidecars of each AgentIdentity connected to this replica that acknowledged its current snapshot",
+            &in_sync,
+        )
+    }
+}
+
+/// `approvals{phase}`: the ToolCallApprovals this replica's watch sees, by
+/// where each stands now (pending, approved, consumed, denied, expired), read
+/// at each scrape.
+pub struct ApprovalGauges {
+    desk: Arc<ApprovalDesk>,
+}
+
+impl ApprovalGauges {
+    /// Gauges of the approvals `desk` watches.
+    pub fn new(desk: Arc<ApprovalDesk>) -> Self {
+        Self { desk }
+    }
+}
+
+impl std::fmt::Debug for ApprovalGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApprovalGauges").finish_non_exhaustive()
+    }
+}
+
+impl Collector for ApprovalGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let family = Family::<PhaseLabel, Gauge>::default();
+        for (phase, count) in self
+            .desk
+            .count_by_phase(k8s_openapi::jiff::Timestamp::now())
+        {
+            family
+                .get_or_create(&PhaseLabel { phase })
+                .set(to_i64(count));
+        }
+        encode_family(
+            &mut encoder,
+            "approvals",
+            "ToolCallApprovals by phase (pending, approved and unused, consumed, denied, expired), as this replica's watch sees them",
+            &family,
+        )
+    }
+}
+
+fn to_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn encode_gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: usize,
+) -> std::fmt::Result {
+    let gauge = ConstGauge::new(to_i64(value));
+    let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+    gauge.encode(metric)
+}
+
+fn encode_family<L>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    family: &Family<L, Gauge>,
+) -> std::fmt::Result
+where
+    L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug,
+{
+    let metric = encoder.encode_descriptor(name, help, None, family.metric_type())?;
+    family.encode(metric)
+}
+
+#[cfg(test)]
+#[path = "metrics_tests.rs"]
+mod tests;

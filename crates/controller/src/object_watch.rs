@@ -1,7 +1,10 @@
 //! Watches the three Chaperone kinds and feeds the [`Index`]: the thin I/O shell
 //! around it. Converts each CR into the policy model's `Object` at this edge.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chaperone_api::{AgentIdentity, DelegationGrant, ToolPolicy, approval::ToolCallApproval};
 use chaperone_policy::model::{self, Object};
@@ -16,6 +19,7 @@ use serde::de::DeserializeOwned;
 use crate::{
     Error,
     index::{Index, SharedIndex},
+    metrics::{Metrics, ReconcileResult},
 };
 
 /// Fails fast, with what to do, when the CRDs are not installed.
@@ -51,16 +55,23 @@ impl<K: Resource<DynamicType = ()>> CrdName for K {
     }
 }
 
-/// Runs the three watches until the process ends.
-pub async fn run(client: Client, shared: Arc<SharedIndex>) {
+/// Runs the three watches until the process ends, counting each batch
+/// applied to the index in `metrics`.
+pub async fn run(client: Client, shared: Arc<SharedIndex>, metrics: Arc<Metrics>) {
+    let watch = |kind| Watch {
+        client: client.clone(),
+        shared: shared.clone(),
+        metrics: metrics.clone(),
+        kind,
+    };
     tokio::join!(
-        watch_kind::<AgentIdentity>(client.clone(), shared.clone(), Kind::Identity, |o| {
+        watch_kind::<AgentIdentity>(watch(Kind::Identity), |o| {
             ModelObject::Identity(model_object(o, |o| o.spec.0.clone()))
         }),
-        watch_kind::<ToolPolicy>(client.clone(), shared.clone(), Kind::Policy, |o| {
+        watch_kind::<ToolPolicy>(watch(Kind::Policy), |o| {
             ModelObject::Policy(model_object(o, |o| o.spec.0.clone()))
         }),
-        watch_kind::<DelegationGrant>(client, shared, Kind::Grant, |o| {
+        watch_kind::<DelegationGrant>(watch(Kind::Grant), |o| {
             ModelObject::Grant(model_object(o, |o| o.spec.0.clone()))
         }),
     );
@@ -73,6 +84,25 @@ enum Kind {
     Grant,
 }
 
+impl Kind {
+    /// The kind's name, for metrics.
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Identity => "AgentIdentity",
+            Kind::Policy => "ToolPolicy",
+            Kind::Grant => "DelegationGrant",
+        }
+    }
+}
+
+/// What one kind's watch works with.
+struct Watch {
+    client: Client,
+    shared: Arc<SharedIndex>,
+    metrics: Arc<Metrics>,
+    kind: Kind,
+}
+
 /// A model object of any of the three kinds, so one loop handles all three.
 enum ModelObject {
     Identity(Object<model::AgentIdentitySpec>),
@@ -80,14 +110,16 @@ enum ModelObject {
     Grant(Object<model::DelegationGrantSpec>),
 }
 
-async fn watch_kind<K>(
-    client: Client,
-    shared: Arc<SharedIndex>,
-    kind: Kind,
-    to_model: fn(&K) -> ModelObject,
-) where
+async fn watch_kind<K>(watch: Watch, to_model: fn(&K) -> ModelObject)
+where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
+    let Watch {
+        client,
+        shared,
+        metrics,
+        kind,
+    } = watch;
     let api = Api::<K>::all(client);
     let mut stream = watcher(api, watcher::Config::default())
         .default_backoff()
@@ -124,6 +156,7 @@ async fn watch_kind<K>(
                     changes.push(Change::Reset(objects));
                 }
                 Err(error) => {
+                    metrics.watch_failed(kind.as_str());
                     tracing::warn!(%error, "watch failed; retrying with backoff");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -131,7 +164,8 @@ async fn watch_kind<K>(
         }
         let synced = changes.iter().any(|c| matches!(c, Change::Reset(_)));
         if !changes.is_empty() {
-            shared.update(|index| {
+            let started = Instant::now();
+            let changed = shared.update(|index| {
                 index.batch(now, |index| {
                     for change in changes {
                         match change {
@@ -146,6 +180,12 @@ async fn watch_kind<K>(
                     }
                 });
             });
+            let result = if changed {
+                ReconcileResult::Changed
+            } else {
+                ReconcileResult::Unchanged
+            };
+            metrics.reconciled(kind.as_str(), result, started.elapsed());
         }
         if synced && first_sync {
             first_sync = false;

@@ -12,6 +12,8 @@
 //! - `sidecars.json`: what the status writer reads of each sidecar (agent, pod,
 //!   acknowledged and rejected snapshot, tools seen and their definitions'
 //!   hashes);
+//! - `tool-sidecars.json`: its tool-mode sidecars (pod, build, since when),
+//!   for `chaperonectl status` (replicas do not share them);
 //! - `definitions.json`: the texts of those definitions, by hash, each once
 //!   (for the leader's `<agent>-tool-definitions` ConfigMaps);
 //! - `heartbeat`: when it was written, in unix seconds.
@@ -45,6 +47,10 @@ use std::{
     time::Duration,
 };
 
+use chaperone_api::replica_state::{
+    DEFINITIONS_KEY, HEARTBEAT_KEY, KEYS_KEY, PublishedSidecar, PublishedToolSidecar, SIDECARS_KEY,
+    TOOL_SIDECARS_KEY, VERSION_KEY,
+};
 use chaperone_policy::ObjectKey;
 use futures_util::StreamExt as _;
 use k8s_openapi::{
@@ -56,7 +62,6 @@ use kube::{
     api::{ObjectMeta, Patch, PatchParams},
     runtime::{WatchStreamExt as _, watcher},
 };
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
@@ -64,53 +69,18 @@ use crate::{
     tool_definitions::{Inventory, ReportedDefinition},
 };
 
-/// The label (and its value) that marks the replicas' ConfigMaps.
-pub const COMPONENT_LABEL: (&str, &str) = ("app.kubernetes.io/component", "replica-state");
+pub use chaperone_api::replica_state::{COMPONENT_LABEL, MAX_AGE, config_map_name};
 /// How long after a change a replica writes its ConfigMap (changes in between
 /// are written together).
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// How often a replica rewrites its ConfigMap with a new heartbeat, and how
 /// often readers drop stale ones.
 pub const REFRESH: Duration = Duration::from_secs(30);
-/// A ConfigMap whose heartbeat is older than this (seconds) counts for nothing.
-pub const MAX_AGE: i64 = 120;
 /// The most a ConfigMap's data may hold.
 pub const MAX_BYTES: usize = 1024 * 1024;
 
 /// (namespace, pod).
 type PodKey = (String, String);
-
-/// The ConfigMap a replica named `pod_name` publishes.
-pub fn config_map_name(pod_name: &str) -> String {
-    format!("chaperone-replica-{pod_name}")
-}
-
-/// One sidecar as `sidecars.json` lists it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PublishedSidecar {
-    namespace: String,
-    pod: String,
-    pod_uid: String,
-    /// `namespace/name` of its AgentIdentity.
-    agent: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    acked_version: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    acked_hash: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    rejected_version: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    rejected_error: Option<String>,
-    /// Tools seen in tools/list: [server, tool].
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    tools: BTreeSet<(String, String)>,
-    /// The definitions of those tools where pinning is on: [server, tool,
-    /// hash, first seen (unix seconds)]; their texts are in
-    /// `definitions.json`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    definitions: Vec<(String, String, String, i64)>,
-}
 
 /// What a replica publishes, without its heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +89,8 @@ pub struct Published {
     pub keys_json: String,
     /// `sidecars.json`.
     pub sidecars_json: String,
+    /// `tool-sidecars.json`.
+    pub tool_sidecars_json: String,
     /// `definitions.json`: the texts of the tool definitions its sidecars
     /// reported, by hash (each once).
     pub definitions_json: String,
@@ -126,7 +98,10 @@ pub struct Published {
 
 impl Published {
     fn len(&self) -> usize {
-        self.keys_json.len() + self.sidecars_json.len() + self.definitions_json.len()
+        self.keys_json.len()
+            + self.sidecars_json.len()
+            + self.tool_sidecars_json.len()
+            + self.definitions_json.len()
     }
 }
 
@@ -141,7 +116,8 @@ enum Detail {
     Nothing,
 }
 
-/// The data of this replica's ConfigMap from its own agent sidecars; the
+/// The data of this replica's ConfigMap from its own sidecars (agent
+/// sidecars in `sidecars.json`, tool-mode ones in `tool-sidecars.json`); the
 /// definition texts, then the tool inventories, are left out (with a
 /// warning) if they would not fit.
 pub fn publish(own: &BTreeMap<PodKey, SidecarState>) -> Published {
@@ -183,8 +159,12 @@ fn publish_with(own: &BTreeMap<PodKey, SidecarState>, detail: Detail) -> Publish
                 agent: format!("{}/{}", agent.namespace, agent.name),
                 acked_version: state.acked.as_ref().map(|(v, _)| *v),
                 acked_hash: state.acked.as_ref().map(|(_, h)| h.clone()),
+                acked_at: state.acked_at,
                 rejected_version: state.rejected.as_ref().map(|(v, _)| *v),
                 rejected_error: state.rejected.as_ref().map(|(_, e)| e.clone()),
+                sidecar_version: (!state.sidecar_version.is_empty())
+                    .then(|| state.sidecar_version.clone()),
+                connected_at: (state.connected_at != 0).then_some(state.connected_at),
                 tools: if tools {
                     state.inventory.keys().cloned().collect()
                 } else {
@@ -215,8 +195,21 @@ fn publish_with(own: &BTreeMap<PodKey, SidecarState>, detail: Detail) -> Publish
             })
         })
         .collect();
+    let tool_sidecars: Vec<PublishedToolSidecar> = own
+        .iter()
+        .filter(|(_, state)| state.agent.is_none())
+        .map(|((namespace, pod), state)| PublishedToolSidecar {
+            namespace: namespace.clone(),
+            pod: pod.clone(),
+            pod_uid: state.pod_uid.clone(),
+            sidecar_version: (!state.sidecar_version.is_empty())
+                .then(|| state.sidecar_version.clone()),
+            connected_at: (state.connected_at != 0).then_some(state.connected_at),
+        })
+        .collect();
     Published {
         keys_json: serde_json::to_string(&keys).unwrap_or_else(|_| "[]".into()),
+        tool_sidecars_json: serde_json::to_string(&tool_sidecars).unwrap_or_else(|_| "[]".into()),
         sidecars_json: serde_json::to_string(&sidecars).unwrap_or_else(|_| "[]".into()),
         definitions_json: serde_json::to_string(&texts).unwrap_or_else(|_| "{}".into()),
     }
@@ -246,13 +239,21 @@ pub fn config_map(
             ..Default::default()
         },
         data: Some(BTreeMap::from([
-            ("keys.json".to_owned(), published.keys_json.clone()),
-            ("sidecars.json".to_owned(), published.sidecars_json.clone()),
+            (KEYS_KEY.to_owned(), published.keys_json.clone()),
+            (SIDECARS_KEY.to_owned(), published.sidecars_json.clone()),
             (
-                "definitions.json".to_owned(),
+                TOOL_SIDECARS_KEY.to_owned(),
+                published.tool_sidecars_json.clone(),
+            ),
+            (
+                DEFINITIONS_KEY.to_owned(),
                 published.definitions_json.clone(),
             ),
-            ("heartbeat".to_owned(), heartbeat.to_string()),
+            (HEARTBEAT_KEY.to_owned(), heartbeat.to_string()),
+            (
+                VERSION_KEY.to_owned(),
+                chaperone_wire::build_info::VERSION.to_owned(),
+            ),
         ])),
         ..Default::default()
     }
@@ -290,17 +291,17 @@ pub fn read_replica(config_map: &ConfigMap) -> Result<Replica, InvalidReplicaSta
     let data = config_map.data.as_ref().unwrap_or(&empty);
     let get = |key: &'static str| data.get(key).ok_or(InvalidReplicaState::Missing(key));
     let invalid = |key: &'static str, reason: String| InvalidReplicaState::Invalid { key, reason };
-    let heartbeat = get("heartbeat")?
+    let heartbeat = get(HEARTBEAT_KEY)?
         .parse::<i64>()
-        .map_err(|e| invalid("heartbeat", e.to_string()))?;
-    let published: Vec<PublishedSidecar> = serde_json::from_str(get("sidecars.json")?)
-        .map_err(|e| invalid("sidecars.json", e.to_string()))?;
+        .map_err(|e| invalid(HEARTBEAT_KEY, e.to_string()))?;
+    let published: Vec<PublishedSidecar> = serde_json::from_str(get(SIDECARS_KEY)?)
+        .map_err(|e| invalid(SIDECARS_KEY, e.to_string()))?;
     let keys: Vec<Value> =
-        serde_json::from_str(get("keys.json")?).map_err(|e| invalid("keys.json", e.to_string()))?;
+        serde_json::from_str(get(KEYS_KEY)?).map_err(|e| invalid(KEYS_KEY, e.to_string()))?;
     // Absent from a replica that predates definitions.
-    let texts: BTreeMap<String, String> = match data.get("definitions.json") {
+    let texts: BTreeMap<String, String> = match data.get(DEFINITIONS_KEY) {
         Some(text) => {
-            serde_json::from_str(text).map_err(|e| invalid("definitions.json", e.to_string()))?
+            serde_json::from_str(text).map_err(|e| invalid(DEFINITIONS_KEY, e.to_string()))?
         }
         None => BTreeMap::new(),
     };
@@ -312,7 +313,7 @@ pub fn read_replica(config_map: &ConfigMap) -> Result<Replica, InvalidReplicaSta
     for sidecar in published {
         let Some((agent_ns, agent_name)) = sidecar.agent.split_once('/') else {
             return Err(invalid(
-                "sidecars.json",
+                SIDECARS_KEY,
                 format!("agent {:?} is not namespace/name", sidecar.agent),
             ));
         };
@@ -323,7 +324,10 @@ pub fn read_replica(config_map: &ConfigMap) -> Result<Replica, InvalidReplicaSta
                 pod_uid: sidecar.pod_uid,
                 connection: 0,
                 acked: sidecar.acked_version.zip(sidecar.acked_hash),
+                acked_at: sidecar.acked_at,
                 rejected: sidecar.rejected_version.zip(sidecar.rejected_error),
+                sidecar_version: sidecar.sidecar_version.unwrap_or_default(),
+                connected_at: sidecar.connected_at.unwrap_or(0),
                 key: None,
                 inventory: inventory_of(sidecar.tools, sidecar.definitions, &texts),
             },
@@ -426,7 +430,7 @@ async fn publish_own(
             owner = own_pod(&client, &namespace, &pod_name).await;
         }
         changes.borrow_and_update();
-        let published = publish(&sidecars.own_agent_sidecars());
+        let published = publish(&sidecars.own_sidecars());
         if written.as_ref() != Some(&published) || tokio::time::Instant::now() >= next_write {
             let object = config_map(
                 &name,

@@ -8,6 +8,7 @@ fn sidecar(pod: &str, kid: Option<&str>) -> SidecarState {
         pod_uid: format!("uid-{pod}"),
         connection: 7,
         acked: Some((3, "h3".into())),
+        acked_at: Some(1_700_000_100),
         rejected: Some((4, "bad rule".into())),
         key: kid.map(|k| {
             (
@@ -19,6 +20,8 @@ fn sidecar(pod: &str, kid: Option<&str>) -> SidecarState {
             (("orders".into(), "refund".into()), Some(definition("a"))),
             (("orders".into(), "get_order".into()), None),
         ]),
+        sidecar_version: "0.3.0".into(),
+        connected_at: 1_700_000_000,
     }
 }
 
@@ -58,6 +61,9 @@ fn what_a_replica_publishes_reads_back_as_the_same_sidecars() {
     assert_eq!(p1.acked, expected.acked);
     assert_eq!(p1.rejected, expected.rejected);
     assert_eq!(p1.inventory, expected.inventory);
+    assert_eq!(p1.acked_at, Some(1_700_000_100));
+    assert_eq!(p1.sidecar_version, "0.3.0");
+    assert_eq!(p1.connected_at, 1_700_000_000);
     let (kid, jwk) = p1.key.as_ref().unwrap();
     assert_eq!(kid, "k1");
     assert_eq!(jwk["chaperone.dev/pod"], "ns/p1");
@@ -66,6 +72,33 @@ fn what_a_replica_publishes_reads_back_as_the_same_sidecars() {
         replica.sidecars[&("ns".to_owned(), "p2".to_owned())]
             .key
             .is_none()
+    );
+}
+
+#[test]
+fn tool_mode_sidecars_are_published_apart_and_not_read_as_peers() {
+    let mut sidecars = own(&[("p1", Some("k1"))]);
+    let tool = SidecarState {
+        pod_uid: "uid-t".into(),
+        sidecar_version: "0.3.0".into(),
+        connected_at: 1_700_000_000,
+        ..Default::default()
+    };
+    sidecars.insert(("tools".to_owned(), "orders-0".to_owned()), tool);
+    let published = publish(&sidecars);
+    let tools: Vec<Value> = serde_json::from_str(&published.tool_sidecars_json).unwrap();
+    assert_eq!(
+        tools,
+        vec![
+            json!({"namespace": "tools", "pod": "orders-0", "podUid": "uid-t", "sidecarVersion": "0.3.0", "connectedAt": 1_700_000_000})
+        ]
+    );
+    let agents: Vec<Value> = serde_json::from_str(&published.sidecars_json).unwrap();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    let replica = read_replica(&config_map("cm", "ns", &published, 1, None)).unwrap();
+    assert_eq!(
+        replica.sidecars.keys().cloned().collect::<Vec<_>>(),
+        vec![("ns".to_owned(), "p1".to_owned())]
     );
 }
 
@@ -96,6 +129,11 @@ fn the_config_map_is_labelled_and_owned_when_the_pod_is_known() {
     assert_eq!(object.metadata.owner_references, Some(vec![owner]));
     let without = config_map("cm", "ns", &published, 1, None);
     assert_eq!(without.metadata.owner_references, None);
+    assert_eq!(
+        without.data.unwrap()["version"],
+        chaperone_wire::build_info::VERSION,
+        "the replica's build, for chaperonectl version"
+    );
 }
 
 #[test]

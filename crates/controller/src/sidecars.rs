@@ -38,6 +38,8 @@ pub struct SidecarState {
     pub connection: u64,
     /// Last acknowledged (version, hash).
     pub acked: Option<(u64, String)>,
+    /// When it last acknowledged a snapshot, unix seconds.
+    pub acked_at: Option<i64>,
     /// Last rejected version and why.
     pub rejected: Option<(u64, String)>,
     /// Its signing key: (kid, public JWK).
@@ -45,6 +47,30 @@ pub struct SidecarState {
     /// Tools it saw in tools/list, by (server, tool), with their
     /// definitions where the server's pinning is not off.
     pub inventory: Inventory,
+    /// Its build, from its hello (empty until then).
+    pub sidecar_version: String,
+    /// When its stream opened, unix seconds.
+    pub connected_at: i64,
+}
+
+/// This replica's sidecars, counted ([`SidecarRegistry::own_tally`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnTally {
+    /// Agent sidecars (pods).
+    pub agent_sidecars: usize,
+    /// Tool-mode sidecars (pods).
+    pub tool_sidecars: usize,
+    /// Per agent with at least one sidecar here.
+    pub per_agent: BTreeMap<AgentKey, AgentTally>,
+}
+
+/// One agent's sidecars on this replica.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentTally {
+    /// Connected.
+    pub connected: usize,
+    /// Connected and ACKed the agent's current snapshot.
+    pub in_sync: usize,
 }
 
 /// (namespace, pod).
@@ -125,6 +151,7 @@ impl SidecarRegistry {
                     agent,
                     pod_uid: pod_uid.to_owned(),
                     connection,
+                    connected_at: crate::unix_now(),
                     ..Default::default()
                 },
             )
@@ -164,9 +191,37 @@ impl SidecarRegistry {
     /// Applies `change` to one sidecar's state. A tool-mode sidecar's entry
     /// keeps no key whatever `change` does.
     pub fn update(&self, namespace: &str, pod: &str, change: impl FnOnce(&mut SidecarState)) {
+        self.update_where(namespace, pod, None, change);
+    }
+
+    /// [`SidecarRegistry::update`] on behalf of stream `connection`
+    /// ([`ConnectionGuard::id`]): ignored once a reconnect of the same pod
+    /// replaced its entry, so a stream left over from before the reconnect
+    /// cannot overwrite what the live one reported (its ACK of an older
+    /// snapshot, say).
+    pub fn update_stream(
+        &self,
+        namespace: &str,
+        pod: &str,
+        connection: u64,
+        change: impl FnOnce(&mut SidecarState),
+    ) {
+        self.update_where(namespace, pod, Some(connection), change);
+    }
+
+    fn update_where(
+        &self,
+        namespace: &str,
+        pod: &str,
+        connection: Option<u64>,
+        change: impl FnOnce(&mut SidecarState),
+    ) {
         let key = (namespace.to_owned(), pod.to_owned());
         let key_changed = self.modify(&key, |map| {
-            map.get_mut(&key).is_some_and(|state| {
+            let state = map
+                .get_mut(&key)
+                .filter(|state| connection.is_none_or(|c| c == state.connection));
+            state.is_some_and(|state| {
                 let before = state.key.clone();
                 change(state);
                 if state.agent.is_none() {
@@ -224,8 +279,15 @@ impl SidecarRegistry {
         }
     }
 
-    /// This replica's own agent sidecars, by (namespace, pod): what it
-    /// publishes to the other replicas.
+    /// This replica's own sidecars, agent and tool-mode, by (namespace, pod):
+    /// what it publishes ([`crate::replica_exchange`]).
+    pub fn own_sidecars(&self) -> BTreeMap<PodKey, SidecarState> {
+        let map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
+        map.clone()
+    }
+
+    /// This replica's own agent sidecars, by (namespace, pod): what the
+    /// other replicas take from it.
     pub fn own_agent_sidecars(&self) -> BTreeMap<PodKey, SidecarState> {
         let map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
         map.iter()
@@ -324,6 +386,33 @@ impl SidecarRegistry {
     /// Whether no sidecar is connected.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// This replica's sidecars counted for the gauges: one per pod (the
+    /// registry holds one entry per pod, from whichever of its streams
+    /// registered last), agents' and tool-mode ones apart, and per agent how
+    /// many ACKed the hash `current_hash` gives for it.
+    pub fn own_tally<'a>(&self, current_hash: impl Fn(&AgentKey) -> Option<&'a str>) -> OwnTally {
+        let map = self.sidecars.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tally = OwnTally::default();
+        for state in map.values() {
+            let Some(agent) = &state.agent else {
+                tally.tool_sidecars += 1;
+                continue;
+            };
+            tally.agent_sidecars += 1;
+            let counts = tally.per_agent.entry(agent.clone()).or_default();
+            counts.connected += 1;
+            let current = current_hash(agent);
+            if state
+                .acked
+                .as_ref()
+                .is_some_and(|(_, hash)| current == Some(hash.as_str()))
+            {
+                counts.in_sync += 1;
+            }
+        }
+        tally
     }
 
     /// The public keys of the live agent sidecars of every replica as a JWKS,
@@ -454,6 +543,11 @@ pub struct ConnectionGuard {
 }
 
 impl ConnectionGuard {
+    /// The stream's connection number (for [`SidecarRegistry::update_stream`]).
+    pub fn id(&self) -> u64 {
+        self.connection
+    }
+
     /// Resolves when the registry ends this stream ([`SidecarRegistry::evict`]).
     pub async fn evicted(&self) {
         self.closer.notified().await

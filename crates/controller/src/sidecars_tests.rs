@@ -202,3 +202,42 @@ fn a_deleted_peer_pod_leaves_at_once_and_stays_out() {
     registry.set_peers(peers(&[("p2", "k2")]), 10 + DELETED_POD_MEMORY_SECS);
     assert_eq!(kids(&registry), ["k2"]);
 }
+
+#[test]
+fn a_stream_left_over_from_before_a_reconnect_no_longer_updates_the_pod() {
+    let registry = SidecarRegistry::new();
+    let old = registry.connect(&identity("p1"));
+    let new = registry.connect(&identity("p1"));
+    registry.update_stream("ns", "p1", new.id(), |s| s.acked = Some((2, "new".into())));
+    registry.update_stream("ns", "p1", old.id(), |s| s.acked = Some((1, "old".into())));
+    let sidecars = registry.of_agent(&ObjectKey::new("ns", "planner"));
+    assert_eq!(sidecars.len(), 1);
+    assert_eq!(sidecars[0].1.acked, Some((2, "new".into())));
+}
+
+#[test]
+fn the_tally_counts_each_pod_once_and_in_sync_by_the_current_hash() {
+    let registry = SidecarRegistry::new();
+    let _old = registry.connect(&identity("p1"));
+    let _p1 = registry.connect(&identity("p1"));
+    let _p2 = registry.connect(&identity("p2"));
+    let _tool = registry.connect_tool(&tool("mcp-0"));
+    registry.update("ns", "p1", |s| s.acked = Some((2, "current".into())));
+    registry.update("ns", "p2", |s| s.acked = Some((1, "older".into())));
+    let planner = ObjectKey::new("ns", "planner");
+    let tally = registry.own_tally(|agent| (agent == &planner).then_some("current"));
+    assert_eq!(
+        tally,
+        OwnTally {
+            agent_sidecars: 2,
+            tool_sidecars: 1,
+            per_agent: BTreeMap::from([(
+                planner,
+                AgentTally {
+                    connected: 2,
+                    in_sync: 1
+                }
+            )]),
+        }
+    );
+}

@@ -51,7 +51,7 @@ use crate::{
     audit_events::{AuditEvents, AuditSource},
     auth::{self, Peer, SidecarIdentity, ToolSidecarIdentity},
     index::{PublishedSnapshot, SharedIndex, SnapshotRx},
-    metrics::{GaugeGuard, Metrics},
+    metrics::{Metrics, PushResult},
     sidecars::{ConnectionGuard, SidecarRegistry},
 };
 
@@ -168,10 +168,11 @@ impl SnapshotService for SnapshotServer {
                     Arc::clone(&sent_at),
                 );
                 let (approvals, answers) = self.approvals.open_stream(Arc::clone(&identity));
+                let connection = self.sidecars.connect(&identity);
+                let connection_id = connection.id();
                 let mut outbox = Outbox::new(
                     self.clone(),
-                    self.sidecars.connect(&identity),
-                    self.metrics.sidecar_connected(),
+                    connection,
                     Some(agent),
                     reader_done,
                     &identity.pod,
@@ -179,6 +180,7 @@ impl SnapshotService for SnapshotServer {
                 outbox.approvals = Some(answers);
                 tokio::spawn(self.clone().read_agent_stream(
                     identity,
+                    connection_id,
                     inbound,
                     sent_at,
                     approvals,
@@ -191,7 +193,6 @@ impl SnapshotService for SnapshotServer {
                 let outbox = Outbox::new(
                     self.clone(),
                     self.sidecars.connect_tool(&identity),
-                    self.metrics.tool_sidecar_connected(),
                     None,
                     reader_done,
                     &identity.pod,
@@ -306,7 +307,6 @@ struct Outbox {
     keys_sent: Option<String>,
     keys_pacer: KeySetPacer,
     connection: ConnectionGuard,
-    _gauge: GaugeGuard,
     /// Resolves when the task reading the sidecar's messages has ended.
     reader_done: oneshot::Receiver<()>,
     /// Answers to the sidecar's approval requests (agent streams only).
@@ -321,7 +321,6 @@ impl Outbox {
     fn new(
         server: SnapshotServer,
         connection: ConnectionGuard,
-        gauge: GaugeGuard,
         agent: Option<AgentSnapshots>,
         reader_done: oneshot::Receiver<()>,
         pod: &str,
@@ -338,7 +337,6 @@ impl Outbox {
             keys,
             keys_sent: None,
             connection,
-            _gauge: gauge,
             reader_done,
             approvals: None,
             pod: pod.to_owned(),
@@ -361,14 +359,32 @@ impl Outbox {
             if let Some(agent) = self.agent.as_mut()
                 && let Some(snapshot) = agent.pending.take()
             {
+                // One trace span per snapshot pushed to a sidecar.
+                let _span = tracing::info_span!(
+                    "snapshot push",
+                    otel.name = "chaperone snapshot push",
+                    chaperone.agent = %agent.identity.agent,
+                    k8s.pod.name = %self.pod,
+                    chaperone.snapshot.version = snapshot.version,
+                )
+                .entered();
                 // The update carries the current key set: nothing else is due.
                 self.keys.borrow_and_update();
                 self.keys_pacer.sent(Instant::now());
                 let jwks_json = self.server.jwks_json_for(Some(&agent.identity.agent));
                 let message = wire::snapshot_message(&agent.identity, &snapshot, &jwks_json);
                 self.keys_sent = Some(jwks_json);
-                *agent.sent_at.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((snapshot.version, Instant::now()));
+                // The one sent before, if still unanswered, is superseded.
+                let superseded = agent
+                    .sent_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace((snapshot.version, Instant::now()));
+                if superseded.is_some() {
+                    self.server
+                        .metrics
+                        .push_ended(PushResult::Superseded, Duration::ZERO);
+                }
                 return Some(Ok(message));
             }
             let now = Instant::now();
@@ -435,6 +451,20 @@ impl Drop for Outbox {
     fn drop(&mut self) {
         match &self.agent {
             Some(agent) => {
+                // A snapshot sent and never answered: the stream ended first
+                // (taken, so that an ACK the reader is still handling does
+                // not count it again).
+                if agent
+                    .sent_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .is_some()
+                {
+                    self.server
+                        .metrics
+                        .push_ended(PushResult::Unanswered, Duration::ZERO);
+                }
                 tracing::info!(agent = %agent.identity.agent, pod = %self.pod, "sidecar disconnected")
             }
             None => tracing::info!(pod = %self.pod, "tool-mode sidecar disconnected"),
@@ -467,6 +497,7 @@ impl SnapshotServer {
     async fn read_agent_stream(
         self,
         identity: Arc<SidecarIdentity>,
+        connection: u64,
         mut inbound: Streaming<SidecarMessage>,
         sent_at: Arc<Mutex<Option<(u64, Instant)>>>,
         approvals: ApprovalStream,
@@ -475,7 +506,7 @@ impl SnapshotServer {
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
-                    Ok(Some(message)) => self.on_sidecar_message(&identity, message, &sent_at, &approvals),
+                    Ok(Some(message)) => self.on_sidecar_message(&identity, connection, message, &sent_at, &approvals),
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(pod = %identity.pod, %status, "sidecar stream error");
@@ -501,9 +532,12 @@ impl SnapshotServer {
         }
     }
 
+    /// Handles one message of stream `connection` (its reports update the
+    /// registry only while that stream is the pod's latest).
     fn on_sidecar_message(
         &self,
         identity: &SidecarIdentity,
+        connection: u64,
         message: SidecarMessage,
         sent_at: &Mutex<Option<(u64, Instant)>>,
         approvals: &ApprovalStream,
@@ -528,36 +562,50 @@ impl SnapshotServer {
         match report {
             SidecarReport::Hello(hello) => {
                 let version = hello.snapshot.map_or(0, |s| s.version);
-                tracing::debug!(pod, version, "sidecar hello");
+                tracing::debug!(pod, version, sidecar_version = %hello.sidecar_version, "sidecar hello");
+                self.sidecars
+                    .update_stream(namespace, pod, connection, |s| {
+                        s.sidecar_version = hello.sidecar_version
+                    });
             }
             SidecarReport::Ack(ack) => {
                 let acked = sent_at
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .take_if(|(v, _)| *v == ack.version);
-                if let Some((version, at)) = acked {
-                    self.metrics.push_acked(version, at.elapsed());
+                if let Some((_, at)) = acked {
+                    self.metrics.push_ended(PushResult::Ack, at.elapsed());
                 }
-                self.sidecars.update(namespace, pod, |s| {
-                    s.acked = Some((ack.version, ack.hash));
-                    s.rejected = None;
-                });
+                self.sidecars
+                    .update_stream(namespace, pod, connection, |s| {
+                        s.acked = Some((ack.version, ack.hash));
+                        s.acked_at = Some(crate::unix_now());
+                        s.rejected = None;
+                    });
             }
             SidecarReport::Nack { snapshot, error } => {
                 tracing::warn!(pod, version = snapshot.version, %error, "sidecar rejected a snapshot");
-                self.metrics.push_rejected();
-                self.sidecars.update(namespace, pod, |s| {
-                    s.rejected = Some((snapshot.version, error))
-                });
+                let rejected = sent_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take_if(|(v, _)| *v == snapshot.version);
+                if let Some((_, at)) = rejected {
+                    self.metrics.push_ended(PushResult::Nack, at.elapsed());
+                }
+                self.sidecars
+                    .update_stream(namespace, pod, connection, |s| {
+                        s.rejected = Some((snapshot.version, error))
+                    });
             }
             SidecarReport::SigningKey(key) => {
-                self.sidecars.update(namespace, pod, |s| {
-                    s.key = Some((key.kid, serde_json::Value::Object(key.jwk)))
-                });
+                self.sidecars
+                    .update_stream(namespace, pod, connection, |s| {
+                        s.key = Some((key.kid, serde_json::Value::Object(key.jwk)))
+                    });
             }
             SidecarReport::Inventory(inventory) => {
                 self.sidecars
-                    .update(namespace, pod, |s| s.inventory = inventory);
+                    .update_stream(namespace, pod, connection, |s| s.inventory = inventory);
             }
             SidecarReport::Audit(batch) => {
                 self.metrics
@@ -635,6 +683,9 @@ impl SnapshotServer {
         match report {
             SidecarReport::Hello(hello) => {
                 tracing::debug!(namespace, pod, version = %hello.sidecar_version, "tool sidecar hello");
+                self.sidecars.update(namespace, pod, |s| {
+                    s.sidecar_version = hello.sidecar_version
+                });
             }
             // Logged once per stream: a sidecar sends its key on every connect.
             SidecarReport::SigningKey(key) if !std::mem::replace(told_about_key, true) => {

@@ -32,6 +32,7 @@ pub fn identity(ns: &str, name: &str) -> Object<AgentIdentitySpec> {
                 audience: None,
                 agent: None,
                 tool_pinning: Default::default(),
+                upstream_secret: None,
             }],
             ..Default::default()
         },

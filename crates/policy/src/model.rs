@@ -154,6 +154,21 @@ pub struct ToolServer {
     /// a governed tool with no pin is blocked too).
     #[serde(default, skip_serializing_if = "ToolPinning::is_observe")]
     pub tool_pinning: ToolPinning,
+
+    /// A Secret in the agent's namespace that the injection webhook mounts
+    /// into the sidecar only (never the agent's containers) for this server.
+    /// Key `ca.crt`: PEM certificates trusted for this server's host alone
+    /// (a private CA), besides the system's. Key `authorization`: the
+    /// `Authorization` header value the sidecar sends to this server in place
+    /// of any the agent sent (the agent never holds the credential). Either
+    /// key may be absent, not both. Pods created before it was set have no
+    /// mount: calls to the server are refused until they are recreated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub upstream_secret: Option<String>,
 }
 
 /// How a tool server's tool definitions are held to their pins.

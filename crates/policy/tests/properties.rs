@@ -43,6 +43,7 @@ fn identity(name: &str, require_delegation: bool) -> Object<AgentIdentitySpec> {
                 .iter()
                 .map(|s| ToolServer {
                     tool_pinning: Default::default(),
+                    upstream_secret: None,
                     name: (*s).into(),
                     url: format!("http://{s}"),
                     audience: None,

@@ -1,10 +1,12 @@
-//! The admin server (port 15090): `/metrics` (Prometheus text), `/ready` (200 only
-//! with a snapshot in force: the pod's readiness probe) and `/live`.
+//! The admin server (port 15090): `/metrics` (Prometheus text), `/readyz` (200
+//! only with a snapshot in force: the pod's readiness probe) and `/livez` (the
+//! liveness probe). `/ready` and `/live` answer as before for older probes.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use chaperone_wire::sidecar_env::{LIVEZ_PATH, READYZ_PATH};
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -46,7 +48,7 @@ fn handle(
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
-        "/ready" => match (readiness, source.current()) {
+        READYZ_PATH | "/ready" => match (readiness, source.current()) {
             (Readiness::Keys(keys), _) if keys.loaded() => respond(
                 StatusCode::OK,
                 "text/plain",
@@ -68,7 +70,7 @@ fn handle(
                 "not ready: no policy snapshot yet\n".to_owned(),
             ),
         },
-        "/live" => respond(StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        LIVEZ_PATH | "/live" => respond(StatusCode::OK, "text/plain", "ok\n".to_owned()),
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -31,11 +31,14 @@ use crate::canonical::{args_digest, hex};
 use crate::inventory::{ListedTool, ToolInventory};
 use crate::jsonrpc::{self, Id, Message};
 use crate::methods::{self, Era, Handling};
-use crate::metrics::{DecisionLabels, Metrics, PinningLabels};
+use crate::metrics::{Metrics, PinningLabels, Stage};
 use crate::ratelimit::AgentRateLimits;
 use crate::refusal::AuditUnavailable;
 use crate::session::{Delegation, SessionState, Step, StepDecision};
 use crate::snapshot::{ActivePolicy, Upstream};
+
+/// The rule named when a session reached its `maxCalls`.
+pub(crate) const SESSION_MAX_CALLS_RULE: &str = "session.maxCalls";
 
 /// The method whose calls tool definition pins apply to.
 const TOOLS_CALL: &str = "tools/call";
@@ -407,7 +410,7 @@ impl Enforcer {
         // session limit refuses anyway).
         if (allowed || needs_approval) && session.history.calls() >= settings.max_calls {
             (allowed, needs_approval) = (false, false);
-            rule = "session.maxCalls".to_owned();
+            rule = SESSION_MAX_CALLS_RULE.to_owned();
             reason = format!(
                 "the session reached its limit of {} calls",
                 settings.max_calls
@@ -474,6 +477,8 @@ impl Enforcer {
         });
         let digest = args_digest(call.arguments);
         let latency = started.elapsed();
+        self.metrics.observe_stage(Stage::Decide, latency);
+        self.metrics.decision_seconds.observe(latency.as_secs_f64());
         let (correlation, record_hash) = self.write_record(
             Some(active),
             "",
@@ -497,13 +502,13 @@ impl Enforcer {
             },
         )?;
         let correlation = correlation.as_str();
-        self.metrics
-            .decisions
-            .get_or_create(&DecisionLabels { result: label })
-            .inc();
-        self.metrics
-            .decision_seconds
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.count_decision(
+            Some(&active.labels),
+            &upstream.name,
+            call.name,
+            label,
+            &rule,
+        );
         if !forward {
             // A pinning refusal says why: the agent can list the tools, a
             // person can review and pin the new definition.
@@ -534,6 +539,7 @@ impl Enforcer {
             steps: session.history.calls(),
             prev: hex(&record_hash),
         };
+        let signing = Instant::now();
         let assertion = self.signer.sign(&Claims {
             iss: &active.issuer,
             sub: delegation.as_ref().map_or(&active.issuer, |d| &d.subject),
@@ -548,6 +554,7 @@ impl Enforcer {
             snap: active.version(),
             ctx: &ctx,
         });
+        self.metrics.stage_since(Stage::Sign, signing);
         Ok(CallOutcome {
             forward: true,
             assertion: Some(assertion),
@@ -649,12 +656,13 @@ impl Enforcer {
                 definition: None,
             },
         )?;
-        self.metrics
-            .decisions
-            .get_or_create(&DecisionLabels {
-                result: decision.as_str(),
-            })
-            .inc();
+        self.metrics.count_decision(
+            Some(&active.labels),
+            &upstream.name,
+            call.name,
+            decision.as_str(),
+            &held.rule,
+        );
         let message = format!(
             "Chaperone refused this call: rule {:?} requires a person's approval: {reason} (correlation id {correlation})",
             held.rule
@@ -721,7 +729,12 @@ impl Enforcer {
             time: &time,
             tool: entry.tool,
         };
-        match self.audit.write(&record) {
+        // The same facts on the message's trace span (the current one).
+        crate::spans::record_decision(&record);
+        let writing = Instant::now();
+        let written = self.audit.write(&record);
+        self.metrics.stage_since(Stage::Audit, writing);
+        match written {
             Ok(hash) => {
                 session.last_audit_hash = Some(hash);
                 Ok((correlation.as_str().to_owned(), hash))
@@ -762,12 +775,13 @@ impl Enforcer {
                 definition: None,
             },
         )?;
-        self.metrics
-            .decisions
-            .get_or_create(&DecisionLabels {
-                result: StepDecision::Deny.as_str(),
-            })
-            .inc();
+        self.metrics.count_decision(
+            active.map(|a| &a.labels),
+            refused.server,
+            refused.tool,
+            StepDecision::Deny.as_str(),
+            refused.rule,
+        );
         let message = format!(
             "Chaperone refused this message: {} (correlation id {correlation})",
             refused.reason

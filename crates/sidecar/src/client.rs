@@ -72,17 +72,32 @@ fn rustls_native_certs_or_empty() -> Vec<CertificateDer<'static>> {
     loaded.certs
 }
 
-/// A client for `http://` and `https://` URLs.
+/// The crypto provider of every TLS client of the sidecar (aws-lc-rs).
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The default certificate verifier: `roots` (see [`root_store`]).
+pub fn verifier(
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<rustls::client::WebPkiServerVerifier>, TlsSetupError> {
+    rustls::client::WebPkiServerVerifier::builder_with_provider(roots, crypto_provider())
+        .build()
+        .map_err(|e| TlsSetupError::Config(e.to_string()))
+}
+
+/// A client for `http://` and `https://` URLs, checking servers' certificates
+/// with `verifier` (a [`crate::upstream_secrets::ScopedCaVerifier`] in the
+/// sidecar).
 pub fn upstream_client(
     connect_timeout: Duration,
-    extra_ca: Option<&Path>,
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
 ) -> Result<UpstreamClient, TlsSetupError> {
-    let roots = root_store(extra_ca)?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let config = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsSetupError::Config(e.to_string()))?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     let mut http = HttpConnector::new();
     http.set_nodelay(true);

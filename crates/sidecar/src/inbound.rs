@@ -42,15 +42,16 @@ use crate::authz::{Governed, RecordEntry, classify, message_era};
 use crate::canonical::{args_digest, hex};
 use crate::initiator::InitiatorVerifier;
 use crate::intake::{
-    BodyRouting, MCP_PROTOCOL_VERSION, check_body_headers, check_header_binding, check_path_suffix,
-    forward_headers, single_header, strip_hop_by_hop,
+    BodyRouting, MCP_PROTOCOL_VERSION, TRACEPARENT, check_body_headers, check_header_binding,
+    check_path_suffix, forward_headers, single_header, strip_hop_by_hop,
 };
 use crate::jsonrpc::{Message, Payload, parse_payload};
 use crate::listener::{ConnectionLimits, serve_connections};
+use crate::metrics::Stage;
 use crate::peer_keys::PeerKeyStore;
 use crate::proxy::{
-    BoxError, CHAPERONE_SESSION, Gateway, ResponseBody, meta_protocol_version, read_body,
-    request_id, routed_name,
+    BoxError, CHAPERONE_SESSION, Gateway, ResponseBody, meta_protocol_version, meta_traceparent,
+    read_body, request_id, routed_name,
 };
 use crate::refusal::{
     AuditUnavailable, InboundRefused, MethodNotAllowed, MethodNotForwarded, NoSnapshot, Refusal,
@@ -58,7 +59,12 @@ use crate::refusal::{
 use crate::session::{Delegation, SessionKey, SessionState, SharedSession, lock};
 use crate::settings::SidecarMode;
 use crate::snapshot::{AGENT_ISSUER_PREFIX, ActivePolicy};
+use crate::spans::{
+    Direction, message_span, outgoing_traceparent, record_upstream, record_upstream_failure,
+};
 use crate::verify::{ReplayCache, VerifiedAssertion, verify_assertion};
+use chaperone_telemetry::TraceParent;
+use chaperone_telemetry::trace_context::request_parent;
 
 /// Key space, in the delegated-session store, of the caller sessions already
 /// handed a session here.
@@ -88,6 +94,8 @@ struct InboundCall {
     method: String,
     name: String,
     digest: String,
+    /// Its trace span ([`crate::spans`]), entered when it is decided.
+    span: tracing::Span,
 }
 
 fn unix_now_ms() -> i64 {
@@ -167,6 +175,8 @@ impl Inbound {
         let uri = self.target(parts.uri.path_and_query());
         let authority = self.upstream.authority().cloned().ok_or(MethodNotAllowed)?;
         let mut headers = forward_headers(&parts.headers, &authority, parts.method == Method::POST);
+        // The trace spans of the governed calls forwarded.
+        let mut spans: Vec<tracing::Span> = Vec::new();
         let body = match parts.method {
             Method::POST => {
                 check_body_headers(&parts.headers)?;
@@ -181,9 +191,16 @@ impl Inbound {
                 let passthrough = active
                     .as_deref()
                     .map_or(&[][..], |a| &a.snapshot.content.passthrough_methods[..]);
+                let parsing = Instant::now();
                 let calls = governed_calls(&bytes, limit, &parts.headers, passthrough)?;
+                self.gateway.metrics.stage_since(Stage::Parse, parsing);
                 self.admit(active.as_deref(), &parts.headers, &calls, &mut headers)
                     .await?;
+                spans = calls.into_iter().map(|call| call.span).collect();
+                // The pod's parent is this sidecar's span, in the same trace.
+                if let Some(traceparent) = outgoing_traceparent(&spans) {
+                    headers.insert(TRACEPARENT, traceparent);
+                }
                 bytes
             }
             Method::GET | Method::DELETE => Bytes::new(),
@@ -193,10 +210,16 @@ impl Inbound {
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
+        let forwarding = Instant::now();
         let response = self.gateway.client.request(request).await.map_err(|err| {
             tracing::warn!(error = %err, "the pod's own MCP endpoint is unavailable");
+            record_upstream_failure(&spans, &err.to_string());
             crate::refusal::UpstreamUnavailable("inbound".to_owned())
         })?;
+        record_upstream(&spans, forwarding.elapsed(), response.status().as_u16());
+        self.gateway
+            .metrics
+            .stage_since(Stage::Upstream, forwarding);
         let (mut rparts, rbody) = response.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
         Ok(Response::from_parts(
@@ -579,6 +602,9 @@ impl Inbound {
             self.write_record(
                 active, &mut state, call, decision, rule, reason, now_ms, caller,
             )?;
+            if let Some(trace) = TraceParent::of_span(&call.span) {
+                state.trace = Some(trace);
+            }
         }
         Ok(())
     }
@@ -596,27 +622,28 @@ impl Inbound {
         caller: &str,
     ) -> Result<String, AuditUnavailable> {
         let server = format!("inbound:{caller}");
-        self.gateway
-            .enforcer
-            .write_record(
-                active,
-                &self.gateway.settings.pod_namespace,
-                state,
-                &RecordEntry {
-                    method: &call.method,
-                    tool: &call.name,
-                    server: &server,
-                    args_digest: &call.digest,
-                    decision,
-                    rule,
-                    reason,
-                    mcp_session_id: "",
-                    latency_us: 0,
-                    now_ms,
-                    approval: None,
-                    definition: None,
-                },
-            )
+        call.span
+            .in_scope(|| {
+                self.gateway.enforcer.write_record(
+                    active,
+                    &self.gateway.settings.pod_namespace,
+                    state,
+                    &RecordEntry {
+                        method: &call.method,
+                        tool: &call.name,
+                        server: &server,
+                        args_digest: &call.digest,
+                        decision,
+                        rule,
+                        reason,
+                        mcp_session_id: "",
+                        latency_us: 0,
+                        now_ms,
+                        approval: None,
+                        definition: None,
+                    },
+                )
+            })
             .map(|(correlation, _)| correlation)
     }
 
@@ -637,6 +664,7 @@ impl Inbound {
             method: "request".to_owned(),
             name: String::new(),
             digest: args_digest(None),
+            span: tracing::Span::none(),
         };
         let mut correlation = String::new();
         let listed: Vec<&InboundCall> = if calls.is_empty() {
@@ -711,6 +739,8 @@ fn governed_calls(
     passthrough: &[String],
 ) -> Result<Vec<InboundCall>, Refusal> {
     let header_version = single_header(headers, &MCP_PROTOCOL_VERSION)?;
+    // Only a trace's parent: an unreadable or repeated header is ignored.
+    let header_traceparent = single_header(headers, &TRACEPARENT).ok().flatten();
     let (messages, batch) = match parse_payload(bytes, limit)? {
         Payload::Single(message) => (vec![message], false),
         Payload::Batch(messages) => (messages, true),
@@ -730,6 +760,13 @@ fn governed_calls(
         match classify(message, message_era(message, header_version), passthrough) {
             Governed::Call { name, arguments } => calls.push(InboundCall {
                 method: message.method().unwrap_or_default().to_owned(),
+                span: message_span(
+                    Direction::Inbound,
+                    message.method().unwrap_or_default(),
+                    &name,
+                    "inbound",
+                    request_parent(header_traceparent, meta_traceparent(message)),
+                ),
                 name,
                 digest: args_digest(arguments),
             }),

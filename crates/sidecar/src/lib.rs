@@ -52,8 +52,10 @@ pub mod session;
 pub mod settings;
 pub mod snapshot;
 pub mod snapshot_stream;
+pub mod spans;
 pub mod sse;
 pub mod standalone;
+pub mod upstream_secrets;
 pub mod verify;
 
 use std::collections::BTreeSet;
@@ -80,6 +82,7 @@ use crate::inventory::ToolInventory;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::ratelimit::AgentRateLimits;
+use crate::upstream_secrets::{ScopedCaVerifier, UpstreamSecrets};
 
 /// The sidecar could not start.
 #[derive(Debug, Error)]
@@ -131,11 +134,26 @@ impl Sidecar {
             inventory: ToolInventory::default(),
         };
         let source = Arc::new(SnapshotSource::new());
-        let client = client::upstream_client(
-            settings.connect_timeout,
-            settings.upstream_ca_file.as_deref(),
-        )?;
-        let gateway = Arc::new(Gateway::new(settings, source, enforcer, metrics, client));
+        let roots = Arc::new(client::root_store(settings.upstream_ca_file.as_deref())?);
+        let upstream_secrets = Arc::new(UpstreamSecrets::new(
+            settings.upstream_secrets_dir.clone(),
+            Arc::clone(&roots),
+            client::crypto_provider(),
+        ));
+        let verifier = ScopedCaVerifier::new(
+            client::verifier(roots)?,
+            Arc::clone(&source),
+            Arc::clone(&upstream_secrets),
+        );
+        let client = client::upstream_client(settings.connect_timeout, Arc::new(verifier))?;
+        let gateway = Arc::new(Gateway::new(
+            settings,
+            source,
+            enforcer,
+            metrics,
+            client,
+            upstream_secrets,
+        ));
         Ok(Self {
             gateway,
             audit_records: Arc::new(Mutex::new(records)),
@@ -264,12 +282,20 @@ impl Sidecar {
         self.gateway.enforcer.audit.close()
     }
 
+    fn set_snapshot_version(&self, version: Option<u64>) {
+        let version = i64::try_from(version.unwrap_or(0)).unwrap_or(i64::MAX);
+        self.gateway.metrics.snapshot_version.set(version);
+    }
+
     /// Forgets idle sessions every `every`, keeps the snapshot-version and
     /// session gauges current, and writes an audit checkpoint every
     /// `audit_checkpoint_interval` when decisions are uncovered; runs until
     /// dropped.
     pub async fn maintain(&self, every: Duration) {
         let mut versions = self.gateway.source.subscribe();
+        // A snapshot put in force before this subscribed (standalone mode
+        // loads its policy directory at once) is not a change: set it now.
+        self.set_snapshot_version(*versions.borrow_and_update());
         let mut tick = tokio::time::interval(every);
         let mut checkpoint = tokio::time::interval(self.gateway.settings.audit_checkpoint_interval);
         checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -284,8 +310,7 @@ impl Sidecar {
                     if changed.is_err() {
                         return;
                     }
-                    let version = (*versions.borrow_and_update()).unwrap_or(0);
-                    self.gateway.metrics.snapshot_version.set(i64::try_from(version).unwrap_or(i64::MAX));
+                    self.set_snapshot_version(*versions.borrow_and_update());
                 }
                 _ = tick.tick() => {
                     if let Some(active) = self.gateway.source.current() {
@@ -294,6 +319,10 @@ impl Sidecar {
                         self.gateway.delegated.sweep(Instant::now(), idle);
                     }
                     self.gateway.metrics.sessions.set(self.gateway.sessions.len() as i64);
+                    self.gateway
+                        .metrics
+                        .delegated_sessions
+                        .set(self.gateway.delegated.len() as i64);
                 }
             }
         }

@@ -29,13 +29,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    // Logs (CHAPERONE_LOG_FORMAT, RUST_LOG) and traces (OTEL_*); dropped at
+    // the end of main, which flushes the spans still buffered.
+    let _telemetry = chaperone_telemetry::init("chaperone-sidecar", None)?;
     let args = Args::parse();
     let settings = Settings::from_env()?;
     let tool_mode = settings.mode == SidecarMode::Tool;

@@ -21,6 +21,7 @@ use chaperone_policy::{ScopeHints, ScopeKind, resolve_scope, trace_id_of};
 
 use bytes::Bytes;
 use chaperone_json::JsonError;
+use chaperone_telemetry::trace_context::request_parent;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -28,6 +29,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::Value;
 use tokio::net::TcpListener;
+use tracing::Instrument as _;
 
 use crate::approvals::{
     ApprovalPhase, ApprovalUpdate, Approvals, HeldRefusal, NoController, Waited,
@@ -51,7 +53,7 @@ use crate::jsonrpc::{
 };
 use crate::listener::{ConnectionLimits, serve_connections};
 use crate::methods::Era;
-use crate::metrics::{ApprovalLabels, Metrics, RefusalLabels};
+use crate::metrics::{ApprovalLabels, Metrics, RefusalLabels, Stage};
 use crate::outcome::{CallWatch, PendingCall, WatchedBody};
 use crate::refusal::{
     AuditUnavailable, MethodNotAllowed, NoSnapshot, Refusal, SlowBody, UnknownDelegatedSession,
@@ -62,7 +64,11 @@ use crate::session::{
 };
 use crate::settings::Settings;
 use crate::snapshot::{ActivePolicy, SnapshotSource, Upstream};
+use crate::spans::{
+    Direction, message_span, outgoing_traceparent, record_upstream, record_upstream_failure,
+};
 use crate::sse::{EventRewrite, RewritingSseBody};
+use crate::upstream_secrets::UpstreamSecrets;
 
 /// Errors of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -77,7 +83,7 @@ pub const CHAPERONE_SESSION: HeaderName =
 const DELEGATED: &str = "chaperone-session";
 /// The rule name of refusals made before policy (malformed or unknown
 /// messages, unreadable requests) in audit records and errors.
-const PROTOCOL_RULE: &str = "protocol";
+pub(crate) const PROTOCOL_RULE: &str = "protocol";
 
 /// The proxy: snapshot, sessions, enforcement and the upstream client.
 pub struct Gateway {
@@ -96,6 +102,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// The HTTP(S) client towards tool servers and the pod's own endpoint.
     pub client: UpstreamClient,
+    /// Tool servers' mounted credentials and CAs (`upstreamSecret`).
+    pub upstream_secrets: Arc<UpstreamSecrets>,
     /// The audit chain of requests refused before any session was known
     /// (unreadable bodies, unknown servers, unsupported media types).
     pub refusals: SharedSession,
@@ -151,8 +159,10 @@ impl Gateway {
         enforcer: Enforcer,
         metrics: Arc<Metrics>,
         client: UpstreamClient,
+        upstream_secrets: Arc<UpstreamSecrets>,
     ) -> Self {
         Self {
+            upstream_secrets,
             sessions: SessionStore::new(settings.max_sessions),
             delegated: DelegatedSessions::new(
                 settings.max_sessions,
@@ -379,6 +389,9 @@ impl Gateway {
             None => std::slice::from_ref(&token_key),
         };
         let shared = self.delegated.open(caller, keys, state, Instant::now());
+        self.metrics
+            .delegated_sessions
+            .set(self.delegated.len() as i64);
         (token, shared)
     }
 
@@ -407,6 +420,7 @@ impl Gateway {
             self.settings.header_read_timeout,
         )
         .await?;
+        let parsing = Instant::now();
         let parsed = parse_body(&bytes, limit)?;
         let (messages, batch) = match &parsed.payload {
             Payload::Single(message) => (std::slice::from_ref(message), false),
@@ -422,6 +436,7 @@ impl Gateway {
                 meta_version: messages.iter().find_map(meta_protocol_version),
             },
         )?;
+        self.metrics.stage_since(Stage::Parse, parsing);
         let initializing = messages
             .iter()
             .any(|m| matches!(m, Message::Request { method, .. } if method == "initialize"));
@@ -434,7 +449,8 @@ impl Gateway {
         let mcp = self.mcp_session(active, upstream, mcp_session_id)?;
         let mcp_id = mcp.as_ref().map_or("", |(_, id)| id.as_str());
         let delegated = self.delegated_session(active, &parts.headers)?;
-        let header_trace = single_header(&parts.headers, &TRACEPARENT)?.and_then(trace_id_of);
+        let header_traceparent = single_header(&parts.headers, &TRACEPARENT)?;
+        let header_trace = header_traceparent.and_then(trace_id_of);
         let passthrough = &active.snapshot.content.passthrough_methods;
 
         let mut forwarded: Vec<usize> = Vec::with_capacity(messages.len());
@@ -442,6 +458,8 @@ impl Gateway {
         let mut assertions: Vec<String> = Vec::new();
         let mut watch = CallWatch::default();
         let mut lists = false;
+        // The trace spans of the governed messages forwarded.
+        let mut spans: Vec<tracing::Span> = Vec::new();
         for (index, message) in messages.iter().enumerate() {
             let id = request_id(message);
             let era = message_era(message, header_version);
@@ -451,6 +469,17 @@ impl Gateway {
                 forwarded.push(index);
                 continue;
             }
+            // Without a trace context of its own, a call of a task opened at
+            // the inbound side continues the trace of the call that opened it.
+            let parent = request_parent(header_traceparent, meta_traceparent(message))
+                .or_else(|| delegated.as_ref().and_then(|task| lock(task).trace));
+            let span = message_span(
+                Direction::Outbound,
+                message.method().unwrap_or_default(),
+                param_name(message),
+                &upstream.name,
+                parent,
+            );
             // Inside a delegated (or user-initiated) task the task's history
             // decides; otherwise the scope the agent's mode picks.
             let shared = match &delegated {
@@ -473,18 +502,20 @@ impl Gateway {
                         mcp_session_id: mcp_id,
                         approval: None,
                     };
-                    let mut outcome = {
+                    let mut outcome = span.in_scope(|| {
                         let mut state = lock(&shared);
                         self.enforcer
-                            .decide_call(active, upstream, &mut state, &call)?
-                    };
+                            .decide_call(active, upstream, &mut state, &call)
+                    })?;
                     if let Some(held) = outcome.held.take() {
                         outcome = self
                             .hold_for_approval(active, upstream, &shared, &call, held, batch)
+                            .instrument(span.clone())
                             .await?;
                     }
                     if outcome.forward {
                         forwarded.push(index);
+                        spans.push(span);
                         assertions.extend(outcome.assertion);
                         // Results that change the session: `input_required`
                         // (2026-07-28) and task handles (both eras).
@@ -508,6 +539,7 @@ impl Gateway {
                 Governed::Task { task_id } => {
                     if lock(&shared).owns_task(task_id) {
                         forwarded.push(index);
+                        spans.push(span);
                         continue;
                     }
                     (
@@ -522,26 +554,24 @@ impl Gateway {
                 Governed::NotForwarded(why) => (jsonrpc::METHOD_NOT_FOUND, why),
                 Governed::Pass | Governed::List => continue,
             };
-            let tool = message
-                .params()
-                .and_then(|p| p.get("name"))
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            let error = self.enforcer.refuse_message(
-                Some(active),
-                "",
-                &mut lock(&shared),
-                &RefusedMessage {
-                    id,
-                    method,
-                    tool,
-                    server: &upstream.name,
-                    mcp_session_id: mcp_id,
-                    rule: PROTOCOL_RULE,
-                    reason: &reason,
-                    code,
-                },
-            )?;
+            let tool = param_name(message);
+            let error = span.in_scope(|| {
+                self.enforcer.refuse_message(
+                    Some(active),
+                    "",
+                    &mut lock(&shared),
+                    &RefusedMessage {
+                        id,
+                        method,
+                        tool,
+                        server: &upstream.name,
+                        mcp_session_id: mcp_id,
+                        rule: PROTOCOL_RULE,
+                        reason: &reason,
+                        code,
+                    },
+                )
+            })?;
             if id.is_some() {
                 local.push(error);
             }
@@ -562,6 +592,12 @@ impl Gateway {
         let body = forwarded_body(&bytes, &parsed, &forwarded);
 
         let mut headers = forward_headers(&parts.headers, &upstream.authority, true);
+        // The tool server's parent is this sidecar's span, in the same trace.
+        // The body (`params._meta.traceparent` included) is forwarded as it
+        // was decided, byte for byte.
+        if let Some(traceparent) = outgoing_traceparent(&spans) {
+            headers.insert(TRACEPARENT, traceparent);
+        }
         if !assertions.is_empty()
             && let Ok(value) = HeaderValue::from_str(&assertions.join(", "))
         {
@@ -571,7 +607,15 @@ impl Gateway {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
-        let response = self.send(request, upstream).await?;
+        let sending = Instant::now();
+        let response = match self.send(request, upstream).await {
+            Ok(response) => response,
+            Err(refusal) => {
+                record_upstream_failure(&spans, &refusal.to_string());
+                return Err(refusal);
+            }
+        };
+        record_upstream(&spans, sending.elapsed(), response.status().as_u16());
 
         let (mut rparts, rbody) = response.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
@@ -639,6 +683,7 @@ impl Gateway {
                     with_local_denials(local, &forwarded, messages, batch, &upstream.name, status)
                 });
             }
+            let filtering = Instant::now();
             let mut value =
                 parse_strict(&bytes, limit).map_err(|err| unreadable(err.to_string()))?;
             watch.observe(&value);
@@ -663,6 +708,7 @@ impl Gateway {
                     }
                 }
             }
+            self.metrics.stage_since(Stage::ResponseFilter, filtering);
             rparts.headers.remove(header::CONTENT_LENGTH);
             rparts.headers.remove(header::CONTENT_ENCODING);
             rparts.headers.insert(
@@ -912,17 +958,19 @@ impl Gateway {
 
     async fn send(
         &self,
-        request: Request<Full<Bytes>>,
+        mut request: Request<Full<Bytes>>,
         upstream: &Upstream,
     ) -> Result<Response<Incoming>, Refusal> {
+        self.upstream_secrets
+            .apply(upstream, request.headers_mut())?;
         let started = Instant::now();
         let response = self.client.request(request).await.map_err(|err| {
             tracing::warn!(server = %upstream.name, error = %err, "tool server unavailable");
             UpstreamUnavailable(upstream.name.clone())
         })?;
-        self.metrics
-            .upstream_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        self.metrics.observe_stage(Stage::Upstream, elapsed);
+        self.metrics.upstream_seconds.observe(elapsed.as_secs_f64());
         Ok(response)
     }
 
@@ -1018,8 +1066,17 @@ pub(crate) fn meta_protocol_version(message: &Message) -> Option<&str> {
     meta_str(message, PROTOCOL_VERSION_META)
 }
 
+/// `params.name` of `message` (the tool or prompt), empty when it has none.
+fn param_name(message: &Message) -> &str {
+    message
+        .params()
+        .and_then(|p| p.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
 /// The W3C `traceparent` in `message`'s `_meta` (2026-07-28, SEP-414).
-fn meta_traceparent(message: &Message) -> Option<&str> {
+pub(crate) fn meta_traceparent(message: &Message) -> Option<&str> {
     meta_str(message, "traceparent")
 }
 
@@ -1078,9 +1135,15 @@ impl EventRewrite for ListRewriter {
             .current()
             .ok_or_else(|| "no policy snapshot".to_owned())?;
         let limit = self.gateway.settings.max_response_bytes;
-        self.gateway
+        let filtering = Instant::now();
+        let filtered = self
+            .gateway
             .enforcer
-            .filter_event(&active, &self.server, data, limit)
+            .filter_event(&active, &self.server, data, limit);
+        self.gateway
+            .metrics
+            .stage_since(Stage::ResponseFilter, filtering);
+        filtered
     }
 }
 

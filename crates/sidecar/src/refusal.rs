@@ -100,6 +100,19 @@ pub struct SlowBody(pub std::time::Duration);
 #[error("tool server {0:?} is unavailable")]
 pub struct UpstreamUnavailable(pub String);
 
+/// The tool server's `upstreamSecret` is not mounted or not usable: the call
+/// is not sent without the credential or CA it asks for.
+#[derive(Debug, Error)]
+#[error("tool server {server:?}: its upstreamSecret {secret:?} {reason}")]
+pub struct UpstreamSecretUnusable {
+    /// The tool server.
+    pub server: String,
+    /// The Secret the AgentIdentity names.
+    pub secret: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
 /// The tool server's answer could not be read where the sidecar must read it
 /// (a `tools/list` page); it is not passed on.
 #[derive(Debug, Error)]
@@ -132,6 +145,9 @@ pub enum Refusal {
     /// See [`UpstreamUnavailable`].
     #[error(transparent)]
     UpstreamUnavailable(#[from] UpstreamUnavailable),
+    /// See [`UpstreamSecretUnusable`].
+    #[error(transparent)]
+    UpstreamSecretUnusable(#[from] UpstreamSecretUnusable),
     /// See [`UpstreamResponseRefused`].
     #[error(transparent)]
     UpstreamResponseRefused(#[from] UpstreamResponseRefused),
@@ -183,9 +199,9 @@ impl Refusal {
             | Refusal::HeaderMismatch(_) => StatusCode::BAD_REQUEST,
             Refusal::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
-            Refusal::UpstreamUnavailable(_) | Refusal::UpstreamResponseRefused(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            Refusal::UpstreamUnavailable(_)
+            | Refusal::UpstreamSecretUnusable(_)
+            | Refusal::UpstreamResponseRefused(_) => StatusCode::BAD_GATEWAY,
             Refusal::AuditUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UnknownDelegatedSession(_) => StatusCode::FORBIDDEN,
             Refusal::InboundRefused(r) if r.unauthenticated => StatusCode::UNAUTHORIZED,
@@ -207,6 +223,7 @@ impl Refusal {
             Refusal::HeaderMismatch(_) => jsonrpc::HEADER_MISMATCH,
             Refusal::Unparseable(Unparseable(err)) => err.code(),
             Refusal::UpstreamUnavailable(_)
+            | Refusal::UpstreamSecretUnusable(_)
             | Refusal::UpstreamResponseRefused(_)
             | Refusal::AuditUnavailable(_) => jsonrpc::INTERNAL_ERROR,
             Refusal::UnknownDelegatedSession(_) | Refusal::InboundRefused(_) => {
@@ -229,6 +246,7 @@ impl Refusal {
             Refusal::SlowBody(_) => "slow_body",
             Refusal::HeaderMismatch(_) => "header_mismatch",
             Refusal::UpstreamUnavailable(_) => "upstream_unavailable",
+            Refusal::UpstreamSecretUnusable(_) => "upstream_secret_unusable",
             Refusal::UpstreamResponseRefused(_) => "upstream_response_refused",
             Refusal::AuditUnavailable(_) => "audit_unavailable",
             Refusal::UnknownDelegatedSession(_) => "unknown_delegated_session",

@@ -126,6 +126,11 @@ pub struct SessionState {
     /// Tasks created by calls of this session (tasks extension or 2025-11-25
     /// tasks), newest last: the ones it may poll, update or cancel.
     pub tasks: VecDeque<Box<str>>,
+    /// For a session opened at the inbound side: the trace span of the call
+    /// that last joined it, the parent of the calls the agent makes for it
+    /// without a trace context of their own (so one trace crosses the hop
+    /// whether or not the agent's app propagates it).
+    pub trace: Option<chaperone_telemetry::TraceParent>,
 }
 
 /// How a session opened at the inbound side came to be.
@@ -189,6 +194,7 @@ impl SessionState {
             scope: kind,
             scope_key: key.into(),
             tasks: VecDeque::new(),
+            trace: None,
         }
     }
 

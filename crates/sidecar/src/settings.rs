@@ -57,6 +57,9 @@ pub struct Settings {
     pub inbound_audiences: Vec<String>,
     /// Extra CA bundle for HTTPS upstreams.
     pub upstream_ca_file: Option<PathBuf>,
+    /// Where tool servers' `upstreamSecret`s are mounted, one folder per
+    /// server; default `/var/run/secrets/chaperone/upstreams`.
+    pub upstream_secrets_dir: PathBuf,
     /// Time a request's head may take on the proxy and inbound listeners;
     /// default 10 s.
     pub header_read_timeout: Duration,
@@ -165,6 +168,7 @@ impl Default for Settings {
             inbound_upstream: None,
             inbound_audiences: Vec::new(),
             upstream_ca_file: None,
+            upstream_secrets_dir: PathBuf::from(chaperone_wire::sidecar_env::UPSTREAM_SECRETS_DIR),
             header_read_timeout: Duration::from_secs(10),
             connection_idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
@@ -284,6 +288,9 @@ impl Settings {
         }
         if let Some(v) = lookup(ENV_UPSTREAM_CA_FILE).filter(|v| !v.trim().is_empty()) {
             settings.upstream_ca_file = Some(PathBuf::from(v.trim()));
+        }
+        if let Some(v) = lookup(ENV_UPSTREAM_SECRETS_DIR).filter(|v| !v.trim().is_empty()) {
+            settings.upstream_secrets_dir = PathBuf::from(v.trim());
         }
         if let Some(v) = lookup(ENV_MODE) {
             settings.mode = match v.trim() {

@@ -16,6 +16,8 @@ use chaperone_policy::{Engine, InvalidSnapshot, Snapshot};
 use thiserror::Error;
 use tokio::sync::watch;
 
+use crate::metrics::LabelVocabulary;
+
 /// An upstream tool server as the proxy uses it.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -29,6 +31,9 @@ pub struct Upstream {
     pub authority: http::uri::Authority,
     /// The AgentIdentity behind this endpoint, when it is another agent.
     pub agent: Option<String>,
+    /// The Secret holding its CA and `Authorization` (`upstreamSecret`),
+    /// mounted by the webhook; see [`crate::upstream_secrets`].
+    pub secret: Option<String>,
 }
 
 /// Prefix of an agent's identity in assertions (`iss`, `sub`, `act.sub`).
@@ -54,6 +59,8 @@ pub struct ActivePolicy {
     pub upstreams: HashMap<String, Upstream>,
     /// `chaperone:agent:<namespace>/<name>`: the `iss` of assertions.
     pub issuer: String,
+    /// The server, tool and rule names metrics may use as label values.
+    pub labels: LabelVocabulary,
 }
 
 impl ActivePolicy {
@@ -156,6 +163,7 @@ impl SnapshotSource {
 
 fn convert(mut snapshot: Snapshot) -> Result<ActivePolicy, SnapshotRejected> {
     let engine = Engine::new(&snapshot)?;
+    let labels = LabelVocabulary::of(&snapshot);
     for authority in std::iter::once(&mut snapshot.content.authority)
         .chain(snapshot.content.delegators.iter_mut())
     {
@@ -188,6 +196,7 @@ fn convert(mut snapshot: Snapshot) -> Result<ActivePolicy, SnapshotRejected> {
                         None => server.url.clone(),
                     }),
                 agent: server.agent.clone(),
+                secret: server.upstream_secret.clone(),
                 base_url,
                 authority,
             },
@@ -200,5 +209,6 @@ fn convert(mut snapshot: Snapshot) -> Result<ActivePolicy, SnapshotRejected> {
         engine,
         upstreams,
         issuer,
+        labels,
     })
 }

@@ -8,8 +8,16 @@ pub const OUTBOUND_PORT: u16 = 15001;
 /// The inbound side's port (delegated calls, or calls to the tool a tool-mode
 /// sidecar fronts).
 pub const INBOUND_PORT: u16 = 15006;
-/// The admin port (`/metrics`, `/ready`; the kubelet probes it).
+/// The admin port (`/metrics`, [`READYZ_PATH`], [`LIVEZ_PATH`]; the kubelet
+/// probes it).
 pub const ADMIN_PORT: u16 = 15090;
+/// Liveness endpoint of both binaries' admin servers: 200 while the process
+/// serves.
+pub const LIVEZ_PATH: &str = "/livez";
+/// Readiness endpoint of both binaries' admin servers: 200 once it can do its
+/// work (the sidecar: a snapshot or keys in force; the controller: every kind
+/// listed).
+pub const READYZ_PATH: &str = "/readyz";
 
 /// The per-call assertion a sidecar sends to the tool (or the next agent).
 pub const ASSERTION_HEADER: &str = "chaperone-assertion";
@@ -81,6 +89,16 @@ pub const ENV_INBOUND_AUDIENCES: &str = "CHAPERONE_INBOUND_AUDIENCES";
 /// Extra CA bundle (PEM) trusted for `https://` tool servers and initiator
 /// JWKS URLs, besides the system's roots.
 pub const ENV_UPSTREAM_CA_FILE: &str = "CHAPERONE_UPSTREAM_CA_FILE";
+/// Where the webhook mounts each tool server's `upstreamSecret`, one folder
+/// per server: `<dir>/<server>/ca.crt`, `<dir>/<server>/authorization`;
+/// default [`UPSTREAM_SECRETS_DIR`].
+pub const ENV_UPSTREAM_SECRETS_DIR: &str = "CHAPERONE_UPSTREAM_SECRETS_DIR";
+/// Default of [`ENV_UPSTREAM_SECRETS_DIR`].
+pub const UPSTREAM_SECRETS_DIR: &str = "/var/run/secrets/chaperone/upstreams";
+/// The key of an `upstreamSecret` holding the CA bundle for that server.
+pub const UPSTREAM_CA_KEY: &str = "ca.crt";
+/// The key of an `upstreamSecret` holding the `Authorization` header value.
+pub const UPSTREAM_AUTHORIZATION_KEY: &str = "authorization";
 
 /// Longest a request's head may take to arrive on the proxy or inbound
 /// listener, counted from the connection's accept (first request) or from the

@@ -689,3 +689,28 @@ impl Drop for ApprovalStream {
         self.desk.close_stream(self.id);
     }
 }
+
+impl ApprovalDesk {
+    /// How many ToolCallApprovals the watch holds, by where each stands at
+    /// `now`: every phase, zeros included (for `chaperone_controller_approvals`).
+    pub fn count_by_phase(&self, now: Timestamp) -> [(&'static str, usize); 5] {
+        let mut counts = [
+            ("pending", 0),
+            ("approved", 0),
+            ("consumed", 0),
+            ("denied", 0),
+            ("expired", 0),
+        ];
+        for object in self.store.state() {
+            let slot = match standing(&object, now) {
+                Standing::Pending { .. } => 0,
+                Standing::Approved { .. } => 1,
+                Standing::Consumed { .. } => 2,
+                Standing::Denied { .. } => 3,
+                Standing::Expired { .. } => 4,
+            };
+            counts[slot].1 += 1;
+        }
+        counts
+    }
+}

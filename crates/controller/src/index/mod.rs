@@ -393,6 +393,15 @@ impl Index {
         }
         self.generation += 1;
         let namespaces: BTreeSet<String> = namespaces.into_iter().collect();
+        // One trace span per reconcile of a change (exported over OTLP when
+        // configured, see chaperone-telemetry).
+        let _span = tracing::info_span!(
+            "reconcile",
+            otel.name = "chaperone reconcile",
+            chaperone.generation = self.generation,
+            chaperone.namespaces = %namespaces.iter().cloned().collect::<Vec<_>>().join(","),
+        )
+        .entered();
         let mut affected: BTreeSet<AgentKey> = self
             .objects
             .identities

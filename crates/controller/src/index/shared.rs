@@ -37,8 +37,9 @@ impl SharedIndex {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Applies `change`, counts it and tells the status writer.
-    pub fn update(&self, change: impl FnOnce(&mut Index)) {
+    /// Applies `change`, counts it and tells the status writer; whether it
+    /// changed the index.
+    pub fn update(&self, change: impl FnOnce(&mut Index)) -> bool {
         let (generation, last_version) = {
             let mut index = self.lock();
             change(&mut index);
@@ -52,6 +53,7 @@ impl SharedIndex {
         if changed {
             self.metrics.index_updated(last_version);
         }
+        changed
     }
 
     /// Ticks after every change.

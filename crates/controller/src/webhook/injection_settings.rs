@@ -143,12 +143,36 @@ pub struct InjectionSettings {
     pub resources: ProxyResources,
     /// Range the resource annotations may use.
     pub bounds: Bounds,
-    /// UID and GID the sidecar runs as.
-    pub run_as_user: i64,
+    /// UID and GID the sidecar runs as; `None`: not set, the platform (or the
+    /// image's numeric USER) decides.
+    pub run_as_user: Option<i64>,
     /// What to do when the webhook cannot decide.
     pub failure_policy: FailurePolicy,
     /// How long the sidecar holds a call awaiting approval (seconds).
     pub approval_hold_seconds: u32,
+    /// `OTEL_*` variables the sidecar gets (see [`sidecar_otel_env`]).
+    pub otel_env: Vec<(String, String)>,
+    /// The Secret (in the pod's namespace, optional) whose key `headers` the
+    /// sidecar reads as `OTEL_EXPORTER_OTLP_HEADERS`.
+    pub otel_headers_secret: Option<String>,
+}
+
+/// The `OTEL_*` variables of the controller's environment `vars` that
+/// injected sidecars get too, sorted by name: the exporter's endpoint,
+/// protocol, sampler, resource attributes and the like. Not copied:
+/// `OTEL_SERVICE_NAME` (a sidecar is `chaperone-sidecar`) and the export
+/// headers, which hold credentials and would land in every pod's spec: a
+/// sidecar reads those from a Secret of its own namespace
+/// ([`InjectionSettings::otel_headers_secret`]).
+pub fn sidecar_otel_env(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    use chaperone_telemetry::otlp::{HEADERS_ENV, SERVICE_NAME_ENV, TRACES_HEADERS_ENV};
+    const NOT_COPIED: [&str; 3] = [SERVICE_NAME_ENV, HEADERS_ENV, TRACES_HEADERS_ENV];
+    let mut env: Vec<(String, String)> = vars
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("OTEL_") && !NOT_COPIED.contains(&name.as_str()))
+        .collect();
+    env.sort();
+    env
 }
 
 impl fmt::Debug for InjectionSettings {
@@ -182,9 +206,11 @@ impl InjectionSettings {
             token_expiration_seconds: 600,
             resources: ProxyResources::default(),
             bounds: Bounds::default(),
-            run_as_user: 65532,
+            run_as_user: Some(65532),
             failure_policy: FailurePolicy::Fail,
             approval_hold_seconds: 20,
+            otel_env: Vec::new(),
+            otel_headers_secret: None,
         }
     }
 }
@@ -192,6 +218,29 @@ impl InjectionSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sidecars_get_the_exporter_settings_but_not_its_credentials_or_name() {
+        let vars = [
+            ("OTEL_SERVICE_NAME", "chaperone-controller"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer secret"),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x=y"),
+            ("RUST_LOG", "debug"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        assert_eq!(
+            sidecar_otel_env(vars),
+            vec![
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+                    "http://collector:4317".to_owned()
+                ),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL".to_owned(), "grpc".to_owned()),
+            ]
+        );
+    }
 
     #[test]
     fn default_resources_come_from_quantities() {

@@ -30,7 +30,9 @@ use tokio::sync::watch;
 
 pub use approval::APPROVAL_PATH;
 pub use approval_review::ApprovalAdmission;
-pub use injection_settings::{Bounds, FailurePolicy, InjectionSettings, ProxyResources};
+pub use injection_settings::{
+    Bounds, FailurePolicy, InjectionSettings, ProxyResources, sidecar_otel_env,
+};
 pub use mutate::{Decision, InjectionError, InjectionOutcome, injection_patch};
 pub use server::{BoundWebhook, ReviewRecord, WebhookError, WebhookState, bind, router, serve};
 

@@ -217,9 +217,40 @@ pub fn injection_patch(
     let inbound = inbound_settings(mode, annotations)?;
     let mut ops = Vec::new();
 
+    // The AgentIdentities that select this pod (an agent is expected to have
+    // one), for the warning below and their tool servers' upstream Secrets.
+    let service_account = spec
+        .service_account_name
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default");
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let mut selecting: Vec<&AgentIdentity> = match mode {
+        Mode::Agent => identities
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|identity| {
+                identity.metadata.namespace.as_deref() == Some(namespace)
+                    && identity.spec.0.selector.selects(service_account, &labels)
+            })
+            .collect(),
+        Mode::Tool => Vec::new(),
+    };
+    selecting.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let secrets = upstream_secrets(&selecting);
+
     // The sidecar goes first so that it is up before the other init containers run
     // (they may already call tools).
-    let sidecar = sidecar_container(mode, settings, resources, &inbound);
+    let mut sidecar = sidecar_container(mode, settings, resources, &inbound);
+    if let Some(mounts) = sidecar["volumeMounts"].as_array_mut() {
+        for (i, (server, _)) in secrets.iter().enumerate() {
+            mounts.push(json!({
+                "name": upstream_volume_name(i),
+                "mountPath": format!("{}/{server}", sidecar_env::UPSTREAM_SECRETS_DIR),
+                "readOnly": true,
+            }));
+        }
+    }
     if spec.init_containers.is_none() {
         ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [sidecar]}));
     } else {
@@ -238,14 +269,32 @@ pub fn injection_patch(
             }]
         }
     });
-    match spec.volumes.as_deref() {
-        None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
-        Some(volumes) if volumes.iter().any(|v| v.name == TOKEN_VOLUME) => {
+    // Each upstream Secret, for the sidecar alone. Optional: a Secret created
+    // later is filled in by the kubelet; until then the sidecar refuses calls
+    // to that server, naming the Secret.
+    let mut volumes = vec![volume];
+    volumes.extend(secrets.iter().enumerate().map(|(i, (_, secret))| {
+        json!({
+            "name": upstream_volume_name(i),
+            "secret": {"secretName": secret, "optional": true, "defaultMode": 0o440},
+        })
+    }));
+    let existing = spec.volumes.as_deref();
+    for volume in &volumes {
+        let name = volume["name"].as_str().unwrap_or_default();
+        if existing.is_some_and(|v| v.iter().any(|v| v.name == name)) {
             return Err(InjectionError::InvalidPod(format!(
-                "it already has a volume named {TOKEN_VOLUME}"
+                "it already has a volume named {name}"
             )));
         }
-        Some(_) => ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
+    }
+    match existing {
+        None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes})),
+        Some(_) => ops.extend(
+            volumes
+                .into_iter()
+                .map(|v| json!({"op": "add", "path": "/spec/volumes/-", "value": v})),
+        ),
     }
 
     // A projected ServiceAccount token needs a ServiceAccount name. The
@@ -280,22 +329,10 @@ pub fn injection_patch(
     }
 
     let mut warnings = Vec::new();
-    if mode == Mode::Agent {
-        let service_account = spec
-            .service_account_name
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .unwrap_or("default");
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        let matched = identities.iter().map(AsRef::as_ref).any(|identity| {
-            identity.metadata.namespace.as_deref() == Some(namespace)
-                && identity.spec.0.selector.selects(service_account, &labels)
-        });
-        if !matched {
-            warnings.push(format!(
-                "no AgentIdentity in namespace {namespace} selects this pod: create one with spec.selector.serviceAccountName: {service_account}; until then its chaperone sidecar denies every call"
-            ));
-        }
+    if mode == Mode::Agent && selecting.is_empty() {
+        warnings.push(format!(
+            "no AgentIdentity in namespace {namespace} selects this pod: create one with spec.selector.serviceAccountName: {service_account}; until then its chaperone sidecar denies every call"
+        ));
     }
 
     let patch = serde_json::from_value(Value::Array(ops))
@@ -305,6 +342,28 @@ pub fn injection_patch(
         warnings,
         decision: Decision::Injected(mode),
     })
+}
+
+/// `(server, Secret)` of every tool server with an `upstreamSecret` among the
+/// AgentIdentities `selecting` the pod (the first one naming a server wins).
+fn upstream_secrets(selecting: &[&AgentIdentity]) -> Vec<(String, String)> {
+    let mut secrets: Vec<(String, String)> = Vec::new();
+    for identity in selecting {
+        for server in &identity.spec.0.tool_servers {
+            if let Some(secret) = &server.upstream_secret
+                && !secrets.iter().any(|(name, _)| *name == server.name)
+            {
+                secrets.push((server.name.clone(), secret.clone()));
+            }
+        }
+    }
+    secrets
+}
+
+/// The volume of the `i`th upstream Secret (a DNS label, whatever the
+/// server's name).
+fn upstream_volume_name(i: usize) -> String {
+    format!("chaperone-upstream-{i}")
 }
 
 fn unchanged(decision: Decision, warnings: Vec<String>) -> InjectionOutcome {
@@ -445,8 +504,6 @@ fn sidecar_container(
         },
         "securityContext": {
             "runAsNonRoot": true,
-            "runAsUser": settings.run_as_user,
-            "runAsGroup": settings.run_as_user,
             "readOnlyRootFilesystem": true,
             "allowPrivilegeEscalation": false,
             "privileged": false,
@@ -454,15 +511,28 @@ fn sidecar_container(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "readinessProbe": {
-            "httpGet": {"path": "/ready", "port": ADMIN_PORT, "scheme": "HTTP"},
+            "httpGet": {"path": sidecar_env::READYZ_PATH, "port": ADMIN_PORT, "scheme": "HTTP"},
             "periodSeconds": 2,
             "timeoutSeconds": 1,
             "failureThreshold": 1,
             "successThreshold": 1,
         },
+        "livenessProbe": {
+            "httpGet": {"path": sidecar_env::LIVEZ_PATH, "port": ADMIN_PORT, "scheme": "HTTP"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
     });
     if let (Some(policy), Some(obj)) = (&settings.image_pull_policy, container.as_object_mut()) {
         obj.insert("imagePullPolicy".into(), json!(policy));
+    }
+    if let (Some(uid), Some(context)) = (
+        settings.run_as_user,
+        container["securityContext"].as_object_mut(),
+    ) {
+        context.insert("runAsUser".into(), json!(uid));
+        context.insert("runAsGroup".into(), json!(uid));
     }
     if let Some(env) = container["env"].as_array_mut() {
         if let Some(upstream) = &inbound.upstream {
@@ -470,6 +540,17 @@ fn sidecar_container(
         }
         if let Some(audiences) = &inbound.audiences {
             env.push(json!({"name": INBOUND_AUDIENCES_ENV, "value": audiences}));
+        }
+        // Traces: the controller's exporter settings, the credentials from a
+        // Secret of the pod's own namespace.
+        for (name, value) in &settings.otel_env {
+            env.push(json!({"name": name, "value": value}));
+        }
+        if let Some(secret) = &settings.otel_headers_secret {
+            env.push(json!({
+                "name": chaperone_telemetry::otlp::HEADERS_ENV,
+                "valueFrom": {"secretKeyRef": {"name": secret, "key": "headers", "optional": true}},
+            }));
         }
     }
     container

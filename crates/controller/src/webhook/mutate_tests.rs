@@ -20,9 +20,11 @@ fn settings() -> InjectionSettings {
         token_expiration_seconds: 600,
         resources: ProxyResources::default(),
         bounds: Bounds::default(),
-        run_as_user: 65532,
+        run_as_user: Some(65532),
         failure_policy: FailurePolicy::Fail,
         approval_hold_seconds: 35,
+        otel_env: Vec::new(),
+        otel_headers_secret: None,
     }
 }
 
@@ -176,6 +178,8 @@ fn sidecar_is_locked_down_and_ready_only_with_a_snapshot() {
     let sidecar = sidecars(&injected)[0];
     let security = sidecar.security_context.as_ref().unwrap();
     assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.run_as_user, Some(65532));
+    assert_eq!(security.run_as_group, Some(65532));
     assert_eq!(security.read_only_root_filesystem, Some(true));
     assert_eq!(security.allow_privilege_escalation, Some(false));
     assert_eq!(
@@ -189,7 +193,15 @@ fn sidecar_is_locked_down_and_ready_only_with_a_snapshot() {
         .http_get
         .as_ref()
         .unwrap();
-    assert_eq!(probe.path.as_deref(), Some("/ready"));
+    assert_eq!(probe.path.as_deref(), Some("/readyz"));
+    let liveness = sidecar
+        .liveness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(liveness.path.as_deref(), Some("/livez"));
     assert_eq!(
         probe.port,
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15090)
@@ -653,4 +665,146 @@ fn out_of_bounds_or_unreadable_resources_are_refused() {
         err.to_string().contains("below the memory request"),
         "{err}"
     );
+}
+
+#[test]
+fn without_a_uid_the_platform_assigns_one() {
+    let pod = pod(annotated("true"));
+    let settings = InjectionSettings {
+        run_as_user: None,
+        ..settings()
+    };
+    let outcome =
+        injection_patch(&pod, &no_labels(), &settings, &default_identity()).expect("injection");
+    let injected = apply(&pod, &outcome);
+    let security = sidecars(&injected)[0].security_context.clone().unwrap();
+    assert_eq!(security.run_as_user, None);
+    assert_eq!(security.run_as_group, None);
+    assert_eq!(
+        security.run_as_non_root,
+        Some(true),
+        "still refused as root"
+    );
+}
+
+#[test]
+fn sidecar_gets_the_trace_exporter_settings_and_headers_from_a_secret() {
+    let mut settings = settings();
+    settings.otel_env = vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+            "http://collector.observability:4317".to_owned(),
+        ),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL".to_owned(), "grpc".to_owned()),
+    ];
+    settings.otel_headers_secret = Some("otlp-credentials".to_owned());
+    let pod = pod(annotated("true"));
+    let outcome =
+        injection_patch(&pod, &no_labels(), &settings, &default_identity()).expect("injection");
+    let injected = apply(&pod, &outcome);
+    let sidecar = sidecars(&injected)[0];
+    assert_eq!(
+        env_value(sidecar, "OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
+        Some("http://collector.observability:4317")
+    );
+    assert_eq!(
+        env_value(sidecar, "OTEL_EXPORTER_OTLP_PROTOCOL").as_deref(),
+        Some("grpc")
+    );
+    let headers = sidecar
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "OTEL_EXPORTER_OTLP_HEADERS")
+        .expect("headers variable");
+    assert_eq!(headers.value, None, "never the credentials themselves");
+    let secret = headers
+        .value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("a Secret reference");
+    assert_eq!(secret.name, "otlp-credentials");
+    assert_eq!(secret.key, "headers");
+    assert_eq!(secret.optional, Some(true));
+}
+
+#[test]
+fn sidecar_without_an_exporter_gets_no_otel_variables() {
+    let pod = pod(annotated("true"));
+    let injected = apply(&pod, &run(&pod, &no_labels()));
+    let sidecar = sidecars(&injected)[0];
+    assert!(
+        !sidecar
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name.starts_with("OTEL_")),
+        "{:?}",
+        sidecar.env
+    );
+}
+
+#[test]
+fn upstream_secrets_are_mounted_into_the_sidecar_only() {
+    let pod = pod(json!({
+        "metadata": {"annotations": {INJECT_ANNOTATION: "true"}},
+        "spec": {"volumes": [{"name": "data", "emptyDir": {}}]},
+    }));
+    let with_secrets = |name: &str, servers: Value| {
+        let mut identity = (*identity(name, NS, "default", &[])).clone();
+        identity.spec.0.tool_servers = serde_json::from_value(servers).unwrap();
+        Arc::new(identity)
+    };
+    let identities = vec![
+        with_secrets(
+            "agent",
+            json!([
+                {"name": "billing", "url": "https://billing.corp:8443/mcp", "upstreamSecret": "billing-upstream"},
+                {"name": "orders", "url": "http://orders:8080/mcp"},
+            ]),
+        ),
+        // A second identity selecting the pod cannot remount billing.
+        with_secrets(
+            "other",
+            json!([{"name": "billing", "url": "https://x/mcp", "upstreamSecret": "stolen"}]),
+        ),
+    ];
+    let outcome = injection_patch(&pod, &no_labels(), &settings(), &identities).expect("injection");
+    let injected = apply(&pod, &outcome);
+    let spec = injected.spec.as_ref().unwrap();
+    let secret_volumes: Vec<_> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.secret.as_ref().map(|s| (v.name.clone(), s.clone())))
+        .collect();
+    assert_eq!(secret_volumes.len(), 1, "{secret_volumes:?}");
+    let (volume, secret) = &secret_volumes[0];
+    assert_eq!(secret.secret_name.as_deref(), Some("billing-upstream"));
+    assert_eq!(secret.optional, Some(true));
+    let mount = sidecars(&injected)[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| &m.name == volume)
+        .expect("the sidecar mounts it");
+    assert_eq!(
+        mount.mount_path,
+        "/var/run/secrets/chaperone/upstreams/billing"
+    );
+    assert_eq!(mount.read_only, Some(true));
+    // The agent's own containers never see it.
+    for container in &spec.containers {
+        assert!(
+            container
+                .volume_mounts
+                .iter()
+                .flatten()
+                .all(|m| &m.name != volume),
+            "{}",
+            container.name
+        );
+    }
+    // The pod's own volume is kept.
+    assert!(spec.volumes.iter().flatten().any(|v| v.name == "data"));
 }
