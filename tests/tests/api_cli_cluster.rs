@@ -650,6 +650,25 @@ async fn check_passes_what_is_healthy_and_names_each_failure_with_a_hint() -> Re
         &format!("{account} may not: list chaperone.dev agentidentities;"),
     )?;
     assert_eq!(rbac["ok"], false);
+    // Other tests' sidecars of this build may count too.
+    let skew = report["checks"]
+        .as_array()
+        .and_then(|checks| {
+            checks.iter().find(|c| {
+                c["message"].as_str().is_some_and(|m| {
+                    m.ends_with(
+                        " sidecar(s) run 0.0.0-test, not the controller's minor version: \
+                         restart their pods to inject the current sidecar",
+                    )
+                })
+            })
+        })
+        .with_context(|| format!("no skew warning in {report:#}"))?;
+    assert_eq!(
+        (&skew["ok"], &skew["warning"]),
+        (&json!(true), &json!(true)),
+        "{skew}"
+    );
     let nack = check(
         &report,
         &format!("sidecar {ns}/nacker rejected its agent's snapshot: "),

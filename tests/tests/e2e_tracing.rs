@@ -346,6 +346,19 @@ async fn a_delegated_call_is_one_trace_from_the_agent_to_the_tool() -> Result<()
     .await;
     assert!(response.contains("no-credits"), "{response}");
 
+    // A tool list is governed too (filtered on the way back): its own span.
+    let listed = fresh_traceparent();
+    let traceparent = listed.to_string();
+    let body = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}).to_string();
+    let mut headers = vec![("traceparent", traceparent.as_str())];
+    headers.push(("mcp-session-id", session.as_str()));
+    headers.push(("mcp-protocol-version", PROTOCOL));
+    http_request_async(
+        world.planner.proxy_port,
+        json_post("/worker/mcp", &headers, &body),
+    )
+    .await;
+
     flush(guard).await?;
     let out = receiver
         .wait_for(WAIT, "of the worker's onward call", |s| {
@@ -357,6 +370,14 @@ async fn a_delegated_call_is_one_trace_from_the_agent_to_the_tool() -> Result<()
             s.trace_id == denied.trace_id_hex()
         })
         .await?;
+    let list = receiver
+        .wait_for(WAIT, "of the tool list", |s| {
+            s.trace_id == listed.trace_id_hex() && s.name == "tools/list"
+        })
+        .await?;
+    assert_eq!(list.parent_span_id, format!("{:016x}", listed.parent_id));
+    assert_eq!(list.attribute("chaperone.tool_server"), Some("worker"));
+    assert_eq!(list.attribute("chaperone.direction"), Some("outbound"));
     let spans = receiver.spans();
     assert!(spans.iter().all(|s| s.transport == Transport::Grpc));
 

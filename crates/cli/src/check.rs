@@ -1,6 +1,7 @@
 //! `chaperonectl check`: a preflight of Chaperone on the cluster, like
-//! `linkerd check`. Each check prints one line, `✔` or `✘`, and a hint under
-//! a failure saying what to do; the command exits 1 when any check failed.
+//! `linkerd check`. Each check prints one line, `✔`, `‼` (a warning) or `✘`,
+//! and a hint under a warning or failure saying what to do; the command exits
+//! 1 when any check failed (warnings do not fail it).
 //!
 //! - CRDs: each of this CLI's CRDs is installed, Established, and serves the
 //!   same schema this CLI generates (`chaperonectl crds`).
@@ -18,8 +19,10 @@
 //! - RBAC: the controller's ServiceAccount may make each API call the
 //!   controller makes ([`CONTROLLER_PERMISSIONS`]), by SubjectAccessReview.
 //! - Agents: every AgentIdentity is Ready.
-//! - Sidecars: every sidecar a live replica publishes runs its agent's
+//! - Sidecars: every agent sidecar a live replica publishes runs its agent's
 //!   current snapshot.
+//! - Versions: a warning for each skew between this CLI, the replicas and
+//!   the sidecars (`chaperonectl version`'s).
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -50,6 +53,7 @@ use crate::control_plane::{
     ControllerArgs, Replica, SidecarRow, Sync, current_snapshots, replicas, sidecar_rows,
 };
 use crate::output::{Format, age, unix_now};
+use crate::version::CLIENT_VERSION;
 
 /// Arguments of `chaperonectl check`.
 #[derive(clap::Args)]
@@ -155,8 +159,11 @@ impl ControllerNames {
 pub struct Check {
     /// Which part of Chaperone it is about.
     pub category: &'static str,
-    /// Passed.
+    /// Passed (a warning passes).
     pub ok: bool,
+    /// Passed with a warning (`‼`): worth a look, not a failure.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub warning: bool,
     /// What was found.
     pub message: String,
     /// What to do about a failure.
@@ -173,8 +180,24 @@ impl Checks {
         self.0.push(Check {
             category,
             ok: true,
+            warning: false,
             message: message.into(),
             hint: None,
+        });
+    }
+
+    fn warn(
+        &mut self,
+        category: &'static str,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) {
+        self.0.push(Check {
+            category,
+            ok: true,
+            warning: true,
+            message: message.into(),
+            hint: Some(hint.into()),
         });
     }
 
@@ -187,6 +210,7 @@ impl Checks {
         self.0.push(Check {
             category,
             ok: false,
+            warning: false,
             message: message.into(),
             hint: Some(hint.into()),
         });
@@ -206,14 +230,20 @@ pub fn run(args: &CheckArgs) -> Result<ExitCode> {
         let mut checks = Checks::default();
         let now = unix_now();
         check_crds(&client, &mut checks).await;
-        let deployment = check_controller(&client, args, now, &mut checks).await;
-        let names = ControllerNames::resolve(args, deployment.as_ref());
         let ns = &args.controller.controller_namespace;
+        let replicas = replicas(&client, ns, now)
+            .await
+            .map_err(|e| format!("{e:#}"));
+        let deployment = check_controller(&client, args, &replicas, now, &mut checks).await;
+        let names = ControllerNames::resolve(args, deployment.as_ref());
         let ca = check_tls(&client, ns, &names, now, &mut checks).await;
         check_webhook(&client, &names, ca.as_deref(), now, &mut checks).await;
         check_rbac(&client, ns, &names, &mut checks).await;
         check_agents(&client, &mut checks).await;
-        check_sidecars(&client, args, now, &mut checks).await;
+        if let Ok(replicas) = &replicas {
+            check_sidecars(&client, replicas, &mut checks).await;
+            check_versions(replicas, ns, now, &mut checks);
+        }
         Ok(checks.0)
     })?;
     let ok = checks.iter().all(|c| c.ok);
@@ -247,14 +277,24 @@ fn render(checks: &[Check]) -> String {
                 "-".repeat(category.chars().count())
             ));
         }
-        let mark = if check.ok { '✔' } else { '✘' };
+        let mark = match (check.ok, check.warning) {
+            (false, _) => '✘',
+            (true, true) => '‼',
+            (true, false) => '✔',
+        };
         out.push_str(&format!("{mark} {}\n", check.message));
         if let Some(hint) = &check.hint {
             out.push_str(&format!("    hint: {hint}\n"));
         }
     }
     let failed = checks.iter().filter(|c| !c.ok).count();
-    if failed == 0 {
+    let warnings = checks.iter().filter(|c| c.warning).count();
+    if failed == 0 && warnings > 0 {
+        out.push_str(&format!(
+            "\nStatus check results are ✔ ({} checks, {warnings} with a warning)\n",
+            checks.len()
+        ));
+    } else if failed == 0 {
         out.push_str(&format!(
             "\nStatus check results are ✔ ({} checks)\n",
             checks.len()
@@ -283,6 +323,7 @@ const TLS: &str = "Snapshot service TLS";
 const RBAC: &str = "Controller RBAC";
 const AGENTS: &str = "Agents";
 const SIDECARS: &str = "Sidecars";
+const VERSIONS: &str = "Versions";
 
 const CRD_HINT: &str = "install this version's CRDs: chaperonectl crds | kubectl apply \
     --server-side -f - (or helm upgrade with crds.install)";
@@ -368,6 +409,7 @@ const STOPPED_REPLICA: &str = "a replica that stopped leaves its ConfigMap until
 async fn check_controller(
     client: &Client,
     args: &CheckArgs,
+    replicas: &Result<Vec<Replica>, String>,
     now: i64,
     checks: &mut Checks,
 ) -> Option<Deployment> {
@@ -387,15 +429,15 @@ async fn check_controller(
             None
         }
     };
-    let replicas = match replicas(client, ns, now).await {
+    let replicas = match replicas {
         Ok(replicas) => replicas,
         Err(error) => {
-            checks.fail(CONTROLLER, format!("{error:#}"), READ_CONFIGMAPS);
+            checks.fail(CONTROLLER, error.clone(), READ_CONFIGMAPS);
             return deployment;
         }
     };
     match &deployment {
-        Some(deployment) => check_deployment(client, ns, deployment, &replicas, now, checks).await,
+        Some(deployment) => check_deployment(client, ns, deployment, replicas, now, checks).await,
         None if replicas.is_empty() => {
             let message = format!(
                 "no controller runs in namespace {ns}: no Deployment and no replica publishes its state"
@@ -403,7 +445,7 @@ async fn check_controller(
             checks.fail(CONTROLLER, message, NO_CONTROLLER);
         }
         None => {
-            for replica in &replicas {
+            for replica in replicas {
                 match heartbeat(Some(replica), now) {
                     Ok(beat) => checks.pass(
                         CONTROLLER,
@@ -1042,20 +1084,31 @@ async fn check_agents(client: &Client, checks: &mut Checks) {
     }
 }
 
-const READ_SIDECARS: &str =
-    "read access to the controller's ConfigMaps and to agentidentities is needed for this check";
+const READ_SIDECARS: &str = "read access to agentidentities is needed for this check";
 const STUCK_SIDECAR: &str = "a sidecar acknowledges within seconds; if it stays behind, its \
     stream is stuck: delete the pod";
 
-async fn check_sidecars(client: &Client, args: &CheckArgs, now: i64, checks: &mut Checks) {
-    let read = async {
-        let replicas = replicas(client, &args.controller.controller_namespace, now).await?;
-        let current = current_snapshots(client).await?;
-        anyhow::Ok(sidecar_rows(&replicas, &current))
-    };
-    match read.await {
-        Ok(rows) => sidecar_checks(&rows, checks),
+async fn check_sidecars(client: &Client, replicas: &[Replica], checks: &mut Checks) {
+    match current_snapshots(client).await {
+        Ok(current) => sidecar_checks(&sidecar_rows(replicas, &current), checks),
         Err(error) => checks.fail(SIDECARS, format!("{error:#}"), READ_SIDECARS),
+    }
+}
+
+/// This CLI's, the replicas' and the sidecars' builds: one warning per
+/// skew (a skew is worth a look, not a failure), else one pass.
+fn check_versions(replicas: &[Replica], ns: &str, now: i64, checks: &mut Checks) {
+    let (controllers, sidecars) = crate::version::builds(replicas, now);
+    let skews = crate::version::skew(CLIENT_VERSION, &controllers, &sidecars, ns);
+    if skews.is_empty() {
+        let message = format!(
+            "this chaperonectl ({CLIENT_VERSION}), the controller replicas and the sidecars run \
+             one minor version"
+        );
+        checks.pass(VERSIONS, message);
+    }
+    for skew in skews {
+        checks.warn(VERSIONS, skew, "chaperonectl version lists every build");
     }
 }
 

@@ -152,6 +152,17 @@ fn each_failure_carries_its_hint_and_the_summary_counts_them() {
         "{}",
         render(&checks.0)
     );
+    checks.warn(
+        VERSIONS,
+        "controller replica c-1 runs 0.2.0",
+        "chaperonectl version lists every build",
+    );
+    let text = render(&checks.0);
+    assert!(
+        text.contains("‼ controller replica c-1 runs 0.2.0\n    hint: chaperonectl version")
+            && text.ends_with("\nStatus check results are ✔ (2 checks, 1 with a warning)\n"),
+        "a warning passes: {text}"
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::cluster::{ClusterArgs, on_cluster};
-use crate::control_plane::{ControllerArgs, replicas};
+use crate::control_plane::{ControllerArgs, Replica, replicas};
 use crate::output::{self, Format, age, unix_now};
 
 /// This build of chaperonectl.
@@ -40,7 +40,8 @@ pub struct Versions {
     /// Each controller replica.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub controllers: Option<Vec<ControllerVersion>>,
-    /// How many agent sidecars run each build (`unknown`: not said).
+    /// How many sidecars (agent and tool-mode) run each build (`unknown`:
+    /// not said).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sidecars: Option<BTreeMap<String, usize>>,
     /// Each skew found.
@@ -77,22 +78,7 @@ pub fn run(args: &VersionArgs) -> Result<()> {
     on_cluster(&args.cluster, async |client, _namespace| {
         let now = unix_now();
         let replicas = replicas(&client, &args.controller.controller_namespace, now).await?;
-        let controllers: Vec<ControllerVersion> = replicas
-            .iter()
-            .map(|r| ControllerVersion {
-                pod: r.pod.clone(),
-                version: r.version.clone().unwrap_or_else(|| "unknown".to_owned()),
-                heartbeat_age: now - r.heartbeat,
-                stale: r.stale,
-            })
-            .collect();
-        let mut sidecars: BTreeMap<String, usize> = BTreeMap::new();
-        for replica in replicas.iter().filter(|r| !r.stale) {
-            for sidecar in &replica.sidecars {
-                let version = sidecar.sidecar_version.as_deref().unwrap_or("unknown");
-                *sidecars.entry(version.to_owned()).or_default() += 1;
-            }
-        }
+        let (controllers, sidecars) = builds(&replicas, now);
         let warnings = skew(
             CLIENT_VERSION,
             &controllers,
@@ -112,6 +98,30 @@ pub fn run(args: &VersionArgs) -> Result<()> {
         }
         output::print(args.output, &versions, || table(&versions))
     })
+}
+
+/// Each replica's build, and how many sidecars (agent and tool-mode) of the
+/// live replicas run each build.
+pub fn builds(replicas: &[Replica], now: i64) -> (Vec<ControllerVersion>, BTreeMap<String, usize>) {
+    let controllers = replicas
+        .iter()
+        .map(|r| ControllerVersion {
+            pod: r.pod.clone(),
+            version: r.version.clone().unwrap_or_else(|| "unknown".to_owned()),
+            heartbeat_age: now - r.heartbeat,
+            stale: r.stale,
+        })
+        .collect();
+    let mut sidecars: BTreeMap<String, usize> = BTreeMap::new();
+    for replica in replicas.iter().filter(|r| !r.stale) {
+        let agents = replica.sidecars.iter().map(|s| &s.sidecar_version);
+        let tools = replica.tool_sidecars.iter().map(|s| &s.sidecar_version);
+        for version in agents.chain(tools) {
+            let version = version.as_deref().unwrap_or("unknown");
+            *sidecars.entry(version.to_owned()).or_default() += 1;
+        }
+    }
+    (controllers, sidecars)
 }
 
 fn table(versions: &Versions) -> String {

@@ -465,7 +465,20 @@ impl Gateway {
             let era = message_era(message, header_version);
             let governed = classify(message, era, passthrough);
             if matches!(governed, Governed::Pass | Governed::List) {
-                lists |= governed == Governed::List;
+                if governed == Governed::List {
+                    // A list is governed too (filtered on the way back): its
+                    // span carries the trace on and the upstream latency.
+                    lists = true;
+                    let parent = request_parent(header_traceparent, meta_traceparent(message))
+                        .or_else(|| delegated.as_ref().and_then(|task| lock(task).trace));
+                    spans.push(message_span(
+                        Direction::Outbound,
+                        message.method().unwrap_or_default(),
+                        "",
+                        &upstream.name,
+                        parent,
+                    ));
+                }
                 forwarded.push(index);
                 continue;
             }
