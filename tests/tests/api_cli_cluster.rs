@@ -709,44 +709,16 @@ async fn check_passes_what_is_healthy_and_names_each_failure_with_a_hint() -> Re
     // The chart's RBAC and Deployment (release `chaperone`); the Deployment
     // never starts pods here (no controller-manager), so its status and the
     // in-process controller's "pod" are written as a running one's would be.
-    let manifest = tokio::task::spawn_blocking(|| {
-        let home = tempfile::tempdir()?;
-        chart::helm_ok(
-            home.path(),
-            &[
-                "template",
-                "chaperone",
-                &chart::chart_dir().display().to_string(),
-                "-n",
-                "chaperone-system",
-                "--show-only",
-                "templates/rbac.yaml",
-                "--show-only",
-                "templates/deployment.yaml",
-                "--set",
-                "replicas=1",
-            ],
-            None,
-        )
-    })
-    .await??;
-    let applied = ControlPlane::shared().kubectl_with_stdin(
-        &[
-            "apply",
-            "--server-side",
-            "-n",
-            "chaperone-system",
-            "-f",
-            "-",
-        ],
-        Some(&manifest),
-    )?;
-    if !applied.status.success() {
-        bail!(
-            "kubectl apply: {}",
-            String::from_utf8_lossy(&applied.stderr)
-        );
-    }
+    let manifest = render_chart(&[
+        "--show-only",
+        "templates/rbac.yaml",
+        "--show-only",
+        "templates/deployment.yaml",
+        "--set",
+        "replicas=1",
+    ])
+    .await?;
+    apply_in_controller_namespace(&manifest)?;
     let deployments = Api::<Deployment>::namespaced(client.clone(), "chaperone-system");
     deployments
         .patch_status(
@@ -822,6 +794,106 @@ async fn check_passes_what_is_healthy_and_names_each_failure_with_a_hint() -> Re
         table.stdout
     );
     assert!(table.stdout.contains("\n    hint: "), "{}", table.stdout);
+
+    // `helm test`: the chart's test pod runs `check` with these arguments as
+    // its own read-only ServiceAccount, and sees what an admin sees.
+    let manifest = render_chart(&["--show-only", "templates/tests/check.yaml"]).await?;
+    let documents = chart::manifest_documents(&manifest)?;
+    let test_pod = documents
+        .iter()
+        .find(|d| d["kind"] == "Pod")
+        .context("the chart's test pod")?;
+    assert_eq!(test_pod["metadata"]["annotations"]["helm.sh/hook"], "test");
+    let rbac: Vec<String> = documents
+        .iter()
+        .filter(|d| d["kind"] != "Pod")
+        .map(|d| d.to_string())
+        .collect();
+    apply_in_controller_namespace(&rbac.join("\n"))?;
+    let mut args: Vec<String> = test_pod["spec"]["containers"][0]["args"]
+        .as_array()
+        .context("the test pod's args")?
+        .iter()
+        .map(|a| a.as_str().unwrap_or_default().to_owned())
+        .collect();
+    let test_account = format!(
+        "system:serviceaccount:chaperone-system:{}",
+        test_pod["spec"]["serviceAccountName"]
+            .as_str()
+            .unwrap_or_default()
+    );
+    args.extend(["-o".into(), "json".into(), "--as".into(), test_account]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_, admin) = check_report().await?;
+    let run = chaperonectl(&args).await?;
+    let as_test: Value = serde_json::from_str(&run.stdout)
+        .with_context(|| format!("check as the test pod: {}{}", run.stdout, run.stderr))?;
+    // Agents, sidecars and versions of tests running alongside come and go:
+    // those categories are compared by being read at all (no "forbidden").
+    let moving = ["Agents", "Sidecars", "Versions"];
+    let verdicts = |report: &Value| -> Vec<(String, Value)> {
+        report["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| !moving.iter().any(|m| c["category"] == *m))
+            .map(|c| {
+                (
+                    c["message"].as_str().unwrap_or_default().to_owned(),
+                    c["ok"].clone(),
+                )
+            })
+            .filter(|(m, _)| !m.contains("heartbeat"))
+            .collect()
+    };
+    for category in moving {
+        assert!(
+            as_test["checks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["category"] == category),
+            "no {category} check as the test pod: {as_test:#}"
+        );
+    }
+    assert!(!run.stdout.contains("forbidden"), "{}", run.stdout);
+    assert_eq!(verdicts(&as_test), verdicts(&admin));
+    Ok(())
+}
+
+/// `helm template` of the chart (release `chaperone` in `chaperone-system`)
+/// with `args`.
+async fn render_chart(args: &[&str]) -> Result<String> {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let home = tempfile::tempdir()?;
+        let chart = chart::chart_dir().display().to_string();
+        let mut all = vec!["template", "chaperone", &chart, "-n", "chaperone-system"];
+        all.extend(args.iter().map(String::as_str));
+        chart::helm_ok(home.path(), &all, None)
+    })
+    .await?
+}
+
+/// `kubectl apply --server-side` of `manifest` into `chaperone-system`.
+fn apply_in_controller_namespace(manifest: &str) -> Result<()> {
+    let applied = ControlPlane::shared().kubectl_with_stdin(
+        &[
+            "apply",
+            "--server-side",
+            "-n",
+            "chaperone-system",
+            "-f",
+            "-",
+        ],
+        Some(manifest),
+    )?;
+    if !applied.status.success() {
+        bail!(
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+    }
     Ok(())
 }
 

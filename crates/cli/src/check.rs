@@ -192,13 +192,7 @@ impl Checks {
         message: impl Into<String>,
         hint: impl Into<String>,
     ) {
-        self.0.push(Check {
-            category,
-            ok: true,
-            warning: true,
-            message: message.into(),
-            hint: Some(hint.into()),
-        });
+        self.with_hint(category, true, message.into(), hint.into());
     }
 
     fn fail(
@@ -207,12 +201,17 @@ impl Checks {
         message: impl Into<String>,
         hint: impl Into<String>,
     ) {
+        self.with_hint(category, false, message.into(), hint.into());
+    }
+
+    /// A warning (`ok`) or a failure, with what to do about it.
+    fn with_hint(&mut self, category: &'static str, ok: bool, message: String, hint: String) {
         self.0.push(Check {
             category,
-            ok: false,
-            warning: false,
-            message: message.into(),
-            hint: Some(hint.into()),
+            ok,
+            warning: ok,
+            message,
+            hint: Some(hint),
         });
     }
 }
