@@ -191,6 +191,28 @@ fn chart_lints_cleanly_with_every_option() -> Result<()> {
             "--set",
             "webhook.failurePolicy=Ignore",
         ],
+        &[
+            "--set",
+            "crds.install=false",
+            "--set",
+            "fullnameOverride=acme-gov",
+            "--set",
+            "serviceAccount.create=false",
+            "--set",
+            "serviceAccount.name=platform-sa",
+            "--set",
+            "rbac.create=false",
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "helmTest.enabled=false",
+            "--set",
+            "podSecurityContext.runAsUser=1000",
+            "--set",
+            "sidecar.runAsUser=1000",
+            "--set-json",
+            r#"extraEnv=[{"name":"HTTPS_PROXY","value":"http://proxy:3128"}]"#,
+        ],
     ] {
         let mut args = vec!["lint", "--strict", chart];
         args.extend_from_slice(extra);
@@ -263,9 +285,9 @@ fn rendered_chart_passes_server_side_validation() -> Result<()> {
             "--set",
             "fullnameOverride=acme-gov",
             "--set",
-            "podSecurityContext.runAsUser=null",
+            "podSecurityContext.runAsUser=1000",
             "--set",
-            "sidecar.runAsUser=null",
+            "sidecar.runAsUser=1000",
             "--set-json",
             r#"extraEnv=[{"name":"HTTPS_PROXY","value":"http://proxy:3128"}]"#,
             "--set-json",
@@ -568,7 +590,9 @@ fn controller_runs_two_hardened_replicas() -> Result<()> {
     assert_eq!(spec["replicas"], 2);
     let pod = &spec["template"]["spec"];
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
-    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    // No fixed UID (OpenShift's restricted profiles assign one); the image's
+    // numeric USER is non-root.
+    assert!(pod["securityContext"]["runAsUser"].is_null(), "{pod}");
     let container = &pod["containers"][0];
     let security = &container["securityContext"];
     assert_eq!(security["readOnlyRootFilesystem"], true);
@@ -957,7 +981,7 @@ fn the_controller_reads_and_accepts_every_setting_the_chart_passes() -> Result<(
                 "sidecar.resources.limits.cpu=1",
                 "sidecar.resources.requests.memory=128Mi",
                 "sidecar.resources.limits.memory=1Gi",
-                "sidecar.runAsUser=null",
+                "sidecar.runAsUser=2000",
             ][..],
             CertSource::External,
             FailurePolicy::Ignore,
@@ -977,9 +1001,9 @@ fn the_controller_reads_and_accepts_every_setting_the_chart_passes() -> Result<(
             assert_eq!(settings.resources.cpu_limit, Some(1000));
             assert_eq!(settings.resources.memory_request, 128 << 20);
             assert_eq!(settings.resources.memory_limit, 1 << 30);
-            assert_eq!(settings.run_as_user, None, "no fixed UID for OpenShift");
+            assert_eq!(settings.run_as_user, Some(2000));
         } else {
-            assert_eq!(settings.run_as_user, Some(65532));
+            assert_eq!(settings.run_as_user, None, "no fixed UID for OpenShift");
             // The chart's defaults are the controller's own.
             assert_eq!(settings.resources, Default::default());
             assert_eq!(settings.image_pull_policy, None);
@@ -1176,13 +1200,8 @@ fn chart_adapts_without_forking() -> Result<()> {
         .is_none()
     );
 
-    // OpenShift's restricted profile: no fixed UID anywhere.
-    let objects = rendered(&[
-        "podSecurityContext.runAsUser=null",
-        "podSecurityContext.runAsGroup=null",
-        "podSecurityContext.fsGroup=null",
-        "sidecar.runAsUser=null",
-    ])?;
+    // OpenShift's restricted profile: by default no fixed UID anywhere.
+    let objects = rendered(&[])?;
     let pod = &object(&objects, "Deployment")?["spec"]["template"]["spec"];
     assert!(pod["securityContext"]["runAsUser"].is_null(), "{pod}");
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
@@ -1193,6 +1212,18 @@ fn chart_adapts_without_forking() -> Result<()> {
         .iter()
         .find(|e| e["name"] == "CHAPERONE_SIDECAR_RUN_AS_USER");
     assert_eq!(uid.context("CHAPERONE_SIDECAR_RUN_AS_USER")?["value"], "");
+    // Pinned where a platform wants one.
+    let objects = rendered(&[
+        "podSecurityContext.runAsUser=1000",
+        "sidecar.runAsUser=1000",
+    ])?;
+    let pod = &object(&objects, "Deployment")?["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsUser"], 1000);
+    assert!(
+        pod["containers"][0]["env"]
+            .to_string()
+            .contains(r#"{"name":"CHAPERONE_SIDECAR_RUN_AS_USER","value":"1000"}"#)
+    );
 
     // Extra flags, environment and volumes.
     let objects = rendered_with(&[

@@ -180,10 +180,10 @@ pub struct Args {
     #[arg(long, env = "CHAPERONE_SIDECAR_OTEL_HEADERS_SECRET")]
     pub sidecar_otel_headers_secret: Option<String>,
 
-    /// UID and GID injected sidecars run as (default 65532, the image's
-    /// non-root user); empty: none, so the platform assigns one (OpenShift's
-    /// restricted profiles).
-    #[arg(long, env = "CHAPERONE_SIDECAR_RUN_AS_USER", default_value = "65532")]
+    /// UID and GID injected sidecars run as; empty (default): none set, so
+    /// the image's numeric non-root USER (65532) applies, or the one the
+    /// platform assigns (OpenShift's restricted profiles).
+    #[arg(long, env = "CHAPERONE_SIDECAR_RUN_AS_USER", default_value = "")]
     pub sidecar_run_as_user: String,
 
     /// The controller's own ServiceAccount (in --namespace): the approval

@@ -181,8 +181,8 @@ fn the_service_account_names_the_controllers_own_user() {
 }
 
 #[test]
-fn the_sidecars_uid_is_fixed_by_default_and_unset_when_empty() {
-    assert_eq!(from_flags(&[]).unwrap().run_as_user, Some(65532));
+fn the_sidecars_uid_is_unset_by_default_and_pinned_when_given() {
+    assert_eq!(from_flags(&[]).unwrap().run_as_user, None);
     assert_eq!(
         from_flags(&["--sidecar-run-as-user=1000650000"])
             .unwrap()

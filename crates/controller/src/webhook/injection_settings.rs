@@ -206,7 +206,7 @@ impl InjectionSettings {
             token_expiration_seconds: 600,
             resources: ProxyResources::default(),
             bounds: Bounds::default(),
-            run_as_user: Some(65532),
+            run_as_user: None,
             failure_policy: FailurePolicy::Fail,
             approval_hold_seconds: 20,
             otel_env: Vec::new(),
