@@ -497,6 +497,33 @@ async fn status_lists_each_sidecar_with_its_snapshot_and_names_a_nack() -> Resul
         "{}",
         missing.stderr
     );
+
+    // An injected pod whose sidecar never connected is listed as such.
+    let lost: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "lost-0" },
+        "spec": {
+            "initContainers": [{ "name": "chaperone-proxy", "image": "chaperone-sidecar:test", "restartPolicy": "Always" }],
+            "containers": [{ "name": "agent", "image": "agent:test" }],
+        }
+    }))?;
+    Api::<Pod>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &lost)
+        .await?;
+    let out = succeeds(&["status", "-n", &ns, "-o", "json"]).await?;
+    let rows: Vec<Value> = serde_json::from_str(&out)?;
+    let lost = rows
+        .iter()
+        .find(|r| r["pod"] == "lost-0")
+        .with_context(|| format!("no row for the disconnected pod: {out}"))?;
+    assert_eq!(lost["sync"], "Disconnected", "{lost}");
+    assert_eq!(lost["mode"], "agent", "{lost}");
+    let table = succeeds(&["status", "-n", &ns]).await?;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("lost-0") && l.contains("DISCONNECTED")),
+        "{table}"
+    );
     Ok(())
 }
 

@@ -34,6 +34,11 @@ pub const HEARTBEAT_KEY: &str = "heartbeat";
 /// from replicas older than this key.
 pub const VERSION_KEY: &str = "version";
 
+/// The name of the sidecar container the injection webhook adds to a pod
+/// (a native sidecar: an init container with `restartPolicy: Always`);
+/// `chaperonectl status` finds injected pods by it.
+pub const SIDECAR_CONTAINER: &str = "chaperone-proxy";
+
 /// The ConfigMap a replica named `pod_name` publishes.
 pub fn config_map_name(pod_name: &str) -> String {
     format!("chaperone-replica-{pod_name}")

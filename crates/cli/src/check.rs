@@ -1143,6 +1143,13 @@ fn sidecar_checks(rows: &[SidecarRow], checks: &mut Checks) {
                 ),
                 STUCK_SIDECAR.to_owned(),
             ),
+            Sync::Disconnected => (
+                format!("sidecar {pod} is connected to no live controller replica"),
+                format!(
+                    "kubectl logs -n {} {} -c chaperone-proxy says why",
+                    row.namespace, row.pod
+                ),
+            ),
             Sync::Unknown => (
                 format!("sidecar {pod}: agent {agent} has no current snapshot"),
                 format!("the Agents section, or kubectl describe agentidentity {agent}, says why"),

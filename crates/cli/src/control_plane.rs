@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use chaperone_api::AgentIdentity;
 use chaperone_api::replica_state::{
-    COMPONENT_LABEL, HEARTBEAT_KEY, MAX_AGE, PublishedSidecar, PublishedToolSidecar, SIDECARS_KEY,
-    TOOL_SIDECARS_KEY, VERSION_KEY,
+    COMPONENT_LABEL, HEARTBEAT_KEY, MAX_AGE, PublishedSidecar, PublishedToolSidecar,
+    SIDECAR_CONTAINER, SIDECARS_KEY, TOOL_SIDECARS_KEY, VERSION_KEY,
 };
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
@@ -154,6 +154,9 @@ pub enum Sync {
     Unknown,
     /// A tool-mode sidecar: it runs no snapshot.
     NotApplicable,
+    /// An injected pod whose sidecar no live replica lists: not started yet,
+    /// or it cannot reach or authenticate to the controller (its log says).
+    Disconnected,
 }
 
 impl Sync {
@@ -165,6 +168,7 @@ impl Sync {
             Self::Stale => "STALE",
             Self::Unknown => "UNKNOWN",
             Self::NotApplicable => "-",
+            Self::Disconnected => "DISCONNECTED",
         }
     }
 }
@@ -276,6 +280,54 @@ pub fn sidecar_rows(
         }
     }
     rows.into_values().collect()
+}
+
+/// A row for each injected pod of `pods` (it has the sidecar container)
+/// that `rows` lacks: its sidecar is connected to no live replica. Pods that
+/// have finished are left out.
+pub fn disconnected_rows(pods: &[Pod], rows: &[SidecarRow]) -> Vec<SidecarRow> {
+    pods.iter()
+        .filter_map(|pod| {
+            let spec = pod.spec.as_ref()?;
+            let sidecar = spec
+                .init_containers
+                .iter()
+                .flatten()
+                .chain(spec.containers.iter())
+                .find(|c| c.name == SIDECAR_CONTAINER)?;
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            if matches!(phase, Some("Succeeded" | "Failed")) {
+                return None;
+            }
+            let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            if rows
+                .iter()
+                .any(|r| r.namespace == namespace && r.pod == name)
+            {
+                return None;
+            }
+            let tool_mode = sidecar.env.iter().flatten().any(|e| {
+                e.name == chaperone_wire::sidecar_env::ENV_MODE
+                    && e.value.as_deref() == Some("tool")
+            });
+            Some(SidecarRow {
+                namespace,
+                pod: name,
+                agent: None,
+                mode: if tool_mode { "tool" } else { "agent" },
+                replica: "-".to_owned(),
+                sidecar_version: None,
+                snapshot_version: None,
+                latest_version: None,
+                sync: Sync::Disconnected,
+                acked_at: None,
+                connected_at: None,
+                nack: None,
+                tools: Vec::new(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -391,5 +443,38 @@ mod tests {
             "{:?}",
             replica.unreadable
         );
+    }
+
+    #[test]
+    fn an_injected_pod_no_replica_lists_is_disconnected() {
+        let pod = |name: &str, container: &str, phase: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {
+                    "initContainers": [{"name": container, "env": [{"name": "CHAPERONE_MODE", "value": "tool"}]}],
+                    "containers": [{"name": "app"}],
+                },
+                "status": {"phase": phase},
+            }))
+            .unwrap()
+        };
+        let connected = sidecar_rows(
+            &[read_replica(
+                &replica_map("r-1", 1000, json!([sidecar("a-0", (3, "h3"), None)])),
+                1000,
+            )],
+            &BTreeMap::new(),
+        );
+        let pods = [
+            pod("a-0", SIDECAR_CONTAINER, "Running"),
+            pod("lost", SIDECAR_CONTAINER, "Running"),
+            pod("done", SIDECAR_CONTAINER, "Succeeded"),
+            pod("plain", "other", "Running"),
+        ];
+        let rows = disconnected_rows(&pods, &connected);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].pod, "lost");
+        assert_eq!(rows[0].mode, "tool");
+        assert_eq!(rows[0].sync.as_str(), "DISCONNECTED");
     }
 }

@@ -5,15 +5,20 @@
 //! ([`crate::control_plane`]): its agent, the snapshot version it runs
 //! against its agent's current one, in sync or not, when it acknowledged,
 //! the NACK error if it rejected a snapshot, its build and the replica it
-//! streams from. Every namespace unless `-n` is given. `status POD`
+//! streams from; and each injected pod whose sidecar no live replica lists
+//! (`DISCONNECTED`). Every namespace unless `-n` is given. `status POD`
 //! (`name`, or `namespace/name`) shows one sidecar in full, with the tools
 //! it saw.
 
 use anyhow::{Result, bail};
-use kube::Client;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::{Api, Client};
 
-use crate::cluster::{ClusterArgs, on_cluster};
-use crate::control_plane::{ControllerArgs, SidecarRow, current_snapshots, replicas, sidecar_rows};
+use crate::cluster::{ClusterArgs, api_error, on_cluster};
+use crate::control_plane::{
+    ControllerArgs, SidecarRow, current_snapshots, disconnected_rows, replicas, sidecar_rows,
+};
 use crate::output::{self, Format, age, unix_now};
 
 /// Arguments of `chaperonectl status`.
@@ -34,7 +39,12 @@ pub struct StatusArgs {
 /// Runs `chaperonectl status`.
 pub fn run(args: &StatusArgs) -> Result<()> {
     on_cluster(&args.cluster, async |client, namespace| {
-        let rows = read(&client, &args.controller.controller_namespace).await?;
+        let rows = read(
+            &client,
+            &args.controller.controller_namespace,
+            args.cluster.namespace.as_deref(),
+        )
+        .await?;
         match &args.pod {
             Some(pod) => {
                 let (ns, name) = pod.split_once('/').unwrap_or((&namespace, pod));
@@ -60,7 +70,13 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     })
 }
 
-async fn read(client: &Client, controller_namespace: &str) -> Result<Vec<SidecarRow>> {
+/// The sidecars the live replicas publish, and the injected pods (of
+/// `namespace`, else all) that none lists.
+async fn read(
+    client: &Client,
+    controller_namespace: &str,
+    namespace: Option<&str>,
+) -> Result<Vec<SidecarRow>> {
     let replicas = replicas(client, controller_namespace, unix_now()).await?;
     if replicas.is_empty() {
         bail!(
@@ -76,7 +92,23 @@ async fn read(client: &Client, controller_namespace: &str) -> Result<Vec<Sidecar
         }
     }
     let current = current_snapshots(client).await?;
-    Ok(sidecar_rows(&replicas, &current))
+    let mut rows = sidecar_rows(&replicas, &current);
+    // Injected pods whose sidecar no replica lists.
+    let pods: Api<Pod> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let injected = match pods.list(&ListParams::default()).await {
+        Ok(pods) => disconnected_rows(&pods.items, &rows),
+        Err(err) => {
+            let err = api_error(err, "listing pods");
+            eprintln!("warning: injected pods not connected are not listed: {err:#}");
+            Vec::new()
+        }
+    };
+    rows.extend(injected);
+    rows.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
+    Ok(rows)
 }
 
 fn version(v: Option<impl std::fmt::Display>) -> String {

@@ -23,7 +23,7 @@ use crate::pod_selection::inject_annotation;
 /// `"false"`: value `enabled`.
 pub const INJECTION_LABEL: &str = "chaperone.dev/injection";
 /// Name of the injected sidecar (an init container with `restartPolicy: Always`).
-pub const SIDECAR_NAME: &str = "chaperone-proxy";
+pub const SIDECAR_NAME: &str = chaperone_api::replica_state::SIDECAR_CONTAINER;
 /// Name of the projected ServiceAccount token volume.
 pub const TOKEN_VOLUME: &str = "chaperone-token";
 /// The variable that tells app containers where their MCP proxy is.
