@@ -47,6 +47,10 @@ pub fn tools_call_body(id: u64, size: usize) -> String {
     format!("{head}{}{tail}", "x".repeat(pad))
 }
 
+/// The path at which `bare-proxy` answers with its own timings instead of
+/// forwarding.
+pub const BARE_STATS_PATH: &str = "/_bench/stats";
+
 /// An `initialize` request.
 pub const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"chaperone-bench","version":"0"}}}"#;
 

@@ -7,20 +7,33 @@
 //! fixed rate (1 KB `tools/call`, keep-alive, several connections each with its
 //! own MCP session) with p50/p99/p99.9, proxy CPU per call and RSS; closed loop
 //! (32 connections) throughput; and the sidecar's RSS with a 1,000-tool snapshot
-//! and 10,000 sessions. Medians over the runs.
+//! and 10,000 sessions. Medians over the runs. For the proxies it also prints
+//! where a call's time went inside them (the bare proxy's own timings, the
+//! sidecar's `chaperone_sidecar_stage_duration_seconds` means).
+//!
+//! What the sidecar does per call here, as in production: every call is
+//! decided by a policy whose deny rule has a session condition evaluated on
+//! that call, audited with one line written to the sidecar's stdout, a pipe
+//! this process reads (as the container runtime does), and forwarded with a
+//! freshly signed assertion. What differs from production: the snapshot comes
+//! from a policy directory (standalone mode), not the controller's stream, so
+//! audit lines are not also shipped to a controller.
 //!
 //! Usage: `chaperone-bench [RUNS] [FIXED_SECONDS] [RATE] [CONNECTIONS] [CLOSED_SECONDS]`
 //! (defaults 3 20 1000 8 10).
 
 #![forbid(unsafe_code)]
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
-use chaperone_bench::{INITIALIZE, tools_call_body};
+use chaperone_bench::{BARE_STATS_PATH, INITIALIZE, tools_call_body};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -68,6 +81,40 @@ fn spawn(bin: &Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Pr
     ))
 }
 
+/// Starts a sidecar whose stdout (its audit trail) is a pipe that a thread
+/// of this process reads to the end, as a container runtime reads a
+/// container's output; the count of lines read goes to `lines`.
+fn spawn_sidecar(
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+    lines: Arc<AtomicU64>,
+) -> anyhow::Result<Proc> {
+    let mut command = Command::new(bin);
+    command
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut out = child.stdout.take().context("the sidecar's stdout")?;
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let newlines = buf[..n].iter().filter(|&&b| b == b'\n').count();
+            lines.fetch_add(newlines as u64, Ordering::Relaxed);
+        }
+    });
+    Ok(Proc(child))
+}
+
 /// CPU seconds (user + system) of a process so far.
 fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -84,6 +131,29 @@ fn cpu_seconds(pid: u32) -> f64 {
             .unwrap_or(0.0)
     };
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Context switches of every thread of a process so far (voluntary: a
+/// thread blocked or parked; involuntary: preempted).
+fn context_switches(pid: u32) -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0, 0);
+    };
+    let mut total = (0, 0);
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            let value = |v: &str| v.trim().parse::<u64>().unwrap_or(0);
+            if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
+                total.0 += value(v);
+            } else if let Some(v) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
+                total.1 += value(v);
+            }
+        }
+    }
+    total
 }
 
 /// Resident set size of a process, MiB.
@@ -240,7 +310,7 @@ fn write_policy(dir: &Path, extra_tools: usize) -> anyhow::Result<()> {
         policy.push_str(&format!("    - name: tool_{i}\n      effects: [write]\n"));
     }
     policy.push_str(
-        "  rules:\n    - name: no-exfiltration\n      action: deny\n      tools:\n        - effect: externalCommunication\n      when:\n        session:\n          anyEffectSeen: [sensitiveData]\n    - name: echo-short-text\n      action: allow\n      tools:\n        - name: echo\n      when:\n        args:\n          - pointer: /text\n            type: string\n",
+        "  rules:\n    - name: no-exfiltration\n      action: deny\n      tools:\n        - effect: externalCommunication\n      when:\n        session:\n          anyEffectSeen: [sensitiveData]\n    - name: no-echo-after-sensitive-data\n      action: deny\n      tools:\n        - name: echo\n      when:\n        session:\n          anyEffectSeen: [sensitiveData]\n    - name: echo-short-text\n      action: allow\n      tools:\n        - name: echo\n      when:\n        args:\n          - pointer: /text\n            type: string\n",
     );
     for i in 0..extra_tools {
         policy.push_str(&format!(
@@ -283,6 +353,84 @@ async fn wait_listening(addr: &str) -> anyhow::Result<()> {
     bail!("{addr} never listened")
 }
 
+/// GETs `path` from `addr`: the body as text.
+async fn get_text(addr: &str, path: &str) -> anyhow::Result<String> {
+    let mut sender = connect(addr).await?;
+    let request = http::Request::get(format!("http://{addr}{path}"))
+        .header("host", addr)
+        .body(Full::new(Bytes::new()))?;
+    let response = sender.send_request(request).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A proxy's in-process timings so far: per measure, the sum (µs) and count.
+type Timings = Vec<(String, f64, f64)>;
+
+/// The bare proxy's: its whole handler (`request`) and its wait for the
+/// upstream's response headers (`upstream`).
+async fn bare_timings() -> anyhow::Result<Timings> {
+    let stats: serde_json::Value = serde_json::from_str(&get_text(BARE, BARE_STATS_PATH).await?)?;
+    let field = |name: &str| stats[name].as_f64().unwrap_or(0.0);
+    let n = field("requests");
+    Ok(vec![
+        ("request".to_owned(), field("handlerNs") / 1e3, n),
+        ("upstream".to_owned(), field("upstreamNs") / 1e3, n),
+    ])
+}
+
+/// The sidecar's stage histograms (sums and counts).
+async fn sidecar_timings() -> anyhow::Result<Timings> {
+    const FAMILY: &str = "chaperone_sidecar_stage_duration_seconds";
+    let text = get_text(SIDECAR_ADMIN, "/metrics").await?;
+    let mut timings: Timings = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(FAMILY) else {
+            continue;
+        };
+        let (is_sum, rest) = if let Some(rest) = rest.strip_prefix("_sum{stage=\"") {
+            (true, rest)
+        } else if let Some(rest) = rest.strip_prefix("_count{stage=\"") {
+            (false, rest)
+        } else {
+            continue;
+        };
+        let Some((stage, value)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let value: f64 = value.trim().parse().unwrap_or(0.0);
+        let at = match timings.iter().position(|(name, _, _)| name == stage) {
+            Some(at) => at,
+            None => {
+                timings.push((stage.to_owned(), 0.0, 0.0));
+                timings.len() - 1
+            }
+        };
+        if is_sum {
+            timings[at].1 = value * 1e6;
+        } else {
+            timings[at].2 = value;
+        }
+    }
+    Ok(timings)
+}
+
+/// Mean µs per measure between two readings (measures with no new sample
+/// are left out).
+fn mean_between(before: &Timings, after: &Timings) -> Vec<(String, f64)> {
+    after
+        .iter()
+        .filter_map(|(name, sum, count)| {
+            let (sum0, count0) = before
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .map_or((0.0, 0.0), |(_, s, c)| (*s, *c));
+            let n = count - count0;
+            (n > 0.0).then(|| (name.clone(), (sum - sum0) / n))
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct Samples {
     p50: Vec<f64>,
@@ -291,6 +439,26 @@ struct Samples {
     cpu_us: Vec<f64>,
     rss: Vec<f64>,
     rps: Vec<f64>,
+    /// Per measure, the mean µs per call of each fixed-rate run.
+    inside: Vec<(String, Vec<f64>)>,
+}
+
+impl Samples {
+    fn push_inside(&mut self, means: Vec<(String, f64)>) {
+        for (name, mean) in means {
+            match self.inside.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, values)) => values.push(mean),
+                None => self.inside.push((name, vec![mean])),
+            }
+        }
+    }
+
+    fn inside_median(&self, name: &str) -> Option<f64> {
+        self.inside
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, values)| median(&mut values.clone()))
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -315,7 +483,8 @@ async fn main() -> anyhow::Result<()> {
     let bare = spawn(&bins.join("bare-proxy"), &[BARE, ECHO], &[])?;
     wait_listening(BARE).await?;
     let policy = policy_dir.to_string_lossy().into_owned();
-    let sidecar = spawn(
+    let audit_lines = Arc::new(AtomicU64::new(0));
+    let sidecar = spawn_sidecar(
         &bins.join("chaperone-sidecar"),
         &["--policy-dir", &policy],
         &[
@@ -323,6 +492,7 @@ async fn main() -> anyhow::Result<()> {
             ("CHAPERONE_ADMIN_LISTEN", SIDECAR_ADMIN.to_owned()),
             ("RUST_LOG", "warn".to_owned()),
         ],
+        Arc::clone(&audit_lines),
     )?;
     wait_ready(&format!("http://{SIDECAR_ADMIN}/ready")).await?;
 
@@ -338,15 +508,47 @@ async fn main() -> anyhow::Result<()> {
     let mut samples: Vec<Samples> = (0..targets.len()).map(|_| Samples::default()).collect();
     for run in 0..runs {
         for (t, (name, addr, pid)) in targets.iter().enumerate() {
+            let timings = match t {
+                1 => Some(bare_timings().await?),
+                2 => Some(sidecar_timings().await?),
+                _ => None,
+            };
             let cpu_before = pid.map(cpu_seconds);
+            let switches_before = pid.map(context_switches);
             let latencies = fixed_rate(addr, rate, seconds, conns).await?;
             let s = &mut samples[t];
+            if let Some(before) = timings {
+                let after = if t == 1 {
+                    bare_timings().await?
+                } else {
+                    sidecar_timings().await?
+                };
+                let means = mean_between(&before, &after);
+                let shown: Vec<String> = means
+                    .iter()
+                    .map(|(name, mean)| format!("{name} {mean:.1}"))
+                    .collect();
+                eprintln!(
+                    "run {run} fixed {name}: in-process µs/call: {}",
+                    shown.join(", ")
+                );
+                s.push_inside(means);
+            }
             s.p50.push(percentile(&latencies, 50.0));
             s.p99.push(percentile(&latencies, 99.0));
             s.p999.push(percentile(&latencies, 99.9));
             if let (Some(pid), Some(before)) = (pid, cpu_before) {
                 let cpu = cpu_seconds(*pid) - before;
                 s.cpu_us.push(cpu * 1e6 / latencies.len() as f64);
+                if let Some((vol, invol)) = switches_before {
+                    let (vol2, invol2) = context_switches(*pid);
+                    let calls = latencies.len() as f64;
+                    eprintln!(
+                        "run {run} fixed {name}: context switches per call: {:.2} voluntary, {:.2} involuntary",
+                        (vol2 - vol) as f64 / calls,
+                        (invol2 - invol) as f64 / calls
+                    );
+                }
                 s.rss.push(rss_mib(*pid));
             }
             eprintln!(
@@ -363,10 +565,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     drop(sidecar);
+    let audit_read = audit_lines.load(Ordering::Relaxed);
 
     // RSS with a 1,000-tool snapshot and 10,000 sessions.
     let big = big_dir.to_string_lossy().into_owned();
-    let rss_sidecar = spawn(
+    let rss_sidecar = spawn_sidecar(
         &bins.join("chaperone-sidecar"),
         &["--policy-dir", &big],
         &[
@@ -374,6 +577,7 @@ async fn main() -> anyhow::Result<()> {
             ("CHAPERONE_ADMIN_LISTEN", SIDECAR_RSS_ADMIN.to_owned()),
             ("RUST_LOG", "warn".to_owned()),
         ],
+        Arc::new(AtomicU64::new(0)),
     )?;
     wait_ready(&format!("http://{SIDECAR_RSS_ADMIN}/ready")).await?;
     let rss_idle = rss_mib(rss_sidecar.pid());
@@ -429,11 +633,67 @@ async fn main() -> anyhow::Result<()> {
     }
     let c = &mut samples[2];
     println!(
-        "\nChaperone over the bare hop: p50 +{:.0} µs (goal ≤ 25), p99 +{:.0} µs (goal ≤ 100); CPU/call {:.2}× bare (goal ≤ 2×); throughput {:.0} % of bare (goal ≥ 70 %).",
+        "\nChaperone over the bare hop: p50 +{:.0} µs (goal ≤ 25), p99 +{:.0} µs (goal ≤ 100); CPU/call {:.2}× bare (goal ≤ 1.5×); throughput {:.0} % of bare (goal ≥ 90 %).",
         median(&mut c.p50) - bare_p50,
         median(&mut c.p99) - bare_p99,
         median(&mut c.cpu_us) / bare_cpu.max(f64::MIN_POSITIVE),
         100.0 * median(&mut c.rps) / bare_rps.max(f64::MIN_POSITIVE)
+    );
+    println!(
+        "\nInside the proxies, fixed rate (mean µs per call, medians of runs; the sidecar's from `chaperone_sidecar_stage_duration_seconds`):\n"
+    );
+    println!("| measure | bare proxy | Chaperone |");
+    println!("|---|---:|---:|");
+    let show = |value: Option<f64>| value.map_or_else(|| "–".to_owned(), |v| format!("{v:.1}"));
+    let (bare, chaperone) = (&samples[1], &samples[2]);
+    for (label, stage) in [
+        (
+            "whole request (head handed to the handler → response body ended)",
+            "request",
+        ),
+        ("read the request body", "body_read"),
+        ("parse", "parse"),
+        ("decide (engine, limits)", "decide"),
+        ("audit record", "audit"),
+        ("sign the assertion", "sign"),
+        ("upstream (request sent → response headers)", "upstream"),
+        ("respond (response headers → body ended)", "respond"),
+    ] {
+        println!(
+            "| {label} | {} | {} |",
+            show(bare.inside_median(stage)),
+            show(chaperone.inside_median(stage))
+        );
+    }
+    let named: f64 = [
+        "body_read",
+        "parse",
+        "decide",
+        "audit",
+        "sign",
+        "upstream",
+        "respond",
+    ]
+    .iter()
+    .filter_map(|stage| chaperone.inside_median(stage))
+    .sum();
+    let between = chaperone
+        .inside_median("request")
+        .map(|whole| whole - named);
+    let bare_between = match (
+        bare.inside_median("request"),
+        bare.inside_median("upstream"),
+    ) {
+        (Some(whole), Some(upstream)) => Some(whole - upstream),
+        _ => None,
+    };
+    println!(
+        "| between the stages (whole − named stages; bare: whole − upstream) | {} | {} |",
+        show(bare_between),
+        show(between)
+    );
+    println!(
+        "\nAudit lines read from the sidecar's stdout pipe: {audit_read}. Snapshot source: a policy directory (standalone mode; no controller stream, no audit shipping)."
     );
     println!(
         "\nSidecar RSS with a 1,000-tool snapshot: {rss_idle:.1} MiB idle, {rss_loaded:.1} MiB with 10,000 sessions (goal ≤ 20 MB)."

@@ -97,13 +97,26 @@ impl Expiry {
 }
 
 /// What one connection is doing, for its timeouts.
+///
+/// The watchdog ([`Activity::expired`]) runs in the connection's own task, so
+/// waking it from a request's path (a read, a request starting or ending)
+/// wakes that task while it runs: tokio then requeues it as a yield and
+/// unparks another worker to steal it, a cross-thread hand-off per wake. So
+/// the request path wakes the watchdog only when a deadline comes earlier
+/// than the one its timer is set for ([`ActivityState::armed`]); otherwise
+/// the watchdog finds the change when its timer fires. While idle it re-reads
+/// the state at least every header-read timeout, so a head that starts later
+/// never has a deadline before the timer: keep-alive requests wake it not at
+/// all.
 #[derive(Debug)]
 struct Activity {
     state: Mutex<ActivityState>,
+    limits: ConnectionLimits,
     /// Set while the next byte read would start a request's head: the fast
     /// path of every read.
     awaiting_head: AtomicBool,
-    /// Wakes the connection's watchdog when a deadline may have moved.
+    /// Wakes the connection's watchdog when a deadline came earlier than
+    /// its timer.
     changed: Notify,
 }
 
@@ -118,19 +131,53 @@ struct ActivityState {
     /// An HTTP/2 connection: bytes while idle are frames (pings, window
     /// updates), not the start of a request's head.
     http2: bool,
+    /// When the watchdog's timer fires; `None` while it waits for a wake
+    /// only (it last looked while a request was in flight).
+    armed: Option<Instant>,
+}
+
+impl ActivityState {
+    /// When the watchdog should look next, at `now`, and what expires then
+    /// (`None`: only a re-check); `None` while a request is in flight.
+    fn next_look(
+        &self,
+        limits: &ConnectionLimits,
+        now: Instant,
+    ) -> Option<(Instant, Option<Expiry>)> {
+        if self.in_flight > 0 {
+            return None;
+        }
+        if let Some(started) = self.head_started {
+            return Some((started + limits.header_read_timeout, Some(Expiry::Header)));
+        }
+        let idle = self.idle_since + limits.idle_timeout;
+        let recheck = now + limits.header_read_timeout;
+        Some(if idle <= recheck {
+            (idle, Some(Expiry::Idle))
+        } else {
+            (recheck, None)
+        })
+    }
+
+    /// Whether a deadline at `at` needs the watchdog woken.
+    fn wakes_watchdog(&self, at: Instant) -> bool {
+        self.armed.is_none_or(|armed| at < armed)
+    }
 }
 
 impl Activity {
-    /// A connection accepted at `now`: its first head is due within the
-    /// header-read timeout from now.
-    fn new(now: Instant) -> Self {
+    /// A connection accepted at `now` under `limits`: its first head is due
+    /// within the header-read timeout from now.
+    fn new(now: Instant, limits: ConnectionLimits) -> Self {
         Self {
             state: Mutex::new(ActivityState {
                 in_flight: 0,
                 idle_since: now,
                 head_started: Some(now),
                 http2: false,
+                armed: None,
             }),
+            limits,
             awaiting_head: AtomicBool::new(false),
             changed: Notify::new(),
         }
@@ -145,22 +192,25 @@ impl Activity {
         if self.awaiting_head.swap(false, Ordering::AcqRel) {
             let mut state = self.lock();
             if state.in_flight == 0 && state.head_started.is_none() && !state.http2 {
-                state.head_started = Some(Instant::now());
+                let now = Instant::now();
+                state.head_started = Some(now);
+                let wake = state.wakes_watchdog(now + self.limits.header_read_timeout);
                 drop(state);
-                self.changed.notify_one();
+                if wake {
+                    self.changed.notify_one();
+                }
             }
         }
     }
 
-    /// A request's head arrived.
+    /// A request's head arrived. It removes every deadline: the watchdog
+    /// finds that out when its timer fires.
     fn request_started(&self, version: Version) {
         let mut state = self.lock();
         state.in_flight += 1;
         state.head_started = None;
         state.http2 |= version == Version::HTTP_2;
         self.awaiting_head.store(false, Ordering::Release);
-        drop(state);
-        self.changed.notify_one();
     }
 
     /// A request's response ended (or was abandoned).
@@ -168,39 +218,46 @@ impl Activity {
         let mut state = self.lock();
         state.in_flight = state.in_flight.saturating_sub(1);
         if state.in_flight == 0 {
-            state.idle_since = Instant::now();
+            let now = Instant::now();
+            state.idle_since = now;
             state.head_started = None;
             self.awaiting_head.store(!state.http2, Ordering::Release);
+            let next = now
+                + self
+                    .limits
+                    .idle_timeout
+                    .min(self.limits.header_read_timeout);
+            let wake = state.wakes_watchdog(next);
+            drop(state);
+            if wake {
+                self.changed.notify_one();
+            }
         }
-        drop(state);
-        self.changed.notify_one();
     }
 
-    /// The next deadline: `None` while a request is in flight.
-    fn deadline(&self, limits: &ConnectionLimits) -> Option<(Instant, Expiry)> {
-        let state = self.lock();
-        if state.in_flight > 0 {
-            return None;
-        }
-        Some(match state.head_started {
-            Some(started) => (started + limits.header_read_timeout, Expiry::Header),
-            None => (state.idle_since + limits.idle_timeout, Expiry::Idle),
-        })
+    /// The watchdog's next look, noted as armed.
+    fn arm(&self) -> Option<(Instant, Option<Expiry>)> {
+        let mut state = self.lock();
+        let next = state.next_look(&self.limits, Instant::now());
+        state.armed = next.map(|(at, _)| at);
+        next
     }
 
     /// Resolves when the connection has outlived one of its timeouts.
-    async fn expired(&self, limits: &ConnectionLimits) -> Expiry {
+    async fn expired(&self) -> Expiry {
         loop {
             // `notify_one` leaves a permit when nobody waits: a change made
-            // between reading the deadline and waiting is not lost.
+            // between arming and waiting is not lost.
             let changed = self.changed.notified();
-            match self.deadline(limits) {
+            match self.arm() {
                 None => changed.await,
                 Some((at, _)) => {
                     tokio::select! {
                         () = tokio::time::sleep_until(at) => {
-                            if let Some((at, expiry)) = self.deadline(limits)
-                                && at <= Instant::now()
+                            let now = Instant::now();
+                            let due = self.lock().next_look(&self.limits, now);
+                            if let Some((at, Some(expiry))) = due
+                                && at <= now
                             {
                                 return expiry;
                             }
@@ -418,7 +475,7 @@ impl Connection {
         F: Future<Output = Response<ResponseBody>> + Send + 'static,
     {
         let side = self.side;
-        let activity = Arc::new(Activity::new(Instant::now()));
+        let activity = Arc::new(Activity::new(Instant::now(), self.limits));
         let io = TokioIo::new(WatchedStream {
             inner: stream,
             activity: Arc::clone(&activity),
@@ -439,7 +496,7 @@ impl Connection {
         tokio::pin!(connection);
         let result = tokio::select! {
             result = connection.as_mut() => result,
-            expiry = activity.expired(&self.limits) => {
+            expiry = activity.expired() => {
                 self.timed_out(expiry.label());
                 tracing::debug!(side, timeout = expiry.label(), "connection timed out");
                 if expiry == Expiry::Header {

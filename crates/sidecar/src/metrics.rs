@@ -147,6 +147,9 @@ pub struct DecisionLabels {
 /// `chaperone_sidecar_stage_duration_seconds{stage}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
+    /// Reading the request body, from the request head handed to the
+    /// handler to the last byte of its body.
+    BodyRead,
     /// Parsing the request body and checking its headers against it.
     Parse,
     /// Deciding a call: the engine, the session's and agent's limits.
@@ -159,28 +162,42 @@ pub enum Stage {
     Upstream,
     /// Reading and filtering a list result (JSON, or one SSE event).
     ResponseFilter,
+    /// From the upstream's response headers to the end of the response body
+    /// handed to the agent's connection (POSTs answered with a body that is
+    /// not an event stream).
+    Respond,
+    /// A whole POST, from its head handed to the handler to the end of its
+    /// response body (same POSTs as `respond`): what the other stages leave
+    /// out of it is time spent between them (scheduling, locks, glue).
+    Request,
 }
 
 impl Stage {
     /// Every stage, in the order of a call.
-    pub const ALL: [Stage; 6] = [
+    pub const ALL: [Stage; 9] = [
+        Stage::BodyRead,
         Stage::Parse,
         Stage::Decide,
         Stage::Sign,
         Stage::Audit,
         Stage::Upstream,
         Stage::ResponseFilter,
+        Stage::Respond,
+        Stage::Request,
     ];
 
     /// The `stage` label value.
     pub fn as_str(self) -> &'static str {
         match self {
+            Stage::BodyRead => "body_read",
             Stage::Parse => "parse",
             Stage::Decide => "decide",
             Stage::Sign => "sign",
             Stage::Audit => "audit",
             Stage::Upstream => "upstream",
             Stage::ResponseFilter => "response_filter",
+            Stage::Respond => "respond",
+            Stage::Request => "request",
         }
     }
 }
@@ -276,7 +293,7 @@ pub struct Metrics {
     /// Time spent in each stage of the call path, seconds.
     pub stage_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
     /// The stages' histograms, resolved once ([`Stage`] order).
-    stages: [Histogram; 6],
+    stages: [Histogram; Stage::ALL.len()],
     /// The names known without a snapshot (the fixed rules only).
     no_snapshot: LabelVocabulary,
     /// Time to decide a call, seconds (also `stage="decide"`).
@@ -332,7 +349,7 @@ impl Metrics {
         });
         registry.register_with_unit(
             "stage_duration",
-            "Time spent in each stage of the call path (parse, decide, sign, audit, upstream, response_filter)",
+            "Time spent in each stage of the call path (body_read, parse, decide, sign, audit, upstream, response_filter, respond, request)",
             Unit::Seconds,
             stage_duration.clone(),
         );

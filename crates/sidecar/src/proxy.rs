@@ -184,8 +184,9 @@ impl Gateway {
 
     /// Handles one request; never fails (refusals become responses).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+        let started = Instant::now();
         let server = split_path(req.uri().path()).0.to_owned();
-        match self.route(req).await {
+        match self.route(req, started).await {
             Ok(response) => response,
             Err(refusal) => {
                 self.audit_refusal(&server, &refusal);
@@ -243,6 +244,7 @@ impl Gateway {
     async fn route(
         self: &Arc<Self>,
         req: Request<Incoming>,
+        started: Instant,
     ) -> Result<Response<ResponseBody>, Refusal> {
         let active = self.source.current().ok_or(NoSnapshot)?;
         if req.method() == Method::GET
@@ -268,7 +270,7 @@ impl Gateway {
             .map_err(|_| UpstreamUnavailable(upstream.name.clone()))?;
         let requested = crate::oauth::RequestedUrl::of(&req);
         let mut response = match *req.method() {
-            Method::POST => self.post(req, &active, upstream, uri).await,
+            Method::POST => self.post(req, &active, upstream, uri, started).await,
             Method::GET => self.get(req, &active, upstream, uri).await,
             Method::DELETE => self.delete(req, &active, upstream, uri).await,
             _ => Err(MethodNotAllowed.into()),
@@ -407,6 +409,7 @@ impl Gateway {
         active: &Arc<ActivePolicy>,
         upstream: &Upstream,
         uri: http::Uri,
+        started: Instant,
     ) -> Result<Response<ResponseBody>, Refusal> {
         let limit = self.settings.max_body_bytes;
         let (parts, body) = req.into_parts();
@@ -420,6 +423,7 @@ impl Gateway {
             self.settings.header_read_timeout,
         )
         .await?;
+        self.metrics.stage_since(Stage::BodyRead, started);
         let parsing = Instant::now();
         let parsed = parse_body(&bytes, limit)?;
         let (messages, batch) = match &parsed.payload {
@@ -629,6 +633,11 @@ impl Gateway {
             }
         };
         record_upstream(&spans, sending.elapsed(), response.status().as_u16());
+        let timing = ResponseTiming {
+            metrics: Arc::clone(&self.metrics),
+            request: started,
+            headers: Instant::now(),
+        };
 
         let (mut rparts, rbody) = response.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
@@ -728,7 +737,10 @@ impl Gateway {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
-            return Ok(Response::from_parts(rparts, full(value.to_string())));
+            return Ok(Response::from_parts(
+                rparts,
+                timing.wrap(full(value.to_string())),
+            ));
         }
         if !local.is_empty() && rparts.status == StatusCode::ACCEPTED {
             // Only notifications and responses were forwarded: the denials are
@@ -751,12 +763,12 @@ impl Gateway {
             let body = WatchedBody::new(rbody, watch);
             return Ok(Response::from_parts(
                 rparts,
-                body.map_err(BoxError::from).boxed_unsync(),
+                timing.wrap(body.map_err(BoxError::from).boxed_unsync()),
             ));
         }
         Ok(Response::from_parts(
             rparts,
-            rbody.map_err(BoxError::from).boxed_unsync(),
+            timing.wrap(rbody.map_err(BoxError::from).boxed_unsync()),
         ))
     }
 
@@ -1157,6 +1169,65 @@ impl EventRewrite for ListRewriter {
             .metrics
             .stage_since(Stage::ResponseFilter, filtering);
         filtered
+    }
+}
+
+/// When a POST's response began (its handler, the tool server's headers), to
+/// time the `respond` and `request` stages when its body ends.
+struct ResponseTiming {
+    metrics: Arc<Metrics>,
+    request: Instant,
+    headers: Instant,
+}
+
+impl ResponseTiming {
+    fn wrap(self, body: ResponseBody) -> ResponseBody {
+        TimedBody {
+            inner: body,
+            timing: Some(self),
+        }
+        .boxed_unsync()
+    }
+}
+
+/// A response body that records its [`ResponseTiming`] stages once its last
+/// frame has been handed to the connection (an empty body or one that fails
+/// records nothing).
+struct TimedBody {
+    inner: ResponseBody,
+    timing: Option<ResponseTiming>,
+}
+
+impl http_body::Body for TimedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        let ended = match &polled {
+            std::task::Poll::Ready(None) => true,
+            std::task::Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended && let Some(timing) = this.timing.take() {
+            let now = Instant::now();
+            let metrics = &timing.metrics;
+            metrics.observe_stage(Stage::Respond, now.duration_since(timing.headers));
+            metrics.observe_stage(Stage::Request, now.duration_since(timing.request));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -77,6 +77,7 @@ async fn every_stage_of_an_allowed_call_is_timed() {
         .unwrap();
     let metrics = scrape(&harness).await;
     for stage in [
+        "body_read",
         "parse",
         "decide",
         "sign",
