@@ -209,6 +209,34 @@ pub fn chaperonectl() -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
+/// The workspace's `chaperonectl`, built (once per test binary, always: a
+/// stale binary would test old code) with the cargo running the tests.
+pub fn built_chaperonectl() -> Result<PathBuf> {
+    static BINARY: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let built = std::process::Command::new(cargo)
+                .args([
+                    "build",
+                    "-q",
+                    "-p",
+                    "chaperone-cli",
+                    "--bin",
+                    "chaperonectl",
+                ])
+                .status()
+                .map_err(|e| format!("running cargo build -p chaperone-cli: {e}"))?;
+            if !built.success() {
+                return Err("cargo build -p chaperone-cli failed".into());
+            }
+            chaperonectl().ok_or_else(|| "chaperonectl not found after building it".to_owned())
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 /// What `chaperonectl audit verify --strict` said of a log.
 #[derive(Debug)]
 pub struct CliVerdict {

@@ -47,32 +47,9 @@ fn controller() -> &'static (InProcessController, String) {
     })
 }
 
-/// The workspace's `chaperonectl`, built once if it is not there yet.
+/// The workspace's `chaperonectl`, built once.
 fn chaperonectl_binary() -> Result<PathBuf> {
-    static BINARY: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            // Always built: a stale binary would test old code.
-            let built = Command::new(cargo)
-                .args([
-                    "build",
-                    "-q",
-                    "-p",
-                    "chaperone-cli",
-                    "--bin",
-                    "chaperonectl",
-                ])
-                .status()
-                .map_err(|e| format!("running cargo build -p chaperone-cli: {e}"))?;
-            if !built.success() {
-                return Err("cargo build -p chaperone-cli failed".into());
-            }
-            mcp_fixtures::chaperonectl()
-                .ok_or_else(|| "chaperonectl not found after building it".to_owned())
-        })
-        .clone()
-        .map_err(anyhow::Error::msg)
+    mcp_fixtures::built_chaperonectl()
 }
 
 /// What one run of chaperonectl said.

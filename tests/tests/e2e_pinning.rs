@@ -16,14 +16,13 @@
 //! are both caught; reordered schema keys are not a change; the
 //! `ToolDefinitionsPinned` condition turns False and back.
 //!
-//! `chaperonectl` is the workspace's binary: found next to the test binary
-//! (`cargo test --workspace` builds it), else built here.
+//! `chaperonectl` is the workspace's binary, built here once so it is never
+//! stale.
 
 use std::{
     collections::BTreeMap,
     convert::Infallible,
     path::PathBuf,
-    process::Command,
     sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
@@ -316,34 +315,9 @@ async fn tools_blocked_metric(ns: &str, agent: &str) -> Option<f64> {
 // ---------------------------------------------------------------------------
 // chaperonectl.
 
-/// The workspace's `chaperonectl`, built once if it is not there yet.
+/// The workspace's `chaperonectl`, built once.
 fn chaperonectl_binary() -> Result<PathBuf> {
-    static BINARY: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            if let Some(path) = mcp_fixtures::chaperonectl() {
-                return Ok(path);
-            }
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let built = Command::new(cargo)
-                .args([
-                    "build",
-                    "-q",
-                    "-p",
-                    "chaperone-cli",
-                    "--bin",
-                    "chaperonectl",
-                ])
-                .status()
-                .map_err(|e| format!("running cargo build -p chaperone-cli: {e}"))?;
-            if !built.success() {
-                return Err("cargo build -p chaperone-cli failed".into());
-            }
-            mcp_fixtures::chaperonectl()
-                .ok_or_else(|| "chaperonectl not found after building it".to_owned())
-        })
-        .clone()
-        .map_err(anyhow::Error::msg)
+    mcp_fixtures::built_chaperonectl()
 }
 
 /// Runs `chaperonectl tools ARGS -n NS` as the control plane's admin;
