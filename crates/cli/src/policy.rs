@@ -1090,19 +1090,26 @@ spec:
         assert_eq!(error.to_string(), "1 of 1 test(s) failed");
     }
 
+    /// What `run_case` says of the first case of `file` (beside its
+    /// `policy.yaml`); removes the fixture's folder.
+    fn first_case_mismatch(file: &std::path::Path) -> Option<String> {
+        let dir = file.parent().unwrap().to_path_buf();
+        let documents = load(&[dir.join("policy.yaml")]).unwrap();
+        let compiled = compile_files(documents, unix_now()).unwrap();
+        let text = fs::read_to_string(file).unwrap();
+        let cases: Vec<PolicyTestCase> = serde_saphyr::from_str(&text).unwrap();
+        let mismatch = run_case(&compiled, &cases[0], unix_now()).unwrap();
+        fs::remove_dir_all(&dir).ok();
+        mismatch
+    }
+
     #[test]
     fn run_case_reports_the_approval_verdict() {
         let file = approval_fixture(
             "mismatch",
             "- {name: m, tool: refund, arguments: {amount: 500}, expect: allow}\n",
         );
-        let dir = file.parent().unwrap().to_path_buf();
-        let documents = load(&[dir.join("policy.yaml")]).unwrap();
-        let compiled = compile_files(documents, unix_now()).unwrap();
-        let text = fs::read_to_string(&file).unwrap();
-        let cases: Vec<PolicyTestCase> = serde_saphyr::from_str(&text).unwrap();
-        let mismatch = run_case(&compiled, &cases[0], unix_now()).unwrap();
-        fs::remove_dir_all(&dir).ok();
+        let mismatch = first_case_mismatch(&file);
         assert_eq!(
             mismatch.as_deref(),
             Some(
@@ -1200,13 +1207,7 @@ spec:
             "mismatch",
             "- {name: m, tool: orders/refund, definition: CHANGED, expect: allow}\n",
         );
-        let dir = file.parent().unwrap().to_path_buf();
-        let documents = load(&[dir.join("policy.yaml")]).unwrap();
-        let compiled = compile_files(documents, unix_now()).unwrap();
-        let text = fs::read_to_string(&file).unwrap();
-        let cases: Vec<PolicyTestCase> = serde_saphyr::from_str(&text).unwrap();
-        let mismatch = run_case(&compiled, &cases[0], unix_now()).unwrap();
-        fs::remove_dir_all(&dir).ok();
+        let mismatch = first_case_mismatch(&file);
         assert_eq!(
             mismatch,
             Some(format!(
