@@ -1,6 +1,12 @@
 //! Decision latency percentiles (criterion reports means and medians): times
 //! individual decisions and prints p50/p99/p99.9 per configuration.
 //! `cargo bench -p chaperone-policy --bench latency`.
+//!
+//! Arguments `TOOLSxRULES` (CEL: `TOOLSxRULEScel`, e.g. `10000x10`) run only
+//! those configurations and skip the compile and `tools/list` timings. `HOT=n`
+//! spreads the calls over the first `n` tools only (same engine): the working
+//! set shrinks while the index and the rules stay as large, which tells cache
+//! misses from work.
 
 mod fixture;
 
@@ -21,9 +27,14 @@ fn measure(engine: &Engine, tools: usize) -> Vec<Duration> {
     let args = arguments();
     let session = SessionHistory::new();
     let mut spread = Spread::new();
+    // `HOT=n`: only the first n tools are called (see the top of the file).
+    let hot: usize = std::env::var("HOT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tools);
     let calls: Vec<(&str, String)> = (0..4096)
         .map(|_| {
-            let i = spread.next(tools);
+            let i = spread.next(hot.min(tools));
             (server_of(i), tool_name(i))
         })
         .collect();
@@ -98,7 +109,16 @@ fn main() {
         (10_000, 1, true),
         (10_000, 10, true),
     ];
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     for (tools, rules, cel) in configs {
+        if !only.is_empty()
+            && !only.contains(&format!("{tools}x{rules}{}", if cel { "cel" } else { "" }))
+        {
+            continue;
+        }
         let engine = engine(tools, rules, cel);
         let samples = measure(&engine, tools);
         println!(
@@ -108,6 +128,9 @@ fn main() {
             percentile(&samples, 0.99),
             percentile(&samples, 0.999),
         );
+    }
+    if !only.is_empty() {
+        return;
     }
     // Compile time of 10,000 policies, and building the engine from it.
     let set = objects(10_000, 1, false);

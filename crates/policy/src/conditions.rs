@@ -167,7 +167,7 @@ pub(crate) struct Evaluation {
     pub part: Option<ConditionPart>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 enum Comparison {
     Less,
     LessOrEqual,
@@ -175,7 +175,7 @@ enum Comparison {
     GreaterOrEqual,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum ArgTest {
     /// `equals` a string: the common case, compared without the generic walk.
     EqualsString(String),
@@ -186,6 +186,87 @@ enum ArgTest {
     Compare(Comparison, JsonNumber),
     Exists(bool),
     Type(JsonType),
+}
+
+/// One operator's test with its constants borrowed: [`TestRef::apply`] is the
+/// one statement of what every operator means, for [`CompiledArgMatcher`] and
+/// for the flat copies in [`arena`].
+#[derive(Clone, Copy, Debug)]
+enum TestRef<'a> {
+    EqualsString(&'a str),
+    Equals(&'a Value),
+    In(&'a [Value]),
+    Prefix(&'a str),
+    Regex(&'a Regex),
+    Compare(Comparison, JsonNumber),
+    Exists(bool),
+    Type(JsonType),
+}
+
+impl ArgTest {
+    fn as_ref(&self) -> TestRef<'_> {
+        match self {
+            ArgTest::EqualsString(s) => TestRef::EqualsString(s),
+            ArgTest::Equals(v) => TestRef::Equals(v),
+            ArgTest::In(values) => TestRef::In(values),
+            ArgTest::Prefix(p) => TestRef::Prefix(p),
+            ArgTest::Regex(r) => TestRef::Regex(r),
+            ArgTest::Compare(c, n) => TestRef::Compare(*c, *n),
+            ArgTest::Exists(b) => TestRef::Exists(*b),
+            ArgTest::Type(t) => TestRef::Type(*t),
+        }
+    }
+}
+
+impl TestRef<'_> {
+    /// The test on the value its pointer resolved to (`None`: absent).
+    #[inline]
+    fn apply(self, value: Option<&Value>) -> Truth {
+        match (self, value) {
+            (TestRef::Exists(expected), value) => Truth::of(value.is_some() == expected),
+            (_, None) => Truth::Unknown,
+            (TestRef::EqualsString(expected), Some(v)) => Truth::of(v.as_str() == Some(expected)),
+            (TestRef::Equals(expected), Some(v)) => Truth::of(json_equal(v, expected)),
+            (TestRef::In(values), Some(v)) => Truth::of(values.iter().any(|e| json_equal(v, e))),
+            (TestRef::Type(t), Some(v)) => Truth::of(has_type(v, t)),
+            (TestRef::Prefix(prefix), Some(Value::String(s))) => {
+                Truth::of(s.as_bytes().starts_with(prefix.as_bytes()))
+            }
+            (TestRef::Regex(regex), Some(Value::String(s))) => Truth::of(regex.is_match(s)),
+            (TestRef::Compare(comparison, bound), Some(Value::Number(n))) => {
+                let Some(ordering) = JsonNumber::from_number(n).and_then(|n| n.compare(bound))
+                else {
+                    return Truth::Unknown;
+                };
+                Truth::of(match comparison {
+                    Comparison::Less => ordering == Ordering::Less,
+                    Comparison::LessOrEqual => ordering != Ordering::Greater,
+                    Comparison::Greater => ordering == Ordering::Greater,
+                    Comparison::GreaterOrEqual => ordering != Ordering::Less,
+                })
+            }
+            // A string operator on a non-string, a number operator on a non-number.
+            _ => Truth::Unknown,
+        }
+    }
+}
+
+/// Follows parsed JSON pointer tokens (`(key, array index)`) from `root`: the
+/// one pointer walk, for [`CompiledArgMatcher`] and [`arena`].
+#[inline]
+fn resolve_tokens<'v, 'k>(
+    root: &'v Value,
+    tokens: impl IntoIterator<Item = (&'k str, Option<usize>)>,
+) -> Option<&'v Value> {
+    let mut current = root;
+    for (key, index) in tokens {
+        current = match current {
+            Value::Object(map) => map.get(key)?,
+            Value::Array(items) => items.get(index?)?,
+            _ => return None,
+        };
+    }
+    Some(current)
 }
 
 #[derive(Debug)]
@@ -412,47 +493,11 @@ impl CompiledArgMatcher {
     }
 
     fn resolve<'v>(&self, root: &'v Value) -> Option<&'v Value> {
-        let mut current = root;
-        for token in &self.tokens {
-            current = match current {
-                Value::Object(map) => map.get(&token.key)?,
-                Value::Array(items) => items.get(token.index?)?,
-                _ => return None,
-            };
-        }
-        Some(current)
+        resolve_tokens(root, self.tokens.iter().map(|t| (t.key.as_str(), t.index)))
     }
 
     fn evaluate(&self, arguments: &Value) -> Truth {
-        let value = self.resolve(arguments);
-        match (&self.test, value) {
-            (ArgTest::Exists(expected), value) => Truth::of(value.is_some() == *expected),
-            (_, None) => Truth::Unknown,
-            (ArgTest::EqualsString(expected), Some(v)) => {
-                Truth::of(v.as_str() == Some(expected.as_str()))
-            }
-            (ArgTest::Equals(expected), Some(v)) => Truth::of(json_equal(v, expected)),
-            (ArgTest::In(values), Some(v)) => Truth::of(values.iter().any(|e| json_equal(v, e))),
-            (ArgTest::Type(t), Some(v)) => Truth::of(has_type(v, *t)),
-            (ArgTest::Prefix(prefix), Some(Value::String(s))) => {
-                Truth::of(s.as_bytes().starts_with(prefix.as_bytes()))
-            }
-            (ArgTest::Regex(regex), Some(Value::String(s))) => Truth::of(regex.is_match(s)),
-            (ArgTest::Compare(comparison, bound), Some(Value::Number(n))) => {
-                let Some(ordering) = JsonNumber::from_number(n).and_then(|n| n.compare(*bound))
-                else {
-                    return Truth::Unknown;
-                };
-                Truth::of(match comparison {
-                    Comparison::Less => ordering == Ordering::Less,
-                    Comparison::LessOrEqual => ordering != Ordering::Greater,
-                    Comparison::Greater => ordering == Ordering::Greater,
-                    Comparison::GreaterOrEqual => ordering != Ordering::Less,
-                })
-            }
-            // A string operator on a non-string, a number operator on a non-number.
-            _ => Truth::Unknown,
-        }
+        self.test.as_ref().apply(self.resolve(arguments))
     }
 
     /// A short description: `/amount lessThanOrEqual 100`.
@@ -600,6 +645,15 @@ impl CompiledConditions {
         })
     }
 
+    /// The argument matchers, when they are the only conditions (no
+    /// delegation, session or expression part): such conditions are true when
+    /// every matcher is, false when one is false, unknown otherwise (and
+    /// unknown when the arguments are not known, unless there is no matcher).
+    pub(crate) fn args_only(&self) -> Option<&[CompiledArgMatcher]> {
+        (self.delegation.is_none() && self.session.is_none() && self.expression.is_none())
+            .then_some(&self.args[..])
+    }
+
     /// Whether a CEL expression is among the conditions.
     pub(crate) fn has_expression(&self) -> bool {
         self.expression.is_some()
@@ -706,6 +760,9 @@ impl CompiledConditions {
         }
     }
 }
+
+#[path = "arena.rs"]
+pub(crate) mod arena;
 
 #[cfg(test)]
 #[path = "conditions_tests.rs"]

@@ -9,10 +9,23 @@ fn matcher(spec: Value) -> CompiledArgMatcher {
     CompiledArgMatcher::new(&spec).expect("matcher compiles")
 }
 
+/// Checks the matcher, and the same matcher as a rule's only condition in a
+/// [`arena::RuleArena`] (the decision loop's copy): both must agree.
 fn check(spec: Value, cases: &[(Value, Truth)]) {
     let m = matcher(spec.clone());
+    let conditions = CompiledConditions::new(Some(&Conditions {
+        args: vec![serde_json::from_value(spec.clone()).expect("matcher spec")],
+        ..Conditions::default()
+    }))
+    .expect("conditions compile");
+    let arena = arena::RuleArena::new([&conditions]);
     for (args, expected) in cases {
         assert_eq!(m.evaluate(args), *expected, "matcher {spec} on {args}");
+        assert_eq!(
+            arena.evaluation(Some(args)).truth(0),
+            Some(*expected),
+            "arena matcher {spec} on {args}"
+        );
     }
 }
 

@@ -86,8 +86,14 @@ fn tool_match() -> impl Strategy<Value = ToolMatch> {
 }
 
 fn arg_matcher() -> impl Strategy<Value = ArgMatcher> {
-    let base = || ArgMatcher {
-        pointer: "/x".into(),
+    // Mostly `/x`, which the arguments set (or not); sometimes `/y`, which they
+    // never do: rules of one call share resolved pointers, present or absent.
+    prop_oneof![2 => Just("/x"), 1 => Just("/y")].prop_flat_map(arg_matcher_on)
+}
+
+fn arg_matcher_on(pointer: &'static str) -> impl Strategy<Value = ArgMatcher> {
+    let base = move || ArgMatcher {
+        pointer: pointer.into(),
         ..ArgMatcher::default()
     };
     prop_oneof![
