@@ -87,7 +87,9 @@ impl TestSidecar {
         hash
     }
 
+    /// What the sidecar's writer has written once every record so far is.
     fn text(&self) -> String {
+        self.log.flush().unwrap();
         self.out.text()
     }
 }

@@ -1,5 +1,6 @@
-//! Audit: one JSON line per decision, written to stdout before the response goes
-//! back, and queued (bounded) for shipping to the controller.
+//! Audit: one JSON line per decision, written to stdout before the call is
+//! forwarded or answered, and queued (bounded) for shipping to the controller
+//! once written.
 //!
 //! Every line is in two hash chains: its session's (`prev`: the SHA-256 of the
 //! session's previous line) and its sidecar's (`seq` 1, 2, 3, … across all
@@ -12,9 +13,11 @@
 //! A verifier with the sidecar's public key (the JWKS) so proves that no line
 //! up to the checkpoint was left out, changed, reordered or made up.
 //!
-//! `seq`, `prevSeq` and `kid` are assigned here under one lock, which also
-//! covers writing the line: lines reach the output in `seq` order, whatever
-//! the sessions' concurrency.
+//! `seq`, `prevSeq` and `kid` are assigned here under one lock, and one
+//! writer thread writes the lines in that order: lines reach the output in
+//! `seq` order, whatever the sessions' concurrency. A call's records are
+//! written before the call is forwarded or answered ([`AuditLog::settled`]);
+//! the write overlaps with signing the call's assertion (see [`AuditLog`]).
 //!
 //! Canonical form: the lines' fields are declared in byte order of their names
 //! and nothing in them is a float or an integer beyond 2^53 (RFC 8785 writes
@@ -24,8 +27,8 @@
 //! verify`) checks a log.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chaperone_audit::CHECKPOINT_KIND;
 use prometheus_client::metrics::counter::Counter;
@@ -278,35 +281,97 @@ impl Write for AuditBuffer {
 #[error("audit record could not be written: {0}")]
 pub struct AuditWriteError(#[from] std::io::Error);
 
-/// The sidecar's chain so far, and where it goes.
+/// Default bound of the lines waiting for the writer thread, in bytes: a
+/// stalled output (a log collector that stopped reading) refuses calls once
+/// this much is waiting, instead of growing without bound.
+pub const DEFAULT_PENDING_BYTES: usize = 8 << 20;
+
+/// How long [`AuditLog::flush`] (and so [`AuditLog::close`]) waits for the
+/// output before giving up.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The sidecar's chain so far, and the lines not yet written.
 struct Trail {
-    out: Box<dyn Write + Send>,
-    /// `seq` of the last line written (0: none yet).
+    /// `seq` of the last line appended (0: none yet).
     seq: u64,
-    /// SHA-256 of the last line written.
+    /// SHA-256 of the last line appended.
     last: Option<[u8; 32]>,
-    /// Decisions written.
+    /// Decisions appended.
     records: u64,
-    /// Decisions written since the last checkpoint.
+    /// Decisions appended since the last checkpoint.
     uncovered: u64,
-    /// The final checkpoint is written: nothing more may be.
+    /// The final checkpoint is appended: nothing more may be.
     closed: bool,
+    /// Lines appended and not yet taken by the writer, in `seq` order
+    /// (without their newline).
+    pending: Vec<String>,
+    /// Bytes in `pending`.
+    pending_bytes: usize,
+    /// `seq` of the last line the output took (and that was shipped).
+    written: u64,
+    /// The output failed: what it said. Nothing more is written.
+    failed: Option<String>,
+    /// The writer thread is waiting for lines (so an append must wake it).
+    writer_idle: bool,
+    /// The log is dropped: the writer drains what is pending and stops.
+    dropped: bool,
+    /// Threads waiting in [`AuditLog::flush`] (so a batch must wake them).
+    flushers: usize,
+}
+
+impl Trail {
+    /// The error of an output that failed, if it did.
+    fn failure(&self) -> Option<AuditWriteError> {
+        self.failed
+            .as_ref()
+            .map(|message| std::io::Error::other(message.clone()).into())
+    }
+}
+
+/// What the request path and the writer thread share.
+struct Shared {
+    trail: Mutex<Trail>,
+    /// Wakes the writer thread: lines are pending, or the log is dropped.
+    lines_pending: Condvar,
+    /// Signalled by the writer after each batch (for [`AuditLog::flush`]).
+    batch_written: Condvar,
+    /// Wakes the tasks waiting in [`AuditLog::settled`] after each batch.
+    settled: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Trail> {
+        self.trail.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Writes and ships audit records and checkpoints.
+///
+/// Lines get their `seq`, `prevSeq` and hash on the request path, under one
+/// lock, and are handed to a writer thread that writes them to the output
+/// in `seq` order (many in one `write` when calls come together) and then
+/// queues them for shipping. The request path appends a call's record
+/// before it signs the call's assertion and awaits [`AuditLog::settled`]
+/// before it forwards the call or answers: every record is written before
+/// its call is forwarded or answered, as before, while the `write` and the
+/// wake-up of whoever reads the output (a container runtime's pipe) overlap
+/// with the signature instead of preceding it. An output that fails stops
+/// the trail: every later call is refused, and so are calls waiting for
+/// their records.
 pub struct AuditLog {
-    trail: Mutex<Trail>,
-    ship: Option<mpsc::Sender<Arc<str>>>,
-    dropped: Counter,
+    shared: Arc<Shared>,
     signer: AssertionSigner,
     checkpoint_every: u64,
+    /// Bound of the bytes waiting for the writer.
+    max_pending_bytes: usize,
+    shipping: bool,
 }
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditLog")
             .field("kid", &self.kid())
-            .field("shipping", &self.ship.is_some())
+            .field("shipping", &self.shipping)
             .field("checkpoint_every", &self.checkpoint_every)
             .finish_non_exhaustive()
     }
@@ -315,8 +380,8 @@ impl std::fmt::Debug for AuditLog {
 impl AuditLog {
     /// An audit log writing to `output` whose checkpoints `signer` signs (one
     /// every [`DEFAULT_CHECKPOINT_EVERY`] decisions at most); with `ship`,
-    /// every line is also queued there (a full queue drops the line and counts
-    /// it in `dropped`).
+    /// every line is also queued there once written (a full queue drops the
+    /// line and counts it in `dropped`). Starts the writer thread.
     pub fn new(
         output: AuditOutput,
         ship: Option<mpsc::Sender<Arc<str>>>,
@@ -327,20 +392,50 @@ impl AuditLog {
             AuditOutput::Stdout => Box::new(std::io::stdout()),
             AuditOutput::Writer(writer) => writer,
         };
-        Self {
+        let shared = Arc::new(Shared {
             trail: Mutex::new(Trail {
-                out,
                 seq: 0,
                 last: None,
                 records: 0,
                 uncovered: 0,
                 closed: false,
+                pending: Vec::new(),
+                pending_bytes: 0,
+                written: 0,
+                failed: None,
+                writer_idle: false,
+                dropped: false,
+                flushers: 0,
             }),
+            lines_pending: Condvar::new(),
+            batch_written: Condvar::new(),
+            settled: tokio::sync::Notify::new(),
+        });
+        let shipping = ship.is_some();
+        let writer = Writer {
+            shared: Arc::clone(&shared),
+            out,
             ship,
             dropped,
+        };
+        std::thread::Builder::new()
+            .name("chaperone-audit".into())
+            .spawn(move || writer.run())
+            .expect("the audit writer thread starts");
+        Self {
+            shared,
             signer,
             checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            max_pending_bytes: DEFAULT_PENDING_BYTES,
+            shipping,
         }
+    }
+
+    /// Refuses new records while more than `bytes` wait for the output
+    /// (default [`DEFAULT_PENDING_BYTES`]).
+    pub fn with_max_pending_bytes(mut self, bytes: usize) -> Self {
+        self.max_pending_bytes = bytes;
+        self
     }
 
     /// A checkpoint after at most `every` decisions (at least 1).
@@ -354,61 +449,141 @@ impl AuditLog {
         &self.signer.registration().kid
     }
 
-    fn lock(&self) -> MutexGuard<'_, Trail> {
-        self.trail.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Writes `record` as the sidecar's next line and returns its hash (the
-    /// next record of its session's `prev`); writes a checkpoint after it when
-    /// `checkpoint_every` decisions are uncovered. Fails once the log is
-    /// closed.
+    /// Appends `record` as the sidecar's next line and returns its hash (the
+    /// next record of its session's `prev`); appends a checkpoint after it
+    /// when `checkpoint_every` decisions are uncovered. The writer thread
+    /// writes it; [`AuditLog::settled`] waits for that. Fails once the log
+    /// is closed, when the output has failed, or when more than
+    /// the bound of [`AuditLog::with_max_pending_bytes`] waits for an output
+    /// that does not take it.
     pub fn write(&self, record: &AuditRecord<'_>) -> Result<[u8; 32], AuditWriteError> {
-        let mut trail = self.lock();
+        let mut trail = self.shared.lock();
         if trail.closed {
             return Err(std::io::Error::other(
                 "the audit trail is closed: the sidecar is shutting down",
             )
             .into());
         }
+        if let Some(failed) = trail.failure() {
+            return Err(failed);
+        }
+        if trail.pending_bytes > self.max_pending_bytes {
+            return Err(std::io::Error::other(format!(
+                "the audit output is not taking lines ({} bytes waiting)",
+                trail.pending_bytes
+            ))
+            .into());
+        }
         let seq = trail.seq + 1;
         let prev_seq = trail.last.map(|hash| hex(&hash));
         let line = DecisionLine::new(record, self.kid(), seq, prev_seq.as_deref());
         let line = serde_json::to_string(&line).map_err(std::io::Error::other)?;
-        let hash = self.append(&mut trail, line)?;
+        let hash = self.append(&mut trail, line);
         trail.records += 1;
         trail.uncovered += 1;
         if trail.uncovered >= self.checkpoint_every
             && let Err(err) = self.append_checkpoint(&mut trail, false)
         {
-            // The decision is written; the next checkpoint covers it.
+            // The decision is appended; the next checkpoint covers it.
             tracing::error!(error = %err, "audit checkpoint not written");
         }
         Ok(hash)
     }
 
-    /// Writes a checkpoint if decisions were written since the last one;
+    /// Waits until every line appended before this call is written (and
+    /// queued for shipping). The proxy awaits it before it forwards a call
+    /// and before a response goes back. Fails when the output failed.
+    pub async fn settled(&self) -> Result<(), AuditWriteError> {
+        let through = {
+            let trail = self.shared.lock();
+            if let Some(failed) = trail.failure() {
+                return Err(failed);
+            }
+            if trail.written >= trail.seq {
+                return Ok(());
+            }
+            trail.seq
+        };
+        loop {
+            let notified = self.shared.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let trail = self.shared.lock();
+                if let Some(failed) = trail.failure() {
+                    return Err(failed);
+                }
+                if trail.written >= through {
+                    return Ok(());
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Blocks until every line appended so far is written (for shutdown,
+    /// tests and tools outside an async runtime); fails when the output
+    /// failed or did not take the lines within ten seconds.
+    pub fn flush(&self) -> Result<(), AuditWriteError> {
+        let mut trail = self.shared.lock();
+        let through = trail.seq;
+        let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
+        loop {
+            if let Some(failed) = trail.failure() {
+                return Err(failed);
+            }
+            if trail.written >= through {
+                return Ok(());
+            }
+            let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+                return Err(std::io::Error::other(format!(
+                    "the audit output did not take {} pending lines in {FLUSH_TIMEOUT:?}",
+                    trail.pending.len()
+                ))
+                .into());
+            };
+            trail.flushers += 1;
+            trail = self
+                .shared
+                .batch_written
+                .wait_timeout(trail, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            trail.flushers -= 1;
+        }
+    }
+
+    /// Appends a checkpoint if decisions were appended since the last one;
     /// returns whether it did.
     pub fn checkpoint(&self) -> Result<bool, AuditWriteError> {
-        let mut trail = self.lock();
+        let mut trail = self.shared.lock();
         if trail.closed || trail.uncovered == 0 {
             return Ok(false);
+        }
+        if let Some(failed) = trail.failure() {
+            return Err(failed);
         }
         self.append_checkpoint(&mut trail, false)?;
         Ok(true)
     }
 
-    /// Writes the final checkpoint (also when nothing is uncovered: it says
-    /// the trail ends here) and closes the log: later [`AuditLog::write`]s
-    /// fail, so their calls are refused. Closing twice does nothing.
+    /// Appends the final checkpoint (also when nothing is uncovered: it says
+    /// the trail ends here), closes the log and waits until everything is
+    /// written: later [`AuditLog::write`]s fail, so their calls are refused.
+    /// Closing twice does nothing more.
     pub fn close(&self) -> Result<(), AuditWriteError> {
-        let mut trail = self.lock();
-        if trail.closed {
-            return Ok(());
+        {
+            let mut trail = self.shared.lock();
+            if trail.closed {
+                drop(trail);
+                return self.flush();
+            }
+            // Closed even if the checkpoint fails: nothing may follow the end.
+            let appended = self.append_checkpoint(&mut trail, true);
+            trail.closed = true;
+            appended?;
         }
-        // Closed even if the checkpoint fails: nothing may follow the end.
-        let written = self.append_checkpoint(&mut trail, true);
-        trail.closed = true;
-        written
+        self.flush()
     }
 
     /// Signs and appends a checkpoint covering every line so far.
@@ -433,27 +608,101 @@ impl AuditLog {
         let sig = self.signer.sign_detached(&unsigned);
         checkpoint.sig = Some(&sig);
         let line = serde_json::to_string(&checkpoint).map_err(std::io::Error::other)?;
-        self.append(trail, line)?;
+        self.append(trail, line);
         trail.uncovered = 0;
         Ok(())
     }
 
-    /// Writes `line` as the next of the chain, ships it, and returns its hash.
-    fn append(&self, trail: &mut Trail, mut line: String) -> Result<[u8; 32], AuditWriteError> {
+    /// Appends `line` as the next of the chain for the writer, and returns
+    /// its hash.
+    fn append(&self, trail: &mut Trail, line: String) -> [u8; 32] {
         let hash = sha256(line.as_bytes());
-        line.push('\n');
-        trail.out.write_all(line.as_bytes())?;
-        trail.out.flush()?;
         trail.seq += 1;
         trail.last = Some(hash);
-        if let Some(ship) = &self.ship {
-            line.pop();
-            // Queued under the lock too, so the controller gets `seq` order.
-            if ship.try_send(Arc::from(line)).is_err() {
-                self.dropped.inc();
-            }
+        trail.pending_bytes += line.len() + 1;
+        trail.pending.push(line);
+        if trail.writer_idle {
+            trail.writer_idle = false;
+            self.shared.lines_pending.notify_one();
         }
-        Ok(hash)
+        hash
+    }
+}
+
+impl Drop for AuditLog {
+    /// Lets the writer thread write what is pending and stop.
+    fn drop(&mut self) {
+        self.shared.lock().dropped = true;
+        self.shared.lines_pending.notify_one();
+    }
+}
+
+/// The writer thread's side: takes the pending lines, writes them in one
+/// go, ships them, and marks them written.
+struct Writer {
+    shared: Arc<Shared>,
+    out: Box<dyn Write + Send>,
+    ship: Option<mpsc::Sender<Arc<str>>>,
+    dropped: Counter,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut batch = Vec::new();
+        let mut bytes = Vec::new();
+        loop {
+            let through = {
+                let mut trail = self.shared.lock();
+                while trail.pending.is_empty() {
+                    if trail.dropped || trail.failed.is_some() {
+                        return;
+                    }
+                    trail.writer_idle = true;
+                    trail = self
+                        .shared
+                        .lines_pending
+                        .wait(trail)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+                trail.writer_idle = false;
+                trail.pending_bytes = 0;
+                std::mem::swap(&mut batch, &mut trail.pending);
+                trail.seq
+            };
+            bytes.clear();
+            for line in &batch {
+                bytes.extend_from_slice(line.as_bytes());
+                bytes.push(b'\n');
+            }
+            let written = self.out.write_all(&bytes).and_then(|()| self.out.flush());
+            if written.is_ok()
+                && let Some(ship) = &self.ship
+            {
+                for line in batch.drain(..) {
+                    if ship.try_send(Arc::from(line)).is_err() {
+                        self.dropped.inc();
+                    }
+                }
+            }
+            batch.clear();
+            let flushers = {
+                let mut trail = self.shared.lock();
+                match written {
+                    Ok(()) => trail.written = through,
+                    Err(err) => {
+                        tracing::error!(error = %err, "audit output failed: refusing every call from now on");
+                        trail.failed = Some(err.to_string());
+                        trail.pending.clear();
+                        trail.pending_bytes = 0;
+                    }
+                }
+                trail.flushers
+            };
+            if flushers > 0 {
+                self.shared.batch_written.notify_all();
+            }
+            self.shared.settled.notify_waiters();
+        }
     }
 }
 

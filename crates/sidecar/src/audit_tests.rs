@@ -127,6 +127,7 @@ fn a_checkpoint_follows_every_n_decisions() {
     for tool in ["a", "b", "c", "d", "e"] {
         log.write(&record(tool, None, tool)).unwrap();
     }
+    log.flush().unwrap();
     let text = buffer.text();
     let kinds: Vec<bool> = text
         .lines()
@@ -145,6 +146,7 @@ fn timer_checkpoints_only_cover_something() {
     log.write(&record("s", None, "a")).unwrap();
     assert!(log.checkpoint().unwrap());
     assert!(!log.checkpoint().unwrap());
+    log.flush().unwrap();
     let summary = verify_log_signed(&buffer.text(), STRICT, &keys).unwrap();
     assert_eq!((summary.records, summary.checkpoints), (1, 1));
 }
@@ -219,6 +221,7 @@ fn full_shipping_queue_counts_drops() {
     );
     log.write(&record("s", None, "a")).unwrap();
     log.write(&record("s", None, "b")).unwrap();
+    log.flush().unwrap();
     assert_eq!(dropped.get(), 1);
 }
 
@@ -249,6 +252,7 @@ fn pinning_refusals_name_both_hashes_in_canonical_order() {
     });
     log.write(&unseen).unwrap();
     log.write(&record("s3", None, "t")).unwrap();
+    log.flush().unwrap();
     let text = buffer.text();
     let lines: Vec<Value> = text
         .lines()
@@ -264,4 +268,109 @@ fn pinning_refusals_name_both_hashes_in_canonical_order() {
     );
     assert_eq!(lines[1]["definition"], serde_json::json!({}));
     assert!(lines[2].get("definition").is_none(), "{}", lines[2]);
+}
+
+/// An output that takes nothing until the test opens it, then writes to a
+/// buffer (or fails, when told to).
+#[derive(Clone, Default)]
+struct GatedOutput {
+    open: Arc<(Mutex<Option<bool>>, std::sync::Condvar)>,
+    buffer: AuditBuffer,
+}
+
+impl GatedOutput {
+    /// Lets writes through (`true`) or makes them fail (`false`).
+    fn open(&self, succeed: bool) {
+        *self.open.0.lock().unwrap() = Some(succeed);
+        self.open.1.notify_all();
+    }
+}
+
+impl Write for GatedOutput {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let mut open = self.open.0.lock().unwrap();
+        while open.is_none() {
+            open = self.open.1.wait(open).unwrap();
+        }
+        if *open == Some(false) {
+            return Err(std::io::Error::other("pipe closed"));
+        }
+        self.buffer.write(bytes)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn gated_log() -> (AuditLog, GatedOutput) {
+    let output = GatedOutput::default();
+    let log = AuditLog::new(
+        AuditOutput::Writer(Box::new(output.clone())),
+        None,
+        Counter::default(),
+        AssertionSigner::generate().unwrap(),
+    );
+    (log, output)
+}
+
+#[tokio::test]
+async fn responses_wait_until_their_records_are_written() {
+    let (log, output) = gated_log();
+    log.write(&record("s", None, "a")).unwrap();
+    let settled = log.settled();
+    tokio::pin!(settled);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), settled.as_mut())
+            .await
+            .is_err(),
+        "settled before the output took the record"
+    );
+    assert_eq!(output.buffer.text(), "");
+    output.open(true);
+    settled.await.unwrap();
+    assert_eq!(output.buffer.records().len(), 1);
+    // Nothing new appended: settled at once.
+    log.settled().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_output_refuses_waiting_responses_and_every_later_record() {
+    let (log, output) = gated_log();
+    log.write(&record("s", None, "a")).unwrap();
+    output.open(false);
+    let err = log.settled().await.unwrap_err();
+    assert!(err.to_string().contains("pipe closed"), "{err}");
+    let err = log.write(&record("s", None, "b")).unwrap_err();
+    assert!(err.to_string().contains("pipe closed"), "{err}");
+    assert!(log.checkpoint().is_err());
+    assert!(log.close().is_err());
+}
+
+#[test]
+fn a_stalled_output_refuses_records_beyond_the_bound() {
+    let (log, output) = gated_log();
+    let log = log.with_max_pending_bytes(1000);
+    // The writer takes the first record and blocks in `write`; the next
+    // ones wait for it until more than 1000 bytes are pending.
+    let mut appended = 0;
+    let err = loop {
+        match log.write(&record("s", None, "a")) {
+            Ok(_) => appended += 1,
+            Err(err) => break err,
+        }
+        assert!(appended < 100, "never refused");
+    };
+    assert!(err.to_string().contains("not taking lines"), "{err}");
+    assert!(appended >= 2, "refused too early: {appended}");
+    output.open(true);
+    log.flush().unwrap();
+    log.write(&record("s", None, "b")).unwrap();
+    log.close().unwrap();
+    let records = output.buffer.records();
+    assert_eq!(
+        records.len(),
+        appended + 2,
+        "every appended record and the final checkpoint"
+    );
 }

@@ -147,7 +147,7 @@ impl Inbound {
 
     /// Handles one request; never fails (refusals become responses).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
-        match self.route(req).await {
+        let response = match self.route(req).await {
             Ok(response) => response,
             Err(refusal) => {
                 // Inbound refusals audit themselves, with the caller.
@@ -156,7 +156,8 @@ impl Inbound {
                 }
                 self.gateway.refuse(&refusal)
             }
-        }
+        };
+        self.gateway.after_audit(response).await
     }
 
     fn target(&self, path_and_query: Option<&http::uri::PathAndQuery>) -> http::Uri {
@@ -210,6 +211,7 @@ impl Inbound {
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
+        self.gateway.audit_settled().await?;
         let forwarding = Instant::now();
         let response = self.gateway.client.request(request).await.map_err(|err| {
             tracing::warn!(error = %err, "the pod's own MCP endpoint is unavailable");

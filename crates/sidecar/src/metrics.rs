@@ -156,7 +156,8 @@ pub enum Stage {
     Decide,
     /// Signing a forwarded call's assertion.
     Sign,
-    /// Writing a decision's audit record.
+    /// Appending a decision's audit record for the writer thread (hash
+    /// chain, serialisation, checkpoint signature every so many records).
     Audit,
     /// From forwarding to the upstream's response headers.
     Upstream,
@@ -166,6 +167,10 @@ pub enum Stage {
     /// handed to the agent's connection (POSTs answered with a body that is
     /// not an event stream).
     Respond,
+    /// Before a call is forwarded and before a response goes back, waiting
+    /// until the writer thread has written the audit records appended so
+    /// far (usually done while the assertion was signed: near zero).
+    AuditSettled,
     /// A whole POST, from its head handed to the handler to the end of its
     /// response body (same POSTs as `respond`): what the other stages leave
     /// out of it is time spent between them (scheduling, locks, glue).
@@ -174,7 +179,7 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage, in the order of a call.
-    pub const ALL: [Stage; 9] = [
+    pub const ALL: [Stage; 10] = [
         Stage::BodyRead,
         Stage::Parse,
         Stage::Decide,
@@ -183,6 +188,7 @@ impl Stage {
         Stage::Upstream,
         Stage::ResponseFilter,
         Stage::Respond,
+        Stage::AuditSettled,
         Stage::Request,
     ];
 
@@ -197,6 +203,7 @@ impl Stage {
             Stage::Upstream => "upstream",
             Stage::ResponseFilter => "response_filter",
             Stage::Respond => "respond",
+            Stage::AuditSettled => "audit_settled",
             Stage::Request => "request",
         }
     }

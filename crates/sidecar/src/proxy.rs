@@ -186,13 +186,42 @@ impl Gateway {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
         let server = split_path(req.uri().path()).0.to_owned();
-        match self.route(req, started).await {
+        let response = match self.route(req, started).await {
             Ok(response) => response,
             Err(refusal) => {
                 self.audit_refusal(&server, &refusal);
                 self.refuse(&refusal)
             }
+        };
+        self.after_audit(response).await
+    }
+
+    /// Lets `response` go back once the audit records of its request are
+    /// written; when the audit output failed, the response is withheld and
+    /// the request refused instead.
+    pub(crate) async fn after_audit(
+        &self,
+        response: Response<ResponseBody>,
+    ) -> Response<ResponseBody> {
+        match self.audit_settled().await {
+            Ok(()) => response,
+            Err(refusal) => self.refuse(&refusal.into()),
         }
+    }
+
+    /// Waits until every audit record appended so far is written: before a
+    /// call is forwarded and before a response goes back, so no call is
+    /// forwarded or answered unrecorded. The records of a call are appended
+    /// before its assertion is signed, so the writer thread usually writes
+    /// them while the request path signs and this returns at once.
+    pub(crate) async fn audit_settled(&self) -> Result<(), AuditUnavailable> {
+        let waiting = Instant::now();
+        let settled = self.enforcer.audit.settled().await;
+        self.metrics.stage_since(Stage::AuditSettled, waiting);
+        settled.map_err(|err| {
+            tracing::error!(error = %err, "audit record not written; refusing the call");
+            AuditUnavailable
+        })
     }
 
     /// Writes the audit record of a request refused as a whole (every refusal
@@ -988,6 +1017,7 @@ impl Gateway {
     ) -> Result<Response<Incoming>, Refusal> {
         self.upstream_secrets
             .apply(upstream, request.headers_mut())?;
+        self.audit_settled().await?;
         let started = Instant::now();
         let response = self.client.request(request).await.map_err(|err| {
             tracing::warn!(server = %upstream.name, error = %err, "tool server unavailable");

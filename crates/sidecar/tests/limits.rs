@@ -1,5 +1,6 @@
 //! Limits under attack, against a real sidecar: slow-loris connections,
-//! connections piled on the inbound side, and a peer filling the replay cache.
+//! connections piled on the inbound side, a peer filling the replay cache, and
+//! an audit output that fails.
 //! Small limits keep the tests short.
 
 #![allow(missing_docs)]
@@ -342,4 +343,47 @@ async fn one_peer_filling_its_replay_share_does_not_block_another() {
         replayed.body
     );
     assert_eq!(tool.seen.lock().unwrap().len(), 2 * SHARE);
+}
+
+/// An audit output whose every write fails, as a closed pipe's does.
+struct BrokenPipe;
+
+impl std::io::Write for BrokenPipe {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::BrokenPipe.into())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_call_whose_record_cannot_be_written_is_never_forwarded() {
+    let harness = Harness::start_with_output(
+        true,
+        true,
+        Settings::default(),
+        AuditOutput::Writer(Box::new(BrokenPipe)),
+        AuditBuffer::default(),
+    )
+    .await;
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_order","arguments":{"id":"o-1"}}}"#;
+    // The record is appended, the writer thread fails to write it, and the
+    // call waiting for it before forwarding is refused.
+    let first = post_raw(&harness.url(), &[], body).await;
+    assert_eq!(first.status, 503, "{}", first.body);
+    assert!(
+        first.body.contains("audit log is unavailable"),
+        "{}",
+        first.body
+    );
+    // From then on every call is refused as it is decided.
+    let second = post_raw(&harness.url(), &[], body).await;
+    assert_eq!(second.status, 503, "{}", second.body);
+    assert_eq!(
+        harness.upstream.seen.lock().unwrap().len(),
+        0,
+        "no call reached the tool server"
+    );
 }

@@ -215,10 +215,22 @@ impl Harness {
     }
 
     pub async fn start_with(json: bool, load: bool, settings: Settings) -> Self {
-        let upstream = start_upstream(json).await;
         let audit = AuditBuffer::default();
-        let sidecar =
-            Sidecar::new(settings, AuditOutput::Writer(Box::new(audit.clone())), true).unwrap();
+        let output = AuditOutput::Writer(Box::new(audit.clone()));
+        Self::start_with_output(json, load, settings, output, audit).await
+    }
+
+    /// Like [`Harness::start_with`], writing the audit trail to `output`
+    /// (`audit` is what the harness reports as written).
+    pub async fn start_with_output(
+        json: bool,
+        load: bool,
+        settings: Settings,
+        output: AuditOutput,
+        audit: AuditBuffer,
+    ) -> Self {
+        let upstream = start_upstream(json).await;
+        let sidecar = Sidecar::new(settings, output, true).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
