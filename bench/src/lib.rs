@@ -1,7 +1,10 @@
-//! Shared pieces of Chaperone's sidecar benchmarks: a tiny HTTP/1 server loop
-//! and the bodies the load generator sends.
+//! Shared pieces of Chaperone's sidecar benchmarks: a tiny HTTP/1 server loop,
+//! the bodies the load generator sends, and [`fake_controller`], the snapshot
+//! stream's server side that puts the sidecar under test in controller mode.
 
 #![forbid(unsafe_code)]
+
+pub mod fake_controller;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -2,24 +2,61 @@
 //! "Sidecar" section of `bench/RESULTS.md`.
 //!
 //! Starts `mcp-echo` (upstream), `bare-proxy` (baseline) and `chaperone-sidecar`
-//! (standalone, a policy directory written here) from the directory of this
-//! binary, then alternates targets (direct, bare proxy, Chaperone) for each run:
-//! fixed rate (1 KB `tools/call`, keep-alive, several connections each with its
-//! own MCP session) with p50/p99/p99.9, proxy CPU per call and RSS; closed loop
-//! (32 connections) throughput; and the sidecar's RSS with a 1,000-tool snapshot
-//! and 10,000 sessions. Medians over the runs. For the proxies it also prints
-//! where a call's time went inside them (the bare proxy's own timings, the
-//! sidecar's `chaperone_sidecar_stage_duration_seconds` means).
+//! from the directory of this binary, then alternates targets (direct, bare
+//! proxy, Chaperone) for each run: fixed rate (1 KB `tools/call`, keep-alive,
+//! several connections each with its own MCP session) with p50/p99/p99.9,
+//! proxy CPU per call and RSS; closed loop (32 connections) throughput; and
+//! the sidecar's RSS with a 1,000-tool snapshot and 10,000 sessions. Medians
+//! over the runs. For the proxies it also prints where a call's time went
+//! inside them (the bare proxy's own timings, the sidecar's
+//! `chaperone_sidecar_stage_duration_seconds` means).
 //!
-//! What the sidecar does per call here, as in production: every call is
-//! decided by a policy whose deny rule has a session condition evaluated on
-//! that call, audited with one line written to the sidecar's stdout, a pipe
-//! this process reads (as the container runtime does), and forwarded with a
-//! freshly signed assertion. What differs from production: the snapshot comes
-//! from a policy directory (standalone mode), not the controller's stream, so
-//! audit lines are not also shipped to a controller.
+//! What is exercised, as in production:
+//! - Controller mode. The sidecar gets its snapshot from the controller's
+//!   stream (`SnapshotService/Watch`, gRPC over TLS, a bearer token read from
+//!   its token file, the CA given inline in `CHAPERONE_CA_PEM`), served by a
+//!   fake controller running in this process on a thread of its own
+//!   ([`chaperone_bench::fake_controller`]). The policy's CR YAML is compiled
+//!   by the policy core, the update is built and the sidecar's messages are
+//!   decoded by the controller's own code, and the bench waits for the
+//!   sidecar's ACK of that snapshot before measuring. The RSS measurement
+//!   (1,000-tool snapshot, 10,000 sessions) is in controller mode too, against
+//!   a second fake serving that snapshot.
+//! - Per call: a decision by a policy whose deny rules have session
+//!   conditions (`anyEffectSeen`), evaluated on every call (and false: the
+//!   calls stay allowed); an audit record written as one line to the
+//!   sidecar's stdout, a pipe this process reads to the end (as the container
+//!   runtime does), and also queued and shipped to the controller in
+//!   `AuditBatch`es over the snapshot stream, which the fake reads and
+//!   counts; the call forwarded with a freshly signed assertion. The signed
+//!   audit checkpoints (every 100 decisions, and on the sidecar's timer) are
+//!   written and shipped alike.
+//! - The printed audit counts check it: `tools/call`s made, lines read from
+//!   the stdout pipe, records (and batches, and drops) the fake controller
+//!   received, and the sidecar's `chaperone_sidecar_decisions_total` (every
+//!   call allowed by rule `echo-short-text`) and snapshot version.
+//! - The log level of an injected sidecar: `RUST_LOG` is `info` (the default
+//!   the webhook leaves in place) unless this process's environment sets it;
+//!   logs go to a file. No OTLP endpoint (traces off, the chart's default).
 //!
-//! Usage: `chaperone-bench [RUNS] [FIXED_SECONDS] [RATE] [CONNECTIONS] [CLOSED_SECONDS]`
+//! What is not exercised: Kubernetes (the fake compares the token, it does not
+//! review it; no pod, no kubelet, no Service: the sidecar dials the fake's
+//! loopback address and verifies its certificate against the Service's name);
+//! a controller's own work (one snapshot, never edited; no key set updates;
+//! no status; audit records are counted, not turned into Events); delegation,
+//! approvals, tool pinning and inventory reports, rate limits, `tools/list`
+//! filtering and SSE responses (the calls are plain JSON `tools/call`s of one
+//! allowed tool); TLS to the tool server (the upstream is plain HTTP on
+//! loopback). Every process (load generator, fake controller, sidecar,
+//! upstream) shares the same machine's CPUs; the fake's work (TLS, decoding
+//! the audit batches) is in this process, not the sidecar's CPU figures.
+//!
+//! `--standalone` adds the sidecar in standalone mode (`--policy-dir`, a
+//! directory of the same policy written here: no controller stream, so no
+//! audit shipping and no gRPC connection) as a fourth target, and to the RSS
+//! measurement, for comparison; it is not part of the default run.
+//!
+//! Usage: `chaperone-bench [--standalone] [RUNS] [FIXED_SECONDS] [RATE] [CONNECTIONS] [CLOSED_SECONDS]`
 //! (defaults 3 20 1000 8 10).
 
 #![forbid(unsafe_code)]
@@ -33,7 +70,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
+use chaperone_bench::fake_controller::{FakeController, Received, THREAD_NAME, compile_snapshot};
 use chaperone_bench::{BARE_STATS_PATH, INITIALIZE, tools_call_body};
+use chaperone_wire::sidecar_env::{ENV_ADMIN_LISTEN, ENV_LISTEN};
+use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -44,6 +84,44 @@ const SIDECAR: &str = "127.0.0.1:18082";
 const SIDECAR_ADMIN: &str = "127.0.0.1:18090";
 const SIDECAR_RSS: &str = "127.0.0.1:18083";
 const SIDECAR_RSS_ADMIN: &str = "127.0.0.1:18091";
+const STANDALONE: &str = "127.0.0.1:18084";
+const STANDALONE_ADMIN: &str = "127.0.0.1:18092";
+const STANDALONE_RSS: &str = "127.0.0.1:18085";
+const STANDALONE_RSS_ADMIN: &str = "127.0.0.1:18093";
+
+/// The pod the sidecar says it is (`CHAPERONE_POD_NAME`) and the fake
+/// controller names in its updates.
+const POD: &str = "bench-agent-0";
+/// Longest a sidecar may take to ACK its snapshot and become ready.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Flags of the harness.
+#[derive(Debug, Parser)]
+#[command(
+    name = "chaperone-bench",
+    about = "Benchmarks chaperone-sidecar (controller mode) against a bare proxy and no proxy"
+)]
+struct Args {
+    /// Runs; the medians over them are printed.
+    #[arg(default_value_t = 3)]
+    runs: u64,
+    /// Seconds of each fixed-rate measurement.
+    #[arg(default_value_t = 20)]
+    fixed_seconds: u64,
+    /// Calls per second of the fixed-rate measurement.
+    #[arg(default_value_t = 1000)]
+    rate: u64,
+    /// Connections (one MCP session each) of the fixed-rate measurement.
+    #[arg(default_value_t = 8)]
+    connections: u64,
+    /// Seconds of each closed-loop measurement (32 connections).
+    #[arg(default_value_t = 10)]
+    closed_seconds: u64,
+    /// Also measure the sidecar in standalone mode (a policy directory; no
+    /// controller stream, no audit shipping), for comparison.
+    #[arg(long)]
+    standalone: bool,
+}
 
 struct Proc(Child);
 
@@ -83,18 +161,19 @@ fn spawn(bin: &Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Pr
 
 /// Starts a sidecar whose stdout (its audit trail) is a pipe that a thread
 /// of this process reads to the end, as a container runtime reads a
-/// container's output; the count of lines read goes to `lines`.
+/// container's output; the count of lines read goes to `lines`. Its stderr
+/// (logs) goes to the file `stderr`.
 fn spawn_sidecar(
     bin: &Path,
-    args: &[&str],
+    args: &[String],
     env: &[(&str, String)],
     lines: Arc<AtomicU64>,
+    stderr: &Path,
 ) -> anyhow::Result<Proc> {
+    let log =
+        std::fs::File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
     let mut command = Command::new(bin);
-    command
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    command.args(args).stdout(Stdio::piped()).stderr(log);
     for (k, v) in env {
         command.env(k, v);
     }
@@ -117,7 +196,27 @@ fn spawn_sidecar(
 
 /// CPU seconds (user + system) of a process so far.
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds (user + system) so far of the threads of this process named
+/// `name` (the fake controller's: its work is not in the sidecar's figures).
+fn threads_cpu_seconds(name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })
+        .map(|task| stat_cpu_seconds(&task.path().join("stat").to_string_lossy()))
+        .sum()
+}
+
+/// User + system CPU seconds of a `/proc/.../stat` file.
+fn stat_cpu_seconds(path: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0.0;
     };
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
@@ -256,8 +355,8 @@ async fn fixed_rate(addr: &str, rate: u64, seconds: u64, conns: u64) -> anyhow::
     Ok(all)
 }
 
-/// Closed-loop load: completed calls per second.
-async fn closed_loop(addr: &str, seconds: u64, conns: u64) -> anyhow::Result<f64> {
+/// Closed-loop load: completed calls, and calls per second.
+async fn closed_loop(addr: &str, seconds: u64, conns: u64) -> anyhow::Result<(u64, f64)> {
     let mut sessions = Vec::new();
     for _ in 0..conns {
         sessions.push(open_session(addr).await?);
@@ -271,7 +370,10 @@ async fn closed_loop(addr: &str, seconds: u64, conns: u64) -> anyhow::Result<f64
             let mut done = 0u64;
             let body = Bytes::from(tools_call_body(1, 1024));
             while Instant::now() < deadline {
-                post(&mut sender, &addr, sid.as_deref(), body.clone()).await?;
+                let (status, _) = post(&mut sender, &addr, sid.as_deref(), body.clone()).await?;
+                if !status.is_success() {
+                    bail!("tools/call through {addr}: {status}");
+                }
                 done += 1;
             }
             anyhow::Ok(done)
@@ -281,7 +383,7 @@ async fn closed_loop(addr: &str, seconds: u64, conns: u64) -> anyhow::Result<f64
     for task in tasks {
         done += task.await??;
     }
-    Ok(done as f64 / started.elapsed().as_secs_f64())
+    Ok((done, done as f64 / started.elapsed().as_secs_f64()))
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -297,12 +399,15 @@ fn median(values: &mut [f64]) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn write_policy(dir: &Path, extra_tools: usize) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
+/// The benchmark's CR documents (`(file name, YAML)`): AgentIdentity
+/// `bench/bench-agent` with tool server `echo` (the `mcp-echo` upstream), and
+/// ToolPolicy `bench` whose deny rules have session conditions, evaluated on
+/// every call, and whose allow rule has an argument condition; with
+/// `extra_tools` more tools, each with an allow rule of its own.
+fn policy_files(extra_tools: usize) -> [(&'static str, String); 2] {
     let identity = format!(
         "apiVersion: chaperone.dev/v1alpha1\nkind: AgentIdentity\nmetadata:\n  name: bench-agent\n  namespace: bench\nspec:\n  selector:\n    serviceAccountName: bench-agent\n  toolServers:\n    - name: echo\n      url: http://{ECHO}/mcp\n  session:\n    idleTimeoutSeconds: 3600\n    maxCalls: 1000000\n"
     );
-    std::fs::write(dir.join("identity.yaml"), identity)?;
     let mut policy = String::from(
         "apiVersion: chaperone.dev/v1alpha1\nkind: ToolPolicy\nmetadata:\n  name: bench\n  namespace: bench\nspec:\n  targetRefs:\n    - name: bench-agent\n  tools:\n    - name: echo\n      effects: [read]\n    - name: send_*\n      effects: [externalCommunication]\n",
     );
@@ -317,8 +422,142 @@ fn write_policy(dir: &Path, extra_tools: usize) -> anyhow::Result<()> {
             "    - name: tool-{i}\n      action: allow\n      tools:\n        - name: tool_{i}\n      when:\n        args:\n          - pointer: /id\n            lessThan: {i}\n"
         ));
     }
-    std::fs::write(dir.join("policy.yaml"), policy)?;
-    Ok(())
+    [("identity.yaml", identity), ("policy.yaml", policy)]
+}
+
+/// Where a sidecar under test takes its snapshot from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The (fake) controller's stream: what production runs.
+    Controller,
+    /// A policy directory (`--policy-dir`).
+    Standalone,
+}
+
+/// A running sidecar under test.
+struct SidecarUnderTest {
+    process: Proc,
+    /// Lines read so far from its stdout pipe (its audit trail).
+    stdout_lines: Arc<AtomicU64>,
+    /// Its snapshot source, in controller mode.
+    controller: Option<FakeController>,
+    /// Its admin address (`/metrics`, `/ready`).
+    admin: &'static str,
+}
+
+/// The last lines of a log file, for an error.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Starts a sidecar in `mode` with the policy of [`policy_files`]
+/// (`extra_tools`), listening on `listen` and `admin`; returns once it has
+/// ACKed its snapshot (controller mode) and says it is ready.
+async fn start_sidecar(
+    bins: &Path,
+    work: &Path,
+    name: &str,
+    mode: Mode,
+    extra_tools: usize,
+    (listen, admin): (&'static str, &'static str),
+) -> anyhow::Result<SidecarUnderTest> {
+    let files = policy_files(extra_tools);
+    let mut env = vec![
+        (ENV_LISTEN, listen.to_owned()),
+        (ENV_ADMIN_LISTEN, admin.to_owned()),
+        // The log level of an injected sidecar (none set: `info`), unless
+        // this process's environment says otherwise.
+        (
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+        ),
+    ];
+    let mut args = Vec::new();
+    let controller = match mode {
+        Mode::Controller => {
+            let documents: Vec<(&str, &str)> =
+                files.iter().map(|(f, t)| (*f, t.as_str())).collect();
+            let snapshot = compile_snapshot(&documents, 1)
+                .with_context(|| format!("{name}: compiling the snapshot"))?;
+            let token = work.join(format!("{name}.token"));
+            let fake = FakeController::start(&snapshot, POD, &token)
+                .with_context(|| format!("{name}: starting the fake controller"))?;
+            env.extend(fake.sidecar_env());
+            Some(fake)
+        }
+        Mode::Standalone => {
+            let dir = work.join(format!("{name}-policy"));
+            std::fs::create_dir_all(&dir)?;
+            for (file, text) in &files {
+                std::fs::write(dir.join(file), text)?;
+            }
+            args.push("--policy-dir".to_owned());
+            args.push(dir.to_string_lossy().into_owned());
+            None
+        }
+    };
+    let stderr = work.join(format!("{name}.stderr"));
+    let stdout_lines = Arc::new(AtomicU64::new(0));
+    let process = spawn_sidecar(
+        &bins.join("chaperone-sidecar"),
+        &args,
+        &env,
+        Arc::clone(&stdout_lines),
+        &stderr,
+    )?;
+    let started = async {
+        if let Some(fake) = &controller {
+            fake.wait_for_ack(START_TIMEOUT).await?;
+        }
+        wait_ready(&format!("http://{admin}/ready")).await
+    }
+    .await;
+    if let Err(error) = started {
+        bail!(
+            "{name}: {error:#}\nits stderr ends with:\n{}",
+            log_tail(&stderr)
+        );
+    }
+    Ok(SidecarUnderTest {
+        process,
+        stdout_lines,
+        controller,
+        admin,
+    })
+}
+
+impl SidecarUnderTest {
+    /// Waits (at most 3 s) until the fake controller has received as many
+    /// audit records as the stdout pipe has delivered lines: the shipping
+    /// queue has drained.
+    async fn settle(&self) {
+        let Some(fake) = &self.controller else {
+            return;
+        };
+        for _ in 0..30 {
+            if fake.received().audit_records >= self.stdout_lines.load(Ordering::Relaxed) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What the sidecar's `/metrics` says about its decisions, its snapshot
+    /// and its audit queue.
+    async fn metrics_summary(&self) -> anyhow::Result<Vec<String>> {
+        let text = get_text(self.admin, "/metrics").await?;
+        Ok(text
+            .lines()
+            .filter(|l| {
+                l.starts_with("chaperone_sidecar_decisions_total{")
+                    || l.starts_with("chaperone_sidecar_snapshot_version ")
+                    || l.starts_with("chaperone_sidecar_audit_dropped_total ")
+            })
+            .map(str::to_owned)
+            .collect())
+    }
 }
 
 async fn wait_ready(url: &str) -> anyhow::Result<()> {
@@ -379,10 +618,10 @@ async fn bare_timings() -> anyhow::Result<Timings> {
     ])
 }
 
-/// The sidecar's stage histograms (sums and counts).
-async fn sidecar_timings() -> anyhow::Result<Timings> {
+/// A sidecar's stage histograms (sums and counts).
+async fn sidecar_timings(admin: &str) -> anyhow::Result<Timings> {
     const FAMILY: &str = "chaperone_sidecar_stage_duration_seconds";
-    let text = get_text(SIDECAR_ADMIN, "/metrics").await?;
+    let text = get_text(admin, "/metrics").await?;
     let mut timings: Timings = Vec::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(FAMILY) else {
@@ -415,6 +654,27 @@ async fn sidecar_timings() -> anyhow::Result<Timings> {
     Ok(timings)
 }
 
+/// Where a target's in-process timings come from.
+#[derive(Clone, Copy, Debug)]
+enum TimingSource {
+    /// None (no proxy).
+    None,
+    /// The bare proxy's stats endpoint.
+    Bare,
+    /// A sidecar's stage histograms, at this admin address.
+    Sidecar(&'static str),
+}
+
+impl TimingSource {
+    async fn read(self) -> anyhow::Result<Option<Timings>> {
+        Ok(match self {
+            TimingSource::None => None,
+            TimingSource::Bare => Some(bare_timings().await?),
+            TimingSource::Sidecar(admin) => Some(sidecar_timings(admin).await?),
+        })
+    }
+}
+
 /// Mean µs per measure between two readings (measures with no new sample
 /// are left out).
 fn mean_between(before: &Timings, after: &Timings) -> Vec<(String, f64)> {
@@ -441,6 +701,10 @@ struct Samples {
     rps: Vec<f64>,
     /// Per measure, the mean µs per call of each fixed-rate run.
     inside: Vec<(String, Vec<f64>)>,
+    /// `tools/call`s made through the target (warm-up included).
+    calls: u64,
+    /// MCP sessions opened through it.
+    sessions: u64,
 }
 
 impl Samples {
@@ -459,70 +723,162 @@ impl Samples {
             .find(|(n, _)| n == name)
             .map(|(_, values)| median(&mut values.clone()))
     }
+
+    fn median_of(values: &[f64]) -> f64 {
+        median(&mut values.to_vec())
+    }
+}
+
+/// One target of the comparison.
+struct Target {
+    name: &'static str,
+    addr: &'static str,
+    pid: Option<u32>,
+    timings: TimingSource,
+}
+
+/// A sidecar's RSS with a 1,000-tool snapshot: idle, then with 10,000
+/// sessions (each initialized and one `tools/call` made); and what its
+/// controller received, in controller mode.
+async fn rss_with_big_snapshot(
+    bins: &Path,
+    work: &Path,
+    name: &str,
+    mode: Mode,
+    addrs: (&'static str, &'static str),
+) -> anyhow::Result<(f64, f64, Option<Received>)> {
+    let sidecar = start_sidecar(bins, work, name, mode, 999, addrs).await?;
+    let listen = addrs.0;
+    let rss_idle = rss_mib(sidecar.process.pid());
+    let mut sender = connect(listen).await?;
+    for i in 0..10_000u64 {
+        let (status, sid) = post(
+            &mut sender,
+            listen,
+            None,
+            Bytes::from_static(INITIALIZE.as_bytes()),
+        )
+        .await?;
+        if !status.is_success() {
+            bail!("{name}: initialize {i}: {status}");
+        }
+        let body = Bytes::from(tools_call_body(i, 256));
+        let (status, _) = post(&mut sender, listen, sid.as_deref(), body).await?;
+        if !status.is_success() {
+            bail!("{name}: tools/call {i}: {status}");
+        }
+    }
+    let rss_loaded = rss_mib(sidecar.process.pid());
+    sidecar.settle().await;
+    let received = sidecar.controller.as_ref().map(FakeController::received);
+    Ok((rss_idle, rss_loaded, received))
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let arg = |i: usize, default: u64| {
-        std::env::args()
-            .nth(i)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or(default)
-    };
-    let (runs, seconds, rate, conns, closed_seconds) =
-        (arg(1, 3), arg(2, 20), arg(3, 1000), arg(4, 8), arg(5, 10));
+    let Args {
+        runs,
+        fixed_seconds: seconds,
+        rate,
+        connections: conns,
+        closed_seconds,
+        standalone,
+    } = Args::parse();
     let bins = bin_dir()?;
     let work = std::env::temp_dir().join(format!("chaperone-bench-{}", std::process::id()));
-    let policy_dir = work.join("policy");
-    write_policy(&policy_dir, 0)?;
-    let big_dir = work.join("policy-1000");
-    write_policy(&big_dir, 999)?;
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let outcome = run(
+        &bins,
+        &work,
+        (runs, seconds, rate, conns, closed_seconds),
+        standalone,
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&work);
+    outcome
+}
 
+async fn run(
+    bins: &Path,
+    work: &Path,
+    (runs, seconds, rate, conns, closed_seconds): (u64, u64, u64, u64, u64),
+    standalone: bool,
+) -> anyhow::Result<()> {
     let _echo = spawn(&bins.join("mcp-echo"), &[ECHO], &[])?;
     wait_listening(ECHO).await?;
     let bare = spawn(&bins.join("bare-proxy"), &[BARE, ECHO], &[])?;
     wait_listening(BARE).await?;
-    let policy = policy_dir.to_string_lossy().into_owned();
-    let audit_lines = Arc::new(AtomicU64::new(0));
-    let sidecar = spawn_sidecar(
-        &bins.join("chaperone-sidecar"),
-        &["--policy-dir", &policy],
-        &[
-            ("CHAPERONE_LISTEN", SIDECAR.to_owned()),
-            ("CHAPERONE_ADMIN_LISTEN", SIDECAR_ADMIN.to_owned()),
-            ("RUST_LOG", "warn".to_owned()),
-        ],
-        Arc::clone(&audit_lines),
-    )?;
-    wait_ready(&format!("http://{SIDECAR_ADMIN}/ready")).await?;
+    let sidecar = start_sidecar(
+        bins,
+        work,
+        "sidecar",
+        Mode::Controller,
+        0,
+        (SIDECAR, SIDECAR_ADMIN),
+    )
+    .await?;
+    let standalone_sidecar = if standalone {
+        Some(
+            start_sidecar(
+                bins,
+                work,
+                "standalone",
+                Mode::Standalone,
+                0,
+                (STANDALONE, STANDALONE_ADMIN),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
 
-    let targets: [(&str, &str, Option<u32>); 3] = [
-        ("direct", ECHO, None),
-        ("bare proxy", BARE, Some(bare.pid())),
-        ("Chaperone", SIDECAR, Some(sidecar.pid())),
+    let mut targets = vec![
+        Target {
+            name: "direct",
+            addr: ECHO,
+            pid: None,
+            timings: TimingSource::None,
+        },
+        Target {
+            name: "bare proxy",
+            addr: BARE,
+            pid: Some(bare.pid()),
+            timings: TimingSource::Bare,
+        },
+        Target {
+            name: "Chaperone",
+            addr: SIDECAR,
+            pid: Some(sidecar.process.pid()),
+            timings: TimingSource::Sidecar(SIDECAR_ADMIN),
+        },
     ];
-    // Warm up every path.
-    for (_, addr, _) in &targets {
-        fixed_rate(addr, 1000, 1, conns).await?;
+    if let Some(s) = &standalone_sidecar {
+        targets.push(Target {
+            name: "Chaperone standalone",
+            addr: STANDALONE,
+            pid: Some(s.process.pid()),
+            timings: TimingSource::Sidecar(STANDALONE_ADMIN),
+        });
     }
-    let mut samples: Vec<Samples> = (0..targets.len()).map(|_| Samples::default()).collect();
+    let mut samples: Vec<Samples> = targets.iter().map(|_| Samples::default()).collect();
+    // Warm up every path.
+    for (t, target) in targets.iter().enumerate() {
+        let calls = fixed_rate(target.addr, 1000, 1, conns).await?;
+        samples[t].calls += calls.len() as u64;
+        samples[t].sessions += conns;
+    }
     for run in 0..runs {
-        for (t, (name, addr, pid)) in targets.iter().enumerate() {
-            let timings = match t {
-                1 => Some(bare_timings().await?),
-                2 => Some(sidecar_timings().await?),
-                _ => None,
-            };
-            let cpu_before = pid.map(cpu_seconds);
-            let switches_before = pid.map(context_switches);
-            let latencies = fixed_rate(addr, rate, seconds, conns).await?;
+        for (t, target) in targets.iter().enumerate() {
+            let name = target.name;
+            let timings = target.timings.read().await?;
+            let cpu_before = target.pid.map(cpu_seconds);
+            let switches_before = target.pid.map(context_switches);
+            let latencies = fixed_rate(target.addr, rate, seconds, conns).await?;
             let s = &mut samples[t];
-            if let Some(before) = timings {
-                let after = if t == 1 {
-                    bare_timings().await?
-                } else {
-                    sidecar_timings().await?
-                };
+            s.calls += latencies.len() as u64;
+            s.sessions += conns;
+            if let (Some(before), Some(after)) = (timings, target.timings.read().await?) {
                 let means = mean_between(&before, &after);
                 let shown: Vec<String> = means
                     .iter()
@@ -537,11 +893,11 @@ async fn main() -> anyhow::Result<()> {
             s.p50.push(percentile(&latencies, 50.0));
             s.p99.push(percentile(&latencies, 99.0));
             s.p999.push(percentile(&latencies, 99.9));
-            if let (Some(pid), Some(before)) = (pid, cpu_before) {
-                let cpu = cpu_seconds(*pid) - before;
+            if let (Some(pid), Some(before)) = (target.pid, cpu_before) {
+                let cpu = cpu_seconds(pid) - before;
                 s.cpu_us.push(cpu * 1e6 / latencies.len() as f64);
                 if let Some((vol, invol)) = switches_before {
-                    let (vol2, invol2) = context_switches(*pid);
+                    let (vol2, invol2) = context_switches(pid);
                     let calls = latencies.len() as f64;
                     eprintln!(
                         "run {run} fixed {name}: context switches per call: {:.2} voluntary, {:.2} involuntary",
@@ -549,7 +905,7 @@ async fn main() -> anyhow::Result<()> {
                         (invol2 - invol) as f64 / calls
                     );
                 }
-                s.rss.push(rss_mib(*pid));
+                s.rss.push(rss_mib(pid));
             }
             eprintln!(
                 "run {run} fixed {name}: p50 {} p99 {} p99.9 {} µs",
@@ -558,61 +914,144 @@ async fn main() -> anyhow::Result<()> {
                 percentile(&latencies, 99.9)
             );
         }
-        for (t, (name, addr, _)) in targets.iter().enumerate() {
-            let rps = closed_loop(addr, closed_seconds, 32).await?;
+        for (t, target) in targets.iter().enumerate() {
+            let (done, rps) = closed_loop(target.addr, closed_seconds, 32).await?;
+            samples[t].calls += done;
+            samples[t].sessions += 32;
             samples[t].rps.push(rps);
-            eprintln!("run {run} closed {name}: {rps:.0} calls/s");
+            eprintln!("run {run} closed {}: {rps:.0} calls/s", target.name);
         }
     }
+
+    // What each sidecar wrote, shipped and decided.
+    let mut trails = Vec::new();
+    for (t, under_test) in [Some(&sidecar), standalone_sidecar.as_ref()]
+        .into_iter()
+        .enumerate()
+    {
+        let Some(under_test) = under_test else {
+            continue;
+        };
+        under_test.settle().await;
+        let metrics = under_test.metrics_summary().await?;
+        let received = under_test
+            .controller
+            .as_ref()
+            .map(|fake| (fake.received(), threads_cpu_seconds(THREAD_NAME)));
+        trails.push((2 + t, metrics, received));
+    }
+    let sidecar_lines = Arc::clone(&sidecar.stdout_lines);
+    let standalone_lines = standalone_sidecar
+        .as_ref()
+        .map(|s| Arc::clone(&s.stdout_lines));
+    // Stopped here (SIGKILL: no final checkpoint) so that their stdout
+    // pipes reach their end.
     drop(sidecar);
-    let audit_read = audit_lines.load(Ordering::Relaxed);
+    drop(standalone_sidecar);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stdout_lines = |t: usize| {
+        let lines = if t == 2 {
+            Some(&sidecar_lines)
+        } else {
+            standalone_lines.as_ref()
+        };
+        lines.map_or(0, |l| l.load(Ordering::Relaxed))
+    };
 
     // RSS with a 1,000-tool snapshot and 10,000 sessions.
-    let big = big_dir.to_string_lossy().into_owned();
-    let rss_sidecar = spawn_sidecar(
-        &bins.join("chaperone-sidecar"),
-        &["--policy-dir", &big],
-        &[
-            ("CHAPERONE_LISTEN", SIDECAR_RSS.to_owned()),
-            ("CHAPERONE_ADMIN_LISTEN", SIDECAR_RSS_ADMIN.to_owned()),
-            ("RUST_LOG", "warn".to_owned()),
-        ],
-        Arc::new(AtomicU64::new(0)),
-    )?;
-    wait_ready(&format!("http://{SIDECAR_RSS_ADMIN}/ready")).await?;
-    let rss_idle = rss_mib(rss_sidecar.pid());
-    let mut sender = connect(SIDECAR_RSS).await?;
-    for i in 0..10_000u64 {
-        let (status, sid) = post(
-            &mut sender,
-            SIDECAR_RSS,
-            None,
-            Bytes::from_static(INITIALIZE.as_bytes()),
+    let rss = rss_with_big_snapshot(
+        bins,
+        work,
+        "sidecar-rss",
+        Mode::Controller,
+        (SIDECAR_RSS, SIDECAR_RSS_ADMIN),
+    )
+    .await?;
+    let rss_standalone = if standalone {
+        Some(
+            rss_with_big_snapshot(
+                bins,
+                work,
+                "standalone-rss",
+                Mode::Standalone,
+                (STANDALONE_RSS, STANDALONE_RSS_ADMIN),
+            )
+            .await?,
         )
-        .await?;
-        if !status.is_success() {
-            bail!("initialize {i}: {status}");
-        }
-        let body = Bytes::from(tools_call_body(i, 256));
-        post(&mut sender, SIDECAR_RSS, sid.as_deref(), body).await?;
-    }
-    let rss_loaded = rss_mib(rss_sidecar.pid());
-    drop(rss_sidecar);
-    let _ = std::fs::remove_dir_all(&work);
+    } else {
+        None
+    };
 
-    let bare_p50 = median(&mut samples[1].p50.clone());
-    let bare_p99 = median(&mut samples[1].p99.clone());
-    let bare_cpu = median(&mut samples[1].cpu_us.clone());
-    let bare_rps = median(&mut samples[1].rps.clone());
+    print_results(
+        &targets,
+        &mut samples,
+        (runs, seconds, rate, conns, closed_seconds),
+    );
+    println!();
+    for (t, metrics, received) in &trails {
+        let s = &samples[*t];
+        println!(
+            "Audit trail of {} ({}): {} `tools/call`s made over {} MCP sessions; {} lines read from its stdout pipe.",
+            targets[*t].name,
+            if received.is_some() {
+                "controller mode, snapshot from the fake controller's stream"
+            } else {
+                "standalone mode, snapshot from a policy directory: no stream, no audit shipping"
+            },
+            s.calls,
+            s.sessions,
+            stdout_lines(*t)
+        );
+        if let Some((r, cpu)) = received {
+            println!(
+                "  Received by the fake controller over the snapshot stream: {} audit records in {} batches ({:.2} records, {:.0} bytes per batch), {} reported dropped; {} stream(s), {} refused, {} signing key(s), {} other message(s).",
+                r.audit_records,
+                r.audit_batches,
+                r.audit_records as f64 / (r.audit_batches.max(1)) as f64,
+                r.audit_bytes as f64 / (r.audit_batches.max(1)) as f64,
+                r.audit_dropped,
+                r.streams,
+                r.refused,
+                r.signing_keys,
+                r.other
+            );
+            println!(
+                "  The fake controller's thread used {cpu:.2} s of CPU ({:.1} µs per audit record received): work a real controller does elsewhere, on this machine here.",
+                cpu * 1e6 / r.audit_records.max(1) as f64
+            );
+        }
+        for line in metrics {
+            println!("  {line}");
+        }
+    }
+    let (rss_idle, rss_loaded, received) = rss;
     println!(
-        "Fixed rate: {rate} calls/s of 1 KB `tools/call` for {seconds} s over {conns} keep-alive connections (one MCP session each); medians of {runs} runs, targets alternated within each run.\n"
+        "\nSidecar RSS with a 1,000-tool snapshot (controller mode): {rss_idle:.1} MiB idle, {rss_loaded:.1} MiB with 10,000 sessions (goal ≤ 20 MB); the fake controller received {} audit records.",
+        received.map_or(0, |r| r.audit_records)
+    );
+    if let Some((idle, loaded, _)) = rss_standalone {
+        println!(
+            "Sidecar RSS with a 1,000-tool snapshot (standalone mode): {idle:.1} MiB idle, {loaded:.1} MiB with 10,000 sessions."
+        );
+    }
+    Ok(())
+}
+
+/// Prints the tables: latency, CPU, RSS and throughput per target; the
+/// sidecar over the bare hop; time inside the proxies.
+fn print_results(
+    targets: &[Target],
+    samples: &mut [Samples],
+    (runs, seconds, rate, conns, closed_seconds): (u64, u64, u64, u64, u64),
+) {
+    println!(
+        "Fixed rate: {rate} calls/s of 1 KB `tools/call` for {seconds} s over {conns} keep-alive connections (one MCP session each); medians of {runs} runs, targets alternated within each run. Chaperone runs in controller mode (snapshot from a fake controller's stream, audit to a stdout pipe and shipped over the stream).\n"
     );
     println!(
         "| target | p50 µs | p99 µs | p99.9 µs | CPU µs/call | RSS MiB | closed-loop calls/s (32 conns, {closed_seconds} s) |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (t, (name, _, _)) in targets.iter().enumerate() {
-        let s = &mut samples[t];
+    for (target, s) in targets.iter().zip(samples.iter_mut()) {
         let cpu = if s.cpu_us.is_empty() {
             "–".to_owned()
         } else {
@@ -624,28 +1063,64 @@ async fn main() -> anyhow::Result<()> {
             format!("{:.1}", median(&mut s.rss))
         };
         println!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {cpu} | {rss} | {:.0} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {cpu} | {rss} | {:.0} |",
+            target.name,
             median(&mut s.p50),
             median(&mut s.p99),
             median(&mut s.p999),
             median(&mut s.rps)
         );
     }
-    let c = &mut samples[2];
-    println!(
-        "\nChaperone over the bare hop: p50 +{:.0} µs (goal ≤ 25), p99 +{:.0} µs (goal ≤ 100); CPU/call {:.2}× bare (goal ≤ 1.5×); throughput {:.0} % of bare (goal ≥ 90 %).",
-        median(&mut c.p50) - bare_p50,
-        median(&mut c.p99) - bare_p99,
-        median(&mut c.cpu_us) / bare_cpu.max(f64::MIN_POSITIVE),
-        100.0 * median(&mut c.rps) / bare_rps.max(f64::MIN_POSITIVE)
-    );
+    let bare = &samples[1];
+    for (t, target) in targets.iter().enumerate().skip(2) {
+        let c = &samples[t];
+        let over = |a: &[f64], b: &[f64]| Samples::median_of(a) - Samples::median_of(b);
+        println!(
+            "\n{} over the bare hop: p50 +{:.0} µs (goal ≤ 25), p99 +{:.0} µs (goal ≤ 100); CPU/call {:.2}× bare (goal ≤ 1.5×); throughput {:.0} % of bare (goal ≥ 90 %).",
+            target.name,
+            over(&c.p50, &bare.p50),
+            over(&c.p99, &bare.p99),
+            Samples::median_of(&c.cpu_us) / Samples::median_of(&bare.cpu_us).max(f64::MIN_POSITIVE),
+            100.0 * Samples::median_of(&c.rps)
+                / Samples::median_of(&bare.rps).max(f64::MIN_POSITIVE)
+        );
+    }
+    if let [.., controller, standalone] = &samples[..]
+        && targets.len() == 4
+    {
+        println!(
+            "\nController mode over standalone: p50 {:+.0} µs, p99 {:+.0} µs, CPU {:+.1} µs/call, RSS {:+.1} MiB, throughput {:.0} % of standalone.",
+            Samples::median_of(&controller.p50) - Samples::median_of(&standalone.p50),
+            Samples::median_of(&controller.p99) - Samples::median_of(&standalone.p99),
+            Samples::median_of(&controller.cpu_us) - Samples::median_of(&standalone.cpu_us),
+            Samples::median_of(&controller.rss) - Samples::median_of(&standalone.rss),
+            100.0 * Samples::median_of(&controller.rps)
+                / Samples::median_of(&standalone.rps).max(f64::MIN_POSITIVE)
+        );
+    }
     println!(
         "\nInside the proxies, fixed rate (mean µs per call, medians of runs; the sidecar's from `chaperone_sidecar_stage_duration_seconds`):\n"
     );
-    println!("| measure | bare proxy | Chaperone |");
-    println!("|---|---:|---:|");
+    let proxies = &targets[1..];
+    let header: Vec<&str> = proxies.iter().map(|t| t.name).collect();
+    println!("| measure | {} |", header.join(" | "));
+    println!("|---|{}", "---:|".repeat(proxies.len()));
     let show = |value: Option<f64>| value.map_or_else(|| "–".to_owned(), |v| format!("{v:.1}"));
-    let (bare, chaperone) = (&samples[1], &samples[2]);
+    let row = |label: &str, values: Vec<Option<f64>>| {
+        let cells: Vec<String> = values.into_iter().map(show).collect();
+        println!("| {label} | {} |", cells.join(" | "));
+    };
+    // `audit_settled` is left out of the named stages: its two waits per
+    // call fall between them, so "between the stages" includes them.
+    const NAMED: [&str; 7] = [
+        "body_read",
+        "parse",
+        "decide",
+        "audit",
+        "sign",
+        "upstream",
+        "respond",
+    ];
     for (label, stage) in [
         (
             "whole request (head handed to the handler → response body ended)",
@@ -658,45 +1133,37 @@ async fn main() -> anyhow::Result<()> {
         ("sign the assertion", "sign"),
         ("upstream (request sent → response headers)", "upstream"),
         ("respond (response headers → body ended)", "respond"),
+        (
+            "wait for the audit writer (audit_settled, mean per wait: one before forwarding, one before answering; not in the sum below)",
+            "audit_settled",
+        ),
     ] {
-        println!(
-            "| {label} | {} | {} |",
-            show(bare.inside_median(stage)),
-            show(chaperone.inside_median(stage))
+        row(
+            label,
+            samples[1..]
+                .iter()
+                .map(|s| s.inside_median(stage))
+                .collect(),
         );
     }
-    let named: f64 = [
-        "body_read",
-        "parse",
-        "decide",
-        "audit",
-        "sign",
-        "upstream",
-        "respond",
-    ]
-    .iter()
-    .filter_map(|stage| chaperone.inside_median(stage))
-    .sum();
-    let between = chaperone
-        .inside_median("request")
-        .map(|whole| whole - named);
-    let bare_between = match (
-        bare.inside_median("request"),
-        bare.inside_median("upstream"),
-    ) {
-        (Some(whole), Some(upstream)) => Some(whole - upstream),
-        _ => None,
-    };
-    println!(
-        "| between the stages (whole − named stages; bare: whole − upstream) | {} | {} |",
-        show(bare_between),
-        show(between)
+    let between: Vec<Option<f64>> = samples[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let whole = s.inside_median("request")?;
+            if i == 0 {
+                // The bare proxy: whole − upstream.
+                return Some(whole - s.inside_median("upstream")?);
+            }
+            let named: f64 = NAMED
+                .iter()
+                .filter_map(|stage| s.inside_median(stage))
+                .sum();
+            Some(whole - named)
+        })
+        .collect();
+    row(
+        "between the stages (whole − named stages; bare: whole − upstream)",
+        between,
     );
-    println!(
-        "\nAudit lines read from the sidecar's stdout pipe: {audit_read}. Snapshot source: a policy directory (standalone mode; no controller stream, no audit shipping)."
-    );
-    println!(
-        "\nSidecar RSS with a 1,000-tool snapshot: {rss_idle:.1} MiB idle, {rss_loaded:.1} MiB with 10,000 sessions (goal ≤ 20 MB)."
-    );
-    Ok(())
 }
