@@ -18,12 +18,13 @@
 //!
 //! The decision's attributes are recorded where its audit record is written
 //! ([`crate::authz::Enforcer::write_record`]), on the span then current: the
-//! callers enter the message's span around every decision. Without an
-//! exporter all of this costs a `tracing` span and nothing else.
+//! callers enter the message's span around every decision. The spans'
+//! target is [`TRACE_ONLY_TARGET`], which log lines leave out: without an
+//! exporter no span is created and all of this costs a few branches.
 
 use std::time::Duration;
 
-use chaperone_telemetry::TraceParent;
+use chaperone_telemetry::{TRACE_ONLY_TARGET, TraceParent};
 use opentelemetry::trace::Status;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -58,24 +59,25 @@ pub fn message_span(
     server: &str,
     parent: Option<TraceParent>,
 ) -> tracing::Span {
-    let name = if tool.is_empty() {
-        method.to_owned()
-    } else {
-        format!("{method} {tool}")
-    };
     let kind = match direction {
         Direction::Outbound => "client",
         Direction::Inbound => "server",
     };
+    // Field values are evaluated only when the span is enabled: with no
+    // exporter it is not (log lines never carry these spans), and this
+    // function costs a branch.
     let span = tracing::info_span!(
-        target: "chaperone_sidecar::spans",
+        target: TRACE_ONLY_TARGET,
         "mcp",
-        otel.name = %name,
+        otel.name = %SpanName { method, tool },
         otel.kind = kind,
         mcp.method.name = %method,
         gen_ai.tool.name = %tool,
         chaperone.direction = direction.as_str(),
     );
+    if span.is_disabled() {
+        return span;
+    }
     // Inbound, the caller is known only once its assertion is verified: the
     // decision names it (`inbound:<caller>`).
     if direction == Direction::Outbound {
@@ -134,6 +136,22 @@ pub fn record_decision(record: &AuditRecord<'_>) {
         span.set_attribute("chaperone.refusal.reason", record.reason.to_owned());
         span.set_attribute("error.type", "chaperone.refused");
         span.set_status(Status::error(record.reason.to_owned()));
+    }
+}
+
+/// A message span's name: `{method} {tool}`, or the method alone.
+struct SpanName<'a> {
+    method: &'a str,
+    tool: &'a str,
+}
+
+impl std::fmt::Display for SpanName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.tool.is_empty() {
+            f.write_str(self.method)
+        } else {
+            write!(f, "{} {}", self.method, self.tool)
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-pub use log::{InvalidLogFormat, LOG_FORMAT_ENV, LogFormat};
+pub use log::{InvalidLogFormat, LOG_FORMAT_ENV, LogFormat, TRACE_ONLY_TARGET};
 pub use otlp::{OtlpProtocol, OtlpSettings};
 pub use trace_context::TraceParent;
 

@@ -80,9 +80,20 @@ pub fn format_from_env(
     choose_format(env(LOG_FORMAT_ENV).as_deref(), stderr_is_terminal())
 }
 
-/// The `RUST_LOG` filter, `info` when unset or unreadable.
+/// The target of spans that exist for traces only (the sidecar's span of
+/// each governed message): log lines never carry them, so without an OTLP
+/// exporter they are not created at all, and a call does not pay for
+/// formatting fields nobody reads.
+pub const TRACE_ONLY_TARGET: &str = "chaperone::trace";
+
+/// The `RUST_LOG` filter, `info` when unset or unreadable, without the
+/// spans of [`TRACE_ONLY_TARGET`] whatever it says.
 pub fn env_filter() -> EnvFilter {
-    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match format!("{TRACE_ONLY_TARGET}=off").parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
 }
 
 /// The layer that writes log lines in `format` to `writer`, with ANSI colour
@@ -183,6 +194,19 @@ mod tests {
         assert_eq!(line["level"], "WARN");
         // What tells a log line from an audit record on a merged stream.
         assert!(line["target"].is_string(), "{line}");
+    }
+
+    #[test]
+    fn trace_only_spans_are_not_created_for_logs() {
+        use tracing_subscriber::Layer as _;
+        let logs = fmt_layer(LogFormat::Json, false, Buffer::default()).with_filter(env_filter());
+        let subscriber = tracing_subscriber::registry().with(logs);
+        tracing::subscriber::with_default(subscriber, || {
+            let traced = tracing::info_span!(target: TRACE_ONLY_TARGET, "mcp");
+            assert!(traced.is_disabled());
+            let logged = tracing::info_span!("reconcile");
+            assert!(!logged.is_disabled());
+        });
     }
 
     #[test]
