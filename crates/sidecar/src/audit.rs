@@ -26,6 +26,7 @@
 //! [`verify_log`] (from `chaperone_audit`, also behind `chaperonectl audit
 //! verify`) checks a log.
 
+use std::cell::Cell;
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -276,6 +277,19 @@ impl Write for AuditBuffer {
     }
 }
 
+tokio::task_local! {
+    /// The `seq` of the last line the current request appended (see
+    /// [`track_request`]).
+    static REQUEST_LAST_SEQ: Cell<u64>;
+}
+
+/// Runs `request` (the handling of one HTTP request) so that
+/// [`AuditLog::settled`] inside it waits for the lines it appended itself,
+/// not for those other requests appended meanwhile.
+pub async fn track_request<F: Future>(request: F) -> F::Output {
+    REQUEST_LAST_SEQ.scope(Cell::new(0), request).await
+}
+
 /// The audit line could not be written: the call is refused (fail closed).
 #[derive(Debug, Error)]
 #[error("audit record could not be written: {0}")]
@@ -317,6 +331,8 @@ struct Trail {
     dropped: bool,
     /// Threads waiting in [`AuditLog::flush`] (so a batch must wake them).
     flushers: usize,
+    /// An append found the writer idle: wake it once the lock is released.
+    wake_writer: bool,
 }
 
 impl Trail {
@@ -406,6 +422,7 @@ impl AuditLog {
                 writer_idle: false,
                 dropped: false,
                 flushers: 0,
+                wake_writer: false,
             }),
             lines_pending: Condvar::new(),
             batch_written: Condvar::new(),
@@ -487,22 +504,27 @@ impl AuditLog {
             // The decision is appended; the next checkpoint covers it.
             tracing::error!(error = %err, "audit checkpoint not written");
         }
+        self.release(trail);
         Ok(hash)
     }
 
-    /// Waits until every line appended before this call is written (and
-    /// queued for shipping). The proxy awaits it before it forwards a call
-    /// and before a response goes back. Fails when the output failed.
+    /// Waits until the lines appended by the current request are written
+    /// (and queued for shipping): inside [`track_request`] the lines it
+    /// appended, elsewhere every line appended so far. The proxy awaits it
+    /// before it forwards a call and before a response goes back. Fails when
+    /// the output failed.
     pub async fn settled(&self) -> Result<(), AuditWriteError> {
+        let tracked = REQUEST_LAST_SEQ.try_with(Cell::get).ok();
         let through = {
             let trail = self.shared.lock();
             if let Some(failed) = trail.failure() {
                 return Err(failed);
             }
-            if trail.written >= trail.seq {
+            let through = tracked.unwrap_or(trail.seq);
+            if trail.written >= through {
                 return Ok(());
             }
-            trail.seq
+            through
         };
         loop {
             let notified = self.shared.settled.notified();
@@ -563,8 +585,9 @@ impl AuditLog {
         if let Some(failed) = trail.failure() {
             return Err(failed);
         }
-        self.append_checkpoint(&mut trail, false)?;
-        Ok(true)
+        let appended = self.append_checkpoint(&mut trail, false);
+        self.release(trail);
+        appended.map(|()| true)
     }
 
     /// Appends the final checkpoint (also when nothing is uncovered: it says
@@ -581,6 +604,7 @@ impl AuditLog {
             // Closed even if the checkpoint fails: nothing may follow the end.
             let appended = self.append_checkpoint(&mut trail, true);
             trail.closed = true;
+            self.release(trail);
             appended?;
         }
         self.flush()
@@ -618,14 +642,27 @@ impl AuditLog {
     fn append(&self, trail: &mut Trail, line: String) -> [u8; 32] {
         let hash = sha256(line.as_bytes());
         trail.seq += 1;
+        let seq = trail.seq;
+        // Outside a tracked request this is a no-op.
+        let _ = REQUEST_LAST_SEQ.try_with(|last| last.set(seq));
         trail.last = Some(hash);
         trail.pending_bytes += line.len() + 1;
         trail.pending.push(line);
         if trail.writer_idle {
             trail.writer_idle = false;
-            self.shared.lines_pending.notify_one();
+            trail.wake_writer = true;
         }
         hash
+    }
+
+    /// Unlocks the trail, then wakes the writer thread if an append asked
+    /// for it: woken under the lock, it would only block on it again.
+    fn release(&self, mut trail: MutexGuard<'_, Trail>) {
+        let wake = std::mem::take(&mut trail.wake_writer);
+        drop(trail);
+        if wake {
+            self.shared.lines_pending.notify_one();
+        }
     }
 }
 

@@ -374,3 +374,27 @@ fn a_stalled_output_refuses_records_beyond_the_bound() {
         "every appended record and the final checkpoint"
     );
 }
+
+#[tokio::test]
+async fn a_request_waits_for_its_own_records_only() {
+    let (log, output) = gated_log();
+    // Another request's record, stuck behind an output that takes nothing.
+    log.write(&record("other", None, "a")).unwrap();
+    // A request that appended nothing is answered at once.
+    track_request(async { log.settled().await.unwrap() }).await;
+    // One that appended a record waits for it.
+    let waiting = track_request(async {
+        log.write(&record("mine", None, "b")).unwrap();
+        log.settled().await
+    });
+    tokio::pin!(waiting);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), waiting.as_mut())
+            .await
+            .is_err(),
+        "settled before its record was written"
+    );
+    output.open(true);
+    waiting.await.unwrap();
+    assert_eq!(output.buffer.records().len(), 2);
+}

@@ -184,16 +184,19 @@ impl Gateway {
 
     /// Handles one request; never fails (refusals become responses).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
-        let started = Instant::now();
-        let server = split_path(req.uri().path()).0.to_owned();
-        let response = match self.route(req, started).await {
-            Ok(response) => response,
-            Err(refusal) => {
-                self.audit_refusal(&server, &refusal);
-                self.refuse(&refusal)
-            }
-        };
-        self.after_audit(response).await
+        crate::audit::track_request(async {
+            let started = Instant::now();
+            let server = split_path(req.uri().path()).0.to_owned();
+            let response = match self.route(req, started).await {
+                Ok(response) => response,
+                Err(refusal) => {
+                    self.audit_refusal(&server, &refusal);
+                    self.refuse(&refusal)
+                }
+            };
+            self.after_audit(response).await
+        })
+        .await
     }
 
     /// Lets `response` go back once the audit records of its request are

@@ -54,6 +54,11 @@ pub const INVENTORY_INTERVAL: Duration = Duration::from_secs(2);
 pub const AUDIT_BATCH_RECORDS: usize = 512;
 /// Most audit bytes in one batch (well below gRPC's 4 MiB message limit).
 pub const AUDIT_BATCH_BYTES: usize = 1 << 20;
+/// How long a batch waits for more records after its first (unless it is
+/// full): audit records reach the controller at most this much later, and a
+/// busy sidecar sends one message per this period instead of one every few
+/// calls (each an HTTP/2 frame, a TLS record and a `write`).
+pub const AUDIT_BATCH_LINGER: Duration = Duration::from_millis(10);
 /// How often drops are reported when no record is shipped.
 const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// Timeout of the TCP + TLS connect to the controller.
@@ -117,6 +122,9 @@ pub struct SnapshotStream {
     audit: Option<mpsc::Receiver<Arc<str>>>,
     /// A batch taken from the queue whose send failed; sent first next time.
     unsent_audit: Option<AuditBatch>,
+    /// The first audit record of a batch waiting [`AUDIT_BATCH_LINGER`] for
+    /// more (kept across streams, like `unsent_audit`).
+    lingering: Option<Arc<str>>,
     /// `chaperone_sidecar_audit_dropped_total` as last reported.
     dropped_reported: u64,
 }
@@ -136,6 +144,7 @@ impl SnapshotStream {
             inventory_open: true,
             audit,
             unsent_audit: None,
+            lingering: None,
             dropped_reported,
         }
     }
@@ -226,6 +235,9 @@ impl SnapshotStream {
         {
             return (StreamEnd::SendFailed, delivered);
         }
+        // When the batch being gathered goes (one a previous stream left
+        // goes at once).
+        let mut ship_at = Instant::now();
         loop {
             let inventory_at =
                 inventory_sent.map_or_else(Instant::now, |at| at + INVENTORY_INTERVAL);
@@ -258,7 +270,13 @@ impl SnapshotStream {
                     inventory_due = false;
                     inventory_sent = Some(Instant::now());
                 }
-                record = recv_or_pending(&mut self.audit) => match record {
+                // Not polled while a batch lingers: records queue up
+                // without waking this task.
+                record = recv_or_pending(&mut self.audit), if self.lingering.is_none() => match record {
+                    Some(first) if self.audit_queued() + 1 < AUDIT_BATCH_RECORDS => {
+                        self.lingering = Some(first);
+                        ship_at = Instant::now() + AUDIT_BATCH_LINGER;
+                    }
                     Some(first) => {
                         let batch = self.audit_batch(first);
                         if tx.send(audit_message(batch.clone())).await.is_err() {
@@ -268,6 +286,15 @@ impl SnapshotStream {
                     }
                     None => self.audit = None,
                 },
+                () = tokio::time::sleep_until(ship_at), if self.lingering.is_some() => {
+                    if let Some(first) = self.lingering.take() {
+                        let batch = self.audit_batch(first);
+                        if tx.send(audit_message(batch.clone())).await.is_err() {
+                            self.unsent_audit = Some(batch);
+                            return (StreamEnd::SendFailed, delivered);
+                        }
+                    }
+                }
                 _ = drop_tick.tick() => {
                     let dropped = self.dropped_since_report();
                     if dropped > 0 {
@@ -431,6 +458,11 @@ impl SnapshotStream {
         SidecarMessage {
             message: Some(message),
         }
+    }
+
+    /// Records waiting in the audit queue.
+    fn audit_queued(&self) -> usize {
+        self.audit.as_ref().map_or(0, mpsc::Receiver::len)
     }
 
     /// `first` and what else is queued, up to the batch limits, with the drops
