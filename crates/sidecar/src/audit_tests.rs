@@ -303,6 +303,12 @@ impl Write for GatedOutput {
     }
 }
 
+/// Fails with `why` if `waiting` completes within 50 ms.
+async fn assert_still_waiting<F: Future>(waiting: std::pin::Pin<&mut F>, why: &str) {
+    let done = tokio::time::timeout(Duration::from_millis(50), waiting).await;
+    assert!(done.is_err(), "{why}");
+}
+
 fn gated_log() -> (AuditLog, GatedOutput) {
     let output = GatedOutput::default();
     let log = AuditLog::new(
@@ -320,12 +326,11 @@ async fn responses_wait_until_their_records_are_written() {
     log.write(&record("s", None, "a")).unwrap();
     let settled = log.settled();
     tokio::pin!(settled);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(50), settled.as_mut())
-            .await
-            .is_err(),
-        "settled before the output took the record"
-    );
+    assert_still_waiting(
+        settled.as_mut(),
+        "settled before the output took the record",
+    )
+    .await;
     assert_eq!(output.buffer.text(), "");
     output.open(true);
     settled.await.unwrap();
@@ -388,12 +393,7 @@ async fn a_request_waits_for_its_own_records_only() {
         log.settled().await
     });
     tokio::pin!(waiting);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(50), waiting.as_mut())
-            .await
-            .is_err(),
-        "settled before its record was written"
-    );
+    assert_still_waiting(waiting.as_mut(), "settled before its record was written").await;
     output.open(true);
     waiting.await.unwrap();
     assert_eq!(output.buffer.records().len(), 2);

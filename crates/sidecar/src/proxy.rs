@@ -212,9 +212,10 @@ impl Gateway {
         }
     }
 
-    /// Waits until every audit record appended so far is written: before a
-    /// call is forwarded and before a response goes back, so no call is
-    /// forwarded or answered unrecorded. The records of a call are appended
+    /// Waits until the audit records this request appended are written
+    /// ([`crate::audit::track_request`]; outside a request, every record so
+    /// far): before a call is forwarded and before a response goes back, so
+    /// no call is forwarded or answered unrecorded. The records of a call are appended
     /// before its assertion is signed, so the writer thread usually writes
     /// them while the request path signs and this returns at once.
     pub(crate) async fn audit_settled(&self) -> Result<(), AuditUnavailable> {

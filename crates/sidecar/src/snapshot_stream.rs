@@ -279,8 +279,7 @@ impl SnapshotStream {
                     }
                     Some(first) => {
                         let batch = self.audit_batch(first);
-                        if tx.send(audit_message(batch.clone())).await.is_err() {
-                            self.unsent_audit = Some(batch);
+                        if !self.send_audit(&tx, batch).await {
                             return (StreamEnd::SendFailed, delivered);
                         }
                     }
@@ -289,8 +288,7 @@ impl SnapshotStream {
                 () = tokio::time::sleep_until(ship_at), if self.lingering.is_some() => {
                     if let Some(first) = self.lingering.take() {
                         let batch = self.audit_batch(first);
-                        if tx.send(audit_message(batch.clone())).await.is_err() {
-                            self.unsent_audit = Some(batch);
+                        if !self.send_audit(&tx, batch).await {
                             return (StreamEnd::SendFailed, delivered);
                         }
                     }
@@ -299,8 +297,7 @@ impl SnapshotStream {
                     let dropped = self.dropped_since_report();
                     if dropped > 0 {
                         let batch = AuditBatch { records: Vec::new(), dropped };
-                        if tx.send(audit_message(batch.clone())).await.is_err() {
-                            self.unsent_audit = Some(batch);
+                        if !self.send_audit(&tx, batch).await {
                             return (StreamEnd::SendFailed, delivered);
                         }
                     }
@@ -458,6 +455,16 @@ impl SnapshotStream {
         SidecarMessage {
             message: Some(message),
         }
+    }
+
+    /// Sends `batch` on the stream; when the stream is gone, keeps it for
+    /// the next one and returns false.
+    async fn send_audit(&mut self, tx: &mpsc::Sender<SidecarMessage>, batch: AuditBatch) -> bool {
+        if tx.send(audit_message(batch.clone())).await.is_err() {
+            self.unsent_audit = Some(batch);
+            return false;
+        }
+        true
     }
 
     /// Records waiting in the audit queue.
