@@ -56,7 +56,11 @@
 //! audit shipping and no gRPC connection) as a fourth target, and to the RSS
 //! measurement, for comparison; it is not part of the default run.
 //!
-//! Usage: `chaperone-bench [--standalone] [RUNS] [FIXED_SECONDS] [RATE] [CONNECTIONS] [CLOSED_SECONDS]`
+//! `--rss-only` runs only the RSS measurement. `CHAPERONE_BENCH_WRAP`, when
+//! set, is a command each sidecar runs under (`heaptrack -o FILE`, to find
+//! where its memory goes; the RSS printed is then the wrapper's too).
+//!
+//! Usage: `chaperone-bench [--standalone] [--rss-only] [RUNS] [FIXED_SECONDS] [RATE] [CONNECTIONS] [CLOSED_SECONDS]`
 //! (defaults 3 20 1000 8 10).
 
 #![forbid(unsafe_code)]
@@ -88,6 +92,10 @@ const STANDALONE: &str = "127.0.0.1:18084";
 const STANDALONE_ADMIN: &str = "127.0.0.1:18092";
 const STANDALONE_RSS: &str = "127.0.0.1:18085";
 const STANDALONE_RSS_ADMIN: &str = "127.0.0.1:18093";
+
+/// Environment variable: a command (with arguments) to run each sidecar
+/// under, such as a heap profiler.
+const ENV_WRAP: &str = "CHAPERONE_BENCH_WRAP";
 
 /// The pod the sidecar says it is (`CHAPERONE_POD_NAME`) and the fake
 /// controller names in its updates.
@@ -121,6 +129,10 @@ struct Args {
     /// controller stream, no audit shipping), for comparison.
     #[arg(long)]
     standalone: bool,
+    /// Only the RSS measurement (1,000-tool snapshot, 10,000 sessions): no
+    /// latency, CPU or throughput runs.
+    #[arg(long)]
+    rss_only: bool,
 }
 
 struct Proc(Child);
@@ -172,7 +184,18 @@ fn spawn_sidecar(
 ) -> anyhow::Result<Proc> {
     let log =
         std::fs::File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
-    let mut command = Command::new(bin);
+    // A profiler to run the sidecar under (e.g. `heaptrack -o FILE`); its
+    // RSS figures are then the wrapper's, not the sidecar's alone.
+    let wrapper = std::env::var(ENV_WRAP).unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(bin);
+            command
+        }
+        None => Command::new(bin),
+    };
     command.args(args).stdout(Stdio::piped()).stderr(log);
     for (k, v) in env {
         command.env(k, v);
@@ -257,14 +280,48 @@ fn context_switches(pid: u32) -> (u64, u64) {
 
 /// Resident set size of a process, MiB.
 fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// One of the `/proc/PID/status` sizes (`VmRSS:`, `RssAnon:`, …), MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return 0.0;
     };
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A process's resident memory: total, anonymous (heap, stacks) and file
+/// (the binary's and libraries' pages it touched), MiB.
+#[derive(Clone, Copy, Debug)]
+struct Rss {
+    total: f64,
+    anon: f64,
+    file: f64,
+}
+
+impl Rss {
+    fn of(pid: u32) -> Self {
+        Self {
+            total: status_mib(pid, "VmRSS:"),
+            anon: status_mib(pid, "RssAnon:"),
+            file: status_mib(pid, "RssFile:"),
+        }
+    }
+}
+
+impl std::fmt::Display for Rss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} MiB ({:.1} anonymous, {:.1} file)",
+            self.total, self.anon, self.file
+        )
+    }
 }
 
 async fn connect(addr: &str) -> anyhow::Result<SendRequest<Full<Bytes>>> {
@@ -746,10 +803,10 @@ async fn rss_with_big_snapshot(
     name: &str,
     mode: Mode,
     addrs: (&'static str, &'static str),
-) -> anyhow::Result<(f64, f64, Option<Received>)> {
+) -> anyhow::Result<(Rss, Rss, Option<Received>)> {
     let sidecar = start_sidecar(bins, work, name, mode, 999, addrs).await?;
     let listen = addrs.0;
-    let rss_idle = rss_mib(sidecar.process.pid());
+    let rss_idle = Rss::of(sidecar.process.pid());
     let mut sender = connect(listen).await?;
     for i in 0..10_000u64 {
         let (status, sid) = post(
@@ -768,10 +825,65 @@ async fn rss_with_big_snapshot(
             bail!("{name}: tools/call {i}: {status}");
         }
     }
-    let rss_loaded = rss_mib(sidecar.process.pid());
+    let rss_loaded = Rss::of(sidecar.process.pid());
     sidecar.settle().await;
     let received = sidecar.controller.as_ref().map(FakeController::received);
     Ok((rss_idle, rss_loaded, received))
+}
+
+/// The RSS measurement of each mode.
+struct RssReport {
+    controller: (Rss, Rss, Option<Received>),
+    standalone: Option<(Rss, Rss, Option<Received>)>,
+}
+
+/// RSS with a 1,000-tool snapshot and 10,000 sessions: in controller mode,
+/// and in standalone mode too with `--standalone`.
+async fn measure_rss(bins: &Path, work: &Path, standalone: bool) -> anyhow::Result<RssReport> {
+    let controller = rss_with_big_snapshot(
+        bins,
+        work,
+        "sidecar-rss",
+        Mode::Controller,
+        (SIDECAR_RSS, SIDECAR_RSS_ADMIN),
+    )
+    .await?;
+    let standalone = if standalone {
+        Some(
+            rss_with_big_snapshot(
+                bins,
+                work,
+                "standalone-rss",
+                Mode::Standalone,
+                (STANDALONE_RSS, STANDALONE_RSS_ADMIN),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    Ok(RssReport {
+        controller,
+        standalone,
+    })
+}
+
+impl std::fmt::Display for RssReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (idle, loaded, received) = &self.controller;
+        writeln!(
+            f,
+            "Sidecar RSS with a 1,000-tool snapshot (controller mode): {idle} idle, {loaded} with 10,000 sessions (goal ≤ 20 MB); the fake controller received {} audit records.",
+            received.as_ref().map_or(0, |r| r.audit_records)
+        )?;
+        if let Some((idle, loaded, _)) = &self.standalone {
+            writeln!(
+                f,
+                "Sidecar RSS with a 1,000-tool snapshot (standalone mode): {idle} idle, {loaded} with 10,000 sessions."
+            )?;
+        }
+        Ok(())
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -783,17 +895,29 @@ async fn main() -> anyhow::Result<()> {
         connections: conns,
         closed_seconds,
         standalone,
+        rss_only,
     } = Args::parse();
     let bins = bin_dir()?;
     let work = std::env::temp_dir().join(format!("chaperone-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let outcome = run(
-        &bins,
-        &work,
-        (runs, seconds, rate, conns, closed_seconds),
-        standalone,
-    )
-    .await;
+    let outcome = if rss_only {
+        async {
+            let _echo = spawn(&bins.join("mcp-echo"), &[ECHO], &[])?;
+            wait_listening(ECHO).await?;
+            let rss = measure_rss(&bins, &work, standalone).await?;
+            print!("{rss}");
+            Ok(())
+        }
+        .await
+    } else {
+        run(
+            &bins,
+            &work,
+            (runs, seconds, rate, conns, closed_seconds),
+            standalone,
+        )
+        .await
+    };
     let _ = std::fs::remove_dir_all(&work);
     outcome
 }
@@ -958,29 +1082,7 @@ async fn run(
         lines.map_or(0, |l| l.load(Ordering::Relaxed))
     };
 
-    // RSS with a 1,000-tool snapshot and 10,000 sessions.
-    let rss = rss_with_big_snapshot(
-        bins,
-        work,
-        "sidecar-rss",
-        Mode::Controller,
-        (SIDECAR_RSS, SIDECAR_RSS_ADMIN),
-    )
-    .await?;
-    let rss_standalone = if standalone {
-        Some(
-            rss_with_big_snapshot(
-                bins,
-                work,
-                "standalone-rss",
-                Mode::Standalone,
-                (STANDALONE_RSS, STANDALONE_RSS_ADMIN),
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
+    let rss = measure_rss(bins, work, standalone).await?;
 
     print_results(
         &targets,
@@ -1024,16 +1126,8 @@ async fn run(
             println!("  {line}");
         }
     }
-    let (rss_idle, rss_loaded, received) = rss;
-    println!(
-        "\nSidecar RSS with a 1,000-tool snapshot (controller mode): {rss_idle:.1} MiB idle, {rss_loaded:.1} MiB with 10,000 sessions (goal ≤ 20 MB); the fake controller received {} audit records.",
-        received.map_or(0, |r| r.audit_records)
-    );
-    if let Some((idle, loaded, _)) = rss_standalone {
-        println!(
-            "Sidecar RSS with a 1,000-tool snapshot (standalone mode): {idle:.1} MiB idle, {loaded:.1} MiB with 10,000 sessions."
-        );
-    }
+    println!();
+    print!("{rss}");
     Ok(())
 }
 

@@ -34,7 +34,7 @@ use crate::methods::{self, Era, Handling};
 use crate::metrics::{Metrics, PinningLabels, Stage};
 use crate::ratelimit::AgentRateLimits;
 use crate::refusal::AuditUnavailable;
-use crate::session::{Delegation, SessionState, Step, StepDecision};
+use crate::session::{Delegation, SessionState, StepDecision};
 use crate::snapshot::{ActivePolicy, Upstream};
 
 /// The rule named when a session reached its `maxCalls`.
@@ -345,7 +345,7 @@ impl Enforcer {
         let settings = &active.snapshot.content.session;
         let empty = Value::Object(serde_json::Map::new());
         let arguments = call.arguments.unwrap_or(&empty);
-        let delegation = session.delegation.clone();
+        let delegation = session.delegation().cloned();
         // Pins are of tools, and looked up only where they are enforced.
         let current = (call.method == TOOLS_CALL
             && engine.tool_pinning(&upstream.name) == ToolPinning::Enforce)
@@ -469,12 +469,6 @@ impl Enforcer {
         if forward {
             session.history.record(&upstream.name, call.name, effects);
         }
-        session.push_step(Step {
-            tool: format!("{}/{}", upstream.name, call.name).into_boxed_str(),
-            decision: step_decision,
-            effects,
-            at_unix_ms: now_ms,
-        });
         let digest = args_digest(call.arguments);
         let latency = started.elapsed();
         self.metrics.observe_stage(Stage::Decide, latency);
@@ -578,7 +572,7 @@ impl Enforcer {
         let empty = Value::Object(serde_json::Map::new());
         let arguments = call.arguments.unwrap_or(&empty);
         let digest = args_digest(call.arguments);
-        let delegation = session.delegation.as_deref();
+        let delegation = session.delegation().map(|d| &**d);
         let chain = delegation.map_or_else(Vec::new, |d| {
             let chain = match grant {
                 Some(grant) => d.chain_with(grant),
@@ -630,12 +624,6 @@ impl Enforcer {
     ) -> Result<Value, AuditUnavailable> {
         let now_ms = unix_ms();
         let decision = StepDecision::Approval;
-        session.push_step(Step {
-            tool: format!("{}/{}", upstream.name, call.name).into_boxed_str(),
-            decision,
-            effects: active.engine.effects_of(&upstream.name, call.name),
-            at_unix_ms: now_ms,
-        });
         let reason = refusal.to_string();
         let (correlation, _) = self.write_record(
             Some(active),
@@ -699,7 +687,7 @@ impl Enforcer {
         let correlation = HexId::random();
         let prev = session.last_audit_hash.map(|h| hex(&h));
         let time = rfc3339_millis(entry.now_ms);
-        let delegation = session.delegation.as_deref();
+        let delegation = session.delegation().map(|d| &**d);
         let record = AuditRecord {
             agent: AuditAgent {
                 name,

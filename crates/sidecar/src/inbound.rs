@@ -476,7 +476,7 @@ impl Inbound {
         {
             let mut state = lock(&session);
             state.history.absorb(steps, effects);
-            state.delegation = Some(Arc::new(delegation));
+            state.extras_mut().delegation = Some(Arc::new(delegation));
         }
         self.audit_calls(
             Some(active),
@@ -529,7 +529,7 @@ impl Inbound {
             Some(session) => session,
             None => {
                 let mut state = SessionState::new();
-                state.delegation = Some(Arc::new(Delegation {
+                state.extras_mut().delegation = Some(Arc::new(Delegation {
                     chain: DelegationChain::default(),
                     last_grants: Vec::new(),
                     initiator: Some(user.user.clone()),
@@ -586,7 +586,7 @@ impl Inbound {
 
     /// The `Chaperone-Session` token `session` was opened under.
     fn token_for(session: &SharedSession) -> String {
-        lock(session).handle.clone().unwrap_or_default()
+        lock(session).handle().unwrap_or_default().to_owned()
     }
 
     /// Writes one audit record per call into `session`.
@@ -608,7 +608,7 @@ impl Inbound {
                 active, &mut state, call, decision, rule, reason, now_ms, caller,
             )?;
             if let Some(trace) = TraceParent::of_span(&call.span) {
-                state.trace = Some(trace);
+                state.extras_mut().trace = Some(trace);
             }
         }
         Ok(())

@@ -409,7 +409,7 @@ impl Gateway {
         mut state: SessionState,
     ) -> (String, SharedSession) {
         let token = random_id();
-        state.handle = Some(token.clone());
+        state.extras_mut().handle = Some(token.clone());
         // Its scope key is its Chaperone session id: the token is a secret and
         // is never written down.
         state.scope = ScopeKind::Task;
@@ -507,7 +507,7 @@ impl Gateway {
                     // span carries the trace on and the upstream latency.
                     lists = true;
                     let parent = request_parent(header_traceparent, meta_traceparent(message))
-                        .or_else(|| delegated.as_ref().and_then(|task| lock(task).trace));
+                        .or_else(|| delegated.as_ref().and_then(|task| lock(task).trace()));
                     spans.push(message_span(
                         Direction::Outbound,
                         message.method().unwrap_or_default(),
@@ -522,7 +522,7 @@ impl Gateway {
             // Without a trace context of its own, a call of a task opened at
             // the inbound side continues the trace of the call that opened it.
             let parent = request_parent(header_traceparent, meta_traceparent(message))
-                .or_else(|| delegated.as_ref().and_then(|task| lock(task).trace));
+                .or_else(|| delegated.as_ref().and_then(|task| lock(task).trace()));
             let span = message_span(
                 Direction::Outbound,
                 message.method().unwrap_or_default(),

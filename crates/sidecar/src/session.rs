@@ -1,29 +1,27 @@
 //! Session context: per session scope (a delegated task, a W3C trace, an MCP
 //! session of one tool server, or the agent pod: see
-//! [`chaperone_policy::resolve_scope`]) the ordered steps taken, the history
-//! session conditions read, the per-session rate-limit counters, the tasks it
-//! created and the audit hash chain, under a Chaperone session id of its own.
+//! [`chaperone_policy::resolve_scope`]) the history session conditions read
+//! (calls per tool, effects seen), the per-session rate-limit counters, the
+//! tasks it created and the audit hash chain, under a Chaperone session id of
+//! its own. The ordered steps themselves are in the audit trail, not here: a
+//! session costs the same memory after its first call and its ten-thousandth.
 //!
 //! The store is bounded: sessions idle longer than the agent's idle timeout are
-//! forgotten, and beyond the configured maximum (100,000 by default) the least
-//! recently used session is evicted. MCP sessions are created only when the
+//! forgotten, and when the configured maximum (100,000 by default) is reached
+//! the least recently used eighth of them is evicted. MCP sessions are created only when the
 //! upstream issues an id in answer to `initialize` through the sidecar, so an
 //! agent cannot start a fresh, empty history by inventing an MCP session id;
 //! trace sessions are created by the first call of a trace (an agent that must
 //! not start fresh histories has `session.scope: agent`).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use chaperone_policy::{DelegationChain, EffectSet, GrantKey, ScopeKind, SessionHistory};
+use chaperone_policy::{DelegationChain, GrantKey, ScopeKind, SessionHistory};
 
 use crate::assertion::{Actor, HexId};
 use crate::ratelimit::TokenBucket;
-
-/// Steps kept per session for inspection; the counts in [`SessionHistory`] stay
-/// exact beyond it.
-pub const MAX_STEPS_KEPT: usize = 256;
 
 /// Task ids kept per session (tasks it created that it may poll); the oldest
 /// is forgotten beyond it.
@@ -57,20 +55,7 @@ impl<'a> SessionKey<'a> {
     }
 }
 
-/// One step a session took (32 bytes plus the name).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Step {
-    /// `server/tool`.
-    pub tool: Box<str>,
-    /// What was decided.
-    pub decision: StepDecision,
-    /// The tool's effects.
-    pub effects: EffectSet,
-    /// When, unix milliseconds.
-    pub at_unix_ms: i64,
-}
-
-/// The decision of a [`Step`].
+/// What was decided about one call of a session, as audit records name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepDecision {
     /// Allowed and forwarded.
@@ -107,10 +92,23 @@ pub struct SessionState {
     pub chaperone_id: HexId,
     /// What session conditions read.
     pub history: SessionHistory,
-    /// The most recent steps, oldest first.
-    pub steps: VecDeque<Step>,
     /// SHA-256 of this session's last audit record.
     pub last_audit_hash: Option<[u8; 32]>,
+    /// The kind of scope this session is ([`ScopeKind`]).
+    pub scope: ScopeKind,
+    /// Its key in that scope: the trace id, the MCP session id, the task's
+    /// Chaperone session id; empty for the agent scope. Shared with the
+    /// store's key of the session where they are the same.
+    pub scope_key: Arc<str>,
+    /// What only some sessions have (rate-limit counters, tasks, a session
+    /// opened at the inbound side): boxed, so that the many sessions without
+    /// any of it cost a pointer.
+    extras: Option<Box<SessionExtras>>,
+}
+
+/// The parts of a [`SessionState`] that only some sessions have.
+#[derive(Debug, Default)]
+pub struct SessionExtras {
     /// Per-session rate-limit counters, by limit id.
     pub rate_limits: Vec<(Arc<str>, TokenBucket)>,
     /// The `Chaperone-Session` token of a session opened at the inbound side.
@@ -118,11 +116,6 @@ pub struct SessionState {
     /// For a session another agent delegated (or a user initiated) at the
     /// inbound side: who, under which grants. `None` for the agent's own.
     pub delegation: Option<Arc<Delegation>>,
-    /// The kind of scope this session is ([`ScopeKind`]).
-    pub scope: ScopeKind,
-    /// Its key in that scope: the trace id, the MCP session id, the task's
-    /// Chaperone session id; empty for the agent scope.
-    pub scope_key: Box<str>,
     /// Tasks created by calls of this session (tasks extension or 2025-11-25
     /// tasks), newest last: the ones it may poll, update or cancel.
     pub tasks: VecDeque<Box<str>>,
@@ -182,20 +175,42 @@ impl SessionState {
     }
 
     /// A new, empty session of scope `kind` under `key`.
-    pub fn scoped(kind: ScopeKind, key: &str) -> Self {
+    pub fn scoped(kind: ScopeKind, key: impl Into<Arc<str>>) -> Self {
         Self {
             chaperone_id: HexId::random(),
             history: SessionHistory::new(),
-            steps: VecDeque::new(),
             last_audit_hash: None,
-            rate_limits: Vec::new(),
-            handle: None,
-            delegation: None,
             scope: kind,
             scope_key: key.into(),
-            tasks: VecDeque::new(),
-            trace: None,
+            extras: None,
         }
+    }
+
+    /// What only some sessions have, if this one has any of it.
+    pub fn extras(&self) -> Option<&SessionExtras> {
+        self.extras.as_deref()
+    }
+
+    /// What only some sessions have, created empty on first use.
+    pub fn extras_mut(&mut self) -> &mut SessionExtras {
+        self.extras.get_or_insert_with(Box::default)
+    }
+
+    /// For a session opened at the inbound side: who delegated it (or which
+    /// user initiated it), under which grants.
+    pub fn delegation(&self) -> Option<&Arc<Delegation>> {
+        self.extras()?.delegation.as_ref()
+    }
+
+    /// The `Chaperone-Session` token of a session opened at the inbound side.
+    pub fn handle(&self) -> Option<&str> {
+        self.extras()?.handle.as_deref()
+    }
+
+    /// The trace span the calls of a session opened at the inbound side
+    /// continue when they carry no trace context of their own.
+    pub fn trace(&self) -> Option<chaperone_telemetry::TraceParent> {
+        self.extras()?.trace
     }
 
     /// Remembers that this session created task `id`.
@@ -203,42 +218,30 @@ impl SessionState {
         if self.owns_task(id) {
             return;
         }
-        if self.tasks.len() == MAX_TASKS_KEPT {
-            self.tasks.pop_front();
+        let tasks = &mut self.extras_mut().tasks;
+        if tasks.len() == MAX_TASKS_KEPT {
+            tasks.pop_front();
         }
-        self.tasks.push_back(id.into());
+        tasks.push_back(id.into());
     }
 
     /// Whether this session created task `id` (and still remembers it).
     pub fn owns_task(&self, id: &str) -> bool {
-        self.tasks.iter().any(|t| &**t == id)
-    }
-
-    /// Appends a step, forgetting the oldest beyond [`MAX_STEPS_KEPT`].
-    pub fn push_step(&mut self, step: Step) {
-        if self.steps.len() == MAX_STEPS_KEPT {
-            self.steps.pop_front();
-        } else if self.steps.len() == self.steps.capacity() {
-            // Grow by half instead of doubling from four: most sessions take
-            // few steps, and 100,000 of them are held at once.
-            let more = (self.steps.len() / 2).max(1);
-            self.steps
-                .reserve_exact(more.min(MAX_STEPS_KEPT - self.steps.len()));
-        }
-        self.steps.push_back(step);
+        self.extras()
+            .is_some_and(|extras| extras.tasks.iter().any(|t| &**t == id))
     }
 
     /// The bucket of per-session limit `id`, created full.
     pub fn bucket(&mut self, id: &Arc<str>, calls: u32, period: Duration) -> &mut TokenBucket {
-        let index = match self.rate_limits.iter().position(|(k, _)| k == id) {
+        let rate_limits = &mut self.extras_mut().rate_limits;
+        let index = match rate_limits.iter().position(|(k, _)| k == id) {
             Some(index) => index,
             None => {
-                self.rate_limits
-                    .push((Arc::clone(id), TokenBucket::new(calls, period)));
-                self.rate_limits.len() - 1
+                rate_limits.push((Arc::clone(id), TokenBucket::new(calls, period)));
+                rate_limits.len() - 1
             }
         };
-        let bucket = &mut self.rate_limits[index].1;
+        let bucket = &mut rate_limits[index].1;
         bucket.reconfigure(calls, period);
         bucket
     }
@@ -258,18 +261,21 @@ pub fn lock(session: &SharedSession) -> MutexGuard<'_, SessionState> {
 struct Slot {
     session: SharedSession,
     last_used: Instant,
+    /// When it was last used, in the store's order of uses (unique).
     tick: u64,
 }
 
 /// The sessions of one tool server, by session id.
 type ServerSessions = HashMap<Arc<str>, Slot>;
 
+/// Sessions evicted at once when the store is full: the least recently used
+/// `1/EVICT_FRACTION` of it.
+const EVICT_FRACTION: usize = 8;
+
 #[derive(Default)]
 struct Inner {
     /// Sessions by server (each server name stored once), then by session id.
     servers: HashMap<Arc<str>, ServerSessions>,
-    /// Least recently used first: server and session id of each tick.
-    order: BTreeMap<u64, (Arc<str>, Arc<str>)>,
     len: usize,
     next_tick: u64,
 }
@@ -284,12 +290,9 @@ impl Inner {
     fn touch(&mut self, key: SessionKey<'_>, now: Instant) -> Option<SharedSession> {
         let tick = self.next_tick;
         let slot = self.slot_mut(key)?;
-        let old = std::mem::replace(&mut slot.tick, tick);
+        slot.tick = tick;
         slot.last_used = now;
         let session = Arc::clone(&slot.session);
-        if let Some(entry) = self.order.remove(&old) {
-            self.order.insert(tick, entry);
-        }
         self.next_tick += 1;
         Some(session)
     }
@@ -299,8 +302,7 @@ impl Inner {
             return false;
         };
         match sessions.remove(key.mcp_session_id) {
-            Some(slot) => {
-                self.order.remove(&slot.tick);
+            Some(_) => {
                 self.len -= 1;
                 true
             }
@@ -308,28 +310,44 @@ impl Inner {
         }
     }
 
-    fn evict_oldest(&mut self) -> bool {
-        let Some((_, (server, id))) = self.order.pop_first() else {
-            return false;
-        };
-        if let Some(sessions) = self.servers.get_mut(&server)
-            && sessions.remove(&id).is_some()
-        {
-            self.len -= 1;
+    /// Makes room for one more session in a store of at most `max`: when
+    /// full, forgets the least recently used eighth (at least one). There is
+    /// no per-session ordering structure to keep (a B-tree of uses cost ≈ 80
+    /// bytes per session, its nodes half empty from the touches); one scan of
+    /// the ticks per eighth of the store is a few tick comparisons per new
+    /// session.
+    fn make_room(&mut self, max: usize) {
+        if self.len < max {
+            return;
         }
-        true
+        let evict = (self.len + 1 - max + max / EVICT_FRACTION).clamp(1, self.len);
+        let mut ticks: Vec<u64> = self
+            .servers
+            .values()
+            .flat_map(|sessions| sessions.values().map(|slot| slot.tick))
+            .collect();
+        // Ticks are unique: exactly `evict` are at or below the cutoff.
+        let (_, &mut cutoff, _) = ticks.select_nth_unstable(evict - 1);
+        let mut evicted = 0;
+        for sessions in self.servers.values_mut() {
+            sessions.retain(|_, slot| {
+                let keep = slot.tick > cutoff;
+                evicted += usize::from(!keep);
+                keep
+            });
+        }
+        self.len -= evicted;
     }
 
-    fn insert(&mut self, key: SessionKey<'_>, session: SharedSession, now: Instant) {
+    /// Stores `session` as `server`'s session `id` (`id` is the key's
+    /// `mcp_session_id`, shared).
+    fn insert(&mut self, server: &str, id: Arc<str>, session: SharedSession, now: Instant) {
         let tick = self.next_tick;
         self.next_tick += 1;
-        let server = match self.servers.get_key_value(key.server) {
+        let server = match self.servers.get_key_value(server) {
             Some((server, _)) => Arc::clone(server),
-            None => Arc::from(key.server),
+            None => Arc::from(server),
         };
-        let id: Arc<str> = Arc::from(key.mcp_session_id);
-        self.order
-            .insert(tick, (Arc::clone(&server), Arc::clone(&id)));
         self.servers.entry(server).or_default().insert(
             id,
             Slot {
@@ -371,14 +389,17 @@ impl SessionStore {
     }
 
     /// Creates (or resets) the session `key`, of scope `kind` keyed by
-    /// `key.mcp_session_id`, evicting the least recently used session if the
-    /// store is full.
+    /// `key.mcp_session_id`, evicting the least recently used eighth of the
+    /// sessions if the store is full.
     pub fn create(&self, key: SessionKey<'_>, kind: ScopeKind, now: Instant) -> SharedSession {
-        self.insert(key, SessionState::scoped(kind, key.mcp_session_id), now)
+        // One copy of the id: the store's key and the session's scope key.
+        let id: Arc<str> = Arc::from(key.mcp_session_id);
+        let state = SessionState::scoped(kind, Arc::clone(&id));
+        self.store(key, id, Arc::new(Mutex::new(state)), now)
     }
 
     /// Stores `state` under `key` (replacing any session there), evicting the
-    /// least recently used session when full.
+    /// least recently used eighth of the sessions when full.
     pub fn insert(&self, key: SessionKey<'_>, state: SessionState, now: Instant) -> SharedSession {
         self.insert_shared(key, Arc::new(Mutex::new(state)), now)
     }
@@ -390,14 +411,22 @@ impl SessionStore {
         session: SharedSession,
         now: Instant,
     ) -> SharedSession {
+        self.store(key, Arc::from(key.mcp_session_id), session, now)
+    }
+
+    /// Stores `session` under `key` (`id` is `key.mcp_session_id`), evicting
+    /// the least recently used eighth of the sessions when full.
+    fn store(
+        &self,
+        key: SessionKey<'_>,
+        id: Arc<str>,
+        session: SharedSession,
+        now: Instant,
+    ) -> SharedSession {
         let mut inner = self.inner();
         inner.remove(key);
-        while inner.len >= self.max_sessions {
-            if !inner.evict_oldest() {
-                break;
-            }
-        }
-        inner.insert(key, Arc::clone(&session), now);
+        inner.make_room(self.max_sessions);
+        inner.insert(key.server, id, Arc::clone(&session), now);
         session
     }
 
@@ -440,21 +469,16 @@ impl SessionStore {
     /// Forgets every session idle longer than `idle_timeout`; how many.
     pub fn sweep(&self, now: Instant, idle_timeout: Duration) -> usize {
         let mut inner = self.inner();
-        let mut expired_ticks = Vec::new();
+        let mut expired = 0;
         for sessions in inner.servers.values_mut() {
             sessions.retain(|_, slot| {
                 let keep = now.saturating_duration_since(slot.last_used) <= idle_timeout;
-                if !keep {
-                    expired_ticks.push(slot.tick);
-                }
+                expired += usize::from(!keep);
                 keep
             });
         }
-        for tick in &expired_ticks {
-            inner.order.remove(tick);
-        }
-        inner.len -= expired_ticks.len();
-        expired_ticks.len()
+        inner.len -= expired;
+        expired
     }
 
     /// Sessions held.
@@ -500,6 +524,36 @@ mod tests {
     }
 
     #[test]
+    fn a_full_store_evicts_its_least_recently_used_eighth() {
+        let store = SessionStore::new(16);
+        let now = Instant::now();
+        let ids: Vec<String> = (0..16).map(|n| format!("s{n}")).collect();
+        for id in &ids {
+            store.create(SessionKey::new("a", id), ScopeKind::McpSession, now);
+        }
+        // The three oldest, used again, are now the most recently used.
+        for id in &ids[..3] {
+            assert!(store.get(SessionKey::new("a", id), now, IDLE).is_some());
+        }
+        store.create(SessionKey::new("b", "new"), ScopeKind::McpSession, now);
+        // 16 + 1 - 16 + 16/8 = 3 evicted: s3, s4, s5.
+        assert_eq!(store.len(), 14);
+        for id in &ids[3..6] {
+            assert!(
+                store.get(SessionKey::new("a", id), now, IDLE).is_none(),
+                "{id}"
+            );
+        }
+        for id in ids[..3].iter().chain(&ids[6..]) {
+            assert!(
+                store.get(SessionKey::new("a", id), now, IDLE).is_some(),
+                "{id}"
+            );
+        }
+        assert!(store.get(SessionKey::new("b", "new"), now, IDLE).is_some());
+    }
+
+    #[test]
     fn forgets_idle_sessions() {
         let store = SessionStore::new(10);
         let now = Instant::now();
@@ -527,7 +581,7 @@ mod tests {
             state.add_task(&format!("t{n}"));
         }
         state.add_task("t1");
-        assert_eq!(state.tasks.len(), MAX_TASKS_KEPT);
+        assert_eq!(state.extras().unwrap().tasks.len(), MAX_TASKS_KEPT);
         assert!(!state.owns_task("t0"), "the oldest is forgotten");
         assert!(state.owns_task("t1") && state.owns_task(&format!("t{MAX_TASKS_KEPT}")));
         assert!(!state.owns_task("other"));
