@@ -260,9 +260,9 @@ pub fn lock(session: &SharedSession) -> MutexGuard<'_, SessionState> {
 
 struct Slot {
     session: SharedSession,
-    last_used: Instant,
-    /// When it was last used, in the store's order of uses (unique).
-    tick: u64,
+    /// When it was last used ([`Inner::stamp`]): for idle expiry and the
+    /// eviction order.
+    last_used: u64,
 }
 
 /// The sessions of one tool server, by session id.
@@ -272,15 +272,43 @@ type ServerSessions = HashMap<Arc<str>, Slot>;
 /// `1/EVICT_FRACTION` of it.
 const EVICT_FRACTION: usize = 8;
 
-#[derive(Default)]
 struct Inner {
     /// Sessions by server (each server name stored once), then by session id.
     servers: HashMap<Arc<str>, ServerSessions>,
     len: usize,
-    next_tick: u64,
+    /// The origin of the stamps.
+    epoch: Instant,
+    /// The last stamp given.
+    last_stamp: u64,
 }
 
 impl Inner {
+    fn new() -> Self {
+        Self {
+            servers: HashMap::new(),
+            len: 0,
+            epoch: Instant::now(),
+            last_stamp: 0,
+        }
+    }
+
+    /// Nanoseconds from the epoch to `now`, made strictly greater than every
+    /// stamp given before: a time for idle expiry and, unique, the order of
+    /// uses for eviction in 8 bytes.
+    fn stamp(&mut self, now: Instant) -> u64 {
+        let since =
+            u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        self.last_stamp = since.max(self.last_stamp.saturating_add(1));
+        self.last_stamp
+    }
+
+    /// Whether a slot last used at `stamp` (from `epoch`) has been idle
+    /// longer than `idle_timeout` at `now`.
+    fn idle_at(epoch: Instant, stamp: u64, now: Instant, idle_timeout: Duration) -> bool {
+        let since = now.saturating_duration_since(epoch);
+        since.saturating_sub(Duration::from_nanos(stamp)) > idle_timeout
+    }
+
     fn slot_mut(&mut self, key: SessionKey<'_>) -> Option<&mut Slot> {
         self.servers
             .get_mut(key.server)?
@@ -288,13 +316,10 @@ impl Inner {
     }
 
     fn touch(&mut self, key: SessionKey<'_>, now: Instant) -> Option<SharedSession> {
-        let tick = self.next_tick;
+        let stamp = self.stamp(now);
         let slot = self.slot_mut(key)?;
-        slot.tick = tick;
-        slot.last_used = now;
-        let session = Arc::clone(&slot.session);
-        self.next_tick += 1;
-        Some(session)
+        slot.last_used = stamp;
+        Some(Arc::clone(&slot.session))
     }
 
     fn remove(&mut self, key: SessionKey<'_>) -> bool {
@@ -311,27 +336,27 @@ impl Inner {
     }
 
     /// Makes room for one more session in a store of at most `max`: when
-    /// full, forgets the least recently used eighth (at least one). There is
-    /// no per-session ordering structure to keep (a B-tree of uses cost ≈ 80
+    /// full, forgets the least recently used eighth (at least one). There is no
+    /// per-session ordering structure to keep (a B-tree of uses cost ≈ 80
     /// bytes per session, its nodes half empty from the touches); one scan of
-    /// the ticks per eighth of the store is a few tick comparisons per new
+    /// the slots per eighth of the store is a few comparisons per new
     /// session.
     fn make_room(&mut self, max: usize) {
         if self.len < max {
             return;
         }
         let evict = (self.len + 1 - max + max / EVICT_FRACTION).clamp(1, self.len);
-        let mut ticks: Vec<u64> = self
+        let mut uses: Vec<u64> = self
             .servers
             .values()
-            .flat_map(|sessions| sessions.values().map(|slot| slot.tick))
+            .flat_map(|sessions| sessions.values().map(|slot| slot.last_used))
             .collect();
-        // Ticks are unique: exactly `evict` are at or below the cutoff.
-        let (_, &mut cutoff, _) = ticks.select_nth_unstable(evict - 1);
+        // Stamps are unique: exactly `evict` are at or below the cutoff.
+        let (_, &mut cutoff, _) = uses.select_nth_unstable(evict - 1);
         let mut evicted = 0;
         for sessions in self.servers.values_mut() {
             sessions.retain(|_, slot| {
-                let keep = slot.tick > cutoff;
+                let keep = slot.last_used > cutoff;
                 evicted += usize::from(!keep);
                 keep
             });
@@ -342,20 +367,15 @@ impl Inner {
     /// Stores `session` as `server`'s session `id` (`id` is the key's
     /// `mcp_session_id`, shared).
     fn insert(&mut self, server: &str, id: Arc<str>, session: SharedSession, now: Instant) {
-        let tick = self.next_tick;
-        self.next_tick += 1;
+        let last_used = self.stamp(now);
         let server = match self.servers.get_key_value(server) {
             Some((server, _)) => Arc::clone(server),
             None => Arc::from(server),
         };
-        self.servers.entry(server).or_default().insert(
-            id,
-            Slot {
-                session,
-                last_used: now,
-                tick,
-            },
-        );
+        self.servers
+            .entry(server)
+            .or_default()
+            .insert(id, Slot { session, last_used });
         self.len += 1;
     }
 }
@@ -379,7 +399,7 @@ impl SessionStore {
     /// A store holding at most `max_sessions` sessions.
     pub fn new(max_sessions: usize) -> Self {
         Self {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner::new()),
             max_sessions: max_sessions.max(1),
         }
     }
@@ -439,7 +459,8 @@ impl SessionStore {
         idle_timeout: Duration,
     ) -> Option<SharedSession> {
         let mut inner = self.inner();
-        let expired = now.saturating_duration_since(inner.slot_mut(key)?.last_used) > idle_timeout;
+        let last_used = inner.slot_mut(key)?.last_used;
+        let expired = Inner::idle_at(inner.epoch, last_used, now, idle_timeout);
         if expired {
             inner.remove(key);
             return None;
@@ -469,10 +490,11 @@ impl SessionStore {
     /// Forgets every session idle longer than `idle_timeout`; how many.
     pub fn sweep(&self, now: Instant, idle_timeout: Duration) -> usize {
         let mut inner = self.inner();
+        let inner = &mut *inner;
         let mut expired = 0;
         for sessions in inner.servers.values_mut() {
             sessions.retain(|_, slot| {
-                let keep = now.saturating_duration_since(slot.last_used) <= idle_timeout;
+                let keep = !Inner::idle_at(inner.epoch, slot.last_used, now, idle_timeout);
                 expired += usize::from(!keep);
                 keep
             });
