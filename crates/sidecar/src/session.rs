@@ -8,11 +8,11 @@
 //!
 //! The store is bounded: sessions idle longer than the agent's idle timeout are
 //! forgotten, and when the configured maximum (100,000 by default) is reached
-//! the least recently used eighth of them is evicted. MCP sessions are created only when the
-//! upstream issues an id in answer to `initialize` through the sidecar, so an
-//! agent cannot start a fresh, empty history by inventing an MCP session id;
-//! trace sessions are created by the first call of a trace (an agent that must
-//! not start fresh histories has `session.scope: agent`).
+//! the least recently used eighth of them is evicted. MCP sessions are created
+//! only when the upstream issues an id in answer to `initialize` through the
+//! sidecar, so an agent cannot start a fresh, empty history by inventing an
+//! MCP session id; trace sessions are created by the first call of a trace (an
+//! agent that must not start fresh histories has `session.scope: agent`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
