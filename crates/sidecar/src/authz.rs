@@ -572,7 +572,7 @@ impl Enforcer {
         let empty = Value::Object(serde_json::Map::new());
         let arguments = call.arguments.unwrap_or(&empty);
         let digest = args_digest(call.arguments);
-        let delegation = session.delegation().map(|d| &**d);
+        let delegation = session.delegation().map(Arc::as_ref);
         let chain = delegation.map_or_else(Vec::new, |d| {
             let chain = match grant {
                 Some(grant) => d.chain_with(grant),
@@ -687,7 +687,7 @@ impl Enforcer {
         let correlation = HexId::random();
         let prev = session.last_audit_hash.map(|h| hex(&h));
         let time = rfc3339_millis(entry.now_ms);
-        let delegation = session.delegation().map(|d| &**d);
+        let delegation = session.delegation().map(Arc::as_ref);
         let record = AuditRecord {
             agent: AuditAgent {
                 name,
