@@ -803,7 +803,7 @@ async fn rss_with_big_snapshot(
     name: &str,
     mode: Mode,
     addrs: (&'static str, &'static str),
-) -> anyhow::Result<(Rss, Rss, Option<Received>)> {
+) -> anyhow::Result<RssMeasurement> {
     let sidecar = start_sidecar(bins, work, name, mode, 999, addrs).await?;
     let listen = addrs.0;
     let rss_idle = Rss::of(sidecar.process.pid());
@@ -828,13 +828,25 @@ async fn rss_with_big_snapshot(
     let rss_loaded = Rss::of(sidecar.process.pid());
     sidecar.settle().await;
     let received = sidecar.controller.as_ref().map(FakeController::received);
-    Ok((rss_idle, rss_loaded, received))
+    Ok(RssMeasurement {
+        idle: rss_idle,
+        loaded: rss_loaded,
+        received,
+    })
+}
+
+/// One sidecar's RSS with the 1,000-tool snapshot, and what its controller
+/// received (controller mode).
+struct RssMeasurement {
+    idle: Rss,
+    loaded: Rss,
+    received: Option<Received>,
 }
 
 /// The RSS measurement of each mode.
 struct RssReport {
-    controller: (Rss, Rss, Option<Received>),
-    standalone: Option<(Rss, Rss, Option<Received>)>,
+    controller: RssMeasurement,
+    standalone: Option<RssMeasurement>,
 }
 
 /// RSS with a 1,000-tool snapshot and 10,000 sessions: in controller mode,
@@ -870,13 +882,17 @@ async fn measure_rss(bins: &Path, work: &Path, standalone: bool) -> anyhow::Resu
 
 impl std::fmt::Display for RssReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (idle, loaded, received) = &self.controller;
+        let RssMeasurement {
+            idle,
+            loaded,
+            received,
+        } = &self.controller;
         writeln!(
             f,
             "Sidecar RSS with a 1,000-tool snapshot (controller mode): {idle} idle, {loaded} with 10,000 sessions (goal ≤ 20 MB); the fake controller received {} audit records.",
             received.as_ref().map_or(0, |r| r.audit_records)
         )?;
-        if let Some((idle, loaded, _)) = &self.standalone {
+        if let Some(RssMeasurement { idle, loaded, .. }) = &self.standalone {
             writeln!(
                 f,
                 "Sidecar RSS with a 1,000-tool snapshot (standalone mode): {idle} idle, {loaded} with 10,000 sessions."
