@@ -1244,7 +1244,7 @@ fn print_results(
         ("upstream (request sent → response headers)", "upstream"),
         ("respond (response headers → body ended)", "respond"),
         (
-            "wait for the audit writer (audit_settled, mean per wait: one before forwarding, one before answering; not in the sum below)",
+            "audit records written (audit_settled: the request's own write, or the wait for the writer thread; mean per wait, one before forwarding, one before answering; not in the sum below)",
             "audit_settled",
         ),
     ] {

@@ -14,10 +14,11 @@
 //! up to the checkpoint was left out, changed, reordered or made up.
 //!
 //! `seq`, `prevSeq` and `kid` are assigned here under one lock, and one
-//! writer thread writes the lines in that order: lines reach the output in
-//! `seq` order, whatever the sessions' concurrency. A call's records are
-//! written before the call is forwarded or answered ([`AuditLog::settled`]);
-//! the write overlaps with signing the call's assertion (see [`AuditLog`]).
+//! writer at a time writes all the lines waiting, in that order: lines reach
+//! the output in `seq` order, whatever the sessions' concurrency. A call's
+//! records are written before the call is forwarded or answered
+//! ([`AuditLog::settled`]), by the request itself where the output takes
+//! non-blocking writes, else by a writer thread (see [`AuditLog`]).
 //!
 //! Canonical form: the lines' fields are declared in byte order of their names
 //! and nothing in them is a float or an integer beyond 2^53 (RFC 8785 writes
@@ -28,6 +29,7 @@
 
 use std::cell::Cell;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -231,10 +233,32 @@ struct CheckpointLine<'a> {
 
 /// Where audit lines go besides the shipping queue.
 pub enum AuditOutput {
-    /// The process's standard output (the Kubernetes log).
+    /// The process's standard output (the Kubernetes log), as a
+    /// [`AuditOutput::File`] of its own descriptor.
     Stdout,
-    /// Any writer (tests, benchmarks).
+    /// A pipe or file: requests write their lines to it themselves without
+    /// blocking where the kernel allows that (`RWF_NOWAIT`, Linux), the
+    /// writer thread otherwise.
+    File(std::fs::File),
+    /// Any writer (tests, benchmarks): the writer thread writes every line.
     Writer(Box<dyn Write + Send>),
+}
+
+impl AuditOutput {
+    /// The output as a file, or as the writer to hand the writer thread.
+    fn into_file(self) -> Result<std::fs::File, Box<dyn Write + Send>> {
+        match self {
+            Self::Stdout => match std::io::stdout().as_fd().try_clone_to_owned() {
+                Ok(fd) => Ok(fd.into()),
+                Err(err) => {
+                    tracing::warn!(error = %err, "standard output not duplicated: the writer thread writes every audit line");
+                    Err(Box::new(std::io::stdout()))
+                }
+            },
+            Self::File(file) => Ok(file),
+            Self::Writer(writer) => Err(writer),
+        }
+    }
 }
 
 /// An in-memory audit output for tests and benchmarks: hand a clone to
@@ -279,15 +303,8 @@ impl Write for AuditBuffer {
 
 tokio::task_local! {
     /// The `seq` of the last line the current request appended (see
-    /// [`track_request`]).
+    /// [`AuditLog::track_request`]).
     static REQUEST_LAST_SEQ: Cell<u64>;
-}
-
-/// Runs `request` (the handling of one HTTP request) so that
-/// [`AuditLog::settled`] inside it waits for the lines it appended itself,
-/// not for those other requests appended meanwhile.
-pub async fn track_request<F: Future>(request: F) -> F::Output {
-    REQUEST_LAST_SEQ.scope(Cell::new(0), request).await
 }
 
 /// The audit line could not be written: the call is refused (fail closed).
@@ -295,7 +312,7 @@ pub async fn track_request<F: Future>(request: F) -> F::Output {
 #[error("audit record could not be written: {0}")]
 pub struct AuditWriteError(#[from] std::io::Error);
 
-/// Default bound of the lines waiting for the writer thread, in bytes: a
+/// Default bound of the lines waiting for a writer, in bytes: a
 /// stalled output (a log collector that stopped reading) refuses calls once
 /// this much is waiting, instead of growing without bound.
 pub const DEFAULT_PENDING_BYTES: usize = 8 << 20;
@@ -316,8 +333,8 @@ struct Trail {
     uncovered: u64,
     /// The final checkpoint is appended: nothing more may be.
     closed: bool,
-    /// Lines appended and not yet taken by the writer, in `seq` order
-    /// (without their newline).
+    /// Lines appended and not yet taken by a writer, in `seq` order, each
+    /// ending in its newline.
     pending: Vec<String>,
     /// Bytes in `pending`.
     pending_bytes: usize,
@@ -325,14 +342,36 @@ struct Trail {
     written: u64,
     /// The output failed: what it said. Nothing more is written.
     failed: Option<String>,
-    /// The writer thread is waiting for lines (so an append must wake it).
+    /// Someone writes to the output (a request or the writer thread): the
+    /// lines it took go out before anyone takes the next.
+    output_busy: bool,
+    /// Lines a request's non-blocking write could not finish, left to the
+    /// writer thread (which then owns the busy output).
+    handoff: Option<Batch>,
+    /// Requests write their own lines without blocking (the output takes
+    /// `RWF_NOWAIT` writes); false for other outputs and once it refused one.
+    inline: bool,
+    /// `pending` holds lines that no request will write (appended outside a
+    /// request, or left by one that ended first): the writer thread writes them.
+    unattended: bool,
+    /// The writer thread is waiting for lines (so it must be woken).
     writer_idle: bool,
     /// The log is dropped: the writer drains what is pending and stops.
     dropped: bool,
     /// Threads waiting in [`AuditLog::flush`] (so a batch must wake them).
     flushers: usize,
-    /// An append found the writer idle: wake it once the lock is released.
-    wake_writer: bool,
+    /// Batches the writer thread wrote (tests tell the two paths apart).
+    thread_batches: u64,
+}
+
+/// Lines taken from [`Trail::pending`] by whoever writes them.
+struct Batch {
+    /// The lines, each ending in its newline, in `seq` order.
+    lines: Vec<String>,
+    /// Bytes at the start of `lines` that are already written.
+    skip: usize,
+    /// `seq` of the last of them.
+    through: u64,
 }
 
 impl Trail {
@@ -342,43 +381,122 @@ impl Trail {
             .as_ref()
             .map(|message| std::io::Error::other(message.clone()).into())
     }
+
+    /// Takes every pending line for the caller to write; the output is busy
+    /// until the caller marks them written or hands them off.
+    fn take_pending(&mut self) -> Batch {
+        self.output_busy = true;
+        self.unattended = false;
+        self.pending_bytes = 0;
+        Batch {
+            lines: std::mem::take(&mut self.pending),
+            skip: 0,
+            through: self.seq,
+        }
+    }
+
+    /// Whether the idle writer thread has work only it will do (a handoff, or
+    /// unattended lines while nobody writes); if so it counts as woken.
+    fn writer_needed(&mut self) -> bool {
+        let needed = self.writer_idle
+            && (self.handoff.is_some()
+                || (self.unattended && !self.output_busy && !self.pending.is_empty()));
+        if needed {
+            self.writer_idle = false;
+        }
+        needed
+    }
+
+    /// Marks `through` written by the current owner of the output, or the
+    /// output failed with `result`'s error; the output is free again.
+    fn finish_write(&mut self, through: u64, result: std::io::Result<()>) {
+        self.output_busy = false;
+        match result {
+            Ok(()) => self.written = through,
+            Err(err) => {
+                tracing::error!(error = %err, "audit output failed: refusing every call from now on");
+                self.failed = Some(err.to_string());
+                self.pending.clear();
+                self.pending_bytes = 0;
+            }
+        }
+    }
 }
 
 /// What the request path and the writer thread share.
 struct Shared {
     trail: Mutex<Trail>,
-    /// Wakes the writer thread: lines are pending, or the log is dropped.
+    /// The output requests write to without blocking (see [`Trail::inline`]).
+    inline_output: Option<Arc<std::fs::File>>,
+    /// Wakes the writer thread: it has lines to write, or the log is dropped.
     lines_pending: Condvar,
-    /// Signalled by the writer after each batch (for [`AuditLog::flush`]).
+    /// Signalled after each batch written (for [`AuditLog::flush`]).
     batch_written: Condvar,
     /// Wakes the tasks waiting in [`AuditLog::settled`] after each batch.
     settled: tokio::sync::Notify,
+    /// Where written lines are queued for shipping.
+    ship: Option<mpsc::Sender<Arc<str>>>,
+    /// Lines the full shipping queue dropped.
+    dropped: Counter,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Trail> {
         self.trail.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Queues written `lines` for shipping (without their newlines).
+    fn ship(&self, lines: &mut Vec<String>) {
+        if let Some(ship) = &self.ship {
+            for line in lines.drain(..) {
+                let line = line.strip_suffix('\n').unwrap_or(&line);
+                if ship.try_send(Arc::from(line)).is_err() {
+                    self.dropped.inc();
+                }
+            }
+        }
+    }
+
+    /// Unlocks the trail, then wakes the writer thread if it has work only
+    /// it will do (woken under the lock, it would only block on it again),
+    /// and, after a batch was written, whoever waits for one.
+    fn release(&self, mut trail: MutexGuard<'_, Trail>, batch_written: bool) {
+        let wake_writer = trail.writer_needed();
+        let flushers = batch_written && trail.flushers > 0;
+        drop(trail);
+        if wake_writer {
+            self.lines_pending.notify_one();
+        }
+        if flushers {
+            self.batch_written.notify_all();
+        }
+        if batch_written {
+            self.settled.notify_waiters();
+        }
+    }
 }
 
 /// Writes and ships audit records and checkpoints.
 ///
 /// Lines get their `seq`, `prevSeq` and hash on the request path, under one
-/// lock, and are handed to a writer thread that writes them to the output
-/// in `seq` order (many in one `write` when calls come together) and then
-/// queues them for shipping. The request path appends a call's record
-/// before it signs the call's assertion and awaits [`AuditLog::settled`]
-/// before it forwards the call or answers: every record is written before
-/// its call is forwarded or answered, as before, while the `write` and the
-/// wake-up of whoever reads the output (a container runtime's pipe) overlap
-/// with the signature instead of preceding it. An output that fails stops
-/// the trail: every later call is refused, and so are calls waiting for
-/// their records.
+/// lock, and wait in order until one writer at a time takes all that are
+/// waiting and writes them in one `write`, then queues them for shipping.
+/// The request path appends a call's records before it signs the call's
+/// assertion and awaits [`AuditLog::settled`] before it forwards the call or
+/// answers: every record is written before its call is forwarded or
+/// answered. Where the output is a pipe or file that takes non-blocking
+/// writes (`RWF_NOWAIT`, the container runtime's pipe on Linux), the
+/// request writes in `settled` itself, with no hand-off to another thread
+/// and no wake-up to wait for; what would block (a pipe its reader does not
+/// empty), lines appended outside requests, and every line of other outputs
+/// go to a writer thread, so a stalled output never blocks the runtime. An
+/// output that fails stops the trail: every later call is refused, and so
+/// are calls waiting for their records.
 pub struct AuditLog {
     shared: Arc<Shared>,
     signer: AssertionSigner,
     checkpoint_every: u64,
-    /// Bound of the bytes waiting for the writer.
+    /// Bound of the bytes waiting for a writer.
     max_pending_bytes: usize,
     shipping: bool,
 }
@@ -404,9 +522,12 @@ impl AuditLog {
         dropped: Counter,
         signer: AssertionSigner,
     ) -> Self {
-        let out: Box<dyn Write + Send> = match output {
-            AuditOutput::Stdout => Box::new(std::io::stdout()),
-            AuditOutput::Writer(writer) => writer,
+        let (inline_output, out): (_, Box<dyn Write + Send>) = match output.into_file() {
+            Ok(file) => {
+                let file = Arc::new(file);
+                (Some(Arc::clone(&file)), Box::new(file))
+            }
+            Err(writer) => (None, writer),
         };
         let shared = Arc::new(Shared {
             trail: Mutex::new(Trail {
@@ -419,21 +540,26 @@ impl AuditLog {
                 pending_bytes: 0,
                 written: 0,
                 failed: None,
+                output_busy: false,
+                handoff: None,
+                inline: inline_output.is_some() && cfg!(target_os = "linux"),
+                unattended: false,
                 writer_idle: false,
                 dropped: false,
                 flushers: 0,
-                wake_writer: false,
+                thread_batches: 0,
             }),
+            inline_output,
             lines_pending: Condvar::new(),
             batch_written: Condvar::new(),
             settled: tokio::sync::Notify::new(),
-        });
-        let shipping = ship.is_some();
-        let writer = Writer {
-            shared: Arc::clone(&shared),
-            out,
             ship,
             dropped,
+        });
+        let shipping = shared.ship.is_some();
+        let writer = WriterThread {
+            shared: Arc::clone(&shared),
+            out,
         };
         std::thread::Builder::new()
             .name("chaperone-audit".into())
@@ -466,13 +592,27 @@ impl AuditLog {
         &self.signer.registration().kid
     }
 
+    /// Runs `request` (the handling of one HTTP request) so that
+    /// [`AuditLog::settled`] inside it waits for the lines it appended itself,
+    /// not for those other requests appended meanwhile. Lines it appended and
+    /// did not see written (it failed or was dropped first) are left to the
+    /// writer thread when it ends.
+    pub async fn track_request<F: Future>(&self, request: F) -> F::Output {
+        REQUEST_LAST_SEQ
+            .scope(Cell::new(0), async {
+                let _left = LeftoverLines(self);
+                request.await
+            })
+            .await
+    }
+
     /// Appends `record` as the sidecar's next line and returns its hash (the
     /// next record of its session's `prev`); appends a checkpoint after it
-    /// when `checkpoint_every` decisions are uncovered. The writer thread
-    /// writes it; [`AuditLog::settled`] waits for that. Fails once the log
-    /// is closed, when the output has failed, or when more than
-    /// the bound of [`AuditLog::with_max_pending_bytes`] waits for an output
-    /// that does not take it.
+    /// when `checkpoint_every` decisions are uncovered. It is written by
+    /// [`AuditLog::settled`] or the writer thread. Fails once the log is
+    /// closed, when the output has failed, or when more than the bound of
+    /// [`AuditLog::with_max_pending_bytes`] waits for an output that does
+    /// not take it.
     pub fn write(&self, record: &AuditRecord<'_>) -> Result<[u8; 32], AuditWriteError> {
         let mut trail = self.shared.lock();
         if trail.closed {
@@ -504,42 +644,87 @@ impl AuditLog {
             // The decision is appended; the next checkpoint covers it.
             tracing::error!(error = %err, "audit checkpoint not written");
         }
-        self.release(trail);
+        self.shared.release(trail, false);
         Ok(hash)
     }
 
     /// Waits until the lines appended by the current request are written
-    /// (and queued for shipping): inside [`track_request`] the lines it
-    /// appended, elsewhere every line appended so far. The proxy awaits it
+    /// (and queued for shipping): inside [`AuditLog::track_request`] the
+    /// lines it appended, elsewhere every line appended so far. Where the
+    /// output takes non-blocking writes and nobody else is writing, writes
+    /// them itself (with whatever else is pending). The proxy awaits it
     /// before it forwards a call and before a response goes back. Fails when
     /// the output failed.
     pub async fn settled(&self) -> Result<(), AuditWriteError> {
         let tracked = REQUEST_LAST_SEQ.try_with(Cell::get).ok();
-        let through = {
-            let trail = self.shared.lock();
-            if let Some(failed) = trail.failure() {
-                return Err(failed);
-            }
-            let through = tracked.unwrap_or(trail.seq);
-            if trail.written >= through {
-                return Ok(());
-            }
-            through
-        };
+        let through = tracked.unwrap_or_else(|| self.shared.lock().seq);
+        if self.write_through(through)? {
+            return Ok(());
+        }
         loop {
             let notified = self.shared.settled.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let trail = self.shared.lock();
-                if let Some(failed) = trail.failure() {
-                    return Err(failed);
-                }
-                if trail.written >= through {
-                    return Ok(());
-                }
+            if self.write_through(through)? {
+                return Ok(());
             }
             notified.await;
+        }
+    }
+
+    /// Whether every line through `through` is written; first writes what is
+    /// pending when that is for this caller to do (see [`AuditLog::settled`]).
+    fn write_through(&self, through: u64) -> Result<bool, AuditWriteError> {
+        let mut trail = self.shared.lock();
+        loop {
+            if let Some(failed) = trail.failure() {
+                return Err(failed);
+            }
+            if trail.written >= through {
+                return Ok(true);
+            }
+            if !trail.inline || trail.output_busy || trail.pending.is_empty() {
+                return Ok(false);
+            }
+            let batch = trail.take_pending();
+            drop(trail);
+            self.write_inline(batch);
+            trail = self.shared.lock();
+        }
+    }
+
+    /// Writes `batch` to the inline output without blocking; what the
+    /// output does not take at once goes to the writer thread.
+    fn write_inline(&self, mut batch: Batch) {
+        let Some(file) = &self.shared.inline_output else {
+            // Unreachable: `inline` is only set with an inline output.
+            self.shared.lock().handoff = Some(batch);
+            return;
+        };
+        let total: usize = batch.lines.iter().map(String::len).sum();
+        let taken = match write_nowait(file, &batch.lines) {
+            Ok(n) => n,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(err) => {
+                // The writer thread's ordinary write says whether the output
+                // failed or only refuses non-blocking writes (a terminal,
+                // a seccomp filter): either way, no more inline writes.
+                tracing::info!(error = %err, "the audit output refused a non-blocking write: the writer thread writes every line");
+                self.shared.lock().inline = false;
+                0
+            }
+        };
+        if taken == total {
+            self.shared.ship(&mut batch.lines);
+            let mut trail = self.shared.lock();
+            trail.finish_write(batch.through, Ok(()));
+            self.shared.release(trail, true);
+        } else {
+            batch.skip = taken;
+            let mut trail = self.shared.lock();
+            trail.handoff = Some(batch);
+            self.shared.release(trail, false);
         }
     }
 
@@ -549,6 +734,11 @@ impl AuditLog {
     pub fn flush(&self) -> Result<(), AuditWriteError> {
         let mut trail = self.shared.lock();
         let through = trail.seq;
+        // Lines of requests still running are the writer thread's now.
+        trail.unattended = true;
+        if trail.writer_needed() {
+            self.shared.lines_pending.notify_one();
+        }
         let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
         loop {
             if let Some(failed) = trail.failure() {
@@ -586,7 +776,7 @@ impl AuditLog {
             return Err(failed);
         }
         let appended = self.append_checkpoint(&mut trail, false);
-        self.release(trail);
+        self.shared.release(trail, false);
         appended.map(|()| true)
     }
 
@@ -604,10 +794,22 @@ impl AuditLog {
             // Closed even if the checkpoint fails: nothing may follow the end.
             let appended = self.append_checkpoint(&mut trail, true);
             trail.closed = true;
-            self.release(trail);
+            self.shared.release(trail, false);
             appended?;
         }
         self.flush()
+    }
+
+    /// Batches the writer thread wrote so far.
+    #[cfg(test)]
+    pub(crate) fn thread_batches(&self) -> u64 {
+        self.shared.lock().thread_batches
+    }
+
+    /// Whether requests still write their own lines.
+    #[cfg(test)]
+    pub(crate) fn inline_writes(&self) -> bool {
+        self.shared.lock().inline
     }
 
     /// Signs and appends a checkpoint covering every line so far.
@@ -637,32 +839,40 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Appends `line` as the next of the chain for the writer, and returns
-    /// its hash.
-    fn append(&self, trail: &mut Trail, line: String) -> [u8; 32] {
+    /// Appends `line` as the next of the chain and returns its hash. A line
+    /// appended inside a tracked request is that request's to write (where
+    /// the output allows); any other is the writer thread's.
+    fn append(&self, trail: &mut Trail, mut line: String) -> [u8; 32] {
         let hash = sha256(line.as_bytes());
+        line.push('\n');
         trail.seq += 1;
         let seq = trail.seq;
-        // Outside a tracked request this is a no-op.
-        let _ = REQUEST_LAST_SEQ.try_with(|last| last.set(seq));
-        trail.last = Some(hash);
-        trail.pending_bytes += line.len() + 1;
-        trail.pending.push(line);
-        if trail.writer_idle {
-            trail.writer_idle = false;
-            trail.wake_writer = true;
+        let tracked = REQUEST_LAST_SEQ.try_with(|last| last.set(seq)).is_ok();
+        if !(tracked && trail.inline) {
+            trail.unattended = true;
         }
+        trail.last = Some(hash);
+        trail.pending_bytes += line.len();
+        trail.pending.push(line);
         hash
     }
+}
 
-    /// Unlocks the trail, then wakes the writer thread if an append asked
-    /// for it: woken under the lock, it would only block on it again.
-    fn release(&self, mut trail: MutexGuard<'_, Trail>) {
-        let wake = std::mem::take(&mut trail.wake_writer);
-        drop(trail);
-        if wake {
-            self.shared.lines_pending.notify_one();
+/// Held while a tracked request runs: when it ends (or is dropped) before
+/// its lines are written, they are left to the writer thread.
+struct LeftoverLines<'a>(&'a AuditLog);
+
+impl Drop for LeftoverLines<'_> {
+    fn drop(&mut self) {
+        // Outside the request's scope (not expected): every line so far.
+        let last = REQUEST_LAST_SEQ.try_with(Cell::get).unwrap_or(u64::MAX);
+        let shared = &self.0.shared;
+        let mut trail = shared.lock();
+        if trail.written >= last.min(trail.seq) || trail.failed.is_some() {
+            return;
         }
+        trail.unattended = true;
+        shared.release(trail, false);
     }
 }
 
@@ -674,24 +884,51 @@ impl Drop for AuditLog {
     }
 }
 
-/// The writer thread's side: takes the pending lines, writes them in one
-/// go, ships them, and marks them written.
-struct Writer {
-    shared: Arc<Shared>,
-    out: Box<dyn Write + Send>,
-    ship: Option<mpsc::Sender<Arc<str>>>,
-    dropped: Counter,
+/// Writes as much of `lines` as `file` takes without blocking
+/// (`pwritev2` with `RWF_NOWAIT`); returns the bytes written.
+#[cfg(target_os = "linux")]
+fn write_nowait(file: &std::fs::File, lines: &[String]) -> std::io::Result<usize> {
+    let slices: Vec<std::io::IoSlice<'_>> = lines
+        .iter()
+        .map(|line| std::io::IoSlice::new(line.as_bytes()))
+        .collect();
+    // Offset -1: at the file's position (a pipe has none).
+    rustix::io::pwritev2(file, &slices, u64::MAX, rustix::io::ReadWriteFlags::NOWAIT)
+        .map_err(std::io::Error::from)
 }
 
-impl Writer {
+/// Elsewhere requests never write inline (see [`Trail::inline`]).
+#[cfg(not(target_os = "linux"))]
+fn write_nowait(_file: &std::fs::File, _lines: &[String]) -> std::io::Result<usize> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+/// The writer thread: writes what requests leave to it (handoffs, lines
+/// appended outside requests, every line of an output that does not take
+/// non-blocking writes), blocking on the output as long as it takes.
+struct WriterThread {
+    shared: Arc<Shared>,
+    out: Box<dyn Write + Send>,
+}
+
+impl WriterThread {
     fn run(mut self) {
-        let mut batch = Vec::new();
         let mut bytes = Vec::new();
         loop {
-            let through = {
+            let mut batch = {
                 let mut trail = self.shared.lock();
-                while trail.pending.is_empty() {
-                    if trail.dropped || trail.failed.is_some() {
+                loop {
+                    if trail.failed.is_some() {
+                        return;
+                    }
+                    if let Some(batch) = trail.handoff.take() {
+                        // The output stays busy: it is this thread's now.
+                        break batch;
+                    }
+                    if !trail.pending.is_empty() && !trail.output_busy {
+                        break trail.take_pending();
+                    }
+                    if trail.dropped && trail.pending.is_empty() && !trail.output_busy {
                         return;
                     }
                     trail.writer_idle = true;
@@ -701,44 +938,23 @@ impl Writer {
                         .wait(trail)
                         .unwrap_or_else(|p| p.into_inner());
                 }
-                trail.writer_idle = false;
-                trail.pending_bytes = 0;
-                std::mem::swap(&mut batch, &mut trail.pending);
-                trail.seq
             };
             bytes.clear();
-            for line in &batch {
+            for line in &batch.lines {
                 bytes.extend_from_slice(line.as_bytes());
-                bytes.push(b'\n');
             }
-            let written = self.out.write_all(&bytes).and_then(|()| self.out.flush());
-            if written.is_ok()
-                && let Some(ship) = &self.ship
-            {
-                for line in batch.drain(..) {
-                    if ship.try_send(Arc::from(line)).is_err() {
-                        self.dropped.inc();
-                    }
-                }
+            let written = self
+                .out
+                .write_all(bytes.get(batch.skip..).unwrap_or_default())
+                .and_then(|()| self.out.flush());
+            if written.is_ok() {
+                self.shared.ship(&mut batch.lines);
             }
-            batch.clear();
-            let flushers = {
-                let mut trail = self.shared.lock();
-                match written {
-                    Ok(()) => trail.written = through,
-                    Err(err) => {
-                        tracing::error!(error = %err, "audit output failed: refusing every call from now on");
-                        trail.failed = Some(err.to_string());
-                        trail.pending.clear();
-                        trail.pending_bytes = 0;
-                    }
-                }
-                trail.flushers
-            };
-            if flushers > 0 {
-                self.shared.batch_written.notify_all();
-            }
-            self.shared.settled.notify_waiters();
+            let mut trail = self.shared.lock();
+            trail.writer_idle = false;
+            trail.thread_batches += 1;
+            trail.finish_write(batch.through, written);
+            self.shared.release(trail, true);
         }
     }
 }

@@ -386,9 +386,10 @@ async fn a_request_waits_for_its_own_records_only() {
     // Another request's record, stuck behind an output that takes nothing.
     log.write(&record("other", None, "a")).unwrap();
     // A request that appended nothing is answered at once.
-    track_request(async { log.settled().await.unwrap() }).await;
+    log.track_request(async { log.settled().await.unwrap() })
+        .await;
     // One that appended a record waits for it.
-    let waiting = track_request(async {
+    let waiting = log.track_request(async {
         log.write(&record("mine", None, "b")).unwrap();
         log.settled().await
     });
@@ -397,4 +398,241 @@ async fn a_request_waits_for_its_own_records_only() {
     output.open(true);
     waiting.await.unwrap();
     assert_eq!(output.buffer.records().len(), 2);
+}
+
+/// A log writing to a pipe, the pipe's reading end, a second handle on its
+/// writing end (to fill it), and the keys that verify the log.
+fn log_to_pipe() -> (AuditLog, std::io::PipeReader, std::fs::File, SidecarKeys) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    let writer = std::fs::File::from(std::os::fd::OwnedFd::from(writer));
+    let filler = writer.try_clone().unwrap();
+    let signer = AssertionSigner::generate().unwrap();
+    let mut keys = SidecarKeys::new();
+    let registration = signer.registration();
+    keys.insert(registration.kid.clone(), registration.public_key);
+    let log = AuditLog::new(AuditOutput::File(writer), None, Counter::default(), signer);
+    (log, reader, filler, keys)
+}
+
+/// Copies everything `reader` gives into a buffer, on its own thread.
+fn drain(mut reader: std::io::PipeReader) -> AuditBuffer {
+    let buffer = AuditBuffer::default();
+    let mut out = buffer.clone();
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut out));
+    buffer
+}
+
+/// Waits up to five seconds for `buffer` to hold `n` records.
+fn wait_for_records(buffer: &AuditBuffer, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let records = buffer.records();
+        if records.len() >= n || std::time::Instant::now() > deadline {
+            assert_eq!(records.len(), n, "{}", buffer.text());
+            return records;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Fills `pipe` with 4 KiB filler lines (not JSON) until it takes no more.
+#[cfg(target_os = "linux")]
+fn fill(pipe: &std::fs::File) {
+    let mut line = vec![b'x'; 4095];
+    line.push(b'\n');
+    loop {
+        match write_nowait(pipe, &[String::from_utf8(line.clone()).unwrap()]) {
+            Ok(n) => assert_eq!(n, line.len(), "pipe slots hold whole pages"),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(err) => panic!("{err}"),
+        }
+    }
+}
+
+/// The JSON lines of `text` (dropping the filler), verified as one log.
+fn verify_json_lines(text: &str, keys: &SidecarKeys) -> usize {
+    let log: String = text
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    verify_log_signed(&log, VerifyOptions::default(), keys).unwrap();
+    log.lines().count()
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn requests_write_their_own_records_to_a_pipe() {
+    let (log, reader, _, keys) = log_to_pipe();
+    let buffer = drain(reader);
+    let mut prev = None;
+    for tool in ["a", "b", "c"] {
+        let hash = log
+            .track_request(async {
+                let hash = log.write(&record("s", prev.as_deref(), tool)).unwrap();
+                log.settled().await.unwrap();
+                hash
+            })
+            .await;
+        prev = Some(hex(&hash));
+    }
+    assert_eq!(log.thread_batches(), 0, "no record went through the thread");
+    // The final checkpoint is appended outside any request: the thread's.
+    log.close().unwrap();
+    assert_eq!(log.thread_batches(), 1);
+    wait_for_records(&buffer, 4);
+    assert_eq!(verify_json_lines(&buffer.text(), &keys), 4);
+}
+
+/// Runs a request appending `record` on a current-thread runtime of its own
+/// thread (a write that blocked would hang that thread, not the test),
+/// checks that it waits with the runtime going on, then lets `reader`
+/// drain the pipe and waits for the request.
+#[cfg(target_os = "linux")]
+fn request_behind_a_full_pipe(
+    log: &Arc<AuditLog>,
+    record: AuditRecord<'static>,
+    reader: std::io::PipeReader,
+) -> AuditBuffer {
+    let (waiting_tx, waiting_rx) = std::sync::mpsc::channel();
+    let request = std::thread::spawn({
+        let log = Arc::clone(log);
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let waiting = log.track_request(async {
+                    log.write(&record).unwrap();
+                    log.settled().await
+                });
+                tokio::pin!(waiting);
+                assert_still_waiting(waiting.as_mut(), "settled with its record unwritten").await;
+                waiting_tx.send(()).unwrap();
+                waiting.await
+            })
+        }
+    });
+    waiting_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the request's runtime went on while the pipe was full");
+    let buffer = drain(reader);
+    request.join().unwrap().unwrap();
+    buffer
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_pipe_leaves_the_write_to_the_thread_and_never_blocks_the_runtime() {
+    let (log, reader, filler, keys) = log_to_pipe();
+    fill(&filler);
+    let log = Arc::new(log);
+    let buffer = request_behind_a_full_pipe(&log, record("s", None, "a"), reader);
+    assert_eq!(log.thread_batches(), 1, "the thread wrote the record");
+    // With the pipe read to the end, requests write their own records again.
+    wait_for_records(&buffer, 1);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(log.track_request(async {
+        log.write(&record("t", None, "b")).unwrap();
+        log.settled().await.unwrap();
+    }));
+    assert_eq!(log.thread_batches(), 1);
+    wait_for_records(&buffer, 2);
+    assert_eq!(verify_json_lines(&buffer.text(), &keys), 2);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_record_the_pipe_takes_in_part_is_finished_by_the_thread_in_order() {
+    let (log, mut reader, filler, keys) = log_to_pipe();
+    fill(&filler);
+    // One page read back: the pipe takes 4 KiB more, less than the record.
+    let mut page = vec![0; 4096];
+    std::io::Read::read_exact(&mut reader, &mut page).unwrap();
+    let tool: &'static str = "t".repeat(6000).leak();
+    let log = Arc::new(log);
+    let buffer = request_behind_a_full_pipe(&log, record("s", None, tool), reader);
+    assert_eq!(log.thread_batches(), 1);
+    let records = wait_for_records(&buffer, 1);
+    assert_eq!(records[0]["tool"], tool);
+    assert_eq!(verify_json_lines(&buffer.text(), &keys), 1);
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn records_of_a_dropped_request_and_outside_requests_reach_the_pipe() {
+    let (log, reader, _, _) = log_to_pipe();
+    let buffer = drain(reader);
+    {
+        // Appends, then never settles: dropped like a request whose client
+        // went away.
+        let request = log.track_request(async {
+            log.write(&record("s", None, "a")).unwrap();
+            std::future::pending::<()>().await;
+        });
+        tokio::pin!(request);
+        assert_still_waiting(request.as_mut(), "a pending future completed").await;
+    }
+    wait_for_records(&buffer, 1);
+    wait_for_thread_batches(&log, 1);
+    // Outside a request (a checkpoint on the timer): written unasked.
+    assert!(log.checkpoint().unwrap());
+    wait_for_records(&buffer, 2);
+    wait_for_thread_batches(&log, 2);
+}
+
+/// Waits up to five seconds for the writer thread to have written `n`
+/// batches (it counts a batch just after the pipe took it).
+fn wait_for_thread_batches(log: &AuditLog, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while log.thread_batches() < n && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(log.thread_batches(), n);
+}
+
+#[tokio::test]
+async fn an_output_refusing_nonblocking_writes_is_written_by_the_thread() {
+    // Regular files take no RWF_NOWAIT write at the file position.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let log = AuditLog::new(
+        AuditOutput::File(file.reopen().unwrap()),
+        None,
+        Counter::default(),
+        AssertionSigner::generate().unwrap(),
+    );
+    for tool in ["a", "b"] {
+        log.track_request(async {
+            log.write(&record("s", None, tool)).unwrap();
+            log.settled().await.unwrap();
+        })
+        .await;
+    }
+    assert!(
+        !log.inline_writes(),
+        "this test needs a temporary directory that refuses RWF_NOWAIT buffered writes (ext4, tmpfs)"
+    );
+    assert_eq!(log.thread_batches(), 2);
+    let text = std::fs::read_to_string(file.path()).unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_pipe_nobody_reads_fails_the_trail() {
+    let (log, reader, _, _) = log_to_pipe();
+    drop(reader);
+    let err = log
+        .track_request(async {
+            log.write(&record("s", None, "a")).unwrap();
+            log.settled().await
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Broken pipe"), "{err}");
+    let err = log.write(&record("s", None, "b")).unwrap_err();
+    assert!(err.to_string().contains("Broken pipe"), "{err}");
 }

@@ -147,20 +147,23 @@ impl Inbound {
 
     /// Handles one request; never fails (refusals become responses).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
-        crate::audit::track_request(async {
-            let response = match self.route(req).await {
-                Ok(response) => response,
-                Err(refusal) => {
-                    // Inbound refusals audit themselves, with the caller.
-                    if !matches!(refusal, Refusal::InboundRefused(_)) {
-                        self.gateway.audit_refusal("inbound", &refusal);
+        self.gateway
+            .enforcer
+            .audit
+            .track_request(async {
+                let response = match self.route(req).await {
+                    Ok(response) => response,
+                    Err(refusal) => {
+                        // Inbound refusals audit themselves, with the caller.
+                        if !matches!(refusal, Refusal::InboundRefused(_)) {
+                            self.gateway.audit_refusal("inbound", &refusal);
+                        }
+                        self.gateway.refuse(&refusal)
                     }
-                    self.gateway.refuse(&refusal)
-                }
-            };
-            self.gateway.after_audit(response).await
-        })
-        .await
+                };
+                self.gateway.after_audit(response).await
+            })
+            .await
     }
 
     fn target(&self, path_and_query: Option<&http::uri::PathAndQuery>) -> http::Uri {

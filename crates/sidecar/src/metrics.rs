@@ -156,8 +156,8 @@ pub enum Stage {
     Decide,
     /// Signing a forwarded call's assertion.
     Sign,
-    /// Appending a decision's audit record for the writer thread (hash
-    /// chain, serialisation, checkpoint signature every so many records).
+    /// Appending a decision's audit record to the trail (hash chain,
+    /// serialisation, checkpoint signature every so many records).
     Audit,
     /// From forwarding to the upstream's response headers.
     Upstream,
@@ -167,9 +167,10 @@ pub enum Stage {
     /// handed to the agent's connection (POSTs answered with a body that is
     /// not an event stream).
     Respond,
-    /// Before a call is forwarded and before a response goes back, waiting
-    /// until the writer thread has written the audit records appended so
-    /// far (usually done while the assertion was signed: near zero).
+    /// Before a call is forwarded and before a response goes back, until
+    /// the request's audit records are written: the request's own
+    /// non-blocking `write` where the output is a pipe that takes one, else
+    /// the wait for the writer thread.
     AuditSettled,
     /// A whole POST, from its head handed to the handler to the end of its
     /// response body (same POSTs as `respond`): what the other stages leave

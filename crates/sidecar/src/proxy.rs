@@ -184,19 +184,21 @@ impl Gateway {
 
     /// Handles one request; never fails (refusals become responses).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
-        crate::audit::track_request(async {
-            let started = Instant::now();
-            let server = split_path(req.uri().path()).0.to_owned();
-            let response = match self.route(req, started).await {
-                Ok(response) => response,
-                Err(refusal) => {
-                    self.audit_refusal(&server, &refusal);
-                    self.refuse(&refusal)
-                }
-            };
-            self.after_audit(response).await
-        })
-        .await
+        self.enforcer
+            .audit
+            .track_request(async {
+                let started = Instant::now();
+                let server = split_path(req.uri().path()).0.to_owned();
+                let response = match self.route(req, started).await {
+                    Ok(response) => response,
+                    Err(refusal) => {
+                        self.audit_refusal(&server, &refusal);
+                        self.refuse(&refusal)
+                    }
+                };
+                self.after_audit(response).await
+            })
+            .await
     }
 
     /// Lets `response` go back once the audit records of its request are
@@ -213,11 +215,10 @@ impl Gateway {
     }
 
     /// Waits until the audit records this request appended are written
-    /// ([`crate::audit::track_request`]; outside a request, every record so
-    /// far): before a call is forwarded and before a response goes back, so
-    /// no call is forwarded or answered unrecorded. The records of a call are appended
-    /// before its assertion is signed, so the writer thread usually writes
-    /// them while the request path signs and this returns at once.
+    /// ([`crate::audit::AuditLog::track_request`]; outside a request, every
+    /// record so far): before a call is forwarded and before a response goes
+    /// back, so no call is forwarded or answered unrecorded. Where the output
+    /// takes non-blocking writes the request writes them here itself.
     pub(crate) async fn audit_settled(&self) -> Result<(), AuditUnavailable> {
         let waiting = Instant::now();
         let settled = self.enforcer.audit.settled().await;
