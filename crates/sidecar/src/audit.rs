@@ -683,24 +683,21 @@ impl AuditLog {
             if trail.written >= through {
                 return Ok(true);
             }
-            if !trail.inline || trail.output_busy || trail.pending.is_empty() {
+            // Lines to write, the output free, and the request's to write.
+            let ours = trail.inline && !trail.output_busy && !trail.pending.is_empty();
+            let Some(file) = self.shared.inline_output.as_deref().filter(|_| ours) else {
                 return Ok(false);
-            }
+            };
             let batch = trail.take_pending();
             drop(trail);
-            self.write_inline(batch);
+            self.write_inline(file, batch);
             trail = self.shared.lock();
         }
     }
 
-    /// Writes `batch` to the inline output without blocking; what the
-    /// output does not take at once goes to the writer thread.
-    fn write_inline(&self, mut batch: Batch) {
-        let Some(file) = &self.shared.inline_output else {
-            // Unreachable: `inline` is only set with an inline output.
-            self.shared.lock().handoff = Some(batch);
-            return;
-        };
+    /// Writes `batch` to `file` (the inline output) without blocking; what
+    /// it does not take at once goes to the writer thread.
+    fn write_inline(&self, file: &std::fs::File, mut batch: Batch) {
         let total: usize = batch.lines.iter().map(String::len).sum();
         let taken = match write_nowait(file, &batch.lines) {
             Ok(n) => n,
