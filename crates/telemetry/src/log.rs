@@ -197,19 +197,6 @@ mod tests {
     }
 
     #[test]
-    fn trace_only_spans_are_not_created_for_logs() {
-        use tracing_subscriber::Layer as _;
-        let logs = fmt_layer(LogFormat::Json, false, Buffer::default()).with_filter(env_filter());
-        let subscriber = tracing_subscriber::registry().with(logs);
-        tracing::subscriber::with_default(subscriber, || {
-            let traced = tracing::info_span!(target: TRACE_ONLY_TARGET, "mcp");
-            assert!(traced.is_disabled());
-            let logged = tracing::info_span!("reconcile");
-            assert!(!logged.is_disabled());
-        });
-    }
-
-    #[test]
     fn json_has_no_ansi_codes_even_if_asked() {
         assert!(!log_with(LogFormat::Json, true).contains('\u{1b}'));
     }
