@@ -92,7 +92,8 @@ pub fn message_span(
     span
 }
 
-/// Records one decision (its audit record) on the current span: who decided
+/// Records one decision (its audit record) on the current span, a message's
+/// span (see [`message_span`]): who decided
 /// (`chaperone.agent`, `k8s.pod.name`, `k8s.namespace.name`), what
 /// (`chaperone.decision`, `chaperone.rule`, `chaperone.snapshot.version`,
 /// `chaperone.correlation_id`), in which session
@@ -102,7 +103,9 @@ pub fn message_span(
 /// (`chaperone.refusal.reason`, `error.type` = `chaperone.refused`).
 pub fn record_decision(record: &AuditRecord<'_>) {
     let span = tracing::Span::current();
-    if span.is_none() {
+    // Only on a message's span: without an exporter none is created, and
+    // another span that happens to be current (a log span) gets nothing.
+    if span.is_disabled() || span.metadata().map(|m| m.target()) != Some(TRACE_ONLY_TARGET) {
         return;
     }
     span.set_attribute(

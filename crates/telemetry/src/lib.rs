@@ -99,6 +99,35 @@ pub fn init(service: &str, format: Option<LogFormat>) -> Result<TelemetryGuard, 
     init_with(format, otlp.as_ref())
 }
 
+/// The subscriber [`init_with`] installs: log lines in `format` to `writer`
+/// (filtered by `RUST_LOG`, default `info`) and, with `provider`, spans
+/// exported through it. Without an exporter no layer stands in for it: an
+/// absent layer (`Option::None`) counts as one that wants every span, so
+/// trace-only spans would be built on every call and only then left out of
+/// the logs.
+pub fn subscriber<W>(
+    format: LogFormat,
+    ansi: bool,
+    writer: W,
+    provider: Option<&SdkTracerProvider>,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let logs = log::fmt_layer(format, ansi, writer).with_filter(log::env_filter());
+    let registry = tracing_subscriber::registry().with(logs);
+    match provider {
+        Some(provider) => Box::new(
+            registry.with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(provider.tracer("chaperone"))
+                    .with_filter(otlp::span_filter()),
+            ),
+        ),
+        None => Box::new(registry),
+    }
+}
+
 /// Installs logs in `format` (filtered by `RUST_LOG`, default `info`) and,
 /// when `otlp` is given, exports spans there. Tests call it with settings of
 /// their own receiver.
@@ -107,17 +136,8 @@ pub fn init_with(
     otlp: Option<&OtlpSettings>,
 ) -> Result<TelemetryGuard, TelemetryError> {
     let ansi = format == LogFormat::Text && log::stderr_is_terminal();
-    let logs = log::fmt_layer(format, ansi, std::io::stderr).with_filter(log::env_filter());
     let provider = otlp.map(otlp::tracer_provider).transpose()?;
-    let traces = provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("chaperone"))
-            .with_filter(otlp::span_filter())
-    });
-    tracing_subscriber::registry()
-        .with(logs)
-        .with(traces)
-        .try_init()?;
+    subscriber(format, ansi, std::io::stderr, provider.as_ref()).try_init()?;
     if let Some(settings) = otlp {
         tracing::info!(
             endpoint = %settings.endpoint,
