@@ -732,7 +732,7 @@ impl AuditLog {
         let mut trail = self.shared.lock();
         let through = trail.seq;
         // Lines of requests still running are the writer thread's now.
-        trail.unattended = true;
+        trail.unattended |= !trail.pending.is_empty();
         if trail.writer_needed() {
             self.shared.lines_pending.notify_one();
         }
@@ -868,7 +868,8 @@ impl Drop for LeftoverLines<'_> {
         if trail.written >= last.min(trail.seq) || trail.failed.is_some() {
             return;
         }
-        trail.unattended = true;
+        // Lines already taken are being written; pending ones are the thread's.
+        trail.unattended |= !trail.pending.is_empty();
         shared.release(trail, false);
     }
 }
