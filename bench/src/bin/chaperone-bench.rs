@@ -60,7 +60,16 @@
 //! set, is a command each sidecar runs under (`heaptrack -o FILE`, to find
 //! where its memory goes; the RSS printed is then the wrapper's too).
 //!
-//! Usage: `chaperone-bench [--standalone] [--rss-only] [RUNS] [FIXED_SECONDS] [RATE] [CONNECTIONS] [CLOSED_SECONDS]`
+//! `--instructions` counts instead the user-space instructions per call of
+//! the bare proxy and the sidecar, each run under `valgrind
+//! --tool=callgrind` (instrumentation on only while the measured calls are
+//! made): RATE × FIXED_SECONDS calls over CONNECTIONS, RUNS times. Latency
+//! and CPU time on a shared machine move with its load; this count does
+//! not, so one run shows what a change to the call path costs or saves (the
+//! kernel's share is not in it). Use a low rate: under callgrind a call
+//! takes milliseconds (`chaperone-bench --instructions 3 10 50 2`).
+//!
+//! Usage: `chaperone-bench [--standalone] [--rss-only | --instructions] [RUNS] [FIXED_SECONDS] [RATE] [CONNECTIONS] [CLOSED_SECONDS]`
 //! (defaults 3 20 1000 8 10).
 
 #![forbid(unsafe_code)]
@@ -75,6 +84,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use chaperone_bench::fake_controller::{FakeController, Received, THREAD_NAME, compile_snapshot};
+use chaperone_bench::instructions::{Callgrind, callgrind_wrapper};
 use chaperone_bench::{BARE_STATS_PATH, INITIALIZE, tools_call_body};
 use chaperone_wire::sidecar_env::{ENV_ADMIN_LISTEN, ENV_LISTEN};
 use clap::Parser;
@@ -133,6 +143,12 @@ struct Args {
     /// latency, CPU or throughput runs.
     #[arg(long)]
     rss_only: bool,
+    /// Only instructions per call: the bare proxy and the sidecar run under
+    /// `valgrind --tool=callgrind`, which counts the user-space instructions
+    /// of RATE × FIXED_SECONDS calls over CONNECTIONS, RUNS times each (a
+    /// count that does not move with the machine's load).
+    #[arg(long, conflicts_with = "rss_only")]
+    instructions: bool,
 }
 
 struct Proc(Child);
@@ -155,8 +171,41 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
     Ok(exe.parent().context("binary has no directory")?.to_owned())
 }
 
+/// The wrapper of [`ENV_WRAP`], split into words (none when unset): a
+/// profiler to run each sidecar under (e.g. `heaptrack -o FILE`); its RSS
+/// figures are then the wrapper's, not the sidecar's alone.
+fn env_wrapper() -> Vec<String> {
+    std::env::var(ENV_WRAP)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A command running `bin` under `wrapper` (a program and its arguments),
+/// or `bin` itself when `wrapper` is empty.
+fn wrapped_command(wrapper: &[String], bin: &Path) -> Command {
+    match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut command = Command::new(program);
+            command.args(rest).arg(bin);
+            command
+        }
+        None => Command::new(bin),
+    }
+}
+
 fn spawn(bin: &Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Proc> {
-    let mut command = Command::new(bin);
+    spawn_wrapped(&[], bin, args, env)
+}
+
+fn spawn_wrapped(
+    wrapper: &[String],
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> anyhow::Result<Proc> {
+    let mut command = wrapped_command(wrapper, bin);
     command
         .args(args)
         .stdout(Stdio::null())
@@ -181,21 +230,11 @@ fn spawn_sidecar(
     env: &[(&str, String)],
     lines: Arc<AtomicU64>,
     stderr: &Path,
+    wrapper: &[String],
 ) -> anyhow::Result<Proc> {
     let log =
         std::fs::File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
-    // A profiler to run the sidecar under (e.g. `heaptrack -o FILE`); its
-    // RSS figures are then the wrapper's, not the sidecar's alone.
-    let wrapper = std::env::var(ENV_WRAP).unwrap_or_default();
-    let mut words = wrapper.split_whitespace();
-    let mut command = match words.next() {
-        Some(program) => {
-            let mut command = Command::new(program);
-            command.args(words).arg(bin);
-            command
-        }
-        None => Command::new(bin),
-    };
+    let mut command = wrapped_command(wrapper, bin);
     command.args(args).stdout(Stdio::piped()).stderr(log);
     for (k, v) in env {
         command.env(k, v);
@@ -377,12 +416,32 @@ async fn open_session(addr: &str) -> anyhow::Result<(SendRequest<Full<Bytes>>, O
 
 /// Fixed-rate load: latencies in microseconds.
 async fn fixed_rate(addr: &str, rate: u64, seconds: u64, conns: u64) -> anyhow::Result<Vec<u32>> {
+    let sessions = open_sessions(addr, conns).await?;
+    calls_at_rate(addr, sessions, rate, rate * seconds).await
+}
+
+/// `conns` connections, each with an MCP session opened.
+async fn open_sessions(addr: &str, conns: u64) -> anyhow::Result<Vec<Session>> {
     let mut sessions = Vec::new();
     for _ in 0..conns {
         sessions.push(open_session(addr).await?);
     }
+    Ok(sessions)
+}
+
+/// A connection and the MCP session opened on it.
+type Session = (SendRequest<Full<Bytes>>, Option<String>);
+
+/// `total` calls at `rate` per second, spread over `sessions` in turn:
+/// latencies in microseconds, sorted.
+async fn calls_at_rate(
+    addr: &str,
+    sessions: Vec<Session>,
+    rate: u64,
+    total: u64,
+) -> anyhow::Result<Vec<u32>> {
+    let conns = sessions.len() as u64;
     let start = tokio::time::Instant::now() + Duration::from_millis(100);
-    let total = rate * seconds;
     let mut tasks = Vec::new();
     for (k, (mut sender, sid)) in sessions.into_iter().enumerate() {
         let addr = addr.to_owned();
@@ -414,10 +473,7 @@ async fn fixed_rate(addr: &str, rate: u64, seconds: u64, conns: u64) -> anyhow::
 
 /// Closed-loop load: completed calls, and calls per second.
 async fn closed_loop(addr: &str, seconds: u64, conns: u64) -> anyhow::Result<(u64, f64)> {
-    let mut sessions = Vec::new();
-    for _ in 0..conns {
-        sessions.push(open_session(addr).await?);
-    }
+    let sessions = open_sessions(addr, conns).await?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
@@ -519,6 +575,7 @@ async fn start_sidecar(
     mode: Mode,
     extra_tools: usize,
     (listen, admin): (&'static str, &'static str),
+    wrapper: &[String],
 ) -> anyhow::Result<SidecarUnderTest> {
     let files = policy_files(extra_tools);
     let mut env = vec![
@@ -563,6 +620,7 @@ async fn start_sidecar(
         &env,
         Arc::clone(&stdout_lines),
         &stderr,
+        wrapper,
     )?;
     let started = async {
         if let Some(fake) = &controller {
@@ -640,7 +698,8 @@ async fn wait_ready(url: &str) -> anyhow::Result<()> {
 }
 
 async fn wait_listening(addr: &str) -> anyhow::Result<()> {
-    for _ in 0..100 {
+    // Up to 10 s: a proxy under valgrind takes seconds to start.
+    for _ in 0..200 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Ok(());
         }
@@ -804,7 +863,7 @@ async fn rss_with_big_snapshot(
     mode: Mode,
     addrs: (&'static str, &'static str),
 ) -> anyhow::Result<RssMeasurement> {
-    let sidecar = start_sidecar(bins, work, name, mode, 999, addrs).await?;
+    let sidecar = start_sidecar(bins, work, name, mode, 999, addrs, &env_wrapper()).await?;
     let listen = addrs.0;
     let rss_idle = Rss::of(sidecar.process.pid());
     let mut sender = connect(listen).await?;
@@ -912,6 +971,7 @@ async fn main() -> anyhow::Result<()> {
         closed_seconds,
         standalone,
         rss_only,
+        instructions,
     } = Args::parse();
     let bins = bin_dir()?;
     let work = std::env::temp_dir().join(format!("chaperone-bench-{}", std::process::id()));
@@ -925,6 +985,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         .await
+    } else if instructions {
+        count_instructions(&bins, &work, (runs, seconds, rate, conns)).await
     } else {
         run(
             &bins,
@@ -934,8 +996,97 @@ async fn main() -> anyhow::Result<()> {
         )
         .await
     };
-    let _ = std::fs::remove_dir_all(&work);
+    // The callgrind dumps are left for `callgrind_annotate`.
+    if !instructions {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     outcome
+}
+
+/// The `--instructions` mode: user-space instructions per call of the bare
+/// proxy and the sidecar (controller mode, as in [`run`]), each under
+/// callgrind, counted over `rate × seconds` calls after as many calls of
+/// warm-up, `runs` times; every run's count is printed.
+async fn count_instructions(
+    bins: &Path,
+    work: &Path,
+    (runs, seconds, rate, conns): (u64, u64, u64, u64),
+) -> anyhow::Result<()> {
+    let calls = rate * seconds;
+    let _echo = spawn(&bins.join("mcp-echo"), &[ECHO], &[])?;
+    wait_listening(ECHO).await?;
+    let bare_out = work.join("bare.callgrind");
+    let bare = spawn_wrapped(
+        &callgrind_wrapper(&bare_out),
+        &bins.join("bare-proxy"),
+        &[BARE, ECHO],
+        &[],
+    )?;
+    wait_listening(BARE).await?;
+    let sidecar_out = work.join("sidecar.callgrind");
+    let sidecar = start_sidecar(
+        bins,
+        work,
+        "sidecar",
+        Mode::Controller,
+        0,
+        (SIDECAR, SIDECAR_ADMIN),
+        &callgrind_wrapper(&sidecar_out),
+    )
+    .await?;
+    let mut targets = [
+        ("bare proxy", BARE, Callgrind::new(bare.pid(), &bare_out)),
+        (
+            "Chaperone",
+            SIDECAR,
+            Callgrind::new(sidecar.process.pid(), &sidecar_out),
+        ),
+    ];
+    for (name, addr, _) in &targets {
+        let warm = fixed_rate(addr, rate, seconds, conns).await?;
+        eprintln!("warm-up {name}: {} calls", warm.len());
+    }
+    let mut per_call: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for run in 0..runs {
+        for (t, (name, addr, callgrind)) in targets.iter_mut().enumerate() {
+            let sessions = open_sessions(addr, conns).await?;
+            callgrind.start()?;
+            let latencies = calls_at_rate(addr, sessions, rate, calls).await?;
+            let total = callgrind.finish()?;
+            let count = total as f64 / latencies.len() as f64;
+            eprintln!(
+                "run {run} {name}: {total} instructions over {} calls: {count:.0} per call",
+                latencies.len()
+            );
+            per_call[t].push(count);
+        }
+    }
+    println!(
+        "User-space instructions per call (callgrind, every thread; the kernel's work is not counted): {calls} calls of 1 KB `tools/call` at {rate}/s over {conns} connections, {runs} run(s) each after as many calls of warm-up; Chaperone in controller mode with audit to a stdout pipe and shipping.\n"
+    );
+    println!("| target | instructions per call (each run) | median |");
+    println!("|---|---|---:|");
+    let medians: Vec<f64> = per_call
+        .iter_mut()
+        .map(|c| median(&mut c.clone()))
+        .collect();
+    for ((name, _, _), (counts, m)) in targets.iter().zip(per_call.iter().zip(&medians)) {
+        let shown: Vec<String> = counts.iter().map(|c| format!("{c:.0}")).collect();
+        println!("| {name} | {} | {m:.0} |", shown.join(", "));
+    }
+    println!(
+        "\nChaperone over the bare proxy: {:.0} instructions per call ({:.2}×).",
+        medians[1] - medians[0],
+        medians[1] / medians[0]
+    );
+    println!(
+        "Where they go (the last run's calls): `callgrind_annotate {}` and `callgrind_annotate {}`; remove {} when done.",
+        targets[0].2.last_dump().display(),
+        targets[1].2.last_dump().display(),
+        work.display()
+    );
+    drop(sidecar);
+    Ok(())
 }
 
 async fn run(
@@ -955,6 +1106,7 @@ async fn run(
         Mode::Controller,
         0,
         (SIDECAR, SIDECAR_ADMIN),
+        &env_wrapper(),
     )
     .await?;
     let standalone_sidecar = if standalone {
@@ -966,6 +1118,7 @@ async fn run(
                 Mode::Standalone,
                 0,
                 (STANDALONE, STANDALONE_ADMIN),
+                &env_wrapper(),
             )
             .await?,
         )

@@ -24,6 +24,7 @@ use std::fmt::Write as _;
 use std::io::{self, Write};
 
 use aws_lc_rs::digest;
+use chaperone_json::plain_string_len;
 use serde_json::{Number, Value};
 
 /// What the `argsAlg` claim of an assertion names: `args` is [`args_digest`],
@@ -266,7 +267,12 @@ fn emit_string<W: Write>(text: &str, out: &mut W) -> io::Result<()> {
     out.write_all(b"\"")?;
     let bytes = text.as_bytes();
     let mut plain = 0;
-    for (at, &byte) in bytes.iter().enumerate() {
+    loop {
+        // Every byte of a multi-byte UTF-8 sequence is 0x80 or above: plain.
+        let at = plain + plain_string_len(&bytes[plain..]);
+        let Some(&byte) = bytes.get(at) else {
+            break;
+        };
         let short: &[u8] = match byte {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -275,9 +281,7 @@ fn emit_string<W: Write>(text: &str, out: &mut W) -> io::Result<()> {
             b'\n' => b"\\n",
             0x0c => b"\\f",
             b'\r' => b"\\r",
-            0x00..=0x1f => b"",
-            // Every byte of a multi-byte UTF-8 sequence is 0x80 or above.
-            _ => continue,
+            _ => b"",
         };
         out.write_all(&bytes[plain..at])?;
         plain = at + 1;

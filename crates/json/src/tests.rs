@@ -248,3 +248,48 @@ proptest! {
         }
     }
 }
+
+/// The byte-at-a-time reading of [`plain_string_len`].
+fn plain_string_len_bytewise(bytes: &[u8]) -> usize {
+    bytes
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .unwrap_or(bytes.len())
+}
+
+#[test]
+fn plain_string_len_stops_at_each_special_byte_in_every_lane() {
+    for special in [b'"', b'\\', 0x00, 0x1f, b'\n'] {
+        for len in 0..20 {
+            for at in 0..len {
+                let mut bytes = vec![b'a'; len];
+                bytes[at] = special;
+                assert_eq!(
+                    plain_string_len(&bytes),
+                    at,
+                    "{special:#x} at {at} of {len}"
+                );
+            }
+        }
+    }
+    // Bytes next to the special ones, and UTF-8's high bytes, are plain.
+    let plain = "!#[]^ ~\u{7f}é😀 plain text of more than eight bytes";
+    assert_eq!(plain_string_len(plain.as_bytes()), plain.len());
+}
+
+proptest! {
+    /// Eight bytes at a time finds the same first special byte as one at a
+    /// time, over bytes drawn near the special ones.
+    #[test]
+    fn plain_string_len_agrees_with_bytewise(
+        bytes in proptest::collection::vec(
+            prop_oneof![
+                Just(b'"'), Just(b'\\'), Just(b'!'), Just(b'#'), Just(b'[') , Just(b']'),
+                0u8..0x21, 0x7eu8..=0xff, any::<u8>()
+            ],
+            0..64,
+        )
+    ) {
+        prop_assert_eq!(plain_string_len(&bytes), plain_string_len_bytewise(&bytes));
+    }
+}
