@@ -135,11 +135,13 @@ pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response<Respo
     response
 }
 
+/// Whether the `Content-Type` starts with `prefix` (lowercase), in any case.
 fn content_type_is(headers: &HeaderMap, prefix: &str) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with(prefix))
+        .and_then(|v| v.trim_start().as_bytes().get(..prefix.len()))
+        .is_some_and(|start| start.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
 /// Splits `/<server>/<rest>` into the server and `/<rest>` (possibly empty).
@@ -1319,5 +1321,23 @@ mod tests {
         assert_eq!(split_path("/billing"), ("billing", ""));
         assert_eq!(split_path("/billing/x/y"), ("billing", "/x/y"));
         assert_eq!(split_path("/"), ("", ""));
+    }
+
+    #[test]
+    fn content_type_prefix_ignores_case_and_leading_space() {
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+            headers
+        };
+        let sse = "text/event-stream";
+        assert!(content_type_is(&with("text/event-stream"), sse));
+        assert!(content_type_is(
+            &with(" Text/Event-Stream; charset=utf-8"),
+            sse
+        ));
+        assert!(!content_type_is(&with("text/event"), sse));
+        assert!(!content_type_is(&with("application/json"), sse));
+        assert!(!content_type_is(&HeaderMap::new(), sse));
     }
 }
