@@ -67,7 +67,7 @@
 //! and CPU time on a shared machine move with its load; this count does
 //! not, so one run shows what a change to the call path costs or saves (the
 //! kernel's share is not in it). Use a low rate: under callgrind a call
-//! takes milliseconds (`chaperone-bench --instructions 3 10 50 2`).
+//! takes milliseconds (`chaperone-bench --instructions 3 10 20 2`).
 //!
 //! Usage: `chaperone-bench [--standalone] [--rss-only | --instructions] [RUNS] [FIXED_SECONDS] [RATE] [CONNECTIONS] [CLOSED_SECONDS]`
 //! (defaults 3 20 1000 8 10).
@@ -1003,6 +1003,32 @@ async fn main() -> anyhow::Result<()> {
     outcome
 }
 
+/// Starts the upstream (`mcp-echo`), the bare proxy (under `bare_wrapper`)
+/// and the sidecar in controller mode (under `sidecar_wrapper`), each once
+/// it listens or is ready.
+async fn start_targets(
+    bins: &Path,
+    work: &Path,
+    bare_wrapper: &[String],
+    sidecar_wrapper: &[String],
+) -> anyhow::Result<(Proc, Proc, SidecarUnderTest)> {
+    let echo = spawn(&bins.join("mcp-echo"), &[ECHO], &[])?;
+    wait_listening(ECHO).await?;
+    let bare = spawn_wrapped(bare_wrapper, &bins.join("bare-proxy"), &[BARE, ECHO], &[])?;
+    wait_listening(BARE).await?;
+    let sidecar = start_sidecar(
+        bins,
+        work,
+        "sidecar",
+        Mode::Controller,
+        0,
+        (SIDECAR, SIDECAR_ADMIN),
+        sidecar_wrapper,
+    )
+    .await?;
+    Ok((echo, bare, sidecar))
+}
+
 /// The `--instructions` mode: user-space instructions per call of the bare
 /// proxy and the sidecar (controller mode, as in [`run`]), each under
 /// callgrind, counted over `rate × seconds` calls after as many calls of
@@ -1013,24 +1039,16 @@ async fn count_instructions(
     (runs, seconds, rate, conns): (u64, u64, u64, u64),
 ) -> anyhow::Result<()> {
     let calls = rate * seconds;
-    let _echo = spawn(&bins.join("mcp-echo"), &[ECHO], &[])?;
-    wait_listening(ECHO).await?;
+    let valgrind = Command::new("valgrind").arg("--version").output();
+    if !valgrind.is_ok_and(|out| out.status.success()) {
+        bail!("--instructions runs the proxies under valgrind, which is not installed here");
+    }
     let bare_out = work.join("bare.callgrind");
-    let bare = spawn_wrapped(
-        &callgrind_wrapper(&bare_out),
-        &bins.join("bare-proxy"),
-        &[BARE, ECHO],
-        &[],
-    )?;
-    wait_listening(BARE).await?;
     let sidecar_out = work.join("sidecar.callgrind");
-    let sidecar = start_sidecar(
+    let (_echo, bare, sidecar) = start_targets(
         bins,
         work,
-        "sidecar",
-        Mode::Controller,
-        0,
-        (SIDECAR, SIDECAR_ADMIN),
+        &callgrind_wrapper(&bare_out),
         &callgrind_wrapper(&sidecar_out),
     )
     .await?;
@@ -1095,20 +1113,7 @@ async fn run(
     (runs, seconds, rate, conns, closed_seconds): (u64, u64, u64, u64, u64),
     standalone: bool,
 ) -> anyhow::Result<()> {
-    let _echo = spawn(&bins.join("mcp-echo"), &[ECHO], &[])?;
-    wait_listening(ECHO).await?;
-    let bare = spawn(&bins.join("bare-proxy"), &[BARE, ECHO], &[])?;
-    wait_listening(BARE).await?;
-    let sidecar = start_sidecar(
-        bins,
-        work,
-        "sidecar",
-        Mode::Controller,
-        0,
-        (SIDECAR, SIDECAR_ADMIN),
-        &env_wrapper(),
-    )
-    .await?;
+    let (_echo, bare, sidecar) = start_targets(bins, work, &[], &env_wrapper()).await?;
     let standalone_sidecar = if standalone {
         Some(
             start_sidecar(

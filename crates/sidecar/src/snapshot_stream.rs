@@ -58,7 +58,7 @@ pub const AUDIT_BATCH_BYTES: usize = 1 << 20;
 /// full): audit records reach the controller at most this much later, and a
 /// busy sidecar sends one message per this period instead of one every few
 /// calls (each an HTTP/2 frame, a TLS record and a `write`).
-pub const AUDIT_BATCH_LINGER: Duration = Duration::from_millis(10);
+pub const AUDIT_BATCH_LINGER: Duration = Duration::from_millis(50);
 /// How often drops are reported when no record is shipped.
 const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// Timeout of the TCP + TLS connect to the controller.
