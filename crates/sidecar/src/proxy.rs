@@ -286,7 +286,10 @@ impl Gateway {
         if req.method() == Method::GET
             && let Some((server, rest)) = crate::oauth::metadata_route(req.uri().path())
         {
-            return Ok(crate::oauth::serve_metadata(self, &active, &req, server, rest).await);
+            return Ok(Box::pin(crate::oauth::serve_metadata(
+                self, &active, &req, server, rest,
+            ))
+            .await);
         }
         let (server, rest) = split_path(req.uri().path());
         let upstream = active
@@ -307,8 +310,8 @@ impl Gateway {
         let requested = crate::oauth::RequestedUrl::of(&req);
         let mut response = match *req.method() {
             Method::POST => self.post(req, &active, upstream, uri, started).await,
-            Method::GET => self.get(req, &active, upstream, uri).await,
-            Method::DELETE => self.delete(req, &active, upstream, uri).await,
+            Method::GET => Box::pin(self.get(req, &active, upstream, uri)).await,
+            Method::DELETE => Box::pin(self.delete(req, &active, upstream, uri)).await,
             _ => Err(MethodNotAllowed.into()),
         }?;
         crate::oauth::map_challenges(self, &requested, upstream, response.headers_mut());
@@ -561,10 +564,11 @@ impl Gateway {
                             .decide_call(active, upstream, &mut state, &call)
                     })?;
                     if let Some(held) = outcome.held.take() {
-                        outcome = self
-                            .hold_for_approval(active, upstream, &shared, &call, held, batch)
-                            .instrument(span.clone())
-                            .await?;
+                        outcome = Box::pin(
+                            self.hold_for_approval(active, upstream, &shared, &call, held, batch)
+                                .instrument(span.clone()),
+                        )
+                        .await?;
                     }
                     if outcome.forward {
                         forwarded.push(index);
