@@ -1084,10 +1084,7 @@ async fn count_instructions(
     );
     println!("| target | instructions per call (each run) | median |");
     println!("|---|---|---:|");
-    let medians: Vec<f64> = per_call
-        .iter_mut()
-        .map(|c| median(&mut c.clone()))
-        .collect();
+    let medians: Vec<f64> = per_call.iter().map(|c| median(&mut c.clone())).collect();
     for ((name, _, _), (counts, m)) in targets.iter().zip(per_call.iter().zip(&medians)) {
         let shown: Vec<String> = counts.iter().map(|c| format!("{c:.0}")).collect();
         println!("| {name} | {} | {m:.0} |", shown.join(", "));

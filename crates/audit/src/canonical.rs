@@ -281,6 +281,7 @@ fn emit_string<W: Write>(text: &str, out: &mut W) -> io::Result<()> {
             b'\n' => b"\\n",
             0x0c => b"\\f",
             b'\r' => b"\\r",
+            // Other control bytes: `\u00XX`.
             _ => b"",
         };
         out.write_all(&bytes[plain..at])?;

@@ -32,7 +32,7 @@ use serde_json::{Map, Number, Value};
 use thiserror::Error;
 
 /// The length of the longest prefix of `bytes` that a JSON string holds as
-/// it is: no `"`, no `\\` and no control byte (below 0x20), the bytes a
+/// it is: no `"`, no `\` and no control byte (below 0x20), the bytes a
 /// reader stops at and a writer escapes. Reads eight bytes at a time.
 pub fn plain_string_len(bytes: &[u8]) -> usize {
     const ONES: u64 = u64::from_le_bytes([1; 8]);
@@ -409,21 +409,17 @@ impl<'a> Parser<'a> {
         self.at += 1;
         let start = self.at;
         // Fast path: no escapes.
-        loop {
-            self.at += plain_string_len(&self.bytes[self.at..]);
-            match self.peek() {
-                None => return Err(self.syntax("unterminated string")),
-                Some(b'"') => {
-                    let s = &self.text[start..self.at];
-                    self.at += 1;
-                    return Ok(Cow::Borrowed(s));
-                }
-                Some(b'\\') => break,
-                Some(b) if b < 0x20 => {
-                    return Err(self.syntax("control character in a string"));
-                }
-                Some(_) => self.at += 1,
+        self.at += plain_string_len(&self.bytes[self.at..]);
+        match self.peek() {
+            None => return Err(self.syntax("unterminated string")),
+            Some(b'"') => {
+                let s = &self.text[start..self.at];
+                self.at += 1;
+                return Ok(Cow::Borrowed(s));
             }
+            Some(b'\\') => {}
+            // The scan stops only at a quote, a backslash or a control byte.
+            Some(_) => return Err(self.syntax("control character in a string")),
         }
         let mut out = String::from(&self.text[start..self.at]);
         loop {

@@ -108,6 +108,10 @@ fn refuses_what_some_readers_repair() {
         r#"{"arguments":{"__proto__":{"amount":1}}}"#,
         "\u{feff}{}",
         "{\"x\":\"a\tb\"}",
+        // A raw control byte after an escape, and strings never closed.
+        "{\"x\":\"a\\nb\u{1f}c\"}",
+        "{\"x\":\"abcdefghijklmnop",
+        "{\"x\":\"a\\nbcdefghijklmnop",
         r#"{"x":1} {"y":2}"#,
         r#"{"x":1,}"#,
         r#"[1,]"#,
