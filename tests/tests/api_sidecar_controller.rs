@@ -405,6 +405,113 @@ async fn registers_its_key_and_reports_tools_and_audit() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_just_before_the_sidecar_stops_still_becomes_an_event() -> Result<()> {
+    let (client, ns) = setup().await?;
+    let upstream = start_upstream().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("closer", upstream)).await?;
+    apply::<ToolPolicy>(&client, &ns, policy("shop", "closer", "get_order")).await?;
+    let token = kube_fixtures::pod_token(
+        &client,
+        &ns,
+        "closer",
+        "closer-0",
+        kube_fixtures::SIDECAR_AUDIENCE,
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let token_file = write_token(dir.path(), &token)?;
+    let ca_file = tokio::task::spawn_blocking(|| controller().ca_file.clone()).await?;
+    let controller_at = controller_settings(grpc_address(), &token_file, ca_file);
+    let settings = Settings {
+        pod_name: "closer-0".to_owned(),
+        controller: Some(controller_at.clone()),
+        shutdown_grace: Duration::from_secs(3),
+        ..Settings::default()
+    };
+    // The sidecar as its binary runs it: `Sidecar::run`, stopped by a signal.
+    let audit = chaperone_sidecar::audit::AuditBuffer::default();
+    let sidecar = chaperone_sidecar::Sidecar::new(
+        settings,
+        chaperone_sidecar::AuditOutput::Writer(Box::new(audit.clone())),
+        true,
+    )?;
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let proxy_port = proxy.local_addr()?.port();
+    let listeners = chaperone_sidecar::Listeners {
+        proxy: Some(proxy),
+        inbound: None,
+        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = sidecar.clone();
+    let run = tokio::spawn(async move {
+        running
+            .run(
+                listeners,
+                chaperone_sidecar::SnapshotFeed::Controller(controller_at),
+                Duration::from_secs(1),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+    });
+    let source = Arc::clone(sidecar.snapshots());
+    eventually(Duration::from_secs(10), async || {
+        Ok(source.current().map(|_| ()))
+    })
+    .await?;
+
+    // `refund` is not allowed: denied (a stateless 2026-07-28 call on a
+    // connection that closes after it), and the record still lingers in its
+    // batch when the sidecar is told to stop right after.
+    let body = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {
+            "name": "refund", "arguments": {},
+            "_meta": { "io.modelcontextprotocol/protocolVersion": "2026-07-28" }
+        }
+    })
+    .to_string();
+    let headers = [
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "refund"),
+    ];
+    let denied = http_request_async(proxy_port, json_post("/shop", &headers, &body)).await;
+    assert!(denied.contains("Chaperone denied this call"), "{denied}");
+    let stopping = Instant::now();
+    stop.send(())
+        .map_err(|()| anyhow::anyhow!("the sidecar stopped early"))?;
+    let outcome = tokio::time::timeout(Duration::from_secs(15), run)
+        .await
+        .context("the sidecar did not stop")??;
+    assert!(outcome.is_ok(), "{outcome:?}");
+    // No connection was open: nothing to wait for but the controller.
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopping.elapsed()
+    );
+    let last = audit.records().pop().context("no audit record")?;
+    assert_eq!(last["final"], true, "{last}");
+
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let denial = eventually(Duration::from_secs(10), async || {
+        let list = events.list(&Default::default()).await?;
+        Ok(list
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("ToolCallDenied")))
+    })
+    .await
+    .context("the denial's record never reached the controller")?;
+    let note = denial.note.unwrap_or_default();
+    assert!(note.contains("refund"), "{note}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_controller_means_503_and_not_ready() -> Result<()> {
     setup().await?;
     let dir = tempfile::tempdir()?;

@@ -23,6 +23,12 @@
 //!   one that does not answer within the header-read timeout is closed.
 //!
 //! Request bodies are bounded in size by their readers, not in time here.
+//!
+//! **Shutdown** drains: the listener stops accepting (new connections are
+//! refused by the kernel), every open connection is told to finish what is in
+//! flight and close (HTTP/1 after its current response, HTTP/2 with a
+//! GOAWAY), and [`serve_connections`] returns when the last one has closed.
+//! How long that may take is the caller's to bound.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -42,7 +48,7 @@ use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::metrics::{ConnectionTimeoutLabels, ListenerLabels, Metrics};
@@ -384,7 +390,9 @@ fn connection_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor>
 
 /// Accepts connections on `listener` until `shutdown` resolves and serves each
 /// (HTTP/1.1, or HTTP/2 with prior knowledge) with `handle` under `limits`;
-/// `side` names the listener in logs and metrics.
+/// `side` names the listener in logs and metrics. After `shutdown` it closes
+/// the listener, lets each connection finish what it has in flight, and
+/// returns once every connection has closed.
 pub(crate) async fn serve_connections<H, F>(
     side: &'static str,
     limits: ConnectionLimits,
@@ -401,11 +409,12 @@ pub(crate) async fn serve_connections<H, F>(
     let labels = ListenerLabels { listener: side };
     let open = metrics.connections_open.get_or_create(&labels).clone();
     let refused = metrics.connections_refused.get_or_create(&labels).clone();
+    let (drain, draining) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = &mut shutdown => return,
+            () = &mut shutdown => break,
         };
         let (stream, _) = match accepted {
             Ok(accepted) => accepted,
@@ -434,7 +443,28 @@ pub(crate) async fn serve_connections<H, F>(
         };
         let builder = builder.clone();
         let handle = handle.clone();
-        tokio::spawn(async move { connection.serve(&builder, stream, handle).await });
+        let draining = draining.clone();
+        tokio::spawn(async move { connection.serve(&builder, stream, handle, draining).await });
+    }
+    drop(listener);
+    let open_now = limits.max_connections.max(1) - slots.available_permits();
+    tracing::info!(
+        side,
+        connections = open_now,
+        "listener closed; draining its connections"
+    );
+    let _ = drain.send(true);
+    // Each open connection holds a slot: all slots free, all closed.
+    let all = u32::try_from(limits.max_connections.max(1)).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
+    tracing::info!(side, "connections drained");
+}
+
+/// Resolves once the listener starts draining; never when it is dropped
+/// without draining (its connections then go on as they are).
+async fn drain_requested(draining: &mut watch::Receiver<bool>) {
+    if draining.wait_for(|drain| *drain).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -470,6 +500,7 @@ impl Connection {
         builder: &auto::Builder<TokioExecutor>,
         stream: TcpStream,
         handle: H,
+        mut draining: watch::Receiver<bool>,
     ) where
         H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
         F: Future<Output = Response<ResponseBody>> + Send + 'static,
@@ -496,6 +527,18 @@ impl Connection {
         tokio::pin!(connection);
         let result = tokio::select! {
             result = connection.as_mut() => result,
+            () = drain_requested(&mut draining) => {
+                // What is in flight finishes; nothing new starts.
+                connection.as_mut().graceful_shutdown();
+                tokio::select! {
+                    result = connection.as_mut() => result,
+                    expiry = activity.expired() => {
+                        self.timed_out(expiry.label());
+                        tracing::debug!(side, timeout = expiry.label(), "connection timed out while draining");
+                        return;
+                    }
+                }
+            }
             expiry = activity.expired() => {
                 self.timed_out(expiry.label());
                 tracing::debug!(side, timeout = expiry.label(), "connection timed out");

@@ -14,6 +14,9 @@ pub const DEFAULT_TOKEN_FILE: &str = TOKEN_FILE;
 /// Default of [`ENV_APPROVAL_HOLD_SECONDS`]: below the 30 to 60 s after which
 /// common MCP clients give up on a call.
 pub const DEFAULT_APPROVAL_HOLD: Duration = Duration::from_secs(20);
+/// Default of [`ENV_SHUTDOWN_GRACE_MS`]: with the audit flush after it, well
+/// inside a pod's default 30 s termination grace period.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Default of [`ENV_CA_FILE`].
 pub const DEFAULT_CA_FILE: &str = "/var/run/secrets/chaperone/ca.crt";
 
@@ -80,6 +83,9 @@ pub struct Settings {
     /// Longest a call needing a person's approval is held before it is
     /// refused as pending (to be retried); default 20 s.
     pub approval_hold: Duration,
+    /// Longest calls in flight may take to finish after shutdown begins;
+    /// default 10 s.
+    pub shutdown_grace: Duration,
 }
 
 /// Where the sidecar sits.
@@ -177,6 +183,7 @@ impl Default for Settings {
             max_delegated_sessions_per_caller: 10_000,
             initiator_max_token_lifetime: Duration::from_secs(3600),
             approval_hold: DEFAULT_APPROVAL_HOLD,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
@@ -263,6 +270,10 @@ impl Settings {
         if let Some(v) = lookup(ENV_APPROVAL_HOLD_SECONDS) {
             let seconds: usize = positive(ENV_APPROVAL_HOLD_SECONDS, v)?;
             settings.approval_hold = Duration::from_secs(seconds as u64);
+        }
+        if let Some(v) = lookup(ENV_SHUTDOWN_GRACE_MS) {
+            let ms: usize = positive(ENV_SHUTDOWN_GRACE_MS, v)?;
+            settings.shutdown_grace = Duration::from_millis(ms as u64);
         }
         if let Some(v) = lookup(ENV_POD_NAME) {
             settings.pod_name = v;

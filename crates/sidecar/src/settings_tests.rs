@@ -162,3 +162,18 @@ fn reads_the_approval_hold() {
         assert_eq!(err.name, ENV_APPROVAL_HOLD_SECONDS, "{bad}");
     }
 }
+
+#[test]
+fn reads_the_shutdown_grace() {
+    assert_eq!(Settings::default().shutdown_grace, Duration::from_secs(10));
+    let settings =
+        Settings::from_lookup(|name| (name == ENV_SHUTDOWN_GRACE_MS).then(|| "2500".to_owned()))
+            .unwrap();
+    assert_eq!(settings.shutdown_grace, Duration::from_millis(2500));
+    for bad in ["0", "-5", "10s"] {
+        let err =
+            Settings::from_lookup(|name| (name == ENV_SHUTDOWN_GRACE_MS).then(|| bad.to_owned()))
+                .unwrap_err();
+        assert_eq!(err.name, ENV_SHUTDOWN_GRACE_MS, "{bad}");
+    }
+}

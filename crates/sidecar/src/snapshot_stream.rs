@@ -16,6 +16,14 @@
 //! - carries the approval requests of held calls out and their answers back
 //!   ([`crate::approvals`]): connected while the stream lasts.
 //!
+//! Stopping ([`SnapshotStream::run_until`]): every audit record still queued
+//! (after the trail's final checkpoint) is sent at once, the sidecar closes its
+//! side of the stream, and waits for the controller to end it, which the
+//! controller does only after reading everything sent before the close. With
+//! no stream open at that moment the sidecar connects once more, at once;
+//! records that still cannot go are counted in the log (they are in the audit
+//! trail on stdout, written before their calls went on).
+//!
 //! Fail closed: before the first snapshot every call is refused (503, not
 //! ready). When the controller is away the last good snapshot stays in force and
 //! the sidecar reconnects with jittered exponential backoff. When the controller
@@ -26,7 +34,9 @@
 pub mod wire;
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,6 +118,13 @@ enum StreamEnd {
     Closed(Option<Status>),
     /// The controller stopped reading what the sidecar sends.
     SendFailed,
+    /// The sidecar is stopping: its last audit records went out and it closed
+    /// its side; `confirmed` when the controller then ended the stream (so it
+    /// read them all).
+    Finished {
+        /// The controller ended the stream cleanly.
+        confirmed: bool,
+    },
 }
 
 /// The client of the controller's snapshot stream; [`SnapshotStream::run`]
@@ -127,6 +144,8 @@ pub struct SnapshotStream {
     lingering: Option<Arc<str>>,
     /// `chaperone_sidecar_audit_dropped_total` as last reported.
     dropped_reported: u64,
+    /// The sidecar is stopping: ship what is queued, then end.
+    finishing: bool,
 }
 
 impl SnapshotStream {
@@ -146,6 +165,7 @@ impl SnapshotStream {
             unsent_audit: None,
             lingering: None,
             dropped_reported,
+            finishing: false,
         }
     }
 
@@ -157,20 +177,45 @@ impl SnapshotStream {
 
     /// Connects, serves the stream, and reconnects with backoff when it ends;
     /// runs until the task is dropped.
-    pub async fn run(mut self) {
+    pub async fn run(self) {
+        self.run_until(std::future::pending()).await;
+    }
+
+    /// Like [`SnapshotStream::run`] until `finish` resolves; then ships every
+    /// audit record queued (close the audit trail first, and its final
+    /// checkpoint goes too), closes the sidecar's side of the stream and
+    /// waits until the controller ends it. Without a stream open it connects
+    /// once more, at once. Returns whether every record reached the
+    /// controller; never returns while the controller neither ends the
+    /// stream nor fails it, so bound it with a timeout.
+    pub async fn run_until(mut self, finish: impl Future<Output = ()>) -> bool {
+        tokio::pin!(finish);
         loop {
-            let (end, delivered) = self.serve_once().await;
+            let (end, delivered) = self.serve_once(finish.as_mut()).await;
+            if let StreamEnd::Finished { confirmed } = end {
+                return confirmed;
+            }
             if delivered {
                 self.backoff.reset();
             }
             self.on_end(end);
+            if self.finishing {
+                tracing::error!(
+                    unshipped = self.audit_unshipped(),
+                    "stopping: audit records not shipped to the controller (they are in the audit trail on stdout)"
+                );
+                return false;
+            }
             let delay = self.backoff.next_delay();
             tracing::debug!(
                 ?delay,
                 failures = self.backoff.failures(),
                 "reconnecting to the controller"
             );
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = finish.as_mut() => self.finishing = true,
+            }
         }
     }
 
@@ -211,12 +256,17 @@ impl SnapshotStream {
                 %address, keeping_last_snapshot = ready,
                 "snapshot stream ended while sending"
             ),
+            StreamEnd::Finished { .. } => {}
         }
     }
 
-    /// One stream, from connect to its end; also says whether the controller
+    /// One stream, from connect to its end (or, once `finish` resolves, to
+    /// [`SnapshotStream::finish_stream`]); also says whether the controller
     /// delivered anything (a working connection resets the backoff).
-    async fn serve_once(&mut self) -> (StreamEnd, bool) {
+    async fn serve_once<F: Future<Output = ()>>(
+        &mut self,
+        mut finish: Pin<&mut F>,
+    ) -> (StreamEnd, bool) {
         let (tx, mut inbound) = match self.open().await {
             Ok(opened) => opened,
             Err(error) => return (StreamEnd::NotOpened(error), false),
@@ -224,7 +274,7 @@ impl SnapshotStream {
         tracing::info!(address = %self.settings.address, "snapshot stream open");
         // Calls held for approval ask over this stream while it lasts; its
         // end loses their tickets.
-        let _approvals = self.sidecar.approvals().connect(tx.clone());
+        let approvals = self.sidecar.approvals().connect(tx.clone());
         let mut delivered = false;
         let mut inventory_due = !self.inventory.borrow_and_update().is_empty();
         let mut inventory_sent: Option<Instant> = None;
@@ -235,6 +285,10 @@ impl SnapshotStream {
         {
             return (StreamEnd::SendFailed, delivered);
         }
+        if self.finishing {
+            drop(approvals);
+            return self.finish_stream(tx, inbound, delivered).await;
+        }
         // When the batch being gathered goes (one a previous stream left
         // goes at once).
         let mut ship_at = Instant::now();
@@ -242,6 +296,11 @@ impl SnapshotStream {
             let inventory_at =
                 inventory_sent.map_or_else(Instant::now, |at| at + INVENTORY_INTERVAL);
             tokio::select! {
+                () = finish.as_mut(), if !self.finishing => {
+                    self.finishing = true;
+                    drop(approvals);
+                    return self.finish_stream(tx, inbound, delivered).await;
+                }
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {
                         delivered = true;
@@ -301,6 +360,63 @@ impl SnapshotStream {
                             return (StreamEnd::SendFailed, delivered);
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Sends what the audit queue holds (the lingering batch's first record,
+    /// a batch a failed stream left, the drops since the last report), closes
+    /// the sidecar's side of the stream (`tx` is its last sender) and waits
+    /// for the controller to end it.
+    async fn finish_stream(
+        &mut self,
+        tx: mpsc::Sender<SidecarMessage>,
+        mut inbound: tonic::Streaming<ControllerMessage>,
+        delivered: bool,
+    ) -> (StreamEnd, bool) {
+        tracing::info!(
+            records = self.audit_unshipped(),
+            "stopping: shipping the last audit records to the controller"
+        );
+        let mut next = self.lingering.take();
+        loop {
+            let first = match next.take() {
+                Some(first) => first,
+                None => match self.audit.as_mut().map(mpsc::Receiver::try_recv) {
+                    Some(Ok(record)) => record,
+                    _ => break,
+                },
+            };
+            let batch = self.audit_batch(first);
+            if !self.send_audit(&tx, batch).await {
+                return (StreamEnd::SendFailed, delivered);
+            }
+        }
+        let dropped = self.dropped_since_report();
+        if dropped > 0 {
+            let batch = AuditBatch {
+                records: Vec::new(),
+                dropped,
+            };
+            if !self.send_audit(&tx, batch).await {
+                return (StreamEnd::SendFailed, delivered);
+            }
+        }
+        drop(tx);
+        // The controller ends the stream once it has read the close; what it
+        // sends meanwhile is not applied any more.
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return (StreamEnd::Finished { confirmed: true }, delivered),
+                Err(status) => {
+                    tracing::warn!(
+                        code = ?status.code(),
+                        message = status.message(),
+                        "stopping: the snapshot stream failed after the last audit records were sent"
+                    );
+                    return (StreamEnd::Finished { confirmed: false }, delivered);
                 }
             }
         }
@@ -465,6 +581,17 @@ impl SnapshotStream {
             return false;
         }
         true
+    }
+
+    /// Audit records not yet handed to a stream: queued, lingering, or in a
+    /// batch a failed stream left.
+    fn audit_unshipped(&self) -> usize {
+        self.audit_queued()
+            + usize::from(self.lingering.is_some())
+            + self
+                .unsent_audit
+                .as_ref()
+                .map_or(0, |batch| batch.records.len())
     }
 
     /// Records waiting in the audit queue.

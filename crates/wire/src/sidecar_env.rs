@@ -127,6 +127,10 @@ pub const ENV_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS: &str =
 /// timeouts). A call still pending then is refused with the approval's name,
 /// to be retried.
 pub const ENV_APPROVAL_HOLD_SECONDS: &str = "CHAPERONE_APPROVAL_HOLD_SECONDS";
+/// Longest the sidecar lets calls in flight finish after SIGTERM before it
+/// closes its audit trail, milliseconds (default 10,000). New connections are
+/// refused at once; the audit records are shipped to the controller after.
+pub const ENV_SHUTDOWN_GRACE_MS: &str = "CHAPERONE_SHUTDOWN_GRACE_MS";
 
 #[cfg(test)]
 mod tests {

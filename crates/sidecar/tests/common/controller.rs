@@ -3,7 +3,8 @@
 //! [`SnapshotStream`](chaperone_sidecar::SnapshotStream) against it.
 //!
 //! It sends no snapshot (tests load policy directories), records what
-//! sidecars send, and answers approval requests the way the controller does:
+//! sidecars send (audit records included), ends a stream once the sidecar has
+//! closed its side (as the controller does), and answers approval requests the way the controller does:
 //! one approval object per agent call (tool, argument digest, session key),
 //! found again by a retry while it is pending or approved and unused;
 //! PENDING at once, then the decision the test makes ([`FakeController::decide`]),
@@ -71,6 +72,11 @@ struct State {
     waiting: HashMap<(usize, u64), usize>,
     /// Each stream's outbound queue, by stream number.
     streams: Vec<mpsc::Sender<Result<ControllerMessage, Status>>>,
+    /// Audit records received, in order.
+    audit: Vec<String>,
+    /// Streams the sidecar closed its side of cleanly (the fake then ended
+    /// them).
+    closed_by_sidecar: usize,
 }
 
 /// Until when a person could decide (unix seconds): fixed, for assertions.
@@ -196,7 +202,12 @@ impl SnapshotService for Service {
         let mut inbound = request.into_inner();
         let state = Arc::clone(&self.state);
         tokio::spawn(async move {
-            while let Ok(Some(message)) = inbound.message().await {
+            let closed = loop {
+                let message = match inbound.message().await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break true,
+                    Err(_) => break false,
+                };
                 let mut state = lock(&state);
                 match message.message {
                     Some(sidecar_message::Message::ApprovalRequest(request)) => {
@@ -206,10 +217,18 @@ impl SnapshotService for Service {
                         state.releases.push(release.ticket);
                         state.waiting.remove(&(stream, release.ticket));
                     }
+                    Some(sidecar_message::Message::Audit(batch)) => {
+                        state.audit.extend(batch.records);
+                    }
                     _ => {}
                 }
-            }
-            lock(&state).waiting.retain(|(s, _), _| *s != stream);
+            };
+            let mut state = lock(&state);
+            state.waiting.retain(|(s, _), _| *s != stream);
+            // Everything the sidecar sent is read: end the stream (dropping its
+            // queue's sender; a closed one takes its place).
+            state.streams[stream] = mpsc::channel(1).0;
+            state.closed_by_sidecar += usize::from(closed);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -291,6 +310,20 @@ impl FakeController {
     /// The tickets released so far.
     pub fn releases(&self) -> Vec<u64> {
         lock(&self.state).releases.clone()
+    }
+
+    /// The audit records received so far, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        lock(&self.state)
+            .audit
+            .iter()
+            .map(|line| serde_json::from_str(line).expect("an audit record is JSON"))
+            .collect()
+    }
+
+    /// Streams whose sidecar closed its side cleanly (not dropped).
+    pub fn closed_by_sidecar(&self) -> usize {
+        lock(&self.state).closed_by_sidecar
     }
 
     /// Waits until `check` holds of what was received (at most 5 s).
