@@ -27,8 +27,9 @@
 //! **Shutdown** drains: the listener stops accepting (new connections are
 //! refused by the kernel), every open connection is told to finish what is in
 //! flight and close (HTTP/1 after its current response, HTTP/2 with a
-//! GOAWAY), and [`serve_connections`] returns when the last one has closed.
-//! How long that may take is the caller's to bound.
+//! GOAWAY), `GET` event streams (a server's notifications, which never end on
+//! their own) end at once, and [`serve_connections`] returns when the last
+//! connection has closed. How long that may take is the caller's to bound.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -52,7 +53,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::metrics::{ConnectionTimeoutLabels, ListenerLabels, Metrics};
-use crate::proxy::{BoxError, ResponseBody};
+use crate::proxy::{BoxError, ResponseBody, content_type_is};
 use crate::settings::Settings;
 
 /// The limits one listener serves its connections under.
@@ -292,9 +293,12 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request in flight until it ends.
+/// A response body that keeps its request in flight until it ends; a `GET`
+/// event stream ends (cleanly, between frames) once its listener drains.
 struct InFlightBody {
     inner: ResponseBody,
+    /// For a `GET` event stream: resolves when the listener starts draining.
+    drained: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     _in_flight: InFlight,
 }
 
@@ -306,7 +310,16 @@ impl Body for InFlightBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        if let Some(drained) = &mut this.drained
+            && drained.as_mut().poll(cx).is_ready()
+        {
+            // Ended for good: later polls see an empty body.
+            this.drained = None;
+            this.inner = crate::proxy::full(Bytes::new());
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -512,13 +525,25 @@ impl Connection {
             activity: Arc::clone(&activity),
         });
         let watched = Arc::clone(&activity);
+        let streams_drain = draining.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let in_flight = InFlight::enter(&watched, req.version());
+            // A GET answered with an event stream is the server's notification
+            // channel: it never ends on its own, and would hold a drain for the
+            // whole grace period. It ends when draining starts; the client
+            // reconnects (to another replica).
+            let drain = (req.method() == http::Method::GET).then(|| streams_drain.clone());
             let response = handle(req);
             async move {
                 let response = response.await;
+                let drained = drain
+                    .filter(|_| content_type_is(response.headers(), "text/event-stream"))
+                    .map(|mut drain| -> Pin<Box<dyn Future<Output = ()> + Send>> {
+                        Box::pin(async move { drain_requested(&mut drain).await })
+                    });
                 Ok::<_, Infallible>(response.map(|inner| InFlightBody {
                     inner,
+                    drained,
                     _in_flight: in_flight,
                 }))
             }

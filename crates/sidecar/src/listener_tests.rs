@@ -195,3 +195,119 @@ async fn resets_connections_beyond_the_cap_and_serves_the_rest() {
     let n = stream.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 }
+
+/// An event stream answer: `first` at once, then `rest` after `after` (never,
+/// without `rest`).
+fn event_stream(after: Duration, rest: Option<&'static str>) -> Response<ResponseBody> {
+    let chunks = futures_util::stream::unfold(0, move |n| async move {
+        match n {
+            0 => Some((Ok(Frame::data(Bytes::from("data: first\n\n"))), 1)),
+            1 => {
+                tokio::time::sleep(after).await;
+                match rest {
+                    Some(rest) => Some((Ok(Frame::data(Bytes::from(rest))), 2)),
+                    None => std::future::pending().await,
+                }
+            }
+            _ => None,
+        }
+    });
+    let mut response = Response::new(StreamBody::new(chunks).boxed_unsync());
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    response
+}
+
+/// Sends `head` and reads until `wanted` has arrived.
+async fn send_and_read_until(addr: SocketAddr, head: &str, wanted: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains(wanted) {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("nothing arrived")
+            .unwrap();
+        assert!(n > 0, "closed before {wanted:?}");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    stream
+}
+
+#[tokio::test]
+async fn draining_ends_notification_streams_and_finishes_calls_in_flight() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let limits = ConnectionLimits {
+        idle_timeout: Duration::from_secs(30),
+        ..LIMITS
+    };
+    let serving = tokio::spawn(serve_connections(
+        "proxy",
+        limits,
+        Arc::new(Metrics::new()),
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+        |req: Request<Incoming>| async move {
+            if req.method() == http::Method::GET {
+                // The server's notification stream: never ends on its own.
+                event_stream(Duration::ZERO, None)
+            } else {
+                // A call's streamed answer, still running when draining starts.
+                event_stream(Duration::from_millis(400), Some("data: last\n\n"))
+            }
+        },
+    ));
+    let mut notifications = send_and_read_until(
+        addr,
+        "GET /mcp HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n",
+        "data: first",
+    )
+    .await;
+    let mut call = send_and_read_until(
+        addr,
+        "POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+        "data: first",
+    )
+    .await;
+    stop.send(()).unwrap();
+
+    // The notification stream ends at once, cleanly (the chunked terminator).
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        Duration::from_millis(300),
+        notifications.read_to_end(&mut rest),
+    )
+    .await
+    .expect("the notification stream held the drain")
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&rest).ends_with("0\r\n\r\n"),
+        "{rest:?}"
+    );
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "a new connection was accepted while draining"
+    );
+    assert!(!serving.is_finished(), "returned with a call in flight");
+    // The call in flight finishes.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), call.read_to_end(&mut rest))
+        .await
+        .expect("the call was not finished")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&rest).contains("data: last"),
+        "{rest:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("did not return once every connection closed")
+        .unwrap();
+}

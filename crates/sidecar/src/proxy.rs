@@ -136,7 +136,7 @@ pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response<Respo
 }
 
 /// Whether the `Content-Type` starts with `prefix` (lowercase), in any case.
-fn content_type_is(headers: &HeaderMap, prefix: &str) -> bool {
+pub(crate) fn content_type_is(headers: &HeaderMap, prefix: &str) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
