@@ -162,7 +162,7 @@ impl Sidecar {
             if drained.is_err() {
                 tracing::warn!(
                     ?grace,
-                    "stopping: calls still in flight after the grace period will be refused"
+                    "stopping: connections still open after the grace period are cut (calls not yet decided are refused)"
                 );
             }
         }
