@@ -538,7 +538,7 @@ pub fn start_controller_with(
             }
             let client = crate::client_from_kubeconfig(&kubeconfig).await?;
             tokio::select! {
-                result = chaperone_controller::run_with_client(args, client) => result,
+                result = chaperone_controller::run_until(args, client, std::future::pending()) => result,
                 // Only an explicit stop: a dropped handle leaves it running.
                 Ok(()) = stop_rx => Ok(()),
             }

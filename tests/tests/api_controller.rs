@@ -860,3 +860,91 @@ async fn a_grant_turns_expired_at_its_expiry_and_leaves_the_snapshot() -> Result
     assert_eq!(expired.reason, "Expired");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_hands_its_lease_over_at_once() -> Result<()> {
+    use chaperone_controller::leader;
+    let client = ControlPlane::shared().client().await?;
+    let ns = create_namespace(&client, "lease").await?;
+    let (leads, mut first_leads) = tokio::sync::watch::channel(false);
+    let first = tokio::spawn(leader::run(
+        client.clone(),
+        ns.clone(),
+        "handover".to_owned(),
+        "first".to_owned(),
+        leads,
+    ));
+    tokio::time::timeout(Duration::from_secs(10), first_leads.wait_for(|l| *l))
+        .await
+        .context("the first replica never led")??;
+    // It stops: its election ends, then it gives the Lease up.
+    first.abort();
+    let _ = first.await;
+    assert!(leader::release(client.clone(), &ns, "handover", "first").await?);
+    assert!(
+        !leader::release(client.clone(), &ns, "handover", "first").await?,
+        "released a Lease it no longer held"
+    );
+    // The next replica leads at its first try, not when the Lease (15 s)
+    // would have expired.
+    let (leads, mut second_leads) = tokio::sync::watch::channel(false);
+    let second = tokio::spawn(leader::run(
+        client.clone(),
+        ns.clone(),
+        "handover".to_owned(),
+        "second".to_owned(),
+        leads,
+    ));
+    tokio::time::timeout(Duration::from_secs(3), second_leads.wait_for(|l| *l))
+        .await
+        .context("the second replica did not lead at once")??;
+    second.abort();
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client, &ns)
+        .get("handover")
+        .await?;
+    let spec = lease.spec.context("a Lease spec")?;
+    assert_eq!(spec.holder_identity.as_deref(), Some("second"));
+    assert_eq!(spec.lease_transitions, Some(1), "{spec:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_writes_the_summary_of_allowed_calls_at_once() -> Result<()> {
+    use chaperone_controller::audit_events::{AuditEvents, AuditSource};
+    use chaperone_controller::auth::SidecarIdentity;
+    let (client, ns) = setup().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("summarised")).await?;
+    let events = AuditEvents::spawn(
+        client.clone(),
+        "flush-test".to_owned(),
+        chaperone_controller::metrics::Metrics::new(),
+    );
+    let identity = SidecarIdentity {
+        agent: chaperone_policy::AgentKey::new(&ns, "summarised"),
+        pod: "summarised-0".to_owned(),
+        pod_uid: "0f6c9a52-4b1e-4c4e-9d55-2b7f9c1e6a01".to_owned(),
+        service_account: "summarised".to_owned(),
+    };
+    let allowed = json!({ "decision": "allow", "rule": "orders/read", "server": "orders", "tool": "get_order" });
+    events.submit(
+        AuditSource::Agent(identity),
+        vec![allowed.to_string(), allowed.to_string()],
+    );
+    // A stopping controller flushes: the summary is written now, not when
+    // the next minute's summaries are.
+    tokio::time::timeout(Duration::from_secs(10), events.flush())
+        .await
+        .context("the flush did not finish")?;
+    let list = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client, &ns)
+        .list(&Default::default())
+        .await?;
+    let summary = list
+        .items
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("ToolCallsAllowed"))
+        .context("no ToolCallsAllowed Event after the flush")?;
+    let note = summary.note.clone().unwrap_or_default();
+    assert!(note.starts_with("2 tool calls allowed"), "{note}");
+    assert!(note.contains("get_order 2"), "{note}");
+    Ok(())
+}

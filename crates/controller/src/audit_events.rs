@@ -31,7 +31,7 @@ use kube::{
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     auth::{SidecarIdentity, ToolSidecarIdentity},
@@ -282,6 +282,8 @@ pub struct AgentCallEvent {
 enum Job {
     Batch(Batch),
     Event(AgentCallEvent),
+    /// Publish the summaries gathered so far, then answer.
+    Flush(oneshot::Sender<()>),
 }
 
 /// Counts between two summaries of one agent (or tool pod). Pure.
@@ -375,6 +377,17 @@ impl AuditEvents {
 }
 
 impl AuditEvents {
+    /// Waits until everything queued before it is written, the summaries of
+    /// the allowed calls so far included (for a stopping controller: they
+    /// would otherwise wait for the next [`SUMMARY_INTERVAL`]). Bound it
+    /// with a timeout: Event writes can be slow.
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.tx.send(Job::Flush(done)).await.is_ok() {
+            let _ = flushed.await;
+        }
+    }
+
     /// Queues an Event about an agent's call; a full queue drops it and
     /// counts it.
     pub fn record(&self, event: AgentCallEvent) {
@@ -410,6 +423,11 @@ async fn run(
                         publish_agent_event(&client, &recorder, &metrics, &mut uids, event).await;
                         continue;
                     }
+                    Some(Job::Flush(done)) => {
+                        publish_summaries(&client, &recorder, &metrics, &mut uids, &mut summaries).await;
+                        let _ = done.send(());
+                        continue;
+                    }
                 };
                 let target = batch.source.summary_target();
                 for record in &batch.records {
@@ -442,17 +460,35 @@ async fn run(
                 }
             }
             _ = tick.tick() => {
-                for (target, summary) in std::mem::take(&mut summaries) {
-                    let Some(note) = summary.note() else { continue };
-                    let event = Event { type_: EventType::Normal, reason: "ToolCallsAllowed".into(), note: Some(note), action: "Authorize".into(), secondary: None };
-                    let reference = match &target {
-                        SummaryTarget::Agent(agent) => agent_reference(&client, &mut uids, agent).await,
-                        SummaryTarget::Pod(pod) => pod_reference(pod),
-                    };
-                    publish(&recorder, &metrics, &event, &reference).await;
-                }
+                publish_summaries(&client, &recorder, &metrics, &mut uids, &mut summaries).await;
             }
         }
+    }
+}
+
+/// Writes the summaries gathered since the last ones (`ToolCallsAllowed`) and
+/// starts new ones.
+async fn publish_summaries(
+    client: &Client,
+    recorder: &Recorder,
+    metrics: &Metrics,
+    uids: &mut HashMap<AgentKey, String>,
+    summaries: &mut BTreeMap<SummaryTarget, Summary>,
+) {
+    for (target, summary) in std::mem::take(summaries) {
+        let Some(note) = summary.note() else { continue };
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "ToolCallsAllowed".into(),
+            note: Some(note),
+            action: "Authorize".into(),
+            secondary: None,
+        };
+        let reference = match &target {
+            SummaryTarget::Agent(agent) => agent_reference(client, uids, agent).await,
+            SummaryTarget::Pod(pod) => pod_reference(pod),
+        };
+        publish(recorder, metrics, &event, &reference).await;
     }
 }
 

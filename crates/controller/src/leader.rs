@@ -56,6 +56,38 @@ pub async fn run(
     }
 }
 
+/// Gives the lease up if `holder` holds it (for a stopping replica): another
+/// replica takes it at its next try instead of after [`LEASE_DURATION`].
+/// Returns whether it was held. A compare-and-swap: a lease another replica
+/// took meanwhile is left alone.
+pub async fn release(
+    client: Client,
+    namespace: &str,
+    lease_name: &str,
+    holder: &str,
+) -> Result<bool, kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client, namespace);
+    let Some(mut lease) = api.get_opt(lease_name).await? else {
+        return Ok(false);
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return Ok(false);
+    };
+    if spec.holder_identity.as_deref() != Some(holder) {
+        return Ok(false);
+    }
+    spec.holder_identity = None;
+    spec.renew_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
+    match api
+        .replace(lease_name, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 async fn try_acquire(api: &Api<Lease>, name: &str, holder: &str) -> Result<bool, kube::Error> {
     let now = k8s_openapi::jiff::Timestamp::now();
     let mut lease = match api.get_opt(name).await? {

@@ -96,14 +96,30 @@ pub struct Controller {
 
 pub use index::SharedIndex;
 
-/// Runs the controller until it fails or is stopped.
+/// How long a stopping controller waits for the Events of the audit records
+/// it received (and the summaries of allowed calls) to be written.
+pub const EVENT_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a stopping leader tries to hand its Lease over.
+pub const LEASE_RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs the controller until it fails or SIGTERM (or Ctrl-C) stops it.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
-    run_with_client(args, client).await
+    run_until(args, client, chaperone_telemetry::stop_requested()).await
 }
 
-/// Runs the controller with `client` (tests pass their control plane's).
-pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result<()> {
+/// Runs the controller with `client` (tests pass their control plane's) until
+/// it fails or `stop` resolves. Then it stops serving (sidecars reconnect to
+/// another replica, keeping the audit batches they could not send), writes
+/// the Events of what it received, summaries included (at most
+/// [`EVENT_FLUSH_TIMEOUT`]), and hands its Lease over if it leads (at most
+/// [`LEASE_RELEASE_TIMEOUT`]), so that another replica writes status without
+/// waiting for the Lease to expire.
+pub async fn run_until(
+    args: Args,
+    client: kube::Client,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     // Settings first: a bad value stops the controller before it touches anything.
     let injection = webhook::InjectionSettings::from_args(&args)?;
     object_watch::check_crds_installed(&client).await?;
@@ -198,6 +214,7 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
     };
     let approval_admission = webhook::ApprovalAdmission::new(client.clone(), own_username);
     tracing::info!(grpc = %args.grpc_addr, admin = %args.admin_addr, user = approval_admission.controller_username(), "chaperone-controller starting");
+    let events_at_stop = audit.clone();
     tokio::select! {
         () = object_watch::run(client.clone(), controller.index.clone(), controller.metrics.clone()) => anyhow::bail!("object watches ended"),
         () = status::run_writer(client.clone(), controller.index.clone(), controller.sidecars.clone(), controller.metrics.clone(), audit, leader_rx.clone()) => anyhow::bail!("status writer ended"),
@@ -210,6 +227,28 @@ pub async fn run_with_client(args: Args, client: kube::Client) -> anyhow::Result
         r = server.serve_rotating(args.grpc_addr, tls_rx.clone()) => { r?; anyhow::bail!("snapshot server ended") }
         () = identity_reflector => anyhow::bail!("AgentIdentity reflector ended"),
         r = webhook::run_webhook(args.webhook_addr, injection, client.clone(), identities.clone(), approval_admission, tls_rx.clone()) => { r?; anyhow::bail!("webhook server ended") }
-        r = tokio::signal::ctrl_c() => { r?; tracing::info!("stopping"); Ok(()) }
+        () = stop => tracing::info!("stopping"),
     }
+    // Everything above is dropped: listeners closed, streams ended, status
+    // writes stopped.
+    match tokio::time::timeout(EVENT_FLUSH_TIMEOUT, events_at_stop.flush()).await {
+        Ok(()) => tracing::info!("stopping: the Events of the audit records received are written"),
+        Err(_) => {
+            tracing::warn!(timeout = ?EVENT_FLUSH_TIMEOUT, "stopping: Events still unwritten")
+        }
+    }
+    let release = leader::release(client, &args.namespace, &args.lease_name, &args.pod_name);
+    match tokio::time::timeout(LEASE_RELEASE_TIMEOUT, release).await {
+        Ok(Ok(true)) => {
+            tracing::info!(lease = %args.lease_name, "stopping: leadership handed over")
+        }
+        Ok(Ok(false)) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, lease = %args.lease_name, "stopping: the Lease was not released; another replica takes it when it expires")
+        }
+        Err(_) => {
+            tracing::warn!(lease = %args.lease_name, "stopping: the Lease was not released in time; another replica takes it when it expires")
+        }
+    }
+    Ok(())
 }

@@ -96,23 +96,12 @@ async fn main() -> anyhow::Result<()> {
         admin,
     };
     sidecar
-        .run(listeners, feed, Duration::from_secs(10), shutdown_signal())
+        .run(
+            listeners,
+            feed,
+            Duration::from_secs(10),
+            chaperone_telemetry::stop_requested(),
+        )
         .await?;
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM (how the kubelet stops a container).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -10,6 +10,7 @@
 //!
 //! [`init`] installs both as the process's `tracing` subscriber and returns a
 //! [`TelemetryGuard`] that flushes the spans still buffered when dropped.
+//! [`stop_requested`] is when both binaries begin to stop.
 
 #![forbid(unsafe_code)]
 
@@ -147,4 +148,23 @@ pub fn init_with(
         );
     }
     Ok(TelemetryGuard { provider })
+}
+
+/// Resolves on SIGTERM (how the kubelet stops a container) or Ctrl-C. A
+/// process that is its container's PID 1 and has no SIGTERM handler ignores
+/// the signal and is killed only when the grace period ends: both binaries
+/// wait on this instead.
+pub async fn stop_requested() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
