@@ -247,6 +247,22 @@ pub fn delegation_grant(name: &str, spec: serde_json::Value) -> serde_json::Valu
     chaperone_object("DelegationGrant", name, spec)
 }
 
+/// The Events (events.k8s.io/v1) in `ns` with `reason`, as listed now.
+pub async fn events_with_reason(
+    client: &Client,
+    ns: &str,
+    reason: &str,
+) -> Result<Vec<k8s_openapi::api::events::v1::Event>> {
+    let list = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .collect())
+}
+
 /// The subject that assertions name AgentIdentity `qualified` (`ns/name`) by.
 pub fn agent_subject(qualified: &str) -> String {
     format!("chaperone:agent:{qualified}")

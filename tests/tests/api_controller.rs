@@ -494,14 +494,8 @@ async fn denials_in_audit_batches_become_warning_events_on_pod_and_agent() -> Re
     };
     sidecar.to_controller.send(batch).await?;
 
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
     let denials = eventually(Duration::from_secs(10), async || {
-        let list = events.list(&Default::default()).await?;
-        let denials: Vec<_> = list
-            .items
-            .into_iter()
-            .filter(|e| e.reason.as_deref() == Some("ToolCallDenied"))
-            .collect();
+        let denials = kube_fixtures::events_with_reason(&client, &ns, "ToolCallDenied").await?;
         Ok((denials.len() >= 2).then_some(denials))
     })
     .await?;
@@ -789,13 +783,9 @@ async fn a_tool_sidecars_denials_become_warning_events_on_its_pod() -> Result<()
             )),
         })
         .await?;
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
     let denial = eventually(Duration::from_secs(10), async || {
-        let list = events.list(&Default::default()).await?;
-        Ok(list
-            .items
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("ToolCallDenied")))
+        let denials = kube_fixtures::events_with_reason(&client, &ns, "ToolCallDenied").await?;
+        Ok(denials.into_iter().next())
     })
     .await?;
     let regarding = denial.regarding.clone().context("regarding")?;
@@ -935,13 +925,9 @@ async fn a_flush_writes_the_summary_of_allowed_calls_at_once() -> Result<()> {
     tokio::time::timeout(Duration::from_secs(10), events.flush())
         .await
         .context("the flush did not finish")?;
-    let list = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client, &ns)
-        .list(&Default::default())
-        .await?;
-    let summary = list
-        .items
-        .iter()
-        .find(|e| e.reason.as_deref() == Some("ToolCallsAllowed"))
+    let summaries = kube_fixtures::events_with_reason(&client, &ns, "ToolCallsAllowed").await?;
+    let summary = summaries
+        .first()
         .context("no ToolCallsAllowed Event after the flush")?;
     let note = summary.note.clone().unwrap_or_default();
     assert!(note.starts_with("2 tool calls allowed"), "{note}");

@@ -496,13 +496,9 @@ async fn a_denial_just_before_the_sidecar_stops_still_becomes_an_event() -> Resu
     let last = audit.records().pop().context("no audit record")?;
     assert_eq!(last["final"], true, "{last}");
 
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
     let denial = eventually(Duration::from_secs(10), async || {
-        let list = events.list(&Default::default()).await?;
-        Ok(list
-            .items
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("ToolCallDenied")))
+        let denials = kube_fixtures::events_with_reason(&client, &ns, "ToolCallDenied").await?;
+        Ok(denials.into_iter().next())
     })
     .await
     .context("the denial's record never reached the controller")?;

@@ -221,14 +221,27 @@ mod tests {
         TcpListener::bind("127.0.0.1:0").await.unwrap()
     }
 
-    /// Puts an agent with one tool server (nothing listens there) in force:
-    /// a call's body is read before anything else happens to it.
-    fn agent_in_force(sidecar: &Sidecar) -> tempfile::TempDir {
+    /// A sidecar writing its audit trail to `audit`, with an agent whose one
+    /// tool server (nothing listens there) is in force, so that a call's body
+    /// is read before anything else happens to it; its listeners, the proxy's
+    /// address, and the policy directory to keep.
+    async fn with_agent_in_force(
+        settings: Settings,
+        audit: AuditBuffer,
+    ) -> (Sidecar, Listeners, std::net::SocketAddr, tempfile::TempDir) {
+        let sidecar = Sidecar::new(settings, AuditOutput::Writer(Box::new(audit)), false).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let identity = "apiVersion: chaperone.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {name: agent, namespace: ns}\nspec:\n  selector: {serviceAccountName: agent}\n  toolServers: [{name: shop, url: 'http://127.0.0.1:9/mcp'}]\n";
         std::fs::write(dir.path().join("identity.yaml"), identity).unwrap();
         standalone::load(dir.path(), None, 1, sidecar.snapshots()).unwrap();
-        dir
+        let proxy = bind().await;
+        let address = proxy.local_addr().unwrap();
+        let listeners = Listeners {
+            proxy: Some(proxy),
+            inbound: None,
+            admin: bind().await,
+        };
+        (sidecar, listeners, address, dir)
     }
 
     #[tokio::test]
@@ -267,20 +280,8 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         let audit = AuditBuffer::default();
-        let sidecar = Sidecar::new(
-            Settings::default(),
-            AuditOutput::Writer(Box::new(audit.clone())),
-            false,
-        )
-        .unwrap();
-        let _policy = agent_in_force(&sidecar);
-        let proxy = bind().await;
-        let address = proxy.local_addr().unwrap();
-        let listeners = Listeners {
-            proxy: Some(proxy),
-            inbound: None,
-            admin: bind().await,
-        };
+        let (sidecar, listeners, address, _policy) =
+            with_agent_in_force(Settings::default(), audit.clone()).await;
         let (stop, stopped) = oneshot::channel::<()>();
         let running = sidecar.clone();
         let run = tokio::spawn(async move {
@@ -343,20 +344,8 @@ mod tests {
             shutdown_grace: Duration::from_millis(300),
             ..Settings::default()
         };
-        let sidecar = Sidecar::new(
-            settings,
-            AuditOutput::Writer(Box::new(std::io::sink())),
-            false,
-        )
-        .unwrap();
-        let _policy = agent_in_force(&sidecar);
-        let proxy = bind().await;
-        let address = proxy.local_addr().unwrap();
-        let listeners = Listeners {
-            proxy: Some(proxy),
-            inbound: None,
-            admin: bind().await,
-        };
+        let (sidecar, listeners, address, _policy) =
+            with_agent_in_force(settings, AuditBuffer::default()).await;
         let mut call = tokio::net::TcpStream::connect(address).await.unwrap();
         call.write_all(b"POST /shop HTTP/1.1\r\nhost: sidecar\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{")
             .await
