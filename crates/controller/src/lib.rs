@@ -229,8 +229,9 @@ pub async fn run_until(
         r = webhook::run_webhook(args.webhook_addr, injection, client.clone(), identities.clone(), approval_admission, tls_rx.clone()) => { r?; anyhow::bail!("webhook server ended") }
         () = stop => tracing::info!("stopping"),
     }
-    // Everything above is dropped: listeners closed, streams ended, status
-    // writes stopped.
+    // Everything above is dropped: listeners closed, watches and status
+    // writes stopped (streams still open end with the process; their
+    // sidecars keep what they could not send for the next replica).
     match tokio::time::timeout(EVENT_FLUSH_TIMEOUT, events_at_stop.flush()).await {
         Ok(()) => tracing::info!("stopping: the Events of the audit records received are written"),
         Err(_) => {
