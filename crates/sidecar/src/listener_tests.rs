@@ -237,8 +237,14 @@ async fn send_and_read_until(addr: SocketAddr, head: &str, wanted: &str) -> TcpS
     stream
 }
 
-#[tokio::test]
-async fn draining_ends_notification_streams_and_finishes_calls_in_flight() {
+/// A listener answering `GET` with a notification stream that never ends and
+/// `POST` with an event stream whose last event comes 400 ms after its first;
+/// its address, what stops it, and its task.
+async fn start_streams() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -264,6 +270,12 @@ async fn draining_ends_notification_streams_and_finishes_calls_in_flight() {
             }
         },
     ));
+    (addr, stop, serving)
+}
+
+#[tokio::test]
+async fn draining_ends_notification_streams_and_finishes_calls_in_flight() {
+    let (addr, stop, serving) = start_streams().await;
     let mut notifications = send_and_read_until(
         addr,
         "GET /mcp HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n",
@@ -309,5 +321,43 @@ async fn draining_ends_notification_streams_and_finishes_calls_in_flight() {
     tokio::time::timeout(Duration::from_secs(5), serving)
         .await
         .expect("did not return once every connection closed")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn draining_an_http2_connection_ends_its_notification_stream_and_finishes_its_call() {
+    let (addr, stop, serving) = start_streams().await;
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new());
+    let request = |method: http::Method| {
+        Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}/mcp"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // Both streams on one connection.
+    let notifications = client.request(request(http::Method::GET)).await.unwrap();
+    let call = client.request(request(http::Method::POST)).await.unwrap();
+    stop.send(()).unwrap();
+    let notified = tokio::time::timeout(
+        Duration::from_millis(300),
+        notifications.into_body().collect(),
+    )
+    .await
+    .expect("the notification stream held the drain")
+    .unwrap()
+    .to_bytes();
+    assert_eq!(&notified[..], b"data: first\n\n");
+    let answered = tokio::time::timeout(Duration::from_secs(5), call.into_body().collect())
+        .await
+        .expect("the call was not finished")
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&answered[..], b"data: first\n\ndata: last\n\n");
+    tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("did not return once the connection closed (GOAWAY)")
         .unwrap();
 }
