@@ -856,14 +856,19 @@ async fn a_stopping_leader_hands_its_lease_over_at_once() -> Result<()> {
     use chaperone_controller::leader;
     let client = ControlPlane::shared().client().await?;
     let ns = create_namespace(&client, "lease").await?;
-    let (leads, mut first_leads) = tokio::sync::watch::channel(false);
-    let first = tokio::spawn(leader::run(
-        client.clone(),
-        ns.clone(),
-        "handover".to_owned(),
-        "first".to_owned(),
-        leads,
-    ));
+    // A replica's election for the Lease "handover": its task and whether it leads.
+    let elect = |holder: &str| {
+        let (leads, leading) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(leader::run(
+            client.clone(),
+            ns.clone(),
+            "handover".to_owned(),
+            holder.to_owned(),
+            leads,
+        ));
+        (task, leading)
+    };
+    let (first, mut first_leads) = elect("first");
     tokio::time::timeout(Duration::from_secs(10), first_leads.wait_for(|l| *l))
         .await
         .context("the first replica never led")??;
@@ -877,14 +882,7 @@ async fn a_stopping_leader_hands_its_lease_over_at_once() -> Result<()> {
     );
     // The next replica leads at its first try, not when the Lease (15 s)
     // would have expired.
-    let (leads, mut second_leads) = tokio::sync::watch::channel(false);
-    let second = tokio::spawn(leader::run(
-        client.clone(),
-        ns.clone(),
-        "handover".to_owned(),
-        "second".to_owned(),
-        leads,
-    ));
+    let (second, mut second_leads) = elect("second");
     tokio::time::timeout(Duration::from_secs(3), second_leads.wait_for(|l| *l))
         .await
         .context("the second replica did not lead at once")??;

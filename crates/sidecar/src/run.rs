@@ -244,6 +244,19 @@ mod tests {
         (sidecar, listeners, address, dir)
     }
 
+    /// Runs `sidecar` without a snapshot feed, told to stop after 50 ms.
+    async fn run_for_50_ms(sidecar: &Sidecar, listeners: Listeners) -> Result<(), TaskEnded> {
+        let stop = tokio::time::sleep(Duration::from_millis(50));
+        sidecar
+            .run(
+                listeners,
+                SnapshotFeed::Nothing,
+                Duration::from_secs(1),
+                stop,
+            )
+            .await
+    }
+
     #[tokio::test]
     async fn stops_on_shutdown_and_closes_the_audit_trail() {
         let audit = AuditBuffer::default();
@@ -258,16 +271,7 @@ mod tests {
             inbound: None,
             admin: bind().await,
         };
-        let outcome = sidecar
-            .run(
-                listeners,
-                SnapshotFeed::Nothing,
-                Duration::from_secs(1),
-                async {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                },
-            )
-            .await;
+        let outcome = run_for_50_ms(&sidecar, listeners).await;
         assert!(outcome.is_ok(), "{outcome:?}");
         let records = audit.records();
         let last = records.last().expect("a final checkpoint");
@@ -351,16 +355,7 @@ mod tests {
             .await
             .unwrap();
         let started = std::time::Instant::now();
-        let outcome = sidecar
-            .run(
-                listeners,
-                SnapshotFeed::Nothing,
-                Duration::from_secs(1),
-                async {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                },
-            )
-            .await;
+        let outcome = run_for_50_ms(&sidecar, listeners).await;
         assert!(outcome.is_ok(), "{outcome:?}");
         let took = started.elapsed();
         assert!(

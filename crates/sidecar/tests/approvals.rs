@@ -11,10 +11,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chaperone_sidecar::backoff::Backoff;
 use chaperone_sidecar::canonical::args_digest;
 use chaperone_sidecar::{Settings, SnapshotStream};
-use common::controller::{Decision, FakeController};
+use common::controller::{Decision, FakeController, short_backoff};
 use common::{Harness, IDENTITY, post_raw};
 use serde_json::{Value, json};
 
@@ -96,18 +95,11 @@ async fn sidecar(hold: Duration) -> Harness {
 async fn connected(hold: Duration) -> (Harness, FakeController) {
     let harness = sidecar(hold).await;
     let controller = FakeController::start().await;
-    let stream = SnapshotStream::new(harness.sidecar.clone(), controller.settings()).with_backoff(
-        Backoff::new(Duration::from_millis(20), Duration::from_millis(100)),
-    );
+    let stream = SnapshotStream::new(harness.sidecar.clone(), controller.settings())
+        .with_backoff(short_backoff());
     tokio::spawn(stream.run());
-    let approvals = harness.sidecar.approvals();
-    for _ in 0..500 {
-        if approvals.is_connected() {
-            return (harness, controller);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the sidecar never connected to the fake controller");
+    controller.wait_for_connection(&harness.sidecar).await;
+    (harness, controller)
 }
 
 async fn post(harness: &Harness, body: &Value) -> Value {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chaperone_sidecar::SnapshotStream;
 use chaperone_sidecar::backoff::Backoff;
-use common::controller::FakeController;
+use common::controller::{FakeController, short_backoff};
 use common::{Harness, call};
 use serde_json::json;
 use tokio::sync::oneshot;
@@ -24,10 +24,6 @@ fn run_until_told(stream: SnapshotStream) -> (oneshot::Sender<()>, tokio::task::
     (finish, task)
 }
 
-fn short_backoff() -> Backoff {
-    Backoff::new(Duration::from_millis(20), Duration::from_millis(100))
-}
-
 #[tokio::test]
 async fn stopping_ships_the_last_records_and_the_final_checkpoint_then_closes() {
     let harness = Harness::start(true, true).await;
@@ -35,14 +31,7 @@ async fn stopping_ships_the_last_records_and_the_final_checkpoint_then_closes() 
     let stream = SnapshotStream::new(harness.sidecar.clone(), controller.settings())
         .with_backoff(short_backoff());
     let (finish, task) = run_until_told(stream);
-    let approvals = harness.sidecar.approvals();
-    for _ in 0..500 {
-        if approvals.is_connected() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(approvals.is_connected(), "never connected");
+    controller.wait_for_connection(&harness.sidecar).await;
 
     let client = harness.client().await;
     call(&client, "get_order", json!({"id": "A-1"}))

@@ -79,6 +79,11 @@ struct State {
     closed_by_sidecar: usize,
 }
 
+/// The reconnect backoff of streams under test: 20 ms doubling to 100 ms.
+pub fn short_backoff() -> chaperone_sidecar::backoff::Backoff {
+    chaperone_sidecar::backoff::Backoff::new(Duration::from_millis(20), Duration::from_millis(100))
+}
+
 /// Until when a person could decide (unix seconds): fixed, for assertions.
 pub const EXPIRES_AT: i64 = 2_000_000_000;
 
@@ -324,6 +329,13 @@ impl FakeController {
     /// Streams whose sidecar closed its side cleanly (not dropped).
     pub fn closed_by_sidecar(&self) -> usize {
         lock(&self.state).closed_by_sidecar
+    }
+
+    /// Waits until `sidecar`'s snapshot stream is connected (at most 5 s).
+    pub async fn wait_for_connection(&self, sidecar: &chaperone_sidecar::Sidecar) {
+        let approvals = sidecar.approvals();
+        self.wait_for("the sidecar connect", |_| approvals.is_connected())
+            .await;
     }
 
     /// Waits until `check` holds of what was received (at most 5 s).
