@@ -210,28 +210,39 @@ pub fn chaperonectl() -> Option<PathBuf> {
 }
 
 /// The workspace's `chaperonectl`, built (once per test binary, always: a
-/// stale binary would test old code) with the cargo running the tests.
+/// stale binary would test old code) with the cargo running the tests, or
+/// `$CHAPERONECTL`.
 pub fn built_chaperonectl() -> Result<PathBuf> {
-    static BINARY: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
-        std::sync::OnceLock::new();
-    BINARY
-        .get_or_init(|| {
+    let built = built_binary("chaperone-cli", "chaperonectl")?;
+    Ok(chaperonectl().unwrap_or(built))
+}
+
+/// The workspace's binary `bin` of `package`, built once per test binary
+/// (always: a stale binary would test old code) with the cargo running the
+/// tests; it lies in the target directory next to the test binary's folder.
+pub fn built_binary(package: &str, bin: &str) -> Result<PathBuf> {
+    type Built = std::collections::HashMap<String, std::result::Result<PathBuf, String>>;
+    static BUILT: std::sync::Mutex<Option<Built>> = std::sync::Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    built
+        .get_or_insert_with(Default::default)
+        .entry(bin.to_owned())
+        .or_insert_with(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let built = std::process::Command::new(cargo)
-                .args([
-                    "build",
-                    "-q",
-                    "-p",
-                    "chaperone-cli",
-                    "--bin",
-                    "chaperonectl",
-                ])
+            let status = std::process::Command::new(cargo)
+                .args(["build", "-q", "-p", package, "--bin", bin])
                 .status()
-                .map_err(|e| format!("running cargo build -p chaperone-cli: {e}"))?;
-            if !built.success() {
-                return Err("cargo build -p chaperone-cli failed".into());
+                .map_err(|e| format!("running cargo build -p {package}: {e}"))?;
+            if !status.success() {
+                return Err(format!("cargo build -p {package} --bin {bin} failed"));
             }
-            chaperonectl().ok_or_else(|| "chaperonectl not found after building it".to_owned())
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let path = exe
+                .parent()
+                .and_then(|deps| deps.parent())
+                .map(|dir| dir.join(bin))
+                .filter(|path| path.is_file());
+            path.ok_or_else(|| format!("{bin} not found after building it"))
         })
         .clone()
         .map_err(anyhow::Error::msg)

@@ -7,11 +7,14 @@
 
 #![forbid(unsafe_code)]
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use anyhow::Context as _;
 use bytes::Bytes;
+use chaperone_wire::sidecar_env::ENV_WORKER_THREADS;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -26,8 +29,20 @@ struct Stats {
     upstream_ns: AtomicU64,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Runs on the runtime the sidecar would (`CHAPERONE_WORKER_THREADS`, default
+/// 1), so that the two are compared on the same footing.
+fn main() -> anyhow::Result<()> {
+    let worker_threads = match std::env::var(ENV_WORKER_THREADS) {
+        Ok(value) => value
+            .trim()
+            .parse()
+            .with_context(|| format!("{ENV_WORKER_THREADS}={value:?}: a positive integer"))?,
+        Err(_) => NonZeroUsize::MIN,
+    };
+    chaperone_sidecar::runtime::build(worker_threads)?.block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let listen = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:18081".to_owned());

@@ -69,12 +69,17 @@
 //! kernel's share is not in it). Use a low rate: under callgrind a call
 //! takes milliseconds (`chaperone-bench --instructions 3 10 20 2`).
 //!
-//! Usage: `chaperone-bench [--standalone] [--rss-only | --instructions] [RUNS] [FIXED_SECONDS] [RATE] [CONNECTIONS] [CLOSED_SECONDS]`
+//! `--workers N` gives both proxies N runtime worker threads
+//! (`CHAPERONE_WORKER_THREADS`, default 1: what the injection webhook gives
+//! a sidecar whose CPU limit, else request, is at most one core).
+//!
+//! Usage: `chaperone-bench [--standalone] [--rss-only | --instructions] [--workers N] [RUNS] [FIXED_SECONDS] [RATE] [CONNECTIONS] [CLOSED_SECONDS]`
 //! (defaults 3 20 1000 8 10).
 
 #![forbid(unsafe_code)]
 
 use std::io::Read as _;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -86,7 +91,7 @@ use bytes::Bytes;
 use chaperone_bench::fake_controller::{FakeController, Received, THREAD_NAME, compile_snapshot};
 use chaperone_bench::instructions::{Callgrind, callgrind_wrapper};
 use chaperone_bench::{BARE_STATS_PATH, INITIALIZE, tools_call_body};
-use chaperone_wire::sidecar_env::{ENV_ADMIN_LISTEN, ENV_LISTEN};
+use chaperone_wire::sidecar_env::{ENV_ADMIN_LISTEN, ENV_LISTEN, ENV_WORKER_THREADS};
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
@@ -149,6 +154,11 @@ struct Args {
     /// count that does not move with the machine's load).
     #[arg(long, conflicts_with = "rss_only")]
     instructions: bool,
+    /// Runtime worker threads of the sidecar and of the bare proxy
+    /// (`CHAPERONE_WORKER_THREADS`); 1 is what the injection webhook gives a
+    /// sidecar without a CPU limit of more than one core.
+    #[arg(long, default_value = "1")]
+    workers: NonZeroUsize,
 }
 
 struct Proc(Child);
@@ -166,9 +176,32 @@ impl Proc {
     }
 }
 
-fn bin_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    Ok(exe.parent().context("binary has no directory")?.to_owned())
+/// The binaries this harness starts (from its own directory), and the
+/// runtime the two proxies get.
+struct Binaries {
+    dir: PathBuf,
+    /// `CHAPERONE_WORKER_THREADS` of the sidecar and of the bare proxy.
+    worker_threads: NonZeroUsize,
+}
+
+impl Binaries {
+    fn new(worker_threads: NonZeroUsize) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let dir = exe.parent().context("binary has no directory")?.to_owned();
+        Ok(Self {
+            dir,
+            worker_threads,
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The environment giving a proxy [`Self::worker_threads`].
+    fn runtime_env(&self) -> (&'static str, String) {
+        (ENV_WORKER_THREADS, self.worker_threads.to_string())
+    }
 }
 
 /// The wrapper of [`ENV_WRAP`], split into words (none when unset): a
@@ -569,7 +602,7 @@ fn log_tail(path: &Path) -> String {
 /// (`extra_tools`), listening on `listen` and `admin`; returns once it has
 /// ACKed its snapshot (controller mode) and says it is ready.
 async fn start_sidecar(
-    bins: &Path,
+    bins: &Binaries,
     work: &Path,
     name: &str,
     mode: Mode,
@@ -581,6 +614,7 @@ async fn start_sidecar(
     let mut env = vec![
         (ENV_LISTEN, listen.to_owned()),
         (ENV_ADMIN_LISTEN, admin.to_owned()),
+        bins.runtime_env(),
         // The log level of an injected sidecar (none set: `info`), unless
         // this process's environment says otherwise.
         (
@@ -615,7 +649,7 @@ async fn start_sidecar(
     let stderr = work.join(format!("{name}.stderr"));
     let stdout_lines = Arc::new(AtomicU64::new(0));
     let process = spawn_sidecar(
-        &bins.join("chaperone-sidecar"),
+        &bins.path("chaperone-sidecar"),
         &args,
         &env,
         Arc::clone(&stdout_lines),
@@ -857,7 +891,7 @@ struct Target {
 /// sessions (each initialized and one `tools/call` made); and what its
 /// controller received, in controller mode.
 async fn rss_with_big_snapshot(
-    bins: &Path,
+    bins: &Binaries,
     work: &Path,
     name: &str,
     mode: Mode,
@@ -910,7 +944,7 @@ struct RssReport {
 
 /// RSS with a 1,000-tool snapshot and 10,000 sessions: in controller mode,
 /// and in standalone mode too with `--standalone`.
-async fn measure_rss(bins: &Path, work: &Path, standalone: bool) -> anyhow::Result<RssReport> {
+async fn measure_rss(bins: &Binaries, work: &Path, standalone: bool) -> anyhow::Result<RssReport> {
     let controller = rss_with_big_snapshot(
         bins,
         work,
@@ -972,24 +1006,30 @@ async fn main() -> anyhow::Result<()> {
         standalone,
         rss_only,
         instructions,
+        workers,
     } = Args::parse();
-    let bins = bin_dir()?;
+    let bins = &Binaries::new(workers)?;
+    if !rss_only {
+        println!(
+            "Both proxies run {workers} runtime worker thread(s) (`{ENV_WORKER_THREADS}`; 1: a current-thread runtime).\n"
+        );
+    }
     let work = std::env::temp_dir().join(format!("chaperone-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let outcome = if rss_only {
         async {
-            let _echo = spawn(&bins.join("mcp-echo"), &[ECHO], &[])?;
+            let _echo = spawn(&bins.path("mcp-echo"), &[ECHO], &[])?;
             wait_listening(ECHO).await?;
-            let rss = measure_rss(&bins, &work, standalone).await?;
+            let rss = measure_rss(bins, &work, standalone).await?;
             print!("{rss}");
             Ok(())
         }
         .await
     } else if instructions {
-        count_instructions(&bins, &work, (runs, seconds, rate, conns)).await
+        count_instructions(bins, &work, (runs, seconds, rate, conns)).await
     } else {
         run(
-            &bins,
+            bins,
             &work,
             (runs, seconds, rate, conns, closed_seconds),
             standalone,
@@ -1007,14 +1047,19 @@ async fn main() -> anyhow::Result<()> {
 /// and the sidecar in controller mode (under `sidecar_wrapper`), each once
 /// it listens or is ready.
 async fn start_targets(
-    bins: &Path,
+    bins: &Binaries,
     work: &Path,
     bare_wrapper: &[String],
     sidecar_wrapper: &[String],
 ) -> anyhow::Result<(Proc, Proc, SidecarUnderTest)> {
-    let echo = spawn(&bins.join("mcp-echo"), &[ECHO], &[])?;
+    let echo = spawn(&bins.path("mcp-echo"), &[ECHO], &[])?;
     wait_listening(ECHO).await?;
-    let bare = spawn_wrapped(bare_wrapper, &bins.join("bare-proxy"), &[BARE, ECHO], &[])?;
+    let bare = spawn_wrapped(
+        bare_wrapper,
+        &bins.path("bare-proxy"),
+        &[BARE, ECHO],
+        &[bins.runtime_env()],
+    )?;
     wait_listening(BARE).await?;
     let sidecar = start_sidecar(
         bins,
@@ -1034,7 +1079,7 @@ async fn start_targets(
 /// callgrind, counted over `rate × seconds` calls after as many calls of
 /// warm-up, `runs` times; every run's count is printed.
 async fn count_instructions(
-    bins: &Path,
+    bins: &Binaries,
     work: &Path,
     (runs, seconds, rate, conns): (u64, u64, u64, u64),
 ) -> anyhow::Result<()> {
@@ -1105,7 +1150,7 @@ async fn count_instructions(
 }
 
 async fn run(
-    bins: &Path,
+    bins: &Binaries,
     work: &Path,
     (runs, seconds, rate, conns, closed_seconds): (u64, u64, u64, u64, u64),
     standalone: bool,

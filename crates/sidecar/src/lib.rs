@@ -48,6 +48,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod refusal;
 pub mod run;
+pub mod runtime;
 pub mod session;
 pub mod settings;
 pub mod snapshot;

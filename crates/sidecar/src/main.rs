@@ -27,13 +27,34 @@ struct Args {
     agent: Option<String>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    // Logs (CHAPERONE_LOG_FORMAT, RUST_LOG) and traces (OTEL_*); dropped at
-    // the end of main, which flushes the spans still buffered.
-    let _telemetry = chaperone_telemetry::init("chaperone-sidecar", None)?;
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = Settings::from_env()?;
+    // Sized by CHAPERONE_WORKER_THREADS (one thread unless the webhook gave
+    // the sidecar more than a core).
+    let runtime = chaperone_sidecar::runtime::build(settings.worker_threads)
+        .context("starting the runtime")?;
+    // Logs (CHAPERONE_LOG_FORMAT, RUST_LOG) and traces (OTEL_*); the gRPC
+    // exporter's channel runs on the runtime.
+    let telemetry =
+        runtime.block_on(async { chaperone_telemetry::init("chaperone-sidecar", None) })?;
+    let served = runtime.block_on(serve(args, settings));
+    // Flushing the spans still buffered blocks until the exporter has sent
+    // them, which its channel does on the runtime: block another thread and
+    // keep this one running the runtime (with one worker it is the only one).
+    runtime.block_on(async move {
+        if let Err(err) = tokio::task::spawn_blocking(move || drop(telemetry)).await {
+            eprintln!("chaperone-sidecar: flushing the spans failed: {err}");
+        }
+    });
+    served
+}
+
+async fn serve(args: Args, settings: Settings) -> anyhow::Result<()> {
+    tracing::info!(
+        worker_threads = settings.worker_threads.get(),
+        "chaperone-sidecar starting"
+    );
     let tool_mode = settings.mode == SidecarMode::Tool;
     // In front of a tool server there is no agent to proxy for.
     let proxy = if tool_mode {

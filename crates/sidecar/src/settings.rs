@@ -2,6 +2,7 @@
 //! The injection webhook sets them; defaults suit the injected pod.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -86,6 +87,8 @@ pub struct Settings {
     /// Longest calls in flight may take to finish after shutdown begins;
     /// default 10 s.
     pub shutdown_grace: Duration,
+    /// Runtime worker threads; default 1 (a single-threaded runtime).
+    pub worker_threads: NonZeroUsize,
 }
 
 /// Where the sidecar sits.
@@ -184,6 +187,7 @@ impl Default for Settings {
             initiator_max_token_lifetime: Duration::from_secs(3600),
             approval_hold: DEFAULT_APPROVAL_HOLD,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            worker_threads: NonZeroUsize::MIN,
         }
     }
 }
@@ -274,6 +278,10 @@ impl Settings {
         if let Some(v) = lookup(ENV_SHUTDOWN_GRACE_MS) {
             let ms: usize = positive(ENV_SHUTDOWN_GRACE_MS, v)?;
             settings.shutdown_grace = Duration::from_millis(ms as u64);
+        }
+        if let Some(v) = lookup(ENV_WORKER_THREADS) {
+            let threads = positive(ENV_WORKER_THREADS, v)?;
+            settings.worker_threads = NonZeroUsize::new(threads).unwrap_or(NonZeroUsize::MIN);
         }
         if let Some(v) = lookup(ENV_POD_NAME) {
             settings.pod_name = v;

@@ -177,3 +177,18 @@ fn reads_the_shutdown_grace() {
         assert_eq!(err.name, ENV_SHUTDOWN_GRACE_MS, "{bad}");
     }
 }
+
+#[test]
+fn reads_the_worker_threads() {
+    assert_eq!(Settings::default().worker_threads.get(), 1);
+    let settings =
+        Settings::from_lookup(|name| (name == ENV_WORKER_THREADS).then(|| " 4 ".to_owned()))
+            .unwrap();
+    assert_eq!(settings.worker_threads.get(), 4);
+    for bad in ["0", "-1", "two", ""] {
+        let err =
+            Settings::from_lookup(|name| (name == ENV_WORKER_THREADS).then(|| bad.to_owned()))
+                .unwrap_err();
+        assert_eq!(err.name, ENV_WORKER_THREADS, "{bad}");
+    }
+}

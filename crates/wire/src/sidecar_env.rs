@@ -131,6 +131,10 @@ pub const ENV_APPROVAL_HOLD_SECONDS: &str = "CHAPERONE_APPROVAL_HOLD_SECONDS";
 /// closes its audit trail, milliseconds (default 10,000). New connections are
 /// refused at once; the audit records are shipped to the controller after.
 pub const ENV_SHUTDOWN_GRACE_MS: &str = "CHAPERONE_SHUTDOWN_GRACE_MS";
+/// Runtime worker threads (default 1). With one, the sidecar runs on a single
+/// thread that also polls the sockets (no work stealing, no wake-ups across
+/// threads); the injection webhook sets it to the CPU the sidecar is given.
+pub const ENV_WORKER_THREADS: &str = "CHAPERONE_WORKER_THREADS";
 
 #[cfg(test)]
 mod tests {

@@ -33,6 +33,17 @@ impl Default for ProxyResources {
 }
 
 impl ProxyResources {
+    /// The sidecar's runtime worker threads (`CHAPERONE_WORKER_THREADS`): the
+    /// CPU it may use, whole cores rounded up, at least one. That is its CPU
+    /// limit, else its request (without a limit it may burst past the
+    /// request, but the scheduler reserved only that much).
+    pub fn worker_threads(&self) -> u64 {
+        self.cpu_limit
+            .unwrap_or(self.cpu_request)
+            .div_ceil(1000)
+            .max(1)
+    }
+
     /// Defaults from Kubernetes quantities (`50m`, `64Mi`, …; the chart's
     /// `CHAPERONE_SIDECAR_{CPU,MEMORY}_{REQUEST,LIMIT}`); `None` or empty keeps the
     /// built-in default, except a CPU limit, which stays unset.

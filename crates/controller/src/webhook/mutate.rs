@@ -491,6 +491,7 @@ fn sidecar_container(
             {"name": sidecar_env::ENV_TOKEN_FILE, "value": sidecar_env::TOKEN_FILE},
             {"name": sidecar_env::ENV_CA_PEM, "value": settings.ca_pem},
             {"name": sidecar_env::ENV_APPROVAL_HOLD_SECONDS, "value": settings.approval_hold_seconds.to_string()},
+            {"name": sidecar_env::ENV_WORKER_THREADS, "value": resources.worker_threads().to_string()},
         ],
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},

@@ -638,6 +638,39 @@ fn annotations_override_resources_within_bounds() {
     assert_eq!(quantity(&r.limits, "memory").as_deref(), Some("536870912"));
 }
 
+/// `CHAPERONE_WORKER_THREADS` of the sidecar injected into a pod with `annotations`.
+fn worker_threads_of(annotations: Value) -> Option<String> {
+    let mut annotations = annotations;
+    annotations[INJECT_ANNOTATION] = json!("true");
+    let pod = pod(json!({"metadata": {"annotations": annotations}}));
+    let outcome = injection_patch(&pod, &no_labels(), &settings(), &default_identity()).unwrap();
+    env_value(
+        sidecars(&apply(&pod, &outcome))[0],
+        "CHAPERONE_WORKER_THREADS",
+    )
+}
+
+#[test]
+fn the_sidecar_gets_a_worker_thread_per_core_it_may_use() {
+    // The default request (50m), no limit: one thread.
+    assert_eq!(worker_threads_of(json!({})).as_deref(), Some("1"));
+    // The limit, rounded up to whole cores.
+    assert_eq!(
+        worker_threads_of(json!({CPU_ANNOTATION: "250m", CPU_LIMIT_ANNOTATION: "2500m"}))
+            .as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        worker_threads_of(json!({CPU_LIMIT_ANNOTATION: "1"})).as_deref(),
+        Some("1")
+    );
+    // Without a limit, the request.
+    assert_eq!(
+        worker_threads_of(json!({CPU_ANNOTATION: "2"})).as_deref(),
+        Some("2")
+    );
+}
+
 #[test]
 fn a_memory_request_above_the_default_limit_raises_the_limit() {
     let r = resources_of(json!({MEMORY_ANNOTATION: "1Gi"})).unwrap();
