@@ -32,6 +32,21 @@ pub fn build(worker_threads: NonZeroUsize) -> std::io::Result<Runtime> {
     builder.thread_name(THREAD_NAME).enable_all().build()
 }
 
+/// Runs `work` (CPU-heavy or blocking: compiling a policy, indexing a
+/// snapshot) on the runtime's blocking pool, so that the worker, which may
+/// be the only one, keeps serving calls meanwhile. Its panic is resumed
+/// here; `None` only when the runtime shuts down before it ran.
+pub async fn off_worker<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let span = tracing::Span::current();
+    match tokio::task::spawn_blocking(move || span.in_scope(work)).await {
+        Ok(value) => Some(value),
+        Err(err) => match err.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => None,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,6 +71,23 @@ mod tests {
         });
         assert_eq!(in_task, caller, "a spawned task ran on another thread");
         assert_eq!(in_timer, caller);
+    }
+
+    #[test]
+    fn work_off_the_worker_runs_on_another_thread_and_keeps_its_panic() {
+        let runtime = build(NonZeroUsize::MIN).unwrap();
+        let worker = std::thread::current().id();
+        let ran_on = runtime.block_on(off_worker(|| std::thread::current().id()));
+        assert_ne!(ran_on, Some(worker));
+        assert!(ran_on.is_some());
+        let panicked = std::panic::catch_unwind(|| {
+            runtime.block_on(off_worker(|| -> u8 { panic!("policy compiler bug") }))
+        })
+        .unwrap_err();
+        assert_eq!(
+            panicked.downcast_ref::<&str>(),
+            Some(&"policy compiler bug")
+        );
     }
 
     #[test]

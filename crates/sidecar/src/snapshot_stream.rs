@@ -304,7 +304,7 @@ impl SnapshotStream {
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {
                         delivered = true;
-                        if let Some(reply) = self.on_message(message)
+                        if let Some(reply) = self.on_message(message).await
                             && tx.send(reply).await.is_err()
                         {
                             return (StreamEnd::SendFailed, delivered);
@@ -499,9 +499,15 @@ impl SnapshotStream {
     }
 
     /// Applies one controller message; returns the reply (ACK/NACK), if any.
-    fn on_message(&self, message: ControllerMessage) -> Option<SidecarMessage> {
+    async fn on_message(&self, message: ControllerMessage) -> Option<SidecarMessage> {
         match message.message? {
-            controller_message::Message::Snapshot(update) => Some(self.on_snapshot(update)),
+            controller_message::Message::Snapshot(update) => {
+                // Checking and indexing a snapshot takes milliseconds (tens
+                // for 10,000 policies): on a blocking thread, not on the
+                // runtime's, which may be the only one serving calls.
+                let sidecar = self.sidecar.clone();
+                crate::runtime::off_worker(move || apply_snapshot(&sidecar, update)).await
+            }
             controller_message::Message::Keys(keys) => {
                 match PeerKeys::from_json(&keys.jwks_json) {
                     Ok(keys) => {
@@ -519,57 +525,6 @@ impl SnapshotStream {
                 self.sidecar.approvals().on_status(status);
                 None
             }
-        }
-    }
-
-    /// Converts and applies a snapshot update: the ACK or NACK to send.
-    fn on_snapshot(&self, update: SnapshotUpdate) -> SidecarMessage {
-        let (version, hash) = (update.version, update.hash.clone());
-        let outcome = SnapshotOffer::try_from(update)
-            .map_err(|e| e.to_string())
-            .and_then(|offer| {
-                if let Some(keys) = offer.peer_keys {
-                    self.sidecar.peer_keys().replace(keys);
-                }
-                if let Some(identity) = &offer.identity
-                    && !self.sidecar.pod_name().is_empty()
-                    && identity.pod != self.sidecar.pod_name()
-                {
-                    tracing::warn!(
-                        stream_pod = %identity.pod,
-                        "the controller identifies this sidecar's token with another pod"
-                    );
-                }
-                let source = self.sidecar.snapshots();
-                // After a reconnect the controller resends what is in force.
-                let in_force = source.current().is_some_and(|current| {
-                    current.snapshot.hash == offer.snapshot.hash
-                        && current.version() >= offer.snapshot.version
-                });
-                if in_force {
-                    return Ok(());
-                }
-                source
-                    .update(offer.snapshot)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            });
-        let message = match outcome {
-            Ok(()) => {
-                tracing::info!(version, %hash, "snapshot in force");
-                sidecar_message::Message::Ack(Ack { version, hash })
-            }
-            Err(error) => {
-                tracing::warn!(version, %hash, %error, "snapshot rejected; keeping the last good one");
-                sidecar_message::Message::Nack(Nack {
-                    version,
-                    hash,
-                    error,
-                })
-            }
-        };
-        SidecarMessage {
-            message: Some(message),
         }
     }
 
@@ -676,6 +631,58 @@ async fn recv_or_pending(queue: &mut Option<mpsc::Receiver<Arc<str>>>) -> Option
     }
 }
 
+/// Converts and applies a snapshot update to `sidecar`: the ACK or NACK to
+/// send.
+fn apply_snapshot(sidecar: &Sidecar, update: SnapshotUpdate) -> SidecarMessage {
+    let (version, hash) = (update.version, update.hash.clone());
+    let outcome = SnapshotOffer::try_from(update)
+        .map_err(|e| e.to_string())
+        .and_then(|offer| {
+            if let Some(keys) = offer.peer_keys {
+                sidecar.peer_keys().replace(keys);
+            }
+            if let Some(identity) = &offer.identity
+                && !sidecar.pod_name().is_empty()
+                && identity.pod != sidecar.pod_name()
+            {
+                tracing::warn!(
+                    stream_pod = %identity.pod,
+                    "the controller identifies this sidecar's token with another pod"
+                );
+            }
+            let source = sidecar.snapshots();
+            // After a reconnect the controller resends what is in force.
+            let in_force = source.current().is_some_and(|current| {
+                current.snapshot.hash == offer.snapshot.hash
+                    && current.version() >= offer.snapshot.version
+            });
+            if in_force {
+                return Ok(());
+            }
+            source
+                .update(offer.snapshot)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+    let message = match outcome {
+        Ok(()) => {
+            tracing::info!(version, %hash, "snapshot in force");
+            sidecar_message::Message::Ack(Ack { version, hash })
+        }
+        Err(error) => {
+            tracing::warn!(version, %hash, %error, "snapshot rejected; keeping the last good one");
+            sidecar_message::Message::Nack(Nack {
+                version,
+                hash,
+                error,
+            })
+        }
+    };
+    SidecarMessage {
+        message: Some(message),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use chaperone_policy::Snapshot;
@@ -709,7 +716,7 @@ mod tests {
     fn acks_a_good_snapshot_and_puts_it_in_force() {
         let stream = stream();
         let s = snapshot(10);
-        let ack = reply(stream.on_snapshot(update(&s)));
+        let ack = reply(apply_snapshot(&stream.sidecar, update(&s)));
         assert!(
             matches!(ack, sidecar_message::Message::Ack(Ack { version: 10, ref hash }) if *hash == s.hash)
         );
@@ -720,10 +727,10 @@ mod tests {
     #[test]
     fn nacks_a_bad_update_and_keeps_the_last_good_snapshot() {
         let stream = stream();
-        stream.on_snapshot(update(&snapshot(10)));
+        apply_snapshot(&stream.sidecar, update(&snapshot(10)));
         let mut bad = update(&changed(11));
         bad.hash = "0".repeat(64);
-        let nack = reply(stream.on_snapshot(bad));
+        let nack = reply(apply_snapshot(&stream.sidecar, bad));
         let sidecar_message::Message::Nack(nack) = nack else {
             panic!("not a NACK: {nack:?}");
         };
@@ -735,8 +742,8 @@ mod tests {
     #[test]
     fn acks_the_snapshot_in_force_again_after_a_reconnect() {
         let stream = stream();
-        stream.on_snapshot(update(&snapshot(10)));
-        let again = reply(stream.on_snapshot(update(&snapshot(10))));
+        apply_snapshot(&stream.sidecar, update(&snapshot(10)));
+        let again = reply(apply_snapshot(&stream.sidecar, update(&snapshot(10))));
         assert!(
             matches!(again, sidecar_message::Message::Ack(_)),
             "{again:?}"
@@ -746,8 +753,8 @@ mod tests {
     #[test]
     fn nacks_an_older_version_with_other_content() {
         let stream = stream();
-        stream.on_snapshot(update(&snapshot(10)));
-        let older = reply(stream.on_snapshot(update(&changed(9))));
+        apply_snapshot(&stream.sidecar, update(&snapshot(10)));
+        let older = reply(apply_snapshot(&stream.sidecar, update(&changed(9))));
         assert!(
             matches!(older, sidecar_message::Message::Nack(ref n) if n.error.contains("not newer")),
             "{older:?}"
@@ -757,11 +764,11 @@ mod tests {
     #[test]
     fn dropping_the_snapshot_closes_the_sidecar() {
         let stream = stream();
-        stream.on_snapshot(update(&snapshot(10)));
+        apply_snapshot(&stream.sidecar, update(&snapshot(10)));
         assert_eq!(stream.sidecar.snapshots().clear(), Some(10));
         assert!(!stream.sidecar.snapshots().is_ready());
         // A new snapshot after the drop is taken whatever its version.
-        let ack = reply(stream.on_snapshot(update(&changed(3))));
+        let ack = reply(apply_snapshot(&stream.sidecar, update(&changed(3))));
         assert!(matches!(ack, sidecar_message::Message::Ack(_)), "{ack:?}");
     }
 
@@ -800,9 +807,11 @@ mod tests {
             phase: approval_status::Phase::Granted as i32,
             ..Default::default()
         };
-        let reply = stream.on_message(ControllerMessage {
-            message: Some(controller_message::Message::Approval(status)),
-        });
+        let reply = stream
+            .on_message(ControllerMessage {
+                message: Some(controller_message::Message::Approval(status)),
+            })
+            .await;
         assert!(reply.is_none());
         let waited = ticket.wait(Instant::now() + Duration::from_secs(1)).await;
         assert!(

@@ -142,7 +142,15 @@ pub async fn watch(
         let current = fingerprint(&dir);
         if last.as_ref() != Some(&current) {
             version += 1;
-            match load(&dir, agent.as_deref(), version, &source) {
+            // Parsing, compiling and indexing take milliseconds: on a
+            // blocking thread, not on the runtime's (it may be the only one).
+            let (path, agent, source) = (dir.clone(), agent.clone(), Arc::clone(&source));
+            let loaded =
+                crate::runtime::off_worker(move || load(&path, agent.as_deref(), version, &source))
+                    .await;
+            // None: the runtime is shutting down.
+            let Some(loaded) = loaded else { return };
+            match loaded {
                 Ok(v) => {
                     tracing::info!(version = v, dir = %dir.display(), "policy snapshot loaded")
                 }
