@@ -51,10 +51,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args, settings: Settings) -> anyhow::Result<()> {
-    tracing::info!(
-        worker_threads = settings.worker_threads.get(),
-        "chaperone-sidecar starting"
-    );
+    // The runtime's own count, not the setting's.
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(worker_threads = workers, "chaperone-sidecar starting");
     let tool_mode = settings.mode == SidecarMode::Tool;
     // In front of a tool server there is no agent to proxy for.
     let proxy = if tool_mode {
