@@ -204,8 +204,14 @@ pub fn chaperonectl() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("CHAPERONECTL") {
         return Some(path.into());
     }
+    in_target_dir("chaperonectl")
+}
+
+/// The binary `bin` in the target directory the test binary runs from
+/// (`target/debug/bin` beside `target/debug/deps/`), if it is built.
+fn in_target_dir(bin: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
-    let path = exe.parent()?.parent()?.join("chaperonectl");
+    let path = exe.parent()?.parent()?.join(bin);
     path.is_file().then_some(path)
 }
 
@@ -221,11 +227,10 @@ pub fn built_chaperonectl() -> Result<PathBuf> {
 /// (always: a stale binary would test old code) with the cargo running the
 /// tests; it lies in the target directory next to the test binary's folder.
 pub fn built_binary(package: &str, bin: &str) -> Result<PathBuf> {
-    type Built = std::collections::HashMap<String, std::result::Result<PathBuf, String>>;
-    static BUILT: std::sync::Mutex<Option<Built>> = std::sync::Mutex::new(None);
+    type Built = std::collections::BTreeMap<String, std::result::Result<PathBuf, String>>;
+    static BUILT: std::sync::Mutex<Built> = std::sync::Mutex::new(Built::new());
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     built
-        .get_or_insert_with(Default::default)
         .entry(bin.to_owned())
         .or_insert_with(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -236,13 +241,7 @@ pub fn built_binary(package: &str, bin: &str) -> Result<PathBuf> {
             if !status.success() {
                 return Err(format!("cargo build -p {package} --bin {bin} failed"));
             }
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let path = exe
-                .parent()
-                .and_then(|deps| deps.parent())
-                .map(|dir| dir.join(bin))
-                .filter(|path| path.is_file());
-            path.ok_or_else(|| format!("{bin} not found after building it"))
+            in_target_dir(bin).ok_or_else(|| format!("{bin} not found after building it"))
         })
         .clone()
         .map_err(anyhow::Error::msg)
