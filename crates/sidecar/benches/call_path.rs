@@ -3,8 +3,11 @@
 //! prints p50/p99 per step. `cargo bench -p chaperone-sidecar --bench call_path`.
 //!
 //! Steps: strict parse of the body, canonical argument digest, the Ed25519
-//! assertion alone, and `Enforcer::decide_call` whole (decision, session step,
-//! audit record to a sink, assertion).
+//! assertion alone (with a nonce made ahead, as calls get it while the
+//! nonce thread keeps up), the RFC 8032 signature it then no longer makes (and
+//! still makes when no nonce is ready), `Enforcer::decide_call` whole
+//! (decision, session step, audit record to a sink, assertion), and what one
+//! nonce costs the nonce thread.
 
 use std::hint::black_box;
 use std::io::Write;
@@ -21,6 +24,7 @@ use chaperone_sidecar::methods::Era;
 use chaperone_sidecar::metrics::Metrics;
 use chaperone_sidecar::ratelimit::AgentRateLimits;
 use chaperone_sidecar::session::SessionState;
+use chaperone_sidecar::signing_nonces::{DEFAULT_CAPACITY, Presigner};
 use chaperone_sidecar::{SnapshotSource, standalone};
 
 const SAMPLES: usize = 50_000;
@@ -64,12 +68,19 @@ fn report(step: &str, mut samples: Vec<Duration>) {
     );
 }
 
-fn time(mut step: impl FnMut()) -> Vec<Duration> {
+fn time(step: impl FnMut()) -> Vec<Duration> {
+    time_between(step, || {})
+}
+
+/// Times `step`, calling `between` (untimed) before each sample.
+fn time_between(mut step: impl FnMut(), mut between: impl FnMut()) -> Vec<Duration> {
     for _ in 0..SAMPLES / 10 {
+        between();
         step();
     }
     (0..SAMPLES)
         .map(|_| {
+            between();
             let started = Instant::now();
             step();
             started.elapsed()
@@ -91,23 +102,8 @@ fn main() -> anyhow::Result<()> {
         .upstreams
         .get("echo")
         .ok_or_else(|| anyhow::anyhow!("no echo server"))?;
-    let metrics = Arc::new(Metrics::new());
-    let signer = AssertionSigner::generate()?;
-    let enforcer = Enforcer {
-        audit: AuditLog::new(
-            AuditOutput::Writer(Box::new(Sink)),
-            None,
-            metrics.audit_dropped.clone(),
-            signer.clone(),
-        ),
-        signer,
-        agent_limits: AgentRateLimits::default(),
-        metrics: Arc::clone(&metrics),
-        pod: PodIdentity {
-            pod: "bench-pod".to_owned(),
-        },
-        inventory: ToolInventory::default(),
-    };
+    let pooled_enforcer = enforcer(AssertionSigner::generate()?);
+    let rfc8032_enforcer = enforcer(AssertionSigner::generate_with_nonces(0)?);
     let Payload::Single(message) = parse_payload(&body, LIMIT)? else {
         anyhow::bail!("not a single message");
     };
@@ -139,44 +135,116 @@ fn main() -> anyhow::Result<()> {
         steps: 1,
         prev: "0".repeat(64),
     };
+    let signer = pooled_enforcer.signer.clone();
+    // Samples wait (untimed) for a nonce: a call that finds none signs the
+    // RFC 8032 way, timed by the step after this one.
+    let nonce_ready = || {
+        while signer.nonces_ready() == 0 {
+            std::thread::yield_now();
+        }
+    };
     report(
-        "assertion (claims JSON, base64, Ed25519)",
+        "assertion (claims JSON, base64, Ed25519 with a nonce made ahead)",
+        time_between(
+            || {
+                black_box(signer.sign(&Claims {
+                    iss: &active.issuer,
+                    sub: &active.issuer,
+                    act: None,
+                    aud: &upstream.audience,
+                    exp: 2_000_000_060,
+                    iat: 2_000_000_000,
+                    jti: "0123456789abcdef0123456789abcdef",
+                    sid: "0123456789abcdef0123456789abcdef",
+                    tool: "echo",
+                    args: &digest,
+                    snap: 1,
+                    ctx: &ctx,
+                }));
+            },
+            nonce_ready,
+        ),
+    );
+    // The assertion's signing input is ≈ 700 bytes.
+    let signing_input = vec![b'e'; 700];
+    report(
+        "Ed25519 signature of 700 bytes, RFC 8032 (when no nonce is ready)",
         time(|| {
-            black_box(enforcer.signer.sign(&Claims {
-                iss: &active.issuer,
-                sub: &active.issuer,
-                act: None,
-                aud: &upstream.audience,
-                exp: 2_000_000_060,
-                iat: 2_000_000_000,
-                jti: "0123456789abcdef0123456789abcdef",
-                sid: "0123456789abcdef0123456789abcdef",
-                tool: "echo",
-                args: &digest,
-                snap: 1,
-                ctx: &ctx,
-            }));
+            black_box(signer.sign_detached(black_box(&signing_input)));
         }),
     );
-    let mut session = SessionState::new();
-    report(
-        "decide_call whole (decision, step, audit, assertion)",
-        time(|| {
-            let outcome = enforcer.decide_call(
-                &active,
-                upstream,
-                &mut session,
-                &CallRequest {
-                    method: "tools/call",
-                    id,
-                    name: &name,
-                    arguments,
-                    mcp_session_id: "s-1",
-                    approval: None,
+    for (step, enforcer) in [
+        (
+            "decide_call whole (decision, step, audit, assertion)",
+            &pooled_enforcer,
+        ),
+        (
+            "decide_call whole, RFC 8032 signature (CHAPERONE_SIGNING_NONCES=0)",
+            &rfc8032_enforcer,
+        ),
+    ] {
+        let mut session = SessionState::new();
+        report(
+            step,
+            time_between(
+                || {
+                    let outcome = enforcer.decide_call(
+                        &active,
+                        upstream,
+                        &mut session,
+                        &CallRequest {
+                            method: "tools/call",
+                            id,
+                            name: &name,
+                            arguments,
+                            mcp_session_id: "s-1",
+                            approval: None,
+                        },
+                    );
+                    black_box(outcome.ok());
                 },
-            );
-            black_box(outcome.ok());
-        }),
-    );
+                nonce_ready,
+            ),
+        );
+    }
+    report("one nonce, made ahead by the nonce thread", nonce_cost());
     Ok(())
+}
+
+/// The enforcer the sidecar builds, signing with `signer`, its audit
+/// records written to a sink.
+fn enforcer(signer: AssertionSigner) -> Enforcer {
+    let metrics = Arc::new(Metrics::new());
+    Enforcer {
+        audit: AuditLog::new(
+            AuditOutput::Writer(Box::new(Sink)),
+            None,
+            metrics.audit_dropped.clone(),
+            signer.clone(),
+        ),
+        signer,
+        agent_limits: AgentRateLimits::default(),
+        metrics,
+        pod: PodIdentity {
+            pod: "bench-pod".to_owned(),
+        },
+        inventory: ToolInventory::default(),
+    }
+}
+
+/// What one nonce costs the nonce thread: a fresh key's pool filled from
+/// empty, timed and divided by its size, 20 times (the thread has a core of
+/// its own: nothing else runs).
+fn nonce_cost() -> Vec<Duration> {
+    (0..20u8)
+        .map(|round| {
+            let started = Instant::now();
+            let presigner =
+                Presigner::start(&[round; 32], DEFAULT_CAPACITY).expect("aws-lc takes any seed");
+            while !presigner.filled_once() {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            started.elapsed() / DEFAULT_CAPACITY as u32
+        })
+        .collect()
 }

@@ -3,10 +3,13 @@
 //!
 //! The key pair is generated at start, parsed once, and never leaves the process;
 //! its public half is registered with the controller ([`KeyRegistration`]), which
-//! serves it in a JWKS. The JWS is written by hand over aws-lc-rs: a JWT library
-//! would re-encode the header and re-parse the key on every call. The same key
-//! signs the audit trail's checkpoints ([`AssertionSigner::sign_detached`]), so
-//! the JWKS that verifies assertions also verifies audit logs.
+//! serves it in a JWKS. The JWS is written by hand: a JWT library would re-encode
+//! the header and re-parse the key on every call. Assertions are signed with a
+//! nonce made ahead of the call ([`crate::signing_nonces`]), or by aws-lc-rs the
+//! RFC 8032 way when none is ready; either verifies with any Ed25519 verifier.
+//! The same key signs the audit trail's checkpoints
+//! ([`AssertionSigner::sign_detached`], always RFC 8032), so the JWKS that
+//! verifies assertions also verifies audit logs.
 
 use std::sync::Arc;
 
@@ -15,10 +18,12 @@ use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chaperone_policy::EffectSet;
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::canonical::sha256;
+use crate::signing_nonces::Presigner;
 
 /// What `argsAlg` says: `args` is SHA-256 of the RFC 8785 form of the
 /// arguments.
@@ -157,6 +162,11 @@ impl Serialize for Claims<'_> {
 #[derive(Clone)]
 pub struct AssertionSigner {
     key_pair: Arc<Ed25519KeyPair>,
+    /// Signs with nonces made ahead of the call; its thread stops with the
+    /// last clone.
+    presigner: Arc<Presigner>,
+    /// Assertions signed the RFC 8032 way because no nonce was ready.
+    signed_without_pooled_nonce: Counter,
     /// base64url of the JOSE header, with a trailing `.`.
     encoded_header: String,
     registration: KeyRegistration,
@@ -171,15 +181,30 @@ impl std::fmt::Debug for AssertionSigner {
 }
 
 impl AssertionSigner {
-    /// Generates a fresh key pair.
+    /// Generates a fresh key pair and starts making signing nonces for it
+    /// ([`crate::signing_nonces::DEFAULT_CAPACITY`] ahead).
     pub fn generate() -> Result<Self, KeyGenerationError> {
-        let key_pair = Ed25519KeyPair::generate().map_err(|_| KeyGenerationError)?;
-        let mut public_key = [0u8; 32];
-        let public = key_pair.public_key().as_ref();
-        if public.len() != public_key.len() {
+        Self::generate_with_nonces(crate::signing_nonces::DEFAULT_CAPACITY)
+    }
+
+    /// Generates a fresh key pair and keeps `nonces` signing nonces made
+    /// ahead for it (0: every assertion is signed the RFC 8032 way).
+    pub fn generate_with_nonces(nonces: usize) -> Result<Self, KeyGenerationError> {
+        let mut seed = [0u8; 32];
+        rand::fill(&mut seed).map_err(|_| KeyGenerationError)?;
+        let signer = Self::from_seed(&seed, nonces);
+        zeroize::Zeroize::zeroize(&mut seed);
+        signer
+    }
+
+    /// The signer of the key of `seed`, `nonces` signing nonces made ahead.
+    fn from_seed(seed: &[u8; 32], nonces: usize) -> Result<Self, KeyGenerationError> {
+        let key_pair = Ed25519KeyPair::from_seed_unchecked(seed).map_err(|_| KeyGenerationError)?;
+        let presigner = Presigner::start(seed, nonces).ok_or(KeyGenerationError)?;
+        let public_key = presigner.public_key();
+        if key_pair.public_key().as_ref() != public_key {
             return Err(KeyGenerationError);
         }
-        public_key.copy_from_slice(public);
         let kid = URL_SAFE_NO_PAD.encode(&sha256(&public_key)[..16]);
         let x = URL_SAFE_NO_PAD.encode(public_key);
         let jwk = serde_json::json!({
@@ -190,6 +215,8 @@ impl AssertionSigner {
         encoded_header.push('.');
         Ok(Self {
             key_pair: Arc::new(key_pair),
+            presigner: Arc::new(presigner),
+            signed_without_pooled_nonce: Counter::default(),
             encoded_header,
             registration: KeyRegistration {
                 kid,
@@ -197,6 +224,18 @@ impl AssertionSigner {
                 jwk,
             },
         })
+    }
+
+    /// Counts in `counter` the assertions signed without a pooled nonce
+    /// (the pool was empty: just after start, or calls outpacing its thread).
+    pub fn counting_unpooled_signatures(mut self, counter: Counter) -> Self {
+        self.signed_without_pooled_nonce = counter;
+        self
+    }
+
+    /// How many signing nonces are ready now (benchmarks and tests).
+    pub fn nonces_ready(&self) -> usize {
+        self.presigner.ready()
     }
 
     /// The public key and key id to register with the controller.
@@ -211,9 +250,17 @@ impl AssertionSigner {
         let mut token = String::with_capacity(self.encoded_header.len() + payload.len() * 2 + 90);
         token.push_str(&self.encoded_header);
         URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
-        let signature = self.key_pair.sign(token.as_bytes());
+        let signature = match self.presigner.sign(token.as_bytes()) {
+            Some(signature) => signature,
+            None => {
+                self.signed_without_pooled_nonce.inc();
+                let mut signature = [0u8; 64];
+                signature.copy_from_slice(self.key_pair.sign(token.as_bytes()).as_ref());
+                signature
+            }
+        };
         token.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut token);
+        URL_SAFE_NO_PAD.encode_string(signature, &mut token);
         token
     }
 
@@ -340,6 +387,66 @@ mod tests {
             ]
         );
         assert_eq!(signer.registration().jwk["kid"], signer.registration().kid);
+    }
+
+    fn verify(signer: &AssertionSigner, token: &str) -> Vec<u8> {
+        let (signed, signature) = token.rsplit_once('.').unwrap();
+        let signature = URL_SAFE_NO_PAD.decode(signature).unwrap();
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ED25519,
+            signer.registration().public_key,
+        )
+        .verify(signed.as_bytes(), &signature)
+        .expect("the assertion verifies with the registered key");
+        signature
+    }
+
+    #[test]
+    fn assertions_are_signed_with_pooled_nonces_and_without_when_none_is_ready() {
+        let unpooled = Counter::default();
+        let signer = AssertionSigner::generate()
+            .unwrap()
+            .counting_unpooled_signatures(unpooled.clone());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !signer.presigner.filled_once() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pool never filled"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let claims = Claims {
+            iss: "chaperone:agent:ns/a",
+            sub: "chaperone:agent:ns/a",
+            act: None,
+            aud: "http://tool",
+            exp: 2_000_000_000,
+            iat: 1_999_999_940,
+            jti: "j",
+            sid: "s",
+            tool: "t",
+            args: "sha256:00",
+            snap: 3,
+            ctx: &TaskContext {
+                effects: EffectSet::EMPTY,
+                steps: 1,
+                prev: "00".into(),
+            },
+        };
+        let first = signer.sign(&claims);
+        let second = signer.sign(&claims);
+        assert_eq!(unpooled.get(), 0);
+        // Pooled nonces: the same claims sign differently, and both verify.
+        assert_ne!(verify(&signer, &first), verify(&signer, &second));
+
+        // With no nonce ready, the key signs the RFC 8032 way (the same
+        // signature for the same claims) and the fallback is counted.
+        let empty = AssertionSigner::generate_with_nonces(0)
+            .unwrap()
+            .counting_unpooled_signatures(unpooled.clone());
+        let first = empty.sign(&claims);
+        assert_eq!(verify(&empty, &first), verify(&empty, &empty.sign(&claims)));
+        assert_eq!(unpooled.get(), 2);
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub mod run;
 pub mod runtime;
 pub mod session;
 pub mod settings;
+pub mod signing_nonces;
 pub mod snapshot;
 pub mod snapshot_stream;
 pub mod spans;
@@ -121,7 +122,8 @@ impl Sidecar {
             (None, None)
         };
         // One key signs the assertions and the audit trail's checkpoints.
-        let signer = AssertionSigner::generate()?;
+        let signer = AssertionSigner::generate_with_nonces(settings.signing_nonces)?
+            .counting_unpooled_signatures(metrics.assertions_signed_unpooled.clone());
         let audit = AuditLog::new(audit, ship, metrics.audit_dropped.clone(), signer.clone())
             .with_checkpoint_every(settings.audit_checkpoint_every);
         let enforcer = Enforcer {

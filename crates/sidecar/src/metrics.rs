@@ -318,6 +318,9 @@ pub struct Metrics {
     pub delegated_sessions: Gauge,
     /// Audit records dropped from the full shipping queue.
     pub audit_dropped: Counter,
+    /// Assertions signed on the call's path because no signing nonce made
+    /// ahead was ready ([`crate::signing_nonces`]).
+    pub assertions_signed_unpooled: Counter,
     /// Requests refused before any decision (parse errors, limits, no
     /// snapshot), by [`crate::refusal::Refusal::label`] (a fixed set).
     pub refused: Family<RefusalLabels, Counter>,
@@ -400,6 +403,12 @@ impl Metrics {
             "Audit records dropped because the shipping queue was full",
             audit_dropped.clone(),
         );
+        let assertions_signed_unpooled = Counter::default();
+        registry.register(
+            "assertions_signed_unpooled",
+            "Assertions signed on the call's path because no signing nonce made ahead was ready (just after start, or calls outpacing the nonce thread)",
+            assertions_signed_unpooled.clone(),
+        );
         let refused = Family::<RefusalLabels, Counter>::default();
         registry.register(
             "refused",
@@ -456,6 +465,7 @@ impl Metrics {
             sessions,
             delegated_sessions,
             audit_dropped,
+            assertions_signed_unpooled,
             refused,
             approvals,
             connections_open,

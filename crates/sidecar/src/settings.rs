@@ -89,6 +89,9 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Runtime worker threads; default 1 (a single-threaded runtime).
     pub worker_threads: NonZeroUsize,
+    /// Signing nonces kept made ahead ([`crate::signing_nonces`]); default
+    /// [`crate::signing_nonces::DEFAULT_CAPACITY`], 0 for none.
+    pub signing_nonces: usize,
 }
 
 /// Where the sidecar sits.
@@ -188,6 +191,7 @@ impl Default for Settings {
             approval_hold: DEFAULT_APPROVAL_HOLD,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             worker_threads: NonZeroUsize::MIN,
+            signing_nonces: crate::signing_nonces::DEFAULT_CAPACITY,
         }
     }
 }
@@ -282,6 +286,13 @@ impl Settings {
         if let Some(v) = lookup(ENV_WORKER_THREADS) {
             let threads = positive(ENV_WORKER_THREADS, v)?;
             settings.worker_threads = NonZeroUsize::new(threads).unwrap_or(NonZeroUsize::MIN);
+        }
+        if let Some(v) = lookup(ENV_SIGNING_NONCES) {
+            settings.signing_nonces = parse(
+                ENV_SIGNING_NONCES,
+                v,
+                "a count of nonces (0 signs every assertion on the call's path)",
+            )?;
         }
         if let Some(v) = lookup(ENV_POD_NAME) {
             settings.pod_name = v;
