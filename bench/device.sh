@@ -11,8 +11,11 @@
 #           [".tmp/bench-bin"], timeout_s 600) runs chaperone-bench with
 #           both proxies on one runtime worker (the injected default) and on
 #           one per core (what both ran before 15419e5), at 1,000 calls/s
-#           over 8 connections and 5,000 calls/s over 16, and writes each
-#           pass's tables and log to $OUT (defaults 2 10 4: ≈ 7 minutes).
+#           over 8 connections and 5,000 calls/s over 16, plus one worker
+#           with every assertion signed on the call's path
+#           (CHAPERONE_SIGNING_NONCES=0, as before 6fc4ec6) at both rates,
+#           and writes each pass's tables and log to $OUT (defaults 2 8 3:
+#           ≈ 8 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bins=.tmp/bench-bin
@@ -30,7 +33,7 @@ stage)
   du -sh "$bins"
   ;;
 run)
-  runs=${2:-2} fixed=${3:-10} closed=${4:-4}
+  runs=${2:-2} fixed=${3:-8} closed=${4:-3}
   out=${OUT:-.tmp/bench-out}
   mkdir -p "$out"
   cores=$(nproc)
@@ -40,11 +43,15 @@ run)
     lscpu | grep -E '^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node\(s\))'
     uptime
   } > "$out/machine.txt"
-  for pass in "1 1000 8" "$cores 1000 8" "1 5000 16" "$cores 5000 16"; do
-    read -r workers rate conns <<<"$pass"
-    file="$out/workers${workers}-rate${rate}.md"
-    echo "== chaperone-bench --workers $workers $runs $fixed $rate $conns $closed" | tee "$file"
-    "$bins/chaperone-bench" --workers "$workers" "$runs" "$fixed" "$rate" "$conns" "$closed" \
+  # workers, rate, connections, signing nonces kept ahead (1024: the default)
+  # (most telling first: a run cut short still leaves the passes before)
+  for pass in "1 1000 8 1024" "$cores 1000 8 1024" "1 1000 8 0" \
+    "1 5000 16 1024" "$cores 5000 16 1024" "1 5000 16 0"; do
+    read -r workers rate conns nonces <<<"$pass"
+    file="$out/workers${workers}-rate${rate}-nonces${nonces}.md"
+    echo "== CHAPERONE_SIGNING_NONCES=$nonces chaperone-bench --workers $workers $runs $fixed $rate $conns $closed" | tee "$file"
+    CHAPERONE_SIGNING_NONCES=$nonces \
+      "$bins/chaperone-bench" --workers "$workers" "$runs" "$fixed" "$rate" "$conns" "$closed" \
       >>"$file" 2>&1 || echo "chaperone-bench failed: $?" >>"$file"
     grep -E '^Chaperone over the bare hop' "$file" || true
   done

@@ -28,7 +28,10 @@
 //!   sidecar's stdout, a pipe this process reads to the end (as the container
 //!   runtime does), and also queued and shipped to the controller in
 //!   `AuditBatch`es over the snapshot stream, which the fake reads and
-//!   counts; the call forwarded with a freshly signed assertion. The signed
+//!   counts; the call forwarded with a freshly signed assertion (its nonce
+//!   made ahead by the sidecar's nonce thread, whose CPU is in the sidecar's
+//!   figures; `CHAPERONE_SIGNING_NONCES=0` in this process's environment,
+//!   which the sidecar inherits, signs on the call's path instead). The signed
 //!   audit checkpoints (every 100 decisions, and on the sidecar's timer) are
 //!   written and shipped alike.
 //! - The printed audit counts check it: `tools/call`s made, lines read from

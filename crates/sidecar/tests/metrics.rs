@@ -1,8 +1,9 @@
 //! The sidecar's `/metrics` after real MCP calls: decisions labelled by
 //! server, tool, decision and rule (a tool the snapshot does not name counted
 //! as `_other`), every stage of the call path timed, `chaperone_build_info`,
-//! and the snapshot version of a standalone sidecar (its policy directory
-//! loaded before anything subscribed).
+//! the snapshot version of a standalone sidecar (its policy directory
+//! loaded before anything subscribed), and assertions signed without a nonce
+//! made ahead.
 
 #![allow(missing_docs)]
 
@@ -10,6 +11,8 @@ mod common;
 
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chaperone_sidecar::metrics::OTHER;
 use chaperone_sidecar::{AuditOutput, Listeners, Settings, Sidecar, SnapshotFeed};
 use common::*;
@@ -65,6 +68,46 @@ async fn tools_the_snapshot_does_not_name_share_one_label_value() {
         "{series:?}"
     );
     assert!(series[0].ends_with(" 3"), "{series:?}");
+}
+
+#[tokio::test]
+async fn assertions_signed_on_the_calls_path_are_counted_and_all_verify() {
+    const UNPOOLED: &str = "chaperone_sidecar_assertions_signed_unpooled_total";
+    // With no pool (0) every assertion is counted; with the default pool
+    // some may be, right after start, never more than were signed.
+    for (nonces, counted) in [(0, 3.0..=3.0), (1024, 0.0..=3.0)] {
+        let settings = Settings {
+            signing_nonces: nonces,
+            ..Settings::default()
+        };
+        let harness = Harness::start_with(true, true, settings).await;
+        let client = harness.client().await;
+        for id in ["o-1", "o-2", "o-3"] {
+            call(&client, "get_order", json!({"id": id})).await.unwrap();
+        }
+        let metrics = scrape(&harness).await;
+        let count = sample(&metrics, UNPOOLED).unwrap_or(f64::NAN);
+        assert!(
+            counted.contains(&count),
+            "{nonces} nonces: {count}: {metrics}"
+        );
+        let key = aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ED25519,
+            harness.sidecar.key_registration().public_key,
+        );
+        let seen = harness.upstream.seen.lock().unwrap().clone();
+        let assertions: Vec<&str> = seen
+            .iter()
+            .filter_map(|headers| headers.get("chaperone-assertion")?.to_str().ok())
+            .collect();
+        assert_eq!(assertions.len(), 3, "{nonces} nonces");
+        for token in assertions {
+            let (signed, signature) = token.rsplit_once('.').unwrap();
+            let signature = URL_SAFE_NO_PAD.decode(signature).unwrap();
+            key.verify(signed.as_bytes(), &signature)
+                .unwrap_or_else(|_| panic!("{nonces} nonces: {token} does not verify"));
+        }
+    }
 }
 
 #[tokio::test]
