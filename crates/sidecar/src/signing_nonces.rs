@@ -36,6 +36,7 @@
 //! [`Presigner::sign`] returns `None` and the caller signs the RFC 8032 way;
 //! the thread is woken once each time the pool falls to half, not per call.
 
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
@@ -123,6 +124,12 @@ impl Pool {
     fn with_capacity(capacity: usize) -> Self {
         Self {
             capacity,
+            // Allocated once: growing would leave copies of unused nonces in
+            // freed memory.
+            state: Mutex::new(PoolState {
+                ready: Vec::with_capacity(capacity),
+                stopped: false,
+            }),
             ..Self::default()
         }
     }
@@ -141,11 +148,13 @@ impl Pool {
     /// Takes one nonce, waking the thread when this leaves half.
     fn take(&self) -> Option<Nonce> {
         let mut state = self.lock();
-        let nonce = state.ready.pop();
-        if nonce.is_some() && state.ready.len() == self.refill_at() {
+        let nonce = state.ready.pop()?;
+        // `pop` moved the nonce out but left its bytes in the slot.
+        zero_spare(&mut state.ready, 1);
+        if state.ready.len() == self.refill_at() {
             self.wanted.notify_one();
         }
-        nonce
+        Some(nonce)
     }
 
     /// How many nonces are ready.
@@ -237,6 +246,7 @@ impl Drop for Presigner {
 /// until the pool is stopped.
 fn make_nonces(key: &ExpandedKey, pool: &Pool) {
     let mut made: u64 = 0;
+    let mut batch: Vec<Nonce> = Vec::with_capacity(BATCH);
     loop {
         let missing = {
             let mut state = pool.lock();
@@ -253,12 +263,10 @@ fn make_nonces(key: &ExpandedKey, pool: &Pool) {
         };
         let mut added = 0;
         while added < missing {
-            let batch: Vec<Nonce> = (0..BATCH.min(missing - added))
-                .filter_map(|_| {
-                    made += 1;
-                    nonce(key, made)
-                })
-                .collect();
+            batch.extend((0..BATCH.min(missing - added)).filter_map(|_| {
+                made += 1;
+                nonce(key, made)
+            }));
             if batch.is_empty() {
                 tracing::error!(
                     "aws-lc refused every derived nonce seed; the nonce thread stops and assertions are signed on the call's path"
@@ -270,7 +278,10 @@ fn make_nonces(key: &ExpandedKey, pool: &Pool) {
             if state.stopped {
                 return;
             }
-            state.ready.extend(batch);
+            state.ready.append(&mut batch);
+            drop(state);
+            // `append` copied the nonces and left their bytes behind.
+            zero_spare(&mut batch, BATCH);
         }
         pool.filled_once.store(true, Ordering::Release);
     }
@@ -316,6 +327,14 @@ fn secret_scalar_and_public_key(seed: &[u8; 32]) -> Option<(Scalar, [u8; 32])> {
     let scalar = Scalar::from_bytes_mod_order(clamp_integer(lower));
     lower.zeroize();
     Some((scalar, public))
+}
+
+/// Zeroes the first `slots` unused slots of `nonces`' allocation (where
+/// nonces moved out of it left their bytes).
+fn zero_spare(nonces: &mut Vec<Nonce>, slots: usize) {
+    for slot in nonces.spare_capacity_mut().iter_mut().take(slots) {
+        *slot = MaybeUninit::zeroed();
+    }
 }
 
 /// SHA-512 of the concatenation of `parts`.
