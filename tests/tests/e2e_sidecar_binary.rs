@@ -1,7 +1,7 @@
 //! The `chaperone-sidecar` binary itself, as a container runs it: settings
-//! from the environment, one runtime worker thread (the webhook's default),
-//! a policy directory, the audit trail on stdout, spans over OTLP/gRPC, and
-//! SIGTERM to stop.
+//! from the environment, one runtime worker thread (the webhook's default)
+//! and the thread that makes signing nonces, a policy directory, the audit
+//! trail on stdout, spans over OTLP/gRPC, and SIGTERM to stop.
 //!
 //! The other sidecar tests drive the library in their own process; this one
 //! covers what only `main` does: the runtime it builds and what it flushes
@@ -86,6 +86,7 @@ async fn on_one_thread_the_binary_serves_calls_and_on_sigterm_flushes_its_trail_
         .env("CHAPERONE_LISTEN", format!("127.0.0.1:{proxy}"))
         .env("CHAPERONE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
         .env("CHAPERONE_WORKER_THREADS", "1")
+        .env("CHAPERONE_SIGNING_NONCES", "64")
         // gRPC: the exporter whose channel runs on the sidecar's runtime.
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.grpc_url())
         .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
@@ -122,6 +123,16 @@ async fn on_one_thread_the_binary_serves_calls_and_on_sigterm_flushes_its_trail_
             logs.await?
         );
     }
+    // The thread that makes the assertions' signing nonces runs (Linux
+    // names threads in /proc).
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))?
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect();
+    ensure!(
+        threads.iter().any(|name| name == "chaperone-nonce"),
+        "no signing-nonce thread among {threads:?}"
+    );
     let client = mcp_session(&format!("http://127.0.0.1:{proxy}/billing"), None).await?;
     let answer = call(&client, "get_invoice", json!({"invoice": "INV-7"}))
         .await
@@ -169,6 +180,7 @@ async fn on_one_thread_the_binary_serves_calls_and_on_sigterm_flushes_its_trail_
         .find(|line| line["message"] == "chaperone-sidecar starting")
         .with_context(|| format!("no start line in the logs:\n{logs}"))?;
     assert_eq!(started["worker_threads"], 1, "{started}");
+    assert_eq!(started["signing_nonces"], 64, "{started}");
 
     // The spans buffered until the stop reached the receiver.
     let span = receiver

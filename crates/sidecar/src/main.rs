@@ -53,7 +53,11 @@ fn main() -> anyhow::Result<()> {
 async fn serve(args: Args, settings: Settings) -> anyhow::Result<()> {
     // The runtime's own count, not the setting's.
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    tracing::info!(worker_threads = workers, "chaperone-sidecar starting");
+    tracing::info!(
+        worker_threads = workers,
+        signing_nonces = settings.signing_nonces,
+        "chaperone-sidecar starting"
+    );
     let tool_mode = settings.mode == SidecarMode::Tool;
     // In front of a tool server there is no agent to proxy for.
     let proxy = if tool_mode {

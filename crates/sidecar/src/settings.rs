@@ -288,11 +288,18 @@ impl Settings {
             settings.worker_threads = NonZeroUsize::new(threads).unwrap_or(NonZeroUsize::MIN);
         }
         if let Some(v) = lookup(ENV_SIGNING_NONCES) {
-            settings.signing_nonces = parse(
-                ENV_SIGNING_NONCES,
-                v,
-                "a count of nonces (0 signs every assertion on the call's path)",
-            )?;
+            const EXPECTED: &str =
+                "a count of nonces from 0 (every assertion signed on the call's path) to 65536";
+            settings.signing_nonces = match v.trim().parse::<usize>() {
+                Ok(n) if n <= crate::signing_nonces::MAX_CAPACITY => n,
+                _ => {
+                    return Err(InvalidSetting {
+                        name: ENV_SIGNING_NONCES,
+                        value: v,
+                        expected: EXPECTED,
+                    });
+                }
+            };
         }
         if let Some(v) = lookup(ENV_POD_NAME) {
             settings.pod_name = v;

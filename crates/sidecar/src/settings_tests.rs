@@ -196,13 +196,13 @@ fn reads_the_worker_threads() {
 #[test]
 fn reads_the_signing_nonce_pool_size() {
     assert_eq!(Settings::default().signing_nonces, 1024);
-    for (value, size) in [(" 64 ", 64), ("0", 0)] {
+    for (value, size) in [(" 64 ", 64), ("0", 0), ("65536", 65_536)] {
         let settings =
             Settings::from_lookup(|name| (name == ENV_SIGNING_NONCES).then(|| value.to_owned()))
                 .unwrap();
         assert_eq!(settings.signing_nonces, size, "{value}");
     }
-    for bad in ["-1", "many", ""] {
+    for bad in ["-1", "many", "", "65537", "100000000000"] {
         let err =
             Settings::from_lookup(|name| (name == ENV_SIGNING_NONCES).then(|| bad.to_owned()))
                 .unwrap_err();

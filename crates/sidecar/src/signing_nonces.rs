@@ -49,6 +49,9 @@ use zeroize::Zeroize;
 /// each).
 pub const DEFAULT_CAPACITY: usize = 1024;
 
+/// The largest pool the sidecar's setting accepts (4 MiB of nonces).
+pub const MAX_CAPACITY: usize = 65_536;
+
 /// How many nonces the thread makes between taking the pool's lock.
 const BATCH: usize = 32;
 
