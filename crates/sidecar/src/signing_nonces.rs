@@ -307,9 +307,9 @@ fn nonce(key: &ExpandedKey, n: u64) -> Option<Nonce> {
     seed.zeroize();
     let (magnitude, mut point) = derived?;
     let secret = if negate {
-        // -(x, y) = (-x, y): the encoding's top bit is the sign of x, and x
-        // is not 0 for any point but the identity and (0, -1), which a
-        // scalar below L and not 0 never gives.
+        // -(x, y) = (-x, y): the encoding's top bit is the sign of x. (x is
+        // 0 only for the identity, c·B for c ≡ 0 mod L: odds of 2^-251,
+        // and then the signature would fail to verify, not leak.)
         point[31] ^= 0x80;
         -magnitude
     } else {
