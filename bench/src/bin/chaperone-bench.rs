@@ -696,8 +696,9 @@ impl SidecarUnderTest {
         }
     }
 
-    /// What the sidecar's `/metrics` says about its decisions, its snapshot
-    /// and its audit queue.
+    /// What the sidecar's `/metrics` says about its decisions, its snapshot,
+    /// its audit queue and the assertions it signed without a nonce made
+    /// ahead.
     async fn metrics_summary(&self) -> anyhow::Result<Vec<String>> {
         let text = get_text(self.admin, "/metrics").await?;
         Ok(text
@@ -706,6 +707,7 @@ impl SidecarUnderTest {
                 l.starts_with("chaperone_sidecar_decisions_total{")
                     || l.starts_with("chaperone_sidecar_snapshot_version ")
                     || l.starts_with("chaperone_sidecar_audit_dropped_total ")
+                    || l.starts_with("chaperone_sidecar_assertions_signed_unpooled_total ")
             })
             .map(str::to_owned)
             .collect())

@@ -245,9 +245,17 @@ impl Drop for Presigner {
     }
 }
 
+/// The nice value of the nonce thread: the lowest priority, so that where
+/// the sidecar's cores are busy, refilling the pool (512 nonces at a time,
+/// ≈ 9 ms of CPU on the dev VM) waits for the threads that serve calls
+/// instead of delaying them; the pool then runs dry and calls sign on their
+/// path, counted.
+pub const NICE: i32 = 19;
+
 /// The nonce thread: fills the pool, then sleeps until a call leaves half,
 /// until the pool is stopped.
 fn make_nonces(key: &ExpandedKey, pool: &Pool) {
+    lower_priority();
     let mut made: u64 = 0;
     let mut batch: Vec<Nonce> = Vec::with_capacity(BATCH);
     loop {
@@ -287,6 +295,16 @@ fn make_nonces(key: &ExpandedKey, pool: &Pool) {
             zero_spare(&mut batch, BATCH);
         }
         pool.filled_once.store(true, Ordering::Release);
+    }
+}
+
+/// Gives this thread the lowest priority ([`NICE`]; Linux sets it per thread).
+/// Lowering one's own priority needs no privilege; a failure is logged and
+/// the thread runs at the process's priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), NICE) {
+        tracing::warn!(%error, "could not lower the signing-nonce thread's priority");
     }
 }
 
@@ -488,6 +506,42 @@ mod tests {
         let pool = Arc::downgrade(&presigner.pool);
         drop(presigner);
         wait_until("the thread let go of the pool", || pool.upgrade().is_none());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_thread_runs_at_the_lowest_priority() {
+        let presigner = Presigner::start(&[5; 32], 64).unwrap();
+        wait_until("the pool is full", || presigner.filled_once());
+        // /proc/self/task/TID/stat: field 19 is the nice value (fields
+        // counted after the parenthesised name, which may hold spaces).
+        let nice_of_threads: Vec<(String, i32)> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| {
+                let path = task.ok()?.path();
+                let name = std::fs::read_to_string(path.join("comm")).ok()?;
+                let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+                Some((name.trim().to_owned(), fields.get(16)?.parse().ok()?))
+            })
+            .collect();
+        let nonce_threads: Vec<i32> = nice_of_threads
+            .iter()
+            .filter(|(name, _)| name == THREAD_NAME)
+            .map(|(_, nice)| *nice)
+            .collect();
+        assert!(!nonce_threads.is_empty(), "{nice_of_threads:?}");
+        assert!(
+            nonce_threads.iter().all(|nice| *nice == NICE),
+            "{nice_of_threads:?}"
+        );
+        // This (test) thread keeps its own priority.
+        assert!(
+            nice_of_threads
+                .iter()
+                .any(|(name, nice)| name != THREAD_NAME && *nice != NICE),
+            "{nice_of_threads:?}"
+        );
     }
 
     #[test]
