@@ -328,10 +328,17 @@ pub fn random_id() -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn signs_a_verifiable_compact_jws() {
-        let signer = AssertionSigner::generate().unwrap();
-        let claims = Claims {
+    fn context() -> TaskContext {
+        TaskContext {
+            effects: EffectSet::EMPTY,
+            steps: 1,
+            prev: "00".into(),
+        }
+    }
+
+    /// Claims of an own call (no `act`), snapshot 3.
+    fn claims(ctx: &TaskContext) -> Claims<'_> {
+        Claims {
             iss: "chaperone:agent:ns/a",
             sub: "chaperone:agent:ns/a",
             act: None,
@@ -343,12 +350,15 @@ mod tests {
             tool: "t",
             args: "sha256:00",
             snap: 3,
-            ctx: &TaskContext {
-                effects: EffectSet::EMPTY,
-                steps: 1,
-                prev: "00".into(),
-            },
-        };
+            ctx,
+        }
+    }
+
+    #[test]
+    fn signs_a_verifiable_compact_jws() {
+        let signer = AssertionSigner::generate().unwrap();
+        let ctx = context();
+        let claims = claims(&ctx);
         let token = signer.sign(&claims);
         let parts: Vec<&str> = token.split('.').collect();
         assert_eq!(parts.len(), 3);
@@ -415,24 +425,8 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
-        let claims = Claims {
-            iss: "chaperone:agent:ns/a",
-            sub: "chaperone:agent:ns/a",
-            act: None,
-            aud: "http://tool",
-            exp: 2_000_000_000,
-            iat: 1_999_999_940,
-            jti: "j",
-            sid: "s",
-            tool: "t",
-            args: "sha256:00",
-            snap: 3,
-            ctx: &TaskContext {
-                effects: EffectSet::EMPTY,
-                steps: 1,
-                prev: "00".into(),
-            },
-        };
+        let ctx = context();
+        let claims = claims(&ctx);
         let first = signer.sign(&claims);
         let second = signer.sign(&claims);
         assert_eq!(unpooled.get(), 0);
