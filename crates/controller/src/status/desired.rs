@@ -401,7 +401,7 @@ fn grant_status(
 }
 
 /// The next instant (unix seconds) a status changes by itself: the earliest
-/// future grant expiry.
+/// grant expiry after `now`.
 pub fn next_expiry(index: &Index, now: i64) -> Option<i64> {
     index
         .objects()

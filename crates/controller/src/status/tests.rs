@@ -9,7 +9,11 @@ use chaperone_policy::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::json;
 
-use super::{desired::policy_status, writer::with_transition_times, *};
+use super::{
+    desired::policy_status,
+    writer::{wait_until, with_transition_times},
+    *,
+};
 use crate::{
     index::Index,
     sidecars::SidecarState,
@@ -122,4 +126,71 @@ fn a_condition_keeps_its_transition_time_while_its_status_holds() {
 
     assert_eq!(kept[0].last_transition_time, then);
     assert_ne!(moved[0].last_transition_time, then);
+}
+
+#[test]
+fn the_expiry_ticker_wakes_at_the_expiry_second_itself() {
+    let at = |second: i64, nanos: i32| k8s_openapi::jiff::Timestamp::new(second, nanos).unwrap();
+    assert_eq!(
+        wait_until(NOW, at(NOW - 3, 250_000_000)),
+        std::time::Duration::from_millis(2_750)
+    );
+    // Begun, or long past: at once.
+    assert_eq!(wait_until(NOW, at(NOW, 0)), std::time::Duration::ZERO);
+    assert_eq!(wait_until(NOW, at(NOW + 5, 0)), std::time::Duration::ZERO);
+    // Far ahead: it looks again after a minute.
+    assert_eq!(
+        wait_until(NOW + 86_400, at(NOW, 0)),
+        std::time::Duration::from_secs(60)
+    );
+}
+
+/// Whether the delegate `a/worker` currently receives a grant.
+fn worker_holds_a_grant(index: &crate::index::SharedIndex) -> bool {
+    let mut rx = index.lock().subscribe(&key("a", "worker"));
+    let snapshot = rx.borrow_and_update().as_ref().map(|s| s.decode().unwrap());
+    !snapshot.unwrap().content.grants_received.is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_expires_on_time_while_other_objects_keep_changing() {
+    let index = crate::index::SharedIndex::new(crate::metrics::Metrics::new());
+    let now = crate::unix_now();
+    let mut expiring = test_objects::grant("a", "short", "planner", None, "worker");
+    expiring.spec.expires_at = Some(
+        k8s_openapi::jiff::Timestamp::from_second(now + 2)
+            .unwrap()
+            .to_string(),
+    );
+    index.update(|i| {
+        i.apply_identity(identity("a", "planner"), now);
+        i.apply_identity(identity("a", "worker"), now);
+        i.apply_grant(expiring, now);
+    });
+    assert!(worker_holds_a_grant(&index));
+    let ticker = tokio::spawn(run_expiry_ticker(index.clone()));
+    // Another namespace changes every 100 ms, past the expiry: each change
+    // makes the ticker look again, and none may push the expiry back.
+    let churn = {
+        let index = index.clone();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let mut other = identity("b", "busy");
+                other.metadata.labels.insert("n".into(), n.to_string());
+                index.update(|i| i.apply_identity(other, crate::unix_now()));
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while worker_holds_a_grant(&index) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the grant outlived its expiry by more than 3 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(crate::unix_now() >= now + 2, "withdrawn before its expiry");
+    churn.abort();
+    ticker.abort();
 }

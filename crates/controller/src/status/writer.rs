@@ -341,23 +341,40 @@ async fn patch_status(
 
 /// Recompiles every agent when a grant expires, on every replica, so expired
 /// grants leave the snapshots at that instant.
+///
+/// The ticker waits for the first expiry after its last recompile, not after
+/// the present: a change to the index only makes it look again, so changes
+/// arriving steadily (other agents' objects, status writes) can neither
+/// postpone an expiry nor make the ticker skip one that has just passed.
 pub async fn run_expiry_ticker(index: Arc<SharedIndex>) {
     let mut changes = index.changes();
+    let mut recompiled_at = crate::unix_now();
     loop {
         let wait = {
-            let now = crate::unix_now();
-            next_expiry(&index.lock(), now)
-                .map(|at| (at - now).max(0) as u64 + 1)
-                .unwrap_or(60)
-                .min(60)
+            let pending = next_expiry(&index.lock(), recompiled_at);
+            pending.map_or(MAX_EXPIRY_WAIT, |at| {
+                wait_until(at, k8s_openapi::jiff::Timestamp::now())
+            })
         };
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(wait)) => {
+            () = tokio::time::sleep(wait) => {
                 let now = crate::unix_now();
                 index.update(|i| i.recompute_all(now));
+                recompiled_at = now;
             }
-            // A new or changed grant may expire sooner: compute the wait again.
+            // A new or changed grant may expire sooner: look again.
             changed = changes.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// The longest the expiry ticker sleeps without looking at the index again.
+const MAX_EXPIRY_WAIT: Duration = Duration::from_secs(60);
+
+/// How long from `now` until the unix second `at` has begun (a grant is
+/// expired from its `at` on), at most [`MAX_EXPIRY_WAIT`]; zero once it has.
+pub(super) fn wait_until(at: i64, now: k8s_openapi::jiff::Timestamp) -> Duration {
+    let nanos = i128::from(at) * 1_000_000_000 - now.as_nanosecond();
+    u64::try_from(nanos.clamp(0, MAX_EXPIRY_WAIT.as_nanos() as i128))
+        .map_or(MAX_EXPIRY_WAIT, Duration::from_nanos)
 }
