@@ -26,7 +26,7 @@ use std::{
     net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
-    sync::OnceLock,
+    sync::{Once, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -267,13 +267,51 @@ impl From<std::io::Error> for SpawnError {
     }
 }
 
+/// How the folders of started servers (exec log, output) are named in the
+/// temp folder: then the test process's pid, the kind and a suffix.
+const SERVER_DIR_PREFIX: &str = "chaperone-mcp-";
+
+/// Removes, once per process, the server folders of test processes that have
+/// ended: a server kept for a whole test binary (in a static) is never
+/// dropped, so its folder outlives the process. Kept, like the folders
+/// themselves, when `CHAPERONE_KEEP_FILES` is set.
+fn remove_leftover_dirs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("CHAPERONE_KEEP_FILES").is_some() {
+            return;
+        }
+        let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(SERVER_DIR_PREFIX))
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok());
+            if let Some(pid) = pid
+                && !Path::new("/proc").join(pid.to_string()).exists()
+            {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    });
+}
+
 fn spawn_once(
     kind: ServerKind,
     install: &Path,
     env: &[(&str, &str)],
 ) -> Result<RunningServer, SpawnError> {
-    let dir =
-        std::env::temp_dir().join(format!("chaperone-mcp-{}-{}", kind.slug(), unique_suffix()));
+    remove_leftover_dirs();
+    let dir = std::env::temp_dir().join(format!(
+        "{SERVER_DIR_PREFIX}{}-{}-{}",
+        std::process::id(),
+        kind.slug(),
+        unique_suffix()
+    ));
     fs::create_dir_all(&dir)?;
     let exec_log = dir.join("exec.jsonl");
     fs::write(&exec_log, "")?;

@@ -155,14 +155,15 @@ async fn raw_answer(
 // The agent and its sidecar.
 
 /// Applies AgentIdentity `name` with `servers` (`toolServers`) and a policy
-/// allowing `allowed` (`server/tool`), and starts its pod's sidecar.
+/// allowing `allowed` (`server/tool`), and starts its pod's sidecar; the
+/// folder of its token file lives as long as the second value.
 async fn start_agent(
     client: &Client,
     ns: &str,
     name: &str,
     servers: Value,
     allowed: &[&str],
-) -> Result<TestSidecar> {
+) -> Result<(TestSidecar, tempfile::TempDir)> {
     apply::<AgentIdentity>(
         client,
         ns,
@@ -191,9 +192,8 @@ async fn start_agent(
     let pod = format!("{name}-0");
     let token =
         kube_fixtures::pod_token(client, ns, name, &pod, kube_fixtures::SIDECAR_AUDIENCE).await?;
-    let dir = std::env::temp_dir().join(format!("chaperone-pinning-{ns}-{name}"));
-    std::fs::create_dir_all(&dir)?;
-    let token_file = write_token(&dir, &token)?;
+    let dir = tempfile::tempdir()?;
+    let token_file = write_token(dir.path(), &token)?;
     let address = format!("127.0.0.1:{}", controller().grpc_port);
     let sidecar = TestSidecar::start(Settings {
         pod_name: pod,
@@ -206,7 +206,7 @@ async fn start_agent(
     })
     .await?;
     sidecar.wait_for_version(0, WAIT).await?;
-    Ok(sidecar)
+    Ok((sidecar, dir))
 }
 
 async fn session(sidecar: &TestSidecar, server: &str) -> Result<McpClient> {
@@ -350,7 +350,7 @@ async fn observe_reports_a_changed_definition_once_and_calls_proceed() -> Result
     let (client, ns) = setup("pin-observe").await?;
     let edits = ToolEdits::new();
     let url = orders_server(&edits).await?;
-    let sidecar = start_agent(
+    let (sidecar, _token_dir) = start_agent(
         &client,
         &ns,
         "watcher",
@@ -471,7 +471,7 @@ async fn enforce_hides_and_refuses_changed_tools_until_they_are_pinned() -> Resu
     let (client, ns) = setup("pin-enforce").await?;
     let edits = ToolEdits::new();
     let url = orders_server(&edits).await?;
-    let sidecar = start_agent(
+    let (sidecar, _token_dir) = start_agent(
         &client,
         &ns,
         "guarded",
@@ -621,7 +621,7 @@ async fn reordered_schema_keys_are_not_a_change() -> Result<()> {
     };
     let tools = Arc::new(Mutex::new(listed("Look a thing up.", false)));
     let url = raw_server(Arc::clone(&tools)).await?;
-    let sidecar = start_agent(
+    let (sidecar, _token_dir) = start_agent(
         &client,
         &ns,
         "reader",

@@ -168,8 +168,21 @@ struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        let pid = self.pid();
         let _ = self.0.kill();
         let _ = self.0.wait();
+        // Killed, valgrind leaves its gdbserver FIFOs behind (named with its
+        // pid, which is the proxy's).
+        let ours = format!("-{pid}-by-");
+        if let Ok(entries) = std::fs::read_dir("/tmp") {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with("vgdb-pipe-") && name.contains(&ours) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
     }
 }
 
