@@ -381,15 +381,15 @@ async fn annotated_pod_is_stored_with_the_sidecar_exactly_once() -> Result<()> {
     assert_eq!(init[0].name, mutate::SIDECAR_NAME);
     assert_eq!(init[0].restart_policy.as_deref(), Some("Always"));
     assert_eq!(init[1].name, "migrate");
-    let ca = init[0]
-        .env
-        .iter()
-        .flatten()
-        .find(|e| e.name == "CHAPERONE_CA_PEM");
-    assert_eq!(
-        ca.and_then(|e| e.value.clone()),
-        Some(injector.ca_pem.clone())
-    );
+    let env = |name: &str| {
+        let var = init[0].env.iter().flatten().find(|e| e.name == name);
+        var.and_then(|e| e.value.clone())
+    };
+    assert_eq!(env("CHAPERONE_CA_PEM"), Some(injector.ca_pem.clone()));
+    // The API server set the pod's default grace period (30 s) before the
+    // webhook ran: the sidecar drains for a third of it.
+    assert_eq!(spec.termination_grace_period_seconds, Some(30));
+    assert_eq!(env("CHAPERONE_SHUTDOWN_GRACE_MS").as_deref(), Some("10000"));
     assert_eq!(mcp_url(&stored, 0).as_deref(), Some(mutate::MCP_URL));
     assert_eq!(mcp_url(&stored, 1).as_deref(), Some(mutate::MCP_URL));
     let volumes: Vec<_> = spec

@@ -128,8 +128,10 @@ pub const ENV_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS: &str =
 /// to be retried.
 pub const ENV_APPROVAL_HOLD_SECONDS: &str = "CHAPERONE_APPROVAL_HOLD_SECONDS";
 /// Longest the sidecar lets calls in flight finish after SIGTERM before it
-/// closes its audit trail, milliseconds (default 10,000). New connections are
-/// refused at once; the audit records are shipped to the controller after.
+/// closes its audit trail, milliseconds (default 10,000; the injection webhook
+/// sets a third of the pod's `terminationGracePeriodSeconds`). New
+/// connections are refused at once; the audit records are shipped to the
+/// controller after.
 pub const ENV_SHUTDOWN_GRACE_MS: &str = "CHAPERONE_SHUTDOWN_GRACE_MS";
 /// Runtime worker threads (default 1). With one, the sidecar runs on a single
 /// thread that also polls the sockets (no work stealing, no wake-ups across

@@ -241,7 +241,8 @@ pub fn injection_patch(
 
     // The sidecar goes first so that it is up before the other init containers run
     // (they may already call tools).
-    let mut sidecar = sidecar_container(mode, settings, resources, &inbound);
+    let grace_ms = shutdown_grace_ms(spec.termination_grace_period_seconds);
+    let mut sidecar = sidecar_container(mode, settings, resources, &inbound, grace_ms);
     if let Some(mounts) = sidecar["volumeMounts"].as_array_mut() {
         for (i, (server, _)) in secrets.iter().enumerate() {
             mounts.push(json!({
@@ -456,11 +457,35 @@ fn inbound_settings(
     })
 }
 
+/// The pod's termination grace period when it sets none (the API server's
+/// default).
+const DEFAULT_TERMINATION_GRACE_SECONDS: i64 = 30;
+
+/// The least time the sidecar is given to let calls in flight finish.
+const MIN_SHUTDOWN_GRACE_MS: u64 = 100;
+
+/// How long the sidecar lets calls in flight finish when it stops
+/// (`CHAPERONE_SHUTDOWN_GRACE_MS`): a third of the pod's termination grace
+/// period (10 s of the default 30 s), at least [`MIN_SHUTDOWN_GRACE_MS`]. The
+/// pod's grace period is one deadline for all its containers, and a native
+/// sidecar is stopped only after the agent's containers have exited: the
+/// rest is left to them and, after the drain, to the final audit checkpoint
+/// and the shipping of the last records, which a drain as long as the pod's
+/// grace period would lose to the kubelet's SIGKILL.
+fn shutdown_grace_ms(termination_grace_period_seconds: Option<i64>) -> u64 {
+    let seconds = termination_grace_period_seconds
+        .unwrap_or(DEFAULT_TERMINATION_GRACE_SECONDS)
+        .max(0)
+        .unsigned_abs();
+    (seconds.saturating_mul(1000) / 3).max(MIN_SHUTDOWN_GRACE_MS)
+}
+
 fn sidecar_container(
     mode: Mode,
     settings: &InjectionSettings,
     resources: ProxyResources,
     inbound: &InboundSettings,
+    shutdown_grace_ms: u64,
 ) -> Value {
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}});
     let mut limits = serde_json::Map::new();
@@ -492,6 +517,7 @@ fn sidecar_container(
             {"name": sidecar_env::ENV_CA_PEM, "value": settings.ca_pem},
             {"name": sidecar_env::ENV_APPROVAL_HOLD_SECONDS, "value": settings.approval_hold_seconds.to_string()},
             {"name": sidecar_env::ENV_WORKER_THREADS, "value": resources.worker_threads().to_string()},
+            {"name": sidecar_env::ENV_SHUTDOWN_GRACE_MS, "value": shutdown_grace_ms.to_string()},
         ],
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},

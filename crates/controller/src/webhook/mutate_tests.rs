@@ -671,6 +671,34 @@ fn the_sidecar_gets_a_worker_thread_per_core_it_may_use() {
     );
 }
 
+/// `CHAPERONE_SHUTDOWN_GRACE_MS` of the sidecar injected into a pod whose
+/// `terminationGracePeriodSeconds` is `seconds`.
+fn shutdown_grace_of(seconds: Option<i64>) -> Option<String> {
+    let mut spec = annotated("true");
+    if let Some(seconds) = seconds {
+        spec["spec"] = json!({"terminationGracePeriodSeconds": seconds});
+    }
+    let pod = pod(spec);
+    let outcome = injection_patch(&pod, &no_labels(), &settings(), &default_identity()).unwrap();
+    env_value(
+        sidecars(&apply(&pod, &outcome))[0],
+        "CHAPERONE_SHUTDOWN_GRACE_MS",
+    )
+}
+
+#[test]
+fn the_sidecar_drains_for_a_third_of_the_pods_grace_period() {
+    // The API server's default of 30 s, set or not: the sidecar's own default.
+    assert_eq!(shutdown_grace_of(None).as_deref(), Some("10000"));
+    assert_eq!(shutdown_grace_of(Some(30)).as_deref(), Some("10000"));
+    // A short grace period leaves the checkpoint time before SIGKILL.
+    assert_eq!(shutdown_grace_of(Some(5)).as_deref(), Some("1666"));
+    // A long one lets long calls (a person's approval) finish.
+    assert_eq!(shutdown_grace_of(Some(120)).as_deref(), Some("40000"));
+    // None at all: the least the sidecar takes (it refuses 0).
+    assert_eq!(shutdown_grace_of(Some(0)).as_deref(), Some("100"));
+}
+
 #[test]
 fn a_memory_request_above_the_default_limit_raises_the_limit() {
     let r = resources_of(json!({MEMORY_ANNOTATION: "1Gi"})).unwrap();
