@@ -638,14 +638,20 @@ fn annotations_override_resources_within_bounds() {
     assert_eq!(quantity(&r.limits, "memory").as_deref(), Some("536870912"));
 }
 
+/// The value of the environment variable `name` of the sidecar injected into
+/// the annotated pod that `patch` makes of the test pod.
+fn injected_env(patch: Value, name: &str) -> Option<String> {
+    let mut spec = annotated("true");
+    merge(&mut spec, patch);
+    let pod = pod(spec);
+    let outcome = injection_patch(&pod, &no_labels(), &settings(), &default_identity()).unwrap();
+    env_value(sidecars(&apply(&pod, &outcome))[0], name)
+}
+
 /// `CHAPERONE_WORKER_THREADS` of the sidecar injected into a pod with `annotations`.
 fn worker_threads_of(annotations: Value) -> Option<String> {
-    let mut annotations = annotations;
-    annotations[INJECT_ANNOTATION] = json!("true");
-    let pod = pod(json!({"metadata": {"annotations": annotations}}));
-    let outcome = injection_patch(&pod, &no_labels(), &settings(), &default_identity()).unwrap();
-    env_value(
-        sidecars(&apply(&pod, &outcome))[0],
+    injected_env(
+        json!({"metadata": {"annotations": annotations}}),
         "CHAPERONE_WORKER_THREADS",
     )
 }
@@ -674,16 +680,11 @@ fn the_sidecar_gets_a_worker_thread_per_core_it_may_use() {
 /// `CHAPERONE_SHUTDOWN_GRACE_MS` of the sidecar injected into a pod whose
 /// `terminationGracePeriodSeconds` is `seconds`.
 fn shutdown_grace_of(seconds: Option<i64>) -> Option<String> {
-    let mut spec = annotated("true");
-    if let Some(seconds) = seconds {
-        spec["spec"] = json!({"terminationGracePeriodSeconds": seconds});
-    }
-    let pod = pod(spec);
-    let outcome = injection_patch(&pod, &no_labels(), &settings(), &default_identity()).unwrap();
-    env_value(
-        sidecars(&apply(&pod, &outcome))[0],
-        "CHAPERONE_SHUTDOWN_GRACE_MS",
-    )
+    let patch = match seconds {
+        Some(seconds) => json!({"spec": {"terminationGracePeriodSeconds": seconds}}),
+        None => json!({}),
+    };
+    injected_env(patch, "CHAPERONE_SHUTDOWN_GRACE_MS")
 }
 
 #[test]
