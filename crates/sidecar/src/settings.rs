@@ -15,9 +15,8 @@ pub const DEFAULT_TOKEN_FILE: &str = TOKEN_FILE;
 /// Default of [`ENV_APPROVAL_HOLD_SECONDS`]: below the 30 to 60 s after which
 /// common MCP clients give up on a call.
 pub const DEFAULT_APPROVAL_HOLD: Duration = Duration::from_secs(20);
-/// Default of [`ENV_SHUTDOWN_GRACE_MS`]: with the audit flush after it, well
-/// inside a pod's default 30 s termination grace period.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// [`DEFAULT_SHUTDOWN_GRACE_MS`] as a duration.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_millis(DEFAULT_SHUTDOWN_GRACE_MS);
 /// Default of [`ENV_CA_FILE`].
 pub const DEFAULT_CA_FILE: &str = "/var/run/secrets/chaperone/ca.crt";
 

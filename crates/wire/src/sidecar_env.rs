@@ -128,11 +128,14 @@ pub const ENV_INITIATOR_MAX_TOKEN_LIFETIME_SECONDS: &str =
 /// to be retried.
 pub const ENV_APPROVAL_HOLD_SECONDS: &str = "CHAPERONE_APPROVAL_HOLD_SECONDS";
 /// Longest the sidecar lets calls in flight finish after SIGTERM before it
-/// closes its audit trail, milliseconds (default 10,000; the injection webhook
-/// sets a third of the pod's `terminationGracePeriodSeconds`). New
-/// connections are refused at once; the audit records are shipped to the
-/// controller after.
+/// closes its audit trail, milliseconds (default
+/// [`DEFAULT_SHUTDOWN_GRACE_MS`]; the injection webhook sets a third of the
+/// pod's `terminationGracePeriodSeconds`, at most that). New connections are
+/// refused at once; the audit records are shipped to the controller after.
 pub const ENV_SHUTDOWN_GRACE_MS: &str = "CHAPERONE_SHUTDOWN_GRACE_MS";
+/// Default of [`ENV_SHUTDOWN_GRACE_MS`]: with the audit flush after it, well
+/// inside a pod's default 30 s termination grace period.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 /// Runtime worker threads (default 1). With one, the sidecar runs on a single
 /// thread that also polls the sockets (no work stealing, no wake-ups across
 /// threads); the injection webhook sets it to the CPU the sidecar is given.

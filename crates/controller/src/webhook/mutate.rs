@@ -466,18 +466,19 @@ const MIN_SHUTDOWN_GRACE_MS: u64 = 100;
 
 /// How long the sidecar lets calls in flight finish when it stops
 /// (`CHAPERONE_SHUTDOWN_GRACE_MS`): a third of the pod's termination grace
-/// period (10 s of the default 30 s), at least [`MIN_SHUTDOWN_GRACE_MS`]. The
-/// pod's grace period is one deadline for all its containers, and a native
-/// sidecar is stopped only after the agent's containers have exited: the
-/// rest is left to them and, after the drain, to the final audit checkpoint
-/// and the shipping of the last records, which a drain as long as the pod's
-/// grace period would lose to the kubelet's SIGKILL.
+/// period, at most the sidecar's default (10 s: a third of the default 30 s)
+/// and at least [`MIN_SHUTDOWN_GRACE_MS`]. The pod's grace period is one
+/// deadline for all its containers, and a native sidecar is stopped only
+/// after the agent's containers have exited, with what is left of it: after
+/// the drain come the final audit checkpoint and the shipping of the last
+/// records, which a longer drain could lose to the kubelet's SIGKILL.
 fn shutdown_grace_ms(termination_grace_period_seconds: Option<i64>) -> u64 {
     let seconds = termination_grace_period_seconds
         .unwrap_or(DEFAULT_TERMINATION_GRACE_SECONDS)
         .max(0)
         .unsigned_abs();
-    (seconds.saturating_mul(1000) / 3).max(MIN_SHUTDOWN_GRACE_MS)
+    let default_ms = sidecar_env::DEFAULT_SHUTDOWN_GRACE_MS;
+    (seconds.saturating_mul(1000) / 3).clamp(MIN_SHUTDOWN_GRACE_MS, default_ms)
 }
 
 fn sidecar_container(
