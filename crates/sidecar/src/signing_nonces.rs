@@ -45,6 +45,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use aws_lc_rs::digest;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use curve25519_dalek::scalar::{Scalar, clamp_integer};
+use subtle::{Choice, ConditionallySelectable};
 use zeroize::Zeroize;
 
 /// How many nonces a pool holds when full unless told otherwise (64 bytes
@@ -323,20 +324,18 @@ fn nonce(key: &ExpandedKey, n: u64) -> Option<Nonce> {
     random.zeroize();
     let mut seed = [0u8; 32];
     seed.copy_from_slice(&hash[..32]);
-    let negate = hash[32] & 1 == 1;
+    let negate = hash[32] & 1;
     hash.zeroize();
     let derived = secret_scalar_and_public_key(&seed);
     seed.zeroize();
     let (magnitude, mut point) = derived?;
-    let secret = if negate {
-        // -(x, y) = (-x, y): the encoding's top bit is the sign of x. (x is
-        // 0 only for the identity, c·B for c ≡ 0 mod L: odds of 2^-251,
-        // and then the signature would fail to verify, not leak.)
-        point[31] ^= 0x80;
-        -magnitude
-    } else {
-        magnitude
-    };
+    // -(x, y) = (-x, y): the encoding's top bit is the sign of x. (x is 0
+    // only for the identity, c·B for c ≡ 0 mod L: odds of 2^-251, and then
+    // the signature would fail to verify, not leak.) Without a branch: the
+    // sign is as secret as the nonce (known for many signatures, it is the
+    // one-bit bias the sign is there to remove).
+    point[31] ^= negate << 7;
+    let secret = Scalar::conditional_select(&magnitude, &-magnitude, Choice::from(negate));
     Some(Nonce { secret, point })
 }
 
