@@ -1,6 +1,9 @@
 //! Tests of the desired statuses and of the writer's transition times.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use chaperone_policy::{
     ObjectKey, ObjectKind, ObjectRef,
@@ -152,22 +155,45 @@ fn worker_holds_a_grant(index: &crate::index::SharedIndex) -> bool {
     !snapshot.unwrap().content.grants_received.is_empty()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grant_expires_on_time_while_other_objects_keep_changing() {
+/// A shared index where `a/planner` grants `a/worker` until `expires_at`,
+/// compiled at `compiled_at`.
+fn index_with_grant(expires_at: i64, compiled_at: i64) -> Arc<crate::index::SharedIndex> {
     let index = crate::index::SharedIndex::new(crate::metrics::Metrics::new());
-    let now = crate::unix_now();
     let mut expiring = test_objects::grant("a", "short", "planner", None, "worker");
     expiring.spec.expires_at = Some(
-        k8s_openapi::jiff::Timestamp::from_second(now + 2)
+        k8s_openapi::jiff::Timestamp::from_second(expires_at)
             .unwrap()
             .to_string(),
     );
     index.update(|i| {
-        i.apply_identity(identity("a", "planner"), now);
-        i.apply_identity(identity("a", "worker"), now);
-        i.apply_grant(expiring, now);
+        i.apply_identity(identity("a", "planner"), compiled_at);
+        i.apply_identity(identity("a", "worker"), compiled_at);
+        i.apply_grant(expiring, compiled_at);
     });
     assert!(worker_holds_a_grant(&index));
+    index
+}
+
+#[tokio::test]
+async fn a_grant_that_expired_before_the_ticker_started_leaves_at_once() {
+    let now = crate::unix_now();
+    let index = index_with_grant(now - 5, now - 10);
+    let ticker = tokio::spawn(run_expiry_ticker(index.clone()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while worker_holds_a_grant(&index) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired grant stayed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    ticker.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_expires_on_time_while_other_objects_keep_changing() {
+    let now = crate::unix_now();
+    let index = index_with_grant(now + 2, now);
     let ticker = tokio::spawn(run_expiry_ticker(index.clone()));
     // Another namespace changes every 100 ms, past the expiry: each change
     // makes the ticker look again, and none may push the expiry back.

@@ -348,7 +348,9 @@ async fn patch_status(
 /// postpone an expiry nor make the ticker skip one that has just passed.
 pub async fn run_expiry_ticker(index: Arc<SharedIndex>) {
     let mut changes = index.changes();
-    let mut recompiled_at = crate::unix_now();
+    // Nothing recompiled yet: the first look at a grant recompiles at once
+    // if its expiry has passed, whenever the index was compiled.
+    let mut recompiled_at = i64::MIN;
     loop {
         let wait = {
             let pending = next_expiry(&index.lock(), recompiled_at);
