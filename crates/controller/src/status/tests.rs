@@ -174,19 +174,30 @@ fn index_with_grant(expires_at: i64, compiled_at: i64) -> Arc<crate::index::Shar
     index
 }
 
+/// Whether `a/worker` stops receiving a grant within `time`.
+async fn grant_withdrawn_within(
+    index: &crate::index::SharedIndex,
+    time: std::time::Duration,
+) -> bool {
+    let deadline = std::time::Instant::now() + time;
+    while worker_holds_a_grant(index) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    true
+}
+
 #[tokio::test]
 async fn a_grant_that_expired_before_the_ticker_started_leaves_at_once() {
     let now = crate::unix_now();
     let index = index_with_grant(now - 5, now - 10);
     let ticker = tokio::spawn(run_expiry_ticker(index.clone()));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while worker_holds_a_grant(&index) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the expired grant stayed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    assert!(
+        grant_withdrawn_within(&index, std::time::Duration::from_secs(2)).await,
+        "the expired grant stayed"
+    );
     ticker.abort();
 }
 
@@ -208,14 +219,10 @@ async fn a_grant_expires_on_time_while_other_objects_keep_changing() {
             }
         })
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while worker_holds_a_grant(&index) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the grant outlived its expiry by more than 3 s"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    assert!(
+        grant_withdrawn_within(&index, std::time::Duration::from_secs(5)).await,
+        "the grant outlived its expiry by more than 3 s"
+    );
     assert!(crate::unix_now() >= now + 2, "withdrawn before its expiry");
     churn.abort();
     ticker.abort();
