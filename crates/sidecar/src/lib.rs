@@ -122,7 +122,7 @@ impl Sidecar {
             (None, None)
         };
         // One key signs the assertions and the audit trail's checkpoints.
-        let signer = AssertionSigner::generate_with_nonces(settings.signing_nonces)?
+        let signer = AssertionSigner::generate_with_nonces(settings.signing_nonces_kept())?
             .counting_unpooled_signatures(metrics.assertions_signed_unpooled.clone());
         let audit = AuditLog::new(audit, ship, metrics.audit_dropped.clone(), signer.clone())
             .with_checkpoint_every(settings.audit_checkpoint_every);

@@ -55,7 +55,7 @@ async fn serve(args: Args, settings: Settings) -> anyhow::Result<()> {
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     tracing::info!(
         worker_threads = workers,
-        signing_nonces = settings.signing_nonces,
+        signing_nonces = settings.signing_nonces_kept(),
         "chaperone-sidecar starting"
     );
     let tool_mode = settings.mode == SidecarMode::Tool;

@@ -208,6 +208,17 @@ pub struct InvalidSetting {
 }
 
 impl Settings {
+    /// The signing nonces the sidecar keeps made ahead: none in tool mode,
+    /// which signs no assertions (its inbound side only verifies them; its
+    /// audit checkpoints are signed the RFC 8032 way), else
+    /// [`Settings::signing_nonces`].
+    pub fn signing_nonces_kept(&self) -> usize {
+        match self.mode {
+            SidecarMode::Agent => self.signing_nonces,
+            SidecarMode::Tool => 0,
+        }
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, InvalidSetting> {
         Self::from_lookup(|name| std::env::var(name).ok())

@@ -135,6 +135,10 @@ fn tool_mode_needs_what_it_fronts_and_its_audience() {
         settings.inbound_audiences,
         ["billing", "http://billing.tools.svc:8080/mcp"]
     );
+    // It signs no assertions: no nonces are made for it.
+    assert_eq!(settings.signing_nonces, 1024);
+    assert_eq!(settings.signing_nonces_kept(), 0);
+    assert_eq!(Settings::default().signing_nonces_kept(), 1024);
 }
 
 #[test]

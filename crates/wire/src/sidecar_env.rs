@@ -143,7 +143,8 @@ pub const ENV_WORKER_THREADS: &str = "CHAPERONE_WORKER_THREADS";
 /// How many Ed25519 signing nonces the sidecar keeps made ahead of the calls
 /// that sign assertions with them (default 1,024; refilled by a thread of its
 /// own each time 32 are used; at most 65,536). 0: every assertion is signed the
-/// RFC 8032 way on the call's path.
+/// RFC 8032 way on the call's path. A tool-mode sidecar, which signs no
+/// assertions, makes none.
 pub const ENV_SIGNING_NONCES: &str = "CHAPERONE_SIGNING_NONCES";
 
 #[cfg(test)]
