@@ -325,6 +325,11 @@ const INVALID: &[(&str, &str, &str)] = &[
         "spec.assertion.lifetimeSeconds: Invalid value: 301: spec.assertion.lifetimeSeconds in body should be less than or equal to 300",
     ),
     (
+        "maxDisconnectedSeconds below 5 s",
+        r#"{kind: AgentIdentity, spec: {selector: {serviceAccountName: a}, maxDisconnectedSeconds: 2}}"#,
+        "spec.maxDisconnectedSeconds: Invalid value: 2: spec.maxDisconnectedSeconds in body should be greater than or equal to 5",
+    ),
+    (
         "initiator with both jwks and jwksUrl",
         r#"{kind: AgentIdentity, spec: {selector: {serviceAccountName: a}, initiators: [{issuer: i, audience: a, jwks: "{}", jwksUrl: "https://x"}]}}"#,
         "set exactly one of jwks",

@@ -207,6 +207,56 @@ fn grpc_address() -> String {
     format!("127.0.0.1:{}", controller().grpc_port)
 }
 
+/// A TCP relay to the controller's snapshot port that a test can cut (every
+/// connection through it reset, new ones closed at once: the controller as a
+/// partitioned sidecar sees it) and restore. TLS runs end to end through it.
+struct Relay {
+    address: String,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Relay {
+    async fn to_controller() -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        let target = grpc_address();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (accepting, tracked) = (Arc::clone(&open), Arc::clone(&connections));
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accepting.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let target = target.clone();
+                let relayed = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tracked.lock().unwrap().push(relayed.abort_handle());
+            }
+        });
+        Ok(Self {
+            address,
+            open,
+            connections,
+        })
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Tests.
 
@@ -554,5 +604,84 @@ async fn deleting_the_agent_identity_refuses_every_call() -> Result<()> {
     assert_eq!(sidecar.ready_status().await, 503);
     assert_eq!(raw_call_status(&sidecar).await, 503);
     let _ = mcp.cancel().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_cut_off_from_the_controller_withdraws_its_snapshot_after_max_disconnected_seconds()
+-> Result<()> {
+    let (client, ns) = setup().await?;
+    let upstream = start_upstream().await?;
+    let mut strict = agent("strict", upstream);
+    strict["spec"]["maxDisconnectedSeconds"] = json!(5);
+    apply::<AgentIdentity>(&client, &ns, strict).await?;
+    apply::<AgentIdentity>(&client, &ns, agent("lenient", upstream)).await?;
+    for name in ["strict", "lenient"] {
+        apply::<ToolPolicy>(&client, &ns, policy(name, name, "get_order")).await?;
+    }
+    let relay = Relay::to_controller().await?;
+    let dir = tempfile::tempdir()?;
+    let mut sidecars = Vec::new();
+    for name in ["strict", "lenient"] {
+        let pod = format!("{name}-0");
+        let token =
+            kube_fixtures::pod_token(&client, &ns, name, &pod, kube_fixtures::SIDECAR_AUDIENCE)
+                .await?;
+        let token_dir = dir.path().join(name);
+        std::fs::create_dir(&token_dir)?;
+        let token_file = write_token(&token_dir, &token)?;
+        let sidecar = start_sidecar(&pod, relay.address.clone(), &token_file).await?;
+        sidecar.wait_for_version(0, Duration::from_secs(10)).await?;
+        let mcp = mcp_client(&sidecar).await?;
+        call(&mcp, "get_order").await.map_err(anyhow::Error::msg)?;
+        sidecars.push((sidecar, mcp));
+    }
+    let [(strict, strict_mcp), (lenient, lenient_mcp)] = &sidecars[..] else {
+        unreachable!()
+    };
+
+    relay.cut();
+    let cut_at = Instant::now();
+    // Within the limit the last snapshot is enforced as before.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    call(strict_mcp, "get_order")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let source = Arc::clone(strict.sidecar.snapshots());
+    eventually(Duration::from_secs(15), async || {
+        Ok((!source.is_ready()).then_some(()))
+    })
+    .await?;
+    let withdrawn_after = cut_at.elapsed();
+    assert!(
+        withdrawn_after >= Duration::from_secs(5),
+        "withdrawn {withdrawn_after:?} after the cut, before maxDisconnectedSeconds"
+    );
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_order","arguments":{}}}"#;
+    let refused = http_request_async(strict.proxy_port, json_post("/shop", &[], body)).await;
+    assert_eq!(status_code(&refused), 503, "{refused}");
+    assert!(
+        refused.contains("unreachable for more than 5 s"),
+        "the refusal does not say why: {refused}"
+    );
+    assert_eq!(strict.ready_status().await, 503);
+    let ready = http_get_async(strict.admin_port, chaperone_wire::sidecar_env::READYZ_PATH).await;
+    assert!(ready.contains("withdrawn"), "{ready}");
+    // The agent without the setting keeps its last snapshot.
+    assert!(lenient.sidecar.snapshots().is_ready());
+    call(lenient_mcp, "get_order")
+        .await
+        .map_err(anyhow::Error::msg)?;
+
+    // Back in touch: the controller's snapshot is in force again.
+    relay.restore();
+    strict.wait_for_version(0, Duration::from_secs(10)).await?;
+    call(strict_mcp, "get_order")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(strict.ready_status().await, 200);
+    for (_, mcp) in sidecars {
+        let _ = mcp.cancel().await;
+    }
     Ok(())
 }

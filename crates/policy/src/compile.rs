@@ -823,6 +823,7 @@ impl<'a> Compiler<'a> {
             grants_given: given,
             delegators,
             pins,
+            max_disconnected_seconds: identity.spec.max_disconnected_seconds,
         };
         sort_errors(&mut errors);
         (Snapshot::new(self.options.version, content), errors)

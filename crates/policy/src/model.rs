@@ -80,6 +80,18 @@ pub struct AgentIdentitySpec {
         "message": "passthroughMethods cannot list a method the sidecar governs (tools/call, the list methods, resources/read|subscribe|unsubscribe, prompts/get)"
     }]))]
     pub passthrough_methods: Vec<String>,
+
+    /// Seconds the sidecar keeps enforcing its last policy snapshot while it
+    /// cannot reach the controller: 5 to 86400. After that it withdraws the
+    /// snapshot and refuses every call (503, not ready) until it is connected
+    /// again, so a deleted grant or a tightened policy reaches a sidecar cut
+    /// off from the controller at the latest then. Counted from when the
+    /// sidecar notices the loss: at once when the connection ends, within 30 s
+    /// when the network drops it silently (HTTP/2 keepalive). Unset (default):
+    /// the last snapshot stays in force until the controller is back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 5, max = 86400))]
+    pub max_disconnected_seconds: Option<u32>,
 }
 
 /// Selects the pods of an agent: by ServiceAccount, optionally narrowed by labels.

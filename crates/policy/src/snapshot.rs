@@ -89,6 +89,11 @@ pub struct SnapshotContent {
     /// tool server's `toolPinning`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pins: Vec<SnapshotPin>,
+    /// The AgentIdentity's `maxDisconnectedSeconds`: how long the sidecar may
+    /// enforce this snapshot without a connection to the controller (none:
+    /// until it reconnects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_disconnected_seconds: Option<u32>,
 }
 
 /// The pin of one tool: the definition hashes the agent's policies pin it to.

@@ -67,7 +67,7 @@ fn handle(
             (Readiness::Snapshot, None) => respond(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
-                "not ready: no policy snapshot yet\n".to_owned(),
+                format!("not ready: {}\n", source.absence()),
             ),
         },
         LIVEZ_PATH | "/live" => respond(StatusCode::OK, "text/plain", "ok\n".to_owned()),

@@ -175,7 +175,7 @@ impl Inbound {
     async fn route(&self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Refusal> {
         let active = self.gateway.source.current();
         if self.mode == SidecarMode::Agent && active.is_none() {
-            return Err(NoSnapshot.into());
+            return Err(NoSnapshot(self.gateway.source.absence()).into());
         }
         let (parts, body) = req.into_parts();
         check_path_suffix(parts.uri.path())?;
@@ -273,7 +273,7 @@ impl Inbound {
                 return Ok(());
             };
             let Some(active) = active else {
-                return Err(NoSnapshot.into());
+                return Err(NoSnapshot(self.gateway.source.absence()).into());
             };
             return self
                 .admit_initiator(active, token, calls, forward, now_ms)

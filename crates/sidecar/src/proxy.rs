@@ -56,8 +56,8 @@ use crate::methods::Era;
 use crate::metrics::{ApprovalLabels, Metrics, RefusalLabels, Stage};
 use crate::outcome::{CallWatch, PendingCall, WatchedBody};
 use crate::refusal::{
-    AuditUnavailable, MethodNotAllowed, NoSnapshot, Refusal, SlowBody, UnknownDelegatedSession,
-    UnknownServer, UnknownSession, UpstreamResponseRefused, UpstreamUnavailable,
+    AuditUnavailable, MethodNotAllowed, Refusal, SlowBody, UnknownDelegatedSession, UnknownServer,
+    UnknownSession, UpstreamResponseRefused, UpstreamUnavailable,
 };
 use crate::session::{
     AGENT_SPACE, SessionKey, SessionState, SessionStore, SharedSession, TRACE_SPACE, lock,
@@ -282,7 +282,7 @@ impl Gateway {
         req: Request<Incoming>,
         started: Instant,
     ) -> Result<Response<ResponseBody>, Refusal> {
-        let active = self.source.current().ok_or(NoSnapshot)?;
+        let active = self.source.in_force()?;
         if req.method() == Method::GET
             && let Some((server, rest)) = crate::oauth::metadata_route(req.uri().path())
         {

@@ -8,11 +8,29 @@ use thiserror::Error;
 use chaperone_json::JsonError;
 
 use crate::jsonrpc::{self, ParseError};
+use crate::snapshot::Absence;
 
-/// No snapshot yet: everything is refused until the first one (fail closed).
+/// No snapshot in force: everything is refused until one is (fail closed),
+/// saying why there is none.
 #[derive(Debug, Error)]
-#[error("the Chaperone sidecar has no policy snapshot yet; every call is refused until it does")]
-pub struct NoSnapshot;
+pub struct NoSnapshot(pub Absence);
+
+impl std::fmt::Display for NoSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Absence::NotYet => f.write_str(
+                "the Chaperone sidecar has no policy snapshot yet; every call is refused until it does",
+            ),
+            Absence::AgentGone => f.write_str(
+                "the Chaperone sidecar has no policy snapshot: the controller says no AgentIdentity selects this pod; every call is refused until one does",
+            ),
+            Absence::ControllerLost { limit_seconds } => write!(
+                f,
+                "the Chaperone sidecar withdrew its policy snapshot: the controller has been unreachable for more than {limit_seconds} s (the AgentIdentity's maxDisconnectedSeconds); every call is refused until it is reachable again"
+            ),
+        }
+    }
+}
 
 /// The first path segment names no tool server of this agent.
 #[derive(Debug, Error)]
@@ -235,6 +253,7 @@ impl Refusal {
     /// A short label for the `refused` metric.
     pub fn label(&self) -> &'static str {
         match self {
+            Refusal::NoSnapshot(NoSnapshot(Absence::ControllerLost { .. })) => "snapshot_withdrawn",
             Refusal::NoSnapshot(_) => "no_snapshot",
             Refusal::UnknownServer(_) => "unknown_server",
             Refusal::UnknownSession(_) => "unknown_session",
@@ -270,8 +289,19 @@ mod tests {
 
     #[test]
     fn maps_refusals_to_statuses_and_codes() {
-        let r = Refusal::from(NoSnapshot);
+        let r = Refusal::from(NoSnapshot(Absence::NotYet));
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.label(), "no_snapshot");
+        let r = Refusal::from(NoSnapshot(Absence::ControllerLost { limit_seconds: 30 }));
+        assert_eq!(
+            (r.status(), r.code(), r.label()),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                jsonrpc::NOT_READY,
+                "snapshot_withdrawn"
+            )
+        );
+        assert!(r.to_string().contains("more than 30 s"), "{r}");
         let r = Refusal::from(ParseError::Json(JsonError::TooLarge { limit: 1 }));
         assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let r = Refusal::from(ParseError::Json(JsonError::DuplicateKey {

@@ -17,6 +17,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::metrics::LabelVocabulary;
+use crate::refusal::NoSnapshot;
 
 /// An upstream tool server as the proxy uses it.
 #[derive(Debug, Clone)]
@@ -96,11 +97,44 @@ pub enum SnapshotRejected {
     },
 }
 
+/// Why no snapshot is in force (what a refused call and `/ready` say).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Absence {
+    /// None has arrived yet.
+    #[default]
+    NotYet,
+    /// The controller said no AgentIdentity selects this pod.
+    AgentGone,
+    /// Withdrawn after the controller was unreachable for longer than the
+    /// agent's `maxDisconnectedSeconds`.
+    ControllerLost {
+        /// The limit that passed, in seconds.
+        limit_seconds: u32,
+    },
+}
+
+impl std::fmt::Display for Absence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Absence::NotYet => f.write_str("no policy snapshot yet"),
+            Absence::AgentGone => f.write_str(
+                "policy snapshot dropped: the controller says no AgentIdentity selects this pod",
+            ),
+            Absence::ControllerLost { limit_seconds } => write!(
+                f,
+                "policy snapshot withdrawn: the controller has been unreachable for more than {limit_seconds} s (the AgentIdentity's maxDisconnectedSeconds)"
+            ),
+        }
+    }
+}
+
 /// Holds the current snapshot and tells subscribers about new versions.
 #[derive(Debug)]
 pub struct SnapshotSource {
     current: ArcSwapOption<ActivePolicy>,
     versions: watch::Sender<Option<u64>>,
+    /// Why `current` is empty; read only when it is.
+    absence: std::sync::Mutex<Absence>,
 }
 
 impl Default for SnapshotSource {
@@ -115,12 +149,18 @@ impl SnapshotSource {
         Self {
             current: ArcSwapOption::empty(),
             versions: watch::Sender::new(None),
+            absence: std::sync::Mutex::new(Absence::NotYet),
         }
     }
 
     /// The policy in force, if any.
     pub fn current(&self) -> Option<Arc<ActivePolicy>> {
         self.current.load_full()
+    }
+
+    /// The policy in force, or the refusal that says why there is none.
+    pub fn in_force(&self) -> Result<Arc<ActivePolicy>, NoSnapshot> {
+        self.current().ok_or_else(|| NoSnapshot(self.absence()))
     }
 
     /// Whether a snapshot is in force.
@@ -133,10 +173,18 @@ impl SnapshotSource {
         self.versions.subscribe()
     }
 
-    /// Drops the snapshot in force (its AgentIdentity was deleted): from now on
-    /// every call is refused and the sidecar is not ready until a new one
+    /// Why no snapshot is in force (meaningful while [`Self::current`] is
+    /// none).
+    pub fn absence(&self) -> Absence {
+        *self.absence.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops the snapshot in force for the reason `why` (its AgentIdentity was
+    /// deleted, or the controller was away too long): from now on every call
+    /// is refused, saying why, and the sidecar is not ready until a new one
     /// arrives. Returns the version dropped, if any.
-    pub fn clear(&self) -> Option<u64> {
+    pub fn clear(&self, why: Absence) -> Option<u64> {
+        *self.absence.lock().unwrap_or_else(|e| e.into_inner()) = why;
         let dropped = self.current.swap(None).map(|active| active.version());
         self.versions.send_replace(None);
         dropped

@@ -26,8 +26,11 @@
 //!
 //! Fail closed: before the first snapshot every call is refused (503, not
 //! ready). When the controller is away the last good snapshot stays in force and
-//! the sidecar reconnects with jittered exponential backoff. When the controller
-//! says the AgentIdentity is gone (`NOT_FOUND` on the stream, or
+//! the sidecar reconnects with jittered exponential backoff; when the snapshot
+//! sets `maxDisconnectedSeconds` (its AgentIdentity's), it is withdrawn once
+//! that long has passed without a stream ([`withdraw_when_disconnected`]), and
+//! every call is refused until the sidecar is connected again. When the
+//! controller says the AgentIdentity is gone (`NOT_FOUND` on the stream, or
 //! `FAILED_PRECONDITION` "no AgentIdentity selects this pod" at connect) the
 //! snapshot is dropped and every call is refused until a new one arrives.
 
@@ -56,6 +59,7 @@ use crate::backoff::Backoff;
 use crate::inventory::DiscoveredTool;
 use crate::peer_keys::PeerKeys;
 use crate::settings::{CaSource, ControllerSettings};
+use crate::snapshot::{Absence, SnapshotSource};
 use wire::SnapshotOffer;
 
 /// Least time between two tool inventory reports on a stream.
@@ -146,6 +150,8 @@ pub struct SnapshotStream {
     dropped_reported: u64,
     /// The sidecar is stopping: ship what is queued, then end.
     finishing: bool,
+    /// Since when no stream has been open (none while one is).
+    disconnected: watch::Sender<Option<Instant>>,
 }
 
 impl SnapshotStream {
@@ -166,6 +172,7 @@ impl SnapshotStream {
             lingering: None,
             dropped_reported,
             finishing: false,
+            disconnected: watch::Sender::new(Some(Instant::now())),
         }
     }
 
@@ -189,9 +196,28 @@ impl SnapshotStream {
     /// controller; never returns while the controller neither ends the
     /// stream nor fails it, so bound it with a timeout.
     pub async fn run_until(mut self, finish: impl Future<Output = ()>) -> bool {
+        let withdraw = withdraw_when_disconnected(
+            Arc::clone(self.sidecar.snapshots()),
+            self.disconnected.subscribe(),
+        );
+        tokio::select! {
+            confirmed = self.serve_until(finish) => confirmed,
+            () = withdraw => unreachable!("the withdrawal watch ends only with the stream client"),
+        }
+    }
+
+    /// [`Self::run_until`]'s loop: serve a stream, reconnect when it ends.
+    async fn serve_until(&mut self, finish: impl Future<Output = ()>) -> bool {
         tokio::pin!(finish);
         loop {
             let (end, delivered) = self.serve_once(finish.as_mut()).await;
+            self.disconnected.send_if_modified(|since| {
+                let was_open = since.is_none();
+                if was_open {
+                    *since = Some(Instant::now());
+                }
+                was_open
+            });
             if let StreamEnd::Finished { confirmed } = end {
                 return confirmed;
             }
@@ -230,7 +256,7 @@ impl SnapshotStream {
         if let Some(status) = status
             && agent_is_gone(status)
         {
-            let dropped = self.sidecar.snapshots().clear();
+            let dropped = self.sidecar.snapshots().clear(Absence::AgentGone);
             tracing::warn!(
                 code = ?status.code(),
                 message = status.message(),
@@ -272,6 +298,7 @@ impl SnapshotStream {
             Err(error) => return (StreamEnd::NotOpened(error), false),
         };
         tracing::info!(address = %self.settings.address, "snapshot stream open");
+        self.disconnected.send_replace(None);
         // Calls held for approval ask over this stream while it lasts; its
         // end loses their tickets.
         let approvals = self.sidecar.approvals().connect(tx.clone());
@@ -633,6 +660,44 @@ async fn recv_or_pending(queue: &mut Option<mpsc::Receiver<Arc<str>>>) -> Option
 
 /// Converts and applies a snapshot update to `sidecar`: the ACK or NACK to
 /// send.
+/// Withdraws the snapshot in force once no stream has been open for its
+/// `maxDisconnectedSeconds` (`disconnected` says since when; none while a
+/// stream is open). A snapshot without the setting is kept until the
+/// controller is back. Returns only when `disconnected`'s sender is dropped.
+async fn withdraw_when_disconnected(
+    source: Arc<SnapshotSource>,
+    mut disconnected: watch::Receiver<Option<Instant>>,
+) {
+    loop {
+        let since = *disconnected.borrow_and_update();
+        let limit = source
+            .current()
+            .and_then(|active| active.snapshot.content.max_disconnected_seconds);
+        if let (Some(since), Some(limit_seconds)) = (since, limit) {
+            let deadline = since + Duration::from_secs(u64::from(limit_seconds));
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {
+                    let withdrawn = source.clear(Absence::ControllerLost { limit_seconds });
+                    tracing::warn!(
+                        withdrawn_version = withdrawn,
+                        limit_seconds,
+                        "no connection to the controller for maxDisconnectedSeconds: snapshot withdrawn, refusing every call until it is back"
+                    );
+                }
+                changed = disconnected.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        if disconnected.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 fn apply_snapshot(sidecar: &Sidecar, update: SnapshotUpdate) -> SidecarMessage {
     let (version, hash) = (update.version, update.hash.clone());
     let outcome = SnapshotOffer::try_from(update)
@@ -765,7 +830,10 @@ mod tests {
     fn dropping_the_snapshot_closes_the_sidecar() {
         let stream = stream();
         apply_snapshot(&stream.sidecar, update(&snapshot(10)));
-        assert_eq!(stream.sidecar.snapshots().clear(), Some(10));
+        assert_eq!(
+            stream.sidecar.snapshots().clear(Absence::AgentGone),
+            Some(10)
+        );
         assert!(!stream.sidecar.snapshots().is_ready());
         // A new snapshot after the drop is taken whatever its version.
         let ack = reply(apply_snapshot(&stream.sidecar, update(&changed(3))));
@@ -854,5 +922,82 @@ mod tests {
             read_bearer(&dir.path().join("missing")),
             Err(ConnectError::Token { .. })
         ));
+    }
+
+    /// A source with `snapshot(1)` in force, withdrawn after `limit` seconds
+    /// without a stream, and the sender that says since when.
+    fn withdrawal(
+        limit: Option<u32>,
+    ) -> (
+        Arc<SnapshotSource>,
+        watch::Sender<Option<Instant>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let source = Arc::new(SnapshotSource::new());
+        let mut content = snapshot(1).content;
+        content.max_disconnected_seconds = limit;
+        source.update(Snapshot::new(1, content)).unwrap();
+        let disconnected = watch::Sender::new(None);
+        let guard = tokio::spawn(withdraw_when_disconnected(
+            Arc::clone(&source),
+            disconnected.subscribe(),
+        ));
+        (source, disconnected, guard)
+    }
+
+    /// Lets the guard task run, then moves the paused clock on by `secs`.
+    async fn after(secs: u64) {
+        tokio::task::yield_now().await;
+        tokio::time::advance(Duration::from_secs(secs)).await;
+        tokio::task::yield_now().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn withdraws_the_snapshot_once_the_controller_was_away_its_max_disconnected_seconds() {
+        let (source, disconnected, _guard) = withdrawal(Some(30));
+        after(3600).await;
+        assert!(source.is_ready(), "withdrawn while connected");
+        disconnected.send_replace(Some(Instant::now()));
+        after(29).await;
+        assert!(source.is_ready(), "withdrawn before the limit");
+        after(2).await;
+        assert!(!source.is_ready(), "still in force after the limit");
+        assert_eq!(
+            source.absence(),
+            Absence::ControllerLost { limit_seconds: 30 }
+        );
+        let refusal = source.in_force().unwrap_err().to_string();
+        assert!(
+            refusal.contains("unreachable for more than 30 s"),
+            "{refusal}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnect_before_the_limit_keeps_the_snapshot_and_restarts_the_count() {
+        let (source, disconnected, _guard) = withdrawal(Some(30));
+        disconnected.send_replace(Some(Instant::now()));
+        after(20).await;
+        disconnected.send_replace(None);
+        after(20).await;
+        disconnected.send_replace(Some(Instant::now()));
+        after(20).await;
+        assert!(
+            source.is_ready(),
+            "the count did not restart at the reconnect"
+        );
+        after(11).await;
+        assert!(!source.is_ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_max_disconnected_seconds_the_snapshot_stays_while_the_controller_is_away() {
+        let (source, disconnected, guard) = withdrawal(None);
+        disconnected.send_replace(Some(Instant::now()));
+        after(7 * 24 * 3600).await;
+        assert!(source.is_ready());
+        drop(disconnected);
+        tokio::task::yield_now().await;
+        assert!(guard.is_finished(), "the guard outlived its stream client");
     }
 }
