@@ -323,6 +323,12 @@ fn chaperonectl_binary() -> Result<PathBuf> {
 /// Runs `chaperonectl tools ARGS -n NS` as the control plane's admin;
 /// returns stdout, failing with stderr.
 async fn chaperonectl_tools(ns: &str, args: &[&str]) -> Result<String> {
+    chaperonectl_tools_exiting(ns, args, 0).await
+}
+
+/// Runs `chaperonectl tools ARGS` on the shared control plane; its stdout,
+/// when it exits with `code`.
+async fn chaperonectl_tools_exiting(ns: &str, args: &[&str], code: i32) -> Result<String> {
     let binary = tokio::task::spawn_blocking(chaperonectl_binary).await??;
     let out = tokio::process::Command::new(binary)
         .arg("tools")
@@ -333,9 +339,10 @@ async fn chaperonectl_tools(ns: &str, args: &[&str]) -> Result<String> {
         .output()
         .await?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
+    if out.status.code() != Some(code) {
         bail!(
-            "chaperonectl tools {args:?} failed: {}{stdout}",
+            "chaperonectl tools {args:?} exited {:?}, not {code}: {}{stdout}",
+            out.status.code(),
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -453,7 +460,8 @@ async fn observe_reports_a_changed_definition_once_and_calls_proceed() -> Result
             texts.keys()
         );
     }
-    let diff = chaperonectl_tools(&ns, &["diff", "watcher", "refund"]).await?;
+    // Differences found: exit 1, as diff(1) does.
+    let diff = chaperonectl_tools_exiting(&ns, &["diff", "watcher", "refund"], 1).await?;
     assert!(
         diff.contains("-  \"description\": \"Refund part of an order, in EUR.\",")
             && diff.contains(
@@ -555,7 +563,7 @@ async fn enforce_hides_and_refuses_changed_tools_until_they_are_pinned() -> Resu
     })
     .await
     .context("tools_blocked metric")?;
-    let diff = chaperonectl_tools(&ns, &["diff", "guarded"]).await?;
+    let diff = chaperonectl_tools_exiting(&ns, &["diff", "guarded"], 1).await?;
     assert!(
         diff.contains("orders/refund: definition differs from its pin"),
         "{diff}"
@@ -590,6 +598,9 @@ async fn enforce_hides_and_refuses_changed_tools_until_they_are_pinned() -> Resu
     sidecar.wait_for_version(version, WAIT).await?;
     assert_eq!(tool_names(&mcp).await?, ["get_order", "refund"]);
     wait_condition(&client, &ns, "guarded", true).await?;
+    // Nothing left to review: exit 0.
+    let diff = chaperonectl_tools(&ns, &["diff", "guarded"]).await?;
+    assert!(diff.contains("No discovered tool"), "{diff}");
     let events = change_events(&client, &ns, "AgentIdentity", "guarded").await?;
     let tools_changed: Vec<String> = events
         .iter()

@@ -83,7 +83,7 @@ fn main() -> ExitCode {
         Command::Crds(args) => success(crds::run(&args)),
         Command::Policy(args) => policy::run(&args),
         Command::Status(args) => success(status::run(&args)),
-        Command::Tools(args) => success(tools::run(&args)),
+        Command::Tools(args) => tools::run(&args),
         Command::Version(args) => success(version::run(&args)),
     };
     match done {

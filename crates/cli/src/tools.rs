@@ -18,6 +18,7 @@
 //! `TOOL` is `server/tool`, or a tool name that one server has.
 
 use std::collections::BTreeMap;
+use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use chaperone_api::{
@@ -57,6 +58,9 @@ enum ToolsCommand {
     /// outputSchema, annotations). The controller keeps the texts in the
     /// ConfigMap <AGENT>-tool-definitions; a text it does not have (too large,
     /// or never reported since it was pinned) is named by its hash only.
+    ///
+    /// Exits 1 when a tool it shows differs from its pin, is not pinned, or is
+    /// pinned to conflicting definitions (a CI check), 0 when none does.
     Diff(DiffArgs),
     /// Pin the agent's tools to their current definitions.
     ///
@@ -104,12 +108,21 @@ enum PinOutput {
     Yaml,
 }
 
-/// Runs `chaperonectl tools`.
-pub fn run(args: &ToolsArgs) -> Result<()> {
+/// Runs `chaperonectl tools`: 1 when `diff` showed a tool to review.
+pub fn run(args: &ToolsArgs) -> Result<ExitCode> {
     on_cluster(&args.cluster, async |client, namespace| {
         match &args.command {
-            ToolsCommand::Diff(diff_args) => diff(client, &namespace, diff_args).await,
-            ToolsCommand::Pin(pin_args) => pin(client, &namespace, pin_args).await,
+            ToolsCommand::Diff(diff_args) => {
+                let to_review = diff(client, &namespace, diff_args).await?;
+                Ok(if to_review {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                })
+            }
+            ToolsCommand::Pin(pin_args) => pin(client, &namespace, pin_args)
+                .await
+                .map(|()| ExitCode::SUCCESS),
         }
     })
 }
@@ -134,7 +147,8 @@ fn discovered(agent: &AgentIdentity) -> &[DiscoveredTool] {
         .unwrap_or_default()
 }
 
-async fn diff(client: Client, namespace: &str, args: &DiffArgs) -> Result<()> {
+/// Prints the diffs; says whether one of the tools shown [`needs_review`].
+async fn diff(client: Client, namespace: &str, args: &DiffArgs) -> Result<bool> {
     let agent = read_agent(&client, namespace, &args.agent).await?;
     let tools = if args.tools.is_empty() {
         discovered(&agent)
@@ -149,7 +163,7 @@ async fn diff(client: Client, namespace: &str, args: &DiffArgs) -> Result<()> {
             "No discovered tool of agentidentity {namespace}/{} differs from its pin.",
             args.agent
         );
-        return Ok(());
+        return Ok(false);
     }
     let texts = Api::<ConfigMap>::namespaced(client, namespace)
         .get_opt(&config_map_name(&args.agent))
@@ -173,7 +187,7 @@ async fn diff(client: Client, namespace: &str, args: &DiffArgs) -> Result<()> {
         out.push_str(&render_tool_diff(tool, &texts));
     }
     print!("{out}");
-    Ok(())
+    Ok(tools.iter().any(|tool| needs_review(tool)))
 }
 
 /// Whether `diff` shows the tool unasked: it has a definition that does not
