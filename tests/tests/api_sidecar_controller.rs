@@ -640,10 +640,10 @@ async fn a_sidecar_cut_off_from_the_controller_withdraws_its_snapshot_after_max_
         unreachable!()
     };
 
-    relay.cut();
     let cut_at = Instant::now();
+    relay.cut();
     // Within the limit the last snapshot is enforced as before.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     call(strict_mcp, "get_order")
         .await
         .map_err(anyhow::Error::msg)?;

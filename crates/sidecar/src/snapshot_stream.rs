@@ -658,8 +658,6 @@ async fn recv_or_pending(queue: &mut Option<mpsc::Receiver<Arc<str>>>) -> Option
     }
 }
 
-/// Converts and applies a snapshot update to `sidecar`: the ACK or NACK to
-/// send.
 /// Withdraws the snapshot in force once no stream has been open for its
 /// `maxDisconnectedSeconds` (`disconnected` says since when; none while a
 /// stream is open). A snapshot without the setting is kept until the
@@ -698,6 +696,8 @@ async fn withdraw_when_disconnected(
     }
 }
 
+/// Converts and applies a snapshot update to `sidecar`: the ACK or NACK to
+/// send.
 fn apply_snapshot(sidecar: &Sidecar, update: SnapshotUpdate) -> SidecarMessage {
     let (version, hash) = (update.version, update.hash.clone());
     let outcome = SnapshotOffer::try_from(update)
