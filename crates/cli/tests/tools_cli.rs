@@ -138,7 +138,15 @@ async fn pins(client: &Client, ns: &str, name: &str) -> Result<BTreeMap<String, 
 async fn diff_shows_changed_and_unpinned_tools_from_the_config_map() -> Result<()> {
     let (_client, ns) = setup("tools-diff").await?;
 
-    let out = succeeded(&chaperonectl(&["diff", "support", "-n", &ns]));
+    // Tools to review: exit 1, as diff(1) does on differences.
+    let out = chaperonectl(&["diff", "support", "-n", &ns]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
 
     assert!(
         out.contains("orders/refund: definition differs from its pin"),
@@ -159,6 +167,7 @@ async fn diff_shows_changed_and_unpinned_tools_from_the_config_map() -> Result<(
         "a matching tool is not shown: {out}"
     );
 
+    // Only a tool that matches its pin: exit 0.
     let one = succeeded(&chaperonectl(&["diff", "support", "lookup", "-n", &ns]));
     assert!(one.contains("orders/lookup: matches its pin"), "{one}");
     assert!(
