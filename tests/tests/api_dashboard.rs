@@ -1,9 +1,12 @@
-//! The Grafana dashboard (`charts/chaperone/dashboards/chaperone.json`) asks
-//! only for metrics the binaries really expose: a controller on a real API
-//! server and a sidecar that has decided a call and refused a request are
-//! scraped, and every metric name in every PromQL expression of the
-//! dashboard must be among what they export (a histogram's `_bucket`, `_sum`
-//! and `_count`, a counter's `_total`, as the exposition names them).
+//! The Grafana dashboard (`charts/chaperone/dashboards/chaperone.json`) and
+//! the alerts (`charts/chaperone/alerts/chaperone.rules.yaml`) ask only for
+//! metrics the binaries really expose: a controller on a real API server and
+//! a sidecar that has decided a call and refused a request are scraped, and
+//! every metric name in every PromQL expression of the dashboard and the
+//! alerts must be among what they export (a histogram's `_bucket`, `_sum`
+//! and `_count`, a counter's `_total`, as the exposition names them). Every
+//! expression must also parse as PromQL (the dashboard's with Grafana's
+//! variables filled in).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -114,6 +117,29 @@ fn queries(dashboard: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// Every alert's `expr` in the Prometheus rules file at `path`, with its name.
+fn alert_expressions(path: &std::path::Path) -> Result<Vec<(String, String)>> {
+    let rules: Value = serde_saphyr::from_str(&std::fs::read_to_string(path)?)
+        .with_context(|| format!("{} is not YAML", path.display()))?;
+    let mut out = Vec::new();
+    for group in rules["groups"].as_array().context("no groups")? {
+        for rule in group["rules"].as_array().context("a group without rules")? {
+            let name = rule["alert"].as_str().context("a rule without alert")?;
+            let expr = rule["expr"].as_str().context("a rule without expr")?;
+            out.push((name.to_owned(), expr.to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+/// `query` with the dashboard's Grafana variables filled in, as Grafana
+/// sends it to Prometheus.
+fn as_sent(query: &str) -> String {
+    query
+        .replace("$__rate_interval", "1m")
+        .replace("$namespace", ".+")
+}
+
 /// A sidecar of a new AgentIdentity, on the controller's snapshot stream
 /// (so the controller pushes, and the sidecar ACKs, a snapshot), that has
 /// denied one call and refused one unparseable request (both answered
@@ -206,6 +232,27 @@ async fn dashboard_queries_name_only_metrics_the_binaries_expose() -> Result<()>
     let mut promql = Vec::new();
     queries(&dashboard, &mut promql);
     assert!(promql.len() > 10, "{promql:?}");
+    let alerts = alert_expressions(&chart_dir().join("alerts/chaperone.rules.yaml"))?;
+    assert!(alerts.len() >= 6, "{alerts:?}");
+    let mut unparsed = Vec::new();
+    for query in &promql {
+        // Template variables' `label_values(…)` is Grafana's, not PromQL.
+        if !query.starts_with("label_values(")
+            && let Err(error) = promql_parser::parser::parse(&as_sent(query))
+        {
+            unparsed.push(format!("dashboard {query}: {error}"));
+        }
+    }
+    for (alert, expr) in &alerts {
+        if let Err(error) = promql_parser::parser::parse(expr) {
+            unparsed.push(format!("alert {alert} {expr}: {error}"));
+        }
+    }
+    assert!(
+        unparsed.is_empty(),
+        "PromQL that does not parse: {unparsed:#?}"
+    );
+    promql.extend(alerts.into_iter().map(|(_, expr)| expr));
     let mut missing = Vec::new();
     let mut named = BTreeSet::new();
     for query in &promql {
@@ -248,6 +295,16 @@ async fn dashboard_queries_name_only_metrics_the_binaries_expose() -> Result<()>
     ] {
         assert!(named.contains(metric), "no panel queries {metric}");
     }
+    // The alerts the README lists watch these.
+    for metric in [
+        "chaperone_sidecar_refused_total",
+        "chaperone_sidecar_audit_dropped_total",
+        "chaperone_controller_agent_sidecars_connected",
+        "chaperone_controller_tools_blocked",
+        "chaperone_controller_watch_errors_total",
+    ] {
+        assert!(named.contains(metric), "nothing queries {metric}");
+    }
     // Decisions and refusals are real samples, not only families.
     for sample in [
         "chaperone_sidecar_decisions_total",
@@ -273,6 +330,21 @@ fn metric_names_are_read_from_promql() {
             "chaperone_build_info"
         ]
     );
+}
+
+#[test]
+fn the_promql_check_refuses_what_prometheus_would() {
+    for bad in [
+        "sum(rate(chaperone_sidecar_refused_total[5m])",
+        "rate(chaperone_sidecar_refused_total)",
+        "chaperone_sidecar_refused_total{reason=~no_snapshot}",
+    ] {
+        assert!(promql_parser::parser::parse(bad).is_err(), "{bad}");
+    }
+    let sent = as_sent(
+        r#"sum by (reason) (rate(chaperone_sidecar_refused_total{namespace=~"$namespace"}[$__rate_interval]))"#,
+    );
+    assert!(promql_parser::parser::parse(&sent).is_ok(), "{sent}");
 }
 
 #[test]

@@ -184,6 +184,8 @@ fn chart_lints_cleanly_with_every_option() -> Result<()> {
             "podMonitor.enabled=true",
             "--set",
             "dashboards.enabled=true",
+            "--set",
+            "prometheusRule.enabled=true",
         ],
         &[
             "--set",
@@ -1077,6 +1079,36 @@ fn sidecar_pod_monitor_renders_only_when_enabled_and_scrapes_the_admin_port() ->
     assert_eq!(endpoint["port"], "chaperone-admin");
     assert_eq!(endpoint["path"], "/metrics");
     assert_eq!(endpoint["interval"], "30s");
+    Ok(())
+}
+
+#[test]
+fn prometheus_rule_renders_only_when_enabled_and_carries_the_alerts_file() -> Result<()> {
+    assert!(rendered_of_kind(&[], "PrometheusRule")?.is_empty());
+    let rules = rendered_of_kind(
+        &[
+            "prometheusRule.enabled=true",
+            "prometheusRule.labels.release=prometheus",
+        ],
+        "PrometheusRule",
+    )?;
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules[0]["metadata"]["labels"]["release"], "prometheus");
+    let file: Value = serde_saphyr::from_str(&fs::read_to_string(
+        chart_dir().join("alerts/chaperone.rules.yaml"),
+    )?)?;
+    assert_eq!(rules[0]["spec"], file, "the rules differ from the file");
+    // Prometheus templates reach the rule as written (Helm does not expand them).
+    let summary = &rules[0]["spec"]["groups"][0]["rules"][0]["annotations"]["summary"];
+    assert!(
+        summary
+            .as_str()
+            .is_some_and(|s| s.contains("{{ $labels.pod }}")),
+        "{summary}"
+    );
+    // The controller's per-agent `namespace` label survives the scrape.
+    let monitors = rendered_of_kind(&["serviceMonitor.enabled=true"], "ServiceMonitor")?;
+    assert_eq!(monitors[0]["spec"]["endpoints"][0]["honorLabels"], true);
     Ok(())
 }
 

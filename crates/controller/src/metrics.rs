@@ -341,6 +341,11 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// The watch of `kind` started: its failure count is exported, at 0.
+    pub fn watch_started(&self, kind: &'static str) {
+        let _created = self.watch_errors.get_or_create(&KindLabel { kind });
+    }
+
     /// The watch of `kind` failed (it retries).
     pub fn watch_failed(&self, kind: &'static str) {
         self.watch_errors.get_or_create(&KindLabel { kind }).inc();

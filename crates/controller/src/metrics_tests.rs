@@ -215,3 +215,14 @@ fn build_info_is_exported_without_the_controller_prefix() {
         "{text}"
     );
 }
+
+#[test]
+fn a_watch_exports_its_failure_count_at_zero_from_its_start() {
+    let metrics = Metrics::new();
+    let series = "chaperone_controller_watch_errors_total{kind=\"ToolPolicy\"}";
+    assert_eq!(sample(&metrics.render(), series), None);
+    metrics.watch_started("ToolPolicy");
+    assert_eq!(sample(&metrics.render(), series), Some(0));
+    metrics.watch_failed("ToolPolicy");
+    assert_eq!(sample(&metrics.render(), series), Some(1));
+}

@@ -120,6 +120,9 @@ where
         metrics,
         kind,
     } = watch;
+    // Its error count exists at 0 from the start, so that the first failure
+    // is an increase (`rate`, `increase`, alerts) and not a new series.
+    metrics.watch_started(kind.as_str());
     let api = Api::<K>::all(client);
     let mut stream = watcher(api, watcher::Config::default())
         .default_backoff()
