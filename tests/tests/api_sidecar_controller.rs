@@ -208,8 +208,9 @@ fn grpc_address() -> String {
 }
 
 /// A TCP relay to the controller's snapshot port that a test can cut (every
-/// connection through it reset, new ones closed at once: the controller as a
-/// partitioned sidecar sees it) and restore. TLS runs end to end through it.
+/// connection through it dropped, new ones closed at once: what a sidecar
+/// partitioned from the controller sees) and restore. TLS runs end to end
+/// through it.
 struct Relay {
     address: String,
     open: Arc<std::sync::atomic::AtomicBool>,

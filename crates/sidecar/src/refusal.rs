@@ -13,24 +13,8 @@ use crate::snapshot::Absence;
 /// No snapshot in force: everything is refused until one is (fail closed),
 /// saying why there is none.
 #[derive(Debug, Error)]
+#[error("{0}: the Chaperone sidecar refuses every call until one is in force")]
 pub struct NoSnapshot(pub Absence);
-
-impl std::fmt::Display for NoSnapshot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Absence::NotYet => f.write_str(
-                "the Chaperone sidecar has no policy snapshot yet; every call is refused until it does",
-            ),
-            Absence::AgentGone => f.write_str(
-                "the Chaperone sidecar has no policy snapshot: the controller says no AgentIdentity selects this pod; every call is refused until one does",
-            ),
-            Absence::ControllerLost { limit_seconds } => write!(
-                f,
-                "the Chaperone sidecar withdrew its policy snapshot: the controller has been unreachable for more than {limit_seconds} s (the AgentIdentity's maxDisconnectedSeconds); every call is refused until it is reachable again"
-            ),
-        }
-    }
-}
 
 /// The first path segment names no tool server of this agent.
 #[derive(Debug, Error)]
