@@ -189,6 +189,39 @@ pub async fn pod_token(
     bound_token(client, &pod, audience).await
 }
 
+/// The audit-key archive the controller in `controller_namespace` keeps of
+/// the sidecars of pods in `namespace`, as one JWKS (what `chaperonectl
+/// audit keys -n NAMESPACE` prints); an error if anything in it is unusable
+/// or conflicting.
+pub async fn archived_keys(
+    client: &Client,
+    controller_namespace: &str,
+    namespace: &str,
+) -> Result<serde_json::Value> {
+    use chaperone_api::audit_keys::{COMPONENT_LABEL, NAMESPACE_LABEL, archive_jwks};
+    let selector = format!(
+        "{}={},{NAMESPACE_LABEL}={namespace}",
+        COMPONENT_LABEL.0, COMPONENT_LABEL.1
+    );
+    let listed = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
+        client.clone(),
+        controller_namespace,
+    )
+    .list(&kube::api::ListParams::default().labels(&selector))
+    .await?;
+    let empty = std::collections::BTreeMap::new();
+    let archived = archive_jwks(listed.items.iter().map(|cm| {
+        (
+            cm.metadata.name.as_deref().unwrap_or_default(),
+            cm.data.as_ref().unwrap_or(&empty),
+        )
+    }));
+    if !archived.problems.is_empty() {
+        bail!("the audit-key archive: {}", archived.problems.join("; "));
+    }
+    Ok(archived.jwks)
+}
+
 /// Server-side applies `object` (a namespaced object of kind `K` with a
 /// `metadata.name`) in `ns`, forcing conflicts: create or update in one call.
 pub async fn apply<K>(client: &Client, ns: &str, object: serde_json::Value) -> Result<K>

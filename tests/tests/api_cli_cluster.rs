@@ -7,6 +7,8 @@
 //! - `status`, `version` and `check` read what the in-process controller's
 //!   replica publishes (`chaperone-replica-<pod>`) about sidecar stand-ins
 //!   that say hello, ACK or NACK over a real snapshot stream.
+//! - `audit keys` reads the controller's audit-key archive: a stopped real
+//!   sidecar's trail verifies strictly with it, not with the live JWKS.
 //!
 //! The tests of one binary share the controller; each asserts on its own
 //! namespace's pods and agents only.
@@ -23,7 +25,10 @@ use chaperone_testenv::{
     ControlPlane, chart, create_namespace,
     kube_fixtures::{self, InProcessController, SidecarStandIn, apply, pod_token, tool_pod_token},
     mcp_fixtures,
-    sidecar_fixtures::{TestSidecar, controller_settings, eventually, write_token},
+    sidecar_fixtures::{
+        TestSidecar, controller_settings, eventually, http_get_async, http_request_async,
+        json_post, write_token,
+    },
 };
 use chaperone_wire::v1::{self, sidecar_message::Message};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -61,11 +66,18 @@ struct Run {
 
 /// Runs `chaperonectl ARGS` as the control plane's admin.
 async fn chaperonectl(args: &[&str]) -> Result<Run> {
+    let kubeconfig = ControlPlane::shared()
+        .kubeconfig()
+        .to_str()
+        .context("path")?;
+    chaperonectl_offline(&[args, &["--kubeconfig", kubeconfig]].concat()).await
+}
+
+/// Runs `chaperonectl ARGS` without a kubeconfig (`audit verify`).
+async fn chaperonectl_offline(args: &[&str]) -> Result<Run> {
     let binary = tokio::task::spawn_blocking(chaperonectl_binary).await??;
     let out = tokio::process::Command::new(binary)
         .args(args)
-        .arg("--kubeconfig")
-        .arg(ControlPlane::shared().kubeconfig())
         .env_remove("KUBECONFIG")
         .output()
         .await?;
@@ -574,6 +586,116 @@ async fn a_real_sidecar_shows_its_own_build_in_sync_with_no_skew() -> Result<()>
     assert!(
         !warnings.contains(&format!("run {workspace}")),
         "a sidecar of the controller's build is no skew: {warnings}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_keys_verify_a_stopped_sidecars_trail_after_its_key_left_the_jwks() -> Result<()> {
+    tokio::task::spawn_blocking(controller).await?;
+    let (client, ns) = setup("cli-keys").await?;
+    let token = pod_token(&client, &ns, "clerk", "keeper-0", "chaperone").await?;
+    let dir = tempfile::tempdir()?;
+    let token_file = write_token(dir.path(), &token)?;
+    let controller = &controller().0;
+    let keeper = TestSidecar::start(Settings {
+        pod_name: "keeper-0".into(),
+        controller: Some(controller_settings(
+            format!("127.0.0.1:{}", controller.grpc_port),
+            &token_file,
+            controller.ca_file.clone(),
+        )),
+        ..Settings::default()
+    })
+    .await?;
+    keeper.wait_for_version(0, Duration::from_secs(10)).await?;
+    // A stand-in registering a key under a kid that is not the key's own:
+    // the archive refuses it.
+    let (forger, _) = sidecar(&client, &ns, "forger-0", "0.0.0-test").await?;
+    forger.send_key("not-the-keys-own-kid").await?;
+    // A denied call: a record, decided without any tool server.
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"refund","arguments":{}}}"#;
+    let answer = http_request_async(keeper.proxy_port, json_post("/orders", &[], body)).await;
+    assert!(answer.contains("no-refunds"), "{answer}");
+    let kid = keeper.sidecar.key_registration().kid.clone();
+    let keys_file = dir.path().join("keys.json");
+    let archived = eventually(Duration::from_secs(20), async || {
+        let run = chaperonectl(&["audit", "keys", "-n", &ns]).await?;
+        Ok((run.code == 0 && run.stdout.contains(&kid)).then_some(run))
+    })
+    .await?;
+    let jwks: Value = serde_json::from_str(&archived.stdout)?;
+    let keys = jwks["keys"].as_array().context("keys")?;
+    assert_eq!(keys.len(), 1, "only the sidecar's own key: {jwks:#}");
+    assert_eq!(keys[0]["use"], "chaperone-audit", "{jwks:#}");
+    assert_eq!(keys[0]["chaperone.dev/pod"], format!("{ns}/keeper-0"));
+    assert_eq!(keys[0]["chaperone.dev/agent"], format!("{ns}/clerk"));
+    assert!(
+        archived.stderr.contains("1 archived key of pods in"),
+        "{}",
+        archived.stderr
+    );
+    std::fs::write(&keys_file, &archived.stdout)?;
+
+    // The sidecar stops (its final checkpoint ends its trail) and its pod
+    // goes: its key leaves the controller's JWKS, and stays in the archive.
+    keeper.sidecar.close_audit()?;
+    let trail = dir.path().join("trail.log");
+    std::fs::write(&trail, keeper.audit.text())?;
+    drop(keeper);
+    Api::<Pod>::namespaced(client.clone(), &ns)
+        .delete("keeper-0", &Default::default())
+        .await?;
+    let admin = controller.admin_port;
+    let live_jwks = eventually(Duration::from_secs(20), async || {
+        let response = http_get_async(admin, "/.well-known/jwks.json").await;
+        let body = response
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        Ok((response.contains(" 200 ") && !body.contains(&kid)).then_some(body))
+    })
+    .await?;
+    let live_file = dir.path().join("live.json");
+    std::fs::write(&live_file, &live_jwks)?;
+    let (trail, keys_file, live_file) = (
+        trail.to_str().context("path")?,
+        keys_file.to_str().context("path")?,
+        live_file.to_str().context("path")?,
+    );
+    let unproven =
+        chaperonectl_offline(&["audit", "verify", trail, "--jwks", live_file, "--strict"]).await?;
+    assert_ne!(unproven.code, 0, "the live JWKS has no key for it any more");
+    assert!(unproven.stderr.contains(&kid), "{}", unproven.stderr);
+    let verified =
+        chaperonectl_offline(&["audit", "verify", trail, "--jwks", keys_file, "--strict"]).await?;
+    assert_eq!(verified.code, 0, "{}", verified.stderr);
+    assert!(
+        verified.stdout.starts_with("ok: 1 record"),
+        "{}",
+        verified.stdout
+    );
+    // Still archived once the pod is gone.
+    let later = succeeds(&["audit", "keys", "-n", &ns]).await?;
+    assert!(later.contains(&kid), "{later}");
+    let metrics = http_get_async(admin, "/metrics").await;
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("chaperone_controller_audit_keys_refused_total ")
+                && !l.ends_with(" 0")
+        ),
+        "the forged kid is counted"
+    );
+    drop(forger);
+    // A namespace with no archived keys is an error that says so.
+    let (_, empty) = setup("cli-nokeys").await?;
+    let none = chaperonectl(&["audit", "keys", "-n", &empty]).await?;
+    assert_eq!(none.code, 1);
+    assert!(
+        none.stderr.contains("no audit keys of pods in"),
+        "{}",
+        none.stderr
     );
     Ok(())
 }

@@ -932,3 +932,107 @@ async fn a_flush_writes_the_summary_of_allowed_calls_at_once() -> Result<()> {
     assert!(note.contains("get_order 2"), "{note}");
     Ok(())
 }
+
+/// The audit-key archive's writes and deletions on a real API server (the
+/// namespace stands in for the controller's): a month's ConfigMap is created
+/// with its labels, added to under its resourceVersion, never has an entry
+/// replaced; only archive ConfigMaps of expired months are deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_key_archive_adds_never_replaces_and_deletes_only_expired_months() -> Result<()> {
+    use chaperone_api::audit_keys::{
+        ArchivedKey, COMPONENT_LABEL, MONTH_LABEL, NAMESPACE_LABEL, config_map_name,
+    };
+    use chaperone_controller::audit_key_archive::{day_of, month_of, prune, write_month};
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    let client = ControlPlane::shared().client().await?;
+    let ns = create_namespace(&client, "archive").await?;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    let month = month_of(now);
+    let key = |kid: &str, pod: &str| ArchivedKey::new(kid, "xx", "team", pod, "uid", None);
+
+    let first = write_month(&api, &ns, &month, "team", vec![key("k1", "p-1")]).await?;
+    assert_eq!(
+        (first.added, first.kids.clone()),
+        (1, vec!["k1".to_owned()])
+    );
+    let second = write_month(
+        &api,
+        &ns,
+        &month,
+        "team",
+        vec![key("k1", "p-1"), key("k2", "p-2"), key("k1", "intruder")],
+    )
+    .await?;
+    assert_eq!(second.added, 1, "{second:?}");
+    assert_eq!(second.claimed, [("k1".to_owned(), "team/p-1".to_owned())]);
+    let name = config_map_name(&month, "team", 0);
+    let stored = api.get(&name).await?;
+    let labels = stored.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels.get(COMPONENT_LABEL.0).map(String::as_str),
+        Some(COMPONENT_LABEL.1)
+    );
+    assert_eq!(labels.get(MONTH_LABEL), Some(&month));
+    assert_eq!(
+        labels.get(NAMESPACE_LABEL).map(String::as_str),
+        Some("team")
+    );
+    let data = stored.data.unwrap_or_default();
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["k1", "k2"]);
+    assert!(
+        data["k1"].contains("team/p-1"),
+        "never replaced: {}",
+        data["k1"]
+    );
+
+    // An expired month, a label that is not a month, and someone else's
+    // ConfigMap with the month label: only the first goes.
+    let archive_labels = |month: &str| {
+        json!({
+            COMPONENT_LABEL.0: COMPONENT_LABEL.1,
+            MONTH_LABEL: month,
+            NAMESPACE_LABEL: "team",
+        })
+    };
+    for (name, labels) in [
+        (
+            config_map_name("2020-01", "team", 0),
+            archive_labels("2020-01"),
+        ),
+        (
+            "chaperone-audit-keys.latest.team".to_owned(),
+            archive_labels("latest"),
+        ),
+        (
+            "someone-elses".to_owned(),
+            json!({ MONTH_LABEL: "2020-01" }),
+        ),
+    ] {
+        let cm: ConfigMap = serde_json::from_value(json!({
+            "metadata": { "name": name, "labels": labels },
+            "data": { "k0": "{}" },
+        }))?;
+        api.create(&Default::default(), &cm).await?;
+    }
+    let deleted = prune(&api, day_of(now), 30).await?;
+    assert_eq!(deleted, [config_map_name("2020-01", "team", 0)]);
+    let mut left: Vec<String> = api
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|cm| cm.metadata.name)
+        .filter(|name| name != "kube-root-ca.crt")
+        .collect();
+    left.sort();
+    let mut expected = vec![
+        "chaperone-audit-keys.latest.team".to_owned(),
+        name,
+        "someone-elses".to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(left, expected);
+    Ok(())
+}

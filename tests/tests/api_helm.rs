@@ -773,6 +773,8 @@ fn controller_rbac_grants_exactly_what_it_uses() -> Result<()> {
         ("watch", "configmaps", ns),
         ("create", "configmaps", ns),
         ("patch", "configmaps", ns),
+        // The leader deletes the audit-key archive's expired months.
+        ("delete", "configmaps", ns),
         ("get", "pods", ns),
         // Agents' tool-definitions ConfigMaps, anywhere.
         ("get", "configmaps", other),
@@ -794,7 +796,6 @@ fn controller_rbac_grants_exactly_what_it_uses() -> Result<()> {
         ("patch", "mutatingwebhookconfigurations/someone-else", None),
         ("create", "mutatingwebhookconfigurations", None),
         ("update", "configmaps", ns),
-        ("delete", "configmaps", ns),
         ("list", "configmaps", other),
         ("watch", "configmaps", other),
         ("update", "configmaps", other),

@@ -44,10 +44,10 @@ use chaperone_testenv::{
         delegation_grant, tool_policy,
     },
     mcp_fixtures::{
-        McpClient, assert_tampering_detected, call, claims_of, jwks_of, last_assertion,
-        loopback_listener, mcp_session, serve_mcp, tool_names, verify_strict,
+        McpClient, assert_tampering_detected, call, claims_of, last_assertion, loopback_listener,
+        mcp_session, serve_mcp, tool_names, verify_strict,
     },
-    sidecar_fixtures::{TestSidecar, eventually, write_token},
+    sidecar_fixtures::{TestSidecar, eventually, http_get_async, write_token},
 };
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
@@ -1190,7 +1190,25 @@ async fn whole_chain_on_the_real_api_server() -> Result<()> {
         s.sidecar.close_audit()?;
     }
     let combined: String = sidecars.iter().map(|s| s.audit.text()).collect();
-    let jwks = jwks_of(sidecars.iter().map(|s| &s.sidecar));
+    // With the keys the controller archived (what `chaperonectl audit keys`
+    // prints, and what outlives the pods): the tool-mode sidecar's is among
+    // them, although the controller's JWKS never lists it.
+    let kids: Vec<String> = sidecars
+        .iter()
+        .map(|s| s.sidecar.key_registration().kid.clone())
+        .collect();
+    let jwks = eventually(Duration::from_secs(20), async || {
+        let jwks = kube_fixtures::archived_keys(&client, &release_ns, &ns).await?;
+        let text = jwks.to_string();
+        Ok(kids.iter().all(|kid| text.contains(kid)).then_some(jwks))
+    })
+    .await
+    .context("the audit-key archive never held the three sidecars' keys")?;
+    let live = http_get_async(controller.admin_port, "/.well-known/jwks.json").await;
+    assert!(
+        !live.contains(&tool.sidecar.key_registration().kid),
+        "a tool-mode sidecar's key never verifies assertions: {live}"
+    );
     let summary = verify_strict(&combined, &jwks)?;
     assert_eq!(
         summary.records + summary.checkpoints,

@@ -16,6 +16,7 @@ pub use chaperone_policy::model;
 
 pub mod approval;
 pub use approval::{ToolCallApproval, ToolCallApprovalSpec, ToolCallApprovalStatus};
+pub mod audit_keys;
 pub mod replica_state;
 pub mod tool_definitions;
 

@@ -28,14 +28,35 @@ pub enum JwksError {
         /// What is wrong with it.
         what: &'static str,
     },
-    /// Two keys share a `kid` but differ.
-    #[error("JWKS key {index}: kid {kid:?} is also another key's")]
+    /// Two keys share a `kid` but differ, or name different pods.
+    #[error("JWKS key {index}: kid {kid:?} is also another key's or another pod's")]
     ConflictingKid {
         /// 0-based position in `keys`.
         index: usize,
         /// The shared key id.
         kid: String,
     },
+}
+
+/// The key id a Chaperone sidecar gives its Ed25519 public key: base64url
+/// (unpadded) of the first 16 bytes of the key's SHA-256. Derived from the
+/// key, so one kid names one key: the controller archives only keys whose kid
+/// is this.
+pub fn key_id(public_key: &[u8; 32]) -> String {
+    URL_SAFE_NO_PAD.encode(&crate::sha256(public_key)[..16])
+}
+
+/// The public key of an Ed25519 JWK (`kty` OKP, `crv` Ed25519, `x` 32 bytes
+/// of unpadded base64url); `None` for any other JWK.
+pub fn ed25519_public_key(jwk: &Value) -> Option<[u8; 32]> {
+    let field = |name: &str| jwk.get(name).and_then(Value::as_str);
+    if field("kty") != Some("OKP") || field("crv") != Some("Ed25519") {
+        return None;
+    }
+    URL_SAFE_NO_PAD
+        .decode(field("x")?)
+        .ok()
+        .and_then(|bytes| bytes.try_into().ok())
 }
 
 /// One sidecar's public key.
@@ -59,7 +80,8 @@ impl SidecarKeys {
     }
 
     /// The Ed25519 keys (`kty` OKP, `crv` Ed25519) of a JWKS; other keys are
-    /// left out. Repeating a key is fine, a `kid` naming two keys is not.
+    /// left out. Repeating a key is fine, a `kid` naming two keys (or one key
+    /// of two pods) is not.
     pub fn from_jwks(bytes: &[u8]) -> Result<Self, JwksError> {
         let mut keys = Self::new();
         keys.add_jwks(bytes)?;
@@ -80,18 +102,18 @@ impl SidecarKeys {
             }
             let bad = |what| JwksError::BadKey { index, what };
             let kid = field("kid").ok_or_else(|| bad("no `kid`"))?;
-            let x = field("x").ok_or_else(|| bad("no `x`"))?;
-            let public_key: [u8; 32] = URL_SAFE_NO_PAD
-                .decode(x)
-                .ok()
-                .and_then(|bytes| bytes.try_into().ok())
+            field("x").ok_or_else(|| bad("no `x`"))?;
+            let public_key = ed25519_public_key(jwk)
                 .ok_or_else(|| bad("`x` is not a base64url Ed25519 public key (32 bytes)"))?;
             let key = SidecarKey {
                 public_key,
                 pod: field("chaperone.dev/pod").map(str::to_owned),
             };
             match self.keys.get(kid) {
-                Some(known) if known.public_key != public_key => {
+                Some(known)
+                    if known.public_key != public_key
+                        || (known.pod.is_some() && key.pod.is_some() && known.pod != key.pod) =>
+                {
                     return Err(JwksError::ConflictingKid {
                         index,
                         kid: kid.to_owned(),
@@ -205,5 +227,26 @@ mod tests {
             keys.add_jwks(other.as_bytes()),
             Err(JwksError::ConflictingKid { index: 0, .. })
         ));
+        // The same key claimed by another pod: which pod signed is ambiguous.
+        let mut claimed = jwk("k", &a);
+        claimed["chaperone.dev/pod"] = "ns/p-1".into();
+        let claimed = serde_json::json!({"keys": [claimed]}).to_string();
+        assert!(matches!(
+            keys.add_jwks(claimed.as_bytes()),
+            Err(JwksError::ConflictingKid { index: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn a_key_id_is_derived_from_its_key() {
+        let key = Ed25519KeyPair::generate().unwrap();
+        let public: [u8; 32] = key.public_key().as_ref().try_into().unwrap();
+        let kid = key_id(&public);
+        assert_eq!(kid.len(), 22, "16 bytes, unpadded base64url");
+        assert_eq!(kid, URL_SAFE_NO_PAD.encode(&crate::sha256(&public)[..16]));
+        assert_eq!(ed25519_public_key(&jwk(&kid, &key)), Some(public));
+        let mut rsa = jwk(&kid, &key);
+        rsa["kty"] = "RSA".into();
+        assert_eq!(ed25519_public_key(&rsa), None);
     }
 }

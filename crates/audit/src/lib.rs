@@ -24,7 +24,7 @@ pub use canonical::{
     ARGS_DIGEST_ALG, TOOL_DEFINITION_MEMBERS, args_digest, canonical, hex, sha256, tool_definition,
     tool_definition_hash, write_canonical,
 };
-pub use keys::{JwksError, SidecarKeys};
+pub use keys::{JwksError, SidecarKeys, ed25519_public_key, key_id};
 pub use verify::{
     CHECKPOINT_KIND, ExternalLink, Malformed, NoKey, SidecarTrail, VerifyError, VerifyOptions,
     VerifySummary, checkpoint_signing_input, record_hash, verify_log, verify_log_signed,

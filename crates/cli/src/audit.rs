@@ -5,6 +5,9 @@
 //!   between the trails of delegating and delegated agents; exits non-zero at
 //!   the first record that is missing, modified, out of order, replayed,
 //!   ambiguous or made up, and warns of what it cannot prove.
+//! - `keys [-n NAMESPACE]`: the audit-key archive (the keys of every sidecar
+//!   the controller saw, kept for its retention, see
+//!   [`chaperone_api::audit_keys`]) as one JWKS for `verify --jwks`.
 
 use std::fs;
 use std::io::Read as _;
@@ -16,6 +19,15 @@ use chaperone_audit::{
     verify_log_with,
 };
 
+use std::collections::BTreeMap;
+
+use chaperone_api::audit_keys;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use kube::api::ListParams;
+
+use crate::cluster::{ClusterArgs, api_error, on_cluster};
+use crate::control_plane::ControllerArgs;
 use crate::jwks;
 
 /// Arguments of `chaperonectl audit`.
@@ -61,6 +73,30 @@ enum AuditCommand {
     /// of order, replayed, ambiguous, or a checkpoint is forged — and, with
     /// --strict, where anything is not proven.
     Verify(VerifyArgs),
+    /// Print the audit-key archive as a JWKS, for `verify --jwks`.
+    ///
+    /// The controller keeps the public key of every sidecar connected to it,
+    /// agent and tool mode, in ConfigMaps in its own namespace, for its
+    /// `--audit-key-retention-days` after the sidecar last ran; its JWKS at
+    /// `/.well-known/jwks.json` lists only the agent sidecars running now.
+    /// So, to verify the trail of pods that are gone:
+    /// `chaperonectl audit keys -n team > keys.json` then
+    /// `chaperonectl audit verify trail.log --jwks keys.json --strict`.
+    /// Every namespace's keys unless -n is given (a delegated task's trail
+    /// spans the namespaces of its agents). Reads the ConfigMaps through the
+    /// kubeconfig: you need `list` on ConfigMaps in the controller's
+    /// namespace. Warns (stderr) of entries it cannot use and of a kid
+    /// archived for two pods.
+    Keys(KeysArgs),
+}
+
+/// Arguments of `chaperonectl audit keys`.
+#[derive(clap::Args)]
+struct KeysArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    #[command(flatten)]
+    controller: ControllerArgs,
 }
 
 /// Arguments of `chaperonectl audit verify`.
@@ -68,8 +104,10 @@ enum AuditCommand {
 struct VerifyArgs {
     /// The audit log; `-` reads standard input.
     file: PathBuf,
-    /// The sidecars' public keys (JWKS): a file, or an http(s) URL such as
-    /// the controller's `/.well-known/jwks.json`. Repeat for several.
+    /// The sidecars' public keys (JWKS): a file, such as the output of
+    /// `chaperonectl audit keys` (every sidecar's key for the retention), or
+    /// an http(s) URL such as the controller's `/.well-known/jwks.json` (the
+    /// agent sidecars running now only). Repeat for several.
     #[arg(long, value_name = "FILE_OR_URL")]
     jwks: Vec<String>,
     /// Accept only what is proven: records after a sidecar's last checkpoint,
@@ -84,7 +122,56 @@ struct VerifyArgs {
 pub fn run(args: &AuditArgs) -> Result<()> {
     match &args.command {
         AuditCommand::Verify(args) => verify(args),
+        AuditCommand::Keys(args) => keys(args),
     }
+}
+
+fn keys(args: &KeysArgs) -> Result<()> {
+    let controller_namespace = &args.controller.controller_namespace;
+    let pods_namespace = args.cluster.namespace.as_deref();
+    let config_maps = on_cluster(&args.cluster, async |client, _| {
+        let mut selector = format!(
+            "{}={}",
+            audit_keys::COMPONENT_LABEL.0,
+            audit_keys::COMPONENT_LABEL.1
+        );
+        if let Some(namespace) = pods_namespace {
+            selector.push_str(&format!(",{}={namespace}", audit_keys::NAMESPACE_LABEL));
+        }
+        Api::<ConfigMap>::namespaced(client, controller_namespace)
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| {
+                api_error(
+                    e,
+                    &format!("listing the audit-key archive in namespace {controller_namespace}"),
+                )
+            })
+    })?;
+    let whose = pods_namespace.map_or_else(String::new, |ns| format!(" of pods in {ns}"));
+    if config_maps.items.is_empty() {
+        bail!(
+            "no audit keys{whose} in namespace {controller_namespace}: no sidecar{whose} connected to a controller there within its retention, or the controller runs elsewhere (--controller-namespace)"
+        );
+    }
+    let empty = BTreeMap::new();
+    let archived = audit_keys::archive_jwks(config_maps.items.iter().map(|cm| {
+        (
+            cm.metadata.name.as_deref().unwrap_or_default(),
+            cm.data.as_ref().unwrap_or(&empty),
+        )
+    }));
+    let keys = archived.jwks["keys"].as_array().map_or(0, Vec::len);
+    println!("{:#}", archived.jwks);
+    eprintln!(
+        "{}{whose} from {} of namespace {controller_namespace}",
+        count(keys, "archived key"),
+        count(config_maps.items.len(), "ConfigMap"),
+    );
+    for problem in &archived.problems {
+        eprintln!("warning: {problem}");
+    }
+    Ok(())
 }
 
 fn verify(args: &VerifyArgs) -> Result<()> {

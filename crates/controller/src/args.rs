@@ -161,6 +161,17 @@ pub struct Args {
     )]
     pub approval_retention: Duration,
 
+    /// How many days the audit-key archive keeps a sidecar's public key
+    /// after the last UTC day the sidecar was connected (1 to 3650): audit
+    /// trails older than that no longer verify strictly with the archive.
+    #[arg(
+        long,
+        env = "CHAPERONE_AUDIT_KEY_RETENTION_DAYS",
+        default_value_t = 400,
+        value_parser = clap::value_parser!(u16).range(1..=3650)
+    )]
+    pub audit_key_retention_days: u16,
+
     /// How long injected sidecars hold a call that needs a person's approval
     /// before answering that it is pending (seconds, 1 to 3600); the
     /// sidecar's `CHAPERONE_APPROVAL_HOLD_SECONDS`.

@@ -11,6 +11,8 @@
 //! status computation + the leader's writer), [`leader`] (Lease), [`admin`]
 //! (/metrics, /livez, /readyz, JWKS), [`replica_exchange`] (the replicas
 //! share their sidecars' keys and state through ConfigMaps),
+//! [`audit_key_archive`] (every sidecar's key kept for the retention, so
+//! audit trails verify after their pods are gone),
 //! [`tool_definitions`] (tool definition pinning: discovered definitions
 //! against their pins, the Events and texts of changes), [`approvals`]
 //! (people's approvals of single tool calls: ToolCallApprovals, the tickets
@@ -26,6 +28,7 @@ pub mod admin;
 pub mod approvals;
 mod args;
 pub mod audit_events;
+pub mod audit_key_archive;
 pub mod auth;
 pub mod certs;
 pub mod index;
@@ -187,6 +190,7 @@ pub async fn run_until(
     controller
         .metrics
         .register_collector(metrics::ApprovalGauges::new(approvals.clone()));
+    let audit_keys = audit_key_archive::AuditKeyArchive::new(controller.metrics.clone());
     let server = snapshot_server::SnapshotServer::new(
         client.clone(),
         controller.index.clone(),
@@ -195,6 +199,7 @@ pub async fn run_until(
         audit.clone(),
         identities.clone(),
         approvals.clone(),
+        audit_keys.clone(),
     );
     let admin_state = admin::AdminState {
         metrics: controller.metrics.clone(),
@@ -218,7 +223,8 @@ pub async fn run_until(
     tokio::select! {
         () = object_watch::run(client.clone(), controller.index.clone(), controller.metrics.clone()) => anyhow::bail!("object watches ended"),
         () = status::run_writer(client.clone(), controller.index.clone(), controller.sidecars.clone(), controller.metrics.clone(), audit, leader_rx.clone()) => anyhow::bail!("status writer ended"),
-        () = approvals.run(approvals_cache, leader_rx) => anyhow::bail!("approval watch ended"),
+        () = approvals.run(approvals_cache, leader_rx.clone()) => anyhow::bail!("approval watch ended"),
+        () = audit_keys.run(client.clone(), args.namespace.clone(), args.audit_key_retention_days, leader_rx) => anyhow::bail!("audit-key archive ended"),
         () = object_watch::watch_pod_deletions(client.clone(), controller.sidecars.clone()) => anyhow::bail!("pod watch ended"),
         () = replica_exchange::run(client.clone(), args.namespace.clone(), args.pod_name.clone(), controller.sidecars.clone()) => anyhow::bail!("replica exchange ended"),
         () = status::run_expiry_ticker(controller.index.clone()) => anyhow::bail!("expiry ticker ended"),

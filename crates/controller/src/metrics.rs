@@ -142,6 +142,9 @@ pub struct Metrics {
     approval_answers: Family<PhaseLabel, Counter>,
     tools_blocked: Family<AgentLabel, Gauge>,
     tool_definition_changes: Counter,
+    audit_keys_archived: Counter,
+    audit_keys_refused: Counter,
+    audit_key_archive_errors: Counter,
 }
 
 impl Metrics {
@@ -173,6 +176,9 @@ impl Metrics {
             events_dropped: Counter::default(),
             tools_blocked: Family::default(),
             tool_definition_changes: Counter::default(),
+            audit_keys_archived: Counter::default(),
+            audit_keys_refused: Counter::default(),
+            audit_key_archive_errors: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
         registry.register(
@@ -280,6 +286,21 @@ impl Metrics {
             "Tool definition changes reported as ToolDefinitionChanged Events (written by the leader)",
             metrics.tool_definition_changes.clone(),
         );
+        registry.register(
+            "audit_keys_archived",
+            "Sidecar keys written into the audit-key archive (once per key and UTC month)",
+            metrics.audit_keys_archived.clone(),
+        );
+        registry.register(
+            "audit_keys_refused",
+            "Sidecar keys not archived: not Ed25519, a kid not derived from the key, or a key the archive holds for another pod",
+            metrics.audit_keys_refused.clone(),
+        );
+        registry.register(
+            "audit_key_archive_errors",
+            "Failed writes to the audit-key archive and failed deletions of its expired days (retried)",
+            metrics.audit_key_archive_errors.clone(),
+        );
         *metrics.registry.lock().unwrap_or_else(|p| p.into_inner()) = root;
         Arc::new(metrics)
     }
@@ -308,6 +329,21 @@ impl Metrics {
         self.index_updates.inc();
         self.snapshot_version
             .set(i64::try_from(highest_version).unwrap_or(i64::MAX));
+    }
+
+    /// `count` keys were written into the audit-key archive.
+    pub fn audit_keys_archived(&self, count: u64) {
+        self.audit_keys_archived.inc_by(count);
+    }
+
+    /// A sidecar's key was not archived.
+    pub fn audit_key_refused(&self) {
+        self.audit_keys_refused.inc();
+    }
+
+    /// A write to the audit-key archive (or a deletion of its expired days) failed.
+    pub fn audit_key_archive_failed(&self) {
+        self.audit_key_archive_errors.inc();
     }
 
     /// A status patch was written (or failed).

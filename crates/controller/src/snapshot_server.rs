@@ -7,8 +7,13 @@
 //!
 //! A tool-mode sidecar's stream (pod annotated `chaperone.dev/inject: "tool"`)
 //! carries only the key set: a `KeySet` on connect and after every change of the
-//! live sidecars' keys, never a snapshot. It takes audit batches back; ACK/NACK,
-//! inventory and signing keys do not apply to it and are ignored.
+//! live sidecars' keys, never a snapshot. It takes audit batches back, and its
+//! signing key (its checkpoints' key) goes to the audit-key archive only,
+//! never into the JWKS: it signs no assertions. ACK/NACK and inventory do not
+//! apply to it and are ignored.
+//!
+//! Every signing key a stream registers, agent or tool mode, is held for the
+//! [`crate::audit_key_archive`] while the stream lasts.
 //!
 //! An agent's sidecar may also ask for a person's approval of a call it
 //! holds (`ApprovalRequest`, `ApprovalRelease`); [`crate::approvals`] handles
@@ -49,6 +54,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     approvals::{ApprovalDesk, ApprovalStream},
     audit_events::{AuditEvents, AuditSource},
+    audit_key_archive::{ArchivedKeyHold, AuditKeyArchive},
     auth::{self, Peer, SidecarIdentity, ToolSidecarIdentity},
     index::{PublishedSnapshot, SharedIndex, SnapshotRx},
     metrics::{Metrics, PushResult},
@@ -72,11 +78,14 @@ pub struct SnapshotServer {
     audit: Arc<AuditEvents>,
     identities: Store<AgentIdentity>,
     approvals: Arc<ApprovalDesk>,
+    audit_keys: Arc<AuditKeyArchive>,
 }
 
 impl SnapshotServer {
     /// A server answering from `index`, recording sidecars in `sidecars`,
-    /// handing approval requests to `approvals`.
+    /// handing approval requests to `approvals` and every sidecar's key to
+    /// `audit_keys`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
         index: Arc<SharedIndex>,
@@ -85,6 +94,7 @@ impl SnapshotServer {
         audit: Arc<AuditEvents>,
         identities: Store<AgentIdentity>,
         approvals: Arc<ApprovalDesk>,
+        audit_keys: Arc<AuditKeyArchive>,
     ) -> Self {
         Self {
             client,
@@ -94,6 +104,7 @@ impl SnapshotServer {
             audit,
             identities,
             approvals,
+            audit_keys,
         }
     }
 
@@ -503,10 +514,13 @@ impl SnapshotServer {
         approvals: ApprovalStream,
         mut alive: oneshot::Sender<()>,
     ) {
+        // The key this stream registered, held for the audit-key archive
+        // until the stream ends.
+        let mut archived = None;
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
-                    Ok(Some(message)) => self.on_sidecar_message(&identity, connection, message, &sent_at, &approvals),
+                    Ok(Some(message)) => self.on_sidecar_message(&identity, connection, message, &sent_at, &approvals, &mut archived),
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(pod = %identity.pod, %status, "sidecar stream error");
@@ -532,6 +546,25 @@ impl SnapshotServer {
         }
     }
 
+    /// Holds a key a stream registered for the audit-key archive; `None`
+    /// (logged) when the archive refuses it.
+    fn archive_key(
+        &self,
+        namespace: &str,
+        pod: &str,
+        pod_uid: &str,
+        agent: Option<&chaperone_policy::AgentKey>,
+        kid: &str,
+        jwk: &serde_json::Value,
+    ) -> Option<ArchivedKeyHold> {
+        self.audit_keys
+            .register(namespace, pod, pod_uid, agent, kid, jwk)
+            .inspect_err(|error| {
+                tracing::warn!(namespace, pod, kid, %error, "sidecar key not archived: its audit checkpoints will not verify with the audit-key archive");
+            })
+            .ok()
+    }
+
     /// Handles one message of stream `connection` (its reports update the
     /// registry only while that stream is the pod's latest).
     fn on_sidecar_message(
@@ -541,6 +574,7 @@ impl SnapshotServer {
         message: SidecarMessage,
         sent_at: &Mutex<Option<(u64, Instant)>>,
         approvals: &ApprovalStream,
+        archived: &mut Option<ArchivedKeyHold>,
     ) {
         let (namespace, pod) = (identity.agent.namespace.as_str(), identity.pod.as_str());
         let report = match SidecarReport::try_from(message) {
@@ -598,10 +632,17 @@ impl SnapshotServer {
                     });
             }
             SidecarReport::SigningKey(key) => {
+                let jwk = serde_json::Value::Object(key.jwk);
+                *archived = self.archive_key(
+                    namespace,
+                    pod,
+                    &identity.pod_uid,
+                    Some(&identity.agent),
+                    &key.kid,
+                    &jwk,
+                );
                 self.sidecars
-                    .update_stream(namespace, pod, connection, |s| {
-                        s.key = Some((key.kid, serde_json::Value::Object(key.jwk)))
-                    });
+                    .update_stream(namespace, pod, connection, |s| s.key = Some((key.kid, jwk)));
             }
             SidecarReport::Inventory(inventory) => {
                 self.sidecars
@@ -639,11 +680,11 @@ impl SnapshotServer {
         mut inbound: Streaming<SidecarMessage>,
         mut alive: oneshot::Sender<()>,
     ) {
-        let mut told_about_key = false;
+        let mut archived = None;
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
-                    Ok(Some(message)) => self.on_tool_message(&identity, message, &mut told_about_key),
+                    Ok(Some(message)) => self.on_tool_message(&identity, message, &mut archived),
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(pod = %identity.pod, %status, "tool sidecar stream error");
@@ -659,22 +700,11 @@ impl SnapshotServer {
         &self,
         identity: &ToolSidecarIdentity,
         message: SidecarMessage,
-        told_about_key: &mut bool,
+        archived: &mut Option<ArchivedKeyHold>,
     ) {
         let (namespace, pod) = (identity.namespace.as_str(), identity.pod.as_str());
         let report = match SidecarReport::try_from(message) {
             Ok(report) => report,
-            // Tool sidecars sign nothing: an unusable key is as ignored as a good one.
-            Err(
-                InvalidSidecarMessage::KeyWithoutKid | InvalidSidecarMessage::KeyNotAJwk { .. },
-            ) if !std::mem::replace(told_about_key, true) => {
-                tracing::info!(
-                    namespace,
-                    pod,
-                    "tool-mode sidecar sent a signing key; ignored: tool sidecars verify assertions and sign none, so their keys never enter the JWKS"
-                );
-                return;
-            }
             Err(error) => {
                 tracing::debug!(namespace, pod, %error, "tool sidecar message ignored");
                 return;
@@ -687,16 +717,18 @@ impl SnapshotServer {
                     s.sidecar_version = hello.sidecar_version
                 });
             }
-            // Logged once per stream: a sidecar sends its key on every connect.
-            SidecarReport::SigningKey(key) if !std::mem::replace(told_about_key, true) => {
-                tracing::info!(
+            // Its checkpoints' key: archived, never in the JWKS (a tool-mode
+            // sidecar verifies assertions and signs none).
+            SidecarReport::SigningKey(key) => {
+                *archived = self.archive_key(
                     namespace,
                     pod,
-                    kid = %key.kid,
-                    "tool-mode sidecar sent a signing key; ignored: tool sidecars verify assertions and sign none, so their keys never enter the JWKS"
+                    &identity.pod_uid,
+                    None,
+                    &key.kid,
+                    &serde_json::Value::Object(key.jwk),
                 );
             }
-            SidecarReport::SigningKey(_) => {}
             SidecarReport::Ack(_) | SidecarReport::Nack { .. } => {
                 tracing::debug!(
                     namespace,

@@ -22,7 +22,6 @@ use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::canonical::sha256;
 use crate::signing_nonces::Presigner;
 
 /// What `argsAlg` says: `args` is SHA-256 of the RFC 8785 form of the
@@ -205,7 +204,7 @@ impl AssertionSigner {
         if key_pair.public_key().as_ref() != public_key {
             return Err(KeyGenerationError);
         }
-        let kid = URL_SAFE_NO_PAD.encode(&sha256(&public_key)[..16]);
+        let kid = chaperone_audit::key_id(&public_key);
         let x = URL_SAFE_NO_PAD.encode(public_key);
         let jwk = serde_json::json!({
             "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": kid, "x": x,

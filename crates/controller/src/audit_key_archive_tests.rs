@@ -1,0 +1,150 @@
+use super::*;
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+
+/// A fresh Ed25519 JWK and its own kid.
+fn key() -> (String, Value) {
+    let pair = Ed25519KeyPair::generate().unwrap();
+    let public: [u8; 32] = pair.public_key().as_ref().try_into().unwrap();
+    let kid = chaperone_audit::key_id(&public);
+    let jwk = json!({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": kid, "x": URL_SAFE_NO_PAD.encode(public)});
+    (kid, jwk)
+}
+
+fn agent() -> AgentKey {
+    AgentKey {
+        namespace: "team".into(),
+        name: "planner".into(),
+    }
+}
+
+fn date(text: &str) -> Date {
+    text.parse().unwrap()
+}
+
+#[test]
+fn months_are_utc() {
+    // 2026-12-31T23:59:59Z and a second later.
+    assert_eq!(month_of(1_798_761_599), "2026-12");
+    assert_eq!(month_of(1_798_761_600), "2027-01");
+    assert_eq!(day_of(1_798_761_600), date("2027-01-01"));
+}
+
+#[test]
+fn a_month_expires_once_its_last_day_is_older_than_the_retention() {
+    // November's last day is 2026-11-30: kept while it is within 7 days.
+    assert!(!expired("2026-11", date("2026-12-07"), 7));
+    assert!(expired("2026-11", date("2026-12-08"), 7));
+    assert!(!expired("2026-12", date("2026-12-31"), 1));
+    assert!(expired("2025-11", date("2026-12-07"), 365));
+    assert!(!expired("2025-12", date("2026-12-07"), 400));
+    // What is not ours to read is never deleted.
+    assert!(!expired("", date("2026-12-07"), 1));
+    assert!(!expired("2026-13", date("2030-01-01"), 1));
+    assert!(!expired("latest", date("2030-01-01"), 1));
+}
+
+#[test]
+fn a_key_is_archived_only_under_its_own_kid() {
+    let archive = AuditKeyArchive::new(Metrics::new());
+    let (kid, jwk) = key();
+    let (other_kid, _) = key();
+    let refused = archive.register("team", "p-0", "u0", Some(&agent()), &other_kid, &jwk);
+    assert!(
+        matches!(refused, Err(Unarchivable::ForeignKid { .. })),
+        "{:?}",
+        refused.err()
+    );
+    let rsa = json!({"kty": "RSA", "kid": kid, "n": "AQAB", "e": "AQAB"});
+    let refused = archive.register("team", "p-0", "u0", Some(&agent()), &kid, &rsa);
+    assert_eq!(refused.err(), Some(Unarchivable::NotEd25519));
+    assert!(archive.due("2026-12").is_empty(), "nothing refused is held");
+    assert!(
+        archive
+            .metrics
+            .render()
+            .contains("chaperone_controller_audit_keys_refused_total 2"),
+        "{}",
+        archive.metrics.render()
+    );
+}
+
+#[test]
+fn another_pod_cannot_take_over_a_held_key() {
+    let archive = AuditKeyArchive::new(Metrics::new());
+    let (kid, jwk) = key();
+    let _hold = archive
+        .register("team", "victim", "u1", Some(&agent()), &kid, &jwk)
+        .unwrap();
+    let claimed = archive.register("team", "claimant", "u2", None, &kid, &jwk);
+    assert_eq!(
+        claimed.err(),
+        Some(Unarchivable::ClaimedByAnotherPod("team/victim".into()))
+    );
+    let due = archive.due("2026-12");
+    assert_eq!(due["team"].len(), 1);
+    assert_eq!(due["team"][0].pod, "team/victim");
+}
+
+#[test]
+fn a_key_is_written_once_a_month_while_held_and_once_after() {
+    let archive = AuditKeyArchive::new(Metrics::new());
+    let (kid, jwk) = key();
+    let (tool_kid, tool_jwk) = key();
+    let first = archive
+        .register("team", "p-0", "u0", Some(&agent()), &kid, &jwk)
+        .unwrap();
+    // A reconnect of the same sidecar holds the same key twice.
+    let second = archive
+        .register("team", "p-0", "u0", Some(&agent()), &kid, &jwk)
+        .unwrap();
+    let tool = archive
+        .register("tools", "orders-0", "u1", None, &tool_kid, &tool_jwk)
+        .unwrap();
+    let due = archive.due("2026-12");
+    assert_eq!(due.keys().collect::<Vec<_>>(), ["team", "tools"]);
+    assert_eq!(due["tools"][0].agent, None);
+    assert_eq!(due["team"][0].agent.as_deref(), Some("team/planner"));
+    archive.written("2026-12", &[kid.clone(), tool_kid.clone()]);
+    assert!(archive.due("2026-12").is_empty());
+    // A new month: everything held is due again.
+    assert_eq!(archive.due("2027-01").len(), 2);
+    // Dropped in a month it was written in: done.
+    drop(tool);
+    archive.written("2026-12", &[]);
+    assert_eq!(archive.due("2027-01").keys().collect::<Vec<_>>(), ["team"]);
+    // Dropped (both streams) before this month's write: written once more.
+    drop(first);
+    drop(second);
+    assert_eq!(archive.due("2027-01")["team"][0].kid, kid);
+    archive.written("2027-01", std::slice::from_ref(&kid));
+    assert!(archive.due("2027-01").is_empty());
+    assert!(archive.due("2027-02").is_empty(), "forgotten once written");
+}
+
+#[test]
+fn a_shard_adds_what_fits_and_never_replaces_an_entry() {
+    let key_of = |kid: &str, pod: &str| ArchivedKey::new(kid, "xx", "team", pod, "u", None);
+    let existing = BTreeMap::from([
+        ("k1".to_owned(), key_of("k1", "p-1").to_json()),
+        ("k2".to_owned(), key_of("k2", "p-2").to_json()),
+    ]);
+    let plan = plan_write(
+        &existing,
+        vec![
+            key_of("k1", "p-1"),
+            key_of("k2", "intruder"),
+            key_of("k3", "p-3"),
+        ],
+    );
+    assert_eq!(plan.present, ["k1"]);
+    assert_eq!(plan.claimed, [("k2".to_owned(), "team/p-2".to_owned())]);
+    assert_eq!(plan.add.keys().collect::<Vec<_>>(), ["k3"]);
+    assert!(plan.overflow.is_empty());
+    // A full shard sends the rest to the next one.
+    let entry = key_of("k4", "p-4").to_json();
+    let full = BTreeMap::from([("big".to_owned(), "x".repeat(MAX_DATA_BYTES - entry.len()))]);
+    let plan = plan_write(&full, vec![key_of("k4", "p-4"), key_of("k5", "p-5")]);
+    assert!(plan.add.is_empty(), "{:?}", plan.add);
+    assert_eq!(plan.overflow.len(), 2);
+}
