@@ -336,6 +336,33 @@ impl SnapshotEndpoint {
 pub struct SidecarStandIn {
     to_controller: mpsc::Sender<SidecarMessage>,
     from_controller: Streaming<ControllerMessage>,
+    /// The bearer token of its stream (what key proofs are bound to).
+    token: String,
+}
+
+/// A fresh Ed25519 key registered as a sidecar registers its own on the
+/// stream authenticated by `token`: under the kid derived from it, with the
+/// proof of possession bound to that token. Returns the kid and the message.
+pub fn signing_key_for(token: &str) -> (String, chaperone_wire::v1::SigningKey) {
+    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
+    use base64::Engine as _;
+    let pair = Ed25519KeyPair::generate().expect("an Ed25519 key");
+    let public: [u8; 32] = pair.public_key().as_ref().try_into().expect("32 bytes");
+    let kid = chaperone_audit::key_id(&public);
+    let statement = chaperone_wire::key_registration::key_registration_statement(
+        &kid,
+        &chaperone_audit::sha256(token.as_bytes()),
+    );
+    let jwk = serde_json::json!({
+        "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": kid,
+        "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(public),
+    });
+    let message = chaperone_wire::v1::SigningKey {
+        kid: kid.clone(),
+        jwk_json: jwk.to_string(),
+        proof: pair.sign(&statement).as_ref().to_vec(),
+    };
+    (kid, message)
 }
 
 impl SidecarStandIn {
@@ -353,6 +380,7 @@ impl SidecarStandIn {
         Ok(Self {
             to_controller: tx,
             from_controller: response.into_inner(),
+            token: token.to_owned(),
         })
     }
 
@@ -414,19 +442,17 @@ impl SidecarStandIn {
         }
     }
 
-    /// Registers the signing key `kid` (a fixed Ed25519 public key) for this
-    /// sidecar.
-    pub async fn send_key(&self, kid: &str) -> Result<()> {
-        let jwk = serde_json::json!({
-            "kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"
-        });
-        self.send(sidecar_message::Message::SigningKey(
-            chaperone_wire::v1::SigningKey {
-                kid: kid.to_owned(),
-                jwk_json: jwk.to_string(),
-            },
-        ))
-        .await
+    /// Registers a fresh signing key of this sidecar, as a sidecar does
+    /// ([`signing_key_for`] its stream's token); returns its kid.
+    pub async fn send_key(&self) -> Result<String> {
+        let (kid, key) = signing_key_for(&self.token);
+        self.send(sidecar_message::Message::SigningKey(key)).await?;
+        Ok(kid)
+    }
+
+    /// Registers `key` as it is (a forged or replayed registration).
+    pub async fn send_signing_key(&self, key: chaperone_wire::v1::SigningKey) -> Result<()> {
+        self.send(sidecar_message::Message::SigningKey(key)).await
     }
 
     /// Acknowledges `update` (version and hash).
@@ -530,8 +556,26 @@ pub fn start_controller(cp: &ControlPlane, pod_name: &str) -> InProcessControlle
 
 /// Starts the controller with `launch` on free loopback ports and waits until
 /// it is ready (its CA written, `/readyz` answering 200). The CRDs must be
-/// installed. Fails with the controller's error when it stops first.
+/// installed. Fails with the controller's error when it stops first. A port
+/// taken between picking and binding it (by a test running alongside) is
+/// picked again, twice at most.
 pub fn start_controller_with(
+    cp: &ControlPlane,
+    launch: ControllerLaunch,
+) -> Result<InProcessController> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match start_controller_once(cp, launch.clone()) {
+            Err(error) if tries < 3 && format!("{error:#}").contains("Address already in use") => {
+                eprintln!("{error:#}; trying other ports");
+            }
+            started => return started,
+        }
+    }
+}
+
+fn start_controller_once(
     cp: &ControlPlane,
     launch: ControllerLaunch,
 ) -> Result<InProcessController> {

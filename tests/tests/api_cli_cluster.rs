@@ -609,10 +609,17 @@ async fn audit_keys_verify_a_stopped_sidecars_trail_after_its_key_left_the_jwks(
     })
     .await?;
     keeper.wait_for_version(0, Duration::from_secs(10)).await?;
-    // A stand-in registering a key under a kid that is not the key's own:
-    // the archive refuses it.
+    // A stand-in registering the sidecar's key as its own (no proof that it
+    // holds it): refused, so neither the JWKS nor the archive names it for
+    // that key.
     let (forger, _) = sidecar(&client, &ns, "forger-0", "0.0.0-test").await?;
-    forger.send_key("not-the-keys-own-kid").await?;
+    forger
+        .send_signing_key(chaperone_wire::v1::SigningKey {
+            kid: keeper.sidecar.key_registration().kid.clone(),
+            jwk_json: keeper.sidecar.key_registration().jwk.to_string(),
+            proof: Vec::new(),
+        })
+        .await?;
     // A denied call: a record, decided without any tool server.
     let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"refund","arguments":{}}}"#;
     let answer = http_request_async(keeper.proxy_port, json_post("/orders", &[], body)).await;
@@ -682,10 +689,10 @@ async fn audit_keys_verify_a_stopped_sidecars_trail_after_its_key_left_the_jwks(
     let metrics = http_get_async(admin, "/metrics").await;
     assert!(
         metrics.lines().any(
-            |l| l.starts_with("chaperone_controller_audit_keys_refused_total ")
+            |l| l.starts_with("chaperone_controller_signing_keys_refused_total ")
                 && !l.ends_with(" 0")
         ),
-        "the forged kid is counted"
+        "the forger's registration is counted"
     );
     drop(forger);
     // A namespace with no archived keys is an error that says so.

@@ -97,6 +97,8 @@ fn condition<'a>(
 struct SidecarStandIn {
     to_controller: mpsc::Sender<SidecarMessage>,
     from_controller: Streaming<ControllerMessage>,
+    /// Its bearer token (what key proofs are bound to).
+    token: String,
 }
 
 async fn connect(token: &str) -> Result<SidecarStandIn, tonic::Status> {
@@ -123,6 +125,7 @@ async fn connect(token: &str) -> Result<SidecarStandIn, tonic::Status> {
     Ok(SidecarStandIn {
         to_controller: tx,
         from_controller: response.into_inner(),
+        token: token.to_owned(),
     })
 }
 
@@ -178,20 +181,15 @@ impl SidecarStandIn {
         }
     }
 
-    /// Registers a signing key `kid` for this sidecar.
-    async fn send_key(&self, kid: &str) -> Result<()> {
-        let jwk = json!({ "kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo" });
+    /// Registers a fresh signing key, as a sidecar does; returns its kid.
+    async fn send_key(&self) -> Result<String> {
+        let (kid, key) = kube_fixtures::signing_key_for(&self.token);
         self.to_controller
             .send(SidecarMessage {
-                message: Some(sidecar_message::Message::SigningKey(
-                    chaperone_wire::v1::SigningKey {
-                        kid: kid.to_owned(),
-                        jwk_json: jwk.to_string(),
-                    },
-                )),
+                message: Some(sidecar_message::Message::SigningKey(key)),
             })
             .await?;
-        Ok(())
+        Ok(kid)
     }
 
     async fn ack(&self, update: &SnapshotUpdate) -> Result<()> {
@@ -531,19 +529,7 @@ async fn a_sidecars_key_is_in_the_jwks_until_its_pod_is_deleted() -> Result<()> 
     let token = pod_token(&client, &ns, "planner", "planner-0", "chaperone").await?;
     let mut sidecar = connect(&token).await?;
     sidecar.next_snapshot(Duration::from_secs(5)).await?;
-    let kid = format!("kid-{ns}");
-    let jwk = json!({ "kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo" });
-    sidecar
-        .to_controller
-        .send(SidecarMessage {
-            message: Some(sidecar_message::Message::SigningKey(
-                chaperone_wire::v1::SigningKey {
-                    kid: kid.clone(),
-                    jwk_json: jwk.to_string(),
-                },
-            )),
-        })
-        .await?;
+    let kid = sidecar.send_key().await?;
     let admin = controller().admin_port;
     let jwks = eventually(Duration::from_secs(5), async || {
         let body = http_get(admin, "/.well-known/jwks.json")?;
@@ -595,8 +581,7 @@ async fn a_key_registered_with_one_replica_reaches_sidecars_of_another_until_its
     let mut a = kube_fixtures::SidecarStandIn::connect(&one.snapshot_endpoint()?, &a_token).await?;
     let update = a.next_snapshot(Duration::from_secs(5)).await?;
     a.ack(&update).await?;
-    let a_kid = format!("planner-a-{ns}");
-    a.send_key(&a_kid).await?;
+    let a_kid = a.send_key().await?;
 
     // A tool-mode sidecar, worker sidecar B and a second planner sidecar P
     // stream from replica 2.
@@ -682,8 +667,7 @@ async fn a_tool_pods_token_gets_the_key_set_and_never_a_snapshot() -> Result<()>
     let planner_token = pod_token(&client, &ns, "planner", "planner-0", "chaperone").await?;
     let mut planner = connect(&planner_token).await?;
     planner.next_snapshot(Duration::from_secs(5)).await?;
-    let first_kid = format!("planner-0-{ns}");
-    planner.send_key(&first_kid).await?;
+    let first_kid = planner.send_key().await?;
     let admin = controller().admin_port;
     eventually(Duration::from_secs(5), async || {
         Ok(http_get(admin, "/.well-known/jwks.json")?
@@ -710,16 +694,15 @@ async fn a_tool_pods_token_gets_the_key_set_and_never_a_snapshot() -> Result<()>
         .with_context(|| format!("{first_kid} not in {jwks}"))?;
     assert_eq!(key["chaperone.dev/agent"], format!("{ns}/planner"));
 
-    // A tool sidecar signs nothing: its key is ignored.
-    let tool_kid = format!("orders-mcp-0-{ns}");
-    tool.send_key(&tool_kid).await?;
+    // A tool sidecar signs no assertions: its key (its checkpoints') is
+    // archived, never in a key set or the JWKS.
+    let tool_kid = tool.send_key().await?;
 
     // A new agent sidecar registers: the tool sidecar gets the new key set.
     let second_token = pod_token(&client, &ns, "planner", "planner-1", "chaperone").await?;
     let mut second = connect(&second_token).await?;
     second.next_snapshot(Duration::from_secs(5)).await?;
-    let second_kid = format!("planner-1-{ns}");
-    second.send_key(&second_kid).await?;
+    let second_kid = second.send_key().await?;
     let jwks = tool
         .key_set_with(&second_kid, Duration::from_secs(5))
         .await?;
@@ -1034,5 +1017,71 @@ async fn the_audit_key_archive_adds_never_replaces_and_deletes_only_expired_mont
     ];
     expected.sort();
     assert_eq!(left, expected);
+    Ok(())
+}
+
+/// A pod cannot take another pod's key: a registration replayed on its own
+/// stream (the victim's key, kid and proof) and its own key under the
+/// victim's kid are refused and counted; the JWKS keeps naming the victim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_cannot_register_another_pods_key_or_kid() -> Result<()> {
+    let (client, ns) = setup().await?;
+    apply::<AgentIdentity>(&client, &ns, agent("planner")).await?;
+    let victim_token = pod_token(&client, &ns, "planner", "victim-0", "chaperone").await?;
+    let mut victim = connect(&victim_token).await?;
+    victim.next_snapshot(Duration::from_secs(5)).await?;
+    let (kid, registration) = kube_fixtures::signing_key_for(&victim_token);
+    let send = async |stand_in: &SidecarStandIn, key: chaperone_wire::v1::SigningKey| {
+        stand_in
+            .to_controller
+            .send(SidecarMessage {
+                message: Some(sidecar_message::Message::SigningKey(key)),
+            })
+            .await
+    };
+    send(&victim, registration.clone()).await?;
+    let admin = controller().admin_port;
+    let named = |jwks: &str| -> Result<Vec<String>> {
+        let jwks: serde_json::Value = serde_json::from_str(jwks)?;
+        Ok(jwks["keys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|k| k["kid"] == kid.as_str())
+            .filter_map(|k| k["chaperone.dev/pod"].as_str().map(str::to_owned))
+            .collect())
+    };
+    eventually(Duration::from_secs(5), async || {
+        let body = http_get(admin, "/.well-known/jwks.json")?;
+        let body = body.split("\r\n\r\n").nth(1).unwrap_or_default();
+        Ok((!named(body)?.is_empty()).then_some(()))
+    })
+    .await?;
+    let refused = || -> Result<u64> {
+        let metrics = http_get(admin, "/metrics")?;
+        Ok(metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("chaperone_controller_signing_keys_refused_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    };
+    let before = refused()?;
+
+    // The attacker's pod (same agent, another pod) replays the registration,
+    // then registers its own key under the victim's kid.
+    let attacker_token = pod_token(&client, &ns, "planner", "attacker-0", "chaperone").await?;
+    let mut attacker = connect(&attacker_token).await?;
+    attacker.next_snapshot(Duration::from_secs(5)).await?;
+    send(&attacker, registration).await?;
+    let (_, mut own) = kube_fixtures::signing_key_for(&attacker_token);
+    own.kid = kid.clone();
+    send(&attacker, own).await?;
+    eventually(Duration::from_secs(5), async || {
+        Ok((refused()? >= before + 2).then_some(()))
+    })
+    .await?;
+    let body = http_get(admin, "/.well-known/jwks.json")?;
+    let body = body.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(named(body)?, [format!("{ns}/victim-0")], "{body}");
     Ok(())
 }

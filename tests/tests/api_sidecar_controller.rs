@@ -392,8 +392,7 @@ async fn registers_its_key_and_reports_tools_and_audit() -> Result<()> {
     let caller_sidecar =
         kube_fixtures::SidecarStandIn::connect(&controller().snapshot_endpoint()?, &caller_token)
             .await?;
-    let caller_kid = format!("caller-0-{ns}");
-    caller_sidecar.send_key(&caller_kid).await?;
+    let caller_kid = caller_sidecar.send_key().await?;
     let peer_keys = Arc::clone(sidecar.sidecar.peer_keys());
     eventually(Duration::from_secs(5), async || {
         Ok(peer_keys.current().get(&caller_kid).map(|_| ()))

@@ -669,7 +669,7 @@ async fn connect_all(
             sidecar.ack(&update).await?;
             // As a sidecar does: its signing key joins the JWKS every stream
             // carries.
-            sidecar.send_key(&format!("bench-{stream}")).await?;
+            sidecar.send_key().await?;
             let listener = tokio::spawn(listen(stream, sidecar, events.clone()));
             Ok(Connected {
                 _listener: AbortOnDrop(listener),

@@ -13,11 +13,14 @@
 //! retried with backoff. The leader deletes, every hour, the ConfigMaps of
 //! months whose last day is older than the retention.
 //!
-//! What the archive trusts: a key comes from a stream the controller
-//! authenticated as its pod (TokenReview), and its `kid` must be the one
-//! derived from the key ([`chaperone_audit::key_id`]), so one kid names one
-//! key. An entry, once written, is never replaced: a second pod registering
-//! the same key is refused and counted, never archived over the first.
+//! What the archive trusts: a key the snapshot server accepted, from a
+//! stream the controller authenticated as its pod (TokenReview), whose
+//! sidecar proved it holds the key
+//! ([`crate::snapshot_server::wire::SigningKey::check_possession`]). The
+//! archive checks again that the `kid` is the one derived from the key
+//! ([`chaperone_audit::key_id`]), so one kid names one key. An entry, once
+//! written, is never replaced: a second pod holding the same key (a stolen
+//! private key) is refused and counted, never archived over the first.
 //!
 //! The pure parts ([`plan_write`], [`expired`], [`month_of`]) are apart from the
 //! loop doing I/O.

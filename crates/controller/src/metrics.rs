@@ -144,6 +144,7 @@ pub struct Metrics {
     tool_definition_changes: Counter,
     audit_keys_archived: Counter,
     audit_keys_refused: Counter,
+    signing_keys_refused: Counter,
     audit_key_archive_errors: Counter,
 }
 
@@ -178,6 +179,7 @@ impl Metrics {
             tool_definition_changes: Counter::default(),
             audit_keys_archived: Counter::default(),
             audit_keys_refused: Counter::default(),
+            signing_keys_refused: Counter::default(),
             audit_key_archive_errors: Counter::default(),
             registry: Mutex::new(Registry::default()),
         };
@@ -297,6 +299,11 @@ impl Metrics {
             metrics.audit_keys_refused.clone(),
         );
         registry.register(
+            "signing_keys_refused",
+            "Signing keys sidecars registered and the controller refused (neither in the JWKS nor archived): not Ed25519, a kid not derived from the key, or no valid proof that the sidecar holds the key",
+            metrics.signing_keys_refused.clone(),
+        );
+        registry.register(
             "audit_key_archive_errors",
             "Failed writes to the audit-key archive and failed deletions of its expired days (retried)",
             metrics.audit_key_archive_errors.clone(),
@@ -334,6 +341,11 @@ impl Metrics {
     /// `count` keys were written into the audit-key archive.
     pub fn audit_keys_archived(&self, count: u64) {
         self.audit_keys_archived.inc_by(count);
+    }
+
+    /// A sidecar's registered signing key was refused.
+    pub fn signing_key_refused(&self) {
+        self.signing_keys_refused.inc();
     }
 
     /// A sidecar's key was not archived.

@@ -63,7 +63,7 @@ use crate::{
 
 pub mod wire;
 
-use wire::{InvalidSidecarMessage, SidecarReport};
+use wire::{InvalidSidecarMessage, SidecarReport, SigningKey};
 
 /// The shortest time between two key sets on one stream.
 pub const KEY_SET_MIN_INTERVAL: Duration = Duration::from_millis(250);
@@ -157,8 +157,13 @@ impl SnapshotService for SnapshotServer {
         &self,
         request: Request<Streaming<SidecarMessage>>,
     ) -> Result<Response<MessageStream>, Status> {
+        // What the sidecar's proof of key possession is bound to.
+        let mut token_sha256 = [0; 32];
         let identity = match auth::bearer_token(request.metadata()) {
-            Ok(token) => auth::authenticate(&self.client, &self.identities, token).await,
+            Ok(token) => {
+                token_sha256 = chaperone_audit::sha256(token.as_bytes());
+                auth::authenticate(&self.client, &self.identities, token).await
+            }
             Err(e) => Err(e),
         };
         let peer = identity.map_err(|e| {
@@ -190,11 +195,15 @@ impl SnapshotService for SnapshotServer {
                 );
                 outbox.approvals = Some(answers);
                 tokio::spawn(self.clone().read_agent_stream(
-                    identity,
-                    connection_id,
+                    AgentStream {
+                        identity,
+                        connection: connection_id,
+                        token_sha256,
+                        sent_at,
+                        approvals,
+                        archived: None,
+                    },
                     inbound,
-                    sent_at,
-                    approvals,
                     reader_alive,
                 ));
                 outbox
@@ -208,10 +217,12 @@ impl SnapshotService for SnapshotServer {
                     reader_done,
                     &identity.pod,
                 );
-                tokio::spawn(
-                    self.clone()
-                        .read_tool_stream(identity, inbound, reader_alive),
-                );
+                tokio::spawn(self.clone().read_tool_stream(
+                    identity,
+                    token_sha256,
+                    inbound,
+                    reader_alive,
+                ));
                 outbox
             }
         };
@@ -220,6 +231,21 @@ impl SnapshotService for SnapshotServer {
         });
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// What the task reading an agent sidecar's messages keeps of its stream.
+struct AgentStream {
+    identity: Arc<SidecarIdentity>,
+    /// Its registration in the [`SidecarRegistry`] ([`ConnectionGuard::id`]).
+    connection: u64,
+    /// The SHA-256 of the stream's bearer token (what key proofs are bound to).
+    token_sha256: [u8; 32],
+    /// The snapshot version last sent and when.
+    sent_at: Arc<Mutex<Option<(u64, Instant)>>>,
+    approvals: ApprovalStream,
+    /// The key this stream registered, held for the audit-key archive until
+    /// the stream ends.
+    archived: Option<ArchivedKeyHold>,
 }
 
 /// One agent's snapshots as one stream sees them.
@@ -507,23 +533,17 @@ impl SnapshotServer {
     /// dropped; then `approvals` drops, and the stream's tickets with it.
     async fn read_agent_stream(
         self,
-        identity: Arc<SidecarIdentity>,
-        connection: u64,
+        mut stream: AgentStream,
         mut inbound: Streaming<SidecarMessage>,
-        sent_at: Arc<Mutex<Option<(u64, Instant)>>>,
-        approvals: ApprovalStream,
         mut alive: oneshot::Sender<()>,
     ) {
-        // The key this stream registered, held for the audit-key archive
-        // until the stream ends.
-        let mut archived = None;
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
-                    Ok(Some(message)) => self.on_sidecar_message(&identity, connection, message, &sent_at, &approvals, &mut archived),
+                    Ok(Some(message)) => self.on_sidecar_message(&mut stream, message),
                     Ok(None) => break,
                     Err(status) => {
-                        tracing::debug!(pod = %identity.pod, %status, "sidecar stream error");
+                        tracing::debug!(pod = %stream.identity.pod, %status, "sidecar stream error");
                         break;
                     }
                 },
@@ -543,6 +563,25 @@ impl SnapshotServer {
                 self.sidecars.jwks_json_of(&callers)
             }
             None => self.sidecars.jwks_json().to_string(),
+        }
+    }
+
+    /// Whether `key` is the registering sidecar's own
+    /// ([`SigningKey::check_possession`]); a refusal is logged and counted.
+    fn possession_checked(
+        &self,
+        key: &SigningKey,
+        token_sha256: &[u8; 32],
+        namespace: &str,
+        pod: &str,
+    ) -> bool {
+        match key.check_possession(token_sha256) {
+            Ok(()) => true,
+            Err(refusal) => {
+                self.metrics.signing_key_refused();
+                tracing::warn!(namespace, pod, kid = %key.kid, %refusal, "sidecar signing key refused: not in the JWKS, not archived");
+                false
+            }
         }
     }
 
@@ -567,15 +606,16 @@ impl SnapshotServer {
 
     /// Handles one message of stream `connection` (its reports update the
     /// registry only while that stream is the pod's latest).
-    fn on_sidecar_message(
-        &self,
-        identity: &SidecarIdentity,
-        connection: u64,
-        message: SidecarMessage,
-        sent_at: &Mutex<Option<(u64, Instant)>>,
-        approvals: &ApprovalStream,
-        archived: &mut Option<ArchivedKeyHold>,
-    ) {
+    fn on_sidecar_message(&self, stream: &mut AgentStream, message: SidecarMessage) {
+        let AgentStream {
+            identity,
+            connection,
+            token_sha256,
+            sent_at,
+            approvals,
+            archived,
+        } = stream;
+        let connection = *connection;
         let (namespace, pod) = (identity.agent.namespace.as_str(), identity.pod.as_str());
         let report = match SidecarReport::try_from(message) {
             Ok(report) => report,
@@ -632,6 +672,9 @@ impl SnapshotServer {
                     });
             }
             SidecarReport::SigningKey(key) => {
+                if !self.possession_checked(&key, token_sha256, namespace, pod) {
+                    return;
+                }
                 let jwk = serde_json::Value::Object(key.jwk);
                 *archived = self.archive_key(
                     namespace,
@@ -659,7 +702,7 @@ impl SnapshotServer {
                     );
                 }
                 self.audit
-                    .submit(AuditSource::Agent(identity.clone()), batch.records);
+                    .submit(AuditSource::Agent((**identity).clone()), batch.records);
             }
             SidecarReport::ApprovalRequest(call) => {
                 tracing::debug!(pod, ticket = call.ticket, tool = %call.tool, "approval requested");
@@ -677,6 +720,7 @@ impl SnapshotServer {
     async fn read_tool_stream(
         self,
         identity: ToolSidecarIdentity,
+        token_sha256: [u8; 32],
         mut inbound: Streaming<SidecarMessage>,
         mut alive: oneshot::Sender<()>,
     ) {
@@ -684,7 +728,7 @@ impl SnapshotServer {
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
-                    Ok(Some(message)) => self.on_tool_message(&identity, message, &mut archived),
+                    Ok(Some(message)) => self.on_tool_message(&identity, token_sha256, message, &mut archived),
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(pod = %identity.pod, %status, "tool sidecar stream error");
@@ -699,6 +743,7 @@ impl SnapshotServer {
     fn on_tool_message(
         &self,
         identity: &ToolSidecarIdentity,
+        token_sha256: [u8; 32],
         message: SidecarMessage,
         archived: &mut Option<ArchivedKeyHold>,
     ) {
@@ -720,6 +765,9 @@ impl SnapshotServer {
             // Its checkpoints' key: archived, never in the JWKS (a tool-mode
             // sidecar verifies assertions and signs none).
             SidecarReport::SigningKey(key) => {
+                if !self.possession_checked(&key, &token_sha256, namespace, pod) {
+                    return;
+                }
                 *archived = self.archive_key(
                     namespace,
                     pod,

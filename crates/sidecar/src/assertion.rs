@@ -270,6 +270,18 @@ impl AssertionSigner {
     pub fn sign_detached(&self, bytes: &[u8]) -> String {
         URL_SAFE_NO_PAD.encode(self.key_pair.sign(bytes).as_ref())
     }
+
+    /// The proof that this sidecar holds its key, for registering it on a
+    /// stream authenticated by `bearer_token`: the signature of
+    /// [`chaperone_wire::key_registration::key_registration_statement`] (which
+    /// starts with a context line no JWS or JSON text starts with).
+    pub fn registration_proof(&self, bearer_token: &str) -> Vec<u8> {
+        let statement = chaperone_wire::key_registration::key_registration_statement(
+            &self.registration.kid,
+            &crate::canonical::sha256(bearer_token.as_bytes()),
+        );
+        self.key_pair.sign(&statement).as_ref().to_vec()
+    }
 }
 
 /// A random 128-bit identifier as 32 lowercase hex digits, held inline (no
@@ -456,6 +468,24 @@ mod tests {
             .verify(b"{\"kind\":\"checkpoint\"}", &signature)
             .unwrap();
         assert!(public.verify(b"{}", &signature).is_err());
+    }
+
+    #[test]
+    fn the_registration_proof_signs_the_statement_for_this_token() {
+        let signer = AssertionSigner::generate().unwrap();
+        let proof = signer.registration_proof("token-a");
+        let public = aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ED25519,
+            signer.registration().public_key,
+        );
+        let statement = |token: &str| {
+            chaperone_wire::key_registration::key_registration_statement(
+                &signer.registration().kid,
+                &crate::canonical::sha256(token.as_bytes()),
+            )
+        };
+        public.verify(&statement("token-a"), &proof).unwrap();
+        assert!(public.verify(&statement("token-b"), &proof).is_err());
     }
 
     #[test]

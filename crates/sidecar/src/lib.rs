@@ -192,6 +192,15 @@ impl Sidecar {
         self.gateway.enforcer.signer.registration()
     }
 
+    /// The proof that this sidecar holds its signing key, for a snapshot
+    /// stream authenticated by `bearer_token` (`SigningKey.proof`).
+    pub fn key_registration_proof(&self, bearer_token: &str) -> Vec<u8> {
+        self.gateway
+            .enforcer
+            .signer
+            .registration_proof(bearer_token)
+    }
+
     /// The tools seen in `tools/list` results: one entry per server and tool,
     /// with its last listed definition (where `toolPinning` is not `off`).
     pub fn tool_inventory(&self) -> watch::Receiver<BTreeSet<DiscoveredTool>> {

@@ -461,7 +461,10 @@ impl SnapshotStream {
         ConnectError,
     > {
         let settings = &self.settings;
-        let bearer = read_bearer(&settings.token_file)?;
+        let token = read_token(&settings.token_file)?;
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ConnectError::BadToken(settings.token_file.clone()))?;
         let ca = match &settings.ca {
             CaSource::Pem(pem) => pem.clone(),
             CaSource::File(path) => {
@@ -506,6 +509,7 @@ impl SnapshotStream {
         let signing_key = SigningKey {
             kid: key.kid.clone(),
             jwk_json: key.jwk.to_string(),
+            proof: self.sidecar.key_registration_proof(&token),
         };
         for message in [
             sidecar_message::Message::Hello(hello),
@@ -616,9 +620,8 @@ fn agent_is_gone(status: &Status) -> bool {
 }
 
 /// `Bearer <token>` from the token file, as gRPC metadata.
-fn read_bearer(
-    path: &std::path::Path,
-) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, ConnectError> {
+/// The token in `path`, trimmed (as the controller reads it).
+fn read_token(path: &std::path::Path) -> Result<String, ConnectError> {
     let token = std::fs::read_to_string(path).map_err(|source| ConnectError::Token {
         path: path.to_owned(),
         source,
@@ -627,9 +630,7 @@ fn read_bearer(
     if token.is_empty() {
         return Err(ConnectError::BadToken(path.to_owned()));
     }
-    format!("Bearer {token}")
-        .parse()
-        .map_err(|_| ConnectError::BadToken(path.to_owned()))
+    Ok(token.to_owned())
 }
 
 fn audit_message(batch: AuditBatch) -> SidecarMessage {
@@ -915,11 +916,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         std::fs::write(&path, "abc.def\n").unwrap();
-        assert_eq!(read_bearer(&path).unwrap(), "Bearer abc.def");
+        assert_eq!(read_token(&path).unwrap(), "abc.def");
         std::fs::write(&path, "  \n").unwrap();
-        assert!(matches!(read_bearer(&path), Err(ConnectError::BadToken(_))));
+        assert!(matches!(read_token(&path), Err(ConnectError::BadToken(_))));
         assert!(matches!(
-            read_bearer(&dir.path().join("missing")),
+            read_token(&dir.path().join("missing")),
             Err(ConnectError::Token { .. })
         ));
     }

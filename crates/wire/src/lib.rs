@@ -1,7 +1,9 @@
 //! The wire contract between the controller and the sidecars, generated from
 //! `proto/chaperone/snapshot/v1/snapshot.proto`. Only generated types (and the
 //! codec they are sent with) live here; each side converts them into its own
-//! types. [`build_info`] is the one metric both sides export alike.
+//! types. [`build_info`] is the one metric both sides export alike;
+//! [`key_registration`] the statement a sidecar signs to prove it holds the
+//! key it registers.
 //!
 //! A `SnapshotUpdate`'s payload is a `chaperone_policy::Snapshot` as JSON: its
 //! format version and the label in `SnapshotUpdate.format` are defined once,
@@ -13,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod build_info;
+pub mod key_registration;
 pub mod sidecar_env;
 
 /// `chaperone.snapshot.v1`: the snapshot stream.

@@ -76,13 +76,70 @@ pub struct Hello {
     pub snapshot: Option<SnapshotRef>,
 }
 
-/// A sidecar's public signing key.
+/// A sidecar's public signing key, as registered: not yet checked to be
+/// the sidecar's own ([`SigningKey::check_possession`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SigningKey {
     /// Key id (the assertions' `kid`); never empty.
     pub kid: String,
     /// The public key as a JWK object.
     pub jwk: Map<String, Value>,
+    /// The sidecar's signature of its key registration statement (empty
+    /// from a sidecar that predates proofs).
+    pub proof: Vec<u8>,
+}
+
+/// Why a registered key is not taken as the sidecar's own.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum KeyRefusal {
+    /// Not an Ed25519 JWK with a 32-byte `x`.
+    #[error("the key is not an Ed25519 JWK")]
+    NotEd25519,
+    /// The kid is not the one derived from the key.
+    #[error("kid {kid:?} is not the key's own ({derived:?})")]
+    ForeignKid {
+        /// The kid it was registered under.
+        kid: String,
+        /// The kid derived from the key.
+        derived: String,
+    },
+    /// No proof that the sidecar holds the key.
+    #[error(
+        "no proof that the sidecar holds the key (a sidecar older than the controller: upgrade it)"
+    )]
+    NoProof,
+    /// A proof that does not verify for this stream.
+    #[error("the proof that the sidecar holds the key does not verify for this stream")]
+    BadProof,
+}
+
+impl SigningKey {
+    /// Checks that the key is the registering sidecar's own: an Ed25519 key,
+    /// registered under the kid derived from it, with a proof that verifies
+    /// over [`chaperone_wire::key_registration::key_registration_statement`]
+    /// for the stream whose bearer token has the SHA-256 `token_sha256`.
+    /// Without this a pod could register another pod's public key, or its
+    /// own under another's kid, and so squat that kid.
+    pub fn check_possession(&self, token_sha256: &[u8; 32]) -> Result<(), KeyRefusal> {
+        use aws_lc_rs::signature::{ED25519, UnparsedPublicKey};
+        let public_key = chaperone_audit::ed25519_public_key(&Value::Object(self.jwk.clone()))
+            .ok_or(KeyRefusal::NotEd25519)?;
+        let derived = chaperone_audit::key_id(&public_key);
+        if derived != self.kid {
+            return Err(KeyRefusal::ForeignKid {
+                kid: self.kid.clone(),
+                derived,
+            });
+        }
+        if self.proof.is_empty() {
+            return Err(KeyRefusal::NoProof);
+        }
+        let statement =
+            chaperone_wire::key_registration::key_registration_statement(&self.kid, token_sha256);
+        UnparsedPublicKey::new(&ED25519, public_key)
+            .verify(&statement, &self.proof)
+            .map_err(|_| KeyRefusal::BadProof)
+    }
 }
 
 /// A batch of audit records (each one JSON object, as the sidecar wrote it).
@@ -223,7 +280,11 @@ impl TryFrom<v1::SigningKey> for SigningKey {
             return Err(InvalidSidecarMessage::KeyWithoutKid);
         }
         match serde_json::from_str::<Value>(&key.jwk_json) {
-            Ok(Value::Object(jwk)) => Ok(Self { kid: key.kid, jwk }),
+            Ok(Value::Object(jwk)) => Ok(Self {
+                kid: key.kid,
+                jwk,
+                proof: key.proof,
+            }),
             _ => Err(InvalidSidecarMessage::KeyNotAJwk { kid: key.kid }),
         }
     }

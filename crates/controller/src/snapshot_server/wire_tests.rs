@@ -23,6 +23,7 @@ fn converts_a_signing_key() {
     let report = SidecarReport::try_from(message(Message::SigningKey(v1::SigningKey {
         kid: "k1".into(),
         jwk_json: r#"{"kty":"OKP","crv":"Ed25519","x":"abc"}"#.into(),
+        proof: vec![1, 2],
     })))
     .unwrap();
     let SidecarReport::SigningKey(key) = report else {
@@ -30,6 +31,74 @@ fn converts_a_signing_key() {
     };
     assert_eq!(key.kid, "k1");
     assert_eq!(key.jwk["crv"], "Ed25519");
+    assert_eq!(key.proof, [1, 2]);
+}
+
+/// A fresh key registered as a sidecar registers it on the stream of
+/// `token`: its own kid, its JWK, its proof.
+fn registered(token: &str) -> (SigningKey, aws_lc_rs::signature::Ed25519KeyPair) {
+    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    let pair = Ed25519KeyPair::generate().unwrap();
+    let public: [u8; 32] = pair.public_key().as_ref().try_into().unwrap();
+    let kid = chaperone_audit::key_id(&public);
+    let statement = chaperone_wire::key_registration::key_registration_statement(
+        &kid,
+        &chaperone_audit::sha256(token.as_bytes()),
+    );
+    let key = SigningKey {
+        jwk: serde_json::from_value(
+            json!({"kty": "OKP", "crv": "Ed25519", "x": URL_SAFE_NO_PAD.encode(public)}),
+        )
+        .unwrap(),
+        proof: pair.sign(&statement).as_ref().to_vec(),
+        kid,
+    };
+    (key, pair)
+}
+
+#[test]
+fn a_key_is_taken_only_with_its_own_kid_and_a_proof_for_this_stream() {
+    let token = chaperone_audit::sha256(b"victim-token");
+    let (key, _) = registered("victim-token");
+    assert_eq!(key.check_possession(&token), Ok(()));
+    // The same registration replayed on another pod's stream.
+    assert_eq!(
+        key.check_possession(&chaperone_audit::sha256(b"attacker-token")),
+        Err(KeyRefusal::BadProof)
+    );
+    // The victim's public key without its proof, or with the attacker's.
+    let (attacker, _) = registered("attacker-token");
+    let unproven = SigningKey {
+        proof: Vec::new(),
+        ..key.clone()
+    };
+    assert_eq!(unproven.check_possession(&token), Err(KeyRefusal::NoProof));
+    let borrowed_proof = SigningKey {
+        proof: attacker.proof.clone(),
+        ..key.clone()
+    };
+    assert_eq!(
+        borrowed_proof.check_possession(&token),
+        Err(KeyRefusal::BadProof)
+    );
+    // The attacker's own key under the victim's kid.
+    let squatting = SigningKey {
+        kid: key.kid.clone(),
+        ..attacker
+    };
+    assert!(matches!(
+        squatting.check_possession(&token),
+        Err(KeyRefusal::ForeignKid { .. })
+    ));
+    let not_ed25519 = SigningKey {
+        jwk: serde_json::from_value(json!({"kty": "RSA", "n": "AQAB", "e": "AQAB"})).unwrap(),
+        ..key
+    };
+    assert_eq!(
+        not_ed25519.check_possession(&token),
+        Err(KeyRefusal::NotEd25519)
+    );
 }
 
 #[test]
@@ -37,6 +106,7 @@ fn refuses_a_signing_key_without_a_kid() {
     let key = v1::SigningKey {
         kid: String::new(),
         jwk_json: r#"{"kty":"OKP"}"#.into(),
+        proof: Vec::new(),
     };
     assert!(matches!(
         SigningKey::try_from(key),
@@ -50,6 +120,7 @@ fn refuses_a_signing_key_that_is_not_a_jwk_object() {
         let key = v1::SigningKey {
             kid: "k1".into(),
             jwk_json: jwk_json.into(),
+            proof: Vec::new(),
         };
         assert!(
             matches!(
