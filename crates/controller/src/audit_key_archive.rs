@@ -291,10 +291,9 @@ impl AuditKeyArchive {
             tokio::select! {
                 () = self.wake.notified() => tokio::time::sleep(DEBOUNCE).await,
                 () = tokio::time::sleep(wait) => {}
-                changed = leader.changed() => if changed.is_err() {
-                    // No leader election any more: keep archiving, never prune.
-                    leader = watch::channel(false).1;
-                },
+                // Ends only with the leader election (then the controller
+                // stops): the next round sees the new leadership at once.
+                Ok(()) = leader.changed() => {}
             }
         }
     }
