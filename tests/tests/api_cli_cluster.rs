@@ -802,6 +802,13 @@ async fn check_passes_what_is_healthy_and_names_each_failure_with_a_hint() -> Re
         (&json!(true), &json!(true)),
         "{skew}"
     );
+    // The archive is read (the stand-ins here connected moments ago, within
+    // the grace the controller has to archive their keys).
+    let archive = check(
+        &report,
+        "the audit-key archive holds the key of each of the ",
+    )?;
+    assert_eq!(archive["ok"], true, "{archive}");
     let nack = check(
         &report,
         &format!("sidecar {ns}/nacker rejected its agent's snapshot: "),

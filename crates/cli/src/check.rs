@@ -23,13 +23,18 @@
 //!   current snapshot.
 //! - Versions: a warning for each skew between this CLI, the replicas and
 //!   the sidecars (`chaperonectl version`'s).
+//! - Audit keys: every sidecar (agent and tool mode) connected for over
+//!   [`ARCHIVE_GRACE_SECONDS`] has its key in the audit-key archive (a
+//!   warning names those that do not: their trails would not verify once
+//!   their pods are gone).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
 use chaperone_api::AgentIdentity;
+use chaperone_api::audit_keys;
 use chaperone_api::replica_state::MAX_AGE;
 use http_body_util::Empty;
 use hyper::body::Bytes;
@@ -38,7 +43,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, CustomResourceDefinitionVersion,
@@ -242,6 +247,7 @@ pub fn run(args: &CheckArgs) -> Result<ExitCode> {
         if let Ok(replicas) = &replicas {
             check_sidecars(&client, replicas, &mut checks).await;
             check_versions(replicas, ns, now, &mut checks);
+            check_audit_keys(&client, ns, replicas, now, &mut checks).await;
         }
         Ok(checks.0)
     })?;
@@ -323,6 +329,7 @@ const RBAC: &str = "Controller RBAC";
 const AGENTS: &str = "Agents";
 const SIDECARS: &str = "Sidecars";
 const VERSIONS: &str = "Versions";
+const AUDIT_KEYS: &str = "Audit keys";
 
 const CRD_HINT: &str = "install this version's CRDs: chaperonectl crds | kubectl apply \
     --server-side -f - (or helm upgrade with crds.install)";
@@ -930,6 +937,8 @@ pub const CONTROLLER_PERMISSIONS: &[Permission] = &[
     ("update", "coordination.k8s.io", "leases", Object::Lease),
     ("watch", "", "configmaps", Object::InNamespace),
     ("create", "", "configmaps", Object::InNamespace),
+    // The leader deletes the audit-key archive's expired months.
+    ("delete", "", "configmaps", Object::InNamespace),
     ("get", "", "secrets", Object::TlsSecret),
 ];
 
@@ -1109,6 +1118,107 @@ fn check_versions(replicas: &[Replica], ns: &str, now: i64, checks: &mut Checks)
     for skew in skews {
         checks.warn(VERSIONS, skew, "chaperonectl version lists every build");
     }
+}
+
+/// How long a sidecar may have been connected without its key in the
+/// audit-key archive (the controller writes it within seconds).
+pub const ARCHIVE_GRACE_SECONDS: i64 = 120;
+
+const ARCHIVE_HINT: &str = "sidecars built before key proofs register keys the controller \
+    refuses: restart their pods; otherwise the controller's log says why it cannot write \
+    ConfigMaps in its namespace (chaperone_controller_audit_key_archive_errors_total)";
+
+async fn check_audit_keys(
+    client: &Client,
+    ns: &str,
+    replicas: &[Replica],
+    now: i64,
+    checks: &mut Checks,
+) {
+    let selector = format!(
+        "{}={}",
+        audit_keys::COMPONENT_LABEL.0,
+        audit_keys::COMPONENT_LABEL.1
+    );
+    let archive = match Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&selector))
+        .await
+    {
+        Ok(list) => list.items,
+        Err(error) => {
+            let message = format!(
+                "the audit-key archive in {ns} cannot be read: {}",
+                why(error)
+            );
+            checks.fail(AUDIT_KEYS, message, READ_CONFIGMAPS);
+            return;
+        }
+    };
+    let archived: BTreeSet<String> = archive
+        .iter()
+        .flat_map(|cm| cm.data.iter().flat_map(|data| data.values()))
+        .filter_map(|entry| serde_json::from_str::<audit_keys::ArchivedKey>(entry).ok())
+        .map(|key| key.pod_uid)
+        .collect();
+    audit_key_checks(replicas, &archived, now, checks);
+}
+
+/// One warning naming the sidecars connected for over
+/// [`ARCHIVE_GRACE_SECONDS`] to a live replica whose pod (by uid) has no key
+/// in the archive (`archived_pod_uids`), or one pass.
+fn audit_key_checks(
+    replicas: &[Replica],
+    archived_pod_uids: &BTreeSet<String>,
+    now: i64,
+    checks: &mut Checks,
+) {
+    let connected = replicas.iter().filter(|r| !r.stale).flat_map(|r| {
+        let agents = r
+            .sidecars
+            .iter()
+            .map(|s| (&s.namespace, &s.pod, &s.pod_uid, s.connected_at));
+        let tools = r
+            .tool_sidecars
+            .iter()
+            .map(|s| (&s.namespace, &s.pod, &s.pod_uid, s.connected_at));
+        agents.chain(tools)
+    });
+    let mut counted = 0;
+    let mut missing = BTreeSet::new();
+    for (namespace, pod, uid, connected_at) in connected {
+        if connected_at.is_none_or(|at| now - at < ARCHIVE_GRACE_SECONDS) {
+            continue;
+        }
+        counted += 1;
+        if !archived_pod_uids.contains(uid) {
+            missing.insert(format!("{namespace}/{pod}"));
+        }
+    }
+    if missing.is_empty() {
+        checks.pass(
+            AUDIT_KEYS,
+            format!(
+                "the audit-key archive holds the key of each of the {counted} sidecar(s) connected for over {ARCHIVE_GRACE_SECONDS} s"
+            ),
+        );
+        return;
+    }
+    let named: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
+    let more = missing.len().saturating_sub(named.len());
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    checks.warn(
+        AUDIT_KEYS,
+        format!(
+            "{} sidecar(s) connected for over {ARCHIVE_GRACE_SECONDS} s have no key in the audit-key archive, so their trails will not verify once their pods are gone: {}{more}",
+            missing.len(),
+            named.join(", ")
+        ),
+        ARCHIVE_HINT,
+    );
 }
 
 /// One failure per agent sidecar not on its agent's current snapshot, or

@@ -253,3 +253,75 @@ fn each_agent_sidecar_off_its_current_snapshot_fails_and_tool_sidecars_count_for
     );
     assert!(checks.0[0].ok);
 }
+
+#[test]
+fn sidecars_connected_past_the_grace_without_an_archived_key_are_named() {
+    use chaperone_api::replica_state::{PublishedSidecar, PublishedToolSidecar};
+    let now = 10_000;
+    let agent = |pod: &str, uid: &str, since: i64| PublishedSidecar {
+        namespace: "team".into(),
+        pod: pod.into(),
+        pod_uid: uid.into(),
+        connected_at: Some(since),
+        ..Default::default()
+    };
+    let replica =
+        |stale: bool, sidecars: Vec<PublishedSidecar>, tools: Vec<PublishedToolSidecar>| Replica {
+            pod: "chaperone-controller-0".into(),
+            version: None,
+            heartbeat: now,
+            stale,
+            unreadable: None,
+            sidecars,
+            tool_sidecars: tools,
+        };
+    let tool = PublishedToolSidecar {
+        namespace: "tools".into(),
+        pod: "orders-0".into(),
+        pod_uid: "u-tool".into(),
+        connected_at: Some(now - 600),
+        ..Default::default()
+    };
+    let replicas = [
+        replica(
+            false,
+            vec![
+                agent("archived", "u1", now - 600),
+                agent("unarchived", "u2", now - 600),
+                // Just connected: the controller has not written it yet.
+                agent("new", "u3", now - 5),
+            ],
+            vec![tool],
+        ),
+        // A stopped replica's sidecars count for nothing.
+        replica(true, vec![agent("gone", "u4", now - 600)], Vec::new()),
+    ];
+    let mut checks = Checks::default();
+    let archived: BTreeSet<String> = ["u1".to_owned()].into();
+    audit_key_checks(&replicas, &archived, now, &mut checks);
+    let [check] = &checks.0[..] else {
+        panic!("{:?}", checks.0.len())
+    };
+    assert!(check.ok && check.warning, "a warning, not a failure");
+    assert!(
+        check
+            .message
+            .starts_with("2 sidecar(s) connected for over 120 s have no key")
+            && check.message.ends_with(": team/unarchived, tools/orders-0"),
+        "{}",
+        check.message
+    );
+    let archived: BTreeSet<String> = ["u1", "u2", "u-tool"].map(str::to_owned).into();
+    let mut checks = Checks::default();
+    audit_key_checks(&replicas, &archived, now, &mut checks);
+    assert!(
+        checks.0[0].ok && !checks.0[0].warning,
+        "{}",
+        checks.0[0].message
+    );
+    assert!(
+        checks.0[0].message.contains("each of the 3 sidecar(s)"),
+        "{}",
+        checks.0[0].message
+    );
+}
