@@ -77,7 +77,16 @@ pub enum Unarchivable {
     /// Another pod holds (or held) this key.
     #[error("the key is already archived for pod {0}")]
     ClaimedByAnotherPod(String),
+    /// The pod registered more keys this month than a sidecar makes.
+    #[error("pod {0} registered more than {MAX_KEYS_PER_POD} keys this month")]
+    TooManyKeys(String),
 }
+
+/// At most this many keys of one pod (by uid) are archived per month by one
+/// replica. A sidecar makes one key per start, so this is many restarts; a
+/// compromised pod reconnecting with fresh keys cannot grow the archive
+/// without bound.
+pub const MAX_KEYS_PER_POD: usize = 32;
 
 /// One key this replica holds for the archive.
 #[derive(Debug)]
@@ -94,6 +103,8 @@ struct Held {
 /// The keys of this replica's sidecars, and the writer of their archive.
 pub struct AuditKeyArchive {
     held: Mutex<BTreeMap<String, Held>>,
+    /// Keys archived per pod uid in the month named first.
+    per_pod: Mutex<(String, BTreeMap<String, usize>)>,
     wake: Notify,
     metrics: Arc<Metrics>,
 }
@@ -121,6 +132,7 @@ impl AuditKeyArchive {
     pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             held: Mutex::default(),
+            per_pod: Mutex::default(),
             wake: Notify::new(),
             metrics,
         })
@@ -185,6 +197,8 @@ impl AuditKeyArchive {
             }
             Some(known) => known.streams += 1,
             None => {
+                self.count_key_of(pod_uid, &month_of(crate::unix_now()))
+                    .map_err(|()| Unarchivable::TooManyKeys(format!("{namespace}/{pod}")))?;
                 held.insert(
                     kid.to_owned(),
                     Held {
@@ -200,6 +214,21 @@ impl AuditKeyArchive {
             archive: Arc::clone(self),
             kid: kid.to_owned(),
         })
+    }
+
+    /// Counts a new key of `pod_uid` in `month`; `Err` past
+    /// [`MAX_KEYS_PER_POD`].
+    fn count_key_of(&self, pod_uid: &str, month: &str) -> Result<(), ()> {
+        let mut per_pod = self.per_pod.lock().unwrap_or_else(|p| p.into_inner());
+        if per_pod.0 != month {
+            *per_pod = (month.to_owned(), BTreeMap::new());
+        }
+        let count = per_pod.1.entry(pod_uid.to_owned()).or_default();
+        if *count >= MAX_KEYS_PER_POD {
+            return Err(());
+        }
+        *count += 1;
+        Ok(())
     }
 
     /// The keys not yet written in `month`, by namespace.

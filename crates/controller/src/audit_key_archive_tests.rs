@@ -148,3 +148,37 @@ fn a_shard_adds_what_fits_and_never_replaces_an_entry() {
     assert!(plan.add.is_empty(), "{:?}", plan.add);
     assert_eq!(plan.overflow.len(), 2);
 }
+
+#[test]
+fn a_pod_reconnecting_with_fresh_keys_cannot_grow_the_archive_without_bound() {
+    let archive = AuditKeyArchive::new(Metrics::new());
+    let keys: Vec<(String, Value)> = (0..MAX_KEYS_PER_POD).map(|_| key()).collect();
+    let _holds: Vec<ArchivedKeyHold> = keys
+        .iter()
+        .map(|(kid, jwk)| {
+            archive
+                .register("team", "p-0", "u0", None, kid, jwk)
+                .unwrap()
+        })
+        .collect();
+    let (kid, jwk) = key();
+    assert_eq!(
+        archive
+            .register("team", "p-0", "u0", None, &kid, &jwk)
+            .err(),
+        Some(Unarchivable::TooManyKeys("team/p-0".into()))
+    );
+    // Another pod is not held back, and a key already held is held again
+    // (a reconnect) without counting.
+    assert!(
+        archive
+            .register("team", "p-1", "u1", None, &kid, &jwk)
+            .is_ok()
+    );
+    let (first_kid, first_jwk) = &keys[0];
+    assert!(
+        archive
+            .register("team", "p-0", "u0", None, first_kid, first_jwk)
+            .is_ok()
+    );
+}
