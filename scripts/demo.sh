@@ -312,10 +312,9 @@ echo "  What billing saw: the worker's assertions name the planner (sub; the act
 grep -h 'tools/call' "$work/billing.log" | sed -E 's/^.*(INFO|WARN) .*tools\/call /  /' | head -n 4
 if "$bin/chaperonectl" audit --help >/dev/null 2>&1; then
   say "chaperonectl audit verify: the planner's and the worker's audit logs form one proven trail"
-  # The sidecars' public keys (the controller lists the connected ones), then
-  # both sidecars stopped: each ends its trail with a signed final checkpoint.
-  curl -sf "http://127.0.0.1:$admin_port/.well-known/jwks.json" > "$work/jwks.json" \
-    || fail "the controller's JWKS (/.well-known/jwks.json)" "$work/controller.log"
+  # Both sidecars stop: each ends its trail with a signed final checkpoint,
+  # and their keys leave the controller's JWKS. The audit-key archive keeps
+  # them: `chaperonectl audit keys` gives what verifies the trail.
   for i in "${!names[@]}"; do
     case "${names[$i]}" in
       planner-sidecar|billing-worker-sidecar)
@@ -323,8 +322,10 @@ if "$bin/chaperonectl" audit --help >/dev/null 2>&1; then
         wait "${pids[$i]}" 2>/dev/null || true ;;
     esac
   done
+  "$bin/chaperonectl" audit keys -n default --controller-namespace chaperone-system > "$work/audit-keys.json" \
+    || fail "chaperonectl audit keys (the controller's audit-key archive)" "$work/controller.log"
   cat "$work/planner-audit.log" "$work/billing-worker-audit.log" > "$work/delegation-trail.log"
-  "$bin/chaperonectl" audit verify --strict --jwks "$work/jwks.json" "$work/delegation-trail.log"
+  "$bin/chaperonectl" audit verify --strict --jwks "$work/audit-keys.json" "$work/delegation-trail.log"
 fi
 
 # The sidecar reports the tools it saw in tools/list; wait until both servers' are in.
@@ -392,7 +393,12 @@ wait_until "the ToolDefinitionChanged Event" 20 "${pids[0]}" "$work/controller.l
 kubectl get events -n default --field-selector reason=ToolDefinitionChanged,involvedObject.kind=AgentIdentity \
   -o custom-columns='TYPE:.type,REASON:.reason,OBJECT:.involvedObject.name,MESSAGE:.message' | sed 's/^/    /'
 echo; echo "  a person reviews the change (chaperonectl tools diff; the controller keeps both texts in ConfigMap support-agent-tool-definitions):"
-"$bin/chaperonectl" tools diff support-agent -n default | sed 's/^/    /'
+# It exits 1 when it shows a tool to review (as here), so CI can fail on drift.
+diff_status=0
+"$bin/chaperonectl" tools diff support-agent -n default > "$work/tools-diff.txt" || diff_status=$?
+sed 's/^/    /' "$work/tools-diff.txt"
+[ "$diff_status" -eq 1 ] \
+  || fail "chaperonectl tools diff exited $diff_status, not 1 (a tool differs from its pin)" "$work/controller.log"
 echo; echo "  and accepts it: the new hash goes into the pin policy (server-side apply, field manager chaperonectl-tools-pin)"
 "$bin/chaperonectl" tools pin support-agent refund -n default | sed 's/^/    /'
 wait_until "refund offered again" 20 "${pids[0]}" "$work/controller.log" \

@@ -295,7 +295,7 @@ impl Metrics {
         );
         registry.register(
             "audit_keys_refused",
-            "Sidecar keys not archived: not Ed25519, a kid not derived from the key, or a key the archive holds for another pod",
+            "Sidecar keys not archived: not Ed25519, a kid not derived from the key, a key the archive holds for another pod, or past the keys one pod may archive in a month",
             metrics.audit_keys_refused.clone(),
         );
         registry.register(
