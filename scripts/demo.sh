@@ -322,9 +322,19 @@ if "$bin/chaperonectl" audit --help >/dev/null 2>&1; then
         wait "${pids[$i]}" 2>/dev/null || true ;;
     esac
   done
-  "$bin/chaperonectl" audit keys -n default --controller-namespace chaperone-system > "$work/audit-keys.json" \
-    || fail "chaperonectl audit keys (the controller's audit-key archive)" "$work/controller.log"
   cat "$work/planner-audit.log" "$work/billing-worker-audit.log" > "$work/delegation-trail.log"
+  # The controller archives a key within about a second of its registration;
+  # this scene can be faster than that.
+  trail_kids=$(grep -o '"kid":"[^"]*"' "$work/delegation-trail.log" | cut -d'"' -f4 | sort -u)
+  archived() {
+    "$bin/chaperonectl" audit keys -n default --controller-namespace chaperone-system \
+      > "$work/audit-keys.json" || return 1
+    local kid
+    for kid in $trail_kids; do grep -q "\"$kid\"" "$work/audit-keys.json" || return 1; done
+  }
+  wait_until "the audit-key archive (chaperonectl audit keys) holds both sidecars' keys" 20 \
+    "${pids[0]}" "$work/controller.log" archived
+  "$bin/chaperonectl" audit keys -n default --controller-namespace chaperone-system > "$work/audit-keys.json"
   "$bin/chaperonectl" audit verify --strict --jwks "$work/audit-keys.json" "$work/delegation-trail.log"
 fi
 
