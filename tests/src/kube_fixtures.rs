@@ -492,6 +492,33 @@ pub struct InProcessController {
 }
 
 impl InProcessController {
+    /// Starts an in-process sidecar of pod `pod` in controller mode, streaming
+    /// from this controller with `token` (kept in a file next to the CA, as
+    /// the kubelet mounts it), with the sidecar's defaults otherwise.
+    pub async fn sidecar(
+        &self,
+        pod: &str,
+        token: &str,
+    ) -> Result<crate::sidecar_fixtures::TestSidecar> {
+        static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self
+            .ca_file
+            .with_file_name(format!("token-{}-{pod}-{n}", self.grpc_port));
+        std::fs::create_dir_all(&dir)?;
+        let token_file = crate::sidecar_fixtures::write_token(&dir, token)?;
+        crate::sidecar_fixtures::TestSidecar::start(chaperone_sidecar::Settings {
+            pod_name: pod.to_owned(),
+            controller: Some(crate::sidecar_fixtures::controller_settings(
+                format!("127.0.0.1:{}", self.grpc_port),
+                &token_file,
+                self.ca_file.clone(),
+            )),
+            ..chaperone_sidecar::Settings::default()
+        })
+        .await
+    }
+
     /// Stops the controller as a crash or a restart would (its runtime and
     /// every task on it are dropped, its listeners closed) and waits until its
     /// ports are closed. Its clones see it stopped too.

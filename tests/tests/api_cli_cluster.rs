@@ -20,15 +20,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use chaperone_api::{AgentIdentity, ToolPolicy};
-use chaperone_sidecar::Settings;
 use chaperone_testenv::{
     ControlPlane, chart, create_namespace,
     kube_fixtures::{self, InProcessController, SidecarStandIn, apply, pod_token, tool_pod_token},
     mcp_fixtures,
-    sidecar_fixtures::{
-        TestSidecar, controller_settings, eventually, http_get_async, http_request_async,
-        json_post, write_token,
-    },
+    sidecar_fixtures::{eventually, http_get_async, http_request_async, json_post},
 };
 use chaperone_wire::v1::{self, sidecar_message::Message};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -558,19 +554,7 @@ async fn a_real_sidecar_shows_its_own_build_in_sync_with_no_skew() -> Result<()>
     tokio::task::spawn_blocking(controller).await?;
     let (client, ns) = setup("cli-real").await?;
     let token = pod_token(&client, &ns, "clerk", "real-0", "chaperone").await?;
-    let dir = tempfile::tempdir()?;
-    let token_file = write_token(dir.path(), &token)?;
-    let controller = &controller().0;
-    let _sidecar = TestSidecar::start(Settings {
-        pod_name: "real-0".into(),
-        controller: Some(controller_settings(
-            format!("127.0.0.1:{}", controller.grpc_port),
-            &token_file,
-            controller.ca_file.clone(),
-        )),
-        ..Settings::default()
-    })
-    .await?;
+    let _sidecar = controller().0.sidecar("real-0", &token).await?;
     let workspace = env!("CARGO_PKG_VERSION");
     let row = eventually(Duration::from_secs(20), async || {
         let out = succeeds(&["status", &format!("{ns}/real-0"), "-o", "json"]).await;
@@ -596,18 +580,8 @@ async fn audit_keys_verify_a_stopped_sidecars_trail_after_its_key_left_the_jwks(
     let (client, ns) = setup("cli-keys").await?;
     let token = pod_token(&client, &ns, "clerk", "keeper-0", "chaperone").await?;
     let dir = tempfile::tempdir()?;
-    let token_file = write_token(dir.path(), &token)?;
     let controller = &controller().0;
-    let keeper = TestSidecar::start(Settings {
-        pod_name: "keeper-0".into(),
-        controller: Some(controller_settings(
-            format!("127.0.0.1:{}", controller.grpc_port),
-            &token_file,
-            controller.ca_file.clone(),
-        )),
-        ..Settings::default()
-    })
-    .await?;
+    let keeper = controller.sidecar("keeper-0", &token).await?;
     keeper.wait_for_version(0, Duration::from_secs(10)).await?;
     // A stand-in registering the sidecar's key as its own (no proof that it
     // holds it): refused, so neither the JWKS nor the archive names it for

@@ -14,15 +14,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use chaperone_api::{AgentIdentity, ToolPolicy};
-use chaperone_sidecar::Settings;
 use chaperone_testenv::{
     ControlPlane,
     chart::chart_dir,
     create_namespace,
     kube_fixtures::{self, agent_identity, apply, tool_policy},
     sidecar_fixtures::{
-        TestSidecar, controller_settings, eventually, http_get_async, http_request_async,
-        json_post, status_code, write_token,
+        TestSidecar, eventually, http_get_async, http_request_async, json_post, status_code,
     },
 };
 use serde_json::{Value, json};
@@ -144,9 +142,7 @@ fn as_sent(query: &str) -> String {
 /// (so the controller pushes, and the sidecar ACKs, a snapshot), that has
 /// denied one call and refused one unparseable request (both answered
 /// without a tool server).
-async fn busy_sidecar(
-    controller: &kube_fixtures::InProcessController,
-) -> Result<(TestSidecar, tempfile::TempDir)> {
+async fn busy_sidecar(controller: &kube_fixtures::InProcessController) -> Result<TestSidecar> {
     let client = ControlPlane::shared().client().await?;
     let ns = create_namespace(&client, "dashboard").await?;
     apply::<AgentIdentity>(
@@ -181,18 +177,7 @@ async fn busy_sidecar(
         kube_fixtures::SIDECAR_AUDIENCE,
     )
     .await?;
-    let dir = tempfile::tempdir()?;
-    let token_file = write_token(dir.path(), &token)?;
-    let sidecar = TestSidecar::start(Settings {
-        pod_name: "dashboard-agent-0".to_owned(),
-        controller: Some(controller_settings(
-            format!("127.0.0.1:{}", controller.grpc_port),
-            &token_file,
-            controller.ca_file.clone(),
-        )),
-        ..Settings::default()
-    })
-    .await?;
+    let sidecar = controller.sidecar("dashboard-agent-0", &token).await?;
     // The AgentIdentity alone may be published first: wait for the rule.
     eventually(Duration::from_secs(20), async || {
         let body = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_all","arguments":{}}}"#;
@@ -203,7 +188,7 @@ async fn busy_sidecar(
     .context("the sidecar never denied a call by its controller's snapshot")?;
     let answer = http_request_async(sidecar.proxy_port, json_post("/shop", &[], "{not json")).await;
     assert!(status_code(&answer) / 100 == 4, "{answer}");
-    Ok((sidecar, dir))
+    Ok(sidecar)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,7 +198,7 @@ async fn dashboard_queries_name_only_metrics_the_binaries_expose() -> Result<()>
         kube_fixtures::start_controller(ControlPlane::shared(), &name)
     })
     .await?;
-    let (sidecar, _dir) = busy_sidecar(&controller).await?;
+    let sidecar = busy_sidecar(&controller).await?;
     // The ACK of the snapshot reaches the controller's counters.
     let from_controller = eventually(Duration::from_secs(10), async || {
         let exposed = scrape(controller.admin_port).await?;

@@ -13,14 +13,13 @@
 //! retried with backoff. The leader deletes, every hour, the ConfigMaps of
 //! months whose last day is older than the retention.
 //!
-//! What the archive trusts: a key the snapshot server accepted, from a
-//! stream the controller authenticated as its pod (TokenReview), whose
-//! sidecar proved it holds the key
-//! ([`crate::snapshot_server::wire::SigningKey::check_possession`]). The
-//! archive checks again that the `kid` is the one derived from the key
-//! ([`chaperone_audit::key_id`]), so one kid names one key. An entry, once
-//! written, is never replaced: a second pod holding the same key (a stolen
-//! private key) is refused and counted, never archived over the first.
+//! What the archive trusts: a [`ProvenKey`], from a stream the controller
+//! authenticated as its pod (TokenReview), whose sidecar proved it holds the
+//! key, under the kid derived from it
+//! ([`crate::snapshot_server::wire::SigningKey::check_possession`]), so one
+//! kid names one key. An entry, once written, is never replaced: a second pod
+//! holding the same key (a stolen private key) is refused and counted, never
+//! archived over the first.
 //!
 //! The pure parts ([`plan_write`], [`expired`], [`month_of`]) are apart from the
 //! loop doing I/O.
@@ -40,11 +39,11 @@ use kube::{
     Api,
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use thiserror::Error;
 use tokio::sync::{Notify, watch};
 
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, snapshot_server::wire::ProvenKey};
 
 /// How long after a change the archive writes (so that sidecars connecting
 /// together are written together).
@@ -60,20 +59,9 @@ const MAX_SHARDS: u32 = 64;
 /// Tries of one shard when other writers change it in between.
 const CONFLICT_TRIES: usize = 5;
 
-/// Why a registered key is not archived.
+/// Why a key is not archived.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum Unarchivable {
-    /// Not an Ed25519 JWK with a 32-byte `x`.
-    #[error("the key is not an Ed25519 JWK")]
-    NotEd25519,
-    /// Its kid is not the one derived from the key.
-    #[error("kid {kid:?} is not the key's own ({derived:?})")]
-    ForeignKid {
-        /// The kid it was registered under.
-        kid: String,
-        /// The kid derived from the key.
-        derived: String,
-    },
     /// Another pod holds (or held) this key.
     #[error("the key is already archived for pod {0}")]
     ClaimedByAnotherPod(String),
@@ -143,77 +131,59 @@ impl AuditKeyArchive {
     }
 
     /// A stream of pod `namespace/pod` (uid `pod_uid`; of `agent`, `None` in
-    /// tool mode) registered `jwk` as `kid`: hold it for the archive while
-    /// the returned hold lives. Refused (and counted) when the key is not an
-    /// Ed25519 JWK, its kid is not its own, or another pod holds it.
+    /// tool mode) registered `key`: hold it for the archive while the
+    /// returned hold lives. Refused (and counted) when another pod holds the
+    /// key or the pod registered [`MAX_KEYS_PER_POD`] keys this month.
     pub fn register(
         self: &Arc<Self>,
         namespace: &str,
         pod: &str,
         pod_uid: &str,
         agent: Option<&AgentKey>,
-        kid: &str,
-        jwk: &Value,
+        key: &ProvenKey,
     ) -> Result<ArchivedKeyHold, Unarchivable> {
-        let result = self.hold(namespace, pod, pod_uid, agent, kid, jwk);
-        match &result {
-            Ok(_) => self.wake.notify_one(),
-            Err(_) => self.metrics.audit_key_refused(),
-        }
-        result
-    }
-
-    fn hold(
-        self: &Arc<Self>,
-        namespace: &str,
-        pod: &str,
-        pod_uid: &str,
-        agent: Option<&AgentKey>,
-        kid: &str,
-        jwk: &Value,
-    ) -> Result<ArchivedKeyHold, Unarchivable> {
-        let public_key =
-            chaperone_audit::ed25519_public_key(jwk).ok_or(Unarchivable::NotEd25519)?;
-        let derived = chaperone_audit::key_id(&public_key);
-        if derived != kid {
-            return Err(Unarchivable::ForeignKid {
-                kid: kid.to_owned(),
-                derived,
-            });
-        }
-        let x = jwk.get("x").and_then(Value::as_str).unwrap_or_default();
         let entry = ArchivedKey::new(
-            kid,
-            x,
+            &key.kid,
+            &key.x,
             namespace,
             pod,
             pod_uid,
             agent.map(|a| format!("{}/{}", a.namespace, a.name)),
         );
-        let mut held = self.lock();
-        match held.get_mut(kid) {
-            Some(known) if known.entry != entry => {
-                return Err(Unarchivable::ClaimedByAnotherPod(known.entry.pod.clone()));
+        let refused = 'hold: {
+            let mut held = self.lock();
+            match held.get_mut(&key.kid) {
+                Some(known) if known.entry != entry => {
+                    break 'hold Unarchivable::ClaimedByAnotherPod(known.entry.pod.clone());
+                }
+                Some(known) => known.streams += 1,
+                None => {
+                    if self
+                        .count_key_of(pod_uid, &month_of(crate::unix_now()))
+                        .is_err()
+                    {
+                        break 'hold Unarchivable::TooManyKeys(format!("{namespace}/{pod}"));
+                    }
+                    held.insert(
+                        key.kid.clone(),
+                        Held {
+                            entry,
+                            namespace: namespace.to_owned(),
+                            streams: 1,
+                            written: None,
+                        },
+                    );
+                }
             }
-            Some(known) => known.streams += 1,
-            None => {
-                self.count_key_of(pod_uid, &month_of(crate::unix_now()))
-                    .map_err(|()| Unarchivable::TooManyKeys(format!("{namespace}/{pod}")))?;
-                held.insert(
-                    kid.to_owned(),
-                    Held {
-                        entry,
-                        namespace: namespace.to_owned(),
-                        streams: 1,
-                        written: None,
-                    },
-                );
-            }
-        }
-        Ok(ArchivedKeyHold {
-            archive: Arc::clone(self),
-            kid: kid.to_owned(),
-        })
+            drop(held);
+            self.wake.notify_one();
+            return Ok(ArchivedKeyHold {
+                archive: Arc::clone(self),
+                kid: key.kid.clone(),
+            });
+        };
+        self.metrics.audit_key_refused();
+        Err(refused)
     }
 
     /// Counts a new key of `pod_uid` in `month`; `Err` past

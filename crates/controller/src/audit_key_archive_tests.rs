@@ -2,13 +2,19 @@ use super::*;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 
-/// A fresh Ed25519 JWK and its own kid.
-fn key() -> (String, Value) {
+/// A fresh Ed25519 key, as the snapshot server hands it on once its sidecar
+/// proved it holds it.
+fn key() -> ProvenKey {
     let pair = Ed25519KeyPair::generate().unwrap();
     let public: [u8; 32] = pair.public_key().as_ref().try_into().unwrap();
     let kid = chaperone_audit::key_id(&public);
-    let jwk = json!({"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": kid, "x": URL_SAFE_NO_PAD.encode(public)});
-    (kid, jwk)
+    let x = URL_SAFE_NO_PAD.encode(public);
+    ProvenKey {
+        jwk: serde_json::from_value(json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "x": x}))
+            .unwrap(),
+        kid,
+        x,
+    }
 }
 
 fn agent() -> AgentKey {
@@ -45,38 +51,13 @@ fn a_month_expires_once_its_last_day_is_older_than_the_retention() {
 }
 
 #[test]
-fn a_key_is_archived_only_under_its_own_kid() {
-    let archive = AuditKeyArchive::new(Metrics::new());
-    let (kid, jwk) = key();
-    let (other_kid, _) = key();
-    let refused = archive.register("team", "p-0", "u0", Some(&agent()), &other_kid, &jwk);
-    assert!(
-        matches!(refused, Err(Unarchivable::ForeignKid { .. })),
-        "{:?}",
-        refused.err()
-    );
-    let rsa = json!({"kty": "RSA", "kid": kid, "n": "AQAB", "e": "AQAB"});
-    let refused = archive.register("team", "p-0", "u0", Some(&agent()), &kid, &rsa);
-    assert_eq!(refused.err(), Some(Unarchivable::NotEd25519));
-    assert!(archive.due("2026-12").is_empty(), "nothing refused is held");
-    assert!(
-        archive
-            .metrics
-            .render()
-            .contains("chaperone_controller_audit_keys_refused_total 2"),
-        "{}",
-        archive.metrics.render()
-    );
-}
-
-#[test]
 fn another_pod_cannot_take_over_a_held_key() {
     let archive = AuditKeyArchive::new(Metrics::new());
-    let (kid, jwk) = key();
+    let key = key();
     let _hold = archive
-        .register("team", "victim", "u1", Some(&agent()), &kid, &jwk)
+        .register("team", "victim", "u1", Some(&agent()), &key)
         .unwrap();
-    let claimed = archive.register("team", "claimant", "u2", None, &kid, &jwk);
+    let claimed = archive.register("team", "claimant", "u2", None, &key);
     assert_eq!(
         claimed.err(),
         Some(Unarchivable::ClaimedByAnotherPod("team/victim".into()))
@@ -89,17 +70,18 @@ fn another_pod_cannot_take_over_a_held_key() {
 #[test]
 fn a_key_is_written_once_a_month_while_held_and_once_after() {
     let archive = AuditKeyArchive::new(Metrics::new());
-    let (kid, jwk) = key();
-    let (tool_kid, tool_jwk) = key();
+    let agent_key = key();
+    let tool_key = key();
+    let (kid, tool_kid) = (agent_key.kid.clone(), tool_key.kid.clone());
     let first = archive
-        .register("team", "p-0", "u0", Some(&agent()), &kid, &jwk)
+        .register("team", "p-0", "u0", Some(&agent()), &agent_key)
         .unwrap();
     // A reconnect of the same sidecar holds the same key twice.
     let second = archive
-        .register("team", "p-0", "u0", Some(&agent()), &kid, &jwk)
+        .register("team", "p-0", "u0", Some(&agent()), &agent_key)
         .unwrap();
     let tool = archive
-        .register("tools", "orders-0", "u1", None, &tool_kid, &tool_jwk)
+        .register("tools", "orders-0", "u1", None, &tool_key)
         .unwrap();
     let due = archive.due("2026-12");
     assert_eq!(due.keys().collect::<Vec<_>>(), ["team", "tools"]);
@@ -152,33 +134,30 @@ fn a_shard_adds_what_fits_and_never_replaces_an_entry() {
 #[test]
 fn a_pod_reconnecting_with_fresh_keys_cannot_grow_the_archive_without_bound() {
     let archive = AuditKeyArchive::new(Metrics::new());
-    let keys: Vec<(String, Value)> = (0..MAX_KEYS_PER_POD).map(|_| key()).collect();
+    let keys: Vec<ProvenKey> = (0..MAX_KEYS_PER_POD).map(|_| key()).collect();
     let _holds: Vec<ArchivedKeyHold> = keys
         .iter()
-        .map(|(kid, jwk)| {
-            archive
-                .register("team", "p-0", "u0", None, kid, jwk)
-                .unwrap()
-        })
+        .map(|key| archive.register("team", "p-0", "u0", None, key).unwrap())
         .collect();
-    let (kid, jwk) = key();
+    let extra = key();
     assert_eq!(
-        archive
-            .register("team", "p-0", "u0", None, &kid, &jwk)
-            .err(),
+        archive.register("team", "p-0", "u0", None, &extra).err(),
         Some(Unarchivable::TooManyKeys("team/p-0".into()))
     );
     // Another pod is not held back, and a key already held is held again
     // (a reconnect) without counting.
+    assert!(archive.register("team", "p-1", "u1", None, &extra).is_ok());
     assert!(
         archive
-            .register("team", "p-1", "u1", None, &kid, &jwk)
+            .register("team", "p-0", "u0", None, &keys[0])
             .is_ok()
     );
-    let (first_kid, first_jwk) = &keys[0];
     assert!(
         archive
-            .register("team", "p-0", "u0", None, first_kid, first_jwk)
-            .is_ok()
+            .metrics
+            .render()
+            .contains("chaperone_controller_audit_keys_refused_total 1"),
+        "{}",
+        archive.metrics.render()
     );
 }

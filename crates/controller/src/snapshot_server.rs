@@ -63,7 +63,7 @@ use crate::{
 
 pub mod wire;
 
-use wire::{InvalidSidecarMessage, SidecarReport, SigningKey};
+use wire::{InvalidSidecarMessage, ProvenKey, SidecarReport, SigningKey};
 
 /// The shortest time between two key sets on one stream.
 pub const KEY_SET_MIN_INTERVAL: Duration = Duration::from_millis(250);
@@ -566,7 +566,7 @@ impl SnapshotServer {
         }
     }
 
-    /// Whether `key` is the registering sidecar's own
+    /// `key` if the registering sidecar proved it holds it
     /// ([`SigningKey::check_possession`]); a refusal is logged and counted.
     fn possession_checked(
         &self,
@@ -574,15 +574,13 @@ impl SnapshotServer {
         token_sha256: &[u8; 32],
         namespace: &str,
         pod: &str,
-    ) -> bool {
-        match key.check_possession(token_sha256) {
-            Ok(()) => true,
-            Err(refusal) => {
+    ) -> Option<ProvenKey> {
+        key.check_possession(token_sha256)
+            .inspect_err(|refusal| {
                 self.metrics.signing_key_refused();
                 tracing::warn!(namespace, pod, kid = %key.kid, %refusal, "sidecar signing key refused: not in the JWKS, not archived");
-                false
-            }
-        }
+            })
+            .ok()
     }
 
     /// Holds a key a stream registered for the audit-key archive; `None`
@@ -593,13 +591,12 @@ impl SnapshotServer {
         pod: &str,
         pod_uid: &str,
         agent: Option<&chaperone_policy::AgentKey>,
-        kid: &str,
-        jwk: &serde_json::Value,
+        key: &ProvenKey,
     ) -> Option<ArchivedKeyHold> {
         self.audit_keys
-            .register(namespace, pod, pod_uid, agent, kid, jwk)
+            .register(namespace, pod, pod_uid, agent, key)
             .inspect_err(|error| {
-                tracing::warn!(namespace, pod, kid, %error, "sidecar key not archived: its audit checkpoints will not verify with the audit-key archive");
+                tracing::warn!(namespace, pod, kid = %key.kid, %error, "sidecar key not archived: its audit checkpoints will not verify with the audit-key archive");
             })
             .ok()
     }
@@ -672,20 +669,20 @@ impl SnapshotServer {
                     });
             }
             SidecarReport::SigningKey(key) => {
-                if !self.possession_checked(&key, token_sha256, namespace, pod) {
+                let Some(key) = self.possession_checked(&key, token_sha256, namespace, pod) else {
                     return;
-                }
-                let jwk = serde_json::Value::Object(key.jwk);
+                };
                 *archived = self.archive_key(
                     namespace,
                     pod,
                     &identity.pod_uid,
                     Some(&identity.agent),
-                    &key.kid,
-                    &jwk,
+                    &key,
                 );
                 self.sidecars
-                    .update_stream(namespace, pod, connection, |s| s.key = Some((key.kid, jwk)));
+                    .update_stream(namespace, pod, connection, |s| {
+                        s.key = Some((key.kid, serde_json::Value::Object(key.jwk)))
+                    });
             }
             SidecarReport::Inventory(inventory) => {
                 self.sidecars
@@ -765,17 +762,9 @@ impl SnapshotServer {
             // Its checkpoints' key: archived, never in the JWKS (a tool-mode
             // sidecar verifies assertions and signs none).
             SidecarReport::SigningKey(key) => {
-                if !self.possession_checked(&key, &token_sha256, namespace, pod) {
-                    return;
+                if let Some(key) = self.possession_checked(&key, &token_sha256, namespace, pod) {
+                    *archived = self.archive_key(namespace, pod, &identity.pod_uid, None, &key);
                 }
-                *archived = self.archive_key(
-                    namespace,
-                    pod,
-                    &identity.pod_uid,
-                    None,
-                    &key.kid,
-                    &serde_json::Value::Object(key.jwk),
-                );
             }
             SidecarReport::Ack(_) | SidecarReport::Nack { .. } => {
                 tracing::debug!(

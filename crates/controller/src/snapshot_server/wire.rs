@@ -89,6 +89,19 @@ pub struct SigningKey {
     pub proof: Vec<u8>,
 }
 
+/// A key its sidecar proved it holds ([`SigningKey::check_possession`]): an
+/// Ed25519 key under the kid derived from it. What the JWKS and the
+/// audit-key archive take.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProvenKey {
+    /// Key id: base64url of the first 16 bytes of the key's SHA-256.
+    pub kid: String,
+    /// The public key as registered (a JWK object).
+    pub jwk: Map<String, Value>,
+    /// The public key, unpadded base64url (the JWK's `x`).
+    pub x: String,
+}
+
 /// Why a registered key is not taken as the sidecar's own.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum KeyRefusal {
@@ -120,7 +133,7 @@ impl SigningKey {
     /// for the stream whose bearer token has the SHA-256 `token_sha256`.
     /// Without this a pod could register another pod's public key, or its
     /// own under another's kid, and so squat that kid.
-    pub fn check_possession(&self, token_sha256: &[u8; 32]) -> Result<(), KeyRefusal> {
+    pub fn check_possession(&self, token_sha256: &[u8; 32]) -> Result<ProvenKey, KeyRefusal> {
         use aws_lc_rs::signature::{ED25519, UnparsedPublicKey};
         let public_key = chaperone_audit::ed25519_public_key(&Value::Object(self.jwk.clone()))
             .ok_or(KeyRefusal::NotEd25519)?;
@@ -138,7 +151,17 @@ impl SigningKey {
             chaperone_wire::key_registration::key_registration_statement(&self.kid, token_sha256);
         UnparsedPublicKey::new(&ED25519, public_key)
             .verify(&statement, &self.proof)
-            .map_err(|_| KeyRefusal::BadProof)
+            .map_err(|_| KeyRefusal::BadProof)?;
+        Ok(ProvenKey {
+            kid: self.kid.clone(),
+            jwk: self.jwk.clone(),
+            x: self
+                .jwk
+                .get("x")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+        })
     }
 }
 

@@ -61,7 +61,9 @@ fn registered(token: &str) -> (SigningKey, aws_lc_rs::signature::Ed25519KeyPair)
 fn a_key_is_taken_only_with_its_own_kid_and_a_proof_for_this_stream() {
     let token = chaperone_audit::sha256(b"victim-token");
     let (key, _) = registered("victim-token");
-    assert_eq!(key.check_possession(&token), Ok(()));
+    let proven = key.check_possession(&token).unwrap();
+    assert_eq!((&proven.kid, &proven.jwk), (&key.kid, &key.jwk));
+    assert_eq!(proven.x, key.jwk["x"]);
     // The same registration replayed on another pod's stream.
     assert_eq!(
         key.check_possession(&chaperone_audit::sha256(b"attacker-token")),
