@@ -482,15 +482,10 @@ fn new_config_map(
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             namespace: Some(namespace.to_owned()),
-            labels: Some(BTreeMap::from([
-                (COMPONENT_LABEL.0.to_owned(), COMPONENT_LABEL.1.to_owned()),
-                (
-                    "app.kubernetes.io/part-of".to_owned(),
-                    "chaperone".to_owned(),
-                ),
-                (MONTH_LABEL.to_owned(), month.to_owned()),
-                (NAMESPACE_LABEL.to_owned(), pod_namespace.to_owned()),
-            ])),
+            labels: Some(crate::config_map_labels(
+                COMPONENT_LABEL.1,
+                [(MONTH_LABEL, month), (NAMESPACE_LABEL, pod_namespace)],
+            )),
             ..Default::default()
         },
         data: Some(data),

@@ -65,6 +65,23 @@ pub enum Error {
     Kube(#[from] kube::Error),
 }
 
+/// The labels of a ConfigMap the controller writes: `component`
+/// (`app.kubernetes.io/component`), `app.kubernetes.io/part-of=chaperone`,
+/// and `extra`.
+pub fn config_map_labels<const N: usize>(
+    component: &str,
+    extra: [(&str, &str); N],
+) -> std::collections::BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/component", component),
+        ("app.kubernetes.io/part-of", "chaperone"),
+    ]
+    .into_iter()
+    .chain(extra)
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
 /// Current unix time in seconds.
 pub fn unix_now() -> i64 {
     k8s_openapi::jiff::Timestamp::now().as_second()

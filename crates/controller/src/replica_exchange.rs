@@ -228,13 +228,7 @@ pub fn config_map(
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
             namespace: Some(namespace.to_owned()),
-            labels: Some(BTreeMap::from([
-                (COMPONENT_LABEL.0.to_owned(), COMPONENT_LABEL.1.to_owned()),
-                (
-                    "app.kubernetes.io/part-of".to_owned(),
-                    "chaperone".to_owned(),
-                ),
-            ])),
+            labels: Some(crate::config_map_labels(COMPONENT_LABEL.1, [])),
             owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },

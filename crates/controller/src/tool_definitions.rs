@@ -444,17 +444,10 @@ pub fn definitions_config_map(
         metadata: ObjectMeta {
             name: Some(config_map_name(&agent.name)),
             namespace: Some(agent.namespace.clone()),
-            labels: Some(BTreeMap::from([
-                (
-                    "app.kubernetes.io/component".to_owned(),
-                    "tool-definitions".to_owned(),
-                ),
-                (
-                    "app.kubernetes.io/part-of".to_owned(),
-                    "chaperone".to_owned(),
-                ),
-                ("chaperone.dev/agent".to_owned(), agent.name.clone()),
-            ])),
+            labels: Some(crate::config_map_labels(
+                "tool-definitions",
+                [("chaperone.dev/agent", &agent.name)],
+            )),
             owner_references: Some(vec![OwnerReference {
                 api_version: chaperone_policy::model::API_VERSION.to_owned(),
                 kind: "AgentIdentity".to_owned(),
