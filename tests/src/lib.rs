@@ -47,11 +47,15 @@ pub use tools::Tool;
 /// How long etcd and kube-apiserver may take to become ready.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// How many times [`ControlPlane::start`] tries when a port it chose was taken.
+const START_ATTEMPTS: u32 = 3;
+
 /// Stops its process when the pipe to it closes; see the module docs.
 const SUPERVISOR: &str = r#"
 own="$1"; log="$2"; shift 2
 "$@" >"$log" 2>&1 </dev/null &
 child=$!
+echo "$child" >"$log.pid"
 stop() {
   kill -TERM "$child" 2>/dev/null
   i=0
@@ -108,8 +112,11 @@ impl Supervised {
         lines[lines.len().saturating_sub(25)..].join("\n")
     }
 
+    /// Fails, with the end of its log, when the process (or its supervisor)
+    /// has exited: a process that failed at once (a port taken between
+    /// [`free_port`] and its bind) is seen at once, not at the timeout.
     fn ensure_running(&mut self) -> Result<()> {
-        if self.shell.try_wait()?.is_some() {
+        if self.shell.try_wait()?.is_some() || self.program_exited() {
             bail!(
                 "{} exited; its log ends with:\n{}",
                 self.name,
@@ -117,6 +124,22 @@ impl Supervised {
             );
         }
         Ok(())
+    }
+
+    /// Whether the supervised program has exited: its supervisor, blocked on
+    /// the pipe, has not reaped it, so it is a zombie (`Z`) until then.
+    fn program_exited(&self) -> bool {
+        let pid_file = self.log.with_extension("log.pid");
+        let Ok(pid) = fs::read_to_string(&pid_file) else {
+            return false; // not started yet
+        };
+        match fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
+            // The state follows the command name, which ends with ')'.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
+        }
     }
 }
 
@@ -151,8 +174,27 @@ impl ControlPlane {
     }
 
     /// Starts etcd and kube-apiserver and waits until the API server is ready and
-    /// namespace `default` exists.
+    /// namespace `default` exists. A port taken by another process between
+    /// [`free_port`] and the bind (an outgoing connection of a test running
+    /// beside, say) starts both again on new ports, up to
+    /// [`START_ATTEMPTS`] times.
     pub fn start() -> Result<ControlPlane> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once() {
+                Err(err)
+                    if attempt < START_ATTEMPTS
+                        && format!("{err:#}").contains("address already in use") =>
+                {
+                    eprintln!("test control plane: a port was taken, starting again: {err:#}");
+                    attempt += 1;
+                }
+                started => return started,
+            }
+        }
+    }
+
+    fn start_once() -> Result<ControlPlane> {
         let etcd_bin = Tool::Etcd.path()?;
         let apiserver_bin = Tool::KubeApiserver.path()?;
         let root = std::env::temp_dir().join(format!(
@@ -182,7 +224,11 @@ impl ControlPlane {
                 "--log-level=warn".into(),
             ],
         )?;
-        wait_until(&mut etcd, || etcd_healthy(etcd_port))?;
+        if let Err(err) = wait_until(&mut etcd, || etcd_healthy(etcd_port)) {
+            drop(etcd);
+            let _ = fs::remove_dir_all(&root);
+            return Err(err);
+        }
 
         let api_dir = root.join("apiserver");
         fs::create_dir_all(&api_dir)?;
@@ -437,4 +483,36 @@ fn wait_until(process: &mut Supervised, mut ready: impl FnMut() -> bool) -> Resu
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn supervised(args: &[&str]) -> Result<Supervised> {
+        let own = std::env::temp_dir().join(format!("chaperone-supervised-{}", unique_suffix()));
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        Supervised::spawn("probe", &own, Path::new("/bin/sh"), &args)
+    }
+
+    #[test]
+    fn a_program_that_exits_is_seen_while_its_supervisor_waits() -> Result<()> {
+        let mut failed = supervised(&["-c", "echo bind: address already in use; exit 1"])?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let err = loop {
+            if let Err(err) = failed.ensure_running() {
+                break err;
+            }
+            assert!(Instant::now() < deadline, "the exit was not seen");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let message = format!("{err:#}");
+        assert!(message.contains("probe exited"), "{message}");
+        assert!(message.contains("address already in use"), "{message}");
+
+        let mut running = supervised(&["-c", "sleep 30"])?;
+        std::thread::sleep(Duration::from_millis(300));
+        running.ensure_running()?;
+        Ok(())
+    }
 }
