@@ -198,13 +198,10 @@ fn install_key() -> Result<String> {
 /// `CHAPERONE_KEEP_FILES` is set) on drop.
 pub struct RunningServer {
     kind: ServerKind,
-    port: u16,
-    child: Child,
-    stdin: Option<ChildStdin>,
+    process: ListeningProcess,
     dir: PathBuf,
     exec_log: PathBuf,
     output: PathBuf,
-    startup: Duration,
 }
 
 /// Starts `kind` on a free loopback port with a fresh, empty exec log in its
@@ -218,17 +215,42 @@ pub fn spawn(kind: ServerKind) -> Result<RunningServer> {
 /// [`spawn`] with extra environment variables for the server.
 fn spawn_with_env(kind: ServerKind, env: &[(&str, &str)]) -> Result<RunningServer> {
     let install = install_dir()?;
-    let mut last_error = None;
-    // A port that was free a moment ago may be taken by the time the server
-    // binds it: then try another.
-    for _ in 0..3 {
-        match spawn_once(kind, &install, env) {
-            Ok(server) => return Ok(server),
-            Err(SpawnError::PortTaken(e)) => last_error = Some(e),
-            Err(SpawnError::Other(e)) => return Err(e),
+    remove_leftover_dirs();
+    let dir = std::env::temp_dir().join(format!(
+        "{SERVER_DIR_PREFIX}{}-{}-{}",
+        std::process::id(),
+        kind.slug(),
+        unique_suffix()
+    ));
+    fs::create_dir_all(&dir)?;
+    let exec_log = dir.join("exec.jsonl");
+    let output = dir.join("server.log");
+    let (program, args) = kind.command(&install);
+    let started = fs::write(&exec_log, "")
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            start_on_free_port(&kind.to_string(), &output, || {
+                let mut command = Command::new(&program);
+                command
+                    .args(&args)
+                    .env("MCP_EXEC_LOG", &exec_log)
+                    .envs(env.iter().copied());
+                command
+            })
+        });
+    match started {
+        Ok(process) => Ok(RunningServer {
+            kind,
+            process,
+            dir,
+            exec_log,
+            output,
+        }),
+        Err(err) => {
+            let _ = fs::remove_dir_all(&dir);
+            Err(err)
         }
     }
-    Err(last_error.unwrap_or_else(|| anyhow!("{kind} did not start")))
 }
 
 /// Starts `kinds` side by side (a test that needs several servers waits
@@ -250,21 +272,105 @@ pub fn spawn_all(kinds: &[ServerKind]) -> Result<Vec<RunningServer>> {
     })
 }
 
-enum SpawnError {
-    PortTaken(anyhow::Error),
-    Other(anyhow::Error),
+/// A test server process that listens on a loopback port: started by
+/// [`start_on_free_port`], killed on drop.
+pub struct ListeningProcess {
+    port: u16,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    startup: Duration,
 }
 
-impl From<anyhow::Error> for SpawnError {
-    fn from(e: anyhow::Error) -> Self {
-        SpawnError::Other(e)
+impl ListeningProcess {
+    /// Its loopback port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// How long it took from spawn to its readiness line.
+    pub fn startup(&self) -> Duration {
+        self.startup
+    }
+
+    /// Closes its stdin, kills it and waits for it (again: nothing).
+    pub fn stop(&mut self) {
+        self.stdin.take();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-impl From<std::io::Error> for SpawnError {
-    fn from(e: std::io::Error) -> Self {
-        SpawnError::Other(e.into())
+impl Drop for ListeningProcess {
+    fn drop(&mut self) {
+        self.stop();
     }
+}
+
+/// How many ports [`start_on_free_port`] tries.
+const PORT_ATTEMPTS: usize = 3;
+
+/// Starts the command `command` builds with a free loopback port as its last
+/// argument (and in `PORT`), `MCP_EXIT_ON_STDIN_EOF=1`, a piped stdin and
+/// its output in `output`, and waits (blocking, up to 30 s) until it prints
+/// a line starting with `ready `. A process that exits saying its port was
+/// taken (`cannot listen`, `address already in use`: another process bound
+/// it after [`free_port`] let it go) is started again on another port, up to
+/// three times; any other exit fails at once with its output. `label` names
+/// it in errors.
+pub fn start_on_free_port(
+    label: &str,
+    output: &Path,
+    command: impl Fn() -> Command,
+) -> Result<ListeningProcess> {
+    let mut port_taken = None;
+    for _ in 0..PORT_ATTEMPTS {
+        let port = free_port()?;
+        let log = fs::File::create(output)?;
+        let started = Instant::now();
+        let mut child = command()
+            .arg(port.to_string())
+            .env("PORT", port.to_string())
+            .env("MCP_EXIT_ON_STDIN_EOF", "1")
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {label}"))?;
+        let stdin = child.stdin.take();
+        let mut process = ListeningProcess {
+            port,
+            child,
+            stdin,
+            startup: Duration::ZERO,
+        };
+        let deadline = started + START_TIMEOUT;
+        loop {
+            let printed = fs::read_to_string(output).unwrap_or_default();
+            if printed.lines().any(|l| l.starts_with("ready ")) {
+                process.startup = started.elapsed();
+                return Ok(process);
+            }
+            if let Some(status) = process.child.try_wait()? {
+                let exited = anyhow!(
+                    "{label} exited ({status}) before it was ready; its output:\n{printed}"
+                );
+                if !(printed.contains("cannot listen")
+                    || printed
+                        .to_ascii_lowercase()
+                        .contains("address already in use"))
+                {
+                    return Err(exited);
+                }
+                port_taken = Some(exited);
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{label} not ready after {START_TIMEOUT:?}; its output:\n{printed}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    Err(port_taken.unwrap_or_else(|| anyhow!("{label} did not start")))
 }
 
 /// How the folders of started servers (exec log, output) are named in the
@@ -300,83 +406,6 @@ fn remove_leftover_dirs() {
     });
 }
 
-fn spawn_once(
-    kind: ServerKind,
-    install: &Path,
-    env: &[(&str, &str)],
-) -> Result<RunningServer, SpawnError> {
-    remove_leftover_dirs();
-    let dir = std::env::temp_dir().join(format!(
-        "{SERVER_DIR_PREFIX}{}-{}-{}",
-        std::process::id(),
-        kind.slug(),
-        unique_suffix()
-    ));
-    fs::create_dir_all(&dir)?;
-    let exec_log = dir.join("exec.jsonl");
-    fs::write(&exec_log, "")?;
-    let output = dir.join("server.log");
-    let port = free_port()?;
-    let (program, args) = kind.command(install);
-    let output_file = fs::File::create(&output)?;
-    let started = Instant::now();
-    let child = Command::new(&program)
-        .args(&args)
-        .arg(port.to_string())
-        .env("PORT", port.to_string())
-        .env("MCP_EXEC_LOG", &exec_log)
-        .env("MCP_EXIT_ON_STDIN_EOF", "1")
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(output_file.try_clone()?)
-        .stderr(output_file)
-        .spawn()
-        .with_context(|| format!("starting {kind}: {}", program.display()));
-    let mut child = match child {
-        Ok(child) => child,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&dir);
-            return Err(e.into());
-        }
-    };
-    let stdin = child.stdin.take();
-    let mut server = RunningServer {
-        kind,
-        port,
-        child,
-        stdin,
-        dir,
-        exec_log,
-        output,
-        startup: Duration::ZERO,
-    };
-    let deadline = started + START_TIMEOUT;
-    loop {
-        if server.log().lines().any(|l| l.starts_with("ready ")) {
-            server.startup = started.elapsed();
-            return Ok(server);
-        }
-        if let Some(status) = server.child.try_wait()? {
-            let log = server.log();
-            let e = anyhow!("{kind} exited ({status}) before it was ready; its output:\n{log}");
-            let taken = log.contains("cannot listen")
-                || log.to_ascii_lowercase().contains("address already in use");
-            return Err(if taken {
-                SpawnError::PortTaken(e)
-            } else {
-                SpawnError::Other(e)
-            });
-        }
-        if Instant::now() > deadline {
-            return Err(SpawnError::Other(anyhow!(
-                "{kind} not ready after {START_TIMEOUT:?}; its output:\n{}",
-                server.log()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 impl RunningServer {
     /// Which server this is.
     pub fn kind(&self) -> ServerKind {
@@ -385,12 +414,12 @@ impl RunningServer {
 
     /// Its loopback port.
     pub fn port(&self) -> u16 {
-        self.port
+        self.process.port
     }
 
     /// `http://127.0.0.1:<port>`.
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://127.0.0.1:{}", self.port())
     }
 
     /// The MCP endpoint: `…/mcp` (Streamable HTTP), or `…/sse` (the SSE
@@ -410,7 +439,7 @@ impl RunningServer {
 
     /// How long the server took from spawn to its readiness line.
     pub fn startup(&self) -> Duration {
-        self.startup
+        self.process.startup
     }
 
     /// The exec log: one JSON value per executed tool call, in order. A
@@ -437,9 +466,7 @@ impl RunningServer {
 
 impl Drop for RunningServer {
     fn drop(&mut self) {
-        self.stdin.take();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.stop();
         if std::env::var_os("CHAPERONE_KEEP_FILES").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         }
@@ -814,5 +841,50 @@ mod tests {
         }
         assert!(ServerKind::TsStreamable117.version().starts_with("1.17."));
         assert!(ServerKind::McpGo.version().starts_with('v'));
+    }
+
+    /// A shell script as a server: each start appends a line to `starts`,
+    /// then runs `script` with the port as `$1`.
+    fn scripted(starts: &Path, script: &str) -> impl Fn() -> Command {
+        let script = format!("echo start >>'{}'; {script}", starts.display());
+        move || {
+            let mut command = Command::new("/bin/sh");
+            command.args(["-c", &script, "server"]);
+            command
+        }
+    }
+
+    #[test]
+    fn a_server_whose_port_was_taken_starts_again_on_another() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let starts = dir.path().join("starts");
+        let taken_once = format!(
+            "if [ -e '{mark}' ]; then echo \"ready $1\"; exec sleep 30; fi; touch '{mark}'; echo \"cannot listen on 127.0.0.1:$1\" >&2; exit 1",
+            mark = dir.path().join("mark").display()
+        );
+        let output = dir.path().join("out.log");
+        let process = start_on_free_port("scripted", &output, scripted(&starts, &taken_once))?;
+        assert_eq!(fs::read_to_string(&starts)?.lines().count(), 2);
+        assert!(fs::read_to_string(&output)?.starts_with(&format!("ready {}", process.port())));
+        Ok(())
+    }
+
+    #[test]
+    fn a_server_that_fails_otherwise_is_not_started_again() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let starts = dir.path().join("starts");
+        let output = dir.path().join("out.log");
+        let Err(err) = start_on_free_port(
+            "scripted",
+            &output,
+            scripted(&starts, "echo 'no such module' >&2; exit 3"),
+        ) else {
+            panic!("a failing server was reported started");
+        };
+        let message = format!("{err:#}");
+        assert!(message.contains("scripted exited"), "{message}");
+        assert!(message.contains("no such module"), "{message}");
+        assert_eq!(fs::read_to_string(&starts)?.lines().count(), 1);
+        Ok(())
     }
 }

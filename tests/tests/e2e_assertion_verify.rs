@@ -20,9 +20,9 @@
 use std::{
     fs,
     path::PathBuf,
-    process::{Child, ChildStdin, Command, Stdio},
+    process::Command,
     sync::{Arc, OnceLock},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -31,10 +31,10 @@ use chaperone_api::{AgentIdentity, ToolPolicy};
 use chaperone_demo::{SeenAssertions, ToolServer, ToolSet};
 use chaperone_sidecar::{Settings, canonical::args_digest};
 use chaperone_testenv::{
-    ControlPlane, create_namespace, free_port,
+    ControlPlane, create_namespace,
     kube_fixtures::{self, agent_identity, agent_subject, tool_policy},
     mcp_fixtures::{claims_of, last_assertion, loopback_listener, serve_mcp},
-    mcp_servers::{http, install_dir, jsonrpc_answer},
+    mcp_servers::{ListeningProcess, http, install_dir, jsonrpc_answer, start_on_free_port},
     sidecar_fixtures::{TestSidecar, controller_settings, eventually, http_get_async, write_token},
     unique_suffix,
 };
@@ -65,12 +65,9 @@ fn controller() -> &'static kube_fixtures::InProcessController {
 /// `verifying_server.py` on a free loopback port; killed (and its files
 /// removed, unless `CHAPERONE_KEEP_FILES` is set) on drop.
 struct VerifyingServer {
-    port: u16,
-    child: Child,
-    stdin: Option<ChildStdin>,
+    process: ListeningProcess,
     dir: PathBuf,
     exec_log: PathBuf,
-    output: PathBuf,
 }
 
 impl VerifyingServer {
@@ -83,45 +80,31 @@ impl VerifyingServer {
         let exec_log = dir.join("exec.jsonl");
         fs::write(&exec_log, "")?;
         let output = dir.join("server.log");
-        let port = free_port()?;
-        let log = fs::File::create(&output)?;
-        let mut child = Command::new(install.join("python/venv/bin/python"))
-            .arg(install.join("python/verifying_server.py"))
-            .arg(port.to_string())
-            .env("MCP_EXEC_LOG", &exec_log)
-            .env("MCP_EXIT_ON_STDIN_EOF", "1")
-            .env("CHAPERONE_JWKS_URL", jwks_url)
-            .env("CHAPERONE_AUDIENCE", AUDIENCE)
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting verifying_server.py")?;
-        let stdin = child.stdin.take();
-        let server = Self {
-            port,
-            child,
-            stdin,
+        let process = start_on_free_port("verifying_server.py", &output, || {
+            let mut command = Command::new(install.join("python/venv/bin/python"));
+            command
+                .arg(install.join("python/verifying_server.py"))
+                .env("MCP_EXEC_LOG", &exec_log)
+                .env("CHAPERONE_JWKS_URL", jwks_url)
+                .env("CHAPERONE_AUDIENCE", AUDIENCE);
+            command
+        });
+        let process = match process {
+            Ok(process) => process,
+            Err(err) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(err);
+            }
+        };
+        Ok(Self {
+            process,
             dir,
             exec_log,
-            output,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !server.log().lines().any(|l| l.starts_with("ready ")) {
-            if Instant::now() > deadline {
-                bail!(
-                    "verifying_server.py not ready; its output:\n{}",
-                    server.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(server)
+        })
     }
 
-    /// What it printed (stdout and stderr).
-    fn log(&self) -> String {
-        fs::read_to_string(&self.output).unwrap_or_default()
+    fn port(&self) -> u16 {
+        self.process.port()
     }
 
     /// Its exec log: one line per call, in order.
@@ -136,9 +119,7 @@ impl VerifyingServer {
 
 impl Drop for VerifyingServer {
     fn drop(&mut self) {
-        self.stdin.take();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.stop();
         if std::env::var_os("CHAPERONE_KEEP_FILES").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         }
@@ -293,7 +274,7 @@ async fn setup() -> Result<World> {
             json!({
                 "selector": { "serviceAccountName": "recorder" },
                 "toolServers": [
-                    { "name": "ledger", "url": format!("http://127.0.0.1:{}/mcp", ledger.port), "audience": AUDIENCE },
+                    { "name": "ledger", "url": format!("http://127.0.0.1:{}/mcp", ledger.port()), "audience": AUDIENCE },
                     { "name": "probe", "url": format!("http://127.0.0.1:{probe}/mcp"), "audience": AUDIENCE },
                 ],
             }),
@@ -421,7 +402,7 @@ async fn python_tool_server_verifies_assertions_and_digests() -> Result<()> {
     assert_eq!(claims_of(&genuine)?["argsAlg"], ARGS_ALG);
 
     // Directly at the Python server: the genuine assertion verifies once.
-    let port = world.ledger.port;
+    let port = world.ledger.port();
     let direct = Arc::new(blocking(move || RawSession::open(port, "/mcp")).await?);
     let send =
         async |arguments: &'static str, assertion: Option<String>| -> Result<(Value, Value)> {

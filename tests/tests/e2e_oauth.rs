@@ -7,14 +7,15 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use chaperone_sidecar::{Settings, standalone};
-use chaperone_testenv::free_port;
+
 use chaperone_testenv::mcp_fixtures::{call, mcp_session, tool_names};
-use chaperone_testenv::mcp_servers::{Answer, http, install_dir, jsonrpc_answer};
+use chaperone_testenv::mcp_servers::{
+    Answer, ListeningProcess, http, install_dir, jsonrpc_answer, start_on_free_port,
+};
 use chaperone_testenv::sidecar_fixtures::TestSidecar;
 use serde_json::{Value, json};
 
@@ -59,19 +60,13 @@ const TOOLS_LIST: &str = r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#;
 
 /// The Python OAuth server on a free loopback port; killed on drop.
 struct AuthServer {
-    port: u16,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    dir: tempfile::TempDir,
+    process: ListeningProcess,
+    /// Its output; removed on drop, after the process is stopped.
+    _dir: tempfile::TempDir,
 }
 
 impl AuthServer {
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-
-    /// Starts it (blocking) and waits for its `ready <port>` line; another
-    /// port when the one picked was taken meanwhile.
+    /// Starts it (blocking) and waits for its `ready <port>` line.
     fn spawn() -> Result<Self> {
         let python = install_dir()?.join("python");
         let program: PathBuf = python.join("venv/bin/python");
@@ -81,61 +76,25 @@ impl AuthServer {
             "{} is missing: run `make tools`",
             script.display()
         );
-        let mut last = None;
-        for _ in 0..3 {
-            let dir = tempfile::tempdir()?;
-            let log = fs::File::create(dir.path().join("server.log"))?;
-            let port = free_port()?;
-            let mut child = Command::new(&program)
-                .arg(&script)
-                .arg(port.to_string())
-                .env("MCP_BEARER_TOKEN", TOKEN)
-                .env("MCP_ISSUER_URL", ISSUER)
-                .env("MCP_EXIT_ON_STDIN_EOF", "1")
-                .stdin(Stdio::piped())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {}", script.display()))?;
-            let stdin = child.stdin.take();
-            let mut server = Self {
-                port,
-                child,
-                stdin,
-                dir,
-            };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let log = server.log();
-                if log.lines().any(|l| l == format!("ready {port}")) {
-                    return Ok(server);
-                }
-                if let Some(status) = server.child.try_wait()? {
-                    if log.contains("cannot listen") {
-                        last = Some(anyhow!("port {port} taken: {log}"));
-                        break;
-                    }
-                    bail!("the OAuth server exited ({status}) before it was ready:\n{log}");
-                }
-                if Instant::now() > deadline {
-                    bail!("the OAuth server is not ready after 30 s:\n{log}");
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        Err(last.unwrap_or_else(|| anyhow!("the OAuth server did not start")))
+        let dir = tempfile::tempdir()?;
+        let process =
+            start_on_free_port("the OAuth server", &dir.path().join("server.log"), || {
+                let mut command = Command::new(&program);
+                command
+                    .arg(&script)
+                    .env("MCP_BEARER_TOKEN", TOKEN)
+                    .env("MCP_ISSUER_URL", ISSUER);
+                command
+            })?;
+        Ok(Self { process, _dir: dir })
+    }
+
+    fn port(&self) -> u16 {
+        self.process.port()
     }
 
     fn mcp_url(&self) -> String {
-        format!("http://127.0.0.1:{}/mcp", self.port)
-    }
-}
-
-impl Drop for AuthServer {
-    fn drop(&mut self) {
-        self.stdin.take();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        format!("http://127.0.0.1:{}/mcp", self.port())
     }
 }
 
@@ -210,7 +169,7 @@ fn json_body(answer: &Answer) -> Result<Value> {
 async fn unauthenticated_requests_are_challenged_with_the_sidecars_metadata_url() -> Result<()> {
     let (server, sidecar) = setup().await?;
     let proxy = sidecar.proxy_port;
-    let direct = post(server.port, "/mcp", &[], INITIALIZE).await?;
+    let direct = post(server.port(), "/mcp", &[], INITIALIZE).await?;
     ensure!(direct.0 == 401, "the server itself: {direct:?}");
     let upstream_challenge = challenge(&direct)?;
     let upstream_url = resource_metadata(upstream_challenge)?;
@@ -235,7 +194,7 @@ async fn metadata_names_the_sidecar_route_and_the_servers_authorization_servers(
     let (server, sidecar) = setup().await?;
     let proxy = sidecar.proxy_port;
     let upstream =
-        json_body(&get(server.port, "/.well-known/oauth-protected-resource/mcp").await?)?;
+        json_body(&get(server.port(), "/.well-known/oauth-protected-resource/mcp").await?)?;
     assert_eq!(upstream["resource"], server.mcp_url());
     assert_eq!(upstream["authorization_servers"], json!([ISSUER]));
 
