@@ -337,9 +337,17 @@ pub fn hex(bytes: &[u8]) -> String {
 
 fn push_hex(bytes: &[u8], out: &mut String) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for byte in bytes {
-        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    // Written into a buffer and appended in one piece: a `push` per digit
+    // cost a capacity check and a char encoding each (three hashes a call).
+    let mut buffer = [0u8; 128];
+    for chunk in bytes.chunks(buffer.len() / 2) {
+        let text = &mut buffer[..chunk.len() * 2];
+        for (pair, byte) in text.chunks_exact_mut(2).zip(chunk) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0xf)];
+        }
+        // Only ASCII hex digits were written.
+        out.push_str(std::str::from_utf8(text).unwrap_or_default());
     }
 }
 

@@ -232,3 +232,12 @@ fn tool_definitions_hash_their_six_members_in_any_key_order() {
         assert_ne!(tool_definition_hash(&other), hash, "{changed}");
     }
 }
+
+#[test]
+fn hex_writes_two_lowercase_digits_per_byte_at_any_length() {
+    let bytes: Vec<u8> = (0..=255).chain(0..=255).collect();
+    for len in [0, 1, 32, 63, 64, 65, 200, bytes.len()] {
+        let expected: String = bytes[..len].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex(&bytes[..len]), expected, "{len} bytes");
+    }
+}

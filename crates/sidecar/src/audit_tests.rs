@@ -232,6 +232,32 @@ fn formats_rfc3339() {
         rfc3339_millis(1_700_000_000_123),
         "2023-11-14T22:13:20.123Z"
     );
+    assert_eq!(rfc3339_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    assert_eq!(rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
+    assert_eq!(
+        rfc3339_millis(253_402_300_799_999),
+        "9999-12-31T23:59:59.999Z"
+    );
+    // Past the four-digit years the text grows, as `format!` writes it.
+    assert_eq!(
+        rfc3339_millis(253_402_300_800_000),
+        "10000-01-01T00:00:00.000Z"
+    );
+}
+
+#[test]
+fn rfc3339_digits_written_in_place_match_format() {
+    // Every field through its whole range: a step prime to the lengths of
+    // seconds, minutes, hours and days, over 0000-01-01 to 9999-12-31.
+    let first = -62_167_219_200_000_i64;
+    let last = 253_402_300_799_999_i64;
+    let mut unix_ms = first;
+    while unix_ms <= last {
+        let time = CivilTime::of(unix_ms);
+        assert_eq!(rfc3339_millis(unix_ms), time.formatted(), "{unix_ms}");
+        unix_ms += 1_234_567_891_i64 * 97 + 7;
+    }
+    assert_eq!(rfc3339_millis(first), "0000-01-01T00:00:00.000Z");
 }
 
 #[test]
