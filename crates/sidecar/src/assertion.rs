@@ -290,10 +290,14 @@ impl AssertionSigner {
 pub struct HexId([u8; 32]);
 
 impl HexId {
-    /// 16 fresh bytes from the system RNG.
+    /// 16 fresh bytes from the system RNG (drawn a block at a time per
+    /// thread: [`RandomBlock`]).
     pub fn random() -> Self {
         let mut bytes = [0u8; 16];
-        if rand::fill(&mut bytes).is_err() {
+        if RANDOM_BLOCK
+            .with_borrow_mut(|block| block.take(&mut bytes))
+            .is_err()
+        {
             // The system RNG failing is not recoverable in a meaningful way; fall
             // back to a time-derived id so ids stay unique within this process.
             let nanos = std::time::SystemTime::now()
@@ -327,6 +331,36 @@ impl std::fmt::Display for HexId {
 impl std::fmt::Debug for HexId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "HexId({})", self.as_str())
+    }
+}
+
+/// Bytes from the system RNG drawn 512 at a time, for ids: each draw is a
+/// DRBG generate with its own re-keying (≈ 2.3k instructions whatever its
+/// length), and a call takes two ids (`jti`, correlation id). Bytes handed
+/// out are erased from the block; none is handed out twice.
+struct RandomBlock {
+    bytes: [u8; 512],
+    used: usize,
+}
+
+thread_local! {
+    static RANDOM_BLOCK: std::cell::RefCell<RandomBlock> = const {
+        std::cell::RefCell::new(RandomBlock { bytes: [0; 512], used: 512 })
+    };
+}
+
+impl RandomBlock {
+    /// Fills `out` (at most a block) with bytes not handed out before.
+    fn take(&mut self, out: &mut [u8]) -> Result<(), aws_lc_rs::error::Unspecified> {
+        if self.bytes.len() - self.used < out.len() {
+            rand::fill(&mut self.bytes)?;
+            self.used = 0;
+        }
+        let taken = &mut self.bytes[self.used..self.used + out.len()];
+        out.copy_from_slice(taken);
+        taken.fill(0);
+        self.used += out.len();
+        Ok(())
     }
 }
 
@@ -492,6 +526,12 @@ mod tests {
     fn random_ids_differ() {
         assert_ne!(random_id(), random_id());
         assert_eq!(random_id().len(), 32);
+        // Across many refills of the block, and on other threads.
+        let mut seen: std::collections::HashSet<HexId> =
+            (0..2_000).map(|_| HexId::random()).collect();
+        let others = std::thread::spawn(|| (0..2_000).map(|_| HexId::random()).collect::<Vec<_>>());
+        seen.extend(others.join().unwrap());
+        assert_eq!(seen.len(), 4_000);
         let id = HexId::random();
         assert!(id.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(id.to_string().len(), 32);
