@@ -130,10 +130,14 @@ impl Supervised {
     /// the pipe, has not reaped it, so it is a zombie (`Z`) until then.
     fn program_exited(&self) -> bool {
         let pid_file = self.log.with_extension("log.pid");
-        let Ok(pid) = fs::read_to_string(&pid_file) else {
-            return false; // not started yet
+        // Not written yet (or caught mid-write, empty): not known to have exited.
+        let Some(pid) = fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+        else {
+            return false;
         };
-        match fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
+        match fs::read_to_string(format!("/proc/{pid}/stat")) {
             // The state follows the command name, which ends with ')'.
             Ok(stat) => stat
                 .rsplit_once(')')
