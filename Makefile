@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all tools crds check-crds check-ring fmt-check lint test demo clean
+.PHONY: all tools crds check-crds check-ring fmt-check lint test demo hot-text clean
 
 all: test
 
@@ -44,6 +44,10 @@ test: fmt-check lint check-crds check-ring tools
 ## demo: start a local control plane, install the CRDs, apply the examples, show them
 demo: tools
 	@bash scripts/demo.sh
+
+## hot-text: re-profile the release sidecar and regenerate its code layout, crates/sidecar/hot-text.ld (needs valgrind; ≈ 10 min)
+hot-text:
+	@bash bench/hot-text.sh
 
 clean:
 	$(CARGO) clean

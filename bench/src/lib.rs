@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fake_controller;
+pub mod hot_text;
 pub mod instructions;
 
 use std::convert::Infallible;
