@@ -45,30 +45,37 @@ wait_for_sidecars() {
 profile() { # MODE, then chaperone-bench's arguments
   local mode=$1
   shift
+  echo "== $mode: chaperone-bench $*" >>"$work/runs.log"
   CHAPERONE_BENCH_WRAP="bash $PWD/bench/profile-wrap.sh $mode $work/$mode" \
-    "$bins/chaperone-bench" "$@" >>"$work/runs.log" 2>&1
+    "$bins/chaperone-bench" "$@" >>"$work/runs.log" 2>&1 || {
+    echo "hot-text: chaperone-bench $* under $mode failed; the end of $work/runs.log:" >&2
+    tail -20 "$work/runs.log" >&2
+    exit 1
+  }
   wait_for_sidecars
 }
 
 echo "hot-text: profiling under callgrind (slow)…"
+slow_run=(1 2 50 2 1)
+native_run=(1 5 1000 8 2)
 profile callgrind --rss-only
-profile callgrind 1 2 50 2 1
+profile callgrind "${slow_run[@]}"
 perf_inputs=()
 if command -v perf >/dev/null && perf record -q -o /dev/null true 2>/dev/null; then
   echo "hot-text: profiling natively under perf…"
   profile perf --rss-only
-  profile perf 1 5 1000 8 2
+  profile perf "${native_run[@]}"
   for data in "$work"/perf.*.data; do
     perf script -i "$data" -F ip,sym --no-demangle 2>/dev/null >"$data.syms"
     perf_inputs+=("$data.syms")
   done
-  native="perf samples of the same runs natively (20 kHz)"
+  native="perf samples (20 kHz) of --rss-only and chaperone-bench ${native_run[*]} run natively"
 else
   native="no perf here: CPU-specific code chosen at run time is not in this layout"
 fi
 
 provenance="From: commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates || echo ' + working tree'), $(date -u +%F), $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs).
-Runs: chaperone-bench --rss-only, and chaperone-bench 1 2 50 2 1, under
+Runs: chaperone-bench --rss-only and chaperone-bench ${slow_run[*]} under
 callgrind (every function run); ${native}."
 "$bins/hot-text" --map "$work/sidecar.map" \
   --callgrind "$work"/callgrind.* ${perf_inputs[@]+--perf "${perf_inputs[@]}"} \

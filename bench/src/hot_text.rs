@@ -14,10 +14,10 @@
 //!   `--no-demangle` (`CHAPERONE_LINK_MAP`, see `crates/sidecar/build.rs`):
 //!   which input section holds each function;
 //! - the functions that ran: callgrind dumps (every function executed, also
-//!   the ones run once at start) and `perf script -F sym --no-demangle`
-//!   samples of a native run (the CPU-specific variants callgrind's emulated
-//!   CPU never selects: AVX-512 AES-GCM, SHA extensions, BMI2 curve code;
-//!   `perf script -F ip,sym --no-demangle`).
+//!   the ones run once at start) and the samples of a native run (`perf
+//!   script -F ip,sym --no-demangle`: the CPU-specific variants callgrind's
+//!   emulated CPU never selects, such as AVX-512 AES-GCM, the SHA extensions
+//!   and the BMI2 curve code).
 //!
 //! Output: [`render`]'s script, which `crates/sidecar/build.rs` passes to
 //! the linker. A function gets a pattern of its input section's name, with
@@ -238,15 +238,18 @@ fn section_pattern(section: &str) -> String {
 
 /// A pattern of an input file by its object's own name: the member of
 /// `archive(member)`, or the file's last path component, without the
-/// 16-hex-digit hash of its source path that `cc` puts in front.
+/// 16-hex-digit hash of its source path that `cc` puts in front (a
+/// digit class in its place).
 fn object_pattern(file: &str) -> String {
     let object = match file.strip_suffix(')').and_then(|f| f.rsplit_once('(')) {
         Some((_, member)) => member,
         None => file.rsplit('/').next().unwrap_or(file),
     };
     match object.split_once('-') {
+        // The hash's last digit stays in the pattern, so that `sha256-x86_64.o`
+        // does not also take `<hash>-aesni-sha256-x86_64.o`.
         Some((hash, rest)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            format!("*-{rest}")
+            format!("*[0-9a-f]-{rest}")
         }
         _ => format!("*{object}"),
     }
@@ -407,7 +410,7 @@ mod tests {
             ]
         );
         let objects: Vec<&str> = layout.objects.iter().map(String::as_str).collect();
-        assert_eq!(objects, ["*-sha256-x86_64.o"]);
+        assert_eq!(objects, ["*[0-9a-f]-sha256-x86_64.o"]);
         assert_eq!((layout.found, layout.not_in_binary), (5, 1));
         assert_eq!(object_pattern("/x/plain.o"), "*plain.o");
         assert_eq!(object_pattern("/x/lib.a(nohash-a.o)"), "*nohash-a.o");
@@ -432,7 +435,7 @@ mod tests {
         let body = script.split_once("*/\n").unwrap().1;
         assert_eq!(
             body,
-            "SECTIONS\n{\n  .text.profiled :\n  {\n    *-sha256-x86_64.o(.text)\n    *(\n      \
+            "SECTIONS\n{\n  .text.profiled :\n  {\n    *[0-9a-f]-sha256-x86_64.o(.text)\n    *(\n      \
              .text._ZN4json6string17h7c47952c74a207e7E\n    )\n  }\n}\nINSERT BEFORE .text;\n"
         );
     }
